@@ -1,0 +1,1523 @@
+"""AbstractGateway: a durable run gateway for AbstractRuntime workflows, in one module.
+
+Contents, in dependency order (each section uses only what stands above it):
+
+1. Config      -- the settings table (env var, CLI flag, default, help) and `Config`.
+2. Storage     -- `Database` (apsw, WAL, per-thread connections, group commit, signals),
+                  the SQLite stores the runtime accepts (`SqliteRunStore`, `SqliteLedgerStore`,
+                  `SqliteCommandStore`, `SqliteCommandCursorStore`, `SqliteArtifactStore`),
+                  the gateway's own stores (bundles, leases), the file-store compatibility
+                  adapter (`open_stores`), the migrator, backup and check.
+3. CLI         -- `main()`: `migrate`, `backup`, `check`.
+
+The DDL lives in `schema.sql` beside this file (forward-only migrations keyed by
+`PRAGMA user_version`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import sys
+import threading
+import time
+import uuid
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, TypeVar
+
+import apsw
+from abstractruntime.core.models import RunState, RunStatus, StepRecord, WaitReason
+from abstractruntime.core.run_lifecycle import run_lifecycle_index_fields
+from abstractruntime.storage.artifacts import (
+    Artifact,
+    ArtifactMetadata,
+    ArtifactStore,
+    FileArtifactStore,
+    compute_artifact_id,
+    validate_artifact_id,
+)
+from abstractruntime.storage.base import LedgerStore, RunStore
+from abstractruntime.storage.commands import (
+    CommandAppendResult,
+    CommandRecord,
+    JsonFileCommandCursorStore,
+    JsonlCommandStore,
+)
+from abstractruntime.storage.json_files import JsonFileRunStore, JsonlLedgerStore
+from abstractruntime.storage.sqlite import _runstate_from_dict as run_from_dict
+
+__version__ = "0.1.0"
+
+T = TypeVar("T")
+
+
+def utc_now_iso() -> str:
+    """Current UTC time as an ISO-8601 string (the runtime's timestamp format)."""
+    return datetime.now(timezone.utc).isoformat()
+
+
+# =====================================================================================
+# 1. Config
+# =====================================================================================
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One configuration value: its env var, CLI flag, type, default and help text."""
+
+    name: str
+    env: str
+    kind: str  # str | int | float | bool | path | choice
+    default: Any
+    help: str
+    flag: Optional[str] = None
+    choices: Tuple[str, ...] = ()
+
+
+def _default_data_dir(_values: Dict[str, Any]) -> Path:
+    import platformdirs
+
+    return Path(platformdirs.user_data_dir("abstractgateway", appauthor=False))
+
+
+SETTINGS: Tuple[Setting, ...] = (
+    Setting("data_dir", "ABSTRACTGATEWAY_DATA_DIR", "path", _default_data_dir,
+            "Directory for the database, uploaded flows and run workspaces.", "--data-dir"),
+    Setting("db_path", "ABSTRACTGATEWAY_DB_PATH", "path", lambda v: v["data_dir"] / "gateway.sqlite3",
+            "The SQLite file that holds all durable state.", "--db-path"),
+    Setting("store_backend", "ABSTRACTGATEWAY_STORE_BACKEND", "choice", "sqlite",
+            "Where runs, ledgers, commands and artifacts live: `sqlite` (one file) or `file` "
+            "(the upstream JSON/JSONL layout under the data dir).", "--store-backend", ("sqlite", "file")),
+    Setting("synchronous", "ABSTRACTGATEWAY_SQLITE_SYNCHRONOUS", "choice", "FULL",
+            "SQLite durability: FULL survives power loss for every acknowledged write; NORMAL is faster "
+            "but may lose the last commits on power loss (never corrupts).", "--synchronous", ("FULL", "NORMAL")),
+)
+
+
+class ConfigError(ValueError):
+    """A setting has a value that cannot be used."""
+
+
+def _parse_setting(setting: Setting, raw: Any) -> Any:
+    if setting.kind == "path":
+        return Path(str(raw)).expanduser()
+    if setting.kind == "int":
+        return int(raw)
+    if setting.kind == "float":
+        return float(raw)
+    if setting.kind == "bool":
+        if isinstance(raw, bool):
+            return raw
+        text = str(raw).strip().lower()
+        if text in ("1", "true", "yes", "on"):
+            return True
+        if text in ("0", "false", "no", "off", ""):
+            return False
+        raise ValueError(f"expected a boolean, got {raw!r}")
+    if setting.kind == "choice":
+        text = str(raw).strip()
+        for choice in setting.choices:
+            if text.lower() == choice.lower():
+                return choice
+        raise ValueError(f"expected one of {', '.join(setting.choices)}, got {raw!r}")
+    return str(raw)
+
+
+class Config:
+    """Resolved settings, each an attribute named after `Setting.name`.
+
+    `sources[name]` says where a value came from: `default`, `env` or `flag`.
+    """
+
+    def __init__(self, values: Dict[str, Any], sources: Dict[str, str]) -> None:
+        self.__dict__.update(values)
+        self.sources = dict(sources)
+
+    @classmethod
+    def load(cls, environ: Optional[Dict[str, str]] = None, overrides: Optional[Dict[str, Any]] = None) -> "Config":
+        """Resolve every setting: CLI overrides win over the environment, which wins over defaults."""
+        env = os.environ if environ is None else environ
+        flags = {k: v for k, v in (overrides or {}).items() if v is not None}
+        values: Dict[str, Any] = {}
+        sources: Dict[str, str] = {}
+        for setting in SETTINGS:
+            if setting.name in flags:
+                raw, source = flags[setting.name], "flag"
+            elif env.get(setting.env, "") != "":
+                raw, source = env[setting.env], "env"
+            else:
+                default = setting.default
+                raw, source = (default(values) if callable(default) else default), "default"
+            try:
+                values[setting.name] = _parse_setting(setting, raw)
+            except ValueError as exc:
+                raise ConfigError(f"{setting.env}: {exc}") from None
+            sources[setting.name] = source
+        return cls(values, sources)
+
+
+# =====================================================================================
+# 2. Storage
+# =====================================================================================
+
+
+SCHEMA_PATHS = ("schema.sql", "abstractgateway_schema.sql")
+TERMINAL_STATUSES = frozenset({RunStatus.COMPLETED.value, RunStatus.FAILED.value, RunStatus.CANCELLED.value})
+
+
+class SchemaError(RuntimeError):
+    """The database file cannot be used with this version of the gateway."""
+
+
+def _read_schema_text() -> str:
+    here = Path(__file__).resolve().parent
+    for name in SCHEMA_PATHS:
+        candidate = here / name
+        if candidate.is_file():
+            return candidate.read_text(encoding="utf-8")
+    loader = globals().get("__loader__")
+    get_data = getattr(loader, "get_data", None)
+    if get_data is not None:  # running from a zip (the .pyz)
+        for name in SCHEMA_PATHS:
+            try:
+                return get_data(str(here / name)).decode("utf-8")
+            except OSError:
+                continue
+    raise SchemaError(f"schema.sql not found beside {__file__}")
+
+
+def schema_migrations() -> List[Tuple[int, str]]:
+    """The `(version, sql)` blocks of schema.sql, in ascending version order."""
+    blocks: List[Tuple[int, List[str]]] = []
+    for line in _read_schema_text().splitlines():
+        stripped = line.strip()
+        if stripped.startswith("-- migrate:"):
+            blocks.append((int(stripped.split(":", 1)[1]), []))
+        elif blocks:
+            blocks[-1][1].append(line)
+    versions = [v for v, _ in blocks]
+    if versions != list(range(1, len(versions) + 1)):
+        raise SchemaError(f"schema.sql migrations must be numbered 1..N in order, got {versions}")
+    return [(v, "\n".join(lines)) for v, lines in blocks]
+
+
+SCHEMA_VERSION = len(schema_migrations())
+
+
+def apply_schema(conn: apsw.Connection, *, target: Optional[int] = None) -> int:
+    """Upgrade `conn`'s database to `target` (default: latest) in one transaction; return the version."""
+    migrations = schema_migrations()
+    latest = migrations[-1][0]
+    target = latest if target is None else target
+    _begin_immediate(conn)
+    try:
+        current = conn.execute("PRAGMA user_version").fetchone()[0]
+        if current > latest:
+            raise SchemaError(
+                f"database schema version {current} is newer than this gateway supports ({latest}); "
+                "upgrade abstractgateway or open a backup made by this version"
+            )
+        for version, sql in migrations:
+            if current < version <= target:
+                conn.execute(sql)
+        if target > current:
+            conn.execute(f"PRAGMA user_version = {int(target)}")
+        conn.execute("COMMIT")
+    except BaseException:
+        if not conn.get_autocommit():
+            conn.execute("ROLLBACK")
+        raise
+    return max(current, target)
+
+
+def _begin_immediate(conn: apsw.Connection, deadline_s: float = 60.0) -> None:
+    """BEGIN IMMEDIATE, retrying past the busy timeout so "database is locked" never escapes."""
+    give_up = time.monotonic() + deadline_s
+    while True:
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            return
+        except apsw.BusyError:
+            if time.monotonic() > give_up:
+                raise
+            time.sleep(0.01)
+
+
+class Signals:
+    """In-process wake-ups keyed by topic (`ledger:<run_id>`, `work`).
+
+    Only topics somebody subscribed to are tracked, so the table stays small. A subscriber
+    snapshots `version` before reading the database and waits for it to change, so a commit
+    that lands between the read and the wait is never missed.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._topics: Dict[str, List[Any]] = {}  # topic -> [condition, version, subscribers]
+
+    def bump(self, topics: Iterable[str]) -> None:
+        with self._lock:
+            for topic in topics:
+                entry = self._topics.get(topic)
+                if entry is not None:
+                    entry[1] += 1
+                    entry[0].notify_all()
+
+    @contextmanager
+    def subscribe(self, topic: str) -> Iterator["Subscription"]:
+        with self._lock:
+            entry = self._topics.get(topic)
+            if entry is None:
+                entry = self._topics[topic] = [threading.Condition(self._lock), 0, 0]
+            entry[2] += 1
+        try:
+            yield Subscription(self._lock, entry)
+        finally:
+            with self._lock:
+                entry[2] -= 1
+                if entry[2] == 0:
+                    self._topics.pop(topic, None)
+
+
+class Subscription:
+    """A live interest in one topic (see `Signals.subscribe`)."""
+
+    def __init__(self, lock: threading.Lock, entry: List[Any]) -> None:
+        self._lock = lock
+        self._entry = entry
+
+    @property
+    def version(self) -> int:
+        with self._lock:
+            return self._entry[1]
+
+    def wait(self, seen: int, timeout: float) -> bool:
+        """Block until the version differs from `seen` or `timeout` passes; True if it changed."""
+        with self._lock:
+            if self._entry[1] == seen:
+                self._entry[0].wait(timeout)
+            return self._entry[1] != seen
+
+
+class _PendingWrite:
+    __slots__ = ("fn", "topics", "result", "error", "done")
+
+    def __init__(self, fn: Callable[[apsw.Connection], Any], topics: Sequence[str]) -> None:
+        self.fn = fn
+        self.topics = topics
+        self.result: Any = None
+        self.error: Optional[BaseException] = None
+        self.done = False
+
+
+class _Transaction:
+    __slots__ = ("conn", "topics")
+
+    def __init__(self, conn: apsw.Connection) -> None:
+        self.conn = conn
+        self.topics: List[str] = []
+
+
+class Database:
+    """One SQLite file: per-thread apsw connections, WAL, group commit and change signals.
+
+    Writes go through `write(fn)`: concurrent writers are batched into one transaction (one
+    fsync), each in its own savepoint so one failing write never undoes another, and `write`
+    returns only after the batch is committed, so an acknowledged write is durable. A thread
+    inside `transaction()` writes straight into that open transaction instead, which is how
+    several store calls (a command's effect and its outcome) commit atomically.
+    """
+
+    def __init__(self, path: Path | str, *, synchronous: str = "FULL", busy_timeout_ms: int = 10_000) -> None:
+        self.path = Path(path).expanduser().resolve()
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if synchronous.upper() not in ("FULL", "NORMAL"):
+            raise ConfigError(f"synchronous must be FULL or NORMAL, got {synchronous!r}")
+        self.synchronous = synchronous.upper()
+        self.busy_timeout_ms = int(busy_timeout_ms)
+        self.signals = Signals()
+        self._local = threading.local()
+        self._all_connections: List[apsw.Connection] = []
+        self._connections_lock = threading.Lock()
+        self._commit_cond = threading.Condition()
+        self._queue: List[_PendingWrite] = []
+        self._leader_busy = False
+        self.schema_version = apply_schema(self.connection())
+
+    # -- connections -------------------------------------------------------------------
+
+    def connection(self) -> apsw.Connection:
+        """This thread's connection (opened on first use)."""
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = self._open_connection()
+            self._local.conn = conn
+        return conn
+
+    def _open_connection(self) -> apsw.Connection:
+        conn = apsw.Connection(str(self.path))
+        conn.set_busy_timeout(self.busy_timeout_ms)
+        mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+        if str(mode).lower() != "wal":
+            raise SchemaError(f"could not switch {self.path} to WAL mode (got {mode})")
+        conn.execute(f"PRAGMA synchronous={self.synchronous}")
+        conn.execute("PRAGMA foreign_keys=ON")
+        with self._connections_lock:
+            self._all_connections.append(conn)
+        return conn
+
+    def close(self) -> None:
+        """Checkpoint the WAL into the main file and close every connection."""
+        with self._connections_lock:
+            conns, self._all_connections = self._all_connections, []
+        for conn in conns:
+            try:
+                conn.close()
+            except apsw.Error:
+                pass
+        self._local = threading.local()
+
+    def checkpoint(self) -> None:
+        """Fold the WAL back into the database file and truncate it."""
+        self.connection().execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
+
+    # -- reads ---------------------------------------------------------------------------
+
+    def query(self, sql: str, params: Sequence[Any] = ()) -> List[Tuple[Any, ...]]:
+        """All rows of one statement, read on this thread's connection."""
+        return self.connection().execute(sql, params).fetchall()
+
+    def query_one(self, sql: str, params: Sequence[Any] = ()) -> Optional[Tuple[Any, ...]]:
+        return self.connection().execute(sql, params).fetchone()
+
+    def data_version(self) -> int:
+        """Changes when another connection (e.g. another process) commits."""
+        return self.connection().execute("PRAGMA data_version").fetchone()[0]
+
+    # -- writes ---------------------------------------------------------------------------
+
+    def write(self, fn: Callable[[apsw.Connection], T], topics: Sequence[str] = ()) -> T:
+        """Run `fn(conn)` in a committed write transaction; wake `topics` after commit."""
+        tx: Optional[_Transaction] = getattr(self._local, "tx", None)
+        if tx is not None:
+            result = fn(tx.conn)
+            tx.topics.extend(topics)
+            return result
+        item = _PendingWrite(fn, topics)
+        with self._commit_cond:
+            self._queue.append(item)
+            while not item.done:
+                if self._leader_busy:
+                    self._commit_cond.wait()
+                    continue
+                self._leader_busy = True
+                batch, self._queue = self._queue, []
+                self._commit_cond.release()
+                try:
+                    self._commit_batch(batch)
+                finally:
+                    self._commit_cond.acquire()
+                    self._leader_busy = False
+                    self._commit_cond.notify_all()
+        if item.error is not None:
+            raise item.error
+        return item.result
+
+    def _commit_batch(self, batch: List[_PendingWrite]) -> None:
+        conn = self.connection()
+        try:
+            _begin_immediate(conn)
+            for item in batch:
+                conn.execute("SAVEPOINT gateway_write")
+                try:
+                    item.result = item.fn(conn)
+                    conn.execute("RELEASE gateway_write")
+                except Exception as exc:  # the caller gets it; the rest of the batch commits
+                    conn.execute("ROLLBACK TO gateway_write")
+                    conn.execute("RELEASE gateway_write")
+                    item.error = exc
+            conn.execute("COMMIT")
+        except BaseException as exc:
+            if not conn.get_autocommit():
+                conn.execute("ROLLBACK")
+            for item in batch:
+                if item.error is None:
+                    item.error = exc
+        topics = [t for item in batch if item.error is None for t in item.topics]
+        for item in batch:
+            item.done = True
+        if topics:
+            self.signals.bump(topics)
+
+    @contextmanager
+    def transaction(self) -> Iterator[_Transaction]:
+        """An explicit write transaction on this thread; store writes inside it join it."""
+        tx: Optional[_Transaction] = getattr(self._local, "tx", None)
+        if tx is not None:
+            yield tx
+            return
+        conn = self.connection()
+        _begin_immediate(conn)
+        tx = self._local.tx = _Transaction(conn)
+        try:
+            yield tx
+            conn.execute("COMMIT")
+        except BaseException:
+            if not conn.get_autocommit():
+                conn.execute("ROLLBACK")
+            raise
+        finally:
+            self._local.tx = None
+        if tx.topics:
+            self.signals.bump(tx.topics)
+
+    # -- operations -------------------------------------------------------------------------
+
+    def backup_to(self, dest: Path | str) -> Path:
+        """Online copy of the database to `dest` (a consistent snapshot; writers keep going)."""
+        dest_path = Path(dest).expanduser().resolve()
+        if dest_path == self.path:
+            raise ValueError("backup destination is the live database")
+        dest_path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = dest_path.with_name(dest_path.name + ".partial")
+        tmp.unlink(missing_ok=True)
+        source = self._open_connection()
+        target = apsw.Connection(str(tmp))
+        try:
+            with target.backup("main", source, "main") as job:
+                job.step(-1)  # one read transaction: a consistent snapshot while WAL lets writers go on
+            problems = integrity_problems(target)
+            if problems:
+                raise SchemaError(f"backup failed integrity_check: {problems[:3]}")
+        finally:
+            target.close()
+            with self._connections_lock:
+                if source in self._all_connections:
+                    self._all_connections.remove(source)
+            source.close()
+        os.replace(tmp, dest_path)
+        return dest_path
+
+
+def integrity_problems(conn: apsw.Connection) -> List[str]:
+    """`PRAGMA integrity_check` messages; empty when the file is sound."""
+    rows = [r[0] for r in conn.execute("PRAGMA integrity_check").fetchall()]
+    return [] if rows == ["ok"] else rows
+
+
+def table_counts(db: Database) -> Dict[str, int]:
+    """Row counts of the main tables (for `check`, `doctor` and the migrator's report)."""
+    names = ("runs", "ledger", "commands", "command_cursors", "artifacts", "bundles")
+    return {name: db.query_one(f"SELECT COUNT(*) FROM {name}")[0] for name in names}
+
+
+def _json_dumps(value: Any) -> str:
+    return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+
+
+def _enum_value(value: Any) -> Optional[str]:
+    return None if value is None else str(getattr(value, "value", value))
+
+
+def _run_index_columns(run: RunState) -> Tuple[Any, ...]:
+    waiting = run.waiting
+    reason = _enum_value(waiting.reason) if waiting is not None else None
+    return (
+        str(run.run_id),
+        str(run.workflow_id),
+        _enum_value(run.status),
+        reason,
+        (waiting.wait_key if waiting is not None else None),
+        (str(waiting.until) if waiting is not None and waiting.until and reason == "until" else None),
+        run.parent_run_id or None,
+        run.actor_id or None,
+        run.session_id or None,
+        str(run.created_at or ""),
+        str(run.updated_at or ""),
+    )
+
+
+def _run_rows_to_states(rows: Iterable[Tuple[Any, ...]]) -> List[RunState]:
+    out: List[RunState] = []
+    for (payload,) in rows:
+        try:
+            out.append(run_from_dict(json.loads(payload)))
+        except (ValueError, TypeError, KeyError):
+            continue
+    return out
+
+
+class SqliteRunStore(RunStore):
+    """RunStore + QueryableRunStore + QueryableRunIndexStore + delete, on the `runs` table."""
+
+    _UPSERT = (
+        "INSERT INTO runs (run_id, workflow_id, status, wait_reason, wait_key, wait_until, parent_run_id,"
+        " actor_id, session_id, created_at, updated_at, run_json) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)"
+        " ON CONFLICT(run_id) DO UPDATE SET workflow_id=excluded.workflow_id, status=excluded.status,"
+        " wait_reason=excluded.wait_reason, wait_key=excluded.wait_key, wait_until=excluded.wait_until,"
+        " parent_run_id=excluded.parent_run_id, actor_id=excluded.actor_id, session_id=excluded.session_id,"
+        " updated_at=excluded.updated_at, run_json=excluded.run_json"
+    )
+    _INSERT_IF_ABSENT = (
+        "INSERT OR IGNORE INTO runs (run_id, workflow_id, status, wait_reason, wait_key, wait_until, parent_run_id,"
+        " actor_id, session_id, created_at, updated_at, run_json) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)"
+    )
+    _INDEX_COLUMNS = (
+        "run_id, workflow_id, status, wait_reason, wait_until, parent_run_id, actor_id, session_id,"
+        " created_at, updated_at, run_json"
+    )
+
+    def __init__(self, db: Database) -> None:
+        self.db = db
+
+    def save(self, run: RunState) -> None:
+        row = (*_run_index_columns(run), _json_dumps(asdict(run)))
+        self.db.write(lambda conn: conn.execute(self._UPSERT, row), topics=("runs",))
+
+    def load(self, run_id: str) -> Optional[RunState]:
+        row = self.db.query_one("SELECT run_json FROM runs WHERE run_id = ?", (str(run_id or ""),))
+        states = _run_rows_to_states([row]) if row else []
+        return states[0] if states else None
+
+    def exists(self, run_id: str) -> bool:
+        return self.db.query_one("SELECT 1 FROM runs WHERE run_id = ?", (str(run_id or ""),)) is not None
+
+    def delete(self, run_id: str) -> bool:
+        def _delete(conn: apsw.Connection) -> bool:
+            conn.execute("DELETE FROM runs WHERE run_id = ?", (str(run_id or ""),))
+            return conn.changes() > 0
+
+        return self.db.write(_delete)
+
+    def list_runs(
+        self,
+        *,
+        status: Optional[RunStatus] = None,
+        wait_reason: Optional[WaitReason] = None,
+        workflow_id: Optional[str] = None,
+        limit: int = 100,
+    ) -> List[RunState]:
+        where, params = _where(status=_enum_value(status), wait_reason=_enum_value(wait_reason), workflow_id=workflow_id)
+        rows = self.db.query(
+            f"SELECT run_json FROM runs {where} ORDER BY updated_at DESC LIMIT ?", (*params, max(1, int(limit or 100)))
+        )
+        return _run_rows_to_states(rows)
+
+    def list_due_wait_until(self, *, now_iso: str, limit: int = 100) -> List[RunState]:
+        rows = self.db.query(
+            "SELECT run_json FROM runs WHERE status = 'waiting' AND wait_reason = 'until' AND wait_until <= ?"
+            " ORDER BY wait_until ASC LIMIT ?",
+            (str(now_iso), max(1, int(limit or 100))),
+        )
+        return _run_rows_to_states(rows)
+
+    def list_children(self, *, parent_run_id: str, status: Optional[RunStatus] = None) -> List[RunState]:
+        where, params = _where(parent_run_id=str(parent_run_id or ""), status=_enum_value(status))
+        rows = self.db.query(f"SELECT run_json FROM runs {where} ORDER BY created_at ASC, run_id ASC", params)
+        return _run_rows_to_states(rows)
+
+    def list_waiting_on(self, wait_key: str, *, limit: int = 10_000) -> List[RunState]:
+        """WAITING runs whose wait key equals `wait_key` (event delivery)."""
+        rows = self.db.query(
+            "SELECT run_json FROM runs WHERE status = 'waiting' AND wait_key = ? ORDER BY created_at LIMIT ?",
+            (wait_key, int(limit)),
+        )
+        return _run_rows_to_states(rows)
+
+    def list_run_index(
+        self,
+        *,
+        status: Optional[RunStatus] = None,
+        workflow_id: Optional[str] = None,
+        session_id: Optional[str] = None,
+        root_only: bool = False,
+        limit: int = 100,
+        before: Optional[Tuple[str, str]] = None,
+        exclude_internal: bool = False,
+    ) -> List[Dict[str, Any]]:
+        """Run summaries, most recently updated first.
+
+        `before=(updated_at, run_id)` continues after the last row of a previous page (keyset
+        pagination); `exclude_internal` drops bookkeeping runs whose workflow id starts with `__`.
+        """
+        where, params = _where(status=_enum_value(status), workflow_id=workflow_id, session_id=session_id)
+        clauses = [where[len("WHERE "):]] if where else []
+        if root_only:
+            clauses.append("(parent_run_id IS NULL OR parent_run_id = '')")
+        if exclude_internal:
+            clauses.append("workflow_id NOT LIKE '\\_\\_%' ESCAPE '\\'")
+        if before is not None:
+            clauses.append("(updated_at < ? OR (updated_at = ? AND run_id < ?))")
+            params = [*params, before[0], before[0], before[1]]
+        sql_where = ("WHERE " + " AND ".join(clauses)) if clauses else ""
+        rows = self.db.query(
+            f"SELECT {self._INDEX_COLUMNS} FROM runs {sql_where} ORDER BY updated_at DESC, run_id DESC LIMIT ?",
+            (*params, max(1, int(limit or 100))),
+        )
+        out = []
+        for (rid, wid, st, reason, until, parent, actor, sid, created, updated, payload) in rows:
+            try:
+                run_vars = json.loads(payload).get("vars")
+            except (ValueError, AttributeError):
+                run_vars = None
+            out.append({
+                "run_id": rid, "workflow_id": wid, "status": st, "wait_reason": reason, "wait_until": until,
+                "parent_run_id": parent, "actor_id": actor, "session_id": sid,
+                "created_at": created or None, "updated_at": updated or None,
+                **run_lifecycle_index_fields(run_vars),
+            })
+        return out
+
+
+def _where(**filters: Any) -> Tuple[str, List[Any]]:
+    clauses, params = [], []
+    for column, value in filters.items():
+        if value is not None:
+            clauses.append(f"{column} = ?")
+            params.append(value)
+    return ("WHERE " + " AND ".join(clauses) if clauses else ""), params
+
+
+def ledger_topic(run_id: str) -> str:
+    """The signal topic bumped after a commit that appended to `run_id`'s ledger."""
+    return f"ledger:{run_id}"
+
+
+class SqliteLedgerStore(LedgerStore):
+    """Append-only ledger with a gapless 1-based `seq` per run, read by range."""
+
+    _NEXT_SEQ = "SELECT COALESCE(MAX(seq), 0) + 1 FROM ledger WHERE run_id = ?"
+    _INSERT = "INSERT INTO ledger (run_id, seq, record_json) VALUES (?, ?, ?)"
+    _PAGE = "SELECT record_json FROM ledger WHERE run_id = ? AND seq > ? ORDER BY seq LIMIT ?"
+
+    def __init__(self, db: Database) -> None:
+        self.db = db
+
+    def append(self, record: StepRecord) -> None:
+        run_id = str(record.run_id or "").strip()
+        if not run_id:
+            raise ValueError("StepRecord.run_id must be non-empty")
+        self.append_json(run_id, _json_dumps(asdict(record)))
+
+    def append_json(self, run_id: str, record_json: str) -> int:
+        """Append an already-serialised record; return its seq."""
+
+        def _append(conn: apsw.Connection) -> int:
+            seq = conn.execute(self._NEXT_SEQ, (run_id,)).fetchone()[0]
+            conn.execute(self._INSERT, (run_id, seq, record_json))
+            return seq
+
+        return self.db.write(_append, topics=(ledger_topic(run_id),))
+
+    def list(self, run_id: str) -> List[Dict[str, Any]]:
+        return self.page(run_id, 0, 1 << 62)
+
+    def page(self, run_id: str, after: int, limit: int) -> List[Dict[str, Any]]:
+        """Records with seq in (after, after+limit], in order (`after` = records already consumed)."""
+        rows = self.db.query(self._PAGE, (str(run_id), max(0, int(after)), max(1, int(limit))))
+        return [json.loads(r[0]) for r in rows]
+
+    def page_json(self, run_id: str, after: int, limit: int) -> List[str]:
+        """Like `page` but the records' stored JSON text, unparsed (for streaming to clients)."""
+        rows = self.db.query(self._PAGE, (str(run_id), max(0, int(after)), max(1, int(limit))))
+        return [r[0] for r in rows]
+
+    def count(self, run_id: str) -> int:
+        return self.db.query_one("SELECT COALESCE(MAX(seq), 0) FROM ledger WHERE run_id = ?", (str(run_id),))[0]
+
+    def count_many(self, run_ids: Sequence[str]) -> Dict[str, int]:
+        out: Dict[str, int] = {}
+        ids = [r for r in run_ids if r]
+        for i in range(0, len(ids), 500):
+            chunk = ids[i:i + 500]
+            marks = ",".join("?" * len(chunk))
+            rows = self.db.query(f"SELECT run_id, MAX(seq) FROM ledger WHERE run_id IN ({marks}) GROUP BY run_id", chunk)
+            out.update({rid: n for rid, n in rows})
+        return out
+
+    def delete(self, run_id: str) -> int:
+        def _delete(conn: apsw.Connection) -> int:
+            conn.execute("DELETE FROM ledger WHERE run_id = ?", (str(run_id),))
+            return conn.changes()
+
+        return self.db.write(_delete)
+
+
+COMMANDS_TOPIC = "work"  # bumped when a command or a new run needs the runner
+
+
+def _is_json_object(value: Any) -> bool:
+    try:
+        json.dumps(value, allow_nan=False)
+    except (TypeError, ValueError):
+        return False
+    return isinstance(value, dict)
+
+
+class SqliteCommandStore:
+    """CommandStore + DeletableCommandStore over the `commands` table (idempotent by command_id)."""
+
+    _COLUMNS = "seq, command_id, run_id, type, payload_json, ts, client_id"
+
+    def __init__(self, db: Database) -> None:
+        self.db = db
+
+    def append(self, record: CommandRecord) -> CommandAppendResult:
+        command_id = str(record.command_id or "").strip() or uuid.uuid4().hex
+        run_id = str(record.run_id or "").strip()
+        kind = str(record.type or "").strip()
+        payload = dict(record.payload or {})
+        if not run_id:
+            raise ValueError("CommandRecord.run_id must be non-empty")
+        if not kind:
+            raise ValueError("CommandRecord.type must be non-empty")
+        if not _is_json_object(payload):
+            raise ValueError("CommandRecord.payload must be a JSON-serializable dict")
+        ts = str(record.ts or "").strip() or utc_now_iso()
+        client_id = str(record.client_id).strip() if isinstance(record.client_id, str) and record.client_id else None
+        row = (command_id, run_id, kind, _json_dumps(payload), ts, client_id)
+
+        def _append(conn: apsw.Connection) -> CommandAppendResult:
+            conn.execute(
+                "INSERT OR IGNORE INTO commands (command_id, run_id, type, payload_json, ts, client_id)"
+                " VALUES (?,?,?,?,?,?)", row)
+            if conn.changes() == 1:
+                return CommandAppendResult(accepted=True, duplicate=False, seq=conn.last_insert_rowid())
+            seq = conn.execute("SELECT seq FROM commands WHERE command_id = ?", (command_id,)).fetchone()[0]
+            return CommandAppendResult(accepted=False, duplicate=True, seq=seq)
+
+        return self.db.write(_append, topics=(COMMANDS_TOPIC,))
+
+    def list_after(self, *, after: int, limit: int = 1000) -> Tuple[List[CommandRecord], int]:
+        after = int(after or 0)
+        rows = self.db.query(
+            f"SELECT {self._COLUMNS} FROM commands WHERE seq > ? ORDER BY seq LIMIT ?", (after, max(1, int(limit or 1000)))
+        )
+        records = [_command_from_row(r) for r in rows]
+        return records, (records[-1].seq if records else after)
+
+    def get(self, command_id: str) -> Optional[CommandRecord]:
+        row = self.db.query_one(f"SELECT {self._COLUMNS} FROM commands WHERE command_id = ?", (command_id,))
+        return _command_from_row(row) if row else None
+
+    def get_last_seq(self) -> int:
+        return self.db.query_one("SELECT COALESCE(MAX(seq), 0) FROM commands")[0]
+
+    def delete_by_run(self, run_id: str) -> int:
+        def _delete(conn: apsw.Connection) -> int:
+            conn.execute("DELETE FROM commands WHERE run_id = ?", (str(run_id),))
+            return conn.changes()
+
+        return self.db.write(_delete)
+
+
+def _command_from_row(row: Tuple[Any, ...]) -> CommandRecord:
+    seq, command_id, run_id, kind, payload_json, ts, client_id = row
+    try:
+        payload = json.loads(payload_json)
+    except ValueError:
+        payload = {}
+    return CommandRecord(
+        command_id=command_id, run_id=run_id, type=kind, payload=payload if isinstance(payload, dict) else {},
+        ts=ts, client_id=client_id or None, seq=seq,
+    )
+
+
+class SqliteCommandCursorStore:
+    """CommandCursorStore: one consumer's durable position in the inbox."""
+
+    def __init__(self, db: Database, consumer_id: str = "gateway_runner") -> None:
+        self.db = db
+        self.consumer_id = consumer_id
+
+    def load(self) -> int:
+        row = self.db.query_one("SELECT cursor FROM command_cursors WHERE consumer_id = ?", (self.consumer_id,))
+        return int(row[0]) if row else 0
+
+    def save(self, cursor: int) -> None:
+        row = (self.consumer_id, int(cursor or 0), utc_now_iso())
+        self.db.write(lambda conn: conn.execute(
+            "INSERT INTO command_cursors (consumer_id, cursor, updated_at) VALUES (?,?,?)"
+            " ON CONFLICT(consumer_id) DO UPDATE SET cursor=excluded.cursor, updated_at=excluded.updated_at", row))
+
+
+class SqliteArtifactStore(ArtifactStore):
+    """The runtime's ArtifactStore with content as BLOBs in the same file (deduplicated by sha256)."""
+
+    _META = "SELECT artifact_id, content_type, size_bytes, created_at, sha256, run_id, tags_json FROM artifacts"
+
+    def __init__(self, db: Database) -> None:
+        self.db = db
+
+    def store(
+        self,
+        content: bytes,
+        *,
+        content_type: str = "application/octet-stream",
+        run_id: Optional[str] = None,
+        tags: Optional[Dict[str, str]] = None,
+        artifact_id: Optional[str] = None,
+    ) -> ArtifactMetadata:
+        content = bytes(content)
+        if artifact_id is None:
+            artifact_id = compute_artifact_id(content, run_id=run_id)
+        validate_artifact_id(artifact_id)
+        meta = ArtifactMetadata(
+            artifact_id=artifact_id, content_type=content_type, size_bytes=len(content), created_at=utc_now_iso(),
+            blob_id=hashlib.sha256(content).hexdigest(), run_id=run_id, tags=dict(tags or {}),
+        )
+        self.db.write(lambda conn: self._insert(conn, meta, content))
+        return meta
+
+    @staticmethod
+    def _insert(conn: apsw.Connection, meta: ArtifactMetadata, content: bytes) -> None:
+        conn.execute("INSERT OR IGNORE INTO artifact_blobs (sha256, content) VALUES (?, ?)", (meta.blob_id, content))
+        conn.execute(
+            "INSERT OR REPLACE INTO artifacts (artifact_id, run_id, content_type, size_bytes, created_at, sha256, tags_json)"
+            " VALUES (?,?,?,?,?,?,?)",
+            (meta.artifact_id, meta.run_id, meta.content_type, meta.size_bytes, meta.created_at, meta.blob_id,
+             _json_dumps(meta.tags or {})),
+        )
+
+    def load(self, artifact_id: str) -> Optional[Artifact]:
+        meta = self.get_metadata(artifact_id)
+        if meta is None:
+            return None
+        row = self.db.query_one("SELECT content FROM artifact_blobs WHERE sha256 = ?", (meta.blob_id,))
+        return Artifact(metadata=meta, content=bytes(row[0])) if row else None
+
+    def read_range(self, artifact_id: str, start: int, length: int) -> bytes:
+        """`length` bytes of the content from offset `start` (no full load: for streaming)."""
+        row = self.db.query_one(
+            "SELECT substr(b.content, ?, ?) FROM artifacts a JOIN artifact_blobs b ON b.sha256 = a.sha256"
+            " WHERE a.artifact_id = ?", (int(start) + 1, int(length), artifact_id))
+        return bytes(row[0]) if row and row[0] is not None else b""
+
+    def get_metadata(self, artifact_id: str) -> Optional[ArtifactMetadata]:
+        try:
+            validate_artifact_id(artifact_id)
+        except ValueError:
+            return None
+        row = self.db.query_one(self._META + " WHERE artifact_id = ?", (artifact_id,))
+        return _artifact_meta(row) if row else None
+
+    def exists(self, artifact_id: str) -> bool:
+        return self.get_metadata(artifact_id) is not None
+
+    def delete(self, artifact_id: str) -> bool:
+        def _delete(conn: apsw.Connection) -> bool:
+            conn.execute("DELETE FROM artifacts WHERE artifact_id = ?", (artifact_id,))
+            removed = conn.changes() > 0
+            conn.execute("DELETE FROM artifact_blobs WHERE sha256 NOT IN (SELECT sha256 FROM artifacts)")
+            return removed
+
+        return self.db.write(_delete)
+
+    def list_by_run(self, run_id: str) -> List[ArtifactMetadata]:
+        rows = self.db.query(self._META + " WHERE run_id = ? ORDER BY created_at DESC", (str(run_id),))
+        return [_artifact_meta(r) for r in rows]
+
+    def list_all(self, *, limit: int = 1000) -> List[ArtifactMetadata]:
+        rows = self.db.query(self._META + " ORDER BY created_at DESC LIMIT ?", (max(1, int(limit)),))
+        return [_artifact_meta(r) for r in rows]
+
+
+def _artifact_meta(row: Tuple[Any, ...]) -> ArtifactMetadata:
+    artifact_id, content_type, size, created_at, sha256, run_id, tags_json = row
+    return ArtifactMetadata(
+        artifact_id=artifact_id, content_type=content_type, size_bytes=size, created_at=created_at,
+        blob_id=sha256, run_id=run_id, tags=json.loads(tags_json or "{}"),
+    )
+
+
+@dataclass(frozen=True)
+class StoredBundle:
+    """An uploaded `.flow` file as kept in the database."""
+
+    bundle_id: str
+    bundle_version: str
+    content: bytes
+    sha256: str
+    uploaded_at: str
+
+
+class BundleStore:
+    """Uploaded `.flow` bundles, bytes and all, in the `bundles` table."""
+
+    def __init__(self, db: Database) -> None:
+        self.db = db
+
+    def put(self, bundle_id: str, bundle_version: str, content: bytes, *, overwrite: bool = False) -> StoredBundle:
+        """Store a bundle; raise `FileExistsError` if that version exists and not `overwrite`."""
+        bundle = StoredBundle(bundle_id, bundle_version, bytes(content), hashlib.sha256(content).hexdigest(), utc_now_iso())
+
+        def _put(conn: apsw.Connection) -> None:
+            exists = conn.execute("SELECT 1 FROM bundles WHERE bundle_id = ? AND bundle_version = ?",
+                                  (bundle_id, bundle_version)).fetchone()
+            if exists and not overwrite:
+                raise FileExistsError(f"Bundle already installed: {bundle_id}@{bundle_version}")
+            conn.execute("INSERT OR REPLACE INTO bundles (bundle_id, bundle_version, content, sha256, uploaded_at)"
+                         " VALUES (?,?,?,?,?)", (bundle_id, bundle_version, bundle.content, bundle.sha256, bundle.uploaded_at))
+
+        self.db.write(_put)
+        return bundle
+
+    def list(self) -> List[StoredBundle]:
+        rows = self.db.query("SELECT bundle_id, bundle_version, content, sha256, uploaded_at FROM bundles"
+                             " ORDER BY bundle_id, bundle_version")
+        return [StoredBundle(a, b, bytes(c), d, e) for a, b, c, d, e in rows]
+
+    def delete(self, bundle_id: str, bundle_version: Optional[str] = None) -> int:
+        def _delete(conn: apsw.Connection) -> int:
+            if bundle_version is None:
+                conn.execute("DELETE FROM bundles WHERE bundle_id = ?", (bundle_id,))
+            else:
+                conn.execute("DELETE FROM bundles WHERE bundle_id = ? AND bundle_version = ?", (bundle_id, bundle_version))
+            return conn.changes()
+
+        return self.db.write(_delete)
+
+
+class LeaseStore:
+    """Named leases with owner, heartbeat and expiry: at most one live holder per name."""
+
+    def __init__(self, db: Database) -> None:
+        self.db = db
+
+    def acquire(self, name: str, owner: str, ttl_s: float) -> bool:
+        """Take or renew `name` for `owner` unless another owner holds an unexpired lease."""
+        def _acquire(conn: apsw.Connection) -> bool:
+            now = time.time()
+            row = conn.execute("SELECT owner, expires_at FROM leases WHERE name = ?", (name,)).fetchone()
+            if row is not None and row[0] != owner and row[1] > now:
+                return False
+            if row is not None and row[0] == owner:
+                conn.execute("UPDATE leases SET heartbeat_at = ?, expires_at = ? WHERE name = ?", (now, now + ttl_s, name))
+            else:
+                conn.execute("INSERT OR REPLACE INTO leases (name, owner, acquired_at, heartbeat_at, expires_at)"
+                             " VALUES (?,?,?,?,?)", (name, owner, now, now, now + ttl_s))
+            return True
+
+        return self.db.write(_acquire)
+
+    def release(self, name: str, owner: str) -> None:
+        self.db.write(lambda conn: conn.execute("DELETE FROM leases WHERE name = ? AND owner = ?", (name, owner)))
+
+    def holder(self, name: str) -> Optional[Dict[str, Any]]:
+        row = self.db.query_one("SELECT owner, acquired_at, heartbeat_at, expires_at FROM leases WHERE name = ?", (name,))
+        if row is None:
+            return None
+        return {"owner": row[0], "acquired_at": row[1], "heartbeat_at": row[2], "expires_at": row[3],
+                "live": row[3] > time.time()}
+
+
+# -- file-store compatibility -------------------------------------------------------------
+
+
+
+class FileRunStore(JsonFileRunStore):
+    """The runtime's JSON run store plus the two queries the gateway adds."""
+
+    def exists(self, run_id: str) -> bool:
+        return self._path(str(run_id)).exists()
+
+    def list_waiting_on(self, wait_key: str, *, limit: int = 10_000) -> List[RunState]:
+        runs = self.list_runs(status=RunStatus.WAITING, limit=limit)
+        return [r for r in runs if r.waiting is not None and r.waiting.wait_key == wait_key]
+
+
+class FileLedgerStore(JsonlLedgerStore):
+    """The runtime's JSONL ledger plus range reads and append signals."""
+
+    def __init__(self, base_dir: Path, signals: Signals) -> None:
+        super().__init__(base_dir)
+        self.signals = signals
+
+    def append(self, record: StepRecord) -> None:
+        super().append(record)
+        self.signals.bump((ledger_topic(record.run_id),))
+
+    def page(self, run_id: str, after: int, limit: int) -> List[Dict[str, Any]]:
+        after = max(0, int(after))
+        return self.list(run_id)[after:after + max(1, int(limit))]
+
+    def page_json(self, run_id: str, after: int, limit: int) -> List[str]:
+        return [_json_dumps(r) for r in self.page(run_id, after, limit)]
+
+    def count_many(self, run_ids: Sequence[str]) -> Dict[str, int]:
+        return {rid: self.count(rid) for rid in run_ids if rid}
+
+
+class FileCommandStore(JsonlCommandStore):
+    """The runtime's JSONL inbox plus lookup by command id and wake-ups for the runner."""
+
+    def __init__(self, base_dir: Path, signals: Signals) -> None:
+        super().__init__(base_dir)
+        self.signals = signals
+
+    def append(self, record: CommandRecord) -> CommandAppendResult:
+        result = super().append(record)
+        self.signals.bump((COMMANDS_TOPIC,))
+        return result
+
+    def get(self, command_id: str) -> Optional[CommandRecord]:
+        after = 0
+        while True:
+            records, after2 = self.list_after(after=after, limit=1000)
+            for rec in records:
+                if rec.command_id == command_id:
+                    return rec
+            if not records:
+                return None
+            after = after2
+
+
+@dataclass
+class Stores:
+    """Everything durable, behind one set of interfaces whatever the backend.
+
+    `db` always exists: with the file backend it still holds the gateway's own state
+    (uploaded bundles, leases, command outcomes, ...), while runs, ledgers, the inbox, the
+    cursor and artifacts stay in the upstream on-disk layout.
+    """
+
+    backend: str
+    db: Database
+    runs: Any
+    ledger: Any
+    commands: Any
+    cursor: Any
+    artifacts: ArtifactStore
+    bundles: BundleStore
+    leases: LeaseStore
+
+    def close(self) -> None:
+        self.db.close()
+
+
+def open_stores(config: Config) -> Stores:
+    """Open the configured backend (`sqlite` by default, or the upstream `file` layout)."""
+    db = Database(config.db_path, synchronous=config.synchronous)
+    if config.store_backend == "file":
+        base = Path(config.data_dir)
+        return Stores(
+            backend="file", db=db, runs=FileRunStore(base), ledger=FileLedgerStore(base, db.signals),
+            commands=FileCommandStore(base, db.signals), cursor=JsonFileCommandCursorStore(base / "commands_cursor.json"),
+            artifacts=FileArtifactStore(base), bundles=BundleStore(db), leases=LeaseStore(db),
+        )
+    return Stores(
+        backend="sqlite", db=db, runs=SqliteRunStore(db), ledger=SqliteLedgerStore(db), commands=SqliteCommandStore(db),
+        cursor=SqliteCommandCursorStore(db), artifacts=SqliteArtifactStore(db), bundles=BundleStore(db),
+        leases=LeaseStore(db),
+    )
+
+
+# -- migrator --------------------------------------------------------------------------------
+
+MIGRATION_KINDS = ("runs", "ledger", "commands", "cursor", "artifacts")
+
+
+@dataclass
+class MigrationReport:
+    """Per-kind counts of one migration; `ok` when the destination holds every valid source item."""
+
+    source: Dict[str, int] = field(default_factory=lambda: dict.fromkeys(MIGRATION_KINDS, 0))
+    imported: Dict[str, int] = field(default_factory=lambda: dict.fromkeys(MIGRATION_KINDS, 0))
+    present: Dict[str, int] = field(default_factory=lambda: dict.fromkeys(MIGRATION_KINDS, 0))
+    skipped: List[str] = field(default_factory=list)  # "file:line: reason"
+    mismatches: List[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.mismatches
+
+    def render(self) -> str:
+        lines = [f"{'kind':<10} {'source':>8} {'imported':>9} {'present':>8}"]
+        for kind in MIGRATION_KINDS:
+            lines.append(f"{kind:<10} {self.source[kind]:>8} {self.imported[kind]:>9} {self.present[kind]:>8}")
+        lines.append(f"skipped corrupt items: {len(self.skipped)}")
+        lines.extend(f"  {s}" for s in self.skipped)
+        lines.append("verification: " + ("ok" if self.ok else "FAILED"))
+        lines.extend(f"  {m}" for m in self.mismatches)
+        return "\n".join(lines)
+
+
+class _Progress:
+    def __init__(self, stream: Any, every_s: float = 0.5) -> None:
+        self.stream = stream
+        self.every_s = every_s
+        self._last = 0.0
+
+    def __call__(self, kind: str, done: int, total: int, force: bool = False) -> None:
+        now = time.monotonic()
+        if self.stream is None or (not force and now - self._last < self.every_s):
+            return
+        self._last = now
+        print(f"migrate: {kind} {done}/{total}", file=self.stream, flush=True)
+
+
+def _read_jsonl(path: Path, report: MigrationReport) -> List[Dict[str, Any]]:
+    """Valid JSON objects of a JSONL file; corrupt/truncated lines are reported and skipped."""
+    out = []
+    with path.open("r", encoding="utf-8", errors="replace") as handle:
+        for lineno, line in enumerate(handle, 1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except ValueError as exc:
+                report.skipped.append(f"{path}:{lineno}: invalid JSON ({exc.msg})")
+                continue
+            if not isinstance(obj, dict):
+                report.skipped.append(f"{path}:{lineno}: not a JSON object")
+                continue
+            out.append(obj)
+    return out
+
+
+def migrate(source: str, dest: Stores, *, data_dir: Optional[Path] = None, source_db: Optional[Path] = None,
+            progress: Any = sys.stderr) -> MigrationReport:
+    """Import an upstream data dir (`source="file"`) or an upstream SQLite DB (`"sqlite-upstream"`).
+
+    Idempotent and resumable: every item is keyed (run id, ledger position, command seq, artifact
+    id) and skipped when already present, and work is committed in small batches. Source files
+    are only read.
+    """
+    if dest.backend != "sqlite":
+        raise ValueError("the migration destination must be the sqlite backend")
+    report = MigrationReport()
+    tick = _Progress(progress)
+    if source == "file":
+        if data_dir is None or not Path(data_dir).is_dir():
+            raise FileNotFoundError(f"source data dir not found: {data_dir}")
+        reader = _FileLayoutReader(Path(data_dir), report)
+    elif source == "sqlite-upstream":
+        if source_db is None or not Path(source_db).is_file():
+            raise FileNotFoundError(f"source database not found: {source_db}")
+        reader = _UpstreamSqliteReader(Path(source_db), report)
+    else:
+        raise ValueError(f"unknown migration source {source!r} (expected file or sqlite-upstream)")
+    db = dest.db
+
+    runs = reader.runs()
+    report.source["runs"] = len(runs)
+    for i in range(0, len(runs), 200):
+        chunk = runs[i:i + 200]
+        added = db.write(lambda conn: _insert_missing_runs(conn, chunk, report))
+        report.imported["runs"] += added
+        tick("runs", min(i + 200, len(runs)), len(runs))
+    report.present["runs"] = sum(1 for rid, _ in runs if dest.runs.exists(rid))
+
+    ledgers = reader.ledger_run_ids()
+    for n, run_id in enumerate(ledgers, 1):
+        records = reader.ledger(run_id)
+        report.source["ledger"] += len(records)
+        have = dest.ledger.count(run_id)
+        missing = records[have:]
+        if missing:
+            def _append_all(conn: apsw.Connection, rid: str = run_id, start: int = have, recs: list = missing) -> None:
+                conn.executemany(SqliteLedgerStore._INSERT,
+                                 [(rid, start + k, _json_dumps(r)) for k, r in enumerate(recs, 1)])
+            db.write(_append_all)
+            report.imported["ledger"] += len(missing)
+        report.present["ledger"] += dest.ledger.count(run_id)
+        if dest.ledger.count(run_id) < len(records):
+            report.mismatches.append(f"ledger of {run_id}: {dest.ledger.count(run_id)} < {len(records)} source records")
+        tick("ledger", n, len(ledgers))
+
+    commands = reader.commands()
+    report.source["commands"] = len(commands)
+
+    def _insert_commands(conn: apsw.Connection) -> int:
+        before = conn.total_changes()
+        conn.executemany(
+            "INSERT OR IGNORE INTO commands (seq, command_id, run_id, type, payload_json, ts, client_id)"
+            " VALUES (?,?,?,?,?,?,?)", commands)
+        return conn.total_changes() - before
+
+    report.imported["commands"] = db.write(_insert_commands) if commands else 0
+    wanted_ids = {c[1] for c in commands}
+    present_ids = {r[0] for r in db.query("SELECT command_id FROM commands")}
+    report.present["commands"] = len(wanted_ids & present_ids)
+    tick("commands", len(commands), len(commands), force=bool(commands))
+
+    cursor = reader.cursor()
+    if cursor is not None:
+        report.source["cursor"] = 1
+        current = dest.cursor.load()
+        if cursor > current:
+            dest.cursor.save(cursor)
+            report.imported["cursor"] = 1
+        report.present["cursor"] = 1 if dest.cursor.load() >= cursor else 0
+
+    artifacts = reader.artifact_ids()
+    report.source["artifacts"] = len(artifacts)
+    for n, artifact_id in enumerate(artifacts, 1):
+        if not dest.artifacts.exists(artifact_id):
+            artifact = reader.artifact(artifact_id)
+            if artifact is None:
+                report.skipped.append(f"artifact {artifact_id}: content missing")
+                report.source["artifacts"] -= 1
+                continue
+            db.write(lambda conn, a=artifact: SqliteArtifactStore._insert(conn, a.metadata, a.content))
+            report.imported["artifacts"] += 1
+        report.present["artifacts"] += 1
+        tick("artifacts", n, len(artifacts))
+
+    for kind in ("runs", "commands", "cursor", "artifacts"):
+        if report.present[kind] < report.source[kind]:
+            report.mismatches.append(f"{kind}: destination has {report.present[kind]} of {report.source[kind]}")
+    return report
+
+
+def _insert_missing_runs(conn: apsw.Connection, runs: List[Tuple[str, RunState]], report: MigrationReport) -> int:
+    before = conn.total_changes()
+    for _run_id, run in runs:
+        conn.execute(SqliteRunStore._INSERT_IF_ABSENT, (*_run_index_columns(run), _json_dumps(asdict(run))))
+    return conn.total_changes() - before
+
+
+class _FileLayoutReader:
+    """Reads the upstream file layout without modifying it."""
+
+    def __init__(self, base: Path, report: MigrationReport) -> None:
+        self.base = base
+        self.report = report
+
+    def runs(self) -> List[Tuple[str, RunState]]:
+        out = []
+        for path in sorted(self.base.glob("run_*.json")):
+            try:
+                run = run_from_dict(json.loads(path.read_text(encoding="utf-8")))
+            except (ValueError, TypeError, KeyError) as exc:
+                self.report.skipped.append(f"{path}:1: unreadable run checkpoint ({exc})")
+                continue
+            out.append((run.run_id, run))
+        return out
+
+    def ledger_run_ids(self) -> List[str]:
+        return sorted(p.name[len("ledger_"):-len(".jsonl")] for p in self.base.glob("ledger_*.jsonl"))
+
+    def ledger(self, run_id: str) -> List[Dict[str, Any]]:
+        return _read_jsonl(self.base / f"ledger_{run_id}.jsonl", self.report)
+
+    def commands(self) -> List[Tuple[Any, ...]]:
+        path = self.base / "commands.jsonl"
+        if not path.exists():
+            return []
+        out = []
+        for obj in _read_jsonl(path, self.report):
+            try:
+                seq = int(obj["seq"])
+                out.append((seq, str(obj["command_id"]), str(obj["run_id"]), str(obj["type"]),
+                            _json_dumps(obj.get("payload") or {}), str(obj.get("ts") or utc_now_iso()),
+                            obj.get("client_id") or None))
+            except (KeyError, TypeError, ValueError):
+                self.report.skipped.append(f"{path}: command without seq/command_id/run_id/type: {str(obj)[:80]}")
+        return out
+
+    def cursor(self) -> Optional[int]:
+        path = self.base / "commands_cursor.json"
+        if not path.exists():
+            return None
+        try:
+            return int(json.loads(path.read_text(encoding="utf-8")).get("cursor") or 0)
+        except (ValueError, AttributeError) as exc:
+            self.report.skipped.append(f"{path}:1: unreadable cursor ({exc})")
+            return None
+
+    def _artifact_store(self) -> Optional[FileArtifactStore]:
+        if not (self.base / "artifacts").is_dir():
+            return None
+        # FileArtifactStore creates artifacts/blobs and artifacts/refs if missing; read legacy-only dirs as-is.
+        store = FileArtifactStore.__new__(FileArtifactStore)
+        store._base = self.base
+        store._artifacts_dir = self.base / "artifacts"
+        store._blobs_dir = store._artifacts_dir / "blobs"
+        store._refs_dir = store._artifacts_dir / "refs"
+        return store
+
+    def artifact_ids(self) -> List[str]:
+        root = self.base / "artifacts"
+        if not root.is_dir():
+            return []
+        ids = {p.stem for p in root.glob("*.meta")} | {p.stem for p in (root / "refs").glob("*.meta")}
+        return sorted(ids)
+
+    def artifact(self, artifact_id: str) -> Optional[Artifact]:
+        store = self._artifact_store()
+        try:
+            return store.load(artifact_id) if store else None
+        except (OSError, ValueError, KeyError) as exc:
+            self.report.skipped.append(f"artifact {artifact_id}: {exc}")
+            return None
+
+
+class _UpstreamSqliteReader:
+    """Reads a database written by abstractruntime's own `SqliteDatabase` (read-only)."""
+
+    def __init__(self, path: Path, report: MigrationReport) -> None:
+        self.conn = apsw.Connection(f"file:{path}?mode=ro", flags=apsw.SQLITE_OPEN_READONLY | apsw.SQLITE_OPEN_URI)
+        self.path = path
+        self.report = report
+
+    def runs(self) -> List[Tuple[str, RunState]]:
+        out = []
+        for run_id, payload in self.conn.execute("SELECT run_id, run_json FROM runs ORDER BY run_id"):
+            try:
+                out.append((run_id, run_from_dict(json.loads(payload))))
+            except (ValueError, TypeError, KeyError) as exc:
+                self.report.skipped.append(f"{self.path}:runs[{run_id}]: unreadable ({exc})")
+        return out
+
+    def ledger_run_ids(self) -> List[str]:
+        return [r[0] for r in self.conn.execute("SELECT DISTINCT run_id FROM ledger ORDER BY run_id")]
+
+    def ledger(self, run_id: str) -> List[Dict[str, Any]]:
+        out = []
+        for seq, payload in self.conn.execute("SELECT seq, record_json FROM ledger WHERE run_id = ? ORDER BY seq", (run_id,)):
+            try:
+                out.append(json.loads(payload))
+            except ValueError:
+                self.report.skipped.append(f"{self.path}:ledger[{run_id}#{seq}]: invalid JSON")
+        return out
+
+    def commands(self) -> List[Tuple[Any, ...]]:
+        return [tuple(r) for r in self.conn.execute(
+            "SELECT seq, command_id, run_id, type, payload_json, ts, client_id FROM commands ORDER BY seq")]
+
+    def cursor(self) -> Optional[int]:
+        row = self.conn.execute("SELECT cursor FROM command_cursors WHERE consumer_id = 'gateway_runner'").fetchone()
+        return int(row[0]) if row else None
+
+    def artifact_ids(self) -> List[str]:
+        return []  # the upstream SQLite store keeps artifacts on disk; migrate them with --from=file
+
+    def artifact(self, artifact_id: str) -> Optional[Artifact]:
+        return None
+
+
+def check_database(db: Database) -> Tuple[Dict[str, Any], List[str]]:
+    """Integrity, schema version and counts; returns (facts, problems)."""
+    problems = integrity_problems(db.connection())
+    version = db.query_one("PRAGMA user_version")[0]
+    if version != SCHEMA_VERSION:
+        problems.append(f"schema version {version}, expected {SCHEMA_VERSION}")
+    gaps = db.query("SELECT run_id, COUNT(*), MAX(seq) FROM ledger GROUP BY run_id HAVING COUNT(*) != MAX(seq)")
+    problems.extend(f"ledger of {rid} has gaps ({n} records, max seq {mx})" for rid, n, mx in gaps)
+    facts = {"path": str(db.path), "schema_version": version, "journal_mode":
+             db.query_one("PRAGMA journal_mode")[0], "counts": table_counts(db)}
+    return facts, problems
+
+
+# =====================================================================================
+# 3. CLI
+# =====================================================================================
+
+
+def _add_setting_flags(parser: argparse.ArgumentParser, names: Sequence[str]) -> None:
+    for setting in SETTINGS:
+        if setting.name in names and setting.flag:
+            kwargs: Dict[str, Any] = {"dest": setting.name, "default": None,
+                                      "help": f"{setting.help} [env {setting.env}]"}
+            if setting.choices:
+                kwargs["choices"] = setting.choices
+            parser.add_argument(setting.flag, **kwargs)
+
+
+def _config_from_args(args: argparse.Namespace) -> Config:
+    return Config.load(overrides={s.name: getattr(args, s.name, None) for s in SETTINGS})
+
+
+def _cmd_migrate(args: argparse.Namespace) -> int:
+    if args.to != "sqlite":
+        print("migrate: only --to=sqlite is supported", file=sys.stderr)
+        return 2
+    config = _config_from_args(args)
+    stores = open_stores(Config({**config.__dict__, "store_backend": "sqlite"}, config.sources))
+    try:
+        report = migrate(args.source, stores, data_dir=config.data_dir, source_db=args.source_db)
+    except (FileNotFoundError, ValueError) as exc:
+        print(f"migrate: {exc}", file=sys.stderr)
+        return 2
+    finally:
+        stores.close()
+    print(report.render())
+    return 0 if report.ok else 1
+
+
+def _cmd_backup(args: argparse.Namespace) -> int:
+    config = _config_from_args(args)
+    db = Database(config.db_path, synchronous=config.synchronous)
+    try:
+        dest = db.backup_to(args.dest)
+    except (ValueError, SchemaError, apsw.Error) as exc:
+        print(f"backup: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        db.close()
+    print(f"backup written to {dest} (integrity_check ok)")
+    return 0
+
+
+def _cmd_check(args: argparse.Namespace) -> int:
+    config = _config_from_args(args)
+    if not Path(config.db_path).exists():
+        print(f"check: no database at {config.db_path}", file=sys.stderr)
+        return 1
+    try:
+        db = Database(config.db_path, synchronous=config.synchronous)
+    except (SchemaError, apsw.Error) as exc:
+        print(f"check: {exc}", file=sys.stderr)
+        return 1
+    try:
+        facts, problems = check_database(db)
+    finally:
+        db.close()
+    print(json.dumps({**facts, "problems": problems}, indent=2))
+    return 1 if problems else 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The `abstractgateway` command line (every subcommand with its flags)."""
+    parser = argparse.ArgumentParser(prog="abstractgateway", description="Durable run gateway for AbstractRuntime workflows.")
+    parser.add_argument("--version", action="version", version=f"abstractgateway {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+    storage_flags = ("data_dir", "db_path", "synchronous")
+
+    p = sub.add_parser("migrate", help="Import an upstream file data dir or SQLite DB into the gateway database.")
+    p.add_argument("--from", dest="source", required=True, choices=("file", "sqlite-upstream"))
+    p.add_argument("--to", default="sqlite", choices=("sqlite",))
+    p.add_argument("--source-db", type=Path, help="With --from=sqlite-upstream: the upstream database file.")
+    _add_setting_flags(p, storage_flags)
+    p.set_defaults(func=_cmd_migrate)
+
+    p = sub.add_parser("backup", help="Online backup of the database to DEST (verified with integrity_check).")
+    p.add_argument("dest", type=Path)
+    _add_setting_flags(p, storage_flags)
+    p.set_defaults(func=_cmd_backup)
+
+    p = sub.add_parser("check", help="Integrity, schema version and counts; exit 1 on problems.")
+    _add_setting_flags(p, storage_flags)
+    p.set_defaults(func=_cmd_check)
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Console entry point."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except ConfigError as exc:
+        print(f"abstractgateway: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,149 @@
+-- AbstractGateway durable schema (SQLite, WAL).
+--
+-- One file holds all durable state: runs, ledgers, the command inbox, artifacts,
+-- uploaded bundles, and the gateway's own bookkeeping.
+--
+-- Layout of this file: forward-only migrations.  Each block starts with a line
+-- `-- migrate: N` and upgrades a database from user_version N-1 to N.  At open
+-- time the gateway applies, in one transaction, every block above the file's
+-- PRAGMA user_version, then sets user_version to the highest N.  A database
+-- whose user_version is above the highest N here was written by a newer
+-- gateway and is refused.  Never edit a released block: append a new one.
+
+-- migrate: 1
+-- Checkpointed RunState JSON plus the columns the gateway filters on.
+CREATE TABLE runs (
+  run_id        TEXT PRIMARY KEY,
+  workflow_id   TEXT NOT NULL,
+  status        TEXT NOT NULL,
+  wait_reason   TEXT,
+  wait_key      TEXT,
+  wait_until    TEXT,
+  parent_run_id TEXT,
+  actor_id      TEXT,
+  session_id    TEXT,
+  created_at    TEXT NOT NULL DEFAULT '',
+  updated_at    TEXT NOT NULL DEFAULT '',
+  run_json      TEXT NOT NULL
+);
+CREATE INDEX runs_by_updated  ON runs(updated_at DESC);
+CREATE INDEX runs_by_status   ON runs(status, updated_at DESC);
+CREATE INDEX runs_by_workflow ON runs(workflow_id, updated_at DESC);
+CREATE INDEX runs_by_session  ON runs(session_id, updated_at DESC);
+CREATE INDEX runs_by_parent   ON runs(parent_run_id);
+CREATE INDEX runs_by_wait_key ON runs(wait_key) WHERE status = 'waiting';
+CREATE INDEX runs_due_until   ON runs(wait_until) WHERE status = 'waiting' AND wait_reason = 'until';
+
+-- Append-only ledger: seq is 1-based and gapless per run (the HTTP cursor space).
+CREATE TABLE ledger (
+  run_id      TEXT NOT NULL,
+  seq         INTEGER NOT NULL,
+  record_json TEXT NOT NULL,
+  PRIMARY KEY (run_id, seq)
+) WITHOUT ROWID;
+
+-- Durable command inbox: a global, strictly increasing seq; idempotent by command_id.
+CREATE TABLE commands (
+  seq          INTEGER PRIMARY KEY AUTOINCREMENT,
+  command_id   TEXT NOT NULL UNIQUE,
+  run_id       TEXT NOT NULL,
+  type         TEXT NOT NULL,
+  payload_json TEXT NOT NULL,
+  ts           TEXT NOT NULL,
+  client_id    TEXT
+);
+CREATE INDEX commands_by_run ON commands(run_id, seq);
+
+-- Consumer cursors over the inbox (the runner's is 'gateway_runner').
+CREATE TABLE command_cursors (
+  consumer_id TEXT PRIMARY KEY,
+  cursor      INTEGER NOT NULL,
+  updated_at  TEXT NOT NULL
+);
+
+-- Artifacts: metadata per artifact, content deduplicated by sha256 in artifact_blobs.
+CREATE TABLE artifact_blobs (
+  sha256  TEXT PRIMARY KEY,
+  content BLOB NOT NULL
+);
+CREATE TABLE artifacts (
+  artifact_id  TEXT PRIMARY KEY,
+  run_id       TEXT,
+  content_type TEXT NOT NULL,
+  size_bytes   INTEGER NOT NULL,
+  created_at   TEXT NOT NULL,
+  sha256       TEXT NOT NULL REFERENCES artifact_blobs(sha256),
+  tags_json    TEXT NOT NULL DEFAULT '{}'
+);
+CREATE INDEX artifacts_by_run ON artifacts(run_id, created_at DESC);
+CREATE INDEX artifacts_by_created ON artifacts(created_at DESC);
+
+-- Uploaded .flow bundles (the bytes live here, not on disk).
+CREATE TABLE bundles (
+  bundle_id      TEXT NOT NULL,
+  bundle_version TEXT NOT NULL,
+  content        BLOB NOT NULL,
+  sha256         TEXT NOT NULL,
+  uploaded_at    TEXT NOT NULL,
+  PRIMARY KEY (bundle_id, bundle_version)
+);
+
+-- Named leases (the runner's single-ticker lease is 'runner').
+CREATE TABLE leases (
+  name         TEXT PRIMARY KEY,
+  owner        TEXT NOT NULL,
+  acquired_at  REAL NOT NULL,
+  heartbeat_at REAL NOT NULL,
+  expires_at   REAL NOT NULL
+);
+
+-- migrate: 2
+-- Outcome of every applied (or refused) inbox command, written in the same
+-- transaction as the command's effect: this is what makes application exactly-once.
+CREATE TABLE command_outcomes (
+  seq        INTEGER PRIMARY KEY,
+  command_id TEXT NOT NULL,
+  run_id     TEXT NOT NULL,
+  status     TEXT NOT NULL CHECK (status IN ('applied', 'failed')),
+  error      TEXT,
+  applied_at TEXT NOT NULL
+);
+CREATE INDEX command_outcomes_by_run ON command_outcomes(run_id, seq);
+
+-- Workflow deprecations (flow_id '*' = every entrypoint of the bundle).
+CREATE TABLE deprecations (
+  bundle_id     TEXT NOT NULL,
+  flow_id       TEXT NOT NULL,
+  reason        TEXT,
+  deprecated_at TEXT NOT NULL,
+  PRIMARY KEY (bundle_id, flow_id)
+);
+
+-- Gateway-generated workflows (schedule wrappers), so schedules survive restarts.
+CREATE TABLE dynamic_flows (
+  workflow_id TEXT PRIMARY KEY,
+  flow_json   TEXT NOT NULL,
+  created_at  TEXT NOT NULL,
+  updated_at  TEXT NOT NULL
+);
+
+-- Small key/value settings (e.g. the generated API token).
+CREATE TABLE settings (
+  key        TEXT PRIMARY KEY,
+  value      TEXT NOT NULL,
+  updated_at TEXT NOT NULL
+);
+
+-- Audit log of write requests, size-bounded by the gateway.
+CREATE TABLE audit_log (
+  id          INTEGER PRIMARY KEY AUTOINCREMENT,
+  ts          TEXT NOT NULL,
+  request_id  TEXT NOT NULL,
+  client_ip   TEXT,
+  method      TEXT NOT NULL,
+  path        TEXT NOT NULL,
+  status      INTEGER NOT NULL,
+  duration_ms REAL NOT NULL,
+  token_fp    TEXT,
+  headers_json TEXT NOT NULL DEFAULT '{}'
+);

@@ -1,0 +1,509 @@
+"""Storage: schema, connection discipline, the runtime-facing stores, migrator, backup, check."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import apsw
+import pytest
+
+import abstractgateway as gw
+from abstractruntime import Runtime, RunStatus
+from abstractruntime.core.models import StepRecord, StepStatus
+from abstractruntime.storage.commands import CommandRecord
+from conftest import ask_then_echo_workflow, make_config
+
+
+def _normalise(records, run_id):
+    """Ledger records without the fields that differ between two identical executions."""
+    keep = ("node_id", "status", "effect", "result", "error", "attempt")
+    return json.loads(json.dumps([{k: r.get(k) for k in keep} for r in records]).replace(run_id, "RUN"))
+
+
+def _run_ask_echo(stores: gw.Stores) -> tuple[str, list]:
+    rt = Runtime(run_store=stores.runs, ledger_store=stores.ledger, artifact_store=stores.artifacts)
+    wf = ask_then_echo_workflow()
+    run_id = rt.start(workflow=wf, vars={"name": "ada"})
+    state = rt.tick(workflow=wf, run_id=run_id)
+    assert state.status == RunStatus.WAITING
+    state = rt.resume(workflow=wf, run_id=run_id, wait_key=state.waiting.wait_key, payload={"text": "ada"})
+    state = rt.tick(workflow=wf, run_id=run_id)
+    assert state.status == RunStatus.COMPLETED
+    assert state.output["greeting"] == "hello ada"
+    return run_id, stores.ledger.list(run_id)
+
+
+def test_runtime_runs_a_workflow_on_sqlite_and_file_backends_with_the_same_ledger(data_dir, tmp_path):
+    sqlite_stores = gw.open_stores(make_config(data_dir))
+    file_dir = tmp_path / "filedata"
+    file_dir.mkdir()
+    file_stores = gw.open_stores(make_config(file_dir, store_backend="file"))
+    try:
+        rid_a, ledger_a = _run_ask_echo(sqlite_stores)
+        rid_b, ledger_b = _run_ask_echo(file_stores)
+        assert len(ledger_a) >= 4
+        assert _normalise(ledger_a, rid_a) == _normalise(ledger_b, rid_b)
+        assert sqlite_stores.ledger.count(rid_a) == len(ledger_a)
+        assert sqlite_stores.runs.load(rid_a).status == RunStatus.COMPLETED
+        # the file backend really wrote the upstream layout
+        assert (file_dir / f"run_{rid_b}.json").exists()
+        assert (file_dir / f"ledger_{rid_b}.jsonl").exists()
+    finally:
+        sqlite_stores.close()
+        file_stores.close()
+
+
+def test_database_is_wal_full_sync_and_versioned(stores):
+    conn = stores.db.connection()
+    assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    assert conn.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == gw.SCHEMA_VERSION
+    for table in ("runs", "ledger", "commands", "command_cursors", "artifacts", "artifact_blobs", "bundles", "leases"):
+        assert conn.execute("SELECT COUNT(*) FROM sqlite_master WHERE name = ?", (table,)).fetchone()[0] == 1
+
+
+def test_synchronous_normal_override(data_dir):
+    s = gw.open_stores(make_config(data_dir, sqlite_synchronous="normal"))
+    try:
+        assert s.db.connection().execute("PRAGMA synchronous").fetchone()[0] == 1
+    finally:
+        s.close()
+
+
+def test_run_store_queries(stores):
+    rt = Runtime(run_store=stores.runs, ledger_store=stores.ledger)
+    wf = ask_then_echo_workflow()
+    parent = rt.start(workflow=wf, session_id="s1")
+    child = rt.start(workflow=wf, parent_run_id=parent, session_id="s1")
+    rt.tick(workflow=wf, run_id=child)  # child now waits on the user
+    assert [r.run_id for r in stores.runs.list_children(parent_run_id=parent)] == [child]
+    waiting = stores.runs.list_runs(status=RunStatus.WAITING)
+    assert [r.run_id for r in waiting] == [child]
+    key = waiting[0].waiting.wait_key
+    assert [r.run_id for r in stores.runs.list_waiting_on(key)] == [child]
+    index = stores.runs.list_run_index(session_id="s1", root_only=True)
+    assert [row["run_id"] for row in index] == [parent]
+    # keyset pagination walks every run exactly once
+    page1 = stores.runs.list_run_index(limit=1)
+    page2 = stores.runs.list_run_index(limit=1, before=(page1[0]["updated_at"], page1[0]["run_id"]))
+    assert {page1[0]["run_id"], page2[0]["run_id"]} == {parent, child}
+    assert stores.runs.delete(child) is True
+    assert stores.runs.load(child) is None
+    assert stores.runs.delete(child) is False
+
+
+def test_due_wait_until_index(stores):
+    from abstractruntime import RunState, WaitReason, WaitState
+
+    due = RunState.new(workflow_id="w", entry_node="n")
+    due.status = RunStatus.WAITING
+    due.waiting = WaitState(reason=WaitReason.UNTIL, until="2000-01-01T00:00:00+00:00")
+    later = RunState.new(workflow_id="w", entry_node="n")
+    later.status = RunStatus.WAITING
+    later.waiting = WaitState(reason=WaitReason.UNTIL, until="2999-01-01T00:00:00+00:00")
+    stores.runs.save(due)
+    stores.runs.save(later)
+    got = stores.runs.list_due_wait_until(now_iso=gw.utc_now_iso())
+    assert [r.run_id for r in got] == [due.run_id]
+
+
+def _step(run_id: str, n: int) -> StepRecord:
+    return StepRecord(run_id=run_id, step_id=f"s{n}", node_id=f"n{n}", status=StepStatus.COMPLETED)
+
+
+def test_ledger_page_and_count(stores):
+    for n in range(1, 26):
+        stores.ledger.append(_step("r1", n))
+    assert stores.ledger.count("r1") == 25
+    assert stores.ledger.count("unknown") == 0
+    pages, after = [], 0
+    while True:
+        page = stores.ledger.page("r1", after, 7)
+        if not page:
+            break
+        pages.extend(page)
+        after += len(page)
+    assert pages == stores.ledger.list("r1")
+    assert [p["step_id"] for p in pages] == [f"s{n}" for n in range(1, 26)]
+    assert stores.ledger.page("r1", 25, 10) == []
+    assert stores.ledger.count_many(["r1", "nope"]) == {"r1": 25}
+
+
+def test_command_store_is_idempotent_by_command_id(stores):
+    rec = CommandRecord(command_id="c1", run_id="r1", type="pause", payload={}, ts="")
+    first = stores.commands.append(rec)
+    again = stores.commands.append(CommandRecord(command_id="c1", run_id="other", type="cancel", payload={"x": 1}, ts=""))
+    assert (first.accepted, first.duplicate) == (True, False)
+    assert (again.accepted, again.duplicate, again.seq) == (False, True, first.seq)
+    second = stores.commands.append(CommandRecord(command_id="c2", run_id="r1", type="resume", payload={}, ts=""))
+    assert second.seq > first.seq
+    items, cursor = stores.commands.list_after(after=0)
+    assert [i.command_id for i in items] == ["c1", "c2"] and cursor == second.seq
+    assert items[0].type == "pause"  # the duplicate did not overwrite the original
+    with pytest.raises(ValueError):
+        stores.commands.append(CommandRecord(command_id="c3", run_id="", type="pause", payload={}, ts=""))
+    with pytest.raises(ValueError):
+        stores.commands.append(CommandRecord(command_id="c4", run_id="r", type="pause", payload={"f": object()}, ts=""))
+    stores.cursor.save(first.seq)
+    assert stores.cursor.load() == first.seq
+
+
+def test_a_failing_write_does_not_undo_its_batch_neighbours(stores):
+    db = stores.db
+    barrier = threading.Barrier(6)
+    errors = []
+
+    def good(i):
+        barrier.wait()
+        db.write(lambda c: c.execute("INSERT INTO leases VALUES (?, 'o', 0, 0, 0)", (f"l{i}",)))
+
+    def bad():
+        barrier.wait()
+        try:
+            db.write(lambda c: (c.execute("INSERT INTO leases VALUES ('bad', 'o', 0, 0, 0)"),
+                                c.execute("INSERT INTO nope VALUES (1)")))
+        except apsw.SQLError as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=good, args=(i,)) for i in range(5)] + [threading.Thread(target=bad)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(errors) == 1
+    names = {r[0] for r in db.query("SELECT name FROM leases")}
+    assert names == {f"l{i}" for i in range(5)}
+
+
+def test_transaction_groups_writes_atomically(stores):
+    with pytest.raises(RuntimeError):
+        with stores.db.transaction():
+            stores.ledger.append(_step("tx", 1))
+            stores.cursor.save(42)
+            raise RuntimeError("crash before commit")
+    assert stores.ledger.count("tx") == 0 and stores.cursor.load() == 0
+    with stores.db.transaction():
+        stores.ledger.append(_step("tx", 1))
+        stores.cursor.save(42)
+    assert stores.ledger.count("tx") == 1 and stores.cursor.load() == 42
+
+
+def test_concurrent_appenders_lose_and_duplicate_nothing(stores):
+    per_thread = 150
+    errors = []
+
+    def worker(t):
+        try:
+            for n in range(per_thread):
+                stores.ledger.append(_step(f"run{t}", n))
+                stores.commands.append(CommandRecord(command_id=f"t{t}-{n}", run_id=f"run{t}", type="pause", payload={}, ts=""))
+        except Exception as exc:  # noqa: BLE001 - any error is a failure here
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker, args=(t,)) for t in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    for t in range(8):
+        seqs = [r[0] for r in stores.db.query("SELECT seq FROM ledger WHERE run_id = ? ORDER BY seq", (f"run{t}",))]
+        assert seqs == list(range(1, per_thread + 1))
+        assert [r["step_id"] for r in stores.ledger.list(f"run{t}")] == [f"s{n}" for n in range(per_thread)]
+    seqs = [r[0] for r in stores.db.query("SELECT seq FROM commands ORDER BY seq")]
+    assert len(seqs) == 8 * per_thread == len(set(seqs))
+
+
+def test_concurrent_writers_in_two_processes(data_dir):
+    """A second process writing the same file never surfaces 'database is locked'."""
+    db_path = data_dir / "gateway.sqlite3"
+    gw.Database(db_path).close()
+    code = (
+        "import abstractgateway as gw, sys\n"
+        "from abstractruntime.core.models import StepRecord, StepStatus\n"
+        "db = gw.Database(sys.argv[1]); l = gw.SqliteLedgerStore(db)\n"
+        "for n in range(200): l.append(StepRecord(run_id=sys.argv[2], step_id=str(n), node_id='n', status=StepStatus.COMPLETED))\n"
+    )
+    procs = [subprocess.Popen([sys.executable, "-c", code, str(db_path), f"p{i}"]) for i in range(3)]
+    assert [p.wait(timeout=120) for p in procs] == [0, 0, 0]
+    db = gw.Database(db_path)
+    try:
+        for i in range(3):
+            assert gw.SqliteLedgerStore(db).count(f"p{i}") == 200
+    finally:
+        db.close()
+
+
+CRASH_CHILD = """
+import sys, abstractgateway as gw
+from abstractruntime.core.models import StepRecord, StepStatus
+from abstractruntime.storage.commands import CommandRecord
+stores = gw.open_stores(gw.Config.load(environ={"ABSTRACTGATEWAY_DATA_DIR": sys.argv[1]}))
+n = 0
+while True:
+    n += 1
+    stores.ledger.append(StepRecord(run_id="crash", step_id=str(n), node_id="n", status=StepStatus.COMPLETED))
+    stores.commands.append(CommandRecord(command_id=f"c{n}", run_id="crash", type="pause", payload={}, ts=""))
+    print(n, flush=True)  # acknowledged
+"""
+
+
+def test_sigkill_loses_no_acknowledged_record(data_dir):
+    proc = subprocess.Popen([sys.executable, "-c", CRASH_CHILD, str(data_dir)], stdout=subprocess.PIPE, text=True)
+    acked = 0
+    deadline = time.monotonic() + 60
+    while acked < 300 and time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if not line:
+            break
+        acked = int(line)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert acked >= 300
+    stores = gw.open_stores(make_config(data_dir))
+    try:
+        seqs = [r[0] for r in stores.db.query("SELECT seq FROM ledger WHERE run_id = 'crash' ORDER BY seq")]
+        assert len(seqs) >= acked
+        assert seqs == list(range(1, len(seqs) + 1))
+        got = {r[0] for r in stores.db.query("SELECT command_id FROM commands")}
+        assert {f"c{n}" for n in range(1, acked + 1)} <= got
+        facts, problems = gw.check_database(stores.db)
+        assert problems == []
+    finally:
+        stores.close()
+
+
+def test_artifacts_live_in_the_database(stores):
+    meta = stores.artifacts.store(b"x" * 5000, content_type="text/plain", run_id="r1", tags={"k": "v"})
+    again = stores.artifacts.store(b"x" * 5000, content_type="text/plain", run_id="r2")
+    assert meta.blob_id == again.blob_id and meta.artifact_id != again.artifact_id
+    assert stores.db.query_one("SELECT COUNT(*) FROM artifact_blobs")[0] == 1
+    loaded = stores.artifacts.load(meta.artifact_id)
+    assert loaded.content == b"x" * 5000 and loaded.metadata.tags == {"k": "v"}
+    assert stores.artifacts.read_range(meta.artifact_id, 10, 5) == b"xxxxx"
+    assert [m.artifact_id for m in stores.artifacts.list_by_run("r1")] == [meta.artifact_id]
+    assert stores.artifacts.get_metadata("../etc/passwd") is None
+    assert stores.artifacts.delete(meta.artifact_id) is True
+    assert stores.artifacts.exists(again.artifact_id)
+    assert stores.artifacts.delete(again.artifact_id) is True
+    assert stores.db.query_one("SELECT COUNT(*) FROM artifact_blobs")[0] == 0
+
+
+def test_bundles_and_leases(stores):
+    stores.bundles.put("demo", "1.0.0", b"zipbytes")
+    with pytest.raises(FileExistsError):
+        stores.bundles.put("demo", "1.0.0", b"other")
+    stores.bundles.put("demo", "1.0.0", b"other", overwrite=True)
+    assert [b.content for b in stores.bundles.list()] == [b"other"]
+    assert stores.bundles.delete("demo") == 1
+
+    assert stores.leases.acquire("runner", "a", ttl_s=0.3)
+    assert not stores.leases.acquire("runner", "b", ttl_s=0.3)
+    assert stores.leases.acquire("runner", "a", ttl_s=0.3)  # renew
+    time.sleep(0.35)
+    assert stores.leases.acquire("runner", "b", ttl_s=5)  # a's lease expired
+    stores.leases.release("runner", "a")  # not a's any more: no effect
+    assert stores.leases.holder("runner")["owner"] == "b"
+
+
+# -- schema versions --------------------------------------------------------------------------
+
+
+def test_v1_database_is_upgraded_in_place(tmp_path):
+    path = tmp_path / "old.sqlite3"
+    conn = apsw.Connection(str(path))
+    assert gw.apply_schema(conn, target=1) == 1
+    conn.execute("INSERT INTO ledger VALUES ('r', 1, '{\"a\":1}')")
+    conn.close()
+    db = gw.Database(path)
+    try:
+        assert db.schema_version == gw.SCHEMA_VERSION > 1
+        assert db.query_one("PRAGMA user_version")[0] == gw.SCHEMA_VERSION
+        assert gw.SqliteLedgerStore(db).list("r") == [{"a": 1}]
+        assert db.query_one("SELECT COUNT(*) FROM command_outcomes")[0] == 0
+    finally:
+        db.close()
+
+
+def test_database_from_a_newer_gateway_is_refused(tmp_path):
+    path = tmp_path / "new.sqlite3"
+    conn = apsw.Connection(str(path))
+    conn.execute(f"PRAGMA user_version = {gw.SCHEMA_VERSION + 1}")
+    conn.close()
+    with pytest.raises(gw.SchemaError, match="newer than this gateway supports"):
+        gw.Database(path)
+
+
+# -- migrator ---------------------------------------------------------------------------------
+
+
+def _make_upstream_file_dir(base: Path) -> dict:
+    """A data dir in the upstream layout, written by the runtime's own file stores."""
+    stores = gw.open_stores(make_config(base, store_backend="file", db_path=str(base / "ignored.sqlite3")))
+    ids = []
+    for name in ("ada", "bob", "cyd"):
+        rid, _ = _run_ask_echo(stores)
+        ids.append(rid)
+    for n in range(5):
+        stores.commands.append(CommandRecord(command_id=f"cmd{n}", run_id=ids[0], type="pause", payload={"n": n}, ts=""))
+    stores.cursor.save(3)
+    art = stores.artifacts.store(b"artifact-bytes", content_type="text/plain", run_id=ids[0])
+    stores.close()
+    (base / "ignored.sqlite3").unlink()
+    for suffix in ("-wal", "-shm"):
+        (base / f"ignored.sqlite3{suffix}").unlink(missing_ok=True)
+    # a crash left a half-written last line
+    with (base / f"ledger_{ids[1]}.jsonl").open("a") as fh:
+        fh.write('{"run_id": "' + ids[1] + '", "step_id": "trunc')
+    return {"runs": ids, "artifact": art.artifact_id}
+
+
+def _snapshot(path: Path) -> dict:
+    return {p.relative_to(path): (p.stat().st_mtime_ns, p.read_bytes()) for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+def test_migrate_file_layout_round_trip_idempotent(tmp_path, capsys):
+    src = tmp_path / "upstream"
+    src.mkdir()
+    made = _make_upstream_file_dir(src)
+    before = _snapshot(src)
+    db_path = tmp_path / "dest" / "gateway.sqlite3"
+    argv = ["migrate", "--from=file", "--to=sqlite", "--data-dir", str(src), "--db-path", str(db_path)]
+    assert gw.main(argv) == 0
+    out, err = capsys.readouterr()
+    assert "verification: ok" in out
+    assert f"ledger_{made['runs'][1]}.jsonl:" in out  # the truncated line is reported with file:line
+    assert _snapshot(src) == before  # the source is never modified
+
+    dest = gw.open_stores(make_config(tmp_path / "dest", db_path=str(db_path)))
+    src_stores = gw.open_stores(make_config(src, store_backend="file", db_path=str(tmp_path / "x.sqlite3")))
+    try:
+        for rid in made["runs"]:
+            assert dest.runs.load(rid).status == RunStatus.COMPLETED
+            assert dest.ledger.list(rid) == src_stores.ledger.list(rid)
+        assert dest.commands.get_last_seq() == 5
+        assert dest.cursor.load() == 3
+        assert dest.artifacts.load(made["artifact"]).content == b"artifact-bytes"
+        counts = gw.table_counts(dest.db)
+    finally:
+        dest.close()
+        src_stores.close()
+
+    assert gw.main(argv) == 0  # second run: nothing new
+    out, _ = capsys.readouterr()
+    assert "verification: ok" in out
+    dest = gw.open_stores(make_config(tmp_path / "dest", db_path=str(db_path)))
+    try:
+        assert gw.table_counts(dest.db) == counts
+    finally:
+        dest.close()
+    report_lines = {line.split()[0]: line.split()[1:] for line in out.splitlines() if line.split() and line.split()[0] in gw.MIGRATION_KINDS}
+    assert all(cols[1] == "0" for cols in report_lines.values())  # imported 0 of every kind
+
+
+def test_migrate_resumes_after_interruption(tmp_path):
+    src = tmp_path / "upstream"
+    src.mkdir()
+    made = _make_upstream_file_dir(src)
+    dest = gw.open_stores(make_config(tmp_path / "dest"))
+    try:
+        # simulate an interrupted first run: one run and part of one ledger already imported
+        full = gw.open_stores(make_config(src, store_backend="file", db_path=str(tmp_path / "x.sqlite3")))
+        rid = made["runs"][0]
+        dest.runs.save(full.runs.load(rid))
+        for rec in full.ledger.list(rid)[:2]:
+            dest.ledger.append_json(rid, json.dumps(rec))
+        full.close()
+        report = gw.migrate("file", dest, data_dir=src, progress=None)
+        assert report.ok, report.render()
+        assert report.imported["runs"] == 2 and report.present["runs"] == 3
+        assert dest.ledger.count(rid) == len(gw.FileLedgerStore(src, gw.Signals()).list(rid))
+    finally:
+        dest.close()
+
+
+def test_migrate_from_upstream_sqlite(tmp_path):
+    from abstractruntime.storage.sqlite import (
+        SqliteCommandCursorStore, SqliteCommandStore, SqliteDatabase, SqliteLedgerStore, SqliteRunStore)
+
+    updb = SqliteDatabase(tmp_path / "upstream.sqlite3")
+    up = gw.Stores(backend="x", db=None, runs=SqliteRunStore(updb), ledger=SqliteLedgerStore(updb),
+                   commands=SqliteCommandStore(updb), cursor=SqliteCommandCursorStore(updb),
+                   artifacts=None, bundles=None, leases=None)
+    rid, ledger = _run_ask_echo(up)
+    up.commands.append(CommandRecord(command_id="u1", run_id=rid, type="cancel", payload={}, ts=""))
+    up.cursor.save(1)
+    dest = gw.open_stores(make_config(tmp_path / "dest"))
+    try:
+        report = gw.migrate("sqlite-upstream", dest, source_db=tmp_path / "upstream.sqlite3", progress=None)
+        assert report.ok, report.render()
+        assert dest.ledger.list(rid) == ledger
+        assert dest.commands.get("u1").type == "cancel"
+        assert dest.cursor.load() == 1
+        again = gw.migrate("sqlite-upstream", dest, source_db=tmp_path / "upstream.sqlite3", progress=None)
+        assert sum(again.imported.values()) == 0
+    finally:
+        dest.close()
+
+
+# -- backup and check -------------------------------------------------------------------------
+
+
+def test_backup_while_writing_restores_cleanly(stores, tmp_path):
+    stop = threading.Event()
+    written = []
+
+    def writer():
+        n = 0
+        while not stop.is_set():
+            n += 1
+            stores.ledger.append(_step("busy", n))
+            written.append(n)
+
+    t = threading.Thread(target=writer)
+    t.start()
+    try:
+        while len(written) < 50:
+            time.sleep(0.01)
+        dest = stores.db.backup_to(tmp_path / "backup" / "copy.sqlite3")
+        time.sleep(0.05)
+    finally:
+        stop.set()
+        t.join()
+    restored = gw.Database(dest)
+    try:
+        facts, problems = gw.check_database(restored)
+        assert problems == []
+        n = gw.SqliteLedgerStore(restored).count("busy")
+        assert 50 <= n <= len(written)
+        assert [r[0] for r in restored.query("SELECT seq FROM ledger WHERE run_id='busy' ORDER BY seq")] == list(range(1, n + 1))
+    finally:
+        restored.close()
+
+
+def test_check_and_backup_commands(data_dir, tmp_path, capsys):
+    db_path = data_dir / "gateway.sqlite3"
+    assert gw.main(["check", "--db-path", str(db_path)]) == 1  # no database yet
+    s = gw.open_stores(make_config(data_dir))
+    s.ledger.append(_step("r", 1))
+    s.close()
+    capsys.readouterr()
+    assert gw.main(["check", "--db-path", str(db_path)]) == 0
+    facts = json.loads(capsys.readouterr().out)
+    assert facts["counts"]["ledger"] == 1 and facts["problems"] == [] and facts["schema_version"] == gw.SCHEMA_VERSION
+    assert gw.main(["backup", str(tmp_path / "b.sqlite3"), "--db-path", str(db_path)]) == 0
+    assert gw.main(["check", "--db-path", str(tmp_path / "b.sqlite3")]) == 0
+    # a gap in a ledger is a problem `check` reports
+    conn = apsw.Connection(str(db_path))
+    conn.execute("INSERT INTO ledger VALUES ('r', 3, '{}')")
+    conn.close()
+    capsys.readouterr()
+    assert gw.main(["check", "--db-path", str(db_path)]) == 1
+    assert "gaps" in capsys.readouterr().out
