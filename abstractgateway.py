@@ -96,6 +96,24 @@ SETTINGS: Tuple[Setting, ...] = (
     Setting("synchronous", "ABSTRACTGATEWAY_SQLITE_SYNCHRONOUS", "choice", "FULL",
             "SQLite durability: FULL survives power loss for every acknowledged write; NORMAL is faster "
             "but may lose the last commits on power loss (never corrupts).", "--synchronous", ("FULL", "NORMAL")),
+    Setting("flows_dir", "ABSTRACTGATEWAY_FLOWS_DIR", "path", lambda v: v["data_dir"] / "flows",
+            "A directory of `.flow` bundles (or one `.flow` file) loaded next to the uploaded ones.", "--flows-dir"),
+    Setting("workflow_source", "ABSTRACTGATEWAY_WORKFLOW_SOURCE", "choice", "bundle",
+            "`bundle` (.flow bundles) or `visualflow` (a flows dir of VisualFlow `*.json`).", "--workflow-source",
+            ("bundle", "visualflow")),
+    Setting("runner", "ABSTRACTGATEWAY_RUNNER", "bool", True,
+            "Run the runner (command application and ticks) inside `serve`.", None),
+    Setting("poll_s", "ABSTRACTGATEWAY_POLL_S", "float", 0.25,
+            "Fallback poll interval for work written by another process (in-process work wakes the runner at once).",
+            "--poll-s"),
+    Setting("tick_workers", "ABSTRACTGATEWAY_TICK_WORKERS", "int", 4, "Runner threads that tick runs.", "--tick-workers"),
+    Setting("tick_max_steps", "ABSTRACTGATEWAY_TICK_MAX_STEPS", "int", 100, "Nodes executed per tick.", None),
+    Setting("command_batch_limit", "ABSTRACTGATEWAY_COMMAND_BATCH_LIMIT", "int", 200,
+            "Commands applied per runner iteration.", None),
+    Setting("run_scan_limit", "ABSTRACTGATEWAY_RUN_SCAN_LIMIT", "int", 200,
+            "Runs considered for ticking per runner iteration.", None),
+    Setting("lease_ttl_s", "ABSTRACTGATEWAY_RUNNER_LEASE_TTL_S", "float", 5.0,
+            "Seconds before a silent runner's lease expires and another runner takes over.", None),
 )
 
 
@@ -157,6 +175,8 @@ class Config:
                 values[setting.name] = _parse_setting(setting, raw)
             except ValueError as exc:
                 raise ConfigError(f"{setting.env}: {exc}") from None
+            if setting.kind in ("int", "float") and values[setting.name] <= 0:
+                raise ConfigError(f"{setting.env}: must be greater than 0, got {raw!r}")
             sources[setting.name] = source
         return cls(values, sources)
 
@@ -1016,6 +1036,58 @@ class LeaseStore:
                 "live": row[3] > time.time()}
 
 
+class CommandOutcomeStore:
+    """What happened to each inbox command: `applied`, or `failed` with the reason."""
+
+    _COLUMNS = "seq, command_id, run_id, status, error, applied_at"
+
+    def __init__(self, db: Database) -> None:
+        self.db = db
+
+    def record(self, command: CommandRecord, status: str, error: Optional[str] = None) -> None:
+        row = (command.seq, command.command_id, command.run_id, status, error, utc_now_iso())
+        self.db.write(lambda conn: conn.execute(
+            f"INSERT OR REPLACE INTO command_outcomes ({self._COLUMNS}) VALUES (?,?,?,?,?,?)", row))
+
+    def get(self, command_id: str) -> Optional[Dict[str, Any]]:
+        row = self.db.query_one(f"SELECT {self._COLUMNS} FROM command_outcomes WHERE command_id = ?", (command_id,))
+        return self._as_dict(row) if row else None
+
+    def for_run(self, run_id: str, *, limit: int = 200) -> List[Dict[str, Any]]:
+        rows = self.db.query(f"SELECT {self._COLUMNS} FROM command_outcomes WHERE run_id = ? ORDER BY seq DESC LIMIT ?",
+                             (run_id, int(limit)))
+        return [self._as_dict(r) for r in rows]
+
+    @staticmethod
+    def _as_dict(row: Tuple[Any, ...]) -> Dict[str, Any]:
+        return dict(zip(("seq", "command_id", "run_id", "status", "error", "applied_at"), row))
+
+
+class DeprecationStore:
+    """Deprecated bundle entrypoints (`flow_id` `*` covers the whole bundle)."""
+
+    def __init__(self, db: Database) -> None:
+        self.db = db
+
+    def set(self, bundle_id: str, flow_id: str, reason: Optional[str]) -> str:
+        at = utc_now_iso()
+        self.db.write(lambda conn: conn.execute(
+            "INSERT OR REPLACE INTO deprecations (bundle_id, flow_id, reason, deprecated_at) VALUES (?,?,?,?)",
+            (bundle_id, flow_id, reason, at)))
+        return at
+
+    def clear(self, bundle_id: str, flow_id: str) -> bool:
+        def _clear(conn: apsw.Connection) -> bool:
+            conn.execute("DELETE FROM deprecations WHERE bundle_id = ? AND flow_id = ?", (bundle_id, flow_id))
+            return conn.changes() > 0
+
+        return self.db.write(_clear)
+
+    def all(self) -> Dict[Tuple[str, str], Dict[str, Any]]:
+        rows = self.db.query("SELECT bundle_id, flow_id, reason, deprecated_at FROM deprecations")
+        return {(b, f): {"reason": r, "deprecated_at": at} for b, f, r, at in rows}
+
+
 # -- file-store compatibility -------------------------------------------------------------
 
 
@@ -1095,6 +1167,8 @@ class Stores:
     artifacts: ArtifactStore
     bundles: BundleStore
     leases: LeaseStore
+    outcomes: CommandOutcomeStore
+    deprecations: DeprecationStore
 
     def close(self) -> None:
         self.db.close()
@@ -1108,13 +1182,17 @@ def open_stores(config: Config) -> Stores:
         return Stores(
             backend="file", db=db, runs=FileRunStore(base), ledger=FileLedgerStore(base, db.signals),
             commands=FileCommandStore(base, db.signals), cursor=JsonFileCommandCursorStore(base / "commands_cursor.json"),
-            artifacts=FileArtifactStore(base), bundles=BundleStore(db), leases=LeaseStore(db),
+            artifacts=FileArtifactStore(base), **_gateway_stores(db),
         )
     return Stores(
         backend="sqlite", db=db, runs=SqliteRunStore(db), ledger=SqliteLedgerStore(db), commands=SqliteCommandStore(db),
-        cursor=SqliteCommandCursorStore(db), artifacts=SqliteArtifactStore(db), bundles=BundleStore(db),
-        leases=LeaseStore(db),
+        cursor=SqliteCommandCursorStore(db), artifacts=SqliteArtifactStore(db), **_gateway_stores(db),
     )
+
+
+def _gateway_stores(db: Database) -> Dict[str, Any]:
+    return {"bundles": BundleStore(db), "leases": LeaseStore(db), "outcomes": CommandOutcomeStore(db),
+            "deprecations": DeprecationStore(db)}
 
 
 # -- migrator --------------------------------------------------------------------------------
@@ -1416,7 +1494,830 @@ def check_database(db: Database) -> Tuple[Dict[str, Any], List[str]]:
 
 
 # =====================================================================================
-# 3. CLI
+# 3. Workflows
+# =====================================================================================
+
+# Node types whose effects need the LLM integration (abstractcore): without it they fail mid-run.
+LLM_NODE_TYPES = frozenset({
+    "llm_call", "agent", "model_residency", "generate_image", "edit_image", "image_to_image", "generate_video",
+    "text_to_video", "image_to_video", "generate_voice", "generate_music", "transcribe_audio", "listen_voice",
+    "tool_calls", "call_tool", "memory_kg_assert", "memory_kg_query", "memory_kg_resolve", "model_catalog",
+    "provider_catalog", "provider_models",
+})
+LLM_EXTRA = "abstractruntime[abstractcore]"
+MAX_BUNDLE_FILES = 2_000
+MAX_BUNDLE_UNCOMPRESSED = 200 * 1024 * 1024
+MAX_BUNDLE_RATIO = 200
+_SAFE_ID = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_-")
+
+
+class GatewayError(Exception):
+    """A request the gateway refuses: carries the HTTP status and a machine-readable code."""
+
+    status = 400
+    code = "bad_request"
+
+    def __init__(self, detail: str, *, status: Optional[int] = None, code: Optional[str] = None) -> None:
+        super().__init__(detail)
+        self.detail = detail
+        if status is not None:
+            self.status = status
+        if code is not None:
+            self.code = code
+
+
+class NotFound(GatewayError):
+    status, code = 404, "not_found"
+
+
+class Conflict(GatewayError):
+    status, code = 409, "conflict"
+
+
+class Unprocessable(GatewayError):
+    status, code = 422, "invalid"
+
+
+def llm_integration_available() -> bool:
+    """True when abstractruntime's abstractcore integration imports (the `llm` extra)."""
+    import importlib.util
+
+    if importlib.util.find_spec("abstractcore") is None:
+        return False
+    try:
+        import abstractruntime.integrations.abstractcore  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _is_safe_id(text: str, extra: str = "") -> bool:
+    return bool(text) and all(ch in _SAFE_ID or ch in extra for ch in text)
+
+
+def workflow_id_for(bundle_id: str, bundle_version: str, flow_id: str) -> str:
+    """The registered id of a bundle flow: `bundle_id@bundle_version:flow_id`."""
+    return f"{bundle_id}@{bundle_version}:{flow_id}"
+
+
+@dataclass
+class LoadedBundle:
+    """A bundle as the host sees it: manifest facts, namespaced flows, and why it cannot run (if so)."""
+
+    bundle_id: str
+    bundle_version: str
+    created_at: str
+    origin: str  # "upload" or the .flow file path
+    sha256: str
+    manifest: Any = None
+    flows: Dict[str, Dict[str, Any]] = field(default_factory=dict)  # flow_id -> namespaced VisualFlow JSON
+    load_error: Optional[str] = None
+    needs: List[str] = field(default_factory=list)  # LLM node types found in the flows
+
+    @property
+    def ref(self) -> str:
+        return f"{self.bundle_id}@{self.bundle_version}"
+
+    @property
+    def entrypoints(self) -> List[Any]:
+        return list(self.manifest.entrypoints) if self.manifest is not None else []
+
+    @property
+    def default_entrypoint(self) -> Optional[str]:
+        return self.manifest.default_entrypoint if self.manifest is not None else None
+
+
+def read_bundle(content: bytes, origin: str) -> LoadedBundle:
+    """Parse `.flow` bytes into a LoadedBundle (flows namespaced); raise GatewayError if unusable.
+
+    Hostile input is expected: entry names must be plain relative paths, no symlinks, and the
+    total/ratio of uncompressed bytes is capped before anything is decompressed.
+    """
+    import io
+    import stat
+    import zipfile
+
+    from abstractruntime.workflow_bundle import workflow_bundle_manifest_from_dict
+
+    if not content:
+        raise GatewayError("Bundle content is empty", code="bundle_empty")
+    try:
+        archive = zipfile.ZipFile(io.BytesIO(content))
+    except zipfile.BadZipFile:
+        raise GatewayError("Bundle is not a valid .flow (zip) file", code="bundle_invalid") from None
+    with archive:
+        infos = archive.infolist()
+        if len(infos) > MAX_BUNDLE_FILES:
+            raise GatewayError(f"Bundle has too many files ({len(infos)} > {MAX_BUNDLE_FILES})", code="bundle_unsafe")
+        total = 0
+        for info in infos:
+            name = info.filename
+            parts = name.replace("\\", "/").split("/")
+            if name.startswith(("/", "\\")) or ":" in parts[0] or ".." in parts:
+                raise GatewayError(f"Bundle entry has an unsafe path: {name!r}", code="bundle_unsafe")
+            if stat.S_ISLNK(info.external_attr >> 16):
+                raise GatewayError(f"Bundle entry is a symlink: {name!r}", code="bundle_unsafe")
+            total += info.file_size
+        if total > MAX_BUNDLE_UNCOMPRESSED or total > MAX_BUNDLE_RATIO * max(len(content), 1024):
+            raise GatewayError("Bundle expands to too many bytes (zip bomb?)", code="bundle_unsafe")
+        try:
+            manifest = workflow_bundle_manifest_from_dict(json.loads(archive.read("manifest.json")))
+        except KeyError:
+            raise GatewayError("Bundle has no manifest.json", code="bundle_invalid") from None
+        except ValueError as exc:
+            raise GatewayError(f"Bundle manifest is invalid: {exc}", code="bundle_invalid") from None
+        if not _is_safe_id(manifest.bundle_id):
+            raise GatewayError(f"Unsafe bundle_id {manifest.bundle_id!r} (allowed: letters, digits, _ and -)",
+                               code="bundle_invalid")
+        if not _is_safe_id(manifest.bundle_version, "."):
+            raise GatewayError(f"Unsafe bundle_version {manifest.bundle_version!r} (allowed: letters, digits, _ . -)",
+                               code="bundle_invalid")
+        bundle = LoadedBundle(
+            bundle_id=manifest.bundle_id, bundle_version=manifest.bundle_version, created_at=manifest.created_at or "",
+            origin=origin, sha256=hashlib.sha256(content).hexdigest(), manifest=manifest,
+        )
+        needs: set = set()
+        for flow_id, relpath in manifest.flows.items():
+            try:
+                flow = json.loads(archive.read(relpath))
+            except KeyError:
+                raise GatewayError(f"Bundle flow {flow_id!r} is missing ({relpath})", code="bundle_invalid") from None
+            except ValueError as exc:
+                raise GatewayError(f"Bundle flow {flow_id!r} is not valid JSON: {exc}", code="bundle_invalid") from None
+            if not isinstance(flow, dict):
+                raise GatewayError(f"Bundle flow {flow_id!r} is not a VisualFlow object", code="bundle_invalid")
+            bundle.flows[flow_id] = _namespace_flow(flow, bundle, flow_id, manifest.flows)
+            needs |= {str(n.get("type")) for n in flow.get("nodes") or [] if isinstance(n, dict)} & LLM_NODE_TYPES
+        bundle.needs = sorted(needs)
+    return bundle
+
+
+def _namespace_flow(flow: Dict[str, Any], bundle: LoadedBundle, flow_id: str, flow_ids: Iterable[str]) -> Dict[str, Any]:
+    """A copy of `flow` registered as `bundle@version:flow_id`, internal subflow refs rewritten alike."""
+    flow = json.loads(json.dumps(flow))
+    flow["id"] = workflow_id_for(bundle.bundle_id, bundle.bundle_version, flow_id)
+    local = set(flow_ids)
+    for node in flow.get("nodes") or []:
+        data = node.get("data") if isinstance(node, dict) else None
+        if isinstance(data, dict):
+            for key in ("subflowId", "flowId", "workflowId"):
+                ref = data.get(key)
+                if isinstance(ref, str) and ref in local:
+                    data[key] = workflow_id_for(bundle.bundle_id, bundle.bundle_version, ref)
+    return flow
+
+
+def _version_key(bundle: LoadedBundle, all_numeric: bool) -> Tuple[Any, ...]:
+    if all_numeric:
+        return tuple(int(p) for p in bundle.bundle_version.split("."))
+    return (bundle.created_at, bundle.bundle_version)
+
+
+def _is_numeric_version(version: str) -> bool:
+    parts = version.split(".")
+    return all(p.isdigit() for p in parts)
+
+
+@dataclass
+class _Catalog:
+    bundles: Dict[str, Dict[str, LoadedBundle]] = field(default_factory=dict)  # id -> version -> bundle
+    specs: Dict[str, Any] = field(default_factory=dict)  # workflow_id -> WorkflowSpec
+    flows: Dict[str, Dict[str, Any]] = field(default_factory=dict)  # workflow_id -> VisualFlow JSON
+    blocked: Dict[str, GatewayError] = field(default_factory=dict)  # workflow_id -> why it cannot start
+    errors: List[str] = field(default_factory=list)
+
+
+class WorkflowHost:
+    """Loads bundles (flows dir + uploads in the DB), compiles them, and resolves what to start.
+
+    It is also the runtime's workflow registry (`get`, `get_or_raise`). `reload()` builds a new
+    catalog off to the side and swaps it in with one assignment, so readers never see half of one.
+    """
+
+    def __init__(self, stores: Stores, *, flows_dir: Path, source: str = "bundle") -> None:
+        self.stores = stores
+        self.flows_dir = Path(flows_dir)
+        self.source = source
+        self.llm_available = llm_integration_available()
+        self._catalog = _Catalog()
+        self._reload_lock = threading.Lock()
+
+    # -- registry protocol (used by the runtime) -----------------------------------------------
+
+    def get(self, workflow_id: str) -> Any:
+        return self._catalog.specs.get(workflow_id)
+
+    def get_or_raise(self, workflow_id: str) -> Any:
+        spec = self.get(workflow_id)
+        if spec is None:
+            raise KeyError(f"Workflow '{workflow_id}' not found")
+        return spec
+
+    # -- loading ----------------------------------------------------------------------------------
+
+    def reload(self) -> _Catalog:
+        """Rebuild everything from the flows dir and the database, then swap atomically."""
+        with self._reload_lock:
+            catalog = _Catalog()
+            if self.source == "visualflow":
+                self._load_visualflow_dir(catalog)
+            else:
+                for origin, content in self._bundle_sources(catalog):
+                    self._add_bundle(catalog, origin, content)
+            self._catalog = catalog
+            return catalog
+
+    def _bundle_sources(self, catalog: _Catalog) -> Iterator[Tuple[str, bytes]]:
+        paths: List[Path] = []
+        if self.flows_dir.is_file():
+            paths = [self.flows_dir]
+        elif self.flows_dir.is_dir():
+            paths = sorted(self.flows_dir.glob("*.flow"))
+        for path in paths:
+            try:
+                yield str(path), path.read_bytes()
+            except OSError as exc:
+                catalog.errors.append(f"{path}: {exc}")
+        for stored in self.stores.bundles.list():
+            yield "upload", stored.content
+
+    def _add_bundle(self, catalog: _Catalog, origin: str, content: bytes) -> None:
+        from abstractruntime.visualflow_compiler import compile_visualflow
+
+        try:
+            bundle = read_bundle(content, origin)
+        except GatewayError as exc:
+            name = Path(origin).stem if origin != "upload" else "upload"
+            bundle_id, _, version = name.partition("@")
+            catalog.errors.append(f"{origin}: {exc.detail}")
+            bundle = LoadedBundle(bundle_id=bundle_id or name, bundle_version=version or "?", created_at="",
+                                  origin=origin, sha256=hashlib.sha256(content).hexdigest(), load_error=exc.detail)
+            catalog.bundles.setdefault(bundle.bundle_id, {})[bundle.bundle_version] = bundle
+            return
+        versions = catalog.bundles.setdefault(bundle.bundle_id, {})
+        if bundle.bundle_version in versions and origin == "upload":
+            pass  # an upload of the same version wins over the flows dir copy
+        elif bundle.bundle_version in versions:
+            return
+        specs = {}
+        try:
+            for flow_id, flow in bundle.flows.items():
+                specs[workflow_id_for(bundle.bundle_id, bundle.bundle_version, flow_id)] = compile_visualflow(flow)
+        except Exception as exc:  # noqa: BLE001 - the compiler raises many types; one bad bundle must not stop others
+            bundle.load_error = f"compile failed: {type(exc).__name__}: {exc}"
+            catalog.errors.append(f"{origin}: {bundle.load_error}")
+            specs = {}
+        versions[bundle.bundle_version] = bundle
+        for flow_id, flow in bundle.flows.items():
+            wid = workflow_id_for(bundle.bundle_id, bundle.bundle_version, flow_id)
+            catalog.flows[wid] = flow
+            if wid in specs:
+                catalog.specs[wid] = specs[wid]
+            if bundle.load_error:
+                catalog.blocked[wid] = Unprocessable(f"Bundle '{bundle.ref}' failed to load: {bundle.load_error}",
+                                                     code="bundle_load_error")
+            elif bundle.needs and not self.llm_available:
+                catalog.blocked[wid] = Unprocessable(
+                    f"Workflow '{wid}' needs the LLM integration ({', '.join(bundle.needs)} nodes); install the "
+                    f"'{LLM_EXTRA}' extra (pip install 'abstractgateway[llm]') to run it", code="llm_extra_required")
+
+    def _load_visualflow_dir(self, catalog: _Catalog) -> None:
+        from abstractruntime.visualflow_compiler import compile_visualflow
+
+        for path in sorted(self.flows_dir.glob("*.json")) if self.flows_dir.is_dir() else []:
+            try:
+                flow = json.loads(path.read_text(encoding="utf-8"))
+                spec = compile_visualflow(flow)
+            except Exception as exc:  # noqa: BLE001 - report and keep loading the others
+                catalog.errors.append(f"{path}: {type(exc).__name__}: {exc}")
+                continue
+            catalog.specs[spec.workflow_id] = spec
+            catalog.flows[spec.workflow_id] = flow
+
+    # -- queries ----------------------------------------------------------------------------------
+
+    @property
+    def catalog(self) -> _Catalog:
+        return self._catalog
+
+    def require_bundle_source(self) -> None:
+        if self.source != "bundle":
+            raise GatewayError("Bundle workflow source is not enabled on this gateway", code="not_bundle_source")
+
+    def latest(self, bundle_id: str) -> LoadedBundle:
+        versions = self._catalog.bundles.get(bundle_id)
+        if not versions:
+            raise NotFound(f"Bundle '{bundle_id}' not found", code="bundle_not_found")
+        candidates = list(versions.values())
+        numeric = all(_is_numeric_version(b.bundle_version) for b in candidates)
+        return max(candidates, key=lambda b: _version_key(b, numeric))
+
+    def bundle(self, bundle_id: str, version: Optional[str] = None) -> LoadedBundle:
+        """Look up `bundle_id` (which may embed `@version`) at `version` or the latest."""
+        bundle_id, version = split_bundle_ref(bundle_id, version)
+        if version is None:
+            return self.latest(bundle_id)
+        found = self._catalog.bundles.get(bundle_id, {}).get(version)
+        if found is None:
+            if bundle_id not in self._catalog.bundles:
+                raise NotFound(f"Bundle '{bundle_id}' not found", code="bundle_not_found")
+            raise NotFound(f"Bundle '{bundle_id}@{version}' not found", code="bundle_not_found")
+        return found
+
+    def default_bundle_id(self) -> Optional[str]:
+        ids = list(self._catalog.bundles)
+        return ids[0] if len(ids) == 1 else None
+
+    def deprecation(self, bundle_id: str, flow_id: str) -> Optional[Dict[str, Any]]:
+        marks = self.stores.deprecations.all()
+        return marks.get((bundle_id, flow_id)) or marks.get((bundle_id, "*"))
+
+    def resolve(self, *, bundle_id: Optional[str], bundle_version: Optional[str], flow_id: Optional[str]) -> str:
+        """The workflow id a start request names (the original gateway's resolution rules)."""
+        bundle_id = (bundle_id or "").strip() or None
+        bundle_version = (bundle_version or "").strip() or None
+        flow_id = (flow_id or "").strip() or None
+        if bundle_id is not None:
+            bundle_id, bundle_version = split_bundle_ref(bundle_id, bundle_version)
+        if flow_id is None:
+            target_id = bundle_id or self.default_bundle_id()
+            if target_id is None:
+                raise GatewayError("flow_id is required (or provide bundle_id to start a bundle entrypoint)",
+                                   code="flow_id_required")
+            bundle = self._loaded(self.bundle(target_id, bundle_version))
+            entry = [e.flow_id for e in bundle.entrypoints]
+            chosen = entry[0] if len(entry) == 1 else bundle.default_entrypoint
+            if not chosen:
+                raise GatewayError(f"Bundle '{bundle.ref}' has {len(entry)} entrypoints and no default_entrypoint; "
+                                   "pass flow_id", code="flow_id_required")
+            return workflow_id_for(bundle.bundle_id, bundle.bundle_version, chosen)
+        if ":" in flow_id:
+            prefix, _, local = flow_id.partition(":")
+            prefix_id, prefix_version = split_bundle_ref(prefix, None)
+            if prefix_id in self._catalog.bundles:
+                if bundle_id is not None and bundle_id != prefix_id:
+                    raise GatewayError(f"flow_id '{flow_id}' belongs to bundle '{prefix_id}', not '{bundle_id}'")
+                if prefix_version and bundle_version and prefix_version != bundle_version:
+                    raise GatewayError(f"bundle_version '{bundle_version}' conflicts with flow_id '{flow_id}'")
+                bundle = self.bundle(prefix_id, prefix_version or bundle_version)
+                return self._flow_in(bundle, local)
+            if bundle_id is not None or bundle_version is not None:
+                raise GatewayError(f"flow_id '{flow_id}' is not a flow of a loaded bundle; do not pass bundle_id")
+            if flow_id not in self._catalog.specs:
+                raise NotFound(f"Flow '{flow_id}' not found", code="flow_not_found")
+            return flow_id
+        if self.source == "visualflow":
+            if flow_id not in self._catalog.specs:
+                raise NotFound(f"Flow '{flow_id}' not found", code="flow_not_found")
+            return flow_id
+        target_id = bundle_id or self.default_bundle_id()
+        if target_id is None:
+            raise GatewayError("bundle_id is required when several bundles are loaded", code="bundle_id_required")
+        return self._flow_in(self.bundle(target_id, bundle_version), flow_id)
+
+    @staticmethod
+    def _loaded(bundle: LoadedBundle) -> LoadedBundle:
+        if bundle.load_error:
+            raise Unprocessable(f"Bundle '{bundle.ref}' failed to load: {bundle.load_error}", code="bundle_load_error")
+        return bundle
+
+    def _flow_in(self, bundle: LoadedBundle, flow_id: str) -> str:
+        self._loaded(bundle)
+        if flow_id not in bundle.flows:
+            raise NotFound(f"Flow '{flow_id}' not found in bundle '{bundle.ref}'", code="flow_not_found")
+        return workflow_id_for(bundle.bundle_id, bundle.bundle_version, flow_id)
+
+    def startable_spec(self, workflow_id: str) -> Any:
+        """The compiled spec of `workflow_id`, or the GatewayError that says why it cannot start."""
+        blocked = self._catalog.blocked.get(workflow_id)
+        if blocked is not None:
+            raise blocked
+        if ":" in workflow_id and "@" in workflow_id.split(":", 1)[0]:
+            ref, _, flow_id = workflow_id.partition(":")
+            bundle_id = ref.split("@", 1)[0]
+            mark = self.deprecation(bundle_id, flow_id)
+            if mark is not None:
+                reason = f": {mark['reason']}" if mark.get("reason") else ""
+                raise Conflict(f"Workflow '{bundle_id}:{flow_id}' is deprecated{reason}", code="deprecated")
+        spec = self.get(workflow_id)
+        if spec is None:
+            raise NotFound(f"Workflow '{workflow_id}' not found", code="workflow_not_found")
+        return spec
+
+    def install(self, content: bytes, *, overwrite: bool = False) -> LoadedBundle:
+        """Validate an uploaded bundle and store its bytes in the database (not yet loaded)."""
+        self.require_bundle_source()
+        bundle = read_bundle(content, "upload")
+        try:
+            self.stores.bundles.put(bundle.bundle_id, bundle.bundle_version, content, overwrite=overwrite)
+        except FileExistsError as exc:
+            raise Conflict(str(exc), code="bundle_exists") from None
+        return bundle
+
+
+def split_bundle_ref(bundle_id: str, bundle_version: Optional[str]) -> Tuple[str, Optional[str]]:
+    """`id@ver` -> (id, ver); a separate `bundle_version` must agree with an embedded one."""
+    text = (bundle_id or "").strip()
+    embedded = None
+    if "@" in text:
+        text, embedded = text.split("@", 1)
+        embedded = embedded.strip() or None
+    if embedded and bundle_version and embedded != bundle_version:
+        raise GatewayError(f"bundle_version '{bundle_version}' conflicts with bundle_id '{bundle_id}'",
+                           code="version_conflict")
+    return text, embedded or (bundle_version or None)
+
+
+# =====================================================================================
+# 4. Runner
+# =====================================================================================
+
+COMMAND_TYPES = ("pause", "resume", "cancel", "emit_event", "update_schedule", "compact_memory")
+ACTOR_ID = "gateway"
+
+
+def _log(message: str) -> None:
+    print(f"abstractgateway: {message}", file=sys.stderr, flush=True)
+
+
+class Gateway:
+    """The service every front end drives: start runs, accept and apply commands, tick runs.
+
+    Owns the stores, the workflow host and one `Runtime`. Command application is exactly-once
+    on SQLite: a command's effect, its outcome row and the cursor advance commit together.
+    """
+
+    def __init__(self, config: Config, stores: Optional[Stores] = None) -> None:
+        from abstractruntime import Runtime
+
+        self.config = config
+        self.stores = stores or open_stores(config)
+        self.host = WorkflowHost(self.stores, flows_dir=config.flows_dir, source=config.workflow_source)
+        self.runtime = Runtime(run_store=self.stores.runs, ledger_store=self.stores.ledger,
+                               artifact_store=self.stores.artifacts, workflow_registry=self.host)
+        self.host.reload()
+
+    def close(self) -> None:
+        self.stores.close()
+
+    def wake_runner(self) -> None:
+        self.stores.db.signals.bump((COMMANDS_TOPIC,))
+
+    # -- runs -------------------------------------------------------------------------------
+
+    def start_run(self, *, bundle_id: Optional[str] = None, bundle_version: Optional[str] = None,
+                  flow_id: Optional[str] = None, input_data: Optional[Dict[str, Any]] = None,
+                  session_id: Optional[str] = None) -> str:
+        """Create a RUNNING run (durable before this returns); the runner executes it."""
+        workflow_id = self.host.resolve(bundle_id=bundle_id, bundle_version=bundle_version, flow_id=flow_id)
+        spec = self.host.startable_spec(workflow_id)
+        run_vars = dict(input_data or {})
+        if not run_vars.get("workspace_root"):
+            workspace = Path(self.config.data_dir) / "workspaces" / uuid.uuid4().hex
+            workspace.mkdir(parents=True, exist_ok=True)
+            run_vars["workspace_root"] = str(workspace)
+        session = (session_id or "").strip() or None
+        if session is None:
+            # The original gateway uses the run's own id as its session: allocate it up front so
+            # the run is saved once, already complete.
+            run_id = self.runtime.start(workflow=spec, vars=run_vars, actor_id=ACTOR_ID)
+            state = self.stores.runs.load(run_id)
+            state.session_id = run_id
+            self.stores.runs.save(state)
+        else:
+            run_id = self.runtime.start(workflow=spec, vars=run_vars, actor_id=ACTOR_ID, session_id=session)
+        self.wake_runner()
+        return run_id
+
+    def load_run(self, run_id: str) -> RunState:
+        state = self.stores.runs.load(run_id)
+        if state is None:
+            raise NotFound(f"Run '{run_id}' not found", code="run_not_found")
+        return state
+
+    def run_tree(self, run_id: str) -> List[RunState]:
+        """`run_id` and all its descendants, breadth first."""
+        root = self.stores.runs.load(run_id)
+        if root is None:
+            return []
+        out, queue = [root], [root.run_id]
+        while queue:
+            for child in self.stores.runs.list_children(parent_run_id=queue.pop(0)):
+                out.append(child)
+                queue.append(child.run_id)
+        return out
+
+    # -- commands ----------------------------------------------------------------------------
+
+    def submit_command(self, *, command_id: str, run_id: str, type: str, payload: Optional[Dict[str, Any]] = None,
+                       ts: Optional[str] = None, client_id: Optional[str] = None) -> CommandAppendResult:
+        """Append to the durable inbox (idempotent on `command_id`); application is asynchronous."""
+        if type not in COMMAND_TYPES:
+            raise GatewayError(f"type must be one of {'|'.join(COMMAND_TYPES)}", code="invalid_command_type")
+        record = CommandRecord(command_id=command_id, run_id=run_id, type=type, payload=dict(payload or {}),
+                               ts=ts or utc_now_iso(), client_id=client_id)
+        try:
+            return self.stores.commands.append(record)
+        except ValueError as exc:
+            raise GatewayError(f"Failed to append command: {exc}", code="invalid_command") from None
+
+    def command_status(self, command_id: str) -> Dict[str, Any]:
+        record = self.stores.commands.get(command_id)
+        if record is None:
+            raise NotFound(f"Command '{command_id}' not found", code="command_not_found")
+        outcome = self.stores.outcomes.get(command_id)
+        return {"command_id": record.command_id, "seq": record.seq, "run_id": record.run_id, "type": record.type,
+                "ts": record.ts, "status": outcome["status"] if outcome else "pending",
+                "error": outcome["error"] if outcome else None,
+                "applied_at": outcome["applied_at"] if outcome else None}
+
+    def apply_pending_commands(self) -> int:
+        """Apply every inbox command after the cursor, in seq order; return how many."""
+        records, _ = self.stores.commands.list_after(after=self.stores.cursor.load(),
+                                                     limit=self.config.command_batch_limit)
+        for record in records:
+            self.apply_command(record)
+        return len(records)
+
+    def apply_command(self, record: CommandRecord) -> None:
+        """Apply one command exactly once: effect + outcome + cursor in one transaction."""
+        db = self.stores.db
+        try:
+            with db.transaction():
+                self._apply_effect(record)
+                self.stores.outcomes.record(record, "applied")
+                self.stores.cursor.save(record.seq)
+        except Exception as exc:  # noqa: BLE001 - every failure is recorded, none wedges the inbox
+            reason = exc.detail if isinstance(exc, GatewayError) else f"{type(exc).__name__}: {exc}"
+            if not isinstance(exc, (GatewayError, ValueError, KeyError)):
+                _log(f"command {record.command_id} ({record.type}) failed unexpectedly: {reason}")
+            with db.transaction():
+                self.stores.outcomes.record(record, "failed", reason)
+                self.stores.cursor.save(record.seq)
+        self.wake_runner()
+
+    def _apply_effect(self, record: CommandRecord) -> None:
+        payload = record.payload or {}
+        kind = record.type.lower()
+        if kind == "emit_event":
+            self._emit_event(record)
+            return
+        tree = self.run_tree(record.run_id)
+        if not tree:
+            raise NotFound(f"Run '{record.run_id}' not found", code="run_not_found")
+        if kind == "pause":
+            for run in tree:
+                if _enum_value(run.status) not in TERMINAL_STATUSES:
+                    self.runtime.pause_run(run.run_id, reason=payload.get("reason"))
+        elif kind == "cancel":
+            for run in tree:
+                if _enum_value(run.status) not in TERMINAL_STATUSES:
+                    self.runtime.cancel_run(run.run_id, reason=payload.get("reason") or "Cancelled")
+        elif kind == "resume":
+            if "payload" in payload:
+                self._resume_waiting(tree[0], payload)
+            else:
+                for run in tree:
+                    if _is_paused(run):
+                        self.runtime.resume_run(run.run_id)
+        elif kind == "update_schedule":
+            raise GatewayError(f"Run '{record.run_id}' is not a scheduled run", code="not_scheduled")
+        elif kind == "compact_memory":
+            raise Unprocessable(f"compact_memory needs the LLM integration; install the '{LLM_EXTRA}' extra",
+                                code="llm_extra_required")
+        else:
+            raise GatewayError(f"Unknown command type '{record.type}'", code="invalid_command_type")
+
+    def _resume_waiting(self, run: RunState, payload: Dict[str, Any]) -> None:
+        body = payload.get("payload")
+        if not isinstance(body, dict):
+            raise GatewayError("resume payload.payload must be an object", code="invalid_payload")
+        if _is_paused(run):
+            raise Conflict(f"Run '{run.run_id}' is paused; resume it first", code="run_paused")
+        if _enum_value(run.status) != "waiting" or run.waiting is None:
+            raise Conflict(f"Run '{run.run_id}' is not waiting (status {_enum_value(run.status)})", code="not_waiting")
+        wait_key = payload.get("wait_key", payload.get("waitKey"))
+        if wait_key is not None and run.waiting.wait_key is not None and wait_key != run.waiting.wait_key:
+            raise Conflict(f"wait_key mismatch: run waits on '{run.waiting.wait_key}', got '{wait_key}'",
+                           code="wait_key_mismatch")
+        spec = self.host.get(run.workflow_id)
+        if spec is None:
+            raise NotFound(f"Workflow '{run.workflow_id}' is not loaded", code="workflow_not_found")
+        self.runtime.resume(workflow=spec, run_id=run.run_id, wait_key=wait_key, payload=body, max_steps=0)
+
+    def _emit_event(self, record: CommandRecord) -> None:
+        from abstractruntime.core.event_keys import build_event_wait_key
+
+        p = record.payload or {}
+        name = str(p.get("name") or "").strip()
+        if not name:
+            raise GatewayError("emit_event needs payload.name", code="invalid_payload")
+        scope = str(p.get("scope") or "session").strip().lower()
+        if scope not in ("session", "workflow", "run", "global"):
+            raise GatewayError("emit_event scope must be session, workflow, run or global", code="invalid_payload")
+        session_id = p.get("session_id") or p.get("sessionId") or record.run_id
+        wait_key = build_event_wait_key(scope=scope, name=name, session_id=session_id,
+                                        workflow_id=p.get("workflow_id") or p.get("workflowId"),
+                                        run_id=p.get("run_id") or p.get("runId") or record.run_id)
+        body = p.get("payload")
+        envelope = {
+            "event_id": p.get("event_id") or p.get("eventId") or record.command_id, "name": name, "scope": scope,
+            "session_id": session_id, "payload": body if isinstance(body, dict) else {"value": body},
+            "emitted_at": p.get("emitted_at") or p.get("emittedAt") or utc_now_iso(),
+            "emitter": {"source": "external", "client_id": record.client_id},
+        }
+        for run in self.stores.runs.list_waiting_on(wait_key):
+            spec = self.host.get(run.workflow_id)
+            if spec is None or _is_paused(run):
+                continue
+            self.runtime.resume(workflow=spec, run_id=run.run_id, wait_key=wait_key, payload=envelope, max_steps=0)
+
+    # -- ticks ------------------------------------------------------------------------------------
+
+    def tick(self, run_id: str) -> Optional[RunState]:
+        """Advance one run by up to `tick_max_steps` nodes; a run never stays RUNNING on an error."""
+        state = self.stores.runs.load(run_id)
+        if state is None:
+            return None
+        spec = self.host.get(state.workflow_id)
+        if spec is None or state.workflow_id in self.host.catalog.blocked:
+            blocked = self.host.catalog.blocked.get(state.workflow_id)
+            reason = blocked.detail if blocked else f"Workflow '{state.workflow_id}' is not loaded on this gateway"
+            if _enum_value(state.status) == "running":
+                return self._fail_run(state, reason)
+            return state
+        try:
+            state = self.runtime.tick(workflow=spec, run_id=run_id, max_steps=self.config.tick_max_steps)
+        except Exception as exc:  # noqa: BLE001 - the run is failed with the reason, the runner goes on
+            current = self.stores.runs.load(run_id)
+            if current is not None and _enum_value(current.status) == "running":
+                return self._fail_run(current, f"{type(exc).__name__}: {exc}")
+            return current
+        if _enum_value(state.status) in TERMINAL_STATUSES:
+            self.resume_parent_of(state)
+        return state
+
+    def _fail_run(self, state: RunState, reason: str) -> RunState:
+        from abstractruntime.core.models import StepStatus
+
+        state.status = RunStatus.FAILED
+        state.error = reason
+        state.waiting = None
+        state.updated_at = utc_now_iso()
+        record = StepRecord(run_id=state.run_id, step_id=str(uuid.uuid4()), node_id=state.current_node or "",
+                            status=StepStatus.FAILED, error=reason, ended_at=utc_now_iso(),
+                            actor_id=state.actor_id, session_id=state.session_id,
+                            idempotency_key=f"system:tick_exception:{state.run_id}")
+        with self.stores.db.transaction():
+            self.stores.ledger.append(record)
+            self.stores.runs.save(state)
+        self.resume_parent_of(state)
+        return state
+
+    def resume_parent_of(self, child: RunState) -> None:
+        """Resume the parent waiting on `child` (now terminal) with the child's outcome."""
+        if not child.parent_run_id:
+            return
+        wait_key = f"subworkflow:{child.run_id}"
+        for parent in self.stores.runs.list_waiting_on(wait_key):
+            spec = self.host.get(parent.workflow_id)
+            if spec is None or _is_paused(parent):
+                continue
+            output = child.output if isinstance(child.output, dict) else {"result": child.output}
+            payload: Dict[str, Any] = {"sub_run_id": child.run_id, "output": output}
+            status = _enum_value(child.status)
+            if status != "completed":
+                payload.update(success=False, error=child.error, **({"cancelled": True} if status == "cancelled" else {}))
+            self.runtime.resume(workflow=spec, run_id=parent.run_id, wait_key=wait_key, payload=payload, max_steps=0)
+            self.wake_runner()
+
+    def repair_subworkflow_parents(self, limit: int = 2000) -> int:
+        """Resume parents whose child ended while nobody was watching (e.g. across a restart)."""
+        repaired = 0
+        for parent in self.stores.runs.list_runs(status=RunStatus.WAITING, wait_reason=WaitReason.SUBWORKFLOW,
+                                                 limit=limit):
+            key = parent.waiting.wait_key or ""
+            child = self.stores.runs.load(key.split(":", 1)[1]) if key.startswith("subworkflow:") else None
+            if child is not None and _enum_value(child.status) in TERMINAL_STATUSES:
+                self.resume_parent_of(child)
+                repaired += 1
+        return repaired
+
+    def runnable_run_ids(self) -> List[str]:
+        """RUNNING runs and due UNTIL waits, bounded by the scan limit."""
+        limit = self.config.run_scan_limit
+        running = self.stores.runs.list_runs(status=RunStatus.RUNNING, limit=limit)
+        due = self.stores.runs.list_due_wait_until(now_iso=utc_now_iso(), limit=limit)
+        seen, out = set(), []
+        for run in [*running, *due]:
+            if run.run_id not in seen and not _is_paused(run):
+                seen.add(run.run_id)
+                out.append(run.run_id)
+        return out
+
+
+def _is_paused(run: RunState) -> bool:
+    control = (run.vars or {}).get("_runtime", {}) if isinstance(run.vars, dict) else {}
+    control = control.get("control") if isinstance(control, dict) else None
+    return bool(isinstance(control, dict) and control.get("paused") is True)
+
+
+class Runner:
+    """Applies commands and ticks runs on a thread pool, while it holds the `runner` lease.
+
+    Wakes at once on in-process work (new command, new run, tick result) and polls every
+    `poll_s` for work written by another process. Only the lease holder ticks, so two runner
+    processes on one database never tick the same run; a crashed holder's lease expires.
+    """
+
+    LEASE = "runner"
+
+    def __init__(self, gateway: Gateway) -> None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.gateway = gateway
+        self.config = gateway.config
+        self.owner = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        self._pool = ThreadPoolExecutor(max_workers=self.config.tick_workers, thread_name_prefix="tick")
+        self._in_flight: set = set()
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread: Optional[threading.Thread] = None
+        self._lease_renewed = 0.0
+        self.has_lease = False
+        self.last_error: Optional[str] = None
+
+    def start(self) -> "Runner":
+        self._thread = threading.Thread(target=self._loop, name="runner", daemon=True)
+        self._thread.start()
+        return self
+
+    @property
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Stop taking work, let in-flight ticks finish (each is bounded by max steps), release the lease."""
+        self._stop.set()
+        self.gateway.wake_runner()
+        if self._thread is not None:
+            self._thread.join(timeout)
+        self._pool.shutdown(wait=True)
+        if self.has_lease:
+            self.gateway.stores.leases.release(self.LEASE, self.owner)
+            self.has_lease = False
+
+    def _hold_lease(self) -> bool:
+        now = time.monotonic()
+        if self.has_lease and now - self._lease_renewed < self.config.lease_ttl_s / 3:
+            return True
+        self.has_lease = self.gateway.stores.leases.acquire(self.LEASE, self.owner, self.config.lease_ttl_s)
+        if self.has_lease:
+            self._lease_renewed = now
+        return self.has_lease
+
+    def _loop(self) -> None:
+        signals = self.gateway.stores.db.signals
+        last_repair = 0.0
+        with signals.subscribe(COMMANDS_TOPIC) as work:
+            while not self._stop.is_set():
+                seen = work.version
+                try:
+                    if self._hold_lease():
+                        while self.gateway.apply_pending_commands() and not self._stop.is_set():
+                            pass
+                        if time.monotonic() - last_repair > 5.0:
+                            self.gateway.repair_subworkflow_parents()
+                            last_repair = time.monotonic()
+                        for run_id in self.gateway.runnable_run_ids():
+                            self._submit(run_id)
+                    self.last_error = None
+                except Exception as exc:  # noqa: BLE001 - keep the loop alive, report on /api/health
+                    self.last_error = f"{type(exc).__name__}: {exc}"
+                    _log(f"runner loop error: {self.last_error}")
+                work.wait(seen, self.config.poll_s)
+
+    def _submit(self, run_id: str) -> None:
+        with self._lock:
+            if run_id in self._in_flight or self._stop.is_set():
+                return
+            self._in_flight.add(run_id)
+        self._pool.submit(self._tick, run_id)
+
+    def _tick(self, run_id: str) -> None:
+        try:
+            if self.has_lease and not self._stop.is_set():
+                self.gateway.tick(run_id)
+        except Exception as exc:  # noqa: BLE001
+            _log(f"tick of {run_id} failed: {type(exc).__name__}: {exc}")
+        finally:
+            with self._lock:
+                self._in_flight.discard(run_id)
+            self.gateway.wake_runner()
+
+
+# =====================================================================================
+# 5. CLI
 # =====================================================================================
 
 

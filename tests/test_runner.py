@@ -1,0 +1,323 @@
+"""Workflow host and runner: bundles, run start, durable commands, waits, subflows, restarts."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+import abstractgateway as gw
+from conftest import FIXTURE_BUNDLES, FLOWS, make_config, make_gateway, pack_bundle, wait_for
+
+
+def _status(gateway, run_id):
+    return gateway.stores.runs.load(run_id).status.value
+
+
+def _ledger_types(gateway, run_id):
+    return [((r.get("effect") or {}).get("type"), r["status"]) for r in gateway.stores.ledger.list(run_id)]
+
+
+def _outcome(gateway, command_id, timeout=10.0):
+    return wait_for(lambda: gateway.stores.outcomes.get(command_id), timeout)
+
+
+def test_echo_bundle_runs_to_completion(gateway, runner):
+    run_id = gateway.start_run(bundle_id="echo", input_data={"message": "hi"})
+    assert _status(gateway, run_id) in ("running", "completed")  # durable before start_run returned
+    wait_for(lambda: _status(gateway, run_id) == "completed")
+    state = gateway.stores.runs.load(run_id)
+    assert state.output["result"] == "hi"
+    assert state.session_id == run_id and state.actor_id == "gateway"
+    assert Path(state.vars["workspace_root"]).is_dir()
+    ledger = gateway.stores.ledger.list(run_id)
+    assert any((r.get("result") or {}).get("completed") is True for r in ledger)
+    assert ledger[-1]["effect"]["payload"]["name"] == "abstract.status"
+
+
+def test_resolution_rules(gateway):
+    wid = gateway.host.resolve(bundle_id="echo", bundle_version=None, flow_id=None)
+    assert wid == "echo@1.0.0:echo"
+    assert gateway.host.resolve(bundle_id=None, bundle_version=None, flow_id="echo@1.0.0:echo") == wid
+    assert gateway.host.resolve(bundle_id="echo@1.0.0", bundle_version=None, flow_id="echo") == wid
+    with pytest.raises(gw.GatewayError, match="flow_id is required"):
+        gateway.host.resolve(bundle_id=None, bundle_version=None, flow_id=None)  # several bundles loaded
+    with pytest.raises(gw.NotFound):
+        gateway.host.resolve(bundle_id="echo", bundle_version=None, flow_id="nope")
+    with pytest.raises(gw.NotFound):
+        gateway.host.resolve(bundle_id="echo", bundle_version="9.9.9", flow_id=None)
+    with pytest.raises(gw.GatewayError, match="conflicts"):
+        gateway.host.resolve(bundle_id="echo@1.0.0", bundle_version="2.0.0", flow_id=None)
+
+
+def test_latest_version_and_deprecation(data_dir, bundle_builder):
+    flows = data_dir / "flows"
+    pack_bundle(flows, "echo", version="1.2.0")
+    pack_bundle(flows, "echo", version="1.10.0")
+    g = make_gateway(data_dir)
+    try:
+        assert g.host.latest("echo").bundle_version == "1.10.0"  # numeric, not lexicographic
+        g.stores.deprecations.set("echo", "echo", "use v2")
+        g.host.reload()
+        with pytest.raises(gw.Conflict, match="deprecated: use v2"):
+            g.start_run(bundle_id="echo")
+        g.stores.deprecations.clear("echo", "echo")
+        assert g.start_run(bundle_id="echo")
+    finally:
+        g.close()
+
+
+def test_ask_user_resume_with_payload_and_wrong_wait_key(gateway, runner):
+    run_id = gateway.start_run(bundle_id="ask")
+    state = wait_for(lambda: (s := gateway.stores.runs.load(run_id)).status.value == "waiting" and s)
+    assert state.waiting.reason.value == "user" and state.waiting.prompt == "Your name?"
+
+    gateway.submit_command(command_id="wrong", run_id=run_id, type="resume",
+                           payload={"wait_key": "not-the-key", "payload": {"response": "x"}})
+    outcome = _outcome(gateway, "wrong")
+    assert outcome["status"] == "failed" and "wait_key mismatch" in outcome["error"]
+    assert gateway.command_status("wrong")["status"] == "failed"
+    assert _status(gateway, run_id) == "waiting"
+
+    gateway.submit_command(command_id="right", run_id=run_id, type="resume",
+                           payload={"wait_key": state.waiting.wait_key, "payload": {"response": "Ada"}})
+    assert _outcome(gateway, "right")["status"] == "applied"
+    wait_for(lambda: _status(gateway, run_id) == "completed")
+    assert gateway.stores.runs.load(run_id).output["answer"] == "Ada"
+
+
+def test_bad_commands_are_recorded_not_swallowed(gateway, runner):
+    gateway.submit_command(command_id="ghost", run_id="no-such-run", type="pause")
+    assert "not found" in _outcome(gateway, "ghost")["error"]
+    run_id = gateway.start_run(bundle_id="ask")
+    wait_for(lambda: _status(gateway, run_id) == "waiting")
+    gateway.submit_command(command_id="badpayload", run_id=run_id, type="resume", payload={"payload": "text"})
+    assert "must be an object" in _outcome(gateway, "badpayload")["error"]
+    gateway.submit_command(command_id="noname", run_id=run_id, type="emit_event", payload={})
+    assert "payload.name" in _outcome(gateway, "noname")["error"]
+    with pytest.raises(gw.GatewayError, match="type must be one of"):
+        gateway.submit_command(command_id="x", run_id=run_id, type="explode")
+    assert [o["command_id"] for o in gateway.stores.outcomes.for_run(run_id)] == ["noname", "badpayload"]
+
+
+def test_duplicate_command_id_is_applied_once(gateway, runner):
+    run_id = gateway.start_run(bundle_id="ask")
+    state = wait_for(lambda: (s := gateway.stores.runs.load(run_id)).status.value == "waiting" and s)
+    body = {"wait_key": state.waiting.wait_key, "payload": {"response": "once"}}
+    first = gateway.submit_command(command_id="dup", run_id=run_id, type="resume", payload=body)
+    second = gateway.submit_command(command_id="dup", run_id=run_id, type="resume", payload=body)
+    assert (second.accepted, second.duplicate, second.seq) == (False, True, first.seq)
+    wait_for(lambda: _status(gateway, run_id) == "completed")
+    time.sleep(0.2)
+    assert _ledger_types(gateway, run_id).count(("resume", "completed")) == 1
+
+
+def test_pause_and_resume(gateway, runner):
+    run_id = gateway.start_run(bundle_id="wait-key")
+    wait_for(lambda: _status(gateway, run_id) == "waiting")
+    gateway.submit_command(command_id="p", run_id=run_id, type="pause", payload={"reason": "lunch"})
+    _outcome(gateway, "p")
+    assert gw._is_paused(gateway.stores.runs.load(run_id))
+    # a paused run is not resumed by a payload
+    gateway.submit_command(command_id="r1", run_id=run_id, type="resume", payload={"payload": {"v": 1}})
+    assert "paused" in _outcome(gateway, "r1")["error"]
+    gateway.submit_command(command_id="u", run_id=run_id, type="resume")
+    _outcome(gateway, "u")
+    assert not gw._is_paused(gateway.stores.runs.load(run_id))
+    gateway.submit_command(command_id="r2", run_id=run_id, type="resume",
+                           payload={"wait_key": "my-key", "payload": {"value": 7}})
+    wait_for(lambda: _status(gateway, run_id) == "completed")
+    assert gateway.stores.runs.load(run_id).output["data"] == {"value": 7}
+
+
+def test_emit_event_reaches_every_waiting_run_of_the_session(gateway, runner):
+    a = gateway.start_run(bundle_id="event", session_id="s1")
+    b = gateway.start_run(bundle_id="event", session_id="s1")
+    c = gateway.start_run(bundle_id="event", session_id="s2")
+    for rid in (a, b, c):
+        wait_for(lambda rid=rid: _status(gateway, rid) == "waiting")
+    gateway.submit_command(command_id="e1", run_id="s1", type="emit_event",
+                           payload={"name": "approve", "payload": {"ok": True}})
+    assert _outcome(gateway, "e1")["status"] == "applied"
+    for rid in (a, b):
+        wait_for(lambda rid=rid: _status(gateway, rid) == "completed")
+        assert gateway.stores.runs.load(rid).output["payload"] == {"ok": True}
+    assert _status(gateway, c) == "waiting"
+
+
+def _parent_of_ask(tmp_path: Path) -> Path:
+    """A parent flow whose subflow waits for a user answer (so the tree stays alive)."""
+    src = tmp_path / "flows_src"
+    src.mkdir(exist_ok=True)
+    parent = json.loads((FLOWS / "parent.json").read_text())
+    parent["id"] = "asker"
+    for node in parent["nodes"]:
+        if node["type"] == "subflow":
+            node["data"]["subflowId"] = "ask"
+    (src / "asker.json").write_text(json.dumps(parent))
+    shutil.copy(FLOWS / "ask.json", src / "ask.json")
+    return src
+
+
+def test_subflow_completes_parent(gateway, runner):
+    run_id = gateway.start_run(bundle_id="parent", input_data={"text": "ab"})
+    wait_for(lambda: _status(gateway, run_id) == "completed")
+    assert gateway.stores.runs.load(run_id).output["child_out"] == "ab ab"
+    assert len(gateway.stores.runs.list_children(parent_run_id=run_id)) == 1
+
+
+def test_cancel_cancels_the_whole_tree(data_dir, tmp_path):
+    pack_bundle(data_dir / "flows", "asker", flows_dir=_parent_of_ask(tmp_path))
+    g = make_gateway(data_dir)
+    r = gw.Runner(g).start()
+    try:
+        run_id = g.start_run(bundle_id="asker")
+        child = wait_for(lambda: g.stores.runs.list_children(parent_run_id=run_id))[0]
+        wait_for(lambda: _status(g, child.run_id) == "waiting")
+        g.submit_command(command_id="c", run_id=run_id, type="cancel", payload={"reason": "stop"})
+        _outcome(g, "c")
+        assert _status(g, run_id) == "cancelled" and _status(g, child.run_id) == "cancelled"
+        assert g.stores.runs.load(run_id).error == "stop"
+    finally:
+        r.stop()
+        g.close()
+
+
+def test_missing_workflow_fails_the_run_with_a_clear_error(gateway, runner):
+    spec = gateway.host.get("echo@1.0.0:echo")
+    from abstractruntime import WorkflowSpec
+
+    orphan = WorkflowSpec(workflow_id="gone@1.0.0:main", entry_node=spec.entry_node, nodes=spec.nodes)
+    run_id = gateway.runtime.start(workflow=orphan, actor_id="gateway")
+    gateway.wake_runner()
+    wait_for(lambda: _status(gateway, run_id) == "failed")
+    state = gateway.stores.runs.load(run_id)
+    assert "not loaded" in state.error
+    assert gateway.stores.ledger.list(run_id)[-1]["status"] == "failed"
+
+
+def test_a_tick_that_raises_fails_the_run(gateway, runner, monkeypatch):
+    def boom(**kwargs):
+        raise RuntimeError("node exploded")
+
+    monkeypatch.setattr(gateway.runtime, "tick", boom)
+    run_id = gateway.start_run(bundle_id="echo")
+    wait_for(lambda: _status(gateway, run_id) == "failed")
+    assert gateway.stores.runs.load(run_id).error == "RuntimeError: node exploded"
+    assert gateway.stores.ledger.list(run_id)[-1]["idempotency_key"] == f"system:tick_exception:{run_id}"
+
+
+def test_timer_loop_and_restart_mid_run(data_dir):
+    g = make_gateway(data_dir)
+    r = gw.Runner(g).start()
+    run_id = g.start_run(bundle_id="timer-loop", input_data={"n": 3, "delay": 0.4})
+    wait_for(lambda: (s := g.stores.runs.load(run_id)).waiting is not None and s.waiting.reason.value == "until")
+    r.stop()
+    g.close()
+    assert _status_in(data_dir, run_id) == "waiting"
+    g = make_gateway(data_dir)  # restart: nothing in memory survives
+    r = gw.Runner(g).start()
+    try:
+        wait_for(lambda: _status(g, run_id) == "completed", timeout=15)
+        assert g.stores.runs.load(run_id).output["iterations"] == 3
+    finally:
+        r.stop()
+        g.close()
+
+
+def _status_in(data_dir, run_id):
+    s = gw.open_stores(make_config(data_dir))
+    try:
+        return s.runs.load(run_id).status.value
+    finally:
+        s.close()
+
+
+def test_llm_bundles_are_listed_and_refused_without_crashing(data_dir):
+    flows = data_dir / "fixtures"
+    shutil.copytree(FIXTURE_BUNDLES, flows)
+    (flows / "broken@1.0.0.flow").write_bytes(b"not a zip at all")
+    pack_bundle(flows, "echo")
+    g = gw.Gateway(make_config(data_dir, flows_dir=str(flows)))
+    try:
+        bundles = g.host.catalog.bundles
+        assert "basic-agent" in bundles and "echo" in bundles
+        assert bundles["broken"]["1.0.0"].load_error
+        llm = [b for versions in bundles.values() for b in versions.values() if b.needs]
+        assert len(llm) >= 5
+        before = g.stores.runs.list_run_index(limit=1000)
+        for bundle in llm:
+            with pytest.raises(gw.Unprocessable) as info:
+                g.start_run(bundle_id=bundle.ref)
+            assert info.value.code == "llm_extra_required" and gw.LLM_EXTRA in info.value.detail
+        with pytest.raises(gw.Unprocessable, match="failed to load"):
+            g.start_run(bundle_id="broken")
+        assert g.stores.runs.list_run_index(limit=1000) == before  # nothing half-started
+        assert g.start_run(bundle_id="echo")  # the good bundle still works
+    finally:
+        g.close()
+
+
+def test_uploaded_bundle_lives_in_the_database(data_dir, bundle_builder, tmp_path):
+    g = gw.Gateway(make_config(data_dir))
+    try:
+        g.host.install(bundle_builder("echo", version="3.0.0").read_bytes())
+        with pytest.raises(gw.Conflict):
+            g.host.install(bundle_builder("echo", version="3.0.0").read_bytes())
+        g.host.reload()
+        assert g.host.latest("echo").origin == "upload"
+    finally:
+        g.close()
+    assert not (data_dir / "flows").exists() or not list((data_dir / "flows").iterdir())
+    g = gw.Gateway(make_config(data_dir))  # after a restart it is still there
+    try:
+        assert g.host.resolve(bundle_id="echo", bundle_version=None, flow_id=None) == "echo@3.0.0:echo"
+    finally:
+        g.close()
+
+
+CRASHING_RUNNER = """
+import os, signal, sys
+import abstractgateway as gw
+config = gw.Config.load(environ={"ABSTRACTGATEWAY_DATA_DIR": sys.argv[1]})
+g = gw.Gateway(config)
+real_record = g.stores.outcomes.record
+def record_then_die(command, status, error=None):
+    # the effect is written (inside the open transaction) but not yet committed
+    os.kill(os.getpid(), signal.SIGKILL)
+g.stores.outcomes.record = record_then_die
+g.apply_pending_commands()
+"""
+
+
+def test_sigkill_between_append_and_application_applies_exactly_once(data_dir):
+    g = make_gateway(data_dir)
+    r = gw.Runner(g).start()
+    run_id = g.start_run(bundle_id="ask")
+    state = wait_for(lambda: (s := g.stores.runs.load(run_id)).status.value == "waiting" and s)
+    r.stop()
+    g.submit_command(command_id="once", run_id=run_id, type="resume",
+                     payload={"wait_key": state.waiting.wait_key, "payload": {"response": "Ada"}})
+    g.close()
+    proc = subprocess.run([sys.executable, "-c", CRASHING_RUNNER, str(data_dir)], timeout=60)
+    assert proc.returncode == -signal.SIGKILL
+    g = make_gateway(data_dir)
+    try:
+        assert g.stores.runs.load(run_id).status.value == "waiting"  # the crashed application left nothing
+        assert g.command_status("once")["status"] == "pending"
+        r = gw.Runner(g).start()
+        wait_for(lambda: _status(g, run_id) == "completed")
+        r.stop()
+        assert _ledger_types(g, run_id).count(("resume", "completed")) == 1
+        assert g.command_status("once")["status"] == "applied"
+        g.apply_pending_commands()  # nothing left to apply
+        assert _ledger_types(g, run_id).count(("resume", "completed")) == 1
+    finally:
+        g.close()
