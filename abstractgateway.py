@@ -112,6 +112,8 @@ SETTINGS: Tuple[Setting, ...] = (
             "Commands applied per runner iteration.", None),
     Setting("run_scan_limit", "ABSTRACTGATEWAY_RUN_SCAN_LIMIT", "int", 200,
             "Runs considered for ticking per runner iteration.", None),
+    Setting("host", "ABSTRACTGATEWAY_HOST", "str", "127.0.0.1", "Address `serve` binds to.", "--host"),
+    Setting("port", "ABSTRACTGATEWAY_PORT", "int", 8080, "Port `serve` listens on (0 picks a free one).", "--port"),
     Setting("lease_ttl_s", "ABSTRACTGATEWAY_RUNNER_LEASE_TTL_S", "float", 5.0,
             "Seconds before a silent runner's lease expires and another runner takes over.", None),
 )
@@ -175,7 +177,7 @@ class Config:
                 values[setting.name] = _parse_setting(setting, raw)
             except ValueError as exc:
                 raise ConfigError(f"{setting.env}: {exc}") from None
-            if setting.kind in ("int", "float") and values[setting.name] <= 0:
+            if setting.kind in ("int", "float") and values[setting.name] <= 0 and setting.name != "port":
                 raise ConfigError(f"{setting.env}: must be greater than 0, got {raw!r}")
             sources[setting.name] = source
         return cls(values, sources)
@@ -2317,7 +2319,909 @@ class Runner:
 
 
 # =====================================================================================
-# 5. CLI
+# 5. HTTP (routes, SSE, OpenAPI)
+# =====================================================================================
+
+from werkzeug.exceptions import HTTPException  # noqa: E402  (HTTP is the first section that needs werkzeug)
+from werkzeug.routing import Map, Rule  # noqa: E402
+from werkzeug.wrappers import Request, Response  # noqa: E402
+
+API = "/api/gateway"
+MAX_BUNDLE_BYTES = 75 * 1024 * 1024
+SSE_RETRY_MS = 2000
+SSE_BATCH = 500
+_ARTIFACT_CHUNK = 1 << 20
+
+
+@dataclass(frozen=True)
+class Param:
+    """A query parameter: parsed, range-checked, and documented from this one declaration."""
+
+    name: str
+    kind: str  # str | int | float | bool
+    default: Any = None
+    minimum: Optional[float] = None
+    maximum: Optional[float] = None
+    description: str = ""
+    choices: Tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Route:
+    """One endpoint: method, path, handler, and what OpenAPI says about it."""
+
+    method: str
+    path: str  # werkzeug rule syntax: /api/gateway/runs/<run_id>
+    handler: str
+    summary: str
+    tag: str
+    query: Tuple[Param, ...] = ()
+    body: Optional[Dict[str, Any]] = None  # JSON schema of the request body
+    multipart: Optional[Dict[str, Any]] = None  # schema of a multipart/form-data body
+    response: Dict[str, Any] = field(default_factory=lambda: {"type": "object"})
+    content_type: str = "application/json"
+    errors: Tuple[int, ...] = ()
+    auth: bool = True
+
+
+def _obj(required: Sequence[str] = (), **props: Any) -> Dict[str, Any]:
+    schema: Dict[str, Any] = {"type": "object", "properties": props}
+    if required:
+        schema["required"] = list(required)
+    return schema
+
+
+_S, _I, _B, _O = {"type": "string"}, {"type": "integer"}, {"type": "boolean"}, {"type": "object"}
+_NS = {"type": ["string", "null"]}
+_ERROR = _obj(("detail", "code"), detail=_S, code=_S, field=_S, request_id=_S)
+_RUN = _obj(("run_id", "workflow_id", "status"), run_id=_S, workflow_id=_S,
+            status={"type": "string", "enum": ["running", "waiting", "completed", "failed", "cancelled"]},
+            current_node=_NS, created_at=_NS, updated_at=_NS, actor_id=_NS, session_id=_NS, parent_run_id=_NS,
+            error=_NS, paused=_B, pause_reason=_NS, paused_at=_NS, resumed_at=_NS,
+            waiting={"type": ["object", "null"]}, is_scheduled=_B, schedule={"type": ["object", "null"]},
+            limits={"type": ["object", "null"]}, ledger_len={"type": ["integer", "null"]})
+_LEDGER_PAGE = _obj(("items", "next_after"), items={"type": "array", "items": _O}, next_after=_I)
+_ENTRYPOINT = _obj(("flow_id",), flow_id=_S, workflow_id=_S, name=_NS, description=_S,
+                   interfaces={"type": "array", "items": _S}, deprecated=_B, deprecated_at=_NS, deprecated_reason=_NS)
+_BUNDLE = _obj(("bundle_id", "bundle_version", "bundle_ref"), bundle_id=_S, bundle_version=_S, bundle_ref=_S,
+               created_at=_S, default_entrypoint=_NS, entrypoints={"type": "array", "items": _ENTRYPOINT},
+               load_error=_NS, needs={"type": "array", "items": _S}, origin=_S)
+_COMMAND_STATUS = _obj(("command_id", "seq", "status"), command_id=_S, seq=_I, run_id=_S, type=_S, ts=_S,
+                       status={"type": "string", "enum": ["pending", "applied", "failed"]}, error=_NS, applied_at=_NS)
+_ARTIFACT = _obj(("artifact_id",), artifact_id=_S, content_type=_S, size_bytes=_I, created_at=_S, blob_id=_NS,
+                 run_id=_NS, tags=_O)
+_RELOAD = dict(gateway_reloaded=_B, gateway_reload_error=_NS)
+
+ROUTES: Tuple[Route, ...] = (
+    Route("GET", "/api/health", "health", "Liveness plus store and runner state (never authenticated).", "meta",
+          response=_obj(("status",), status=_S, service=_S, version=_S, store=_O, runner=_O), auth=False),
+    Route("GET", "/openapi.json", "openapi", "This OpenAPI document.", "meta", auth=False),
+    Route("GET", "/docs", "docs", "Offline API reference with a request console.", "meta", content_type="text/html",
+          response={"type": "string"}, auth=False),
+    Route("GET", f"{API}/ping", "ping", "Authenticated connectivity probe.", "meta",
+          response=_obj(("ok",), ok=_B, status=_S, service=_S, time=_S)),
+    # bundles
+    Route("GET", f"{API}/bundles", "list_bundles", "List bundles (latest version of each by default).", "bundles",
+          query=(Param("all_versions", "bool", False), Param("include_deprecated", "bool", False)),
+          response=_obj(("items",), items={"type": "array", "items": _BUNDLE}, default_bundle_id=_NS)),
+    Route("POST", f"{API}/bundles/upload", "upload_bundle", "Upload a .flow bundle (stored in the database).",
+          "bundles", multipart=_obj(("file",), file={"type": "string", "format": "binary"}, overwrite=_B, reload=_B),
+          response=_obj(("ok", "bundle_id"), ok=_B, bundle_id=_S, bundle_version=_S, bundle_ref=_S, sha256=_S,
+                        default_entrypoint=_NS, entrypoints={"type": "array", "items": _O}, **_RELOAD),
+          errors=(400, 409, 413)),
+    Route("POST", f"{API}/bundles/reload", "reload_bundles", "Reload every bundle (atomic swap).", "bundles",
+          response=_obj(("ok",), ok=_B, bundle_ids={"type": "array", "items": _S}, count=_I,
+                        errors={"type": "array", "items": _S})),
+    Route("GET", f"{API}/bundles/<bundle_id>", "get_bundle", "One bundle with its entrypoints and inputs.", "bundles",
+          query=(Param("bundle_version", "str"),), response=_BUNDLE, errors=(404,)),
+    Route("DELETE", f"{API}/bundles/<bundle_id>", "delete_bundle", "Remove an uploaded bundle (or one version).",
+          "bundles", query=(Param("bundle_version", "str"), Param("reload", "bool", True)),
+          response=_obj(("ok", "removed"), ok=_B, bundle_ref=_S, removed=_I, **_RELOAD), errors=(404,)),
+    Route("POST", f"{API}/bundles/<bundle_id>/deprecate", "deprecate_bundle", "Deprecate a bundle or one entrypoint.",
+          "bundles", body=_obj((), flow_id=_NS, reason=_NS),
+          response=_obj(("ok",), ok=_B, bundle_id=_S, flow_id=_S, deprecated_at=_S, reason=_NS), errors=(404,)),
+    Route("POST", f"{API}/bundles/<bundle_id>/undeprecate", "undeprecate_bundle", "Lift a deprecation.", "bundles",
+          body=_obj((), flow_id=_NS), response=_obj(("ok",), ok=_B, bundle_id=_S, flow_id=_S, removed=_B),
+          errors=(404,)),
+    Route("GET", f"{API}/bundles/<bundle_id>/flows/<flow_id>", "get_bundle_flow", "One flow's VisualFlow JSON.",
+          "bundles", query=(Param("bundle_version", "str"),),
+          response=_obj(("flow",), bundle_id=_S, bundle_version=_S, bundle_ref=_S, flow_id=_S, workflow_id=_S, flow=_O),
+          errors=(404,)),
+    Route("GET", f"{API}/workflows/<workflow_id>/flow", "get_workflow_flow", "VisualFlow JSON of a workflow id.",
+          "bundles", response=_obj(("workflow_id", "flow"), workflow_id=_S, flow=_O, source=_S), errors=(404,)),
+    # runs
+    Route("POST", f"{API}/runs/start", "start_run", "Start a run (durable before this returns).", "runs",
+          body=_obj((), bundle_id=_NS, bundle_version=_NS, flow_id=_NS, input_data=_O, session_id=_NS),
+          response=_obj(("run_id",), run_id=_S), errors=(404, 409, 422)),
+    Route("GET", f"{API}/runs", "list_runs", "List runs, most recently updated first, with a page cursor.", "runs",
+          query=(Param("limit", "int", 50, 1, 500), Param("status", "str", choices=tuple(s.value for s in RunStatus)),
+                 Param("workflow_id", "str"), Param("session_id", "str"), Param("root_only", "bool", False),
+                 Param("include_ledger_len", "bool", True), Param("cursor", "str", description="next_cursor of the previous page")),
+          response=_obj(("items",), items={"type": "array", "items": _RUN}, next_cursor=_NS)),
+    Route("GET", f"{API}/runs/<run_id>", "get_run", "Run summary.", "runs", response=_RUN, errors=(404,)),
+    Route("GET", f"{API}/runs/<run_id>/input_data", "get_run_input", "The inputs a run was started with.", "runs",
+          response=_obj(("run_id", "input_data"), run_id=_S, workflow_id=_S, bundle_id=_NS, bundle_version=_NS,
+                        flow_id=_NS, pin_ids={"type": "array", "items": _S}, input_data=_O), errors=(404,)),
+    Route("GET", f"{API}/runs/<run_id>/history_bundle", "get_history_bundle", "Portable export of a run.", "runs",
+          query=(Param("include_subruns", "bool", True), Param("include_session", "bool", False),
+                 Param("session_turn_limit", "int", 200, 1, 500), Param("ledger_mode", "str", "tail", choices=("tail", "full")),
+                 Param("ledger_max_items", "int", 2000, 0, 20000)), errors=(404,)),
+    Route("GET", f"{API}/runs/<run_id>/commands", "list_run_commands", "Outcomes of the commands sent to a run.",
+          "commands", query=(Param("limit", "int", 200, 1, 2000),),
+          response=_obj(("items",), items={"type": "array", "items": _COMMAND_STATUS}), errors=(404,)),
+    Route("GET", f"{API}/runs/<run_id>/artifacts", "list_artifacts", "A run's artifacts, newest first.", "artifacts",
+          query=(Param("limit", "int", 200, 1, 2000),), response=_obj(("items",), items={"type": "array", "items": _ARTIFACT}),
+          errors=(404,)),
+    Route("GET", f"{API}/runs/<run_id>/artifacts/<artifact_id>", "get_artifact", "Artifact metadata.", "artifacts",
+          response=_ARTIFACT, errors=(400, 404)),
+    Route("GET", f"{API}/runs/<run_id>/artifacts/<artifact_id>/content", "get_artifact_content",
+          "Artifact bytes, streamed; honours Range.", "artifacts", content_type="application/octet-stream",
+          response={"type": "string", "format": "binary"}, errors=(400, 404, 416)),
+    # ledger
+    Route("GET", f"{API}/runs/<run_id>/ledger", "get_ledger", "Replay the ledger: records after `after`.", "ledger",
+          query=(Param("after", "int", 0, 0), Param("limit", "int", 200, 1, 2000)), response=_LEDGER_PAGE, errors=(404,)),
+    Route("POST", f"{API}/runs/ledger/batch", "ledger_batch", "Replay several ledgers at once.", "ledger",
+          body=_obj(("runs",), runs={"type": "array", "items": _obj(("run_id",), run_id=_S, after=_I)},
+                    limit={"type": "integer", "minimum": 1, "maximum": 2000}),
+          response=_obj(("runs",), runs={"type": "object", "additionalProperties": _LEDGER_PAGE})),
+    Route("GET", f"{API}/runs/<run_id>/ledger/stream", "stream_ledger",
+          "Server-Sent Events: `step` per record, `done` when terminal; resumes from Last-Event-ID or `after`.",
+          "ledger", query=(Param("after", "int", 0, 0), Param("heartbeat_s", "float", 5.0, 0.1, 60.0)),
+          content_type="text/event-stream", response={"type": "string"}, errors=(404,)),
+    # commands
+    Route("POST", f"{API}/commands", "submit_command", "Append a command to the durable inbox (idempotent).",
+          "commands", body=_obj(("command_id", "run_id", "type"), command_id=_S, run_id=_S,
+                                type={"type": "string", "enum": list(COMMAND_TYPES)}, payload=_O, ts=_NS, client_id=_NS),
+          response=_obj(("accepted", "duplicate", "seq"), accepted=_B, duplicate=_B, seq=_I)),
+    Route("GET", f"{API}/commands/<command_id>", "get_command", "A command's outcome: pending, applied or failed.",
+          "commands", response=_COMMAND_STATUS, errors=(404,)),
+)
+
+
+def _parse_param(param: Param, raw: Optional[str]) -> Any:
+    if raw is None or raw == "":
+        return param.default
+    try:
+        if param.kind == "int":
+            value: Any = int(raw)
+        elif param.kind == "float":
+            value = float(raw)
+        elif param.kind == "bool":
+            value = _parse_setting(Setting(param.name, "", "bool", None, ""), raw)
+        else:
+            value = raw
+    except ValueError:
+        raise Unprocessable(f"Query parameter '{param.name}' must be a {param.kind}", code="validation_error") from None
+    if param.minimum is not None and value < param.minimum or param.maximum is not None and value > param.maximum:
+        raise Unprocessable(f"Query parameter '{param.name}' must be between {param.minimum} and {param.maximum}",
+                            code="validation_error")
+    if param.choices and value not in param.choices:
+        raise GatewayError(f"Invalid {param.name} (expected: {', '.join(param.choices)})", code="validation_error")
+    return value
+
+
+_JSON_TYPES = {"string": str, "integer": int, "boolean": bool, "object": dict, "array": list, "number": (int, float),
+               "null": type(None)}
+
+
+def _check_body(schema: Dict[str, Any], body: Any) -> Dict[str, Any]:
+    """Validate a JSON body against a route's (flat) schema; 422 naming the field on mismatch."""
+    if not isinstance(body, dict):
+        raise Unprocessable("Request body must be a JSON object", code="validation_error")
+    for name in schema.get("required", ()):
+        if body.get(name) is None:
+            raise Unprocessable(f"Field '{name}' is required", code="validation_error")
+    for name, prop in schema.get("properties", {}).items():
+        if body.get(name) is None:
+            continue
+        types = prop.get("type")
+        types = types if isinstance(types, list) else [types]
+        value = body[name]
+        ok = any(isinstance(value, _JSON_TYPES[t]) and not (t in ("integer", "number") and isinstance(value, bool))
+                 for t in types)
+        if not ok:
+            raise Unprocessable(f"Field '{name}' must be {' or '.join(types)}", code="validation_error")
+        if "enum" in prop and value not in prop["enum"]:
+            raise GatewayError(f"{name} must be one of {'|'.join(prop['enum'])}", code="validation_error")
+    return body
+
+
+def json_response(data: Any, status: int = 200, headers: Optional[Dict[str, str]] = None) -> Response:
+    return Response(_json_dumps(data), status=status, headers=headers, content_type="application/json")
+
+
+def error_response(status: int, code: str, detail: str, **extra: Any) -> Response:
+    """The one error shape of the API: `{"detail": ..., "code": ...}`."""
+    return json_response({"detail": detail, "code": code, **extra}, status)
+
+
+class GatewayApp:
+    """The WSGI application: dispatches `ROUTES` to handler methods."""
+
+    def __init__(self, gateway: Gateway, runner: Optional[Runner] = None) -> None:
+        self.gateway = gateway
+        self.runner = runner
+        self.stopping = threading.Event()
+        self._routes = {r.handler: r for r in ROUTES}
+        self.url_map = Map([Rule(r.path, endpoint=r.handler, methods=[r.method]) for r in ROUTES],
+                           strict_slashes=False, merge_slashes=False)
+        self._openapi: Optional[bytes] = None
+
+    def __call__(self, environ: Dict[str, Any], start_response: Callable) -> Iterable[bytes]:
+        request = Request(environ)
+        request_id = environ.get("abstractgateway.request_id") or uuid.uuid4().hex[:16]
+        try:
+            adapter = self.url_map.bind_to_environ(environ)
+            endpoint, args = adapter.match()
+            route = self._routes[endpoint]
+            query = {p.name: _parse_param(p, request.args.get(p.name)) for p in route.query}
+            body = None
+            if route.body is not None:
+                body = _check_body(route.body, self._json_body(request))
+            response = getattr(self, endpoint)(request, *args.values(), **query, **({"body": body} if route.body else {}))
+        except GatewayError as exc:
+            response = error_response(exc.status, exc.code, exc.detail)
+        except HTTPException as exc:
+            code = {404: "not_found", 405: "method_not_allowed", 413: "too_large"}.get(exc.code or 500, "http_error")
+            response = error_response(exc.code or 500, code, exc.description or exc.name)
+        except Exception as exc:  # noqa: BLE001 - a 500 is a bug: log it with the request id
+            import traceback
+
+            _log(f"500 on {request.method} {request.path} request_id={request_id}: {type(exc).__name__}: {exc}\n"
+                 + traceback.format_exc())
+            response = error_response(500, "internal_error", f"Internal error (request id {request_id})",
+                                      request_id=request_id)
+        response.headers["X-Request-Id"] = request_id
+        return response(environ, start_response)
+
+    @staticmethod
+    def _json_body(request: Request) -> Any:
+        raw = request.get_data(cache=False)
+        if not raw.strip():
+            return {}
+        try:
+            return json.loads(raw)
+        except ValueError as exc:
+            raise GatewayError(f"Request body is not valid JSON: {exc}", code="invalid_json") from None
+
+    # -- meta -------------------------------------------------------------------------------------
+
+    def health(self, request: Request) -> Response:
+        store: Dict[str, Any] = {"backend": self.gateway.stores.backend, "ok": True}
+        try:
+            self.gateway.stores.db.query_one("SELECT 1")
+        except apsw.Error as exc:
+            store.update(ok=False, error=str(exc))
+        runner: Dict[str, Any] = {"enabled": self.runner is not None}
+        if self.runner is not None:
+            runner.update(alive=self.runner.alive, has_lease=self.runner.has_lease, last_error=self.runner.last_error)
+        else:
+            holder = self.gateway.stores.leases.holder(Runner.LEASE)
+            runner.update(external_lease_live=bool(holder and holder["live"]))
+        ok = store["ok"] and (self.runner is None or self.runner.alive)
+        return json_response({"status": "healthy" if ok else "degraded", "ok": ok, "service": "abstractgateway",
+                              "version": __version__, "store": store, "runner": runner})
+
+    def ping(self, request: Request) -> Response:
+        return json_response({"ok": True, "status": "healthy", "service": "abstractgateway", "time": utc_now_iso()})
+
+    def openapi(self, request: Request) -> Response:
+        if self._openapi is None:
+            self._openapi = _json_dumps(openapi_document()).encode()
+        return Response(self._openapi, content_type="application/json")
+
+    def docs(self, request: Request) -> Response:
+        return Response(DOCS_HTML, content_type="text/html; charset=utf-8")
+
+    # -- bundles ------------------------------------------------------------------------------------
+
+    def _entrypoint(self, bundle: LoadedBundle, entry: Any, detail: bool = False) -> Dict[str, Any]:
+        mark = self.gateway.host.deprecation(bundle.bundle_id, entry.flow_id)
+        out = {"flow_id": entry.flow_id, "workflow_id": workflow_id_for(bundle.bundle_id, bundle.bundle_version, entry.flow_id),
+               "name": entry.name, "description": entry.description, "interfaces": list(entry.interfaces),
+               "deprecated": mark is not None, "deprecated_at": mark["deprecated_at"] if mark else None,
+               "deprecated_reason": mark["reason"] if mark else None}
+        if detail:
+            flow = bundle.flows.get(entry.flow_id) or {}
+            out["inputs"] = _start_pins(flow)
+            out["node_index"] = {n.get("id"): {"type": n.get("type"), "label": (n.get("data") or {}).get("label")}
+                                 for n in flow.get("nodes") or [] if isinstance(n, dict)}
+        return out
+
+    def _bundle_view(self, bundle: LoadedBundle, detail: bool = False, include_deprecated: bool = True) -> Dict[str, Any]:
+        entries = [self._entrypoint(bundle, e, detail) for e in bundle.entrypoints]
+        if not include_deprecated:
+            entries = [e for e in entries if not e["deprecated"]]
+        view = {"bundle_id": bundle.bundle_id, "bundle_version": bundle.bundle_version, "bundle_ref": bundle.ref,
+                "created_at": bundle.created_at, "default_entrypoint": bundle.default_entrypoint, "entrypoints": entries,
+                "origin": "upload" if bundle.origin == "upload" else "flows_dir", "load_error": bundle.load_error,
+                "needs": [f"llm:{t}" for t in bundle.needs] if bundle.needs and not self.gateway.host.llm_available else []}
+        if detail:
+            view["flows"] = sorted(bundle.flows)
+            view["metadata"] = dict(getattr(bundle.manifest, "metadata", None) or {})
+        return view
+
+    def list_bundles(self, request: Request, all_versions: bool, include_deprecated: bool) -> Response:
+        host = self.gateway.host
+        host.require_bundle_source()
+        items = []
+        for bundle_id in sorted(host.catalog.bundles):
+            chosen = sorted(host.catalog.bundles[bundle_id].values(), key=lambda b: b.bundle_version) \
+                if all_versions else [host.latest(bundle_id)]
+            for bundle in chosen:
+                view = self._bundle_view(bundle, include_deprecated=include_deprecated)
+                if view["entrypoints"] or bundle.load_error:
+                    items.append(view)
+        default = host.default_bundle_id()
+        if default is not None and not any(i["bundle_id"] == default for i in items):
+            default = None
+        return json_response({"items": items, "default_bundle_id": default})
+
+    def get_bundle(self, request: Request, bundle_id: str, bundle_version: Optional[str]) -> Response:
+        self.gateway.host.require_bundle_source()
+        return json_response(self._bundle_view(self.gateway.host.bundle(bundle_id, bundle_version), detail=True))
+
+    def upload_bundle(self, request: Request) -> Response:
+        host = self.gateway.host
+        host.require_bundle_source()
+        if request.content_length is not None and request.content_length > MAX_BUNDLE_BYTES:
+            raise GatewayError(f"Bundle too large ({request.content_length} bytes > {MAX_BUNDLE_BYTES} bytes)",
+                               status=413, code="too_large")
+        request.max_content_length = MAX_BUNDLE_BYTES + 64 * 1024
+        upload = request.files.get("file")
+        if upload is None:
+            raise Unprocessable("Field 'file' is required (multipart/form-data)", code="validation_error")
+        content = upload.read(MAX_BUNDLE_BYTES + 1)
+        if len(content) > MAX_BUNDLE_BYTES:
+            raise GatewayError(f"Bundle too large (> {MAX_BUNDLE_BYTES} bytes)", status=413, code="too_large")
+        flags = {name: _parse_param(Param(name, "bool", default), request.form.get(name))
+                 for name, default in (("overwrite", False), ("reload", True))}
+        bundle = host.install(content, overwrite=flags["overwrite"])
+        reloaded, reload_error = self._reload(flags["reload"])
+        return json_response({"ok": True, "bundle_id": bundle.bundle_id, "bundle_version": bundle.bundle_version,
+                              "bundle_ref": bundle.ref, "sha256": bundle.sha256,
+                              "default_entrypoint": bundle.default_entrypoint,
+                              "entrypoints": [{"flow_id": e.flow_id, "name": e.name, "description": e.description,
+                                               "interfaces": list(e.interfaces)} for e in bundle.entrypoints],
+                              "gateway_reloaded": reloaded, "gateway_reload_error": reload_error})
+
+    def _reload(self, wanted: bool) -> Tuple[bool, Optional[str]]:
+        if not wanted:
+            return False, None
+        try:
+            self.gateway.host.reload()
+        except Exception as exc:  # noqa: BLE001 - reported in the response, the upload itself stands
+            return False, f"{type(exc).__name__}: {exc}"
+        return True, None
+
+    def reload_bundles(self, request: Request) -> Response:
+        catalog = self.gateway.host.reload()
+        return json_response({"ok": True, "bundle_ids": sorted(catalog.bundles), "count": len(catalog.bundles),
+                              "errors": catalog.errors})
+
+    def delete_bundle(self, request: Request, bundle_id: str, bundle_version: Optional[str], reload: bool) -> Response:
+        self.gateway.host.require_bundle_source()
+        bid, version = split_bundle_ref(bundle_id, bundle_version)
+        removed = self.gateway.stores.bundles.delete(bid, version)
+        ref = f"{bid}@{version}" if version else bid
+        if not removed:
+            raise NotFound(f"Bundle '{ref}' not found among uploaded bundles", code="bundle_not_found")
+        reloaded, reload_error = self._reload(reload)
+        return json_response({"ok": True, "bundle_ref": ref, "removed": removed, "gateway_reloaded": reloaded,
+                              "gateway_reload_error": reload_error})
+
+    def deprecate_bundle(self, request: Request, bundle_id: str, body: Dict[str, Any]) -> Response:
+        bundle, flow_id = self._deprecation_target(bundle_id, body)
+        at = self.gateway.stores.deprecations.set(bundle.bundle_id, flow_id, body.get("reason"))
+        return json_response({"ok": True, "bundle_id": bundle.bundle_id, "flow_id": flow_id, "deprecated_at": at,
+                              "reason": body.get("reason")})
+
+    def undeprecate_bundle(self, request: Request, bundle_id: str, body: Dict[str, Any]) -> Response:
+        bundle, flow_id = self._deprecation_target(bundle_id, body)
+        removed = self.gateway.stores.deprecations.clear(bundle.bundle_id, flow_id)
+        return json_response({"ok": True, "bundle_id": bundle.bundle_id, "flow_id": flow_id, "removed": removed})
+
+    def _deprecation_target(self, bundle_id: str, body: Dict[str, Any]) -> Tuple[LoadedBundle, str]:
+        self.gateway.host.require_bundle_source()
+        bundle = self.gateway.host.bundle(bundle_id)
+        flow_id = (body.get("flow_id") or "").strip() or "*"
+        if flow_id != "*" and flow_id not in {e.flow_id for e in bundle.entrypoints}:
+            raise NotFound(f"Entrypoint '{bundle.bundle_id}:{flow_id}' not found", code="flow_not_found")
+        return bundle, flow_id
+
+    def get_bundle_flow(self, request: Request, bundle_id: str, flow_id: str, bundle_version: Optional[str]) -> Response:
+        self.gateway.host.require_bundle_source()
+        bid, version = split_bundle_ref(bundle_id, bundle_version)
+        if ":" in flow_id:
+            prefix, _, flow_id = flow_id.partition(":")
+            pid, pversion = split_bundle_ref(prefix, None)
+            if pid != bid or (pversion and version and pversion != version):
+                raise GatewayError(f"flow_id prefix '{prefix}' does not match bundle '{bundle_id}'", code="version_conflict")
+            version = version or pversion
+        bundle = self.gateway.host.bundle(bid, version)
+        flow = bundle.flows.get(flow_id)
+        if flow is None:
+            raise NotFound(f"Flow '{flow_id}' not found in bundle '{bundle.ref}'", code="flow_not_found")
+        return json_response({"bundle_id": bundle.bundle_id, "bundle_version": bundle.bundle_version,
+                              "bundle_ref": bundle.ref, "flow_id": flow_id,
+                              "workflow_id": workflow_id_for(bundle.bundle_id, bundle.bundle_version, flow_id), "flow": flow})
+
+    def get_workflow_flow(self, request: Request, workflow_id: str) -> Response:
+        flow = self.gateway.host.catalog.flows.get(workflow_id)
+        if flow is None and ":" in workflow_id:
+            prefix, _, flow_id = workflow_id.partition(":")
+            try:
+                bundle = self.gateway.host.bundle(prefix)
+                flow = bundle.flows.get(flow_id)
+                workflow_id = workflow_id_for(bundle.bundle_id, bundle.bundle_version, flow_id)
+            except GatewayError:
+                flow = None
+        if flow is None:
+            raise NotFound(f"Workflow '{workflow_id}' not found", code="workflow_not_found")
+        return json_response({"workflow_id": workflow_id, "flow": flow, "source": self.gateway.host.source})
+
+    # -- runs ---------------------------------------------------------------------------------------
+
+    def start_run(self, request: Request, body: Dict[str, Any]) -> Response:
+        run_id = self.gateway.start_run(bundle_id=body.get("bundle_id"), bundle_version=body.get("bundle_version"),
+                                        flow_id=body.get("flow_id"), input_data=body.get("input_data") or {},
+                                        session_id=body.get("session_id"))
+        return json_response({"run_id": run_id})
+
+    def list_runs(self, request: Request, limit: int, status: Optional[str], workflow_id: Optional[str],
+                  session_id: Optional[str], root_only: bool, include_ledger_len: bool, cursor: Optional[str]) -> Response:
+        before = _decode_cursor(cursor) if cursor else None
+        rows = self.gateway.stores.runs.list_run_index(
+            status=RunStatus(status) if status else None, workflow_id=workflow_id, session_id=session_id,
+            root_only=root_only, limit=limit + 1, **({"before": before, "exclude_internal": workflow_id is None}
+                                                     if self.gateway.stores.backend == "sqlite" else {}))
+        if self.gateway.stores.backend != "sqlite" and workflow_id is None:
+            rows = [r for r in rows if not str(r["workflow_id"]).startswith("__")]
+        more = len(rows) > limit
+        rows = rows[:limit]
+        counts = self.gateway.stores.ledger.count_many([r["run_id"] for r in rows]) if include_ledger_len else {}
+        items = []
+        for row in rows:
+            item = {"run_id": row["run_id"], "workflow_id": row["workflow_id"], "status": row["status"],
+                    "current_node": None, "created_at": row["created_at"], "updated_at": row["updated_at"],
+                    "actor_id": row["actor_id"], "session_id": row["session_id"], "parent_run_id": row["parent_run_id"],
+                    "error": None, "paused": False, "pause_reason": None, "paused_at": None, "resumed_at": None,
+                    "waiting": ({"reason": row["wait_reason"], **({"until": row["wait_until"]} if row["wait_until"] else {})}
+                                if row["wait_reason"] else None),
+                    "is_scheduled": False, "schedule": None, "limits": None}
+            if include_ledger_len:
+                item["ledger_len"] = counts.get(row["run_id"], 0)
+            items.append(item)
+        next_cursor = _encode_cursor(rows[-1]["updated_at"] or "", rows[-1]["run_id"]) if more and rows else None
+        return json_response({"items": items, "next_cursor": next_cursor})
+
+    def get_run(self, request: Request, run_id: str) -> Response:
+        return json_response(run_summary(self.gateway.load_run(run_id)))
+
+    def get_run_input(self, request: Request, run_id: str) -> Response:
+        state = self.gateway.load_run(run_id)
+        flow = self.gateway.host.catalog.flows.get(state.workflow_id)
+        run_vars = state.vars if isinstance(state.vars, dict) else {}
+        bundle_id = bundle_version = flow_id = None
+        if ":" in state.workflow_id:
+            ref, _, flow_id = state.workflow_id.partition(":")
+            bundle_id, _, bundle_version = ref.partition("@")
+        if flow is not None:
+            pins = [p["id"] for p in _start_pins(flow)]
+            data = {k: run_vars[k] for k in pins if k in run_vars}
+        else:
+            pins = [k for k in run_vars if not k.startswith("_")]
+            data = {k: run_vars[k] for k in pins}
+        return json_response({"run_id": state.run_id, "workflow_id": state.workflow_id, "bundle_id": bundle_id,
+                              "bundle_version": bundle_version or None, "flow_id": flow_id, "pin_ids": pins,
+                              "input_data": data})
+
+    def get_history_bundle(self, request: Request, run_id: str, include_subruns: bool, include_session: bool,
+                           session_turn_limit: int, ledger_mode: str, ledger_max_items: int) -> Response:
+        from abstractruntime.history_bundle import export_run_history_bundle
+
+        self.gateway.load_run(run_id)
+        stores = self.gateway.stores
+        return json_response(export_run_history_bundle(
+            run_id=run_id, run_store=stores.runs, ledger_store=stores.ledger, artifact_store=stores.artifacts,
+            include_subruns=include_subruns, include_session=include_session, session_turn_limit=session_turn_limit,
+            ledger_mode=ledger_mode, ledger_max_items=ledger_max_items))
+
+    def list_run_commands(self, request: Request, run_id: str, limit: int) -> Response:
+        self.gateway.load_run(run_id)
+        items = []
+        for outcome in self.gateway.stores.outcomes.for_run(run_id, limit=limit):
+            items.append(self.gateway.command_status(outcome["command_id"]))
+        return json_response({"items": items})
+
+    # -- artifacts ------------------------------------------------------------------------------------
+
+    def _artifact_meta(self, run_id: str, artifact_id: str) -> ArtifactMetadata:
+        self.gateway.load_run(run_id)
+        try:
+            validate_artifact_id(artifact_id)
+        except ValueError:
+            raise GatewayError(f"Invalid artifact id: {artifact_id!r}", code="invalid_artifact_id") from None
+        meta = self.gateway.stores.artifacts.get_metadata(artifact_id)
+        if meta is None or (meta.run_id and meta.run_id != run_id):
+            raise NotFound(f"Artifact '{artifact_id}' not found", code="artifact_not_found")
+        return meta
+
+    def list_artifacts(self, request: Request, run_id: str, limit: int) -> Response:
+        self.gateway.load_run(run_id)
+        metas = sorted(self.gateway.stores.artifacts.list_by_run(run_id), key=lambda m: m.created_at, reverse=True)
+        return json_response({"items": [{"artifact_id": m.artifact_id, "content_type": m.content_type,
+                                         "size_bytes": m.size_bytes, "created_at": m.created_at, "tags": m.tags or {}}
+                                        for m in metas[:limit]]})
+
+    def get_artifact(self, request: Request, run_id: str, artifact_id: str) -> Response:
+        return json_response(self._artifact_meta(run_id, artifact_id).to_dict())
+
+    def get_artifact_content(self, request: Request, run_id: str, artifact_id: str) -> Response:
+        meta = self._artifact_meta(run_id, artifact_id)
+        size = int(meta.size_bytes)
+        start, end, status = 0, size, 200
+        byte_range = request.range
+        if byte_range is not None:
+            bounds = byte_range.range_for_length(size)
+            if bounds is None:
+                return Response(status=416, headers={"Content-Range": f"bytes */{size}"})
+            (start, end), status = bounds, 206
+        store = self.gateway.stores.artifacts
+
+        def chunks() -> Iterator[bytes]:
+            if isinstance(store, SqliteArtifactStore):
+                for offset in range(start, end, _ARTIFACT_CHUNK):
+                    yield store.read_range(artifact_id, offset, min(_ARTIFACT_CHUNK, end - offset))
+            else:
+                artifact = store.load(artifact_id)
+                content = artifact.content if artifact else b""
+                for offset in range(start, end, _ARTIFACT_CHUNK):
+                    yield content[offset:min(offset + _ARTIFACT_CHUNK, end)]
+
+        headers = {"Accept-Ranges": "bytes", "Content-Length": str(end - start)}
+        if status == 206:
+            headers["Content-Range"] = f"bytes {start}-{end - 1}/{size}"
+        return Response(chunks(), status=status, headers=headers,
+                        content_type=meta.content_type or "application/octet-stream", direct_passthrough=True)
+
+    # -- ledger ---------------------------------------------------------------------------------------
+
+    def _require_run(self, run_id: str) -> None:
+        if not self.gateway.stores.runs.exists(run_id):
+            raise NotFound(f"Run '{run_id}' not found", code="run_not_found")
+
+    def get_ledger(self, request: Request, run_id: str, after: int, limit: int) -> Response:
+        self._require_run(run_id)
+        rows = self.gateway.stores.ledger.page_json(run_id, after, limit)
+        body = '{"items":[' + ",".join(rows) + '],"next_after":' + str(after + len(rows)) + "}"
+        return Response(body, content_type="application/json")
+
+    def ledger_batch(self, request: Request, body: Dict[str, Any]) -> Response:
+        limit = body.get("limit") or 200
+        if not 1 <= limit <= 2000:
+            raise Unprocessable("Field 'limit' must be between 1 and 2000", code="validation_error")
+        parts = []
+        for entry in body["runs"]:
+            if not isinstance(entry, dict):
+                raise Unprocessable("Field 'runs' must be a list of {run_id, after}", code="validation_error")
+            run_id = str(entry.get("run_id") or "").strip()
+            after = entry.get("after") or 0
+            if not isinstance(after, int) or isinstance(after, bool) or after < 0:
+                raise Unprocessable("Field 'runs[].after' must be an integer >= 0", code="validation_error")
+            if not run_id or not self.gateway.stores.runs.exists(run_id):
+                continue
+            rows = self.gateway.stores.ledger.page_json(run_id, after, limit)
+            parts.append(_json_dumps(run_id) + ':{"items":[' + ",".join(rows) + '],"next_after":'
+                         + str(after + len(rows)) + "}")
+        return Response('{"runs":{' + ",".join(parts) + "}}", content_type="application/json")
+
+    def stream_ledger(self, request: Request, run_id: str, after: int, heartbeat_s: float) -> Response:
+        self._require_run(run_id)
+        last_event_id = request.headers.get("Last-Event-ID", "").strip()
+        if last_event_id:
+            try:
+                after = max(0, int(last_event_id))
+            except ValueError:
+                raise Unprocessable("Last-Event-ID must be an integer cursor", code="validation_error") from None
+        stream = LedgerStream(self.gateway, run_id, after, heartbeat_s, self.stopping,
+                              request.environ.get("werkzeug.socket"))
+        return Response(stream, content_type="text/event-stream; charset=utf-8",
+                        headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"}, direct_passthrough=True)
+
+    # -- commands -------------------------------------------------------------------------------------
+
+    def submit_command(self, request: Request, body: Dict[str, Any]) -> Response:
+        if not str(body["run_id"]).strip():
+            raise Unprocessable("Field 'run_id' must be non-empty", code="validation_error")
+        result = self.gateway.submit_command(command_id=body["command_id"], run_id=body["run_id"], type=body["type"],
+                                             payload=body.get("payload") or {}, ts=body.get("ts"),
+                                             client_id=body.get("client_id"))
+        return json_response({"accepted": result.accepted, "duplicate": result.duplicate, "seq": result.seq})
+
+    def get_command(self, request: Request, command_id: str) -> Response:
+        return json_response(self.gateway.command_status(command_id))
+
+
+def _start_pins(flow: Dict[str, Any]) -> List[Dict[str, Any]]:
+    """The non-execution output pins of a flow's `on_flow_start` node (its inputs)."""
+    for node in flow.get("nodes") or []:
+        if isinstance(node, dict) and node.get("type") == "on_flow_start":
+            data = node.get("data") or {}
+            defaults = data.get("pinDefaults") or {}
+            pins = []
+            for pin in data.get("outputs") or []:
+                if pin.get("type") == "execution":
+                    continue
+                item = {"id": pin.get("id"), "label": pin.get("label"), "type": pin.get("type")}
+                if pin.get("id") in defaults:
+                    item["default"] = defaults[pin.get("id")]
+                pins.append(item)
+            return pins
+    return []
+
+
+def _encode_cursor(updated_at: str, run_id: str) -> str:
+    import base64
+
+    return base64.urlsafe_b64encode(f"{updated_at}\n{run_id}".encode()).decode().rstrip("=")
+
+
+def _decode_cursor(cursor: str) -> Tuple[str, str]:
+    import base64
+
+    try:
+        updated_at, run_id = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode().split("\n", 1)
+    except (ValueError, UnicodeDecodeError):
+        raise Unprocessable("Query parameter 'cursor' is not a cursor from a previous page", code="validation_error") from None
+    return updated_at, run_id
+
+
+def run_summary(state: RunState) -> Dict[str, Any]:
+    """The run summary shape of `GET /runs/{id}` (same keys always present)."""
+    run_vars = state.vars if isinstance(state.vars, dict) else {}
+    runtime_ns = run_vars.get("_runtime") if isinstance(run_vars.get("_runtime"), dict) else {}
+    control = runtime_ns.get("control") if isinstance(runtime_ns.get("control"), dict) else {}
+    limits = run_vars.get("_limits") if isinstance(run_vars.get("_limits"), dict) else {}
+    waiting = None
+    if state.waiting is not None:
+        w = state.waiting
+        waiting = {"reason": _enum_value(w.reason), "wait_key": w.wait_key, "until": w.until, "prompt": w.prompt,
+                   "choices": w.choices, "allow_free_text": w.allow_free_text, "details": w.details}
+    return {
+        "run_id": state.run_id, "workflow_id": state.workflow_id, "status": _enum_value(state.status),
+        "current_node": state.current_node, "created_at": state.created_at, "updated_at": state.updated_at,
+        "actor_id": state.actor_id, "session_id": state.session_id, "parent_run_id": state.parent_run_id,
+        "error": state.error, "paused": bool(control.get("paused")), "pause_reason": control.get("pause_reason"),
+        "paused_at": control.get("paused_at"), "resumed_at": control.get("resumed_at"), "waiting": waiting,
+        "is_scheduled": False, "schedule": None,
+        "limits": {"tokens": {"estimated_used": None, "max_tokens": limits.get("max_tokens"),
+                              "max_input_tokens": limits.get("max_input_tokens"), "pct": None,
+                              "warn_tokens_pct": limits.get("warn_tokens_pct")}},
+    }
+
+
+class LedgerStream:
+    """The SSE body of `runs/{id}/ledger/stream`: a WSGI iterable woken by ledger commits.
+
+    In-process appends wake it through `Signals`; commits from another process are noticed by
+    polling SQLite's `data_version` (cheap) instead of re-reading the ledger. A dropped client
+    is noticed by peeking at the socket, so its thread is freed within a fraction of a second.
+    """
+
+    POLL_S = 0.25
+
+    def __init__(self, gateway: Gateway, run_id: str, after: int, heartbeat_s: float, stopping: threading.Event,
+                 sock: Any = None) -> None:
+        self.gateway = gateway
+        self.run_id = run_id
+        self.cursor = after
+        self.heartbeat_s = heartbeat_s
+        self.stopping = stopping
+        self.sock = sock
+
+    def _client_gone(self) -> bool:
+        if self.sock is None:
+            return False
+        import select
+        import socket as _socket
+
+        try:
+            readable, _, _ = select.select([self.sock], [], [], 0)
+            if readable:
+                return self.sock.recv(1, _socket.MSG_PEEK) == b""
+        except (OSError, ValueError):
+            return True
+        return False
+
+    def _frames(self) -> Tuple[List[bytes], bool]:
+        rows = self.gateway.stores.ledger.page_json(self.run_id, self.cursor, SSE_BATCH)
+        frames = []
+        for raw in rows:
+            self.cursor += 1
+            frames.append(b"id: %d\nevent: step\ndata: {\"cursor\": %d, \"record\": %s}\n\n"
+                          % (self.cursor, self.cursor, raw.encode()))
+        return frames, len(rows) == SSE_BATCH
+
+    def _terminal(self) -> bool:
+        state = self.gateway.stores.runs.load(self.run_id)
+        return state is None or _enum_value(state.status) in TERMINAL_STATUSES
+
+    def __iter__(self) -> Iterator[bytes]:
+        db = self.gateway.stores.db
+        yield b"retry: %d\n\n" % SSE_RETRY_MS
+        with db.signals.subscribe(ledger_topic(self.run_id)) as sub:
+            last_sent = time.monotonic()
+            version = db.data_version()
+            check = True
+            while True:
+                seen = sub.version
+                if check:
+                    frames, more = self._frames()
+                    if frames:
+                        yield b"".join(frames)
+                        last_sent = time.monotonic()
+                        if more:
+                            continue
+                    if self._terminal():
+                        frames, _ = self._frames()  # records of the final tick
+                        if frames:
+                            yield b"".join(frames)
+                        yield (b"event: done\ndata: {\"run_id\": %s, \"cursor\": %d, \"status\": \"terminal\"}\n\n"
+                               % (json.dumps(self.run_id).encode(), self.cursor))
+                        return
+                if self.stopping.is_set():
+                    yield b"event: done\ndata: {\"run_id\": %s, \"cursor\": %d, \"status\": \"server_stopping\"}\n\n" \
+                        % (json.dumps(self.run_id).encode(), self.cursor)
+                    return
+                idle = time.monotonic() - last_sent
+                if idle >= self.heartbeat_s:
+                    yield b": keep-alive\n\n"
+                    last_sent = time.monotonic()
+                    idle = 0.0
+                woke = sub.wait(seen, min(self.POLL_S, self.heartbeat_s - idle))
+                if self._client_gone():
+                    return
+                now_version = db.data_version()
+                check = woke or now_version != version
+                version = now_version
+
+
+def openapi_document() -> Dict[str, Any]:
+    """OpenAPI 3.1 built from `ROUTES` (the same table that drives dispatch)."""
+    import re
+
+    paths: Dict[str, Any] = {}
+    for route in ROUTES:
+        path = re.sub(r"<(?:[a-z]+:)?([a-z_]+)>", r"{\1}", route.path)
+        params = [{"name": name, "in": "path", "required": True, "schema": {"type": "string"}}
+                  for name in re.findall(r"{([a-z_]+)}", path)]
+        for p in route.query:
+            schema: Dict[str, Any] = {"type": {"str": "string", "int": "integer", "float": "number", "bool": "boolean"}[p.kind]}
+            if p.default is not None:
+                schema["default"] = p.default
+            if p.minimum is not None:
+                schema["minimum"] = p.minimum
+            if p.maximum is not None:
+                schema["maximum"] = p.maximum
+            if p.choices:
+                schema["enum"] = list(p.choices)
+            params.append({"name": p.name, "in": "query", "required": False, "schema": schema,
+                           **({"description": p.description} if p.description else {})})
+        op: Dict[str, Any] = {"operationId": route.handler, "summary": route.summary, "tags": [route.tag],
+                              "responses": {"200": {"description": "OK",
+                                                    "content": {route.content_type: {"schema": route.response}}}}}
+        if params:
+            op["parameters"] = params
+        if route.body is not None:
+            op["requestBody"] = {"required": True, "content": {"application/json": {"schema": route.body}}}
+        if route.multipart is not None:
+            op["requestBody"] = {"required": True, "content": {"multipart/form-data": {"schema": route.multipart}}}
+        codes = set(route.errors) | ({400, 422} if route.body or route.query or route.multipart else set())
+        if route.auth:
+            codes |= {401, 403, 429}
+            op["security"] = [{"bearerAuth": []}]
+        for code in sorted(codes):
+            op["responses"][str(code)] = {"description": HTTP_REASONS.get(code, "Error"),
+                                          "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}
+        paths.setdefault(path, {})[route.method.lower()] = op
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": "AbstractGateway", "version": __version__,
+                 "description": "Durable run gateway for AbstractRuntime workflows."},
+        "paths": paths,
+        "components": {"schemas": {"Error": _ERROR},
+                       "securitySchemes": {"bearerAuth": {"type": "http", "scheme": "bearer"}}},
+    }
+
+
+HTTP_REASONS = {400: "Bad request", 401: "Missing or invalid token", 403: "Forbidden", 404: "Not found",
+                409: "Conflict", 413: "Too large", 416: "Range not satisfiable", 422: "Validation error",
+                429: "Too many requests"}
+
+DOCS_HTML = """<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>AbstractGateway API</title>
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<style>
+body{font:14px/1.45 system-ui,sans-serif;margin:0;color:#1d2430;background:#f6f7f9}
+header{background:#1d2430;color:#fff;padding:14px 24px;display:flex;gap:16px;align-items:center;flex-wrap:wrap}
+header h1{font-size:18px;margin:0} header input{padding:6px;width:320px;border-radius:4px;border:0}
+main{max-width:1000px;margin:0 auto;padding:16px 24px} h2{margin:28px 0 8px;text-transform:capitalize}
+details{background:#fff;border:1px solid #dde1e7;border-radius:6px;margin:6px 0}
+summary{cursor:pointer;padding:8px 12px;display:flex;gap:12px;align-items:center}
+.m{font:600 12px monospace;padding:2px 8px;border-radius:3px;color:#fff;min-width:52px;text-align:center}
+.GET{background:#2f7d32}.POST{background:#1565c0}.DELETE{background:#c62828}
+code,pre,textarea{font:12px/1.4 ui-monospace,monospace} .body{padding:4px 14px 14px}
+pre{background:#0f1720;color:#d7e0ea;padding:10px;border-radius:4px;overflow:auto;max-height:360px}
+table{border-collapse:collapse;margin:6px 0} td,th{border:1px solid #e3e6ea;padding:3px 8px;text-align:left}
+input.p{width:220px} textarea{width:100%;height:90px} button{padding:5px 14px;margin-top:6px}
+</style></head><body>
+<header><h1>AbstractGateway API</h1>
+<label>Bearer token <input id="token" type="password" placeholder="paste the gateway token"></label>
+<span id="ver"></span></header><main id="main">Loading the OpenAPI document&hellip;</main>
+<script>
+const $ = (t, a = {}, ...kids) => { const e = document.createElement(t); Object.assign(e, a);
+  kids.forEach(k => e.append(k)); return e; };
+const token = document.getElementById('token');
+token.value = sessionStorage.getItem('gwtoken') || '';
+token.onchange = () => sessionStorage.setItem('gwtoken', token.value);
+async function tryIt(path, method, op, form, out) {
+  let url = path; const q = new URLSearchParams();
+  for (const p of op.parameters || []) { const v = form.elements[p.name].value; if (!v) continue;
+    if (p.in === 'path') url = url.replace('{' + p.name + '}', encodeURIComponent(v)); else q.set(p.name, v); }
+  if ([...q].length) url += '?' + q;
+  const init = {method, headers: {}};
+  if (token.value) init.headers.Authorization = 'Bearer ' + token.value;
+  if (form.elements.body) {
+    if (op.requestBody.content['multipart/form-data']) { init.body = new FormData(form); }
+    else { init.headers['Content-Type'] = 'application/json'; init.body = form.elements.body.value; } }
+  out.textContent = method + ' ' + url + '\\n...';
+  try { const r = await fetch(url, init); const text = await r.text();
+    let shown = text; try { shown = JSON.stringify(JSON.parse(text), null, 2); } catch (e) {}
+    out.textContent = r.status + ' ' + r.statusText + '\\n' + shown;
+  } catch (e) { out.textContent = String(e); }
+}
+function render(spec) {
+  document.getElementById('ver').textContent = 'v' + spec.info.version;
+  const main = document.getElementById('main'); main.textContent = '';
+  const byTag = {};
+  for (const [path, ops] of Object.entries(spec.paths)) for (const [m, op] of Object.entries(ops))
+    (byTag[op.tags[0]] = byTag[op.tags[0]] || []).push([path, m.toUpperCase(), op]);
+  for (const [tag, ops] of Object.entries(byTag)) {
+    main.append($('h2', {textContent: tag}));
+    for (const [path, method, op] of ops) {
+      const form = $('form'); const out = $('pre', {textContent: ''});
+      const rows = (op.parameters || []).map(p => $('tr', {}, $('td', {}, $('code', {textContent: p.name})),
+        $('td', {textContent: p.in}), $('td', {textContent: (p.schema.type || '') + (p.schema.default !== undefined ? ' = ' + p.schema.default : '')}),
+        $('td', {}, $('input', {className: 'p', name: p.name}))));
+      if (rows.length) form.append($('table', {}, ...rows));
+      if (op.requestBody) { const c = op.requestBody.content;
+        if (c['multipart/form-data']) form.append($('input', {type: 'file', name: 'file'}));
+        else form.append($('textarea', {name: 'body', value: '{}'}));
+        form.append($('pre', {textContent: JSON.stringify(Object.values(c)[0].schema, null, 2)})); }
+      const btn = $('button', {type: 'submit', textContent: 'Send'}); form.append(btn);
+      form.onsubmit = ev => { ev.preventDefault(); tryIt(path, method, op, form, out); };
+      main.append($('details', {}, $('summary', {}, $('span', {className: 'm ' + method, textContent: method}),
+        $('code', {textContent: path}), $('span', {textContent: op.summary})),
+        $('div', {className: 'body'}, $('p', {textContent: 'Responses: ' + Object.keys(op.responses).join(', ')}), form, out)));
+    }
+  }
+}
+fetch('/openapi.json').then(r => r.json()).then(render)
+  .catch(e => { document.getElementById('main').textContent = 'Could not load /openapi.json: ' + e; });
+</script></body></html>
+"""
+
+
+def make_server(app: Callable, host: str, port: int) -> Any:
+    """A threaded werkzeug WSGI server (HTTP/1.1, chunked responses for SSE)."""
+    from werkzeug.serving import make_server as _make_server
+
+    return _make_server(host, port, app, threaded=True)
+
+
+# =====================================================================================
+# 6. CLI
 # =====================================================================================
 
 
@@ -2384,12 +3288,84 @@ def _cmd_check(args: argparse.Namespace) -> int:
     return 1 if problems else 0
 
 
+def _wait_for_signal(stop: threading.Event) -> None:
+    import signal
+
+    def _handle(signum: int, _frame: Any) -> None:
+        stop.set()
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, _handle)
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    config = _config_from_args(args)
+    gateway = Gateway(config)
+    runner = Runner(gateway).start() if config.runner and not args.no_runner else None
+    app = GatewayApp(gateway, runner)
+    try:
+        server = make_server(app, config.host, config.port)
+    except OSError as exc:
+        print(f"serve: cannot listen on {config.host}:{config.port}: {exc}", file=sys.stderr)
+        if runner is not None:
+            runner.stop()
+        gateway.close()
+        return 1
+    catalog = gateway.host.catalog
+    failed = [b for versions in catalog.bundles.values() for b in versions.values() if b.load_error]
+    print(f"AbstractGateway {__version__} listening on http://{config.host}:{server.server_port}", flush=True)
+    print(f"  database : {config.db_path} ({gateway.stores.backend} backend)")
+    print(f"  bundles  : {sum(len(v) for v in catalog.bundles.values())} loaded from {config.flows_dir} and uploads"
+          f"{f', {len(failed)} failed' if failed else ''}")
+    for bundle in failed:
+        print(f"    ! {bundle.ref}: {bundle.load_error}")
+    print(f"  runner   : {'in this process' if runner else 'external (--no-runner)'}", flush=True)
+    stop = threading.Event()
+    _wait_for_signal(stop)
+    thread = threading.Thread(target=server.serve_forever, name="http", daemon=True)
+    thread.start()
+    stop.wait()
+    print("abstractgateway: stopping (draining streams and ticks)", file=sys.stderr, flush=True)
+    app.stopping.set()
+    server.shutdown()
+    if runner is not None:
+        runner.stop()
+    gateway.stores.db.checkpoint()
+    gateway.close()
+    return 0
+
+
+def _cmd_runner(args: argparse.Namespace) -> int:
+    config = _config_from_args(args)
+    gateway = Gateway(config)
+    runner = Runner(gateway).start()
+    print(f"abstractgateway runner {runner.owner} on {config.db_path}", flush=True)
+    stop = threading.Event()
+    _wait_for_signal(stop)
+    stop.wait()
+    runner.stop()
+    gateway.stores.db.checkpoint()
+    gateway.close()
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The `abstractgateway` command line (every subcommand with its flags)."""
     parser = argparse.ArgumentParser(prog="abstractgateway", description="Durable run gateway for AbstractRuntime workflows.")
     parser.add_argument("--version", action="version", version=f"abstractgateway {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     storage_flags = ("data_dir", "db_path", "synchronous")
+    runtime_flags = (*storage_flags, "store_backend", "flows_dir", "workflow_source", "poll_s", "tick_workers")
+
+    p = sub.add_parser("serve", help="Serve the HTTP API (and run the runner unless --no-runner).")
+    _add_setting_flags(p, (*runtime_flags, "host", "port"))
+    p.add_argument("--no-runner", action="store_true", help="Only serve HTTP; a separate `abstractgateway runner` "
+                   "process applies commands and ticks runs.")
+    p.set_defaults(func=_cmd_serve)
+
+    p = sub.add_parser("runner", help="Run only the runner (pair with `serve --no-runner` on the same database).")
+    _add_setting_flags(p, runtime_flags)
+    p.set_defaults(func=_cmd_runner)
 
     p = sub.add_parser("migrate", help="Import an upstream file data dir or SQLite DB into the gateway database.")
     p.add_argument("--from", dest="source", required=True, choices=("file", "sqlite-upstream"))

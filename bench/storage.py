@@ -120,6 +120,8 @@ class Backend:
     def page(self, run_id: str, after: int, limit: int) -> List[Dict[str, Any]]:
         raise NotImplementedError
 
+    page_raw: Optional[Callable[[str, int, int], List[str]]] = None  # unparsed JSON text, where the store has it
+
     def bulk_load(self, run_id: str, n: int) -> None:
         raise NotImplementedError
 
@@ -147,6 +149,9 @@ class OursSqlite(Backend):
 
     def page(self, run_id: str, after: int, limit: int) -> List[Dict[str, Any]]:
         return self.store.page(run_id, after, limit)
+
+    def page_raw(self, run_id: str, after: int, limit: int) -> List[str]:
+        return self.store.page_json(run_id, after, limit)
 
     def seqs_gapless(self, run_id: str, n: int) -> Optional[bool]:
         row = self.db.query_one("SELECT COUNT(*), MIN(seq), MAX(seq) FROM ledger WHERE run_id = ?", (run_id,))
@@ -337,15 +342,24 @@ def bench_backend(backend: Backend, counts: Dict[str, int], problems: Problems) 
     first = backend.page("big", after, PAGE_LIMIT)  # warm-up (and correctness)
     if len(first) != PAGE_LIMIT or first[0].get("step_id") != str(after + 1):
         problems.append(f"{backend.name}: page(big, {after}, {PAGE_LIMIT}) returned the wrong records")
+    out["page_ms"], out["page_n"] = time_page(backend.page, after)
+    if backend.page_raw is not None:
+        raw = backend.page_raw("big", after, PAGE_LIMIT)
+        if len(raw) != PAGE_LIMIT or json.loads(raw[0]).get("step_id") != str(after + 1):
+            problems.append(f"{backend.name}: page_json(big, {after}, {PAGE_LIMIT}) returned the wrong records")
+        out["page_raw_ms"], _ = time_page(backend.page_raw, after)
+    return out
+
+
+def time_page(page: Callable[[str, int, int], List[Any]], after: int) -> "tuple[float, int]":
+    """Median latency (ms) of `page("big", after, PAGE_LIMIT)` and the number of samples."""
     samples: List[float] = []
     budget_end = time.perf_counter() + PAGE_TIME_BUDGET_S
     while len(samples) < PAGE_SAMPLES and (len(samples) < 5 or time.perf_counter() < budget_end):
         t0 = time.perf_counter()
-        backend.page("big", after, PAGE_LIMIT)
+        page("big", after, PAGE_LIMIT)
         samples.append((time.perf_counter() - t0) * 1000.0)
-    out["page_ms"] = statistics.median(samples)
-    out["page_n"] = len(samples)
-    return out
+    return statistics.median(samples), len(samples)
 
 
 # -- report -----------------------------------------------------------------------------------
@@ -363,7 +377,7 @@ def print_table(results: List[Dict[str, Any]], counts: Dict[str, int]) -> None:
         f"8 thr own runs rec/s ({THREADS}x{per:,})",
         f"8 thr same run rec/s ({THREADS}x{per:,})",
         f"replay {big // 1000}k rec/s",
-        f"page 1k@{big // 2 // 1000}k ms (median, n)",
+        f"page 1k@{big // 2 // 1000}k ms (n)",
     ]
     rows = []
     for r in results:
@@ -382,6 +396,8 @@ def print_table(results: List[Dict[str, Any]], counts: Dict[str, int]) -> None:
 def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="scale every count down 10x")
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="repeat the whole comparison N times and report medians (default 3)")
     parser.add_argument("--dir", default=None, help="parent directory for the temporary stores (default: $TMPDIR or /tmp)")
     args = parser.parse_args(argv)
 
@@ -419,42 +435,75 @@ def main(argv: Optional[List[str]] = None) -> int:
         lambda d: Jsonl(d, ours=False),
         lambda d: Jsonl(d, ours=True),
     ]
-    results: List[Dict[str, Any]] = []
+    rounds: List[Dict[str, Dict[str, Any]]] = []  # per round: store name -> figures
+    order: List[str] = []
     problems = Problems()
     t_start = time.perf_counter()
     try:
-        for i, factory in enumerate(factories):
-            backend = factory(base / f"store{i}")
-            try:
-                t0 = time.perf_counter()
-                print(f"  running {backend.name} ...", end="", flush=True)
-                results.append(bench_backend(backend, counts, problems))
-                print(f" {time.perf_counter() - t0:.1f}s", flush=True)
-            finally:
-                backend.close()
-                shutil.rmtree(backend.root, ignore_errors=True)
+        for rnd in range(args.rounds):
+            # rotate the order every round so no store always runs first (cold disk, warm CPU, ...)
+            shift = rnd % len(factories)
+            figures: Dict[str, Dict[str, Any]] = {}
+            print(f"  round {rnd + 1}/{args.rounds}:", end="", flush=True)
+            for i, factory in list(enumerate(factories))[shift:] + list(enumerate(factories))[:shift]:
+                backend = factory(base / f"r{rnd}-store{i}")
+                try:
+                    t0 = time.perf_counter()
+                    figures[backend.name] = bench_backend(backend, counts, problems)
+                    print(f" [{backend.name} {time.perf_counter() - t0:.1f}s]", end="", flush=True)
+                    if rnd == 0:
+                        order.append(backend.name)
+                finally:
+                    backend.close()
+                    shutil.rmtree(backend.root, ignore_errors=True)
+            print(flush=True)
+            rounds.append(figures)
     finally:
         shutil.rmtree(base, ignore_errors=True)
     print(f"  total {time.perf_counter() - t_start:.1f}s")
     print()
 
+    metrics = ("single", "conc_own", "conc_same", "replay", "page_ms", "page_raw_ms")
+    results: List[Dict[str, Any]] = []
+    for name in order:
+        merged: Dict[str, Any] = {"name": name, "durable": rounds[0][name]["durable"],
+                                  "page_n": sum(r[name]["page_n"] for r in rounds)}
+        for m in metrics:
+            if m in rounds[0][name]:
+                merged[m] = statistics.median(r[name][m] for r in rounds)
+        results.append(merged)
+
+    print(f"median of {args.rounds} round(s); page n = page calls timed over all rounds")
     print_table(results, counts)
     print()
 
-    by_name = {r["name"]: r for r in results}
-    ours, up = by_name["ours sqlite (FULL)"], by_name["upstream sqlite (FULL)"]
+    def ratio_of(metric: str, invert: bool = False) -> "tuple[float, float, float]":
+        per_round = []
+        for r in rounds:
+            ours_v, up_v = r["ours sqlite (FULL)"][metric], r["upstream sqlite (FULL)"][metric]
+            per_round.append(up_v / ours_v if invert else ours_v / up_v)
+        return statistics.median(per_round), min(per_round), max(per_round)
+
     ratios = {
-        "single appender": ours["single"] / up["single"],
-        "8 threads, own runs": ours["conc_own"] / up["conc_own"],
-        "8 threads, same run": ours["conc_same"] / up["conc_same"],
+        "single appender": ratio_of("single"),
+        "8 threads, own runs": ratio_of("conc_own"),
+        "8 threads, same run": ratio_of("conc_same"),
     }
-    print("ours FULL vs upstream sqlite FULL (durable appends, higher is better):")
-    for label, ratio in ratios.items():
-        print(f"  {label:<22} {ratio:6.2f}x")
-    print(f"  {'replay (list)':<22} {ours['replay'] / up['replay']:6.2f}x")
-    print(f"  {'page latency':<22} {up['page_ms'] / ours['page_ms']:6.2f}x faster")
+    print("ours FULL vs upstream sqlite FULL, same-round ratios (median [min..max]), higher is better:")
+    for label, (med, lo, hi) in ratios.items():
+        print(f"  {label:<22} {med:6.2f}x  [{lo:.2f}..{hi:.2f}]")
+    for label, (med, lo, hi) in (("replay (list)", ratio_of("replay")),
+                                 ("page latency", ratio_of("page_ms", invert=True))):
+        print(f"  {label:<22} {med:6.2f}x  [{lo:.2f}..{hi:.2f}]")
+    ratios = {k: v[0] for k, v in ratios.items()}
+    print()
+    for r in results:
+        if "page_raw_ms" in r:
+            print(f"{r['name']}: page_json (same page, stored JSON text, not parsed; what the HTTP "
+                  f"stream sends) {r['page_raw_ms']:.2f} ms median")
     print()
 
+    by_name = {r["name"]: r for r in results}
     print("goals:")
     for label, ratio in ratios.items():
         print(f"  durable appends >= 3x upstream sqlite FULL, {label:<20} "

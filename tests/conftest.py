@@ -119,3 +119,73 @@ def wait_for(predicate, timeout: float = 10.0, interval: float = 0.01):
         if time.monotonic() > deadline:
             raise AssertionError(f"condition not met within {timeout}s")
         time.sleep(interval)
+
+
+class LiveServer:
+    """A real gateway (werkzeug server + runner) on a loopback port, over a real SQLite file."""
+
+    def __init__(self, data_dir: Path, runner: bool = True, **env: str) -> None:
+        import threading
+
+        self.gateway = make_gateway(data_dir, port="0", **env)
+        self.runner = gw.Runner(self.gateway).start() if runner else None
+        self.app = gw.GatewayApp(self.gateway, self.runner)
+        self.server = gw.make_server(self.app, "127.0.0.1", 0)
+        self.port = self.server.server_port
+        self.base = f"http://127.0.0.1:{self.port}"
+        self._thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self._thread.start()
+
+    def request(self, method: str, path: str, body=None, headers=None, raw: bytes | None = None, timeout: float = 10):
+        """(status, headers, parsed JSON or bytes)."""
+        import http.client
+        import json as _json
+
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=timeout)
+        hdrs = dict(headers or {})
+        data = raw
+        if body is not None:
+            data = _json.dumps(body).encode()
+            hdrs.setdefault("Content-Type", "application/json")
+        conn.request(method, path, body=data, headers=hdrs)
+        resp = conn.getresponse()
+        payload = resp.read()
+        conn.close()
+        if resp.getheader("Content-Type", "").startswith("application/json"):
+            return resp.status, dict(resp.getheaders()), _json.loads(payload)
+        return resp.status, dict(resp.getheaders()), payload
+
+    def get(self, path: str, **kw):
+        return self.request("GET", path, **kw)
+
+    def post(self, path: str, body=None, **kw):
+        return self.request("POST", path, body=body, **kw)
+
+    def close(self) -> None:
+        self.app.stopping.set()
+        self.server.shutdown()
+        if self.runner is not None:
+            self.runner.stop()
+        self.gateway.close()
+
+
+@pytest.fixture
+def live_server(data_dir: Path) -> Iterator[LiveServer]:
+    server = LiveServer(data_dir)
+    yield server
+    server.close()
+
+
+def multipart(fields: dict, files: dict) -> tuple[bytes, str]:
+    """Encode a multipart/form-data body: returns (body, content type)."""
+    import uuid
+
+    boundary = uuid.uuid4().hex
+    parts = []
+    for name, value in fields.items():
+        parts.append(f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"\r\n\r\n{value}\r\n'.encode())
+    for name, (filename, content) in files.items():
+        parts.append(f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"; filename="{filename}"\r\n'
+                     f"Content-Type: application/octet-stream\r\n\r\n".encode() + content + b"\r\n")
+    parts.append(f"--{boundary}--\r\n".encode())
+    return b"".join(parts), f"multipart/form-data; boundary={boundary}"
