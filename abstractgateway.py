@@ -2,13 +2,19 @@
 
 Contents, in dependency order (each section uses only what stands above it):
 
-1. Config      -- the settings table (env var, CLI flag, default, help) and `Config`.
-2. Storage     -- `Database` (apsw, WAL, per-thread connections, group commit, signals),
-                  the SQLite stores the runtime accepts (`SqliteRunStore`, `SqliteLedgerStore`,
-                  `SqliteCommandStore`, `SqliteCommandCursorStore`, `SqliteArtifactStore`),
-                  the gateway's own stores (bundles, leases), the file-store compatibility
-                  adapter (`open_stores`), the migrator, backup and check.
-3. CLI         -- `main()`: `migrate`, `backup`, `check`.
+1. Config      -- `SETTINGS` (env var, CLI flag, default, help: one table drives both) and `Config`.
+2. Storage     -- `Database` (apsw, WAL, per-thread connections, group commit, `Signals`), the
+                  SQLite stores the runtime accepts (`SqliteRunStore`, `SqliteLedgerStore`,
+                  `SqliteCommandStore`, `SqliteCommandCursorStore`, `SqliteArtifactStore`), the
+                  gateway's own stores (bundles, leases, command outcomes, deprecations), the
+                  file-store compatibility adapter (`open_stores`), the migrator, backup and check.
+3. Workflows   -- `read_bundle` (hostile-input-safe .flow parsing), `WorkflowHost` (load, compile,
+                  resolve, deprecate; also the runtime's workflow registry).
+4. Runner      -- `Gateway` (start runs, durable commands applied exactly once, ticks, subflow
+                  parents) and `Runner` (lease-held thread pool woken by commits).
+5. HTTP        -- `ROUTES` (drives dispatch and `openapi_document()`), `GatewayApp` (WSGI),
+                  `LedgerStream` (push-based SSE with resume), the offline `/docs` page, `make_server`.
+6. CLI         -- `main()`: `serve`, `runner`, `migrate`, `backup`, `check`.
 
 The DDL lives in `schema.sql` beside this file (forward-only migrations keyed by
 `PRAGMA user_version`).

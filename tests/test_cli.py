@@ -1,0 +1,123 @@
+"""The command line: serve from an empty home, graceful stop, split API and runner processes."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+import abstractgateway as gw
+from conftest import TEST_BUNDLES, make_config, pack_bundle, wait_for
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _get(url: str, timeout: float = 2.0):
+    with urllib.request.urlopen(url, timeout=timeout) as resp:
+        return resp.status, json.loads(resp.read())
+
+
+def _post(url: str, body: dict):
+    req = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=5) as resp:
+        return json.loads(resp.read())
+
+
+def _spawn(args, env):
+    return subprocess.Popen([sys.executable, "-m", "abstractgateway", *args], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def _clean_env(home: Path) -> dict:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("ABSTRACTGATEWAY_", "XDG_"))}
+    env.update(HOME=str(home), XDG_DATA_HOME=str(home / ".local" / "share"))
+    return env
+
+
+def test_version_and_help():
+    out = subprocess.run([sys.executable, "-m", "abstractgateway", "--version"], capture_output=True, text=True)
+    assert out.returncode == 0 and out.stdout.strip() == f"abstractgateway {gw.__version__}"
+    for cmd in ("serve", "runner", "migrate", "backup", "check"):
+        out = subprocess.run([sys.executable, "-m", "abstractgateway", cmd, "--help"], capture_output=True, text=True)
+        assert out.returncode == 0 and "--db-path" in out.stdout
+
+
+def test_serve_from_an_empty_home_then_sigterm_exits_cleanly(tmp_path):
+    home = tmp_path / "home"
+    home.mkdir()
+    port = _free_port()
+    proc = _spawn(["serve", "--port", str(port)], _clean_env(home))
+    try:
+        status, data = wait_for(lambda: _try_get(f"http://127.0.0.1:{port}/api/health"), timeout=20)
+        assert status == 200 and data["status"] == "healthy"
+        db = home / ".local" / "share" / "abstractgateway" / "gateway.sqlite3"
+        assert db.exists()  # the platformdirs data dir, with nothing configured
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=20)
+    assert proc.returncode == 0, err
+    assert f"http://127.0.0.1:{port}" in out and str(db) in out
+    assert not Path(str(db) + "-wal").exists() or Path(str(db) + "-wal").stat().st_size == 0  # checkpointed
+
+
+def _try_get(url):
+    try:
+        return _get(url)
+    except OSError:
+        return None
+
+
+def test_split_api_and_two_runner_processes_share_one_database(data_dir):
+    flows = data_dir / "flows"
+    for root in TEST_BUNDLES:
+        pack_bundle(flows, root)
+    env = {**os.environ, "ABSTRACTGATEWAY_DATA_DIR": str(data_dir), "ABSTRACTGATEWAY_POLL_S": "0.05",
+           "ABSTRACTGATEWAY_RUNNER_LEASE_TTL_S": "1.5"}
+    port = _free_port()
+    api = _spawn(["serve", "--no-runner", "--port", str(port)], env)
+    runners = [_spawn(["runner"], env) for _ in range(2)]
+    base = f"http://127.0.0.1:{port}/api/gateway"
+    try:
+        wait_for(lambda: _try_get(f"http://127.0.0.1:{port}/api/health"), timeout=20)
+        run_ids = [_post(f"{base}/runs/start", {"bundle_id": "parent", "input_data": {"text": str(i)}})["run_id"]
+                   for i in range(6)]
+        for rid in run_ids:
+            wait_for(lambda rid=rid: _get(f"{base}/runs/{rid}")[1]["status"] == "completed", timeout=30)
+        stores = gw.open_stores(make_config(data_dir))
+        try:
+            holder = stores.leases.holder("runner")
+            assert holder["live"]
+            # no run was ticked twice: every node completed exactly once in each ledger
+            for rid in run_ids:
+                ledger = stores.ledger.list(rid)
+                started = [r["step_id"] for r in ledger if r["status"] == "started"]
+                assert len(started) == len(set(started))
+                assert sum(1 for r in ledger if (r.get("result") or {}).get("completed") is True) == 1
+        finally:
+            stores.close()
+        # kill the lease holder: the other runner takes over within a few seconds
+        owner_pid = int(holder["owner"].split("-")[0])
+        victim = next(p for p in runners if p.pid == owner_pid)
+        victim.send_signal(signal.SIGKILL)
+        victim.wait()
+        rid = _post(f"{base}/runs/start", {"bundle_id": "echo"})["run_id"]
+        wait_for(lambda: _get(f"{base}/runs/{rid}")[1]["status"] == "completed", timeout=15)
+    finally:
+        for proc in [api, *runners]:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        for proc in [api, *runners]:
+            proc.communicate(timeout=20)
+    assert api.returncode == 0
