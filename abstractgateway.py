@@ -1096,6 +1096,23 @@ class DeprecationStore:
         return {(b, f): {"reason": r, "deprecated_at": at} for b, f, r, at in rows}
 
 
+class DynamicFlowStore:
+    """Gateway-generated workflow definitions (schedule wrappers), so they survive restarts."""
+
+    def __init__(self, db: Database) -> None:
+        self.db = db
+
+    def put(self, workflow_id: str, definition: Dict[str, Any]) -> None:
+        now = utc_now_iso()
+        row = (workflow_id, _json_dumps(definition), now, now)
+        self.db.write(lambda conn: conn.execute(
+            "INSERT INTO dynamic_flows (workflow_id, flow_json, created_at, updated_at) VALUES (?,?,?,?)"
+            " ON CONFLICT(workflow_id) DO UPDATE SET flow_json=excluded.flow_json, updated_at=excluded.updated_at", row))
+
+    def all(self) -> Dict[str, Dict[str, Any]]:
+        return {wid: json.loads(text) for wid, text in self.db.query("SELECT workflow_id, flow_json FROM dynamic_flows")}
+
+
 # -- file-store compatibility -------------------------------------------------------------
 
 
@@ -1177,6 +1194,7 @@ class Stores:
     leases: LeaseStore
     outcomes: CommandOutcomeStore
     deprecations: DeprecationStore
+    dynamic_flows: DynamicFlowStore
 
     def close(self) -> None:
         self.db.close()
@@ -1200,7 +1218,7 @@ def open_stores(config: Config) -> Stores:
 
 def _gateway_stores(db: Database) -> Dict[str, Any]:
     return {"bundles": BundleStore(db), "leases": LeaseStore(db), "outcomes": CommandOutcomeStore(db),
-            "deprecations": DeprecationStore(db)}
+            "deprecations": DeprecationStore(db), "dynamic_flows": DynamicFlowStore(db)}
 
 
 # -- migrator --------------------------------------------------------------------------------
@@ -1686,6 +1704,80 @@ def _is_numeric_version(version: str) -> bool:
     return all(p.isdigit() for p in parts)
 
 
+SCHEDULE_PREFIX = "scheduled:"
+MAX_SCHEDULE_EXECUTIONS = 10_000
+_INTERVAL_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+
+
+def parse_interval(text: str) -> float:
+    """Seconds in a relative duration such as `500ms`, `30s`, `15m`, `1.5h`, `1d`."""
+    import re
+
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)\s*", str(text or ""))
+    if not match or float(match.group(1)) <= 0:
+        raise GatewayError(f"Invalid interval {text!r} (expected e.g. 500ms, 30s, 15m, 1h, 1d)", code="invalid_interval")
+    return float(match.group(1)) * _INTERVAL_UNITS[match.group(2)]
+
+
+def _iso_after(seconds: float) -> str:
+    from datetime import timedelta
+
+    return (datetime.now(timezone.utc) + timedelta(seconds=seconds)).isoformat()
+
+
+def schedule_spec(workflow_id: str) -> Any:
+    """The wrapper workflow of a schedule, built on the runtime's WAIT_UNTIL and subworkflow effects.
+
+    Everything it needs is read from the parent run's `vars._meta.schedule`, so `update_schedule`
+    takes effect by editing the run. Node ids follow the original gateway's contract:
+    start -> wait_start -> run_target -> after_run -> (wait_interval -> run_target ...) -> end.
+    """
+    from abstractruntime import Effect, EffectType, StepPlan, WorkflowSpec
+
+    def definition(run: RunState) -> Dict[str, Any]:
+        return run.vars["_meta"]["schedule"]
+
+    def start(run: RunState, ctx: Any) -> Any:
+        run.vars.setdefault("_schedule_state", {"executions": 0, "last": None})
+        return StepPlan(node_id="start", next_node="wait_start")
+
+    def wait_start(run: RunState, ctx: Any) -> Any:
+        until = definition(run).get("start_at") or utc_now_iso()
+        return StepPlan(node_id="wait_start", effect=Effect(type=EffectType.WAIT_UNTIL, payload={"until": until}),
+                        next_node="run_target")
+
+    def run_target(run: RunState, ctx: Any) -> Any:
+        sched = definition(run)
+        index = run.vars["_schedule_state"]["executions"]
+        session = run.session_id if sched.get("share_context", True) else f"{run.run_id}:{index}"
+        child_vars = {**(run.vars.get("vars") or {}), "_schedule": {"parent_run_id": run.run_id, "index": index}}
+        payload = {"workflow_id": sched["target_workflow_id"], "vars": child_vars, "async": True, "wait": True,
+                   "session_id": session}
+        return StepPlan(node_id="run_target", next_node="after_run",
+                        effect=Effect(type=EffectType.START_SUBWORKFLOW, payload=payload, result_key="_schedule_last"))
+
+    def after_run(run: RunState, ctx: Any) -> Any:
+        sched, state = definition(run), run.vars["_schedule_state"]
+        state["executions"] += 1
+        state["last"] = run.vars.pop("_schedule_last", None)
+        count = sched.get("repeat_count")
+        finished = not sched.get("interval") or (count is not None and state["executions"] >= count)
+        return StepPlan(node_id="after_run", next_node="end" if finished else "wait_interval")
+
+    def wait_interval(run: RunState, ctx: Any) -> Any:
+        until = _iso_after(parse_interval(definition(run)["interval"]))
+        return StepPlan(node_id="wait_interval", effect=Effect(type=EffectType.WAIT_UNTIL, payload={"until": until}),
+                        next_node="run_target")
+
+    def end(run: RunState, ctx: Any) -> Any:
+        state = run.vars["_schedule_state"]
+        return StepPlan(node_id="end", complete_output={"executions": state["executions"], "last": state["last"]})
+
+    nodes = {"start": start, "wait_start": wait_start, "run_target": run_target, "after_run": after_run,
+             "wait_interval": wait_interval, "end": end}
+    return WorkflowSpec(workflow_id=workflow_id, entry_node="start", nodes=nodes)
+
+
 @dataclass
 class _Catalog:
     bundles: Dict[str, Dict[str, LoadedBundle]] = field(default_factory=dict)  # id -> version -> bundle
@@ -1732,6 +1824,9 @@ class WorkflowHost:
             else:
                 for origin, content in self._bundle_sources(catalog):
                     self._add_bundle(catalog, origin, content)
+            for workflow_id, definition in self.stores.dynamic_flows.all().items():
+                catalog.specs[workflow_id] = schedule_spec(workflow_id)
+                catalog.flows[workflow_id] = definition
             self._catalog = catalog
             return catalog
 
@@ -1912,6 +2007,15 @@ class WorkflowHost:
             raise NotFound(f"Workflow '{workflow_id}' not found", code="workflow_not_found")
         return spec
 
+    def register_schedule(self, workflow_id: str, definition: Dict[str, Any]) -> Any:
+        """Persist a schedule wrapper's definition and make its workflow available now."""
+        self.stores.dynamic_flows.put(workflow_id, definition)
+        with self._reload_lock:
+            spec = schedule_spec(workflow_id)
+            self._catalog.specs[workflow_id] = spec
+            self._catalog.flows[workflow_id] = definition
+        return spec
+
     def install(self, content: bytes, *, overwrite: bool = False) -> LoadedBundle:
         """Validate an uploaded bundle and store its bytes in the database (not yet loaded)."""
         self.require_bundle_source()
@@ -1984,18 +2088,72 @@ class Gateway:
             workspace = Path(self.config.data_dir) / "workspaces" / uuid.uuid4().hex
             workspace.mkdir(parents=True, exist_ok=True)
             run_vars["workspace_root"] = str(workspace)
+        return self._start(spec, run_vars, session_id)
+
+    def _start(self, spec: Any, run_vars: Dict[str, Any], session_id: Optional[str]) -> str:
         session = (session_id or "").strip() or None
-        if session is None:
-            # The original gateway uses the run's own id as its session: allocate it up front so
-            # the run is saved once, already complete.
-            run_id = self.runtime.start(workflow=spec, vars=run_vars, actor_id=ACTOR_ID)
-            state = self.stores.runs.load(run_id)
-            state.session_id = run_id
-            self.stores.runs.save(state)
-        else:
+        with self.stores.db.transaction():
             run_id = self.runtime.start(workflow=spec, vars=run_vars, actor_id=ACTOR_ID, session_id=session)
+            if session is None:  # like the original gateway, a run without a session is its own session
+                state = self.stores.runs.load(run_id)
+                state.session_id = run_id
+                self.stores.runs.save(state)
         self.wake_runner()
         return run_id
+
+    def schedule_run(self, *, bundle_id: Optional[str], flow_id: Optional[str], bundle_version: Optional[str] = None,
+                     input_data: Optional[Dict[str, Any]] = None, start_at: Optional[str] = None,
+                     interval: Optional[str] = None, repeat_count: Optional[int] = None,
+                     repeat_until: Optional[str] = None, share_context: bool = True,
+                     session_id: Optional[str] = None) -> str:
+        """Start a scheduled parent run that executes the target flow as child runs on a timetable."""
+        if not (bundle_id or "").strip():
+            raise GatewayError("bundle_id is required", code="bundle_id_required")
+        if not (flow_id or "").strip():
+            raise GatewayError("flow_id is required", code="flow_id_required")
+        target = self.host.resolve(bundle_id=bundle_id, bundle_version=bundle_version, flow_id=flow_id)
+        self.host.startable_spec(target)
+        start = _parse_time(start_at, "start_at") if (start_at or "").strip().lower() not in ("", "now") else None
+        seconds = parse_interval(interval) if interval else None
+        if repeat_count is not None and repeat_count <= 0:
+            raise GatewayError("repeat_count must be >= 1", code="invalid_schedule")
+        if repeat_count is not None and repeat_count > 1 and seconds is None:
+            raise GatewayError("repeat_count > 1 needs an interval", code="invalid_schedule")
+        if repeat_until:
+            if seconds is None or repeat_count is not None:
+                raise GatewayError("repeat_until needs an interval and excludes repeat_count", code="invalid_schedule")
+            until, begin = _parse_time(repeat_until, "repeat_until"), start or datetime.now(timezone.utc)
+            if until < begin:
+                raise GatewayError("repeat_until is before the start", code="invalid_schedule")
+            repeat_count = 1 + int((until - begin).total_seconds() // seconds)
+        if repeat_count is not None and repeat_count > MAX_SCHEDULE_EXECUTIONS:
+            raise GatewayError(f"schedule would run {repeat_count} times (max {MAX_SCHEDULE_EXECUTIONS})",
+                               code="invalid_schedule")
+        if repeat_count == 1:
+            interval = None
+        target_ref, _, target_flow = target.partition(":")
+        target_bundle, _, target_version = target_ref.partition("@")
+        now = utc_now_iso()
+        definition = {
+            "kind": "scheduled_run", "target_workflow_id": target, "target_bundle_id": target_bundle,
+            "target_bundle_version": target_version, "target_bundle_ref": target_ref, "target_flow_id": target_flow,
+            "start_at": start.isoformat() if start else None, "interval": interval, "repeat_count": repeat_count,
+            "repeat_until": repeat_until or None, "share_context": bool(share_context), "created_at": now, "updated_at": now,
+        }
+        workflow_id = f"{SCHEDULE_PREFIX}{uuid.uuid4()}"
+        spec = self.host.register_schedule(workflow_id, definition)
+        return self._start(spec, {"vars": dict(input_data or {}), "_meta": {"schedule": definition}}, session_id)
+
+    def schedule_root(self, run_id: str) -> RunState:
+        """The scheduled parent run `run_id` belongs to (itself or an ancestor)."""
+        run = self.stores.runs.load(run_id)
+        if run is None:
+            raise NotFound(f"Run '{run_id}' not found", code="run_not_found")
+        while run is not None and schedule_of(run) is None:
+            run = self.stores.runs.load(run.parent_run_id) if run.parent_run_id else None
+        if run is None:
+            raise GatewayError(f"Run '{run_id}' is not part of a scheduled run", code="not_scheduled")
+        return run
 
     def load_run(self, run_id: str) -> RunState:
         state = self.stores.runs.load(run_id)
@@ -2088,13 +2246,46 @@ class Gateway:
                 for run in tree:
                     if _is_paused(run):
                         self.runtime.resume_run(run.run_id)
+                self._fire_recurrent_schedule_now(tree[0])
         elif kind == "update_schedule":
-            raise GatewayError(f"Run '{record.run_id}' is not a scheduled run", code="not_scheduled")
+            self._update_schedule(record)
         elif kind == "compact_memory":
             raise Unprocessable(f"compact_memory needs the LLM integration; install the '{LLM_EXTRA}' extra",
                                 code="llm_extra_required")
         else:
             raise GatewayError(f"Unknown command type '{record.type}'", code="invalid_command_type")
+
+    def _fire_recurrent_schedule_now(self, run: RunState) -> None:
+        """Resuming a recurrent schedule that waits for its next slot runs the next execution at once."""
+        sched = schedule_of(run)
+        run = self.stores.runs.load(run.run_id)
+        if sched and sched.get("interval") and run.waiting is not None and _enum_value(run.waiting.reason) == "until":
+            run.waiting.until = utc_now_iso()
+            run.updated_at = utc_now_iso()
+            self.stores.runs.save(run)
+
+    def _update_schedule(self, record: CommandRecord) -> None:
+        payload = record.payload or {}
+        interval = payload.get("interval") or payload.get("schedule")
+        if not interval:
+            raise GatewayError("update_schedule needs payload.interval", code="invalid_payload")
+        seconds = parse_interval(interval)
+        root = self.schedule_root(record.run_id)
+        sched = root.vars["_meta"]["schedule"]
+        if not sched.get("interval"):
+            raise GatewayError(f"Run '{root.run_id}' is a one-shot schedule (no interval to update)", code="not_recurrent")
+        now = utc_now_iso()
+        sched.update(interval=interval, updated_at=now)
+        waiting = root.waiting
+        if (payload.get("apply_immediately", True) and _enum_value(root.status) == "waiting" and waiting is not None
+                and _enum_value(waiting.reason) == "until" and root.current_node == "wait_interval"):
+            waiting.until = _iso_after(seconds)
+        root.vars.setdefault("_runtime", {})["last_schedule_update"] = {
+            "command_id": record.command_id, "interval": interval, "updated_at": now,
+            "requested_run_id": record.run_id, "scheduled_root_run_id": root.run_id}
+        root.updated_at = now
+        self.stores.runs.save(root)
+        self.stores.dynamic_flows.put(root.workflow_id, sched)
 
     def _resume_waiting(self, run: RunState, payload: Dict[str, Any]) -> None:
         body = payload.get("payload")
@@ -2222,6 +2413,21 @@ class Gateway:
                 seen.add(run.run_id)
                 out.append(run.run_id)
         return out
+
+
+def schedule_of(run: RunState) -> Optional[Dict[str, Any]]:
+    """The schedule definition of a scheduled parent run, else None."""
+    meta = run.vars.get("_meta") if isinstance(run.vars, dict) else None
+    sched = meta.get("schedule") if isinstance(meta, dict) else None
+    return sched if isinstance(sched, dict) and sched.get("kind") == "scheduled_run" else None
+
+
+def _parse_time(text: Optional[str], name: str) -> datetime:
+    try:
+        value = datetime.fromisoformat(str(text).strip().replace("Z", "+00:00"))
+    except ValueError:
+        raise GatewayError(f"{name} must be an ISO-8601 time, got {text!r}", code="invalid_schedule") from None
+    return (value if value.tzinfo else value.replace(tzinfo=timezone.utc)).astimezone(timezone.utc)
 
 
 def _is_paused(run: RunState) -> bool:
@@ -2438,6 +2644,11 @@ ROUTES: Tuple[Route, ...] = (
     # runs
     Route("POST", f"{API}/runs/start", "start_run", "Start a run (durable before this returns).", "runs",
           body=_obj((), bundle_id=_NS, bundle_version=_NS, flow_id=_NS, input_data=_O, session_id=_NS),
+          response=_obj(("run_id",), run_id=_S), errors=(404, 409, 422)),
+    Route("POST", f"{API}/runs/schedule", "schedule_run", "Run a flow on a timetable (as child runs of a scheduled parent).",
+          "runs", body=_obj(("bundle_id", "flow_id"), bundle_id=_S, bundle_version=_NS, flow_id=_S, input_data=_O,
+                            start_at=_NS, interval=_NS, repeat_count={"type": ["integer", "null"]}, repeat_until=_NS,
+                            share_context=_B, session_id=_NS),
           response=_obj(("run_id",), run_id=_S), errors=(404, 409, 422)),
     Route("GET", f"{API}/runs", "list_runs", "List runs, most recently updated first, with a page cursor.", "runs",
           query=(Param("limit", "int", 50, 1, 500), Param("status", "str", choices=tuple(s.value for s in RunStatus)),
@@ -2764,7 +2975,8 @@ class GatewayApp:
                 flow = None
         if flow is None:
             raise NotFound(f"Workflow '{workflow_id}' not found", code="workflow_not_found")
-        return json_response({"workflow_id": workflow_id, "flow": flow, "source": self.gateway.host.source})
+        source = "dynamic" if workflow_id.startswith(SCHEDULE_PREFIX) else self.gateway.host.source
+        return json_response({"workflow_id": workflow_id, "flow": flow, "source": source})
 
     # -- runs ---------------------------------------------------------------------------------------
 
@@ -2772,6 +2984,14 @@ class GatewayApp:
         run_id = self.gateway.start_run(bundle_id=body.get("bundle_id"), bundle_version=body.get("bundle_version"),
                                         flow_id=body.get("flow_id"), input_data=body.get("input_data") or {},
                                         session_id=body.get("session_id"))
+        return json_response({"run_id": run_id})
+
+    def schedule_run(self, request: Request, body: Dict[str, Any]) -> Response:
+        run_id = self.gateway.schedule_run(
+            bundle_id=body.get("bundle_id"), bundle_version=body.get("bundle_version"), flow_id=body.get("flow_id"),
+            input_data=body.get("input_data") or {}, start_at=body.get("start_at"), interval=body.get("interval"),
+            repeat_count=body.get("repeat_count"), repeat_until=body.get("repeat_until"),
+            share_context=body.get("share_context", True), session_id=body.get("session_id"))
         return json_response({"run_id": run_id})
 
     def list_runs(self, request: Request, limit: int, status: Optional[str], workflow_id: Optional[str],
@@ -2806,11 +3026,15 @@ class GatewayApp:
 
     def get_run_input(self, request: Request, run_id: str) -> Response:
         state = self.gateway.load_run(run_id)
-        flow = self.gateway.host.catalog.flows.get(state.workflow_id)
         run_vars = state.vars if isinstance(state.vars, dict) else {}
+        workflow_id = state.workflow_id
+        sched = schedule_of(state)
+        if sched is not None:  # a scheduled parent: describe its target and the payload it passes on
+            workflow_id, run_vars = sched["target_workflow_id"], run_vars.get("vars") or {}
+        flow = self.gateway.host.catalog.flows.get(workflow_id)
         bundle_id = bundle_version = flow_id = None
-        if ":" in state.workflow_id:
-            ref, _, flow_id = state.workflow_id.partition(":")
+        if ":" in workflow_id:
+            ref, _, flow_id = workflow_id.partition(":")
             bundle_id, _, bundle_version = ref.partition("@")
         if flow is not None:
             pins = [p["id"] for p in _start_pins(flow)]
@@ -2818,7 +3042,7 @@ class GatewayApp:
         else:
             pins = [k for k in run_vars if not k.startswith("_")]
             data = {k: run_vars[k] for k in pins}
-        return json_response({"run_id": state.run_id, "workflow_id": state.workflow_id, "bundle_id": bundle_id,
+        return json_response({"run_id": state.run_id, "workflow_id": workflow_id, "bundle_id": bundle_id,
                               "bundle_version": bundle_version or None, "flow_id": flow_id, "pin_ids": pins,
                               "input_data": data})
 
@@ -2989,6 +3213,7 @@ def run_summary(state: RunState) -> Dict[str, Any]:
     runtime_ns = run_vars.get("_runtime") if isinstance(run_vars.get("_runtime"), dict) else {}
     control = runtime_ns.get("control") if isinstance(runtime_ns.get("control"), dict) else {}
     limits = run_vars.get("_limits") if isinstance(run_vars.get("_limits"), dict) else {}
+    sched = schedule_of(state)
     waiting = None
     if state.waiting is not None:
         w = state.waiting
@@ -3000,7 +3225,8 @@ def run_summary(state: RunState) -> Dict[str, Any]:
         "actor_id": state.actor_id, "session_id": state.session_id, "parent_run_id": state.parent_run_id,
         "error": state.error, "paused": bool(control.get("paused")), "pause_reason": control.get("pause_reason"),
         "paused_at": control.get("paused_at"), "resumed_at": control.get("resumed_at"), "waiting": waiting,
-        "is_scheduled": False, "schedule": None,
+        "is_scheduled": sched is not None,
+        "schedule": {k: v for k, v in sched.items() if k != "target_bundle_id"} if sched else None,
         "limits": {"tokens": {"estimated_used": None, "max_tokens": limits.get("max_tokens"),
                               "max_input_tokens": limits.get("max_input_tokens"), "pct": None,
                               "warn_tokens_pct": limits.get("warn_tokens_pct")}},

@@ -367,3 +367,19 @@ def test_sse_dropped_client_is_cleaned_up(live_server):
     wait_for(lambda: topic in signals._topics)
     sock.close()
     wait_for(lambda: topic not in signals._topics, timeout=3)  # stream generator ended, subscription released
+
+
+def test_schedule_route(live_server):
+    status, _, data = live_server.post(f"{API}/runs/schedule", {"bundle_id": "echo", "flow_id": "echo",
+                                                                "interval": "50ms", "repeat_count": 2})
+    assert status == 200
+    run = _wait_status(live_server, data["run_id"], "completed")
+    assert run["is_scheduled"] is True and run["schedule"]["repeat_count"] == 2
+    status, _, flow = live_server.get(f"{API}/workflows/{run['workflow_id']}/flow")
+    assert status == 200 and flow["source"] == "dynamic"
+    status, _, inputs = live_server.get(f"{API}/runs/{run['run_id']}/input_data")
+    assert inputs["workflow_id"] == "echo@1.0.0:echo" and inputs["pin_ids"] == ["message"]
+    status, _, data = live_server.post(f"{API}/runs/schedule", {"bundle_id": "echo"})
+    assert status == 422 and "flow_id" in data["detail"]
+    status, _, data = live_server.post(f"{API}/runs/schedule", {"bundle_id": "echo", "flow_id": "echo", "repeat_count": 0})
+    assert status == 400 and _is_error(data, "invalid_schedule")

@@ -321,3 +321,88 @@ def test_sigkill_between_append_and_application_applies_exactly_once(data_dir):
         assert _ledger_types(g, run_id).count(("resume", "completed")) == 1
     finally:
         g.close()
+
+
+# -- schedules --------------------------------------------------------------------------------------
+
+
+def _children(gateway, run_id):
+    return gateway.stores.runs.list_children(parent_run_id=run_id)
+
+
+def test_schedule_fires_n_times(gateway, runner):
+    run_id = gateway.schedule_run(bundle_id="echo", flow_id="echo", input_data={"message": "tick"},
+                                  interval="100ms", repeat_count=3)
+    wait_for(lambda: _status(gateway, run_id) == "completed", timeout=15)
+    children = _children(gateway, run_id)
+    assert len(children) == 3 and all(c.status.value == "completed" for c in children)
+    assert all(c.output["result"] == "tick" for c in children)
+    assert all(c.session_id == run_id for c in children)  # share_context: the parent's session
+    state = gateway.stores.runs.load(run_id)
+    assert state.output["executions"] == 3
+    assert gw.schedule_of(state)["target_workflow_id"] == "echo@1.0.0:echo"
+
+
+def test_schedule_isolated_sessions_and_validation(gateway, runner):
+    run_id = gateway.schedule_run(bundle_id="echo", flow_id="echo", interval="50ms", repeat_count=2, share_context=False)
+    wait_for(lambda: _status(gateway, run_id) == "completed", timeout=15)
+    assert sorted(c.session_id for c in _children(gateway, run_id)) == [f"{run_id}:0", f"{run_id}:1"]
+    bad = [dict(repeat_count=0), dict(repeat_count=2), dict(interval="5 parsecs"),
+           dict(repeat_until="2999-01-01T00:00:00Z"), dict(interval="1s", repeat_count=2, repeat_until="2999-01-01T00:00:00Z"),
+           dict(interval="1ms", repeat_until="2999-01-01T00:00:00Z"), dict(start_at="yesterday")]
+    for kwargs in bad:
+        with pytest.raises(gw.GatewayError) as info:
+            gateway.schedule_run(bundle_id="echo", flow_id="echo", **kwargs)
+        assert info.value.status == 400, kwargs
+    with pytest.raises(gw.NotFound):
+        gateway.schedule_run(bundle_id="echo", flow_id="missing")
+    with pytest.raises(gw.GatewayError):
+        gateway.schedule_run(bundle_id="echo", flow_id=None)
+
+
+def test_schedule_survives_restart(data_dir):
+    g = make_gateway(data_dir)
+    r = gw.Runner(g).start()
+    run_id = g.schedule_run(bundle_id="echo", flow_id="echo", interval="300ms", repeat_count=3)
+    wait_for(lambda: len(_children(g, run_id)) >= 1, timeout=10)
+    r.stop()
+    g.close()
+    g = make_gateway(data_dir)
+    r = gw.Runner(g).start()
+    try:
+        wait_for(lambda: _status(g, run_id) == "completed", timeout=15)
+        assert len(_children(g, run_id)) == 3
+    finally:
+        r.stop()
+        g.close()
+
+
+def test_update_schedule_then_cancel_stops_it(gateway, runner):
+    run_id = gateway.schedule_run(bundle_id="echo", flow_id="echo", interval="1h")  # forever, hourly
+    wait_for(lambda: len(_children(gateway, run_id)) == 1 and gateway.stores.runs.load(run_id).current_node == "wait_interval")
+    assert _status(gateway, run_id) == "waiting"
+    gateway.submit_command(command_id="faster", run_id=run_id, type="update_schedule", payload={"interval": "100ms"})
+    assert _outcome(gateway, "faster")["status"] == "applied"
+    wait_for(lambda: len(_children(gateway, run_id)) >= 3, timeout=10)
+    assert gateway.stores.runs.load(run_id).vars["_runtime"]["last_schedule_update"]["interval"] == "100ms"
+    gateway.submit_command(command_id="stop", run_id=run_id, type="cancel")
+    _outcome(gateway, "stop")
+    assert _status(gateway, run_id) == "cancelled"
+    count = len(_children(gateway, run_id))
+    time.sleep(0.4)
+    assert len(_children(gateway, run_id)) == count  # nothing fires after the cancel
+    gateway.submit_command(command_id="bad", run_id=run_id, type="update_schedule", payload={"interval": "soon"})
+    assert "Invalid interval" in _outcome(gateway, "bad")["error"]
+    other = gateway.start_run(bundle_id="echo")
+    gateway.submit_command(command_id="ns", run_id=other, type="update_schedule", payload={"interval": "1s"})
+    assert "not part of a scheduled run" in _outcome(gateway, "ns")["error"]
+
+
+def test_resuming_a_paused_recurrent_schedule_fires_the_next_execution_at_once(gateway, runner):
+    run_id = gateway.schedule_run(bundle_id="echo", flow_id="echo", interval="1h")
+    wait_for(lambda: len(_children(gateway, run_id)) == 1 and gateway.stores.runs.load(run_id).current_node == "wait_interval")
+    gateway.submit_command(command_id="p", run_id=run_id, type="pause")
+    _outcome(gateway, "p")
+    gateway.submit_command(command_id="r", run_id=run_id, type="resume")
+    _outcome(gateway, "r")
+    wait_for(lambda: len(_children(gateway, run_id)) == 2, timeout=5)

@@ -436,7 +436,8 @@ def test_migrate_from_upstream_sqlite(tmp_path):
     updb = SqliteDatabase(tmp_path / "upstream.sqlite3")
     up = gw.Stores(backend="x", db=None, runs=SqliteRunStore(updb), ledger=SqliteLedgerStore(updb),
                    commands=SqliteCommandStore(updb), cursor=SqliteCommandCursorStore(updb),
-                   artifacts=None, bundles=None, leases=None, outcomes=None, deprecations=None)
+                   artifacts=None, bundles=None, leases=None, outcomes=None, deprecations=None,
+                   dynamic_flows=None)
     rid, ledger = _run_ask_echo(up)
     up.commands.append(CommandRecord(command_id="u1", run_id=rid, type="cancel", payload={}, ts=""))
     up.cursor.save(1)
