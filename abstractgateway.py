@@ -2542,6 +2542,7 @@ API = "/api/gateway"
 MAX_BUNDLE_BYTES = 75 * 1024 * 1024
 SSE_RETRY_MS = 2000
 SSE_BATCH = 500
+TERMINAL_RECORD_MARK = '"system:terminal_status:'  # idempotency key of the runtime's last record of a run
 _ARTIFACT_CHUNK = 1 << 20
 
 
@@ -3242,6 +3243,7 @@ class LedgerStream:
     """
 
     POLL_S = 0.25
+    FLUSH_GRACE_S = 0.5
 
     def __init__(self, gateway: Gateway, run_id: str, after: int, heartbeat_s: float, stopping: threading.Event,
                  sock: Any = None) -> None:
@@ -3251,6 +3253,8 @@ class LedgerStream:
         self.heartbeat_s = heartbeat_s
         self.stopping = stopping
         self.sock = sock
+        self.last_record: Optional[str] = None
+        self.terminal_seen: Optional[float] = None
 
     def _client_gone(self) -> bool:
         if self.sock is None:
@@ -3271,9 +3275,22 @@ class LedgerStream:
         frames = []
         for raw in rows:
             self.cursor += 1
+            self.last_record = raw
             frames.append(b"id: %d\nevent: step\ndata: {\"cursor\": %d, \"record\": %s}\n\n"
                           % (self.cursor, self.cursor, raw.encode()))
         return frames, len(rows) == SSE_BATCH
+
+    def _flushed(self) -> bool:
+        """True once the run's closing records are streamed.
+
+        The runtime saves the terminal status first and appends its `abstract.status` record
+        right after, so a stream that saw the status waits (briefly) for that record too.
+        """
+        if self.last_record is not None and TERMINAL_RECORD_MARK in self.last_record:
+            return True
+        if self.terminal_seen is None:
+            self.terminal_seen = time.monotonic()
+        return time.monotonic() - self.terminal_seen >= self.FLUSH_GRACE_S
 
     def _terminal(self) -> bool:
         state = self.gateway.stores.runs.load(self.run_id)
@@ -3295,10 +3312,7 @@ class LedgerStream:
                         last_sent = time.monotonic()
                         if more:
                             continue
-                    if self._terminal():
-                        frames, _ = self._frames()  # records of the final tick
-                        if frames:
-                            yield b"".join(frames)
+                    if self._terminal() and self._flushed():
                         yield (b"event: done\ndata: {\"run_id\": %s, \"cursor\": %d, \"status\": \"terminal\"}\n\n"
                                % (json.dumps(self.run_id).encode(), self.cursor))
                         return
@@ -3311,11 +3325,14 @@ class LedgerStream:
                     yield b": keep-alive\n\n"
                     last_sent = time.monotonic()
                     idle = 0.0
-                woke = sub.wait(seen, min(self.POLL_S, self.heartbeat_s - idle))
+                wait_s = min(self.POLL_S, self.heartbeat_s - idle)
+                if self.terminal_seen is not None:
+                    wait_s = min(wait_s, 0.05)
+                woke = sub.wait(seen, wait_s)
                 if self._client_gone():
                     return
                 now_version = db.data_version()
-                check = woke or now_version != version
+                check = woke or now_version != version or self.terminal_seen is not None
                 version = now_version
 
 
