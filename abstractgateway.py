@@ -83,6 +83,7 @@ class Setting:
     help: str
     flag: Optional[str] = None
     choices: Tuple[str, ...] = ()
+    minimum: float = 1  # numeric settings below this are refused
 
 
 def _default_data_dir(_values: Dict[str, Any]) -> Path:
@@ -111,7 +112,7 @@ SETTINGS: Tuple[Setting, ...] = (
             "Run the runner (command application and ticks) inside `serve`.", None),
     Setting("poll_s", "ABSTRACTGATEWAY_POLL_S", "float", 0.25,
             "Fallback poll interval for work written by another process (in-process work wakes the runner at once).",
-            "--poll-s"),
+            "--poll-s", (), 0.001),
     Setting("tick_workers", "ABSTRACTGATEWAY_TICK_WORKERS", "int", 4, "Runner threads that tick runs.", "--tick-workers"),
     Setting("tick_max_steps", "ABSTRACTGATEWAY_TICK_MAX_STEPS", "int", 100, "Nodes executed per tick.", None),
     Setting("command_batch_limit", "ABSTRACTGATEWAY_COMMAND_BATCH_LIMIT", "int", 200,
@@ -119,9 +120,52 @@ SETTINGS: Tuple[Setting, ...] = (
     Setting("run_scan_limit", "ABSTRACTGATEWAY_RUN_SCAN_LIMIT", "int", 200,
             "Runs considered for ticking per runner iteration.", None),
     Setting("host", "ABSTRACTGATEWAY_HOST", "str", "127.0.0.1", "Address `serve` binds to.", "--host"),
-    Setting("port", "ABSTRACTGATEWAY_PORT", "int", 8080, "Port `serve` listens on (0 picks a free one).", "--port"),
+    Setting("port", "ABSTRACTGATEWAY_PORT", "int", 8080, "Port `serve` listens on (0 picks a free one).", "--port",
+            (), 0),
+    Setting("security", "ABSTRACTGATEWAY_SECURITY", "bool", True,
+            "Enable the security middleware on /api/gateway/* (auth, origins, limits, lockout, audit).", None),
+    Setting("auth_token", "ABSTRACTGATEWAY_AUTH_TOKEN", "str", "",
+            "Bearer token(s), comma-separated. Unset: a strong token is generated on first `serve` and kept in the "
+            "database (`abstractgateway token show`).", None),
+    Setting("auth_tokens", "ABSTRACTGATEWAY_AUTH_TOKENS", "str", "", "More bearer tokens, comma-separated.", None),
+    Setting("protect_read", "ABSTRACTGATEWAY_PROTECT_READ", "bool", True, "Require the token for GET/HEAD.", None),
+    Setting("protect_write", "ABSTRACTGATEWAY_PROTECT_WRITE", "bool", True, "Require the token for writes.", None),
+    Setting("dev_read_no_auth", "ABSTRACTGATEWAY_DEV_READ_NO_AUTH", "bool", False,
+            "Let loopback clients read without a token (development only).", None),
+    Setting("allowed_origins", "ABSTRACTGATEWAY_ALLOWED_ORIGINS", "str", "http://localhost:*,http://127.0.0.1:*",
+            "Browser origins allowed (comma-separated; `*`, `?`, `[` are glob patterns; `*` alone allows all).", None),
+    Setting("max_body_bytes", "ABSTRACTGATEWAY_MAX_BODY_BYTES", "int", 256_000,
+            "Cap on a write request's body (413 above it).", None),
+    Setting("max_upload_body_bytes", "ABSTRACTGATEWAY_MAX_UPLOAD_BODY_BYTES", "int", 0,
+            "Extra cap on upload bodies (0: the endpoint cap plus 2 MiB of multipart overhead).", None, (), 0),
+    Setting("max_attachment_bytes", "ABSTRACTGATEWAY_MAX_ATTACHMENT_BYTES", "int", 26_214_400,
+            "Endpoint cap for `*/attachments/upload` bodies.", None),
+    Setting("max_bundle_bytes", "ABSTRACTGATEWAY_MAX_BUNDLE_BYTES", "int", 78_643_200,
+            "Cap on an uploaded `.flow` bundle.", None),
+    Setting("max_concurrency", "ABSTRACTGATEWAY_MAX_CONCURRENCY", "int", 64,
+            "Concurrent non-SSE API requests (429 above it).", None),
+    Setting("max_sse", "ABSTRACTGATEWAY_MAX_SSE", "int", 32, "Concurrent SSE streams (429 above it).", None),
+    Setting("lockout_after", "ABSTRACTGATEWAY_LOCKOUT_AFTER", "int", 5, "Auth failures before an IP is locked out.", None),
+    Setting("lockout_base_s", "ABSTRACTGATEWAY_LOCKOUT_BASE_S", "float", 1.0,
+            "First lockout length; doubles with each further failure.", None, (), 0),
+    Setting("lockout_max_s", "ABSTRACTGATEWAY_LOCKOUT_MAX_S", "float", 60.0, "Longest lockout (0: uncapped).", None, (), 0),
+    Setting("lockout_decay_s", "ABSTRACTGATEWAY_LOCKOUT_DECAY_S", "float", 900.0,
+            "Half-life of an IP's failure count, so old mistakes fade.", None),
+    Setting("trust_proxy", "ABSTRACTGATEWAY_TRUST_PROXY", "bool", False,
+            "Take the client IP from X-Forwarded-For (only behind a proxy that overwrites it).", None),
+    Setting("audit_log", "ABSTRACTGATEWAY_AUDIT_LOG", "bool", True, "Record every write request in the audit log.", None),
+    Setting("audit_log_max_bytes", "ABSTRACTGATEWAY_AUDIT_LOG_MAX_BYTES", "int", 52_428_800,
+            "Audit log size per generation (0: unbounded).", None, (), 0),
+    Setting("audit_log_rotations", "ABSTRACTGATEWAY_AUDIT_LOG_ROTATIONS", "int", 10,
+            "Older generations kept: the log holds about max_bytes x (rotations + 1).", None, (), 0),
+    Setting("audit_log_headers", "ABSTRACTGATEWAY_AUDIT_LOG_HEADERS", "str", "x-client-id,x-client-version,x-forwarded-for",
+            "Request headers copied into audit rows (comma-separated, never Authorization).", None),
+    Setting("request_timeout_s", "ABSTRACTGATEWAY_REQUEST_TIMEOUT_S", "float", 15.0,
+            "Socket read timeout: slow or idle clients are dropped after this long.", None),
+    Setting("max_threads", "ABSTRACTGATEWAY_MAX_THREADS", "int", 256,
+            "Connections served at once; more are answered 503 at once.", None),
     Setting("lease_ttl_s", "ABSTRACTGATEWAY_RUNNER_LEASE_TTL_S", "float", 5.0,
-            "Seconds before a silent runner's lease expires and another runner takes over.", None),
+            "Seconds before a silent runner's lease expires and another runner takes over.", None, (), 0.1),
 )
 
 
@@ -183,8 +227,8 @@ class Config:
                 values[setting.name] = _parse_setting(setting, raw)
             except ValueError as exc:
                 raise ConfigError(f"{setting.env}: {exc}") from None
-            if setting.kind in ("int", "float") and values[setting.name] <= 0 and setting.name != "port":
-                raise ConfigError(f"{setting.env}: must be greater than 0, got {raw!r}")
+            if setting.kind in ("int", "float") and values[setting.name] < setting.minimum:
+                raise ConfigError(f"{setting.env}: must be at least {setting.minimum:g}, got {raw!r}")
             sources[setting.name] = source
         return cls(values, sources)
 
@@ -833,6 +877,12 @@ class SqliteCommandStore:
         row = self.db.query_one(f"SELECT {self._COLUMNS} FROM commands WHERE command_id = ?", (command_id,))
         return _command_from_row(row) if row else None
 
+    def for_run(self, run_id: str, *, limit: int = 200) -> List[CommandRecord]:
+        """The newest commands addressed to `run_id`, newest first."""
+        rows = self.db.query(f"SELECT {self._COLUMNS} FROM commands WHERE run_id = ? ORDER BY seq DESC LIMIT ?",
+                             (run_id, int(limit)))
+        return [_command_from_row(r) for r in rows]
+
     def get_last_seq(self) -> int:
         return self.db.query_one("SELECT COALESCE(MAX(seq), 0) FROM commands")[0]
 
@@ -1113,6 +1163,60 @@ class DynamicFlowStore:
         return {wid: json.loads(text) for wid, text in self.db.query("SELECT workflow_id, flow_json FROM dynamic_flows")}
 
 
+class SettingsStore:
+    """Small key/value settings in the database (the generated API token lives here)."""
+
+    def __init__(self, db: Database) -> None:
+        self.db = db
+
+    def get(self, key: str) -> Optional[str]:
+        row = self.db.query_one("SELECT value FROM settings WHERE key = ?", (key,))
+        return row[0] if row else None
+
+    def set(self, key: str, value: str) -> None:
+        self.db.write(lambda conn: conn.execute(
+            "INSERT OR REPLACE INTO settings (key, value, updated_at) VALUES (?,?,?)", (key, value, utc_now_iso())))
+
+
+class AuditStore:
+    """Write-request audit rows in the database, kept to a size budget (oldest dropped first)."""
+
+    _COLUMNS = "ts, request_id, client_ip, method, path, status, duration_ms, token_fp, headers_json"
+    _ROW_OVERHEAD = 120  # bytes per row besides path and headers, for the size estimate
+
+    def __init__(self, db: Database, max_bytes: int = 0, prune_every: int = 100) -> None:
+        self.db = db
+        self.max_bytes = max_bytes
+        self.prune_every = prune_every
+        self._writes = 0
+
+    def append(self, row: Tuple[Any, ...]) -> None:
+        self.db.write(lambda conn: conn.execute(
+            f"INSERT INTO audit_log ({self._COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?)", row))
+        self._writes += 1
+        if self.max_bytes and self._writes % self.prune_every == 0:
+            self.prune()
+
+    def prune(self) -> int:
+        """Drop the oldest rows until the estimated size fits `max_bytes`; return how many."""
+        def _prune(conn: apsw.Connection) -> int:
+            total = conn.execute(f"SELECT COALESCE(SUM(length(path) + length(headers_json) + {self._ROW_OVERHEAD}), 0),"
+                                 " COUNT(*) FROM audit_log").fetchone()
+            size, count = total
+            if size <= self.max_bytes or not count:
+                return 0
+            drop = count - int(count * self.max_bytes / size)
+            conn.execute("DELETE FROM audit_log WHERE id IN (SELECT id FROM audit_log ORDER BY id LIMIT ?)", (drop,))
+            return conn.changes()
+
+        return self.db.write(_prune)
+
+    def tail(self, limit: int = 100) -> List[Dict[str, Any]]:
+        rows = self.db.query(f"SELECT id, {self._COLUMNS} FROM audit_log ORDER BY id DESC LIMIT ?", (int(limit),))
+        keys = ("id", "ts", "request_id", "client_ip", "method", "path", "status", "duration_ms", "token_fp", "headers")
+        return [dict(zip(keys, (*r[:-1], json.loads(r[-1])))) for r in rows]
+
+
 # -- file-store compatibility -------------------------------------------------------------
 
 
@@ -1162,16 +1266,19 @@ class FileCommandStore(JsonlCommandStore):
         self.signals.bump((COMMANDS_TOPIC,))
         return result
 
-    def get(self, command_id: str) -> Optional[CommandRecord]:
+    def _all(self) -> Iterator[CommandRecord]:
         after = 0
         while True:
-            records, after2 = self.list_after(after=after, limit=1000)
-            for rec in records:
-                if rec.command_id == command_id:
-                    return rec
+            records, after = self.list_after(after=after, limit=1000)
             if not records:
-                return None
-            after = after2
+                return
+            yield from records
+
+    def get(self, command_id: str) -> Optional[CommandRecord]:
+        return next((rec for rec in self._all() if rec.command_id == command_id), None)
+
+    def for_run(self, run_id: str, *, limit: int = 200) -> List[CommandRecord]:
+        return [rec for rec in self._all() if rec.run_id == run_id][::-1][:limit]
 
 
 @dataclass
@@ -1195,6 +1302,8 @@ class Stores:
     outcomes: CommandOutcomeStore
     deprecations: DeprecationStore
     dynamic_flows: DynamicFlowStore
+    settings: SettingsStore
+    audit: AuditStore
 
     def close(self) -> None:
         self.db.close()
@@ -1218,7 +1327,8 @@ def open_stores(config: Config) -> Stores:
 
 def _gateway_stores(db: Database) -> Dict[str, Any]:
     return {"bundles": BundleStore(db), "leases": LeaseStore(db), "outcomes": CommandOutcomeStore(db),
-            "deprecations": DeprecationStore(db), "dynamic_flows": DynamicFlowStore(db)}
+            "deprecations": DeprecationStore(db), "dynamic_flows": DynamicFlowStore(db), "settings": SettingsStore(db),
+            "audit": AuditStore(db)}
 
 
 # -- migrator --------------------------------------------------------------------------------
@@ -1620,10 +1730,8 @@ def read_bundle(content: bytes, origin: str) -> LoadedBundle:
     total/ratio of uncompressed bytes is capped before anything is decompressed.
     """
     import io
-    import stat
     import zipfile
-
-    from abstractruntime.workflow_bundle import workflow_bundle_manifest_from_dict
+    import zlib
 
     if not content:
         raise GatewayError("Bundle content is empty", code="bundle_empty")
@@ -1631,50 +1739,61 @@ def read_bundle(content: bytes, origin: str) -> LoadedBundle:
         archive = zipfile.ZipFile(io.BytesIO(content))
     except zipfile.BadZipFile:
         raise GatewayError("Bundle is not a valid .flow (zip) file", code="bundle_invalid") from None
-    with archive:
-        infos = archive.infolist()
-        if len(infos) > MAX_BUNDLE_FILES:
-            raise GatewayError(f"Bundle has too many files ({len(infos)} > {MAX_BUNDLE_FILES})", code="bundle_unsafe")
-        total = 0
-        for info in infos:
-            name = info.filename
-            parts = name.replace("\\", "/").split("/")
-            if name.startswith(("/", "\\")) or ":" in parts[0] or ".." in parts:
-                raise GatewayError(f"Bundle entry has an unsafe path: {name!r}", code="bundle_unsafe")
-            if stat.S_ISLNK(info.external_attr >> 16):
-                raise GatewayError(f"Bundle entry is a symlink: {name!r}", code="bundle_unsafe")
-            total += info.file_size
-        if total > MAX_BUNDLE_UNCOMPRESSED or total > MAX_BUNDLE_RATIO * max(len(content), 1024):
-            raise GatewayError("Bundle expands to too many bytes (zip bomb?)", code="bundle_unsafe")
+    try:
+        with archive:
+            return _read_bundle_archive(archive, content, origin)
+    except (zipfile.BadZipFile, zlib.error, EOFError, NotImplementedError, RuntimeError) as exc:
+        raise GatewayError(f"Bundle is damaged: {exc}", code="bundle_invalid") from None
+
+
+def _read_bundle_archive(archive: Any, content: bytes, origin: str) -> LoadedBundle:
+    import stat
+
+    from abstractruntime.workflow_bundle import workflow_bundle_manifest_from_dict
+
+    infos = archive.infolist()
+    if len(infos) > MAX_BUNDLE_FILES:
+        raise GatewayError(f"Bundle has too many files ({len(infos)} > {MAX_BUNDLE_FILES})", code="bundle_unsafe")
+    total = 0
+    for info in infos:
+        name = info.filename
+        parts = name.replace("\\", "/").split("/")
+        if name.startswith(("/", "\\")) or ":" in parts[0] or ".." in parts:
+            raise GatewayError(f"Bundle entry has an unsafe path: {name!r}", code="bundle_unsafe")
+        if stat.S_ISLNK(info.external_attr >> 16):
+            raise GatewayError(f"Bundle entry is a symlink: {name!r}", code="bundle_unsafe")
+        total += info.file_size
+    if total > MAX_BUNDLE_UNCOMPRESSED or total > MAX_BUNDLE_RATIO * max(len(content), 1024):
+        raise GatewayError("Bundle expands to too many bytes (zip bomb?)", code="bundle_unsafe")
+    try:
+        manifest = workflow_bundle_manifest_from_dict(json.loads(archive.read("manifest.json")))
+    except KeyError:
+        raise GatewayError("Bundle has no manifest.json", code="bundle_invalid") from None
+    except (ValueError, TypeError, AttributeError) as exc:
+        raise GatewayError(f"Bundle manifest is invalid: {exc}", code="bundle_invalid") from None
+    if not _is_safe_id(manifest.bundle_id):
+        raise GatewayError(f"Unsafe bundle_id {manifest.bundle_id!r} (allowed: letters, digits, _ and -)",
+                           code="bundle_invalid")
+    if not _is_safe_id(manifest.bundle_version, "."):
+        raise GatewayError(f"Unsafe bundle_version {manifest.bundle_version!r} (allowed: letters, digits, _ . -)",
+                           code="bundle_invalid")
+    bundle = LoadedBundle(
+        bundle_id=manifest.bundle_id, bundle_version=manifest.bundle_version, created_at=manifest.created_at or "",
+        origin=origin, sha256=hashlib.sha256(content).hexdigest(), manifest=manifest,
+    )
+    needs: set = set()
+    for flow_id, relpath in manifest.flows.items():
         try:
-            manifest = workflow_bundle_manifest_from_dict(json.loads(archive.read("manifest.json")))
+            flow = json.loads(archive.read(relpath))
         except KeyError:
-            raise GatewayError("Bundle has no manifest.json", code="bundle_invalid") from None
+            raise GatewayError(f"Bundle flow {flow_id!r} is missing ({relpath})", code="bundle_invalid") from None
         except ValueError as exc:
-            raise GatewayError(f"Bundle manifest is invalid: {exc}", code="bundle_invalid") from None
-        if not _is_safe_id(manifest.bundle_id):
-            raise GatewayError(f"Unsafe bundle_id {manifest.bundle_id!r} (allowed: letters, digits, _ and -)",
-                               code="bundle_invalid")
-        if not _is_safe_id(manifest.bundle_version, "."):
-            raise GatewayError(f"Unsafe bundle_version {manifest.bundle_version!r} (allowed: letters, digits, _ . -)",
-                               code="bundle_invalid")
-        bundle = LoadedBundle(
-            bundle_id=manifest.bundle_id, bundle_version=manifest.bundle_version, created_at=manifest.created_at or "",
-            origin=origin, sha256=hashlib.sha256(content).hexdigest(), manifest=manifest,
-        )
-        needs: set = set()
-        for flow_id, relpath in manifest.flows.items():
-            try:
-                flow = json.loads(archive.read(relpath))
-            except KeyError:
-                raise GatewayError(f"Bundle flow {flow_id!r} is missing ({relpath})", code="bundle_invalid") from None
-            except ValueError as exc:
-                raise GatewayError(f"Bundle flow {flow_id!r} is not valid JSON: {exc}", code="bundle_invalid") from None
-            if not isinstance(flow, dict):
-                raise GatewayError(f"Bundle flow {flow_id!r} is not a VisualFlow object", code="bundle_invalid")
-            bundle.flows[flow_id] = _namespace_flow(flow, bundle, flow_id, manifest.flows)
-            needs |= {str(n.get("type")) for n in flow.get("nodes") or [] if isinstance(n, dict)} & LLM_NODE_TYPES
-        bundle.needs = sorted(needs)
+            raise GatewayError(f"Bundle flow {flow_id!r} is not valid JSON: {exc}", code="bundle_invalid") from None
+        if not isinstance(flow, dict):
+            raise GatewayError(f"Bundle flow {flow_id!r} is not a VisualFlow object", code="bundle_invalid")
+        bundle.flows[flow_id] = _namespace_flow(flow, bundle, flow_id, manifest.flows)
+        needs |= {str(n.get("type")) for n in flow.get("nodes") or [] if isinstance(n, dict)} & LLM_NODE_TYPES
+    bundle.needs = sorted(needs)
     return bundle
 
 
@@ -2068,6 +2187,7 @@ class Gateway:
         self.runtime = Runtime(run_store=self.stores.runs, ledger_store=self.stores.ledger,
                                artifact_store=self.stores.artifacts, workflow_registry=self.host)
         self.host.reload()
+        self._last_lazy_reload = 0.0
 
     def close(self) -> None:
         self.stores.close()
@@ -2187,8 +2307,8 @@ class Gateway:
         except ValueError as exc:
             raise GatewayError(f"Failed to append command: {exc}", code="invalid_command") from None
 
-    def command_status(self, command_id: str) -> Dict[str, Any]:
-        record = self.stores.commands.get(command_id)
+    def command_status(self, command_id: str, record: Optional[CommandRecord] = None) -> Dict[str, Any]:
+        record = record or self.stores.commands.get(command_id)
         if record is None:
             raise NotFound(f"Command '{command_id}' not found", code="command_not_found")
         outcome = self.stores.outcomes.get(command_id)
@@ -2338,7 +2458,7 @@ class Gateway:
         state = self.stores.runs.load(run_id)
         if state is None:
             return None
-        spec = self.host.get(state.workflow_id)
+        spec = self.host.get(state.workflow_id) or self._reload_for(state.workflow_id)
         if spec is None or state.workflow_id in self.host.catalog.blocked:
             blocked = self.host.catalog.blocked.get(state.workflow_id)
             reason = blocked.detail if blocked else f"Workflow '{state.workflow_id}' is not loaded on this gateway"
@@ -2355,6 +2475,15 @@ class Gateway:
         if _enum_value(state.status) in TERMINAL_STATUSES:
             self.resume_parent_of(state)
         return state
+
+    def _reload_for(self, workflow_id: str) -> Any:
+        """Reload bundles once (at most every 2 s) for a workflow another process may have added."""
+        now = time.monotonic()
+        if now - self._last_lazy_reload < 2.0:
+            return None
+        self._last_lazy_reload = now
+        self.host.reload()
+        return self.host.get(workflow_id)
 
     def _fail_run(self, state: RunState, reason: str) -> RunState:
         from abstractruntime.core.models import StepStatus
@@ -2539,8 +2668,8 @@ from werkzeug.routing import Map, Rule  # noqa: E402
 from werkzeug.wrappers import Request, Response  # noqa: E402
 
 API = "/api/gateway"
-MAX_BUNDLE_BYTES = 75 * 1024 * 1024
 SSE_RETRY_MS = 2000
+MULTIPART_OVERHEAD = 2 * 1024 * 1024
 SSE_BATCH = 500
 TERMINAL_RECORD_MARK = '"system:terminal_status:'  # idempotency key of the runtime's last record of a run
 _ARTIFACT_CHUNK = 1 << 20
@@ -2691,6 +2820,12 @@ ROUTES: Tuple[Route, ...] = (
           "commands", body=_obj(("command_id", "run_id", "type"), command_id=_S, run_id=_S,
                                 type={"type": "string", "enum": list(COMMAND_TYPES)}, payload=_O, ts=_NS, client_id=_NS),
           response=_obj(("accepted", "duplicate", "seq"), accepted=_B, duplicate=_B, seq=_I)),
+    Route("GET", f"{API}/audit/tail", "audit_tail", "The newest audit rows (write requests), newest first.", "meta",
+          query=(Param("limit", "int", 100, 1, 1000),),
+          response=_obj(("items",), items={"type": "array", "items": _obj((), id=_I, ts=_S, request_id=_S,
+                                                                            client_ip=_NS, method=_S, path=_S, status=_I,
+                                                                            duration_ms={"type": "number"}, token_fp=_NS,
+                                                                            headers=_O)})),
     Route("GET", f"{API}/commands/<command_id>", "get_command", "A command's outcome: pending, applied or failed.",
           "commands", response=_COMMAND_STATUS, errors=(404,)),
 )
@@ -2882,16 +3017,17 @@ class GatewayApp:
     def upload_bundle(self, request: Request) -> Response:
         host = self.gateway.host
         host.require_bundle_source()
-        if request.content_length is not None and request.content_length > MAX_BUNDLE_BYTES:
-            raise GatewayError(f"Bundle too large ({request.content_length} bytes > {MAX_BUNDLE_BYTES} bytes)",
+        cap = self.gateway.config.max_bundle_bytes
+        if request.content_length is not None and request.content_length > cap + MULTIPART_OVERHEAD:
+            raise GatewayError(f"Bundle too large ({request.content_length} bytes > {cap} bytes)",
                                status=413, code="too_large")
-        request.max_content_length = MAX_BUNDLE_BYTES + 64 * 1024
+        request.max_content_length = cap + MULTIPART_OVERHEAD
         upload = request.files.get("file")
         if upload is None:
             raise Unprocessable("Field 'file' is required (multipart/form-data)", code="validation_error")
-        content = upload.read(MAX_BUNDLE_BYTES + 1)
-        if len(content) > MAX_BUNDLE_BYTES:
-            raise GatewayError(f"Bundle too large (> {MAX_BUNDLE_BYTES} bytes)", status=413, code="too_large")
+        content = upload.read(cap + 1)
+        if len(content) > cap:
+            raise GatewayError(f"Bundle too large (> {cap} bytes)", status=413, code="too_large")
         flags = {name: _parse_param(Param(name, "bool", default), request.form.get(name))
                  for name, default in (("overwrite", False), ("reload", True))}
         bundle = host.install(content, overwrite=flags["overwrite"])
@@ -3000,10 +3136,11 @@ class GatewayApp:
         before = _decode_cursor(cursor) if cursor else None
         rows = self.gateway.stores.runs.list_run_index(
             status=RunStatus(status) if status else None, workflow_id=workflow_id, session_id=session_id,
-            root_only=root_only, limit=limit + 1, **({"before": before, "exclude_internal": workflow_id is None}
-                                                     if self.gateway.stores.backend == "sqlite" else {}))
-        if self.gateway.stores.backend != "sqlite" and workflow_id is None:
-            rows = [r for r in rows if not str(r["workflow_id"]).startswith("__")]
+            root_only=root_only, **({"limit": limit + 1, "before": before, "exclude_internal": workflow_id is None}
+                                    if self.gateway.stores.backend == "sqlite" else {"limit": 100_000}))
+        if self.gateway.stores.backend != "sqlite":  # the file store has no keyset query: filter here
+            rows = [r for r in rows if (workflow_id is not None or not str(r["workflow_id"]).startswith("__"))
+                    and (before is None or ((r["updated_at"] or ""), r["run_id"]) < before)]
         more = len(rows) > limit
         rows = rows[:limit]
         counts = self.gateway.stores.ledger.count_many([r["run_id"] for r in rows]) if include_ledger_len else {}
@@ -3060,10 +3197,8 @@ class GatewayApp:
 
     def list_run_commands(self, request: Request, run_id: str, limit: int) -> Response:
         self.gateway.load_run(run_id)
-        items = []
-        for outcome in self.gateway.stores.outcomes.for_run(run_id, limit=limit):
-            items.append(self.gateway.command_status(outcome["command_id"]))
-        return json_response({"items": items})
+        records = self.gateway.stores.commands.for_run(run_id, limit=limit)
+        return json_response({"items": [self.gateway.command_status(r.command_id, r) for r in records]})
 
     # -- artifacts ------------------------------------------------------------------------------------
 
@@ -3169,6 +3304,9 @@ class GatewayApp:
                                              payload=body.get("payload") or {}, ts=body.get("ts"),
                                              client_id=body.get("client_id"))
         return json_response({"accepted": result.accepted, "duplicate": result.duplicate, "seq": result.seq})
+
+    def audit_tail(self, request: Request, limit: int) -> Response:
+        return json_response({"items": self.gateway.stores.audit.tail(limit)})
 
     def get_command(self, request: Request, command_id: str) -> Response:
         return json_response(self.gateway.command_status(command_id))
@@ -3462,15 +3600,529 @@ fetch('/openapi.json').then(r => r.json()).then(render)
 """
 
 
-def make_server(app: Callable, host: str, port: int) -> Any:
-    """A threaded werkzeug WSGI server (HTTP/1.1, chunked responses for SSE)."""
-    from werkzeug.serving import make_server as _make_server
+MAX_HEADER_BYTES = 16 * 1024
 
-    return _make_server(host, port, app, threaded=True)
+
+def make_server(app: Callable, host: str, port: int, *, timeout_s: float = 15.0, max_threads: int = 256) -> Any:
+    """A threaded werkzeug WSGI server (HTTP/1.1, chunked SSE), hardened for an appliance.
+
+    A socket read timeout drops slow or idle clients (slowloris), header blocks are capped, and
+    at most `max_threads` connections are served at once; the next one gets an immediate 503.
+    """
+    from werkzeug.serving import ThreadedWSGIServer, WSGIRequestHandler
+
+    class Handler(WSGIRequestHandler):
+        timeout = timeout_s
+
+        def parse_request(self) -> bool:
+            if not super().parse_request():
+                return False
+            if sum(len(k) + len(v) + 4 for k, v in self.headers.items()) > MAX_HEADER_BYTES:
+                self.send_error(431, "Request header fields too large")
+                return False
+            return True
+
+        def log_request(self, code: Any = "-", size: Any = "-") -> None:
+            pass  # per-request access logs cost latency; the audit log records writes
+
+    class Server(ThreadedWSGIServer):
+        def __init__(self) -> None:
+            super().__init__(host, port, app, handler=Handler)
+            self._slots = threading.BoundedSemaphore(max_threads)
+
+        def process_request(self, request: Any, client_address: Any) -> None:
+            if not self._slots.acquire(blocking=False):
+                try:
+                    request.sendall(b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
+                                    b"Retry-After: 1\r\nConnection: close\r\nContent-Length: 62\r\n\r\n"
+                                    b'{"detail": "Server busy (connection limit)", "code": "busy"}\n\n')
+                finally:
+                    self.shutdown_request(request)
+                return
+            super().process_request(request, client_address)
+
+        def process_request_thread(self, request: Any, client_address: Any) -> None:
+            try:
+                super().process_request_thread(request, client_address)
+            finally:
+                self._slots.release()
+
+    return Server()
 
 
 # =====================================================================================
-# 6. CLI
+# 6. Security middleware
+# =====================================================================================
+#
+# Each middleware is a small WSGI class with one job. `secure_app()` stacks them, outermost
+# first: CORS (so even rejections carry CORS headers) -> request id and response hardening ->
+# audit (so rejected writes are audited too) -> origin -> lockout -> auth -> body limit ->
+# concurrency/SSE caps -> the app. Only `/api/gateway` and paths below it are in scope.
+
+WEAK_TOKENS = frozenset({"dev-token", "devtoken", "token", "changeme", "password", "admin", "god", "zeus", "root",
+                         "superuser"})
+MIN_TOKEN_LENGTH = 15
+LOOPBACK = frozenset({"127.0.0.1", "::1", "localhost"})
+TOKEN_SETTING = "auth_token"
+_WRITE_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
+_READ_METHODS = frozenset({"GET", "HEAD"})
+
+
+def in_scope(path: str) -> bool:
+    """True for `/api/gateway` and everything below it (exact segment match: not `/api/gatewayX`)."""
+    return path == API or path.startswith(API + "/")
+
+
+def token_fingerprint(token: str) -> str:
+    """First 12 hex chars of the token's SHA-256: identifies a token in logs without revealing it."""
+    return hashlib.sha256(token.encode()).hexdigest()[:12]
+
+
+def is_weak_token(token: str) -> bool:
+    return len(token) < MIN_TOKEN_LENGTH or token.lower() in WEAK_TOKENS
+
+
+@dataclass
+class SecurityPolicy:
+    """Everything the middlewares decide with, resolved once from `Config` (and the DB token)."""
+
+    enabled: bool
+    tokens: Tuple[str, ...]
+    protect_read: bool
+    protect_write: bool
+    dev_read_no_auth: bool
+    allowed_origins: Tuple[str, ...]
+    max_body_bytes: int
+    max_upload_body_bytes: int
+    max_attachment_bytes: int
+    max_bundle_bytes: int
+    max_concurrency: int
+    max_sse: int
+    lockout_after: int
+    lockout_base_s: float
+    lockout_max_s: float
+    lockout_decay_s: float
+    trust_proxy: bool
+    audit: bool
+    audit_max_bytes: int
+    audit_headers: Tuple[str, ...]
+    token_source: str = "env"
+
+    @classmethod
+    def from_config(cls, config: Config, settings: Optional[SettingsStore] = None) -> "SecurityPolicy":
+        tokens = _split_csv(config.auth_token) + _split_csv(config.auth_tokens)
+        source = "env"
+        if not tokens and settings is not None:
+            stored = settings.get(TOKEN_SETTING)
+            tokens, source = ([stored], "database") if stored else ([], "none")
+        return cls(
+            enabled=config.security, tokens=tuple(dict.fromkeys(tokens)), protect_read=config.protect_read,
+            protect_write=config.protect_write, dev_read_no_auth=config.dev_read_no_auth,
+            allowed_origins=tuple(_split_csv(config.allowed_origins)), max_body_bytes=config.max_body_bytes,
+            max_upload_body_bytes=config.max_upload_body_bytes, max_attachment_bytes=config.max_attachment_bytes,
+            max_bundle_bytes=config.max_bundle_bytes, max_concurrency=config.max_concurrency, max_sse=config.max_sse,
+            lockout_after=config.lockout_after, lockout_base_s=config.lockout_base_s,
+            lockout_max_s=config.lockout_max_s, lockout_decay_s=config.lockout_decay_s, trust_proxy=config.trust_proxy,
+            audit=config.audit_log, audit_max_bytes=config.audit_log_max_bytes * (config.audit_log_rotations + 1),
+            audit_headers=tuple(h.lower() for h in _split_csv(config.audit_log_headers) if h.lower() != "authorization"),
+            token_source=source,
+        )
+
+    def client_ip(self, environ: Dict[str, Any]) -> str:
+        if self.trust_proxy:
+            forwarded = environ.get("HTTP_X_FORWARDED_FOR", "").split(",")[0].strip()
+            if forwarded:
+                return forwarded
+        return environ.get("REMOTE_ADDR") or "unknown"
+
+    def body_cap(self, path: str) -> int:
+        """The largest body a write to `path` may carry (0: no cap)."""
+        path = path.rstrip("/")
+        if path.endswith("/bundles/upload") or path.endswith("/attachments/upload"):
+            endpoint = self.max_bundle_bytes if path.endswith("/bundles/upload") else self.max_attachment_bytes
+            cap = endpoint + MULTIPART_OVERHEAD
+            return min(cap, self.max_upload_body_bytes) if self.max_upload_body_bytes > 0 else cap
+        return max(0, self.max_body_bytes)
+
+
+def _split_csv(text: str) -> List[str]:
+    return [part.strip() for part in str(text or "").split(",") if part.strip()]
+
+
+def _reject(environ: Dict[str, Any], start_response: Callable, status: int, code: str, detail: str,
+            headers: Optional[Dict[str, str]] = None) -> Iterable[bytes]:
+    return json_response({"detail": detail, "code": code}, status, headers)(environ, start_response)
+
+
+class _Middleware:
+    def __init__(self, app: Callable, policy: SecurityPolicy) -> None:
+        self.app = app
+        self.policy = policy
+
+
+class CORSMiddleware(_Middleware):
+    """Outermost: CORS headers on every response (rejections included); answers preflights."""
+
+    def __call__(self, environ: Dict[str, Any], start_response: Callable) -> Iterable[bytes]:
+        origin = environ.get("HTTP_ORIGIN")
+        if not origin:
+            return self.app(environ, start_response)
+        cors = [("Access-Control-Allow-Origin", origin), ("Access-Control-Allow-Credentials", "true"),
+                ("Access-Control-Expose-Headers", "X-Request-Id, Retry-After, Content-Range"), ("Vary", "Origin")]
+        if environ.get("REQUEST_METHOD") == "OPTIONS" and environ.get("HTTP_ACCESS_CONTROL_REQUEST_METHOD"):
+            requested = environ.get("HTTP_ACCESS_CONTROL_REQUEST_HEADERS", "Authorization, Content-Type")
+            start_response("204 No Content", cors + [
+                ("Access-Control-Allow-Methods", "GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS"),
+                ("Access-Control-Allow-Headers", requested), ("Access-Control-Max-Age", "600"),
+                ("Content-Length", "0")])
+            return [b""]
+
+        def _start(status: str, headers: List[Tuple[str, str]], exc_info: Any = None) -> Callable:
+            return start_response(status, headers + cors, exc_info)
+
+        return self.app(environ, _start)
+
+
+class RequestIdMiddleware(_Middleware):
+    """Gives every in-scope request an id (client's `X-Request-Id` if sane) and hardens response headers."""
+
+    def __call__(self, environ: Dict[str, Any], start_response: Callable) -> Iterable[bytes]:
+        incoming = environ.get("HTTP_X_REQUEST_ID", "").strip()
+        request_id = incoming if incoming and len(incoming) <= 64 and incoming.isprintable() else uuid.uuid4().hex
+        environ["abstractgateway.request_id"] = request_id
+        api = in_scope(environ.get("PATH_INFO", ""))
+
+        def _start(status: str, headers: List[Tuple[str, str]], exc_info: Any = None) -> Callable:
+            names = {k.lower() for k, _ in headers}
+            extra = [("X-Content-Type-Options", "nosniff")]
+            if api and "cache-control" not in names:
+                extra.append(("Cache-Control", "no-store"))
+            if api and "x-request-id" not in names:
+                extra.append(("X-Request-Id", request_id))
+            return start_response(status, headers + extra, exc_info)
+
+        return self.app(environ, _start)
+
+
+class _Finally:
+    """Wraps a WSGI response iterable and runs `callback` exactly once when it is closed."""
+
+    def __init__(self, iterable: Iterable[bytes], callback: Callable[[], None]) -> None:
+        self._iterable = iterable
+        self._callback = callback
+        self._done = False
+
+    def __iter__(self) -> Iterator[bytes]:
+        return iter(self._iterable)
+
+    def close(self) -> None:
+        try:
+            close = getattr(self._iterable, "close", None)
+            if close is not None:
+                close()
+        finally:
+            if not self._done:
+                self._done = True
+                self._callback()
+
+
+class AuditMiddleware(_Middleware):
+    """Records every in-scope write request (rejected ones too) once its response is finished."""
+
+    def __init__(self, app: Callable, policy: SecurityPolicy, store: AuditStore) -> None:
+        super().__init__(app, policy)
+        self.store = store
+
+    def __call__(self, environ: Dict[str, Any], start_response: Callable) -> Iterable[bytes]:
+        method = environ.get("REQUEST_METHOD", "").upper()
+        path = environ.get("PATH_INFO", "")
+        if not (self.policy.audit and method in _WRITE_METHODS and in_scope(path)):
+            return self.app(environ, start_response)
+        started = time.perf_counter()
+        status_box = [0]
+
+        def _start(status: str, headers: List[Tuple[str, str]], exc_info: Any = None) -> Callable:
+            status_box[0] = int(status.split(" ", 1)[0])
+            return start_response(status, headers, exc_info)
+
+        def _record() -> None:
+            token = _bearer(environ)
+            headers = {h: environ[f"HTTP_{h.upper().replace('-', '_')}"] for h in self.policy.audit_headers
+                       if f"HTTP_{h.upper().replace('-', '_')}" in environ}
+            row = (utc_now_iso(), environ.get("abstractgateway.request_id", ""), self.policy.client_ip(environ), method,
+                   path, status_box[0] or 500, round((time.perf_counter() - started) * 1000, 3),
+                   token_fingerprint(token) if token else None, _json_dumps(headers))
+            try:
+                self.store.append(row)
+            except Exception as exc:  # noqa: BLE001 - auditing never breaks a request
+                _log(f"audit write failed: {type(exc).__name__}: {exc}")
+
+        try:
+            return _Finally(self.app(environ, _start), _record)
+        except BaseException:
+            _record()
+            raise
+
+
+class OriginMiddleware(_Middleware):
+    """403 for a browser `Origin` outside the allowlist (clients without Origin are not affected)."""
+
+    def allowed(self, origin: str) -> bool:
+        import fnmatch
+
+        for pattern in self.policy.allowed_origins:
+            if pattern == "*" or (any(c in pattern for c in "*?[") and fnmatch.fnmatchcase(origin, pattern)) \
+                    or origin == pattern:
+                return True
+        return False
+
+    def __call__(self, environ: Dict[str, Any], start_response: Callable) -> Iterable[bytes]:
+        origin = environ.get("HTTP_ORIGIN", "")
+        if origin and in_scope(environ.get("PATH_INFO", "")) and not self.allowed(origin):
+            return _reject(environ, start_response, 403, "origin_not_allowed", "Forbidden (origin not allowed)")
+        return self.app(environ, start_response)
+
+
+class LockoutTracker:
+    """Per-IP auth failures with exponential lockout; counts decay with a half-life; table is bounded."""
+
+    def __init__(self, after: int, base_s: float, max_s: float, decay_s: float, max_entries: int = 10_000,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        from collections import OrderedDict
+
+        self.after, self.base_s, self.max_s, self.decay_s = after, base_s, max_s, decay_s
+        self.max_entries = max_entries
+        self.clock = clock
+        self._lock = threading.Lock()
+        self._entries: "OrderedDict[str, List[float]]" = OrderedDict()  # ip -> [failures, last_failure, locked_until]
+
+    def remaining(self, ip: str) -> float:
+        """Seconds `ip` stays locked (0 when it is not)."""
+        with self._lock:
+            entry = self._entries.get(ip)
+            left = entry[2] - self.clock() if entry else 0.0
+        return left if left >= 1.0 else 0.0
+
+    def failure(self, ip: str) -> float:
+        """Record a failed attempt; return the lock length it triggers (0: none yet)."""
+        with self._lock:
+            now = self.clock()
+            entry = self._entries.pop(ip, None) or [0.0, now, 0.0]
+            entry[0] = entry[0] * 0.5 ** ((now - entry[1]) / self.decay_s) + 1.0
+            entry[1] = now
+            lock_s = 0.0
+            if entry[0] >= self.after - 1e-9 and self.base_s > 0:
+                lock_s = self.base_s * 2 ** (round(entry[0]) - self.after)
+                if self.max_s > 0:
+                    lock_s = min(lock_s, self.max_s)
+                entry[2] = now + lock_s
+            self._entries[ip] = entry
+            while len(self._entries) > self.max_entries:
+                self._entries.popitem(last=False)
+            return lock_s
+
+    def success(self, ip: str) -> None:
+        with self._lock:
+            self._entries.pop(ip, None)
+
+
+def _bearer(environ: Dict[str, Any]) -> Optional[str]:
+    scheme, _, token = environ.get("HTTP_AUTHORIZATION", "").strip().partition(" ")
+    return token.strip() or None if scheme.lower() == "bearer" else None
+
+
+class LockoutMiddleware(_Middleware):
+    """429 with Retry-After while the client IP is locked out."""
+
+    def __init__(self, app: Callable, policy: SecurityPolicy, tracker: LockoutTracker) -> None:
+        super().__init__(app, policy)
+        self.tracker = tracker
+
+    def __call__(self, environ: Dict[str, Any], start_response: Callable) -> Iterable[bytes]:
+        if in_scope(environ.get("PATH_INFO", "")):
+            left = self.tracker.remaining(self.policy.client_ip(environ))
+            if left:
+                return _reject(environ, start_response, 429, "auth_lockout", "Too Many Requests (auth lockout)",
+                               {"Retry-After": str(int(left))})
+        return self.app(environ, start_response)
+
+
+class AuthMiddleware(_Middleware):
+    """Bearer-token check (constant time against every configured token)."""
+
+    def __init__(self, app: Callable, policy: SecurityPolicy, tracker: LockoutTracker) -> None:
+        super().__init__(app, policy)
+        self.tracker = tracker
+
+    def required(self, environ: Dict[str, Any]) -> bool:
+        method = environ.get("REQUEST_METHOD", "").upper()
+        if method in _WRITE_METHODS:
+            return self.policy.protect_write
+        if method in _READ_METHODS and self.policy.protect_read:
+            # the dev escape hatch trusts only the socket peer (or XFF when trust-proxy is on)
+            return not (self.policy.dev_read_no_auth and self.policy.client_ip(environ) in LOOPBACK)
+        return False
+
+    def valid(self, token: Optional[str]) -> bool:
+        import hmac
+
+        matched = False
+        for candidate in self.policy.tokens:  # no early exit: timing does not reveal which token matched
+            matched |= hmac.compare_digest(candidate.encode(), (token or "").encode())
+        return matched and bool(token)
+
+    def __call__(self, environ: Dict[str, Any], start_response: Callable) -> Iterable[bytes]:
+        if not in_scope(environ.get("PATH_INFO", "")) or not self.required(environ):
+            return self.app(environ, start_response)
+        if not self.policy.tokens:
+            return _reject(environ, start_response, 503, "no_token_configured",
+                           "Gateway auth required but no token configured")
+        ip = self.policy.client_ip(environ)
+        if not self.valid(_bearer(environ)):
+            lock_s = self.tracker.failure(ip)
+            if int(lock_s) > 0:
+                return _reject(environ, start_response, 429, "auth_lockout", "Too Many Requests (auth lockout)",
+                               {"Retry-After": str(int(lock_s))})
+            return _reject(environ, start_response, 401, "unauthorized", "Unauthorized",
+                           {"WWW-Authenticate": "Bearer"})
+        self.tracker.success(ip)
+        return self.app(environ, start_response)
+
+
+class BodyTooLarge(GatewayError):
+    status, code = 413, "too_large"
+
+
+class _CappedInput:
+    """A `wsgi.input` that refuses to hand out more than `cap` bytes, whatever the headers said."""
+
+    def __init__(self, stream: Any, cap: int) -> None:
+        self._stream = stream
+        self._cap = cap
+        self._read = 0
+
+    def _count(self, data: bytes) -> bytes:
+        self._read += len(data)
+        if self._read > self._cap:
+            raise BodyTooLarge(f"Payload Too Large (more than {self._cap} bytes)")
+        return data
+
+    def read(self, size: int = -1) -> bytes:
+        limit = self._cap + 1 - self._read
+        return self._count(self._stream.read(limit if size is None or size < 0 else min(size, limit)))
+
+    def readline(self, size: int = -1) -> bytes:
+        limit = self._cap + 1 - self._read
+        return self._count(self._stream.readline(limit if size is None or size < 0 else min(size, limit)))
+
+    def __iter__(self) -> Iterator[bytes]:
+        while True:
+            line = self.readline()
+            if not line:
+                return
+            yield line
+
+
+class BodyLimitMiddleware(_Middleware):
+    """413 for write bodies over the cap: by Content-Length up front, and by counting while reading."""
+
+    def __call__(self, environ: Dict[str, Any], start_response: Callable) -> Iterable[bytes]:
+        path = environ.get("PATH_INFO", "")
+        if environ.get("REQUEST_METHOD", "").upper() in _WRITE_METHODS and in_scope(path):
+            cap = self.policy.body_cap(path)
+            if cap:
+                try:
+                    declared = int(environ.get("CONTENT_LENGTH") or -1)
+                except ValueError:
+                    declared = -1
+                if declared > cap:
+                    return _reject(environ, start_response, 413, "too_large",
+                                   f"Payload Too Large ({declared} bytes > {cap} bytes)")
+                environ["wsgi.input"] = _CappedInput(environ["wsgi.input"], cap)
+        return self.app(environ, start_response)
+
+
+class ConcurrencyMiddleware(_Middleware):
+    """Caps concurrent API requests and SSE streams separately; 429 + Retry-After when full."""
+
+    def __init__(self, app: Callable, policy: SecurityPolicy) -> None:
+        super().__init__(app, policy)
+        self.requests = threading.BoundedSemaphore(policy.max_concurrency)
+        self.streams = threading.BoundedSemaphore(policy.max_sse)
+
+    def __call__(self, environ: Dict[str, Any], start_response: Callable) -> Iterable[bytes]:
+        path = environ.get("PATH_INFO", "")
+        if not in_scope(path) or environ.get("REQUEST_METHOD", "").upper() == "OPTIONS":
+            return self.app(environ, start_response)
+        pool = self.streams if path.rstrip("/").endswith("/ledger/stream") else self.requests
+        if not pool.acquire(timeout=0.01):
+            return _reject(environ, start_response, 429, "concurrency_limit", "Too Many Requests (concurrency limit)",
+                           {"Retry-After": "1"})
+        try:
+            return _Finally(self.app(environ, start_response), pool.release)
+        except BaseException:
+            pool.release()
+            raise
+
+
+def secure_app(app: Callable, policy: SecurityPolicy, audit: Optional[AuditStore]) -> Callable:
+    """Wrap the WSGI app in the security middlewares (no-op wrapping when security is off)."""
+    if not policy.enabled:
+        return CORSMiddleware(RequestIdMiddleware(app, policy), policy)
+    tracker = LockoutTracker(policy.lockout_after, policy.lockout_base_s, policy.lockout_max_s, policy.lockout_decay_s)
+    inner = ConcurrencyMiddleware(app, policy)
+    inner = BodyLimitMiddleware(inner, policy)
+    inner = AuthMiddleware(inner, policy, tracker)
+    inner = LockoutMiddleware(inner, policy, tracker)
+    inner = OriginMiddleware(inner, policy)
+    if audit is not None:
+        inner = AuditMiddleware(inner, policy, audit)
+    return CORSMiddleware(RequestIdMiddleware(inner, policy), policy)
+
+
+def build_wsgi(gateway: Gateway, runner: Optional[Runner] = None) -> Tuple[Callable, GatewayApp, SecurityPolicy]:
+    """The full WSGI stack for `gateway`: (secured app, inner GatewayApp, policy in force)."""
+    app = GatewayApp(gateway, runner)
+    policy = SecurityPolicy.from_config(gateway.config, gateway.stores.settings)
+    audit = gateway.stores.audit if policy.audit else None
+    if audit is not None:
+        audit.max_bytes = policy.audit_max_bytes
+    return secure_app(app, policy, audit), app, policy
+
+
+def ensure_token(config: Config, settings: SettingsStore) -> Tuple[Optional[str], bool]:
+    """The token to announce on first start: (generated token, True) the first time, else (None, False).
+
+    Explicit env tokens always win; otherwise a strong token is generated once and stored in the DB.
+    """
+    import secrets
+
+    if not config.security or _split_csv(config.auth_token) or _split_csv(config.auth_tokens):
+        return None, False
+    if settings.get(TOKEN_SETTING):
+        return None, False
+    token = secrets.token_urlsafe(32)
+    settings.set(TOKEN_SETTING, token)
+    return token, True
+
+
+def startup_problem(config: Config, policy: SecurityPolicy) -> Optional[str]:
+    """Why `serve` must refuse to start with this configuration (None if it may)."""
+    if not policy.enabled:
+        return None
+    public = config.host not in LOOPBACK
+    weak = [t for t in policy.tokens if is_weak_token(t)]
+    if public and weak:
+        return (f"Refusing to bind {config.host}: a weak auth token is configured (shorter than {MIN_TOKEN_LENGTH} "
+                "characters or a common word). Set ABSTRACTGATEWAY_AUTH_TOKEN to a long random value, e.g. "
+                "`python -c 'import secrets; print(secrets.token_urlsafe(32))'`, or bind 127.0.0.1.")
+    if policy.protect_write and not policy.tokens:
+        return "No auth token configured: set ABSTRACTGATEWAY_AUTH_TOKEN or run `abstractgateway token rotate`."
+    return None
+
+
+# =====================================================================================
+# 7. CLI
 # =====================================================================================
 
 
@@ -3489,9 +4141,6 @@ def _config_from_args(args: argparse.Namespace) -> Config:
 
 
 def _cmd_migrate(args: argparse.Namespace) -> int:
-    if args.to != "sqlite":
-        print("migrate: only --to=sqlite is supported", file=sys.stderr)
-        return 2
     config = _config_from_args(args)
     stores = open_stores(Config({**config.__dict__, "store_backend": "sqlite"}, config.sources))
     try:
@@ -3550,20 +4199,35 @@ def _wait_for_signal(stop: threading.Event) -> None:
 def _cmd_serve(args: argparse.Namespace) -> int:
     config = _config_from_args(args)
     gateway = Gateway(config)
-    runner = Runner(gateway).start() if config.runner and not args.no_runner else None
-    app = GatewayApp(gateway, runner)
+    new_token, _ = ensure_token(config, gateway.stores.settings)
+    wsgi, app, policy = build_wsgi(gateway)
+    problem = startup_problem(config, policy)
+    if problem:
+        print(f"serve: {problem}", file=sys.stderr)
+        gateway.close()
+        return 2
     try:
-        server = make_server(app, config.host, config.port)
+        server = make_server(wsgi, config.host, config.port, timeout_s=config.request_timeout_s,
+                             max_threads=config.max_threads)
     except OSError as exc:
         print(f"serve: cannot listen on {config.host}:{config.port}: {exc}", file=sys.stderr)
-        if runner is not None:
-            runner.stop()
         gateway.close()
         return 1
+    runner = Runner(gateway).start() if config.runner and not args.no_runner else None
+    app.runner = runner
+    url = f"http://{config.host}:{server.server_port}"
     catalog = gateway.host.catalog
     failed = [b for versions in catalog.bundles.values() for b in versions.values() if b.load_error]
-    print(f"AbstractGateway {__version__} listening on http://{config.host}:{server.server_port}", flush=True)
+    print(f"AbstractGateway {__version__} listening on {url}", flush=True)
     print(f"  database : {config.db_path} ({gateway.stores.backend} backend)")
+    if not policy.enabled:
+        print("  security : OFF (ABSTRACTGATEWAY_SECURITY=0): anyone who can reach this port can act")
+    elif new_token:
+        print(f"  token    : generated and stored in the database (shown once; `abstractgateway token show`):\n"
+              f"             {new_token}\n"
+              f"             curl -H 'Authorization: Bearer {new_token}' {url}/api/gateway/ping")
+    else:
+        print(f"  token    : from {policy.token_source} ({len(policy.tokens)} configured; `abstractgateway token show`)")
     print(f"  bundles  : {sum(len(v) for v in catalog.bundles.values())} loaded from {config.flows_dir} and uploads"
           f"{f', {len(failed)} failed' if failed else ''}")
     for bundle in failed:
@@ -3581,6 +4245,48 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         runner.stop()
     gateway.stores.db.checkpoint()
     gateway.close()
+    return 0
+
+
+def _cmd_token(args: argparse.Namespace) -> int:
+    config = _config_from_args(args)
+    db = Database(config.db_path, synchronous=config.synchronous)
+    try:
+        settings = SettingsStore(db)
+        env_tokens = _split_csv(config.auth_token) + _split_csv(config.auth_tokens)
+        if args.action == "rotate":
+            import secrets
+
+            settings.set(TOKEN_SETTING, secrets.token_urlsafe(32))
+            print(settings.get(TOKEN_SETTING))
+            if env_tokens:
+                print("note: ABSTRACTGATEWAY_AUTH_TOKEN(S) is set and wins over the stored token", file=sys.stderr)
+            else:
+                print("restart `abstractgateway serve` to use it", file=sys.stderr)
+            return 0
+        if env_tokens:
+            print("token(s) come from the environment (ABSTRACTGATEWAY_AUTH_TOKEN/S); fingerprints: "
+                  + ", ".join(token_fingerprint(t) for t in env_tokens))
+            return 0
+        stored = settings.get(TOKEN_SETTING)
+        if not stored:
+            print("no token yet: `abstractgateway serve` generates one, or run `abstractgateway token rotate`",
+                  file=sys.stderr)
+            return 1
+        print(stored)
+        return 0
+    finally:
+        db.close()
+
+
+def _cmd_audit(args: argparse.Namespace) -> int:
+    config = _config_from_args(args)
+    db = Database(config.db_path, synchronous=config.synchronous)
+    try:
+        for row in reversed(AuditStore(db).tail(args.lines)):
+            print(_json_dumps(row))
+    finally:
+        db.close()
     return 0
 
 
@@ -3615,6 +4321,17 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("runner", help="Run only the runner (pair with `serve --no-runner` on the same database).")
     _add_setting_flags(p, runtime_flags)
     p.set_defaults(func=_cmd_runner)
+
+    p = sub.add_parser("token", help="Show or rotate the API token kept in the database.")
+    p.add_argument("action", choices=("show", "rotate"))
+    _add_setting_flags(p, storage_flags)
+    p.set_defaults(func=_cmd_token)
+
+    p = sub.add_parser("audit", help="Read the audit log of write requests.")
+    p.add_argument("action", choices=("tail",))
+    p.add_argument("-n", "--lines", type=int, default=20, help="How many of the newest rows (default 20).")
+    _add_setting_flags(p, storage_flags)
+    p.set_defaults(func=_cmd_audit)
 
     p = sub.add_parser("migrate", help="Import an upstream file data dir or SQLite DB into the gateway database.")
     p.add_argument("--from", dest="source", required=True, choices=("file", "sqlite-upstream"))

@@ -124,25 +124,32 @@ def wait_for(predicate, timeout: float = 10.0, interval: float = 0.01):
 class LiveServer:
     """A real gateway (werkzeug server + runner) on a loopback port, over a real SQLite file."""
 
+    TOKEN = "test-token-0123456789abcdef"
+
     def __init__(self, data_dir: Path, runner: bool = True, **env: str) -> None:
         import threading
 
+        env.setdefault("auth_token", self.TOKEN)
         self.gateway = make_gateway(data_dir, port="0", **env)
         self.runner = gw.Runner(self.gateway).start() if runner else None
-        self.app = gw.GatewayApp(self.gateway, self.runner)
-        self.server = gw.make_server(self.app, "127.0.0.1", 0)
+        self.wsgi, self.app, self.policy = gw.build_wsgi(self.gateway, self.runner)
+        self.server = gw.make_server(self.wsgi, "127.0.0.1", 0, timeout_s=self.gateway.config.request_timeout_s,
+                                     max_threads=self.gateway.config.max_threads)
         self.port = self.server.server_port
         self.base = f"http://127.0.0.1:{self.port}"
         self._thread = threading.Thread(target=self.server.serve_forever, daemon=True)
         self._thread.start()
 
-    def request(self, method: str, path: str, body=None, headers=None, raw: bytes | None = None, timeout: float = 10):
-        """(status, headers, parsed JSON or bytes)."""
+    def request(self, method: str, path: str, body=None, headers=None, raw: bytes | None = None, timeout: float = 10,
+                token: str | None = "default"):
+        """(status, headers, parsed JSON or bytes); sends the server's token unless `token` says otherwise."""
         import http.client
         import json as _json
 
         conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=timeout)
         hdrs = dict(headers or {})
+        if token is not None:
+            hdrs.setdefault("Authorization", f"Bearer {self.TOKEN if token == 'default' else token}")
         data = raw
         if body is not None:
             data = _json.dumps(body).encode()

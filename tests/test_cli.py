@@ -25,12 +25,17 @@ def _free_port() -> int:
 
 
 def _get(url: str, timeout: float = 2.0):
-    with urllib.request.urlopen(url, timeout=timeout) as resp:
+    req = urllib.request.Request(url, headers={"Authorization": f"Bearer {TOKEN}"})
+    with urllib.request.urlopen(req, timeout=timeout) as resp:
         return resp.status, json.loads(resp.read())
 
 
+TOKEN = "cli-test-token-0123456789"
+
+
 def _post(url: str, body: dict):
-    req = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
+    req = urllib.request.Request(url, data=json.dumps(body).encode(),
+                                 headers={"Content-Type": "application/json", "Authorization": f"Bearer {TOKEN}"})
     with urllib.request.urlopen(req, timeout=5) as resp:
         return json.loads(resp.read())
 
@@ -84,6 +89,7 @@ def test_split_api_and_two_runner_processes_share_one_database(data_dir):
     for root in TEST_BUNDLES:
         pack_bundle(flows, root)
     env = {**os.environ, "ABSTRACTGATEWAY_DATA_DIR": str(data_dir), "ABSTRACTGATEWAY_POLL_S": "0.05",
+           "ABSTRACTGATEWAY_AUTH_TOKEN": TOKEN,
            "ABSTRACTGATEWAY_RUNNER_LEASE_TTL_S": "1.5"}
     port = _free_port()
     api = _spawn(["serve", "--no-runner", "--port", str(port)], env)

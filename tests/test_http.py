@@ -277,7 +277,7 @@ class SSE:
 
     def __init__(self, server, path, headers=None, timeout=10):
         self.conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=timeout)
-        self.conn.request("GET", path, headers=headers or {})
+        self.conn.request("GET", path, headers={"Authorization": f"Bearer {server.TOKEN}", **(headers or {})})
         self.resp = self.conn.getresponse()
 
     def events(self):
@@ -362,7 +362,8 @@ def test_sse_dropped_client_is_cleaned_up(live_server):
     topic = gw.ledger_topic(run_id)
     signals = live_server.gateway.stores.db.signals
     sock = socket.create_connection(("127.0.0.1", live_server.port))
-    sock.sendall(f"GET {API}/runs/{run_id}/ledger/stream?heartbeat_s=30 HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+    sock.sendall(f"GET {API}/runs/{run_id}/ledger/stream?heartbeat_s=30 HTTP/1.1\r\nHost: x\r\n"
+                 f"Authorization: Bearer {live_server.TOKEN}\r\n\r\n".encode())
     assert sock.recv(100).startswith(b"HTTP/1.1 200")
     wait_for(lambda: topic in signals._topics)
     sock.close()

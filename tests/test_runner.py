@@ -377,10 +377,18 @@ def test_schedule_survives_restart(data_dir):
         g.close()
 
 
+def _wait_next_slot(gateway, run_id, executions):
+    """Wait until the scheduled parent sleeps on `wait_interval` after `executions` runs of its target."""
+    def ready():
+        state = gateway.stores.runs.load(run_id)
+        return (len(_children(gateway, run_id)) == executions and state.status.value == "waiting"
+                and state.current_node == "wait_interval" and state.waiting.reason.value == "until")
+    wait_for(ready)
+
+
 def test_update_schedule_then_cancel_stops_it(gateway, runner):
     run_id = gateway.schedule_run(bundle_id="echo", flow_id="echo", interval="1h")  # forever, hourly
-    wait_for(lambda: len(_children(gateway, run_id)) == 1 and gateway.stores.runs.load(run_id).current_node == "wait_interval")
-    assert _status(gateway, run_id) == "waiting"
+    _wait_next_slot(gateway, run_id, executions=1)
     gateway.submit_command(command_id="faster", run_id=run_id, type="update_schedule", payload={"interval": "100ms"})
     assert _outcome(gateway, "faster")["status"] == "applied"
     wait_for(lambda: len(_children(gateway, run_id)) >= 3, timeout=10)
@@ -400,7 +408,7 @@ def test_update_schedule_then_cancel_stops_it(gateway, runner):
 
 def test_resuming_a_paused_recurrent_schedule_fires_the_next_execution_at_once(gateway, runner):
     run_id = gateway.schedule_run(bundle_id="echo", flow_id="echo", interval="1h")
-    wait_for(lambda: len(_children(gateway, run_id)) == 1 and gateway.stores.runs.load(run_id).current_node == "wait_interval")
+    _wait_next_slot(gateway, run_id, executions=1)
     gateway.submit_command(command_id="p", run_id=run_id, type="pause")
     _outcome(gateway, "p")
     gateway.submit_command(command_id="r", run_id=run_id, type="resume")

@@ -10,6 +10,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import apsw
 import pytest
@@ -434,10 +435,8 @@ def test_migrate_from_upstream_sqlite(tmp_path):
         SqliteCommandCursorStore, SqliteCommandStore, SqliteDatabase, SqliteLedgerStore, SqliteRunStore)
 
     updb = SqliteDatabase(tmp_path / "upstream.sqlite3")
-    up = gw.Stores(backend="x", db=None, runs=SqliteRunStore(updb), ledger=SqliteLedgerStore(updb),
-                   commands=SqliteCommandStore(updb), cursor=SqliteCommandCursorStore(updb),
-                   artifacts=None, bundles=None, leases=None, outcomes=None, deprecations=None,
-                   dynamic_flows=None)
+    up = SimpleNamespace(runs=SqliteRunStore(updb), ledger=SqliteLedgerStore(updb), artifacts=None,
+                         commands=SqliteCommandStore(updb), cursor=SqliteCommandCursorStore(updb))
     rid, ledger = _run_ask_echo(up)
     up.commands.append(CommandRecord(command_id="u1", run_id=rid, type="cancel", payload={}, ts=""))
     up.cursor.save(1)
