@@ -161,7 +161,7 @@ SETTINGS: Tuple[Setting, ...] = (
     Setting("audit_log_headers", "ABSTRACTGATEWAY_AUDIT_LOG_HEADERS", "str", "x-client-id,x-client-version,x-forwarded-for",
             "Request headers copied into audit rows (comma-separated, never Authorization).", None),
     Setting("request_timeout_s", "ABSTRACTGATEWAY_REQUEST_TIMEOUT_S", "float", 15.0,
-            "Socket read timeout: slow or idle clients are dropped after this long.", None),
+            "Socket read timeout: slow or idle clients are dropped after this long.", None, (), 0.1),
     Setting("max_threads", "ABSTRACTGATEWAY_MAX_THREADS", "int", 256,
             "Connections served at once; more are answered 503 at once.", None),
     Setting("lease_ttl_s", "ABSTRACTGATEWAY_RUNNER_LEASE_TTL_S", "float", 5.0,
@@ -2188,6 +2188,7 @@ class Gateway:
                                artifact_store=self.stores.artifacts, workflow_registry=self.host)
         self.host.reload()
         self._last_lazy_reload = 0.0
+        self._stripes = [threading.Lock() for _ in range(64)]
 
     def close(self) -> None:
         self.stores.close()
@@ -2325,12 +2326,46 @@ class Gateway:
             self.apply_command(record)
         return len(records)
 
+    @contextmanager
+    def runs_locked(self, run_ids: Iterable[str]) -> Iterator[None]:
+        """Hold the per-run locks of `run_ids` (striped, taken in order: no deadlock between holders).
+
+        A tick and a command on the same run never interleave, so a tick cannot overwrite the
+        cancel or pause that was applied while it ran. Take these before any transaction.
+        """
+        import zlib
+
+        stripes = sorted({zlib.crc32(rid.encode()) % len(self._stripes) for rid in run_ids})
+        for index in stripes:
+            self._stripes[index].acquire()
+        try:
+            yield
+        finally:
+            for index in reversed(stripes):
+                self._stripes[index].release()
+
+    def _command_targets(self, record: CommandRecord) -> List[str]:
+        """The runs a command may change, known before it is applied (so their locks come first)."""
+        kind = record.type.lower()
+        if kind == "emit_event":
+            try:
+                return [run.run_id for run in self.stores.runs.list_waiting_on(self._event_wait_key(record))]
+            except GatewayError:
+                return []
+        if kind == "update_schedule":
+            try:
+                return [self.schedule_root(record.run_id).run_id]
+            except GatewayError:
+                return []
+        return [run.run_id for run in self.run_tree(record.run_id)]
+
     def apply_command(self, record: CommandRecord) -> None:
         """Apply one command exactly once: effect + outcome + cursor in one transaction."""
         db = self.stores.db
         try:
-            with db.transaction():
-                self._apply_effect(record)
+            targets = self._command_targets(record)
+            with self.runs_locked(targets), db.transaction():
+                self._apply_effect(record, targets)
                 self.stores.outcomes.record(record, "applied")
                 self.stores.cursor.save(record.seq)
         except Exception as exc:  # noqa: BLE001 - every failure is recorded, none wedges the inbox
@@ -2342,11 +2377,11 @@ class Gateway:
                 self.stores.cursor.save(record.seq)
         self.wake_runner()
 
-    def _apply_effect(self, record: CommandRecord) -> None:
+    def _apply_effect(self, record: CommandRecord, targets: List[str]) -> None:
         payload = record.payload or {}
         kind = record.type.lower()
         if kind == "emit_event":
-            self._emit_event(record)
+            self._emit_event(record, targets)
             return
         tree = self.run_tree(record.run_id)
         if not tree:
@@ -2424,7 +2459,8 @@ class Gateway:
             raise NotFound(f"Workflow '{run.workflow_id}' is not loaded", code="workflow_not_found")
         self.runtime.resume(workflow=spec, run_id=run.run_id, wait_key=wait_key, payload=body, max_steps=0)
 
-    def _emit_event(self, record: CommandRecord) -> None:
+    @staticmethod
+    def _event_wait_key(record: CommandRecord) -> str:
         from abstractruntime.core.event_keys import build_event_wait_key
 
         p = record.payload or {}
@@ -2434,10 +2470,17 @@ class Gateway:
         scope = str(p.get("scope") or "session").strip().lower()
         if scope not in ("session", "workflow", "run", "global"):
             raise GatewayError("emit_event scope must be session, workflow, run or global", code="invalid_payload")
+        return build_event_wait_key(scope=scope, name=name,
+                                    session_id=p.get("session_id") or p.get("sessionId") or record.run_id,
+                                    workflow_id=p.get("workflow_id") or p.get("workflowId"),
+                                    run_id=p.get("run_id") or p.get("runId") or record.run_id)
+
+    def _emit_event(self, record: CommandRecord, waiting_run_ids: List[str]) -> None:
+        p = record.payload or {}
+        wait_key = self._event_wait_key(record)
+        name = str(p["name"]).strip()
+        scope = str(p.get("scope") or "session").strip().lower()
         session_id = p.get("session_id") or p.get("sessionId") or record.run_id
-        wait_key = build_event_wait_key(scope=scope, name=name, session_id=session_id,
-                                        workflow_id=p.get("workflow_id") or p.get("workflowId"),
-                                        run_id=p.get("run_id") or p.get("runId") or record.run_id)
         body = p.get("payload")
         envelope = {
             "event_id": p.get("event_id") or p.get("eventId") or record.command_id, "name": name, "scope": scope,
@@ -2445,16 +2488,25 @@ class Gateway:
             "emitted_at": p.get("emitted_at") or p.get("emittedAt") or utc_now_iso(),
             "emitter": {"source": "external", "client_id": record.client_id},
         }
-        for run in self.stores.runs.list_waiting_on(wait_key):
-            spec = self.host.get(run.workflow_id)
-            if spec is None or _is_paused(run):
+        for run_id in waiting_run_ids:  # the runs found (and locked) before the transaction began
+            run = self.stores.runs.load(run_id)
+            if run is None or run.waiting is None or run.waiting.wait_key != wait_key or _is_paused(run):
                 continue
-            self.runtime.resume(workflow=spec, run_id=run.run_id, wait_key=wait_key, payload=envelope, max_steps=0)
+            spec = self.host.get(run.workflow_id)
+            if spec is not None:
+                self.runtime.resume(workflow=spec, run_id=run_id, wait_key=wait_key, payload=envelope, max_steps=0)
 
     # -- ticks ------------------------------------------------------------------------------------
 
     def tick(self, run_id: str) -> Optional[RunState]:
         """Advance one run by up to `tick_max_steps` nodes; a run never stays RUNNING on an error."""
+        with self.runs_locked([run_id]):
+            state = self._tick_locked(run_id)
+        if state is not None and _enum_value(state.status) in TERMINAL_STATUSES:
+            self.resume_parent_of(state)  # after releasing the child's lock: parents take their own
+        return state
+
+    def _tick_locked(self, run_id: str) -> Optional[RunState]:
         state = self.stores.runs.load(run_id)
         if state is None:
             return None
@@ -2472,8 +2524,6 @@ class Gateway:
             if current is not None and _enum_value(current.status) == "running":
                 return self._fail_run(current, f"{type(exc).__name__}: {exc}")
             return current
-        if _enum_value(state.status) in TERMINAL_STATUSES:
-            self.resume_parent_of(state)
         return state
 
     def _reload_for(self, workflow_id: str) -> Any:
@@ -2499,7 +2549,6 @@ class Gateway:
         with self.stores.db.transaction():
             self.stores.ledger.append(record)
             self.stores.runs.save(state)
-        self.resume_parent_of(state)
         return state
 
     def resume_parent_of(self, child: RunState) -> None:
@@ -2507,17 +2556,24 @@ class Gateway:
         if not child.parent_run_id:
             return
         wait_key = f"subworkflow:{child.run_id}"
-        for parent in self.stores.runs.list_waiting_on(wait_key):
-            spec = self.host.get(parent.workflow_id)
-            if spec is None or _is_paused(parent):
-                continue
-            output = child.output if isinstance(child.output, dict) else {"result": child.output}
-            payload: Dict[str, Any] = {"sub_run_id": child.run_id, "output": output}
-            status = _enum_value(child.status)
-            if status != "completed":
-                payload.update(success=False, error=child.error, **({"cancelled": True} if status == "cancelled" else {}))
-            self.runtime.resume(workflow=spec, run_id=parent.run_id, wait_key=wait_key, payload=payload, max_steps=0)
-            self.wake_runner()
+        for waiting in self.stores.runs.list_waiting_on(wait_key):
+            with self.runs_locked([waiting.run_id]):
+                parent = self.stores.runs.load(waiting.run_id)  # re-read under the lock
+                if parent is None or parent.waiting is None or parent.waiting.wait_key != wait_key:
+                    continue
+                self._resume_parent_locked(parent, child, wait_key)
+
+    def _resume_parent_locked(self, parent: RunState, child: RunState, wait_key: str) -> None:
+        spec = self.host.get(parent.workflow_id)
+        if spec is None or _is_paused(parent):
+            return
+        output = child.output if isinstance(child.output, dict) else {"result": child.output}
+        payload: Dict[str, Any] = {"sub_run_id": child.run_id, "output": output}
+        status = _enum_value(child.status)
+        if status != "completed":
+            payload.update(success=False, error=child.error, **({"cancelled": True} if status == "cancelled" else {}))
+        self.runtime.resume(workflow=spec, run_id=parent.run_id, wait_key=wait_key, payload=payload, max_steps=0)
+        self.wake_runner()
 
     def repair_subworkflow_parents(self, limit: int = 2000) -> int:
         """Resume parents whose child ended while nobody was watching (e.g. across a restart)."""
@@ -3911,8 +3967,9 @@ class LockoutTracker:
             entry[0] = entry[0] * 0.5 ** ((now - entry[1]) / self.decay_s) + 1.0
             entry[1] = now
             lock_s = 0.0
-            if entry[0] >= self.after - 1e-9 and self.base_s > 0:
-                lock_s = self.base_s * 2 ** (round(entry[0]) - self.after)
+            failures = round(entry[0])  # decayed counts are fractional; a fresh streak stays whole
+            if failures >= self.after and self.base_s > 0:
+                lock_s = self.base_s * 2 ** (failures - self.after)
                 if self.max_s > 0:
                     lock_s = min(lock_s, self.max_s)
                 entry[2] = now + lock_s
