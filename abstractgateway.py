@@ -84,6 +84,14 @@ class Setting:
     flag: Optional[str] = None
     choices: Tuple[str, ...] = ()
     minimum: float = 1  # numeric settings below this are refused
+    default_doc: str = ""  # how to describe a computed default
+
+    def describe_default(self) -> str:
+        if self.default_doc:
+            return self.default_doc
+        if isinstance(self.default, bool):
+            return "1" if self.default else "0"
+        return str(self.default) if self.default != "" else "(unset)"
 
 
 def _default_data_dir(_values: Dict[str, Any]) -> Path:
@@ -94,9 +102,10 @@ def _default_data_dir(_values: Dict[str, Any]) -> Path:
 
 SETTINGS: Tuple[Setting, ...] = (
     Setting("data_dir", "ABSTRACTGATEWAY_DATA_DIR", "path", _default_data_dir,
-            "Directory for the database, uploaded flows and run workspaces.", "--data-dir"),
+            "Directory for the database, uploaded flows and run workspaces.", "--data-dir",
+            default_doc="the platform's user data dir (e.g. ~/.local/share/abstractgateway)"),
     Setting("db_path", "ABSTRACTGATEWAY_DB_PATH", "path", lambda v: v["data_dir"] / "gateway.sqlite3",
-            "The SQLite file that holds all durable state.", "--db-path"),
+            "The SQLite file that holds all durable state.", "--db-path", default_doc="<data dir>/gateway.sqlite3"),
     Setting("store_backend", "ABSTRACTGATEWAY_STORE_BACKEND", "choice", "sqlite",
             "Where runs, ledgers, commands and artifacts live: `sqlite` (one file) or `file` "
             "(the upstream JSON/JSONL layout under the data dir).", "--store-backend", ("sqlite", "file")),
@@ -104,7 +113,8 @@ SETTINGS: Tuple[Setting, ...] = (
             "SQLite durability: FULL survives power loss for every acknowledged write; NORMAL is faster "
             "but may lose the last commits on power loss (never corrupts).", "--synchronous", ("FULL", "NORMAL")),
     Setting("flows_dir", "ABSTRACTGATEWAY_FLOWS_DIR", "path", lambda v: v["data_dir"] / "flows",
-            "A directory of `.flow` bundles (or one `.flow` file) loaded next to the uploaded ones.", "--flows-dir"),
+            "A directory of `.flow` bundles (or one `.flow` file) loaded next to the uploaded ones.", "--flows-dir",
+            default_doc="<data dir>/flows"),
     Setting("workflow_source", "ABSTRACTGATEWAY_WORKFLOW_SOURCE", "choice", "bundle",
             "`bundle` (.flow bundles) or `visualflow` (a flows dir of VisualFlow `*.json`).", "--workflow-source",
             ("bundle", "visualflow")),
@@ -167,6 +177,17 @@ SETTINGS: Tuple[Setting, ...] = (
     Setting("lease_ttl_s", "ABSTRACTGATEWAY_RUNNER_LEASE_TTL_S", "float", 5.0,
             "Seconds before a silent runner's lease expires and another runner takes over.", None, (), 0.1),
 )
+
+
+def settings_table(markdown: bool = True) -> str:
+    """The settings as a Markdown table (docs/configuration.md) or plain text (`--help`)."""
+    if markdown:
+        rows = ["| env var | CLI flag | default | meaning |", "|---|---|---|---|"]
+        for st in SETTINGS:
+            rows.append(f"| `{st.env}` | {f'`{st.flag}`' if st.flag else ''} | `{st.describe_default()}` | "
+                        f"{st.help.replace('|', '/')} |")
+        return "\n".join(rows)
+    return "\n".join(f"  {st.env:<40} {st.describe_default()}" for st in SETTINGS)
 
 
 class ConfigError(ValueError):
@@ -2951,6 +2972,8 @@ class GatewayApp:
         self.gateway = gateway
         self.runner = runner
         self.stopping = threading.Event()
+        self._streams = 0
+        self._streams_changed = threading.Condition()
         self._routes = {r.handler: r for r in ROUTES}
         self.url_map = Map([Rule(r.path, endpoint=r.handler, methods=[r.method]) for r in ROUTES],
                            strict_slashes=False, merge_slashes=False)
@@ -2982,6 +3005,24 @@ class GatewayApp:
                                       request_id=request_id)
         response.headers["X-Request-Id"] = request_id
         return response(environ, start_response)
+
+    @contextmanager
+    def stream_open(self) -> Iterator[None]:
+        """Count an SSE stream as open while its body is being produced."""
+        with self._streams_changed:
+            self._streams += 1
+        try:
+            yield
+        finally:
+            with self._streams_changed:
+                self._streams -= 1
+                self._streams_changed.notify_all()
+
+    def drain(self, timeout: float) -> bool:
+        """Tell streams to finish (each sends a final `done`) and wait for them; True if all ended."""
+        self.stopping.set()
+        with self._streams_changed:
+            return self._streams_changed.wait_for(lambda: self._streams == 0, timeout)
 
     @staticmethod
     def _json_body(request: Request) -> Any:
@@ -3346,7 +3387,7 @@ class GatewayApp:
                 after = max(0, int(last_event_id))
             except ValueError:
                 raise Unprocessable("Last-Event-ID must be an integer cursor", code="validation_error") from None
-        stream = LedgerStream(self.gateway, run_id, after, heartbeat_s, self.stopping,
+        stream = LedgerStream(self.gateway, run_id, after, heartbeat_s, self,
                               request.environ.get("werkzeug.socket"))
         return Response(stream, content_type="text/event-stream; charset=utf-8",
                         headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"}, direct_passthrough=True)
@@ -3439,13 +3480,14 @@ class LedgerStream:
     POLL_S = 0.25
     FLUSH_GRACE_S = 0.5
 
-    def __init__(self, gateway: Gateway, run_id: str, after: int, heartbeat_s: float, stopping: threading.Event,
+    def __init__(self, gateway: Gateway, run_id: str, after: int, heartbeat_s: float, app: "GatewayApp",
                  sock: Any = None) -> None:
         self.gateway = gateway
         self.run_id = run_id
         self.cursor = after
         self.heartbeat_s = heartbeat_s
-        self.stopping = stopping
+        self.app = app
+        self.stopping = app.stopping
         self.sock = sock
         self.last_record: Optional[str] = None
         self.terminal_seen: Optional[float] = None
@@ -3493,7 +3535,7 @@ class LedgerStream:
     def __iter__(self) -> Iterator[bytes]:
         db = self.gateway.stores.db
         yield b"retry: %d\n\n" % SSE_RETRY_MS
-        with db.signals.subscribe(ledger_topic(self.run_id)) as sub:
+        with self.app.stream_open(), db.signals.subscribe(ledger_topic(self.run_id)) as sub:
             last_sent = time.monotonic()
             version = db.data_version()
             check = True
@@ -4296,8 +4338,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     thread.start()
     stop.wait()
     print("abstractgateway: stopping (draining streams and ticks)", file=sys.stderr, flush=True)
-    app.stopping.set()
-    server.shutdown()
+    server.shutdown()  # stop accepting
+    app.drain(timeout=5.0)  # open streams send a final `done` and end
     if runner is not None:
         runner.stop()
     gateway.stores.db.checkpoint()
@@ -4347,6 +4389,57 @@ def _cmd_audit(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_doctor(args: argparse.Namespace) -> int:
+    config = _config_from_args(args)
+    problems: List[str] = []
+    print("configuration (value [source]):")
+    for setting in SETTINGS:
+        value = getattr(config, setting.name)
+        if setting.name in ("auth_token", "auth_tokens") and value:
+            value = f"<{len(_split_csv(value))} token(s), fingerprints " \
+                    f"{', '.join(token_fingerprint(t) for t in _split_csv(value))}>"
+        print(f"  {setting.env:<40} {value}  [{config.sources[setting.name]}]")
+    data_dir = Path(config.data_dir)
+    print("paths:")
+    writable = os.access(data_dir if data_dir.exists() else data_dir.parent, os.W_OK)
+    print(f"  data dir  {data_dir} ({'exists' if data_dir.exists() else 'missing'}, "
+          f"{'writable' if writable else 'NOT writable'})")
+    if not writable:
+        problems.append(f"data dir {data_dir} is not writable")
+    print(f"  flows dir {config.flows_dir} ({'exists' if Path(config.flows_dir).exists() else 'missing'})")
+    print(f"  database  {config.db_path}")
+    if Path(config.db_path).exists():
+        try:
+            stores = open_stores(config)
+        except (SchemaError, apsw.Error) as exc:
+            problems.append(f"database: {exc}")
+        else:
+            try:
+                facts, db_problems = check_database(stores.db)
+                problems.extend(db_problems)
+                print(f"  schema version {facts['schema_version']} (this gateway: {SCHEMA_VERSION}), "
+                      f"journal {facts['journal_mode']}")
+                print("  counts    " + ", ".join(f"{k}={v}" for k, v in facts["counts"].items()))
+                catalog = WorkflowHost(stores, flows_dir=config.flows_dir, source=config.workflow_source).reload()
+                loaded = [b for versions in catalog.bundles.values() for b in versions.values()]
+                print(f"bundles: {len(loaded)} loaded, {sum(1 for b in loaded if b.load_error)} failed, "
+                      f"{sum(1 for b in loaded if b.needs)} need the LLM extra")
+                for bundle in loaded:
+                    if bundle.load_error:
+                        print(f"  ! {bundle.ref}: {bundle.load_error}")
+                policy = SecurityPolicy.from_config(config, stores.settings)
+                print(f"security: {'on' if policy.enabled else 'OFF'}, token from {policy.token_source}")
+            finally:
+                stores.close()
+    else:
+        print("  (no database yet: the first `serve` creates it)")
+    print(f"extras: llm ({LLM_EXTRA}): {'present' if llm_integration_available() else 'absent'}")
+    for problem in problems:
+        print(f"PROBLEM: {problem}")
+    print("ok" if not problems else f"{len(problems)} problem(s)")
+    return 1 if problems else 0
+
+
 def _cmd_runner(args: argparse.Namespace) -> int:
     config = _config_from_args(args)
     gateway = Gateway(config)
@@ -4363,7 +4456,10 @@ def _cmd_runner(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     """The `abstractgateway` command line (every subcommand with its flags)."""
-    parser = argparse.ArgumentParser(prog="abstractgateway", description="Durable run gateway for AbstractRuntime workflows.")
+    parser = argparse.ArgumentParser(
+        prog="abstractgateway", description="Durable run gateway for AbstractRuntime workflows.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="environment (flags win over env vars, env vars over defaults):\n" + settings_table(markdown=False))
     parser.add_argument("--version", action="version", version=f"abstractgateway {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     storage_flags = ("data_dir", "db_path", "synchronous")
@@ -4378,6 +4474,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("runner", help="Run only the runner (pair with `serve --no-runner` on the same database).")
     _add_setting_flags(p, runtime_flags)
     p.set_defaults(func=_cmd_runner)
+
+    p = sub.add_parser("doctor", help="Print the resolved configuration, paths, schema, counts and extras; "
+                                      "exit 1 on a problem.")
+    _add_setting_flags(p, (*runtime_flags, "host", "port"))
+    p.set_defaults(func=_cmd_doctor)
 
     p = sub.add_parser("token", help="Show or rotate the API token kept in the database.")
     p.add_argument("action", choices=("show", "rotate"))

@@ -169,7 +169,7 @@ class LiveServer:
         return self.request("POST", path, body=body, **kw)
 
     def close(self) -> None:
-        self.app.stopping.set()
+        self.app.drain(5.0)
         self.server.shutdown()
         if self.runner is not None:
             self.runner.stop()

@@ -127,3 +127,75 @@ def test_split_api_and_two_runner_processes_share_one_database(data_dir):
         for proc in [api, *runners]:
             proc.communicate(timeout=20)
     assert api.returncode == 0
+
+
+def test_docs_settings_table_matches_the_code():
+    text = (Path(__file__).resolve().parents[1] / "docs" / "configuration.md").read_text()
+    start, end = "<!-- settings-table:start -->\n", "\n<!-- settings-table:end -->"
+    assert text[text.index(start) + len(start):text.index(end)] == gw.settings_table()
+    help_text = subprocess.run([sys.executable, "-m", "abstractgateway", "--help"], capture_output=True, text=True).stdout
+    assert all(s.env in help_text for s in gw.SETTINGS)
+
+
+def test_doctor_reports_config_sources_and_problems(tmp_path):
+    env = _clean_env(tmp_path / "home")
+    env["ABSTRACTGATEWAY_DATA_DIR"] = str(tmp_path / "data")
+    out = subprocess.run([sys.executable, "-m", "abstractgateway", "doctor", "--port", "9999"], env=env,
+                         capture_output=True, text=True)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "ABSTRACTGATEWAY_DATA_DIR" in out.stdout and "[env]" in out.stdout and "9999  [flag]" in out.stdout
+    assert "no database yet" in out.stdout and "llm" in out.stdout
+    stores = gw.open_stores(make_config(tmp_path / "data"))
+    stores.close()
+    out = subprocess.run([sys.executable, "-m", "abstractgateway", "doctor"], env=env, capture_output=True, text=True)
+    assert out.returncode == 0 and f"schema version {gw.SCHEMA_VERSION}" in out.stdout
+    import apsw
+
+    conn = apsw.Connection(str(tmp_path / "data" / "gateway.sqlite3"))
+    conn.execute("INSERT INTO ledger VALUES ('r', 2, '{}')")  # a gap: seq 1 is missing
+    conn.close()
+    out = subprocess.run([sys.executable, "-m", "abstractgateway", "doctor"], env=env, capture_output=True, text=True)
+    assert out.returncode == 1 and "PROBLEM" in out.stdout and "gaps" in out.stdout
+
+
+def test_sigterm_during_a_stream_and_a_running_flow_loses_nothing(data_dir):
+    flows = data_dir / "flows"
+    for root in TEST_BUNDLES:
+        pack_bundle(flows, root)
+    env = {**os.environ, "ABSTRACTGATEWAY_DATA_DIR": str(data_dir), "ABSTRACTGATEWAY_AUTH_TOKEN": TOKEN}
+    port = _free_port()
+    base = f"http://127.0.0.1:{port}/api/gateway"
+    proc = _spawn(["serve", "--port", str(port)], env)
+    wait_for(lambda: _try_get(f"http://127.0.0.1:{port}/api/health"), timeout=20)
+    run_id = _post(f"{base}/runs/start", {"bundle_id": "timer-loop", "input_data": {"n": 4, "delay": 0.5}})["run_id"]
+    wait_for(lambda: _get(f"{base}/runs/{run_id}")[1]["status"] == "waiting")
+    import http.client
+
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    conn.request("GET", f"/api/gateway/runs/{run_id}/ledger/stream", headers={"Authorization": f"Bearer {TOKEN}"})
+    resp = conn.getresponse()
+    assert resp.status == 200
+    before = int(_get(f"{base}/runs/{run_id}/ledger?limit=2000")[1]["next_after"])
+    proc.send_signal(signal.SIGTERM)
+    body = resp.read().decode()  # the stream ends on its own, with a final done event
+    out, err = proc.communicate(timeout=20)
+    assert proc.returncode == 0, err
+    assert body.rstrip().splitlines()[-1].startswith("data: ") and '"server_stopping"' in body
+    steps = [line for line in body.splitlines() if line.startswith("id: ")]
+    assert len(steps) >= before
+    stores = gw.open_stores(make_config(data_dir))
+    try:
+        assert stores.runs.load(run_id).status.value in ("waiting", "running")
+        assert stores.ledger.count(run_id) >= before
+        assert stores.leases.holder("runner") is None  # released on the way out
+    finally:
+        stores.close()
+    proc = _spawn(["serve", "--port", str(port)], env)  # restart: the run carries on
+    try:
+        wait_for(lambda: _try_get(f"http://127.0.0.1:{port}/api/health"), timeout=20)
+        wait_for(lambda: _get(f"{base}/runs/{run_id}")[1]["status"] == "completed", timeout=20)
+        assert _get(f"{base}/runs/{run_id}")[1]["status"] == "completed"
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.communicate(timeout=20)
+    assert proc.returncode == 0
