@@ -429,6 +429,8 @@ class Database:
     def __init__(self, path: Path | str, *, synchronous: str = "FULL", busy_timeout_ms: int = 10_000) -> None:
         self.path = Path(path).expanduser().resolve()
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        if not self.path.exists():  # it will hold the API token and run data: owner-only (WAL/SHM inherit it)
+            os.close(os.open(self.path, os.O_CREAT | os.O_WRONLY, 0o600))
         if synchronous.upper() not in ("FULL", "NORMAL"):
             raise ConfigError(f"synchronous must be FULL or NORMAL, got {synchronous!r}")
         self.synchronous = synchronous.upper()
@@ -2426,8 +2428,7 @@ class Gateway:
         elif kind == "update_schedule":
             self._update_schedule(record)
         elif kind == "compact_memory":
-            raise Unprocessable(f"compact_memory needs the LLM integration; install the '{LLM_EXTRA}' extra",
-                                code="llm_extra_required")
+            self._compact_memory(record, tree[0])
         else:
             raise GatewayError(f"Unknown command type '{record.type}'", code="invalid_command_type")
 
@@ -2439,6 +2440,45 @@ class Gateway:
             run.waiting.until = utc_now_iso()
             run.updated_at = utc_now_iso()
             self.stores.runs.save(run)
+
+    def _compact_memory(self, record: CommandRecord, run: RunState) -> None:
+        """Run the runtime's MEMORY_COMPACT effect out of band on `run` (or `payload.target_run_id`).
+
+        It needs no LLM when there is nothing to compact; otherwise the runtime asks for an LLM
+        call, which this gateway cannot serve without the LLM extra: the command then fails with
+        that reason and, being inside the command's transaction, leaves nothing behind.
+        """
+        from abstractruntime import Effect, EffectType, StepPlan, WorkflowSpec
+
+        p = record.payload or {}
+        target = str(p.get("target_run_id") or p.get("targetRunId") or run.run_id)
+        if self.stores.runs.load(target) is None:
+            raise NotFound(f"Run '{target}' not found", code="run_not_found")
+        mode = str(p.get("compression_mode") or "standard")
+        if mode not in ("light", "standard", "heavy"):
+            raise GatewayError("compression_mode must be light, standard or heavy", code="invalid_payload")
+        effect_payload = {"target_run_id": target, "preserve_recent": int(p.get("preserve_recent", 6)),
+                          "compression_mode": mode, **({"focus": p["focus"]} if p.get("focus") else {})}
+
+        def compact(job: RunState, ctx: Any) -> Any:
+            return StepPlan(node_id="compact", effect=Effect(type=EffectType.MEMORY_COMPACT, payload=effect_payload,
+                                                             result_key="result"), next_node="done")
+
+        def done(job: RunState, ctx: Any) -> Any:
+            return StepPlan(node_id="done", complete_output={"result": job.vars.get("result")})
+
+        spec = WorkflowSpec(workflow_id="__compact_memory__", entry_node="compact", nodes={"compact": compact, "done": done})
+        job_id = self.runtime.start(workflow=spec, vars={}, actor_id=ACTOR_ID, parent_run_id=None, session_id=target)
+        job = self.runtime.tick(workflow=spec, run_id=job_id, max_steps=5)
+        if _enum_value(job.status) != "completed":
+            needs_llm = "llm_call" in str(job.error or "")
+            raise Unprocessable(
+                f"compact_memory needs an LLM to summarise; install the '{LLM_EXTRA}' extra" if needs_llm
+                else f"compact_memory failed: {job.error}", code="llm_extra_required" if needs_llm else "compact_failed")
+        state = self.stores.runs.load(target)
+        state.vars.setdefault("_runtime", {})["last_compact_memory"] = {
+            "command_id": record.command_id, "job_run_id": job_id, "at": utc_now_iso(), "result": job.output}
+        self.stores.runs.save(state)
 
     def _update_schedule(self, record: CommandRecord) -> None:
         payload = record.payload or {}

@@ -414,3 +414,22 @@ def test_resuming_a_paused_recurrent_schedule_fires_the_next_execution_at_once(g
     gateway.submit_command(command_id="r", run_id=run_id, type="resume")
     _outcome(gateway, "r")
     wait_for(lambda: len(_children(gateway, run_id)) == 2, timeout=5)
+
+
+def test_compact_memory_applies_when_no_llm_is_needed_and_fails_cleanly_otherwise(gateway, runner):
+    run_id = gateway.start_run(bundle_id="ask")
+    wait_for(lambda: _status(gateway, run_id) == "waiting")
+    gateway.submit_command(command_id="cm1", run_id=run_id, type="compact_memory")
+    assert _outcome(gateway, "cm1")["status"] == "applied"  # nothing to compact: no LLM needed
+    assert gateway.stores.runs.load(run_id).vars["_runtime"]["last_compact_memory"]["command_id"] == "cm1"
+    # give the run a long conversation: summarising it needs an LLM this gateway does not have
+    with gateway.runs_locked([run_id]):
+        state = gateway.stores.runs.load(run_id)
+        state.vars["context"] = {"messages": [{"role": "user", "content": f"m{i}"} for i in range(20)]}
+        gateway.stores.runs.save(state)
+    runs_before = len(gateway.stores.runs.list_run_index(limit=1000))
+    gateway.submit_command(command_id="cm2", run_id=run_id, type="compact_memory", payload={"preserve_recent": 2})
+    outcome = _outcome(gateway, "cm2")
+    assert outcome["status"] == "failed" and gw.LLM_EXTRA in outcome["error"]
+    assert len(gateway.stores.runs.list_run_index(limit=1000)) == runs_before  # the failed job left nothing
+    assert len(gateway.stores.runs.load(run_id).vars["context"]["messages"]) == 20

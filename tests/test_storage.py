@@ -507,3 +507,7 @@ def test_check_and_backup_commands(data_dir, tmp_path, capsys):
     capsys.readouterr()
     assert gw.main(["check", "--db-path", str(db_path)]) == 1
     assert "gaps" in capsys.readouterr().out
+
+
+def test_new_database_file_is_owner_only(stores):
+    assert (stores.db.path.stat().st_mode & 0o777) == 0o600
