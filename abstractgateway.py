@@ -398,7 +398,9 @@ class Subscription:
 
 
 class _PendingWrite:
-    __slots__ = ("fn", "topics", "result", "error", "done")
+    """One queued write; `wake` is held until the write is committed or its thread is made leader."""
+
+    __slots__ = ("fn", "topics", "result", "error", "done", "wake")
 
     def __init__(self, fn: Callable[[apsw.Connection], Any], topics: Sequence[str]) -> None:
         self.fn = fn
@@ -406,6 +408,8 @@ class _PendingWrite:
         self.result: Any = None
         self.error: Optional[BaseException] = None
         self.done = False
+        self.wake = threading.Lock()
+        self.wake.acquire()
 
 
 class _Transaction:
@@ -439,7 +443,7 @@ class Database:
         self._local = threading.local()
         self._all_connections: List[apsw.Connection] = []
         self._connections_lock = threading.Lock()
-        self._commit_cond = threading.Condition()
+        self._queue_lock = threading.Lock()
         self._queue: List[_PendingWrite] = []
         self._leader_busy = False
         self.schema_version = apply_schema(self.connection())
@@ -504,24 +508,34 @@ class Database:
             tx.topics.extend(topics)
             return result
         item = _PendingWrite(fn, topics)
-        with self._commit_cond:
+        with self._queue_lock:
             self._queue.append(item)
-            while not item.done:
-                if self._leader_busy:
-                    self._commit_cond.wait()
-                    continue
-                self._leader_busy = True
-                batch, self._queue = self._queue, []
-                self._commit_cond.release()
-                try:
-                    self._commit_batch(batch)
-                finally:
-                    self._commit_cond.acquire()
-                    self._leader_busy = False
-                    self._commit_cond.notify_all()
+            leader = not self._leader_busy
+            self._leader_busy = True
+        if not leader:
+            item.wake.acquire()  # woken once: committed by a leader, or handed the leadership
+        if not item.done:
+            self._lead()
         if item.error is not None:
             raise item.error
         return item.result
+
+    def _lead(self) -> None:
+        """Commit everything queued (this thread's write included) in one transaction, wake exactly
+        those writers, then hand the leadership to the first writer that queued meanwhile."""
+        with self._queue_lock:
+            batch, self._queue = self._queue, []
+        try:
+            self._commit_batch(batch)
+        finally:
+            for pending in batch:
+                if pending.wake.locked() and pending.done:
+                    pending.wake.release()
+            with self._queue_lock:
+                if self._queue:
+                    self._queue[0].wake.release()  # next leader
+                else:
+                    self._leader_busy = False
 
     def _commit_batch(self, batch: List[_PendingWrite]) -> None:
         conn = self.connection()

@@ -64,6 +64,8 @@ from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional
 
 HERE = Path(__file__).resolve().parent
+# bench/http.py would shadow the stdlib `http` package for scripts run from this directory.
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != HERE]
 sys.path.insert(0, str(HERE.parent))  # run from a checkout without installing
 
 import abstractgateway as gw  # noqa: E402
@@ -365,6 +367,13 @@ def time_page(page: Callable[[str, int, int], List[Any]], after: int) -> "tuple[
 # -- report -----------------------------------------------------------------------------------
 
 
+def loadavg() -> str:
+    try:
+        return " ".join(f"{x:.2f}" for x in os.getloadavg())
+    except OSError:  # pragma: no cover
+        return "?"
+
+
 def fmt_rate(x: Optional[float]) -> str:
     return "-" if x is None else f"{x:,.0f}"
 
@@ -425,6 +434,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     print(f"python {platform.python_version()}, {os.cpu_count()} CPUs, {apsw_info}; "
           f"upstream: abstractruntime {rt_version}, sqlite3 module (SQLite {sqlite3.sqlite_version})")
     print(f"workdir: {base}")
+    print(f"load average before: {loadavg()} (other work on the machine skews every figure)")
     print()
 
     factories: List[Callable[[Path], Backend]] = [
@@ -460,7 +470,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             rounds.append(figures)
     finally:
         shutil.rmtree(base, ignore_errors=True)
-    print(f"  total {time.perf_counter() - t_start:.1f}s")
+    print(f"  total {time.perf_counter() - t_start:.1f}s; load average after: {loadavg()}")
     print()
 
     metrics = ("single", "conc_own", "conc_same", "replay", "page_ms", "page_raw_ms")
