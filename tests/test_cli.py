@@ -8,11 +8,9 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 import urllib.request
 from pathlib import Path
 
-import pytest
 
 import abstractgateway as gw
 from conftest import TEST_BUNDLES, make_config, pack_bundle, wait_for

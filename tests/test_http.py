@@ -5,12 +5,10 @@ from __future__ import annotations
 import http.client
 import json
 import socket
-import time
 
-import pytest
 
 import abstractgateway as gw
-from conftest import LiveServer, multipart, pack_bundle, wait_for
+from conftest import LiveServer, multipart, wait_for
 
 API = "/api/gateway"
 

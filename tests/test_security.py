@@ -17,7 +17,7 @@ import zipfile
 import pytest
 
 import abstractgateway as gw
-from conftest import LiveServer, multipart, pack_bundle, wait_for
+from conftest import LiveServer, multipart, wait_for
 
 API = "/api/gateway"
 ALLOWED, DENIED = "http://localhost:5173", "https://evil.example"
