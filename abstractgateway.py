@@ -34,7 +34,7 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, TypeVar
+from typing import TYPE_CHECKING, Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, TypeVar
 
 import apsw
 from abstractruntime.core.models import RunState, RunStatus, StepRecord, WaitReason
@@ -2794,9 +2794,16 @@ class Runner:
 # 5. HTTP (routes, SSE, OpenAPI)
 # =====================================================================================
 
-from werkzeug.exceptions import HTTPException  # noqa: E402  (HTTP is the first section that needs werkzeug)
-from werkzeug.routing import Map, Rule  # noqa: E402
-from werkzeug.wrappers import Request, Response  # noqa: E402
+if TYPE_CHECKING:
+    from werkzeug.wrappers import Request, Response
+
+
+def _response(*args: Any, **kwargs: Any) -> "Response":
+    """A werkzeug Response; werkzeug is imported on first use (`runner` and the storage
+    commands never load it, which keeps their start-up short)."""
+    from werkzeug.wrappers import Response
+
+    return Response(*args, **kwargs)
 
 API = "/api/gateway"
 SSE_RETRY_MS = 2000
@@ -3011,7 +3018,7 @@ def _check_body(schema: Dict[str, Any], body: Any) -> Dict[str, Any]:
 
 
 def json_response(data: Any, status: int = 200, headers: Optional[Dict[str, str]] = None) -> Response:
-    return Response(_json_dumps(data), status=status, headers=headers, content_type="application/json")
+    return _response(_json_dumps(data), status=status, headers=headers, content_type="application/json")
 
 
 def error_response(status: int, code: str, detail: str, **extra: Any) -> Response:
@@ -3029,11 +3036,16 @@ class GatewayApp:
         self._streams = 0
         self._streams_changed = threading.Condition()
         self._routes = {r.handler: r for r in ROUTES}
+        from werkzeug.routing import Map, Rule
+
         self.url_map = Map([Rule(r.path, endpoint=r.handler, methods=[r.method]) for r in ROUTES],
                            strict_slashes=False, merge_slashes=False)
         self._openapi: Optional[bytes] = None
 
     def __call__(self, environ: Dict[str, Any], start_response: Callable) -> Iterable[bytes]:
+        from werkzeug.exceptions import HTTPException
+        from werkzeug.wrappers import Request
+
         request = Request(environ)
         request_id = environ.get("abstractgateway.request_id") or uuid.uuid4().hex[:16]
         try:
@@ -3112,10 +3124,10 @@ class GatewayApp:
     def openapi(self, request: Request) -> Response:
         if self._openapi is None:
             self._openapi = _json_dumps(openapi_document()).encode()
-        return Response(self._openapi, content_type="application/json")
+        return _response(self._openapi, content_type="application/json")
 
     def docs(self, request: Request) -> Response:
-        return Response(DOCS_HTML, content_type="text/html; charset=utf-8")
+        return _response(DOCS_HTML, content_type="text/html; charset=utf-8")
 
     # -- bundles ------------------------------------------------------------------------------------
 
@@ -3382,7 +3394,7 @@ class GatewayApp:
         if byte_range is not None:
             bounds = byte_range.range_for_length(size)
             if bounds is None:
-                return Response(status=416, headers={"Content-Range": f"bytes */{size}"})
+                return _response(status=416, headers={"Content-Range": f"bytes */{size}"})
             (start, end), status = bounds, 206
         store = self.gateway.stores.artifacts
 
@@ -3399,7 +3411,7 @@ class GatewayApp:
         headers = {"Accept-Ranges": "bytes", "Content-Length": str(end - start)}
         if status == 206:
             headers["Content-Range"] = f"bytes {start}-{end - 1}/{size}"
-        return Response(chunks(), status=status, headers=headers,
+        return _response(chunks(), status=status, headers=headers,
                         content_type=meta.content_type or "application/octet-stream", direct_passthrough=True)
 
     # -- ledger ---------------------------------------------------------------------------------------
@@ -3412,7 +3424,7 @@ class GatewayApp:
         self._require_run(run_id)
         rows = self.gateway.stores.ledger.page_json(run_id, after, limit)
         body = '{"items":[' + ",".join(rows) + '],"next_after":' + str(after + len(rows)) + "}"
-        return Response(body, content_type="application/json")
+        return _response(body, content_type="application/json")
 
     def ledger_batch(self, request: Request, body: Dict[str, Any]) -> Response:
         limit = body.get("limit") or 200
@@ -3431,7 +3443,7 @@ class GatewayApp:
             rows = self.gateway.stores.ledger.page_json(run_id, after, limit)
             parts.append(_json_dumps(run_id) + ':{"items":[' + ",".join(rows) + '],"next_after":'
                          + str(after + len(rows)) + "}")
-        return Response('{"runs":{' + ",".join(parts) + "}}", content_type="application/json")
+        return _response('{"runs":{' + ",".join(parts) + "}}", content_type="application/json")
 
     def stream_ledger(self, request: Request, run_id: str, after: int, heartbeat_s: float) -> Response:
         self._require_run(run_id)
@@ -3443,7 +3455,7 @@ class GatewayApp:
                 raise Unprocessable("Last-Event-ID must be an integer cursor", code="validation_error") from None
         stream = LedgerStream(self.gateway, run_id, after, heartbeat_s, self,
                               request.environ.get("werkzeug.socket"))
-        return Response(stream, content_type="text/event-stream; charset=utf-8",
+        return _response(stream, content_type="text/event-stream; charset=utf-8",
                         headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"}, direct_passthrough=True)
 
     # -- commands -------------------------------------------------------------------------------------
