@@ -30,6 +30,7 @@ import sys
 import threading
 import time
 import uuid
+import weakref
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
@@ -441,7 +442,9 @@ class Database:
         self.busy_timeout_ms = int(busy_timeout_ms)
         self.signals = Signals()
         self._local = threading.local()
-        self._all_connections: List[apsw.Connection] = []
+        # Weak: a thread's connection lives in its thread-local and closes when the thread ends
+        # (the HTTP server runs a thread per connection; nothing may pile up).
+        self._all_connections: "weakref.WeakSet[apsw.Connection]" = weakref.WeakSet()
         self._connections_lock = threading.Lock()
         self._queue_lock = threading.Lock()
         self._queue: List[_PendingWrite] = []
@@ -467,13 +470,13 @@ class Database:
         conn.execute(f"PRAGMA synchronous={self.synchronous}")
         conn.execute("PRAGMA foreign_keys=ON")
         with self._connections_lock:
-            self._all_connections.append(conn)
+            self._all_connections.add(conn)
         return conn
 
     def close(self) -> None:
         """Checkpoint the WAL into the main file and close every connection."""
         with self._connections_lock:
-            conns, self._all_connections = self._all_connections, []
+            conns, self._all_connections = list(self._all_connections), weakref.WeakSet()
         for conn in conns:
             try:
                 conn.close()
@@ -606,8 +609,7 @@ class Database:
         finally:
             target.close()
             with self._connections_lock:
-                if source in self._all_connections:
-                    self._all_connections.remove(source)
+                self._all_connections.discard(source)
             source.close()
         os.replace(tmp, dest_path)
         return dest_path
@@ -695,6 +697,22 @@ class SqliteRunStore(RunStore):
 
     def exists(self, run_id: str) -> bool:
         return self.db.query_one("SELECT 1 FROM runs WHERE run_id = ?", (str(run_id or ""),)) is not None
+
+    def status_of(self, run_id: str) -> Optional[str]:
+        """The run's status without loading its state (None if unknown)."""
+        row = self.db.query_one("SELECT status FROM runs WHERE run_id = ?", (str(run_id or ""),))
+        return row[0] if row else None
+
+    def runnable_ids(self, *, now_iso: str, limit: int) -> List[str]:
+        """Ids of RUNNING runs and due UNTIL waits, not paused, oldest first (no starvation)."""
+        rows = self.db.query(
+            "SELECT run_id FROM (SELECT run_id, updated_at AS due FROM runs WHERE status = 'running'"
+            " UNION ALL SELECT run_id, wait_until AS due FROM runs"
+            " WHERE status = 'waiting' AND wait_reason = 'until' AND wait_until <= ?)"
+            " WHERE run_id NOT IN (SELECT run_id FROM runs WHERE status IN ('running', 'waiting')"
+            " AND json_extract(run_json, '$.vars._runtime.control.paused') = 1)"
+            " ORDER BY due LIMIT ?", (now_iso, int(limit)))
+        return [r[0] for r in rows]
 
     def delete(self, run_id: str) -> bool:
         def _delete(conn: apsw.Connection) -> bool:
@@ -1263,6 +1281,10 @@ class FileRunStore(JsonFileRunStore):
 
     def exists(self, run_id: str) -> bool:
         return self._path(str(run_id)).exists()
+
+    def status_of(self, run_id: str) -> Optional[str]:
+        run = self.load(run_id)
+        return _enum_value(run.status) if run is not None else None
 
     def list_waiting_on(self, wait_key: str, *, limit: int = 10_000) -> List[RunState]:
         runs = self.list_runs(status=RunStatus.WAITING, limit=limit)
@@ -2665,6 +2687,8 @@ class Gateway:
     def runnable_run_ids(self) -> List[str]:
         """RUNNING runs and due UNTIL waits, bounded by the scan limit."""
         limit = self.config.run_scan_limit
+        if hasattr(self.stores.runs, "runnable_ids"):
+            return self.stores.runs.runnable_ids(now_iso=utc_now_iso(), limit=limit)
         running = self.stores.runs.list_runs(status=RunStatus.RUNNING, limit=limit)
         due = self.stores.runs.list_due_wait_until(now_iso=utc_now_iso(), limit=limit)
         seen, out = set(), []
@@ -3559,18 +3583,23 @@ class LedgerStream:
         self.terminal_seen: Optional[float] = None
 
     def _client_gone(self) -> bool:
+        """True once the client hung up (poll(): no FD_SETSIZE limit, unlike select())."""
         if self.sock is None:
             return False
         import select
         import socket as _socket
 
         try:
-            readable, _, _ = select.select([self.sock], [], [], 0)
-            if readable:
-                return self.sock.recv(1, _socket.MSG_PEEK) == b""
-        except (OSError, ValueError):
+            poller = select.poll()
+            poller.register(self.sock, select.POLLIN | select.POLLHUP | select.POLLERR)
+            events = poller.poll(0)
+            if not events:
+                return False
+            if events[0][1] & (select.POLLHUP | select.POLLERR):
+                return True
+            return self.sock.recv(1, _socket.MSG_PEEK) == b""  # readable: EOF means gone
+        except OSError:
             return True
-        return False
 
     def _frames(self) -> Tuple[List[bytes], bool]:
         rows = self.gateway.stores.ledger.page_json(self.run_id, self.cursor, SSE_BATCH)
@@ -3595,8 +3624,13 @@ class LedgerStream:
         return time.monotonic() - self.terminal_seen >= self.FLUSH_GRACE_S
 
     def _terminal(self) -> bool:
-        state = self.gateway.stores.runs.load(self.run_id)
-        return state is None or _enum_value(state.status) in TERMINAL_STATUSES
+        status = self.gateway.stores.runs.status_of(self.run_id)
+        return status is None or status in TERMINAL_STATUSES
+
+    def _writes_elsewhere(self) -> bool:
+        """Whether ledger records may come from another process (then watch SQLite's data_version)."""
+        runner = self.app.runner
+        return runner is None or not runner.has_lease
 
     def __iter__(self) -> Iterator[bytes]:
         db = self.gateway.stores.db
@@ -3633,7 +3667,7 @@ class LedgerStream:
                 woke = sub.wait(seen, wait_s)
                 if self._client_gone():
                     return
-                now_version = db.data_version()
+                now_version = db.data_version() if self._writes_elsewhere() else version
                 check = woke or now_version != version or self.terminal_seen is not None
                 version = now_version
 

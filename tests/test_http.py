@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import http.client
+import os
 import json
 import socket
 
@@ -382,3 +383,30 @@ def test_schedule_route(live_server):
     assert status == 422 and "flow_id" in data["detail"]
     status, _, data = live_server.post(f"{API}/runs/schedule", {"bundle_id": "echo", "flow_id": "echo", "repeat_count": 0})
     assert status == 400 and _is_error(data, "invalid_schedule")
+
+
+def test_request_threads_do_not_leak_database_connections(live_server):
+    db = live_server.gateway.stores.db
+    for _ in range(300):
+        assert live_server.get(f"{API}/runs")[0] == 200
+    wait_for(lambda: len(db._all_connections) < 50, timeout=5)
+
+
+def test_sse_works_on_file_descriptors_above_1024(live_server):
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < 1400:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (min(4096, hard), hard))
+    filler = [os.open(os.devnull, os.O_RDONLY) for _ in range(1100)]  # push new sockets past FD_SETSIZE
+    try:
+        run_id = _start(live_server, bundle_id="ask")
+        _wait_status(live_server, run_id, "waiting")
+        stream = SSE(live_server, f"{API}/runs/{run_id}/ledger/stream?heartbeat_s=0.2")
+        events = stream.events()
+        seen = [next(events) for _ in range(6)]  # retry, records, then keep-alives: the stream stays up
+        stream.close()
+        assert {"comment": "keep-alive"} in seen
+    finally:
+        for fd in filler:
+            os.close(fd)
