@@ -14,7 +14,9 @@ Contents, in dependency order (each section uses only what stands above it):
                   parents) and `Runner` (lease-held thread pool woken by commits).
 5. HTTP        -- `ROUTES` (drives dispatch and `openapi_document()`), `GatewayApp` (WSGI),
                   `LedgerStream` (push-based SSE with resume), the offline `/docs` page, `make_server`.
-6. CLI         -- `main()`: `serve`, `runner`, `migrate`, `backup`, `check`.
+6. Security    -- WSGI middlewares (CORS, request id, audit, origin, lockout, auth, body limit,
+                  concurrency), `SecurityPolicy`, `secure_app`/`build_wsgi`, token bootstrap.
+7. CLI         -- `main()`: `serve`, `runner`, `doctor`, `token`, `audit`, `migrate`, `backup`, `check`.
 
 The DDL lives in `schema.sql` beside this file (forward-only migrations keyed by
 `PRAGMA user_version`).
