@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import math
 import os
 import sys
 import threading
@@ -433,8 +434,11 @@ class Database:
     several store calls (a command's effect and its outcome) commit atomically.
     """
 
-    def __init__(self, path: Path | str, *, synchronous: str = "FULL", busy_timeout_ms: int = 10_000) -> None:
+    def __init__(self, path: Path | str, *, synchronous: str = "FULL", busy_timeout_ms: int = 10_000,
+                 migrate: bool = True) -> None:
         self.path = Path(path).expanduser().resolve()
+        if not migrate and not self.path.is_file():
+            raise SchemaError(f"no database at {self.path}")
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if not self.path.exists():  # it will hold the API token and run data: owner-only (WAL/SHM inherit it)
             os.close(os.open(self.path, os.O_CREAT | os.O_WRONLY, 0o600))
@@ -451,7 +455,10 @@ class Database:
         self._queue_lock = threading.Lock()
         self._queue: List[_PendingWrite] = []
         self._leader_busy = False
-        self.schema_version = apply_schema(self.connection())
+        if migrate:
+            self.schema_version = apply_schema(self.connection())
+        else:  # inspection only (check, backup): never write to the file
+            self.schema_version = self.connection().execute("PRAGMA user_version").fetchone()[0]
 
     # -- connections -------------------------------------------------------------------
 
@@ -533,8 +540,8 @@ class Database:
         try:
             self._commit_batch(batch)
         finally:
-            for pending in batch:
-                if pending.wake.locked() and pending.done:
+            for pending in batch:  # all done now, whatever happened
+                if pending.wake.locked():
                     pending.wake.release()
             with self._queue_lock:
                 if self._queue:
@@ -543,8 +550,11 @@ class Database:
                     self._leader_busy = False
 
     def _commit_batch(self, batch: List[_PendingWrite]) -> None:
-        conn = self.connection()
+        """Run the batch in one transaction. Whatever fails, every write ends done (with its error),
+        so no waiting writer can hang."""
+        conn = None
         try:
+            conn = self.connection()
             _begin_immediate(conn)
             for item in batch:
                 conn.execute("SAVEPOINT gateway_write")
@@ -557,14 +567,18 @@ class Database:
                     item.error = exc
             conn.execute("COMMIT")
         except BaseException as exc:
-            if not conn.get_autocommit():
-                conn.execute("ROLLBACK")
             for item in batch:
                 if item.error is None:
                     item.error = exc
+            try:
+                if conn is not None and not conn.get_autocommit():
+                    conn.execute("ROLLBACK")
+            except apsw.Error:
+                pass
+        finally:
+            for item in batch:
+                item.done = True
         topics = [t for item in batch if item.error is None for t in item.topics]
-        for item in batch:
-            item.done = True
         if topics:
             self.signals.bump(topics)
 
@@ -1140,6 +1154,12 @@ class LeaseStore:
 
         return self.db.write(_acquire)
 
+    def held_by(self, name: str, owner: str) -> bool:
+        """True if `owner` holds an unexpired lease on `name` (read inside the caller's transaction)."""
+        row = self.db.query_one("SELECT 1 FROM leases WHERE name = ? AND owner = ? AND expires_at > ?",
+                                (name, owner, time.time()))
+        return row is not None
+
     def release(self, name: str, owner: str) -> None:
         self.db.write(lambda conn: conn.execute("DELETE FROM leases WHERE name = ? AND owner = ?", (name, owner)))
 
@@ -1163,6 +1183,9 @@ class CommandOutcomeStore:
         row = (command.seq, command.command_id, command.run_id, status, error, utc_now_iso())
         self.db.write(lambda conn: conn.execute(
             f"INSERT OR REPLACE INTO command_outcomes ({self._COLUMNS}) VALUES (?,?,?,?,?,?)", row))
+
+    def exists(self, seq: int) -> bool:
+        return self.db.query_one("SELECT 1 FROM command_outcomes WHERE seq = ?", (int(seq),)) is not None
 
     def get(self, command_id: str) -> Optional[Dict[str, Any]]:
         row = self.db.query_one(f"SELECT {self._COLUMNS} FROM command_outcomes WHERE command_id = ?", (command_id,))
@@ -1521,9 +1544,18 @@ def migrate(source: str, dest: Stores, *, data_dir: Optional[Path] = None, sourc
     report.present["commands"] = len(wanted_ids & present_ids)
     tick("commands", len(commands), len(commands), force=bool(commands))
 
+    taken = {seq: cid for seq, cid in db.query("SELECT seq, command_id FROM commands")}
+    for row in commands:
+        if taken.get(row[0]) not in (None, row[1]):
+            report.mismatches.append(f"command seq {row[0]} ({row[1]}) is taken by another command in the destination")
+
     cursor = reader.cursor()
     if cursor is not None:
         report.source["cursor"] = 1
+        local = [seq for seq, cid in taken.items() if seq <= cursor and cid not in wanted_ids]
+        if local:  # never skip the destination's own commands that are still to be applied
+            report.mismatches.append(f"cursor kept below local command seq {min(local)} (not from the source)")
+            cursor = min(local) - 1
         current = dest.cursor.load()
         if cursor > current:
             dest.cursor.save(cursor)
@@ -2225,6 +2257,10 @@ def split_bundle_ref(bundle_id: str, bundle_version: Optional[str]) -> Tuple[str
 # =====================================================================================
 
 COMMAND_TYPES = ("pause", "resume", "cancel", "emit_event", "update_schedule", "compact_memory")
+
+
+class LeaseLost(RuntimeError):
+    """This runner's lease expired or was taken over: it must stop applying and ticking."""
 ACTOR_ID = "gateway"
 
 
@@ -2379,13 +2415,29 @@ class Gateway:
                 "error": outcome["error"] if outcome else None,
                 "applied_at": outcome["applied_at"] if outcome else None}
 
-    def apply_pending_commands(self) -> int:
-        """Apply every inbox command after the cursor, in seq order; return how many."""
+    def apply_pending_commands(self, lease_owner: Optional[str] = None) -> int:
+        """Apply every inbox command after the cursor, in seq order; return how many.
+
+        With `lease_owner`, each command is applied only while that owner holds the runner lease.
+        """
         records, _ = self.stores.commands.list_after(after=self.stores.cursor.load(),
                                                      limit=self.config.command_batch_limit)
         for record in records:
-            self.apply_command(record)
+            self.apply_command(record, lease_owner)
         return len(records)
+
+    @contextmanager
+    def _targets_locked(self, record: CommandRecord) -> Iterator[List[str]]:
+        """Lock the runs a command targets, re-reading them under the locks until the set is stable
+        (a tick may have started a child meanwhile: it must be locked too before it is changed)."""
+        targets = self._command_targets(record)
+        while True:
+            with self.runs_locked(targets):
+                current = self._command_targets(record)
+                if set(current) <= set(targets):
+                    yield current
+                    return
+            targets = sorted(set(targets) | set(current))
 
     @contextmanager
     def runs_locked(self, run_ids: Iterable[str]) -> Iterator[None]:
@@ -2420,23 +2472,42 @@ class Gateway:
                 return []
         return [run.run_id for run in self.run_tree(record.run_id)]
 
-    def apply_command(self, record: CommandRecord) -> None:
-        """Apply one command exactly once: effect + outcome + cursor in one transaction."""
+    def apply_command(self, record: CommandRecord, lease_owner: Optional[str] = None) -> None:
+        """Apply one command exactly once: effect + outcome + cursor in one transaction.
+
+        Inside that transaction the command is skipped if it already has an outcome, and refused
+        (`LeaseLost`) if `lease_owner` no longer holds the runner lease: a runner that stalled past
+        its lease can never apply a command the new holder applies too.
+        """
         db = self.stores.db
         try:
-            targets = self._command_targets(record)
-            with self.runs_locked(targets), db.transaction():
+            with self._targets_locked(record) as targets, db.transaction():
+                if self._already_applied(record, lease_owner):
+                    return
                 self._apply_effect(record, targets)
                 self.stores.outcomes.record(record, "applied")
                 self.stores.cursor.save(record.seq)
+        except LeaseLost:
+            raise
         except Exception as exc:  # noqa: BLE001 - every failure is recorded, none wedges the inbox
             reason = exc.detail if isinstance(exc, GatewayError) else f"{type(exc).__name__}: {exc}"
             if not isinstance(exc, (GatewayError, ValueError, KeyError)):
                 _log(f"command {record.command_id} ({record.type}) failed unexpectedly: {reason}")
             with db.transaction():
+                if self._already_applied(record, lease_owner):
+                    return
                 self.stores.outcomes.record(record, "failed", reason)
                 self.stores.cursor.save(record.seq)
         self.wake_runner()
+
+    def _already_applied(self, record: CommandRecord, lease_owner: Optional[str]) -> bool:
+        """Inside the apply transaction: refuse without the lease; True if an outcome exists."""
+        if lease_owner is not None and not self.stores.leases.held_by(Runner.LEASE, lease_owner):
+            raise LeaseLost(f"runner {lease_owner} no longer holds the lease")
+        if self.stores.outcomes.exists(record.seq):
+            self.stores.cursor.save(max(record.seq, self.stores.cursor.load()))
+            return True
+        return False
 
     def _apply_effect(self, record: CommandRecord, targets: List[str]) -> None:
         payload = record.payload or {}
@@ -2444,7 +2515,10 @@ class Gateway:
         if kind == "emit_event":
             self._emit_event(record, targets)
             return
-        tree = self.run_tree(record.run_id)
+        if kind == "update_schedule":
+            self._update_schedule(record)
+            return
+        tree = [run for run in map(self.stores.runs.load, targets) if run is not None]  # locked, root first
         if not tree:
             raise NotFound(f"Run '{record.run_id}' not found", code="run_not_found")
         if kind == "pause":
@@ -2463,8 +2537,6 @@ class Gateway:
                     if _is_paused(run):
                         self.runtime.resume_run(run.run_id)
                 self._fire_recurrent_schedule_now(tree[0])
-        elif kind == "update_schedule":
-            self._update_schedule(record)
         elif kind == "compact_memory":
             self._compact_memory(record, tree[0])
         else:
@@ -2742,39 +2814,47 @@ class Runner:
         self._in_flight: set = set()
         self._lock = threading.Lock()
         self._stop = threading.Event()
-        self._thread: Optional[threading.Thread] = None
-        self._lease_renewed = 0.0
+        self._threads: List[threading.Thread] = []
         self.has_lease = False
         self.last_error: Optional[str] = None
 
     def start(self) -> "Runner":
-        self._thread = threading.Thread(target=self._loop, name="runner", daemon=True)
-        self._thread.start()
+        self._renew_lease()
+        for target, name in ((self._heartbeat, "runner-lease"), (self._loop, "runner")):
+            thread = threading.Thread(target=target, name=name, daemon=True)
+            thread.start()
+            self._threads.append(thread)
         return self
 
     @property
     def alive(self) -> bool:
-        return self._thread is not None and self._thread.is_alive()
+        return bool(self._threads) and all(t.is_alive() for t in self._threads)
 
     def stop(self, timeout: float = 10.0) -> None:
         """Stop taking work, let in-flight ticks finish (each is bounded by max steps), release the lease."""
         self._stop.set()
         self.gateway.wake_runner()
-        if self._thread is not None:
-            self._thread.join(timeout)
+        for thread in self._threads:
+            thread.join(timeout)
         self._pool.shutdown(wait=True)
         if self.has_lease:
             self.gateway.stores.leases.release(self.LEASE, self.owner)
             self.has_lease = False
 
-    def _hold_lease(self) -> bool:
-        now = time.monotonic()
-        if self.has_lease and now - self._lease_renewed < self.config.lease_ttl_s / 3:
-            return True
-        self.has_lease = self.gateway.stores.leases.acquire(self.LEASE, self.owner, self.config.lease_ttl_s)
-        if self.has_lease:
-            self._lease_renewed = now
-        return self.has_lease
+    def _renew_lease(self) -> None:
+        try:
+            held = self.gateway.stores.leases.acquire(self.LEASE, self.owner, self.config.lease_ttl_s)
+        except apsw.Error as exc:
+            _log(f"lease renewal failed: {exc}")
+            held = False
+        if held and not self.has_lease:
+            self.gateway.wake_runner()  # just took over: look for work now
+        self.has_lease = held
+
+    def _heartbeat(self) -> None:
+        """Renew the lease on its own thread, so a long tick or command never lets it lapse."""
+        while not self._stop.wait(self.config.lease_ttl_s / 3):
+            self._renew_lease()
 
     def _loop(self) -> None:
         signals = self.gateway.stores.db.signals
@@ -2783,8 +2863,8 @@ class Runner:
             while not self._stop.is_set():
                 seen = work.version
                 try:
-                    if self._hold_lease():
-                        while self.gateway.apply_pending_commands() and not self._stop.is_set():
+                    if self.has_lease:
+                        while self.gateway.apply_pending_commands(self.owner) and not self._stop.is_set():
                             pass
                         if time.monotonic() - last_repair > 5.0:
                             self.gateway.repair_subworkflow_parents()
@@ -2792,6 +2872,9 @@ class Runner:
                         for run_id in self.gateway.runnable_run_ids():
                             self._submit(run_id)
                     self.last_error = None
+                except LeaseLost as exc:
+                    self.has_lease = False
+                    _log(f"runner {self.owner}: {exc}; standing by")
                 except Exception as exc:  # noqa: BLE001 - keep the loop alive, report on /api/health
                     self.last_error = f"{type(exc).__name__}: {exc}"
                     _log(f"runner loop error: {self.last_error}")
@@ -2833,6 +2916,7 @@ def _response(*args: Any, **kwargs: Any) -> "Response":
 
 API = "/api/gateway"
 SSE_RETRY_MS = 2000
+MAX_CURSOR = 2**63 - 1  # SQLite's INTEGER range
 MULTIPART_OVERHEAD = 2 * 1024 * 1024
 SSE_BATCH = 500
 TERMINAL_RECORD_MARK = '"system:terminal_status:'  # idempotency key of the runtime's last record of a run
@@ -2970,14 +3054,15 @@ ROUTES: Tuple[Route, ...] = (
           response={"type": "string", "format": "binary"}, errors=(400, 404, 416)),
     # ledger
     Route("GET", f"{API}/runs/<run_id>/ledger", "get_ledger", "Replay the ledger: records after `after`.", "ledger",
-          query=(Param("after", "int", 0, 0), Param("limit", "int", 200, 1, 2000)), response=_LEDGER_PAGE, errors=(404,)),
+          query=(Param("after", "int", 0, 0, MAX_CURSOR), Param("limit", "int", 200, 1, 2000)), response=_LEDGER_PAGE,
+          errors=(404,)),
     Route("POST", f"{API}/runs/ledger/batch", "ledger_batch", "Replay several ledgers at once.", "ledger",
           body=_obj(("runs",), runs={"type": "array", "items": _obj(("run_id",), run_id=_S, after=_I)},
                     limit={"type": "integer", "minimum": 1, "maximum": 2000}),
           response=_obj(("runs",), runs={"type": "object", "additionalProperties": _LEDGER_PAGE})),
     Route("GET", f"{API}/runs/<run_id>/ledger/stream", "stream_ledger",
           "Server-Sent Events: `step` per record, `done` when terminal; resumes from Last-Event-ID or `after`.",
-          "ledger", query=(Param("after", "int", 0, 0), Param("heartbeat_s", "float", 5.0, 0.1, 60.0)),
+          "ledger", query=(Param("after", "int", 0, 0, MAX_CURSOR), Param("heartbeat_s", "float", 5.0, 0.1, 60.0)),
           content_type="text/event-stream", response={"type": "string"}, errors=(404,)),
     # commands
     Route("POST", f"{API}/commands", "submit_command", "Append a command to the durable inbox (idempotent).",
@@ -3009,6 +3094,8 @@ def _parse_param(param: Param, raw: Optional[str]) -> Any:
             value = raw
     except ValueError:
         raise Unprocessable(f"Query parameter '{param.name}' must be a {param.kind}", code="validation_error") from None
+    if param.kind == "float" and not math.isfinite(value):
+        raise Unprocessable(f"Query parameter '{param.name}' must be a finite number", code="validation_error")
     if param.minimum is not None and value < param.minimum or param.maximum is not None and value > param.maximum:
         raise Unprocessable(f"Query parameter '{param.name}' must be between {param.minimum} and {param.maximum}",
                             code="validation_error")
@@ -3041,6 +3128,10 @@ def _check_body(schema: Dict[str, Any], body: Any) -> Dict[str, Any]:
         if "enum" in prop and value not in prop["enum"]:
             raise GatewayError(f"{name} must be one of {'|'.join(prop['enum'])}", code="validation_error")
     return body
+
+
+def _reject_json_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not valid JSON")
 
 
 def json_response(data: Any, status: int = 200, headers: Optional[Dict[str, str]] = None) -> Response:
@@ -3122,8 +3213,8 @@ class GatewayApp:
         if not raw.strip():
             return {}
         try:
-            return json.loads(raw)
-        except ValueError as exc:
+            return json.loads(raw, parse_constant=_reject_json_constant)
+        except (ValueError, RecursionError) as exc:
             raise GatewayError(f"Request body is not valid JSON: {exc}", code="invalid_json") from None
 
     # -- meta -------------------------------------------------------------------------------------
@@ -3462,8 +3553,9 @@ class GatewayApp:
                 raise Unprocessable("Field 'runs' must be a list of {run_id, after}", code="validation_error")
             run_id = str(entry.get("run_id") or "").strip()
             after = entry.get("after") or 0
-            if not isinstance(after, int) or isinstance(after, bool) or after < 0:
-                raise Unprocessable("Field 'runs[].after' must be an integer >= 0", code="validation_error")
+            if not isinstance(after, int) or isinstance(after, bool) or not 0 <= after <= MAX_CURSOR:
+                raise Unprocessable("Field 'runs[].after' must be an integer between 0 and 2^63-1",
+                                    code="validation_error")
             if not run_id or not self.gateway.stores.runs.exists(run_id):
                 continue
             rows = self.gateway.stores.ledger.page_json(run_id, after, limit)
@@ -3476,9 +3568,11 @@ class GatewayApp:
         last_event_id = request.headers.get("Last-Event-ID", "").strip()
         if last_event_id:
             try:
-                after = max(0, int(last_event_id))
+                after = int(last_event_id)
             except ValueError:
-                raise Unprocessable("Last-Event-ID must be an integer cursor", code="validation_error") from None
+                after = -1
+            if not 0 <= after <= MAX_CURSOR:
+                raise Unprocessable("Last-Event-ID must be an integer cursor", code="validation_error")
         stream = LedgerStream(self.gateway, run_id, after, heartbeat_s, self,
                               request.environ.get("werkzeug.socket"))
         return _response(stream, content_type="text/event-stream; charset=utf-8",
@@ -3929,8 +4023,8 @@ class SecurityPolicy:
         )
 
     def client_ip(self, environ: Dict[str, Any]) -> str:
-        if self.trust_proxy:
-            forwarded = environ.get("HTTP_X_FORWARDED_FOR", "").split(",")[0].strip()
+        if self.trust_proxy:  # the entry the trusted proxy appended (the leftmost ones are client-supplied)
+            forwarded = environ.get("HTTP_X_FORWARDED_FOR", "").split(",")[-1].strip()
             if forwarded:
                 return forwarded
         return environ.get("REMOTE_ADDR") or "unknown"
@@ -4357,14 +4451,16 @@ def _cmd_migrate(args: argparse.Namespace) -> int:
 
 def _cmd_backup(args: argparse.Namespace) -> int:
     config = _config_from_args(args)
-    db = Database(config.db_path, synchronous=config.synchronous)
+    db = None
     try:
+        db = Database(config.db_path, synchronous=config.synchronous, migrate=False)
         dest = db.backup_to(args.dest)
     except (ValueError, SchemaError, apsw.Error) as exc:
         print(f"backup: {exc}", file=sys.stderr)
         return 1
     finally:
-        db.close()
+        if db is not None:
+            db.close()
     print(f"backup written to {dest} (integrity_check ok)")
     return 0
 
@@ -4375,7 +4471,7 @@ def _cmd_check(args: argparse.Namespace) -> int:
         print(f"check: no database at {config.db_path}", file=sys.stderr)
         return 1
     try:
-        db = Database(config.db_path, synchronous=config.synchronous)
+        db = Database(config.db_path, synchronous=config.synchronous, migrate=False)
     except (SchemaError, apsw.Error) as exc:
         print(f"check: {exc}", file=sys.stderr)
         return 1

@@ -410,3 +410,19 @@ def test_sse_works_on_file_descriptors_above_1024(live_server):
     finally:
         for fd in filler:
             os.close(fd)
+
+
+def test_hostile_values_get_4xx_not_500(live_server):
+    run_id = _start(live_server, bundle_id="echo")
+    assert live_server.get(f"{API}/runs/{run_id}/ledger?after={10**30}")[0] == 422
+    assert live_server.get(f"{API}/runs/{run_id}/ledger/stream", headers={"Last-Event-ID": str(10**30)})[0] == 422
+    assert live_server.get(f"{API}/runs/{run_id}/ledger/stream?heartbeat_s=nan")[0] == 422
+    status, _, data = live_server.post(f"{API}/runs/ledger/batch", {"runs": [{"run_id": run_id, "after": 10**30}]})
+    assert status == 422
+    deep = b"[" * 50_000 + b"]" * 50_000
+    status, _, data = live_server.request("POST", f"{API}/runs/ledger/batch", raw=deep[:200_000],
+                                          headers={"Content-Type": "application/json"})
+    assert status == 400 and data["code"] == "invalid_json"
+    status, _, data = live_server.request("POST", f"{API}/runs/start", raw=b'{"bundle_id": "echo", "input_data": {"a": NaN}}',
+                                          headers={"Content-Type": "application/json"})
+    assert status == 400 and data["code"] == "invalid_json"

@@ -432,3 +432,32 @@ def test_compact_memory_applies_when_no_llm_is_needed_and_fails_cleanly_otherwis
     assert outcome["status"] == "failed" and gw.LLM_EXTRA in outcome["error"]
     assert len(gateway.stores.runs.list_run_index(limit=1000)) == runs_before  # the failed job left nothing
     assert len(gateway.stores.runs.load(run_id).vars["context"]["messages"]) == 20
+
+
+def test_commands_lock_children_that_appear_while_waiting_for_locks(gateway, monkeypatch):
+    calls = []
+
+    def growing(record):
+        calls.append(1)
+        return ["parent"] if len(calls) == 1 else ["parent", "child"]
+
+    monkeypatch.setattr(gateway, "_command_targets", growing)
+    record = gw.CommandRecord(command_id="x", run_id="parent", type="cancel", payload={}, ts="", seq=1)
+    with gateway._targets_locked(record) as targets:
+        assert targets == ["parent", "child"]
+
+
+def test_a_runner_without_the_lease_applies_nothing_and_outcomes_are_never_doubled(gateway):
+    run_id = gateway.start_run(bundle_id="ask")
+    gateway.submit_command(command_id="c1", run_id=run_id, type="pause")
+    assert gateway.stores.leases.acquire(gw.Runner.LEASE, "someone-else", ttl_s=30)
+    with pytest.raises(gw.LeaseLost):
+        gateway.apply_pending_commands("me")
+    assert gateway.stores.outcomes.get("c1") is None and gateway.stores.cursor.load() == 0
+    gateway.stores.leases.release(gw.Runner.LEASE, "someone-else")
+    assert gateway.stores.leases.acquire(gw.Runner.LEASE, "me", ttl_s=30)
+    assert gateway.apply_pending_commands("me") == 1
+    first = gateway.stores.outcomes.get("c1")
+    gateway.stores.cursor.save(0)  # a stale cursor (e.g. another runner's late write) must not re-apply
+    gateway.apply_pending_commands("me")
+    assert gateway.stores.outcomes.get("c1") == first and gateway.stores.cursor.load() >= 1

@@ -105,9 +105,11 @@ def test_spoofed_forwarded_for_does_not_unlock_dev_reads(tmp_path):
     finally:
         server.close()
     server = LiveServer(tmp_path / "e", dev_read_no_auth="1", trust_proxy="1")
-    try:  # behind a trusted proxy the forwarded address counts: a remote client needs the token
+    try:  # behind a trusted proxy the address the proxy appended (rightmost) counts
         assert server.get(f"{API}/runs", token=None, headers={"X-Forwarded-For": "10.1.2.3"})[0] == 401
         assert server.get(f"{API}/runs", token=None, headers={"X-Forwarded-For": "127.0.0.1"})[0] == 200
+        # a client cannot prepend a loopback address of its own choosing
+        assert server.get(f"{API}/runs", token=None, headers={"X-Forwarded-For": "127.0.0.1, 10.1.2.3"})[0] == 401
     finally:
         server.close()
 

@@ -510,3 +510,62 @@ def test_check_and_backup_commands(data_dir, tmp_path, capsys):
 
 def test_new_database_file_is_owner_only(stores):
     assert (stores.db.path.stat().st_mode & 0o777) == 0o600
+
+
+def test_a_failing_leader_never_strands_waiting_writers(stores):
+    db = stores.db
+    real = db.connection
+    armed = threading.Event()
+    armed.set()
+
+    def flaky():
+        if armed.is_set() and threading.current_thread().name.startswith("w"):
+            armed.clear()
+            raise apsw.CantOpenError("simulated: out of file handles")
+        return real()
+
+    db.connection = flaky
+    outcomes = {}
+
+    def writer(i):
+        try:
+            stores.ledger.append(_step(f"lead{i}", 1))
+            outcomes[i] = "ok"
+        except apsw.Error as exc:
+            outcomes[i] = type(exc).__name__
+
+    threads = [threading.Thread(target=writer, args=(i,), name=f"w{i}") for i in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=10)
+    assert not any(t.is_alive() for t in threads)
+    assert len(outcomes) == 6 and "CantOpenError" in outcomes.values()
+
+
+def test_backup_and_check_never_create_or_migrate(tmp_path, capsys):
+    missing = tmp_path / "typo.sqlite3"
+    assert gw.main(["backup", str(tmp_path / "out.sqlite3"), "--db-path", str(missing)]) == 1
+    assert not missing.exists() and not (tmp_path / "out.sqlite3").exists()
+    old = tmp_path / "v1.sqlite3"
+    conn = apsw.Connection(str(old))
+    gw.apply_schema(conn, target=1)
+    conn.close()
+    assert gw.main(["check", "--db-path", str(old)]) == 1  # reports the old schema...
+    assert apsw.Connection(str(old)).execute("PRAGMA user_version").fetchone()[0] == 1  # ...without upgrading it
+
+
+def test_migrate_into_a_database_with_its_own_commands_reports_and_protects_them(tmp_path):
+    src = tmp_path / "upstream"
+    src.mkdir()
+    _make_upstream_file_dir(src)
+    dest = gw.open_stores(make_config(tmp_path / "dest"))
+    try:
+        dest.commands.append(CommandRecord(command_id="local-1", run_id="r", type="pause", payload={}, ts=""))
+        report = gw.migrate("file", dest, data_dir=src, progress=None)
+        assert not report.ok
+        assert any("taken by another command" in m for m in report.mismatches)
+        assert dest.cursor.load() == 0  # the local command (seq 1) is still to be applied
+        assert dest.commands.get("local-1").seq == 1
+    finally:
+        dest.close()
