@@ -569,3 +569,16 @@ def test_migrate_into_a_database_with_its_own_commands_reports_and_protects_them
         assert dest.commands.get("local-1").seq == 1
     finally:
         dest.close()
+
+
+def test_dataclass_json_matches_asdict():
+    from dataclasses import asdict
+
+    from abstractruntime import RunState, WaitReason, WaitState
+
+    run = RunState.new(workflow_id="w", entry_node="n", vars={"a": [1, {"b": (2, 3)}], "s": "é"})
+    run.waiting = WaitState(reason=WaitReason.USER, wait_key="k", details={"x": 1})
+    record = _step("r", 1)
+    record.effect = {"type": "ask_user", "payload": {"nested": {"deep": [1, 2]}}}
+    for value in (run, record):
+        assert json.loads(gw.dataclass_json(value)) == json.loads(json.dumps(asdict(value)))
