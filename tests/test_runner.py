@@ -461,3 +461,34 @@ def test_a_runner_without_the_lease_applies_nothing_and_outcomes_are_never_doubl
     gateway.stores.cursor.save(0)  # a stale cursor (e.g. another runner's late write) must not re-apply
     gateway.apply_pending_commands("me")
     assert gateway.stores.outcomes.get("c1") == first and gateway.stores.cursor.load() >= 1
+
+
+def test_visualflow_source_runs_json_flows_from_a_directory(data_dir):
+    flows = data_dir / "vf"
+    flows.mkdir()
+    shutil.copy(FLOWS / "echo.json", flows / "echo.json")
+    (flows / "broken.json").write_text("{not json")
+    g = gw.Gateway(make_config(data_dir, workflow_source="visualflow", flows_dir=str(flows)))
+    r = gw.Runner(g).start()
+    try:
+        assert "echo" in g.host.catalog.specs and any("broken.json" in e for e in g.host.catalog.errors)
+        run_id = g.start_run(flow_id="echo", input_data={"message": "vf"})
+        wait_for(lambda: _status(g, run_id) == "completed")
+        assert g.stores.runs.load(run_id).output["result"] == "vf"
+        with pytest.raises(gw.GatewayError, match="not enabled"):
+            g.host.require_bundle_source()
+    finally:
+        r.stop()
+        g.close()
+
+
+def test_parent_whose_child_ended_unwatched_is_repaired(gateway):
+    run_id = gateway.start_run(bundle_id="parent", input_data={"text": "x"})
+    parent = gateway._tick_locked(run_id)  # no runner: tick by hand
+    assert parent.status.value == "waiting" and parent.waiting.reason.value == "subworkflow"
+    child_id = parent.waiting.details["sub_run_id"]
+    assert gateway._tick_locked(child_id).status.value == "completed"  # ended without resuming its parent
+    assert _status(gateway, run_id) == "waiting"
+    assert gateway.repair_subworkflow_parents() == 1  # what the runner does after a restart
+    assert gateway.tick(run_id).status.value == "completed"
+    assert gateway.stores.runs.load(run_id).output["child_out"] == "x x"
