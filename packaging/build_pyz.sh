@@ -146,7 +146,9 @@ echo "== sizes"
 "$BPY" - "$ROOT/dist" "$OUT" <<'EOF2'
 import os, sys
 seen = set()
-paths = [os.path.join(sys.argv[1], n) for n in sorted(os.listdir(sys.argv[1])) if n.endswith(".pyz")] + [sys.argv[2]]
+dist = sys.argv[1]
+paths = [os.path.join(dist, n) for n in sorted(os.listdir(dist)) if n.endswith(".pyz")] if os.path.isdir(dist) else []
+paths.append(sys.argv[2])
 for p in paths:
     p = os.path.abspath(p)
     if p not in seen and os.path.isfile(p):
