@@ -60,17 +60,7 @@ def ask_then_echo_workflow() -> WorkflowSpec:
 
 
 FLOWS = Path(__file__).parent / "flows"
-def _fixture_bundles() -> Path:
-    """The original project's real `.flow` files: `shared/` beside the checkout (as CI lays it
-    out), else the workspace copy."""
-    for base in (Path(__file__).resolve().parents[2], Path("/work")):
-        candidate = base / "shared" / "fixtures" / "bundles"
-        if candidate.is_dir():
-            return candidate
-    raise FileNotFoundError("shared/fixtures/bundles not found beside the checkout")
-
-
-FIXTURE_BUNDLES = _fixture_bundles()
+FIXTURE_BUNDLES = Path(__file__).parent / "fixtures" / "bundles"  # the original project's real .flow files
 
 
 def pack_bundle(out_dir: Path, root: str, *, bundle_id: str | None = None, version: str = "1.0.0",
