@@ -41,27 +41,7 @@ test -x "$BIN"
 
 if [ "$VERIFY" = 1 ]; then
   echo "== verify $BIN"
-  DATA="$WORK/data"
-  "$BIN" --version
-  PORT="$("$BPY" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')"
-  "$BIN" serve --port "$PORT" --data-dir "$DATA" >"$WORK/serve.log" 2>&1 &
-  PID=$!
-  ok=0
-  for _ in $(seq 1 300); do
-    if "$BPY" -c "import urllib.request,sys; r=urllib.request.urlopen('http://127.0.0.1:$PORT/api/health', timeout=1); sys.stdout.write(r.read().decode()+'\n')" 2>/dev/null; then
-      ok=1; break
-    fi
-    kill -0 "$PID" 2>/dev/null || break
-    sleep 0.1
-  done
-  kill -TERM "$PID" 2>/dev/null || true
-  rc=0; wait "$PID" || rc=$?
-  if [ "$ok" != 1 ] || [ "$rc" != 0 ]; then
-    echo "build_binary: verification FAILED (healthy=$ok, exit=$rc); server output:" >&2
-    cat "$WORK/serve.log" >&2
-    exit 1
-  fi
-  echo "   GET /api/health ok; SIGTERM -> exit $rc"
+  "$ROOT/packaging/smoke_test.sh" "$BPY" "$BIN"
 fi
 
 echo "== size"

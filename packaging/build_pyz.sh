@@ -117,29 +117,7 @@ fi
 if [ "$PLATFORM" = host ] && [ "$VERIFY" = 1 ]; then
   echo "== verify $OUT"
   VPY="$("$PYTHON" -c 'import sys; print(sys.executable)')"
-  DATA="$WORK/data"
-  export SHIV_ROOT="$WORK/shiv-root"  # a fresh extraction, not a stale ~/.shiv
-  "$VPY" "$OUT" --version
-  PORT="$("$VPY" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')"
-  "$VPY" "$OUT" serve --port "$PORT" --data-dir "$DATA" >"$WORK/serve.log" 2>&1 &
-  PID=$!
-  ok=0
-  for _ in $(seq 1 300); do
-    if "$VPY" -c "import urllib.request,sys; r=urllib.request.urlopen('http://127.0.0.1:$PORT/api/health', timeout=1); sys.stdout.write(r.read().decode()+'\n')" 2>/dev/null; then
-      ok=1; break
-    fi
-    kill -0 "$PID" 2>/dev/null || break
-    sleep 0.1
-  done
-  kill -TERM "$PID" 2>/dev/null || true
-  rc=0; wait "$PID" || rc=$?
-  if [ "$ok" != 1 ] || [ "$rc" != 0 ]; then
-    echo "build_pyz: verification FAILED (healthy=$ok, exit=$rc); server output:" >&2
-    cat "$WORK/serve.log" >&2
-    exit 1
-  fi
-  echo "   GET /api/health ok; SIGTERM -> exit $rc"
-  test -f "$DATA/gateway.sqlite3" && echo "   schema applied: $DATA/gateway.sqlite3 created"
+  SHIV_ROOT="$WORK/shiv-root" "$ROOT/packaging/smoke_test.sh" "$VPY" "$VPY" "$OUT"  # fresh extraction, not ~/.shiv
 fi
 
 echo "== sizes"
