@@ -405,11 +405,12 @@ class Subscription:
 class _PendingWrite:
     """One queued write; `wake` is held until the write is committed or its thread is made leader."""
 
-    __slots__ = ("fn", "topics", "result", "error", "done", "wake")
+    __slots__ = ("fn", "topics", "single_statement", "result", "error", "done", "wake")
 
-    def __init__(self, fn: Callable[[apsw.Connection], Any], topics: Sequence[str]) -> None:
+    def __init__(self, fn: Callable[[apsw.Connection], Any], topics: Sequence[str], single_statement: bool) -> None:
         self.fn = fn
         self.topics = topics
+        self.single_statement = single_statement
         self.result: Any = None
         self.error: Optional[BaseException] = None
         self.done = False
@@ -513,14 +514,19 @@ class Database:
 
     # -- writes ---------------------------------------------------------------------------
 
-    def write(self, fn: Callable[[apsw.Connection], T], topics: Sequence[str] = ()) -> T:
-        """Run `fn(conn)` in a committed write transaction; wake `topics` after commit."""
+    def write(self, fn: Callable[[apsw.Connection], T], topics: Sequence[str] = (), *,
+              single_statement: bool = False) -> T:
+        """Run `fn(conn)` in a committed write transaction; wake `topics` after commit.
+
+        `single_statement=True` promises `fn` executes exactly one writing statement: SQLite undoes
+        a failed statement by itself, so it needs no savepoint inside a batch.
+        """
         tx: Optional[_Transaction] = getattr(self._local, "tx", None)
         if tx is not None:
             result = fn(tx.conn)
             tx.topics.extend(topics)
             return result
-        item = _PendingWrite(fn, topics)
+        item = _PendingWrite(fn, topics, single_statement)
         with self._queue_lock:
             self._queue.append(item)
             leader = not self._leader_busy
@@ -561,6 +567,14 @@ class Database:
                 batch[0].result = batch[0].fn(conn)
             else:
                 for item in batch:
+                    if item.single_statement:
+                        try:
+                            item.result = item.fn(conn)
+                        except Exception as exc:  # the failed statement undid itself; the rest commits
+                            if conn.get_autocommit():  # ...unless SQLite abandoned the whole transaction
+                                raise
+                            item.error = exc
+                        continue
                     conn.execute("SAVEPOINT gateway_write")
                     try:
                         item.result = item.fn(conn)
@@ -856,7 +870,8 @@ def ledger_topic(run_id: str) -> str:
 class SqliteLedgerStore(LedgerStore):
     """Append-only ledger with a gapless 1-based `seq` per run, read by range."""
 
-    _NEXT_SEQ = "SELECT COALESCE(MAX(seq), 0) + 1 FROM ledger WHERE run_id = ?"
+    _APPEND = ("INSERT INTO ledger (run_id, seq, record_json)"
+               " SELECT ?1, COALESCE(MAX(seq), 0) + 1, ?2 FROM ledger WHERE run_id = ?1 RETURNING seq")
     _INSERT = "INSERT INTO ledger (run_id, seq, record_json) VALUES (?, ?, ?)"
     _PAGE = "SELECT record_json FROM ledger WHERE run_id = ? AND seq > ? ORDER BY seq LIMIT ?"
 
@@ -873,11 +888,9 @@ class SqliteLedgerStore(LedgerStore):
         """Append an already-serialised record; return its seq."""
 
         def _append(conn: apsw.Connection) -> int:
-            seq = conn.execute(self._NEXT_SEQ, (run_id,)).fetchone()[0]
-            conn.execute(self._INSERT, (run_id, seq, record_json))
-            return seq
+            return conn.execute(self._APPEND, (run_id, record_json)).fetchall()[0][0]
 
-        return self.db.write(_append, topics=(ledger_topic(run_id),))
+        return self.db.write(_append, topics=(ledger_topic(run_id),), single_statement=True)
 
     def list(self, run_id: str) -> List[Dict[str, Any]]:
         return self.page(run_id, 0, 1 << 62)

@@ -582,3 +582,29 @@ def test_dataclass_json_matches_asdict():
     record.effect = {"type": "ask_user", "payload": {"nested": {"deep": [1, 2]}}}
     for value in (run, record):
         assert json.loads(gw.dataclass_json(value)) == json.loads(json.dumps(asdict(value)))
+
+
+def test_a_failing_single_statement_write_in_a_batch_spares_its_neighbours(stores):
+    db = stores.db
+    barrier = threading.Barrier(5)
+    errors = []
+
+    def append(i):
+        barrier.wait()
+        stores.ledger.append(_step("batch", i))
+
+    def duplicate():
+        barrier.wait()
+        try:
+            db.write(lambda c: c.execute("INSERT INTO leases VALUES ('dup', 'o', 0, 0, 0), ('dup', 'o', 0, 0, 0)"),
+                     single_statement=True)
+        except apsw.ConstraintError as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=append, args=(i,)) for i in range(4)] + [threading.Thread(target=duplicate)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(errors) == 1 and stores.ledger.count("batch") == 4
+    assert db.query_one("SELECT COUNT(*) FROM leases")[0] == 0  # the failed statement left no half row
