@@ -114,6 +114,14 @@ def test_due_wait_until_index(stores):
     assert [r.run_id for r in got] == [due.run_id]
 
 
+def _run_threads(threads, timeout: float = 60.0) -> None:
+    """Start every thread, then wait for all of them (bounded)."""
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout)
+
+
 def _step(run_id: str, n: int) -> StepRecord:
     return StepRecord(run_id=run_id, step_id=f"s{n}", node_id=f"n{n}", status=StepStatus.COMPLETED)
 
@@ -173,10 +181,7 @@ def test_a_failing_write_does_not_undo_its_batch_neighbours(stores):
             errors.append(exc)
 
     threads = [threading.Thread(target=good, args=(i,)) for i in range(5)] + [threading.Thread(target=bad)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    _run_threads(threads)
     assert len(errors) == 1
     names = {r[0] for r in db.query("SELECT name FROM leases")}
     assert names == {f"l{i}" for i in range(5)}
@@ -208,10 +213,7 @@ def test_concurrent_appenders_lose_and_duplicate_nothing(stores):
             errors.append(exc)
 
     threads = [threading.Thread(target=worker, args=(t,)) for t in range(8)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    _run_threads(threads)
     assert errors == []
     for t in range(8):
         seqs = [r[0] for r in stores.db.query("SELECT seq FROM ledger WHERE run_id = ? ORDER BY seq", (f"run{t}",))]
@@ -535,10 +537,7 @@ def test_a_failing_leader_never_strands_waiting_writers(stores):
             outcomes[i] = type(exc).__name__
 
     threads = [threading.Thread(target=writer, args=(i,), name=f"w{i}") for i in range(6)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=10)
+    _run_threads(threads)
     assert not any(t.is_alive() for t in threads)
     assert len(outcomes) == 6 and "CantOpenError" in outcomes.values()
 
@@ -602,9 +601,6 @@ def test_a_failing_single_statement_write_in_a_batch_spares_its_neighbours(store
             errors.append(exc)
 
     threads = [threading.Thread(target=append, args=(i,)) for i in range(4)] + [threading.Thread(target=duplicate)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    _run_threads(threads)
     assert len(errors) == 1 and stores.ledger.count("batch") == 4
     assert db.query_one("SELECT COUNT(*) FROM leases")[0] == 0  # the failed statement left no half row
