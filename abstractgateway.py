@@ -2130,6 +2130,10 @@ class WorkflowHost:
                 catalog.blocked[wid] = Unprocessable(
                     f"Workflow '{wid}' needs the LLM integration ({', '.join(bundle.needs)} nodes); install the "
                     f"'{LLM_EXTRA}' extra (pip install 'abstractgateway[llm]') to run it", code="llm_extra_required")
+            elif bundle.needs:  # the extra is there, but this gateway wires no LLM provider into its runtime
+                catalog.blocked[wid] = Unprocessable(
+                    f"Workflow '{wid}' needs an LLM ({', '.join(bundle.needs)} nodes) and this gateway runs no LLM "
+                    "provider: it runs workflows without LLM effects only", code="llm_not_configured")
 
     def _load_visualflow_dir(self, catalog: _Catalog) -> None:
         from abstractruntime.visualflow_compiler import compile_visualflow
@@ -3303,7 +3307,7 @@ class GatewayApp:
         view = {"bundle_id": bundle.bundle_id, "bundle_version": bundle.bundle_version, "bundle_ref": bundle.ref,
                 "created_at": bundle.created_at, "default_entrypoint": bundle.default_entrypoint, "entrypoints": entries,
                 "origin": "upload" if bundle.origin == "upload" else "flows_dir", "load_error": bundle.load_error,
-                "needs": [f"llm:{t}" for t in bundle.needs] if bundle.needs and not self.gateway.host.llm_available else []}
+                "needs": [f"llm:{t}" for t in bundle.needs]}
         if detail:
             view["flows"] = sorted(bundle.flows)
             view["metadata"] = dict(getattr(bundle.manifest, "metadata", None) or {})
