@@ -800,13 +800,17 @@ class SqliteRunStore(RunStore):
         rows = self.db.query(f"SELECT run_json FROM runs {where} ORDER BY created_at ASC, run_id ASC", params)
         return _run_rows_to_states(rows)
 
-    def list_waiting_on(self, wait_key: str, *, limit: int = 10_000) -> List[RunState]:
-        """WAITING runs whose wait key equals `wait_key` (event delivery)."""
-        rows = self.db.query(
-            "SELECT run_json FROM runs WHERE status = 'waiting' AND wait_key = ? ORDER BY created_at LIMIT ?",
-            (wait_key, int(limit)),
-        )
-        return _run_rows_to_states(rows)
+    def ids_waiting_on(self, wait_key: str, *, limit: int = 10_000) -> List[str]:
+        """Ids of WAITING runs whose wait key equals `wait_key` (event delivery, subflow parents)."""
+        rows = self.db.query("SELECT run_id FROM runs WHERE status = 'waiting' AND wait_key = ? ORDER BY created_at"
+                             " LIMIT ?", (wait_key, int(limit)))
+        return [r[0] for r in rows]
+
+    def child_ids(self, parent_run_id: str) -> List[str]:
+        """Ids of a run's children, oldest first (no state is loaded)."""
+        rows = self.db.query("SELECT run_id FROM runs WHERE parent_run_id = ? ORDER BY created_at, run_id",
+                             (str(parent_run_id),))
+        return [r[0] for r in rows]
 
     def list_run_index(
         self,
@@ -1337,7 +1341,7 @@ class AuditStore:
 
 
 class FileRunStore(JsonFileRunStore):
-    """The runtime's JSON run store plus the two queries the gateway adds."""
+    """The runtime's JSON run store plus the queries the gateway adds."""
 
     def exists(self, run_id: str) -> bool:
         return self._path(str(run_id)).exists()
@@ -1346,9 +1350,12 @@ class FileRunStore(JsonFileRunStore):
         run = self.load(run_id)
         return _enum_value(run.status) if run is not None else None
 
-    def list_waiting_on(self, wait_key: str, *, limit: int = 10_000) -> List[RunState]:
+    def ids_waiting_on(self, wait_key: str, *, limit: int = 10_000) -> List[str]:
         runs = self.list_runs(status=RunStatus.WAITING, limit=limit)
-        return [r for r in runs if r.waiting is not None and r.waiting.wait_key == wait_key]
+        return [r.run_id for r in runs if r.waiting is not None and r.waiting.wait_key == wait_key]
+
+    def child_ids(self, parent_run_id: str) -> List[str]:
+        return [r.run_id for r in self.list_children(parent_run_id=parent_run_id)]
 
 
 class FileLedgerStore(JsonlLedgerStore):
@@ -2418,16 +2425,15 @@ class Gateway:
             raise NotFound(f"Run '{run_id}' not found", code="run_not_found")
         return state
 
-    def run_tree(self, run_id: str) -> List[RunState]:
-        """`run_id` and all its descendants, breadth first."""
-        root = self.stores.runs.load(run_id)
-        if root is None:
+    def run_tree_ids(self, run_id: str) -> List[str]:
+        """`run_id` and all its descendants' ids, breadth first (no state is loaded)."""
+        if not self.stores.runs.exists(run_id):
             return []
-        out, queue = [root], [root.run_id]
+        out, queue = [run_id], [run_id]
         while queue:
-            for child in self.stores.runs.list_children(parent_run_id=queue.pop(0)):
-                out.append(child)
-                queue.append(child.run_id)
+            children = self.stores.runs.child_ids(queue.pop(0))
+            out.extend(children)
+            queue.extend(children)
         return out
 
     # -- commands ----------------------------------------------------------------------------
@@ -2501,7 +2507,7 @@ class Gateway:
         kind = record.type.lower()
         if kind == "emit_event":
             try:
-                return [run.run_id for run in self.stores.runs.list_waiting_on(self._event_wait_key(record))]
+                return self.stores.runs.ids_waiting_on(self._event_wait_key(record))
             except GatewayError:
                 return []
         if kind == "update_schedule":
@@ -2509,7 +2515,7 @@ class Gateway:
                 return [self.schedule_root(record.run_id).run_id]
             except GatewayError:
                 return []
-        return [run.run_id for run in self.run_tree(record.run_id)]
+        return self.run_tree_ids(record.run_id)
 
     def apply_command(self, record: CommandRecord, lease_owner: Optional[str] = None) -> None:
         """Apply one command exactly once: effect + outcome + cursor in one transaction.
@@ -2766,9 +2772,9 @@ class Gateway:
         if not child.parent_run_id:
             return
         wait_key = f"subworkflow:{child.run_id}"
-        for waiting in self.stores.runs.list_waiting_on(wait_key):
-            with self.runs_locked([waiting.run_id]):
-                parent = self.stores.runs.load(waiting.run_id)  # re-read under the lock
+        for parent_id in self.stores.runs.ids_waiting_on(wait_key):
+            with self.runs_locked([parent_id]):
+                parent = self.stores.runs.load(parent_id)  # read under the lock
                 if parent is None or parent.waiting is None or parent.waiting.wait_key != wait_key:
                     continue
                 self._resume_parent_locked(parent, child, wait_key)
@@ -4506,9 +4512,6 @@ def _cmd_backup(args: argparse.Namespace) -> int:
 
 def _cmd_check(args: argparse.Namespace) -> int:
     config = _config_from_args(args)
-    if not Path(config.db_path).exists():
-        print(f"check: no database at {config.db_path}", file=sys.stderr)
-        return 1
     try:
         db = Database(config.db_path, synchronous=config.synchronous, migrate=False)
     except (SchemaError, apsw.Error) as exc:

@@ -503,3 +503,20 @@ def test_llm_bundles_are_refused_even_when_the_extra_is_importable(data_dir, mon
         assert info.value.code == "llm_not_configured"  # refused at start, never failing mid-run
     finally:
         g.close()
+
+
+def test_runs_and_commands_on_the_file_backend(data_dir):
+    g = make_gateway(data_dir, store_backend="file")
+    r = gw.Runner(g).start()
+    try:
+        run_id = g.start_run(bundle_id="ask")
+        state = wait_for(lambda: (s := g.stores.runs.load(run_id)) and s.status.value == "waiting" and s)
+        g.submit_command(command_id="f1", run_id=run_id, type="resume",
+                         payload={"wait_key": state.waiting.wait_key, "payload": {"response": "file"}})
+        wait_for(lambda: _status(g, run_id) == "completed")
+        assert g.stores.runs.load(run_id).output["answer"] == "file"
+        assert (data_dir / f"run_{run_id}.json").exists() and (data_dir / "commands.jsonl").exists()
+        assert g.command_status("f1")["status"] == "applied"
+    finally:
+        r.stop()
+        g.close()

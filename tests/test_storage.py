@@ -87,7 +87,8 @@ def test_run_store_queries(stores):
     waiting = stores.runs.list_runs(status=RunStatus.WAITING)
     assert [r.run_id for r in waiting] == [child]
     key = waiting[0].waiting.wait_key
-    assert [r.run_id for r in stores.runs.list_waiting_on(key)] == [child]
+    assert stores.runs.ids_waiting_on(key) == [child]
+    assert stores.runs.child_ids(parent) == [child]
     index = stores.runs.list_run_index(session_id="s1", root_only=True)
     assert [row["run_id"] for row in index] == [parent]
     # keyset pagination walks every run exactly once
