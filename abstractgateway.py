@@ -272,6 +272,48 @@ class SchemaError(RuntimeError):
     """The database file cannot be used with this version of the gateway."""
 
 
+class StorageError(RuntimeError):
+    """The database could not take a read or write; `code` says why (the HTTP section picks a status).
+
+    Raised instead of apsw's own errors so callers can tell a passing condition (busy, disk
+    full) from a bug, and so the message never carries SQL or a traceback.
+    """
+
+    code = "storage_error"
+    retry_after_s: Optional[int] = None
+
+    def __init__(self, detail: str) -> None:
+        super().__init__(detail)
+        self.detail = detail
+
+
+class DatabaseBusy(StorageError):
+    code, retry_after_s = "database_busy", 1
+
+
+class DiskFull(StorageError):
+    code, retry_after_s = "disk_full", 5
+
+
+def storage_error(exc: BaseException) -> StorageError:
+    """The `StorageError` that stands for an apsw error (or `exc` itself if it is one already)."""
+    if isinstance(exc, StorageError):
+        return exc
+    if isinstance(exc, (apsw.BusyError, apsw.LockedError)):
+        return DatabaseBusy("The database is busy (another writer holds it); retry shortly.")
+    if isinstance(exc, apsw.FullError) or (isinstance(exc, OSError) and exc.errno in (28, 27)):  # ENOSPC, EFBIG
+        return DiskFull("The disk holding the database is full; nothing was written. Free space and retry.")
+    if isinstance(exc, (apsw.CorruptError, apsw.NotADBError)):
+        return StorageError("The database file is damaged; run `abstractgateway check` and restore from a backup.")
+    if isinstance(exc, (apsw.IOError, apsw.CantOpenError, apsw.ReadOnlyError)):
+        return StorageError("The database could not be read or written (I/O error); nothing was written.")
+    return StorageError(f"Database error: {type(exc).__name__}.")
+
+
+_STORAGE_FAILURES = (apsw.BusyError, apsw.LockedError, apsw.FullError, apsw.IOError, apsw.CorruptError,
+                     apsw.NotADBError, apsw.CantOpenError, apsw.ReadOnlyError)
+
+
 def _read_schema_text() -> str:
     here = Path(__file__).resolve().parent
     for name in SCHEMA_PATHS:
@@ -333,8 +375,11 @@ def apply_schema(conn: apsw.Connection, *, target: Optional[int] = None) -> int:
     return max(current, target)
 
 
-def _begin_immediate(conn: apsw.Connection, deadline_s: float = 60.0) -> None:
-    """BEGIN IMMEDIATE, retrying past the busy timeout so "database is locked" never escapes."""
+def _begin_immediate(conn: apsw.Connection, deadline_s: float = 10.0) -> None:
+    """BEGIN IMMEDIATE, retrying past the connection's busy timeout until `deadline_s`; then BusyError.
+
+    Bounded: a writer stopped while holding the lock (SIGSTOP, a hung disk) must turn into a
+    `database_busy` answer, not into requests that wait forever."""
     give_up = time.monotonic() + deadline_s
     while True:
         try:
@@ -457,6 +502,7 @@ class Database:
         self._queue_lock = threading.Lock()
         self._queue: List[_PendingWrite] = []
         self._leader_busy = False
+        self.write_failure: Optional[Dict[str, Any]] = None  # the last failed commit, until one succeeds
         if migrate:
             self.schema_version = apply_schema(self.connection())
         else:  # inspection only (check, backup): never write to the file
@@ -536,8 +582,16 @@ class Database:
         if not item.done:
             self._lead()
         if item.error is not None:
+            if isinstance(item.error, _STORAGE_FAILURES):
+                raise storage_error(item.error) from item.error
             raise item.error
         return item.result
+
+    def _note_failure(self, exc: BaseException) -> None:
+        """Remember a commit that failed for a storage reason (health reports it until a commit succeeds)."""
+        if isinstance(exc, _STORAGE_FAILURES):
+            err = storage_error(exc)
+            self.write_failure = {"code": err.code, "detail": err.detail, "at": utc_now_iso()}
 
     def _lead(self) -> None:
         """Commit everything queued (this thread's write included) in one transaction, wake exactly
@@ -560,13 +614,17 @@ class Database:
         """Run the batch in one transaction. Whatever fails, every write ends done (with its error),
         so no waiting writer can hang."""
         conn = None
+        tx, committed = None, False
         try:
             conn = self.connection()
-            _begin_immediate(conn)
+            _begin_immediate(conn, self.busy_timeout_ms / 1000)
+            # Store writes that a batched function makes (on this, the leader's, thread) join the batch.
+            tx = self._local.tx = _Transaction(conn)
             if len(batch) == 1:  # alone in the batch: its failure may roll the whole transaction back
                 batch[0].result = batch[0].fn(conn)
             else:
                 for item in batch:
+                    nested_topics = len(tx.topics)
                     if item.single_statement:
                         try:
                             item.result = item.fn(conn)
@@ -583,8 +641,12 @@ class Database:
                         conn.execute("ROLLBACK TO gateway_write")
                         conn.execute("RELEASE gateway_write")
                         item.error = exc
+                        del tx.topics[nested_topics:]
             conn.execute("COMMIT")
+            committed = True
+            self.write_failure = None
         except BaseException as exc:
+            self._note_failure(exc)
             for item in batch:
                 if item.error is None:
                     item.error = exc
@@ -594,9 +656,12 @@ class Database:
             except apsw.Error:
                 pass
         finally:
+            self._local.tx = None
             for item in batch:
                 item.done = True
         topics = [t for item in batch if item.error is None for t in item.topics]
+        if committed:
+            topics.extend(tx.topics)
         if topics:
             self.signals.bump(topics)
 
@@ -608,14 +673,25 @@ class Database:
             yield tx
             return
         conn = self.connection()
-        _begin_immediate(conn)
+        try:
+            _begin_immediate(conn, self.busy_timeout_ms / 1000)
+        except _STORAGE_FAILURES as exc:
+            self._note_failure(exc)
+            raise storage_error(exc) from exc
         tx = self._local.tx = _Transaction(conn)
         try:
             yield tx
             conn.execute("COMMIT")
-        except BaseException:
-            if not conn.get_autocommit():
-                conn.execute("ROLLBACK")
+            self.write_failure = None
+        except BaseException as exc:
+            self._note_failure(exc)
+            try:
+                if not conn.get_autocommit():
+                    conn.execute("ROLLBACK")
+            except apsw.Error:
+                pass
+            if isinstance(exc, _STORAGE_FAILURES):
+                raise storage_error(exc) from exc
             raise
         finally:
             self._local.tx = None
@@ -705,6 +781,12 @@ def _run_index_columns(run: RunState) -> Tuple[Any, ...]:
     )
 
 
+def run_row(run: RunState) -> Tuple[Any, ...]:
+    """A run serialised for storage: its index columns, then its JSON (taken now, so later
+    changes to the object don't leak into a buffered save)."""
+    return (*_run_index_columns(run), dataclass_json(run))
+
+
 def _run_rows_to_states(rows: Iterable[Tuple[Any, ...]]) -> List[RunState]:
     out: List[RunState] = []
     for (payload,) in rows:
@@ -739,13 +821,21 @@ class SqliteRunStore(RunStore):
         self.db = db
 
     def save(self, run: RunState) -> None:
-        row = (*_run_index_columns(run), dataclass_json(run))
-        self.db.write(lambda conn: conn.execute(self._UPSERT, row), topics=("runs",))
+        self.save_row(run_row(run))
+
+    def save_row(self, row: Tuple[Any, ...]) -> None:
+        """Save a run already serialised by `run_row` (a step's buffered checkpoint)."""
+        self.db.write(lambda conn: conn.execute(self._UPSERT, row), topics=("runs",), single_statement=True)
 
     def load(self, run_id: str) -> Optional[RunState]:
-        row = self.db.query_one("SELECT run_json FROM runs WHERE run_id = ?", (str(run_id or ""),))
-        states = _run_rows_to_states([row]) if row else []
+        text = self.load_json(run_id)
+        states = _run_rows_to_states([(text,)]) if text is not None else []
         return states[0] if states else None
+
+    def load_json(self, run_id: str) -> Optional[str]:
+        """The run's checkpoint as stored (its exact text: a step compares it to detect a concurrent change)."""
+        row = self.db.query_one("SELECT run_json FROM runs WHERE run_id = ?", (str(run_id or ""),))
+        return row[0] if row else None
 
     def exists(self, run_id: str) -> bool:
         return self.db.query_one("SELECT 1 FROM runs WHERE run_id = ?", (str(run_id or ""),)) is not None
@@ -1171,43 +1261,64 @@ class BundleStore:
         return self.db.write(_delete)
 
 
+@dataclass(frozen=True)
+class LeaseToken:
+    """Proof of holding a lease: the owner and the epoch its acquisition was given."""
+
+    owner: str
+    epoch: int
+
+
 class LeaseStore:
-    """Named leases with owner, heartbeat and expiry: at most one live holder per name."""
+    """Named leases with owner, heartbeat, expiry and a fencing epoch: at most one live holder per name."""
 
     def __init__(self, db: Database) -> None:
         self.db = db
 
-    def acquire(self, name: str, owner: str, ttl_s: float) -> bool:
-        """Take or renew `name` for `owner` unless another owner holds an unexpired lease."""
-        def _acquire(conn: apsw.Connection) -> bool:
+    def acquire(self, name: str, owner: str, ttl_s: float) -> Optional[LeaseToken]:
+        """Take or renew `name` for `owner` unless another owner holds an unexpired lease.
+
+        A renewal keeps the epoch; a new acquisition (even by an owner that lost the lease)
+        bumps it, which invalidates every token handed out before.
+        """
+        def _acquire(conn: apsw.Connection) -> Optional[LeaseToken]:
             now = time.time()
-            row = conn.execute("SELECT owner, expires_at FROM leases WHERE name = ?", (name,)).fetchone()
+            row = conn.execute("SELECT owner, expires_at, epoch FROM leases WHERE name = ?", (name,)).fetchone()
             if row is not None and row[0] != owner and row[1] > now:
-                return False
-            if row is not None and row[0] == owner:
+                return None
+            if row is not None and row[0] == owner and row[1] > now:
                 conn.execute("UPDATE leases SET heartbeat_at = ?, expires_at = ? WHERE name = ?", (now, now + ttl_s, name))
-            else:
-                conn.execute("INSERT OR REPLACE INTO leases (name, owner, acquired_at, heartbeat_at, expires_at)"
-                             " VALUES (?,?,?,?,?)", (name, owner, now, now, now + ttl_s))
-            return True
+                return LeaseToken(owner, row[2])
+            epoch = (row[2] if row is not None else 0) + 1
+            conn.execute("INSERT OR REPLACE INTO leases (name, owner, acquired_at, heartbeat_at, expires_at, epoch)"
+                         " VALUES (?,?,?,?,?,?)", (name, owner, now, now, now + ttl_s, epoch))
+            return LeaseToken(owner, epoch)
 
         return self.db.write(_acquire)
 
-    def held_by(self, name: str, owner: str) -> bool:
-        """True if `owner` holds an unexpired lease on `name` (read inside the caller's transaction)."""
-        row = self.db.query_one("SELECT 1 FROM leases WHERE name = ? AND owner = ? AND expires_at > ?",
-                                (name, owner, time.time()))
+    def holds(self, name: str, token: LeaseToken) -> bool:
+        """True if `token` is still the current, unexpired holding of `name`.
+
+        Read inside the caller's write transaction, this fences the transaction: nobody can
+        take the lease over between this check and the commit.
+        """
+        row = self.db.query_one("SELECT 1 FROM leases WHERE name = ? AND owner = ? AND epoch = ? AND expires_at > ?",
+                                (name, token.owner, token.epoch, time.time()))
         return row is not None
 
     def release(self, name: str, owner: str) -> None:
-        self.db.write(lambda conn: conn.execute("DELETE FROM leases WHERE name = ? AND owner = ?", (name, owner)))
+        """Let the lease go at once (expired, not deleted: the epoch keeps counting up)."""
+        self.db.write(lambda conn: conn.execute("UPDATE leases SET expires_at = 0 WHERE name = ? AND owner = ?",
+                                                (name, owner)))
 
     def holder(self, name: str) -> Optional[Dict[str, Any]]:
-        row = self.db.query_one("SELECT owner, acquired_at, heartbeat_at, expires_at FROM leases WHERE name = ?", (name,))
+        row = self.db.query_one("SELECT owner, acquired_at, heartbeat_at, expires_at, epoch FROM leases WHERE name = ?",
+                                (name,))
         if row is None:
             return None
-        return {"owner": row[0], "acquired_at": row[1], "heartbeat_at": row[2], "expires_at": row[3],
-                "live": row[3] > time.time()}
+        now = time.time()
+        return {"owner": row[0], "acquired_at": row[1], "heartbeat_at": row[2], "expires_at": row[3], "epoch": row[4],
+                "live": row[3] > now, "age_s": round(now - row[1], 3), "heartbeat_age_s": round(now - row[2], 3)}
 
 
 class CommandOutcomeStore:
@@ -1343,6 +1454,15 @@ class AuditStore:
 class FileRunStore(JsonFileRunStore):
     """The runtime's JSON run store plus the queries the gateway adds."""
 
+    def load_json(self, run_id: str) -> Optional[str]:
+        try:
+            return self._path(str(run_id)).read_text(encoding="utf-8")
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+
+    def save_row(self, row: Tuple[Any, ...]) -> None:
+        self.save(run_from_dict(json.loads(row[-1])))
+
     def exists(self, run_id: str) -> bool:
         return self._path(str(run_id)).exists()
 
@@ -1368,6 +1488,12 @@ class FileLedgerStore(JsonlLedgerStore):
     def append(self, record: StepRecord) -> None:
         super().append(record)
         self.signals.bump((ledger_topic(record.run_id),))
+
+    def append_json(self, run_id: str, record_json: str) -> int:
+        with self._path(run_id).open("a", encoding="utf-8") as f:
+            f.write(record_json + "\n")
+        self.signals.bump((ledger_topic(run_id),))
+        return self.count(run_id)
 
     def page(self, run_id: str, after: int, limit: int) -> List[Dict[str, Any]]:
         after = max(0, int(after))
@@ -1455,6 +1581,100 @@ def _gateway_stores(db: Database) -> Dict[str, Any]:
     return {"bundles": BundleStore(db), "leases": LeaseStore(db), "outcomes": CommandOutcomeStore(db),
             "deprecations": DeprecationStore(db), "dynamic_flows": DynamicFlowStore(db), "settings": SettingsStore(db),
             "audit": AuditStore(db)}
+
+
+# -- unit of work: a runtime step's writes, committed together ----------------------------------
+
+
+@dataclass
+class StepWrites:
+    """The run saves and ledger appends one thread made inside `UnitOfWork.collect()`.
+
+    `runs` holds the last save of each run (serialised when saved); `ledger` the appends in
+    order; `base` the stored text of each run the step read before saving it, so the commit
+    can tell whether somebody else changed that run meanwhile.
+    """
+
+    runs: Dict[str, Tuple[Any, ...]] = field(default_factory=dict)
+    ledger: List[Tuple[str, str]] = field(default_factory=list)
+    base: Dict[str, Optional[str]] = field(default_factory=dict)
+
+
+class UnitOfWork:
+    """Wraps the run and ledger stores the runtime is given, so a step's writes can be held in memory.
+
+    Outside `collect()` the wrappers pass every call straight through (commands and starts use
+    `Database.transaction()` instead). Inside it, this thread's saves and appends are buffered
+    and its reads see them; nothing touches the database until the caller commits the
+    `StepWrites`, in one transaction, at the step boundary. So no transaction or lock is held
+    while a node executes, and a crash leaves a whole step or none of it.
+    """
+
+    def __init__(self, runs: Any, ledger: Any) -> None:
+        self._local = threading.local()
+        self.runs = _BufferedRunStore(runs, self._local)
+        self.ledger = _BufferedLedgerStore(ledger, self._local)
+
+    @contextmanager
+    def collect(self) -> Iterator[StepWrites]:
+        writes = self._local.writes = StepWrites()
+        try:
+            yield writes
+        finally:
+            self._local.writes = None
+
+
+class _BufferedRunStore:
+    def __init__(self, inner: Any, local: threading.local) -> None:
+        self._inner = inner
+        self._local = local
+
+    def __getattr__(self, name: str) -> Any:  # queries the runtime makes, unbuffered
+        return getattr(self._inner, name)
+
+    def save(self, run: RunState) -> None:
+        writes: Optional[StepWrites] = getattr(self._local, "writes", None)
+        if writes is None:
+            self._inner.save(run)
+        else:
+            writes.runs[str(run.run_id)] = run_row(run)
+
+    def load(self, run_id: str) -> Optional[RunState]:
+        writes: Optional[StepWrites] = getattr(self._local, "writes", None)
+        if writes is None:
+            return self._inner.load(run_id)
+        row = writes.runs.get(str(run_id))
+        text = row[-1] if row is not None else self._inner.load_json(run_id)
+        if row is None:
+            writes.base.setdefault(str(run_id), text)
+        states = _run_rows_to_states([(text,)]) if text is not None else []
+        return states[0] if states else None
+
+
+class _BufferedLedgerStore:
+    def __init__(self, inner: Any, local: threading.local) -> None:
+        self._inner = inner
+        self._local = local
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+    def append(self, record: StepRecord) -> None:
+        writes: Optional[StepWrites] = getattr(self._local, "writes", None)
+        if writes is None:
+            self._inner.append(record)
+            return
+        run_id = str(record.run_id or "").strip()
+        if not run_id:
+            raise ValueError("StepRecord.run_id must be non-empty")
+        writes.ledger.append((run_id, dataclass_json(record)))
+
+    def list(self, run_id: str) -> List[Dict[str, Any]]:
+        records = self._inner.list(run_id)
+        writes: Optional[StepWrites] = getattr(self._local, "writes", None)
+        if writes is not None:
+            records.extend(json.loads(text) for rid, text in writes.ledger if rid == run_id)
+        return records
 
 
 # -- migrator --------------------------------------------------------------------------------
@@ -2307,7 +2527,10 @@ COMMAND_TYPES = ("pause", "resume", "cancel", "emit_event", "update_schedule", "
 
 class LeaseLost(RuntimeError):
     """This runner's lease expired or was taken over: it must stop applying and ticking."""
+
+
 ACTOR_ID = "gateway"
+RUNNER_LEASE = "runner"  # the lease whose holder applies commands and ticks runs
 
 
 def _log(message: str) -> None:
@@ -2327,7 +2550,9 @@ class Gateway:
         self.config = config
         self.stores = stores or open_stores(config)
         self.host = WorkflowHost(self.stores, flows_dir=config.flows_dir, source=config.workflow_source)
-        self.runtime = Runtime(run_store=self.stores.runs, ledger_store=self.stores.ledger,
+        # The runtime writes through a unit of work, so each step's writes commit together (see `tick`).
+        self.uow = UnitOfWork(self.stores.runs, self.stores.ledger)
+        self.runtime = Runtime(run_store=self.uow.runs, ledger_store=self.uow.ledger,
                                artifact_store=self.stores.artifacts, workflow_registry=self.host)
         self.host.reload()
         self._last_lazy_reload = 0.0
@@ -2460,16 +2685,21 @@ class Gateway:
                 "error": outcome["error"] if outcome else None,
                 "applied_at": outcome["applied_at"] if outcome else None}
 
-    def apply_pending_commands(self, lease_owner: Optional[str] = None) -> int:
+    def apply_pending_commands(self, lease: Optional[LeaseToken] = None) -> int:
         """Apply every inbox command after the cursor, in seq order; return how many.
 
-        With `lease_owner`, each command is applied only while that owner holds the runner lease.
+        With `lease`, each command is applied only while that lease is still held.
         """
         records, _ = self.stores.commands.list_after(after=self.stores.cursor.load(),
                                                      limit=self.config.command_batch_limit)
         for record in records:
-            self.apply_command(record, lease_owner)
+            self.apply_command(record, lease)
         return len(records)
+
+    def check_lease(self, lease: Optional[LeaseToken]) -> None:
+        """Inside a write transaction: raise `LeaseLost` unless `lease` (if given) is still held."""
+        if lease is not None and not self.stores.leases.holds(RUNNER_LEASE, lease):
+            raise LeaseLost(f"runner {lease.owner} no longer holds the lease (epoch {lease.epoch})")
 
     @contextmanager
     def _targets_locked(self, record: CommandRecord) -> Iterator[List[str]]:
@@ -2517,38 +2747,37 @@ class Gateway:
                 return []
         return self.run_tree_ids(record.run_id)
 
-    def apply_command(self, record: CommandRecord, lease_owner: Optional[str] = None) -> None:
+    def apply_command(self, record: CommandRecord, lease: Optional[LeaseToken] = None) -> None:
         """Apply one command exactly once: effect + outcome + cursor in one transaction.
 
         Inside that transaction the command is skipped if it already has an outcome, and refused
-        (`LeaseLost`) if `lease_owner` no longer holds the runner lease: a runner that stalled past
-        its lease can never apply a command the new holder applies too.
+        (`LeaseLost`) if `lease` is no longer held: a runner that stalled past its lease can never
+        apply a command the new holder applies too.
         """
         db = self.stores.db
         try:
             with self._targets_locked(record) as targets, db.transaction():
-                if self._already_applied(record, lease_owner):
+                if self._already_applied(record, lease):
                     return
                 self._apply_effect(record, targets)
                 self.stores.outcomes.record(record, "applied")
                 self.stores.cursor.save(record.seq)
-        except LeaseLost:
-            raise
+        except (LeaseLost, StorageError):
+            raise  # not the command's fault: it stays pending and is applied once storage answers
         except Exception as exc:  # noqa: BLE001 - every failure is recorded, none wedges the inbox
             reason = exc.detail if isinstance(exc, GatewayError) else f"{type(exc).__name__}: {exc}"
             if not isinstance(exc, (GatewayError, ValueError, KeyError)):
                 _log(f"command {record.command_id} ({record.type}) failed unexpectedly: {reason}")
             with db.transaction():
-                if self._already_applied(record, lease_owner):
+                if self._already_applied(record, lease):
                     return
                 self.stores.outcomes.record(record, "failed", reason)
                 self.stores.cursor.save(record.seq)
         self.wake_runner()
 
-    def _already_applied(self, record: CommandRecord, lease_owner: Optional[str]) -> bool:
+    def _already_applied(self, record: CommandRecord, lease: Optional[LeaseToken]) -> bool:
         """Inside the apply transaction: refuse without the lease; True if an outcome exists."""
-        if lease_owner is not None and not self.stores.leases.held_by(Runner.LEASE, lease_owner):
-            raise LeaseLost(f"runner {lease_owner} no longer holds the lease")
+        self.check_lease(lease)
         if self.stores.outcomes.exists(record.seq):
             self.stores.cursor.save(max(record.seq, self.stores.cursor.load()))
             return True
@@ -2714,15 +2943,13 @@ class Gateway:
 
     # -- ticks ------------------------------------------------------------------------------------
 
-    def tick(self, run_id: str) -> Optional[RunState]:
-        """Advance one run by up to `tick_max_steps` nodes; a run never stays RUNNING on an error."""
-        with self.runs_locked([run_id]):
-            state = self._tick_locked(run_id)
-        if state is not None and _enum_value(state.status) in TERMINAL_STATUSES:
-            self.resume_parent_of(state)  # after releasing the child's lock: parents take their own
-        return state
+    def tick(self, run_id: str, lease: Optional[LeaseToken] = None) -> Optional[RunState]:
+        """Advance one run by up to `tick_max_steps` steps; a run never stays RUNNING on an error.
 
-    def _tick_locked(self, run_id: str) -> Optional[RunState]:
+        Each step is one `runtime.tick(max_steps=1)` whose store writes are collected in memory
+        and committed in one lease-fenced transaction (`_commit_step`): a crash at any instant
+        leaves a whole step or none of it, and no transaction or lock is held while a node runs.
+        """
         state = self.stores.runs.load(run_id)
         if state is None:
             return None
@@ -2730,17 +2957,50 @@ class Gateway:
         if spec is None or state.workflow_id in self.host.catalog.blocked:
             blocked = self.host.catalog.blocked.get(state.workflow_id)
             reason = blocked.detail if blocked else f"Workflow '{state.workflow_id}' is not loaded on this gateway"
-            if _enum_value(state.status) == "running":
-                return self._fail_run(state, reason)
-            return state
-        try:
-            state = self.runtime.tick(workflow=spec, run_id=run_id, max_steps=self.config.tick_max_steps)
-        except Exception as exc:  # noqa: BLE001 - the run is failed with the reason, the runner goes on
-            current = self.stores.runs.load(run_id)
-            if current is not None and _enum_value(current.status) == "running":
-                return self._fail_run(current, f"{type(exc).__name__}: {exc}")
-            return current
+            return self._fail_run(run_id, reason, lease) if _enum_value(state.status) == "running" else state
+        for _ in range(self.config.tick_max_steps):
+            failure: Optional[Exception] = None
+            with self.uow.collect() as writes:
+                try:
+                    state = self.runtime.tick(workflow=spec, run_id=run_id, max_steps=1)
+                except Exception as exc:  # noqa: BLE001 - the run is failed with the reason, the runner goes on
+                    failure = exc
+            if failure is not None:  # the step's writes are dropped with it
+                state = self._fail_run(run_id, f"{type(failure).__name__}: {failure}", lease)
+                break
+            if not self._commit_step(run_id, writes, lease):
+                state = self.stores.runs.load(run_id)  # changed meanwhile (pause, cancel): its state wins
+                break
+            if not _continues(state):
+                break
+        if state is not None and _enum_value(state.status) in TERMINAL_STATUSES:
+            self.resume_parent_of(state, lease)
         return state
+
+    def _commit_step(self, run_id: str, writes: StepWrites, lease: Optional[LeaseToken]) -> bool:
+        """Commit one step's writes atomically, fenced by `lease`; False if the run changed meanwhile.
+
+        A command (pause, cancel) may land while the step's node runs. Then the step's checkpoint
+        is dropped so the command wins, and only its completed effect records are kept: the
+        runtime reuses them by idempotency key when the run goes on, so an answer that was paid
+        for (a model call) is not asked for again and no record is duplicated.
+        """
+        def _write(_conn: apsw.Connection) -> bool:
+            self.check_lease(lease)
+            changed = any(text is not None and self.stores.runs.load_json(rid) != text
+                          for rid, text in writes.base.items() if rid == run_id or rid in writes.runs)
+            records = writes.ledger if not changed else [(rid, t) for rid, t in writes.ledger if _reusable_record(t)]
+            for rid, text in records:
+                self.stores.ledger.append_json(rid, text)
+            if not changed:
+                for row in writes.runs.values():
+                    self.stores.runs.save_row(row)
+            return not changed
+
+        if not writes.ledger and not writes.runs:
+            return True
+        with self.runs_locked([run_id]):
+            return self.stores.db.write(_write)
 
     def _reload_for(self, workflow_id: str) -> Any:
         """Reload bundles once (at most every 2 s) for a workflow another process may have added."""
@@ -2751,29 +3011,32 @@ class Gateway:
         self.host.reload()
         return self.host.get(workflow_id)
 
-    def _fail_run(self, state: RunState, reason: str) -> RunState:
-        from abstractruntime.core.models import StepStatus
-
-        state.status = RunStatus.FAILED
-        state.error = reason
-        state.waiting = None
-        state.updated_at = utc_now_iso()
-        record = StepRecord(run_id=state.run_id, step_id=str(uuid.uuid4()), node_id=state.current_node or "",
-                            status=StepStatus.FAILED, error=reason, ended_at=utc_now_iso(),
-                            actor_id=state.actor_id, session_id=state.session_id,
-                            idempotency_key=f"system:tick_exception:{state.run_id}")
-        with self.stores.db.transaction():
+    def _fail_run(self, run_id: str, reason: str, lease: Optional[LeaseToken]) -> Optional[RunState]:
+        """Fail a RUNNING run with a ledger record saying why (one fenced transaction)."""
+        with self.runs_locked([run_id]), self.stores.db.transaction():
+            self.check_lease(lease)
+            state = self.stores.runs.load(run_id)
+            if state is None or _enum_value(state.status) != "running":
+                return state  # a command got there first (cancel, pause): it wins
+            record = StepRecord.start(run=state, node_id=state.current_node or "", effect=None,
+                                      idempotency_key=f"system:tick_exception:{run_id}")
+            record.finish_failure(reason)
+            state.status = RunStatus.FAILED
+            state.error = reason
+            state.waiting = None
+            state.updated_at = utc_now_iso()
             self.stores.ledger.append(record)
             self.stores.runs.save(state)
         return state
 
-    def resume_parent_of(self, child: RunState) -> None:
+    def resume_parent_of(self, child: RunState, lease: Optional[LeaseToken] = None) -> None:
         """Resume the parent waiting on `child` (now terminal) with the child's outcome."""
         if not child.parent_run_id:
             return
         wait_key = f"subworkflow:{child.run_id}"
         for parent_id in self.stores.runs.ids_waiting_on(wait_key):
-            with self.runs_locked([parent_id]):
+            with self.runs_locked([parent_id]), self.stores.db.transaction():
+                self.check_lease(lease)
                 parent = self.stores.runs.load(parent_id)  # read under the lock
                 if parent is None or parent.waiting is None or parent.waiting.wait_key != wait_key:
                     continue
@@ -2791,7 +3054,7 @@ class Gateway:
         self.runtime.resume(workflow=spec, run_id=parent.run_id, wait_key=wait_key, payload=payload, max_steps=0)
         self.wake_runner()
 
-    def repair_subworkflow_parents(self, limit: int = 2000) -> int:
+    def repair_subworkflow_parents(self, lease: Optional[LeaseToken] = None, limit: int = 2000) -> int:
         """Resume parents whose child ended while nobody was watching (e.g. across a restart)."""
         repaired = 0
         for parent in self.stores.runs.list_runs(status=RunStatus.WAITING, wait_reason=WaitReason.SUBWORKFLOW,
@@ -2799,7 +3062,7 @@ class Gateway:
             key = parent.waiting.wait_key or ""
             child = self.stores.runs.load(key.split(":", 1)[1]) if key.startswith("subworkflow:") else None
             if child is not None and _enum_value(child.status) in TERMINAL_STATUSES:
-                self.resume_parent_of(child)
+                self.resume_parent_of(child, lease)
                 repaired += 1
         return repaired
 
@@ -2833,6 +3096,23 @@ def _parse_time(text: Optional[str], name: str) -> datetime:
     return (value if value.tzinfo else value.replace(tzinfo=timezone.utc)).astimezone(timezone.utc)
 
 
+def _continues(run: RunState) -> bool:
+    """True when the run can take its next step right away (running, or a wait that is already due)."""
+    status = _enum_value(run.status)
+    if status == "running":
+        return True
+    waiting = run.waiting
+    return (status == "waiting" and waiting is not None and _enum_value(waiting.reason) == "until"
+            and bool(waiting.until) and str(waiting.until) <= utc_now_iso() and not _is_paused(run))
+
+
+def _reusable_record(record_json: str) -> bool:
+    """A completed effect record: the runtime reuses its result by idempotency key on the next try."""
+    record = json.loads(record_json)
+    return (record.get("status") == "completed" and record.get("effect") is not None
+            and not str(record.get("idempotency_key") or "").startswith("system:"))
+
+
 def _is_paused(run: RunState) -> bool:
     control = (run.vars or {}).get("_runtime", {}) if isinstance(run.vars, dict) else {}
     control = control.get("control") if isinstance(control, dict) else None
@@ -2840,14 +3120,16 @@ def _is_paused(run: RunState) -> bool:
 
 
 class Runner:
-    """Applies commands and ticks runs on a thread pool, while it holds the `runner` lease.
+    """Applies commands and ticks runs on a thread pool, while it holds the runner lease.
 
-    Wakes at once on in-process work (new command, new run, tick result) and polls every
-    `poll_s` for work written by another process. Only the lease holder ticks, so two runner
-    processes on one database never tick the same run; a crashed holder's lease expires.
+    Wakes at once on in-process work (new command, new run, tick result), at the due time of
+    the earliest timer wait it knows (a heap, no scanning), and polls every `poll_s` for work
+    written by another process. Only the lease holder ticks, and every write it makes is
+    fenced by its lease token, so a holder that stalled past its lease writes nothing after
+    another runner took over; it stands down when it notices.
     """
 
-    LEASE = "runner"
+    LEASE = RUNNER_LEASE
 
     def __init__(self, gateway: Gateway) -> None:
         from concurrent.futures import ThreadPoolExecutor
@@ -2860,8 +3142,13 @@ class Runner:
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._threads: List[threading.Thread] = []
-        self.has_lease = False
+        self._timers: List[Tuple[float, str]] = []  # heap of (due epoch seconds, run_id)
+        self.lease: Optional[LeaseToken] = None
         self.last_error: Optional[str] = None
+
+    @property
+    def has_lease(self) -> bool:
+        return self.lease is not None
 
     def start(self) -> "Runner":
         self._renew_lease()
@@ -2882,19 +3169,28 @@ class Runner:
         for thread in self._threads:
             thread.join(timeout)
         self._pool.shutdown(wait=True)
-        if self.has_lease:
-            self.gateway.stores.leases.release(self.LEASE, self.owner)
-            self.has_lease = False
+        if self.lease is not None:
+            try:
+                self.gateway.stores.leases.release(self.LEASE, self.owner)
+            except StorageError as exc:
+                _log(f"lease release failed: {exc.detail}")
+            self.lease = None
 
     def _renew_lease(self) -> None:
         try:
-            held = self.gateway.stores.leases.acquire(self.LEASE, self.owner, self.config.lease_ttl_s)
-        except apsw.Error as exc:
+            token = self.gateway.stores.leases.acquire(self.LEASE, self.owner, self.config.lease_ttl_s)
+        except (apsw.Error, StorageError) as exc:
             _log(f"lease renewal failed: {exc}")
-            held = False
-        if held and not self.has_lease:
+            token = None
+        if token is not None and token != self.lease:
             self.gateway.wake_runner()  # just took over: look for work now
-        self.has_lease = held
+        self.lease = token
+
+    def _stand_down(self, lease: Optional[LeaseToken], exc: LeaseLost) -> None:
+        with self._lock:
+            if self.lease is not None and self.lease == lease:
+                self.lease = None
+                _log(f"runner {self.owner}: {exc}; standing by")
 
     def _heartbeat(self) -> None:
         """Renew the lease on its own thread, so a long tick or command never lets it lapse."""
@@ -2907,35 +3203,69 @@ class Runner:
         with signals.subscribe(COMMANDS_TOPIC) as work:
             while not self._stop.is_set():
                 seen = work.version
+                lease = self.lease
                 try:
-                    if self.has_lease:
-                        while self.gateway.apply_pending_commands(self.owner) and not self._stop.is_set():
+                    if lease is not None:
+                        while self.gateway.apply_pending_commands(lease) and not self._stop.is_set():
                             pass
                         if time.monotonic() - last_repair > 5.0:
-                            self.gateway.repair_subworkflow_parents()
+                            self.gateway.repair_subworkflow_parents(lease)
                             last_repair = time.monotonic()
                         for run_id in self.gateway.runnable_run_ids():
-                            self._submit(run_id)
+                            self._submit(run_id, lease)
+                        self._submit_due_timers(lease)
                     self.last_error = None
                 except LeaseLost as exc:
-                    self.has_lease = False
-                    _log(f"runner {self.owner}: {exc}; standing by")
+                    self._stand_down(lease, exc)
                 except Exception as exc:  # noqa: BLE001 - keep the loop alive, report on /api/health
                     self.last_error = f"{type(exc).__name__}: {exc}"
                     _log(f"runner loop error: {self.last_error}")
-                work.wait(seen, self.config.poll_s)
+                work.wait(seen, self._next_wait())
 
-    def _submit(self, run_id: str) -> None:
+    def _next_wait(self) -> float:
+        """Sleep until the poll interval passes or the earliest known timer is due."""
+        with self._lock:
+            due = self._timers[0][0] if self._timers else None
+        wait = self.config.poll_s
+        return wait if due is None else max(0.0, min(wait, due - time.time()))
+
+    def _submit_due_timers(self, lease: LeaseToken) -> None:
+        import heapq
+
+        now, due = time.time(), []
+        with self._lock:
+            while self._timers and self._timers[0][0] <= now:
+                due.append(heapq.heappop(self._timers)[1])
+        for run_id in due:
+            self._submit(run_id, lease)
+
+    def _note_timer(self, state: Optional[RunState]) -> None:
+        """Remember when a run waiting until a time is due, so the loop wakes for it then."""
+        import heapq
+
+        waiting = state.waiting if state is not None else None
+        if waiting is None or _enum_value(waiting.reason) != "until" or not waiting.until:
+            return
+        try:
+            due = _parse_time(str(waiting.until), "until").timestamp()
+        except GatewayError:
+            return
+        with self._lock:  # the loop, woken when this tick ends, sleeps no longer than this
+            heapq.heappush(self._timers, (due, state.run_id))
+
+    def _submit(self, run_id: str, lease: LeaseToken) -> None:
         with self._lock:
             if run_id in self._in_flight or self._stop.is_set():
                 return
             self._in_flight.add(run_id)
-        self._pool.submit(self._tick, run_id)
+        self._pool.submit(self._tick, run_id, lease)
 
-    def _tick(self, run_id: str) -> None:
+    def _tick(self, run_id: str, lease: LeaseToken) -> None:
         try:
-            if self.has_lease and not self._stop.is_set():
-                self.gateway.tick(run_id)
+            if self.lease == lease and not self._stop.is_set():
+                self._note_timer(self.gateway.tick(run_id, lease))
+        except LeaseLost as exc:
+            self._stand_down(lease, exc)
         except Exception as exc:  # noqa: BLE001
             _log(f"tick of {run_id} failed: {type(exc).__name__}: {exc}")
         finally:

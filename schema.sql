@@ -147,3 +147,9 @@ CREATE TABLE audit_log (
   token_fp    TEXT,
   headers_json TEXT NOT NULL DEFAULT '{}'
 );
+
+-- migrate: 3
+-- Lease fencing: every acquisition by a new holder bumps the epoch, and a runner's
+-- writes commit only while (owner, epoch) still match, so a runner that stalled past
+-- its lease can never write after another took over.
+ALTER TABLE leases ADD COLUMN epoch INTEGER NOT NULL DEFAULT 0;
