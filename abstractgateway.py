@@ -25,6 +25,7 @@ The DDL lives in `schema.sql` beside this file (forward-only migrations keyed by
 from __future__ import annotations
 
 import argparse
+import errno
 import hashlib
 import json
 import math
@@ -117,6 +118,9 @@ SETTINGS: Tuple[Setting, ...] = (
     Setting("synchronous", "ABSTRACTGATEWAY_SQLITE_SYNCHRONOUS", "choice", "FULL",
             "SQLite durability: FULL survives power loss for every acknowledged write; NORMAL is faster "
             "but may lose the last commits on power loss (never corrupts).", "--synchronous", ("FULL", "NORMAL")),
+    Setting("busy_timeout_s", "ABSTRACTGATEWAY_SQLITE_BUSY_TIMEOUT_S", "float", 5.0,
+            "How long a write waits for another writer (e.g. a stalled process) before it is answered 503 "
+            "`database_busy`.", None, (), 0.05),
     Setting("flows_dir", "ABSTRACTGATEWAY_FLOWS_DIR", "path", lambda v: v["data_dir"] / "flows",
             "A directory of `.flow` bundles (or one `.flow` file) loaded next to the uploaded ones.", "--flows-dir",
             default_doc="<data dir>/flows"),
@@ -301,7 +305,7 @@ def storage_error(exc: BaseException) -> StorageError:
         return exc
     if isinstance(exc, (apsw.BusyError, apsw.LockedError)):
         return DatabaseBusy("The database is busy (another writer holds it); retry shortly.")
-    if isinstance(exc, apsw.FullError) or (isinstance(exc, OSError) and exc.errno in (28, 27)):  # ENOSPC, EFBIG
+    if isinstance(exc, apsw.FullError) or getattr(exc, "system_errno", None) in _DISK_FULL_ERRNOS:
         return DiskFull("The disk holding the database is full; nothing was written. Free space and retry.")
     if isinstance(exc, (apsw.CorruptError, apsw.NotADBError)):
         return StorageError("The database file is damaged; run `abstractgateway check` and restore from a backup.")
@@ -310,6 +314,8 @@ def storage_error(exc: BaseException) -> StorageError:
     return StorageError(f"Database error: {type(exc).__name__}.")
 
 
+WRITE_FAILURE_MEMORY_S = 10.0  # how long health keeps reporting a failed write after commits succeed again
+_DISK_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EFBIG, errno.EDQUOT})  # EFBIG: a file-size limit
 _STORAGE_FAILURES = (apsw.BusyError, apsw.LockedError, apsw.FullError, apsw.IOError, apsw.CorruptError,
                      apsw.NotADBError, apsw.CantOpenError, apsw.ReadOnlyError)
 
@@ -471,6 +477,79 @@ class _Transaction:
         self.topics: List[str] = []
 
 
+_SQLITE_HEADER = b"SQLite format 3\x00"
+_RESTORE_HINT = "Run `abstractgateway check` for details, then restore from a backup (docs/operations.md)."
+
+
+def _refuse_foreign_file(path: Path) -> None:
+    """Refuse an existing file that is not an SQLite database: never initialise over it.
+
+    An empty file is refused too: this gateway creates its databases whole (`_create_database`),
+    so a 0-byte file is somebody else's, or what a failed copy or a full disk left behind."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(len(_SQLITE_HEADER))
+    except OSError as exc:
+        raise SchemaError(f"cannot read {path}: {exc.strerror}") from None
+    if not head:
+        raise SchemaError(f"{path} exists but is empty (0 bytes); refusing to initialise over it. If it is meant "
+                          f"to be a new database, delete it; otherwise restore it from a backup.")
+    if head != _SQLITE_HEADER:
+        raise SchemaError(f"{path} is not an SQLite database; refusing to use or overwrite it. {_RESTORE_HINT}")
+
+
+def _create_database(path: Path, synchronous: str) -> None:
+    """Create a new database file whole: built beside it, then linked into place.
+
+    So a crash while creating never leaves a half-made (or 0-byte) file at `path`, and two
+    processes starting on the same fresh path never replace each other's file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:6]}.new")
+    os.close(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))  # owner-only: it will hold the token
+    try:
+        conn = apsw.Connection(str(tmp))
+        try:
+            conn.execute("PRAGMA journal_mode=WAL").fetchall()
+            conn.execute(f"PRAGMA synchronous={synchronous}")
+            apply_schema(conn)
+        finally:
+            conn.close()  # the last connection checkpoints and removes the WAL
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            pass  # another process created it first: use theirs
+        except OSError:  # a filesystem without hard links
+            if not path.exists():
+                os.replace(tmp, path)
+        fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    finally:
+        for leftover in (tmp, Path(f"{tmp}-wal"), Path(f"{tmp}-shm")):
+            leftover.unlink(missing_ok=True)
+
+
+def _refuse_damaged(path: Path, conn: apsw.Connection) -> None:
+    """`PRAGMA quick_check` on open: a damaged file is refused with a clear message, not served."""
+    try:
+        rows = [r[0] for r in conn.execute("PRAGMA quick_check").fetchall()]
+    except apsw.Error as exc:
+        rows = [f"{type(exc).__name__}: {exc}"]
+    if rows != ["ok"]:
+        raise SchemaError(f"{path} is damaged ({'; '.join(rows[:3])}). {_RESTORE_HINT}")
+
+
+def _missing_tables(conn: apsw.Connection) -> List[str]:
+    """Tables schema.sql creates that the file lacks (a file from another program, or mangled)."""
+    import re
+
+    expected = set(re.findall(r"CREATE TABLE (\w+)", _read_schema_text()))
+    present = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    return sorted(expected - present)
+
+
 class Database:
     """One SQLite file: per-thread apsw connections, WAL, group commit and change signals.
 
@@ -484,13 +563,15 @@ class Database:
     def __init__(self, path: Path | str, *, synchronous: str = "FULL", busy_timeout_ms: int = 10_000,
                  migrate: bool = True) -> None:
         self.path = Path(path).expanduser().resolve()
-        if not migrate and not self.path.is_file():
-            raise SchemaError(f"no database at {self.path}")
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        if not self.path.exists():  # it will hold the API token and run data: owner-only (WAL/SHM inherit it)
-            os.close(os.open(self.path, os.O_CREAT | os.O_WRONLY, 0o600))
         if synchronous.upper() not in ("FULL", "NORMAL"):
             raise ConfigError(f"synchronous must be FULL or NORMAL, got {synchronous!r}")
+        if not migrate and not self.path.is_file():
+            raise SchemaError(f"no database at {self.path}")
+        if self.path.exists():
+            _refuse_foreign_file(self.path)
+        elif migrate:
+            _create_database(self.path, synchronous.upper())
+        self.inspect_only = not migrate
         self.synchronous = synchronous.upper()
         self.busy_timeout_ms = int(busy_timeout_ms)
         self.signals = Signals()
@@ -502,10 +583,25 @@ class Database:
         self._queue_lock = threading.Lock()
         self._queue: List[_PendingWrite] = []
         self._leader_busy = False
-        self.write_failure: Optional[Dict[str, Any]] = None  # the last failed commit, until one succeeds
+        self._last_failure: Optional[Dict[str, Any]] = None
+        self._failed_at = self._succeeded_at = 0.0  # monotonic times of the last failed / good commit
         if migrate:
-            self.schema_version = apply_schema(self.connection())
-        else:  # inspection only (check, backup): never write to the file
+            try:
+                conn = self.connection()
+                _refuse_damaged(self.path, conn)
+                self.schema_version = apply_schema(conn)
+                missing = _missing_tables(conn)
+            except (apsw.CorruptError, apsw.NotADBError, apsw.IOError) as exc:
+                self.close()
+                raise SchemaError(f"{self.path} is damaged ({exc}). {_RESTORE_HINT}") from None
+            except SchemaError:
+                self.close()
+                raise
+            if missing:
+                self.close()
+                raise SchemaError(f"{self.path} is not a usable gateway database: tables {', '.join(missing)} are "
+                                  f"missing. Run `abstractgateway check`, then restore from a backup.")
+        else:  # inspection only (check, backup, doctor): never write to the file
             self.schema_version = self.connection().execute("PRAGMA user_version").fetchone()[0]
 
     # -- connections -------------------------------------------------------------------
@@ -521,6 +617,8 @@ class Database:
     def _open_connection(self) -> apsw.Connection:
         conn = apsw.Connection(str(self.path))
         conn.set_busy_timeout(self.busy_timeout_ms)
+        if self.inspect_only:  # setting the journal mode may write the file's header
+            return conn
         mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
         if str(mode).lower() != "wal":
             raise SchemaError(f"could not switch {self.path} to WAL mode (got {mode})")
@@ -587,11 +685,28 @@ class Database:
             raise item.error
         return item.result
 
-    def _note_failure(self, exc: BaseException) -> None:
-        """Remember a commit that failed for a storage reason (health reports it until a commit succeeds)."""
+    def _note_failure(self, exc: BaseException, conn: Optional[apsw.Connection]) -> None:
+        """Remember a commit that failed for a storage reason (health reports it until a commit succeeds).
+
+        The OS error behind an I/O error (ENOSPC, EFBIG) is kept on the exception: SQLite reports a
+        file-size limit as a plain I/O error, but for the operator it is a full disk."""
+        if isinstance(exc, apsw.IOError) and conn is not None:
+            exc.system_errno = conn.system_errno  # type: ignore[attr-defined]
         if isinstance(exc, _STORAGE_FAILURES):
             err = storage_error(exc)
-            self.write_failure = {"code": err.code, "detail": err.detail, "at": utc_now_iso()}
+            self._last_failure = {"code": err.code, "detail": err.detail, "at": utc_now_iso()}
+            self._failed_at = time.monotonic()
+
+    @property
+    def write_failure(self) -> Optional[Dict[str, Any]]:
+        """The last commit that failed for a storage reason, while it is news: until a commit
+        succeeds and `WRITE_FAILURE_MEMORY_S` have passed (a full disk often still takes small
+        writes, so one success is no proof the trouble is over)."""
+        if self._last_failure is None:
+            return None
+        if self._succeeded_at > self._failed_at and time.monotonic() - self._failed_at > WRITE_FAILURE_MEMORY_S:
+            return None
+        return self._last_failure
 
     def _lead(self) -> None:
         """Commit everything queued (this thread's write included) in one transaction, wake exactly
@@ -644,9 +759,9 @@ class Database:
                         del tx.topics[nested_topics:]
             conn.execute("COMMIT")
             committed = True
-            self.write_failure = None
+            self._succeeded_at = time.monotonic()
         except BaseException as exc:
-            self._note_failure(exc)
+            self._note_failure(exc, conn)
             for item in batch:
                 if item.error is None:
                     item.error = exc
@@ -676,15 +791,15 @@ class Database:
         try:
             _begin_immediate(conn, self.busy_timeout_ms / 1000)
         except _STORAGE_FAILURES as exc:
-            self._note_failure(exc)
+            self._note_failure(exc, conn)
             raise storage_error(exc) from exc
         tx = self._local.tx = _Transaction(conn)
         try:
             yield tx
             conn.execute("COMMIT")
-            self.write_failure = None
+            self._succeeded_at = time.monotonic()
         except BaseException as exc:
-            self._note_failure(exc)
+            self._note_failure(exc, conn)
             try:
                 if not conn.get_autocommit():
                     conn.execute("ROLLBACK")
@@ -1561,9 +1676,12 @@ class Stores:
         self.db.close()
 
 
-def open_stores(config: Config) -> Stores:
-    """Open the configured backend (`sqlite` by default, or the upstream `file` layout)."""
-    db = Database(config.db_path, synchronous=config.synchronous)
+def open_stores(config: Config, *, inspect_only: bool = False) -> Stores:
+    """Open the configured backend (`sqlite` by default, or the upstream `file` layout).
+
+    `inspect_only` (doctor): never create, migrate or write the database file."""
+    db = Database(config.db_path, synchronous=config.synchronous, migrate=not inspect_only,
+                  busy_timeout_ms=int(config.busy_timeout_s * 1000))
     if config.store_backend == "file":
         base = Path(config.data_dir)
         return Stores(
@@ -1972,15 +2090,33 @@ class _UpstreamSqliteReader:
 
 
 def check_database(db: Database) -> Tuple[Dict[str, Any], List[str]]:
-    """Integrity, schema version and counts; returns (facts, problems)."""
-    problems = integrity_problems(db.connection())
-    version = db.query_one("PRAGMA user_version")[0]
-    if version != SCHEMA_VERSION:
+    """Integrity, schema version, ledger gaps and counts; returns (facts, problems).
+
+    Each check runs on its own: one that the damage makes fail becomes a problem line, and the
+    others still run (a damaged file must be reported, not crash the report)."""
+    problems: List[str] = []
+    facts: Dict[str, Any] = {"path": str(db.path)}
+
+    def _checked(what: str, fn: Callable[[], T]) -> Optional[T]:
+        try:
+            return fn()
+        except apsw.Error as exc:
+            problems.append(f"{what}: {type(exc).__name__}: {exc}")
+            return None
+
+    problems.extend(_checked("integrity_check", lambda: integrity_problems(db.connection())) or [])
+    version = _checked("schema version", lambda: db.query_one("PRAGMA user_version")[0])
+    facts["schema_version"] = version
+    if version is not None and version != SCHEMA_VERSION:
         problems.append(f"schema version {version}, expected {SCHEMA_VERSION}")
-    gaps = db.query("SELECT run_id, COUNT(*), MAX(seq) FROM ledger GROUP BY run_id HAVING COUNT(*) != MAX(seq)")
-    problems.extend(f"ledger of {rid} has gaps ({n} records, max seq {mx})" for rid, n, mx in gaps)
-    facts = {"path": str(db.path), "schema_version": version, "journal_mode":
-             db.query_one("PRAGMA journal_mode")[0], "counts": table_counts(db)}
+    missing = _checked("tables", lambda: _missing_tables(db.connection())) or []
+    problems.extend(f"table {name} is missing" for name in missing)
+    if "ledger" not in missing:
+        gaps = _checked("ledger gaps", lambda: db.query(
+            "SELECT run_id, COUNT(*), MAX(seq) FROM ledger GROUP BY run_id HAVING COUNT(*) != MAX(seq)")) or []
+        problems.extend(f"ledger of {rid} has gaps ({n} records, max seq {mx})" for rid, n, mx in gaps)
+    facts["journal_mode"] = _checked("journal mode", lambda: db.query_one("PRAGMA journal_mode")[0])
+    facts["counts"] = _checked("counts", lambda: table_counts(db)) if not missing else {}
     return facts, problems
 
 
@@ -3518,6 +3654,10 @@ def error_response(status: int, code: str, detail: str, **extra: Any) -> Respons
     return json_response({"detail": detail, "code": code, **extra}, status)
 
 
+# What a storage failure answers: busy and I/O trouble may pass (503), a full disk needs the operator (507).
+STORAGE_ERROR_STATUS = {"database_busy": 503, "disk_full": 507, "storage_error": 503}
+
+
 class GatewayApp:
     """The WSGI application: dispatches `ROUTES` to handler methods."""
 
@@ -3551,6 +3691,11 @@ class GatewayApp:
             response = getattr(self, endpoint)(request, *args.values(), **query, **({"body": body} if route.body else {}))
         except GatewayError as exc:
             response = error_response(exc.status, exc.code, exc.detail)
+        except (StorageError, *_STORAGE_FAILURES) as exc:  # a passing condition of the disk, not a bug
+            err = storage_error(exc)
+            response = error_response(STORAGE_ERROR_STATUS.get(err.code, 503), err.code, err.detail)
+            if err.retry_after_s:
+                response.headers["Retry-After"] = str(err.retry_after_s)
         except HTTPException as exc:
             code = {404: "not_found", 405: "method_not_allowed", 413: "too_large"}.get(exc.code or 500, "http_error")
             response = error_response(exc.code or 500, code, exc.description or exc.name)
@@ -3595,16 +3740,30 @@ class GatewayApp:
     # -- meta -------------------------------------------------------------------------------------
 
     def health(self, request: Request) -> Response:
+        """Liveness plus what an operator needs to trust it: can the store be read, did a write fail
+        lately (disk full, busy, I/O), who holds the runner lease and since when."""
+        db = self.gateway.stores.db
         store: Dict[str, Any] = {"backend": self.gateway.stores.backend, "ok": True}
         try:
-            self.gateway.stores.db.query_one("SELECT 1")
-        except apsw.Error as exc:
-            store.update(ok=False, error=str(exc))
+            db.query_one("SELECT 1 FROM runs LIMIT 1")
+        except (apsw.Error, StorageError) as exc:
+            err = storage_error(exc)
+            store.update(ok=False, error=err.detail, code=err.code)
+        failure = db.write_failure
+        if failure is not None:
+            store.update(ok=False, write_failure=failure)
         runner: Dict[str, Any] = {"enabled": self.runner is not None}
+        holder = None
+        try:
+            holder = self.gateway.stores.leases.holder(Runner.LEASE)
+        except (apsw.Error, StorageError):
+            pass
+        if holder is not None:
+            runner["lease"] = {"owner": holder["owner"], "live": holder["live"], "epoch": holder["epoch"],
+                               "held_for_s": holder["age_s"], "heartbeat_age_s": holder["heartbeat_age_s"]}
         if self.runner is not None:
             runner.update(alive=self.runner.alive, has_lease=self.runner.has_lease, last_error=self.runner.last_error)
         else:
-            holder = self.gateway.stores.leases.holder(Runner.LEASE)
             runner.update(external_lease_live=bool(holder and holder["live"]))
         ok = store["ok"] and (self.runner is None or self.runner.alive)
         return json_response({"status": "healthy" if ok else "degraded", "ok": ok, "service": "abstractgateway",
@@ -4845,13 +5004,15 @@ def _cmd_check(args: argparse.Namespace) -> int:
     try:
         db = Database(config.db_path, synchronous=config.synchronous, migrate=False)
     except (SchemaError, apsw.Error) as exc:
-        print(f"check: {exc}", file=sys.stderr)
+        print(f"check: problem: {exc}", file=sys.stderr)
         return 1
     try:
         facts, problems = check_database(db)
     finally:
         db.close()
     print(json.dumps({**facts, "problems": problems}, indent=2))
+    for problem in problems:
+        print(f"check: problem: {problem}", file=sys.stderr)
     return 1 if problems else 0
 
 
@@ -4865,9 +5026,30 @@ def _wait_for_signal(stop: threading.Event) -> None:
         signal.signal(sig, _handle)
 
 
+def _open_gateway(config: Config, command: str) -> Optional[Gateway]:
+    """The gateway on the configured database, or None after saying why it can't be opened
+    (damaged, foreign or too new a file, a store that does not answer)."""
+    try:
+        return Gateway(config)
+    except (SchemaError, StorageError, apsw.Error) as exc:
+        print(f"{command}: {exc}", file=sys.stderr)
+        return None
+
+
+def _ignore_file_size_signal() -> None:
+    """A file-size limit (RLIMIT_FSIZE) must fail the write (reported as a full disk), not kill us."""
+    import signal
+
+    if hasattr(signal, "SIGXFSZ"):
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+
+
 def _cmd_serve(args: argparse.Namespace) -> int:
     config = _config_from_args(args)
-    gateway = Gateway(config)
+    _ignore_file_size_signal()
+    gateway = _open_gateway(config, "serve")
+    if gateway is None:
+        return 2
     new_token, _ = ensure_token(config, gateway.stores.settings)
     wsgi, app, policy = build_wsgi(gateway)
     problem = startup_problem(config, policy)
@@ -4980,7 +5162,7 @@ def _cmd_doctor(args: argparse.Namespace) -> int:
     print(f"  database  {config.db_path}")
     if Path(config.db_path).exists():
         try:
-            stores = open_stores(config)
+            stores = open_stores(config, inspect_only=True)
         except (SchemaError, apsw.Error) as exc:
             problems.append(f"database: {exc}")
         else:
@@ -4989,7 +5171,7 @@ def _cmd_doctor(args: argparse.Namespace) -> int:
                 problems.extend(db_problems)
                 print(f"  schema version {facts['schema_version']} (this gateway: {SCHEMA_VERSION}), "
                       f"journal {facts['journal_mode']}")
-                print("  counts    " + ", ".join(f"{k}={v}" for k, v in facts["counts"].items()))
+                print("  counts    " + ", ".join(f"{k}={v}" for k, v in (facts["counts"] or {}).items()))
                 catalog = WorkflowHost(stores, flows_dir=config.flows_dir, source=config.workflow_source).reload()
                 loaded = [b for versions in catalog.bundles.values() for b in versions.values()]
                 print(f"bundles: {len(loaded)} loaded, {sum(1 for b in loaded if b.load_error)} failed, "
@@ -4999,6 +5181,8 @@ def _cmd_doctor(args: argparse.Namespace) -> int:
                         print(f"  ! {bundle.ref}: {bundle.load_error}")
                 policy = SecurityPolicy.from_config(config, stores.settings)
                 print(f"security: {'on' if policy.enabled else 'OFF'}, token from {policy.token_source}")
+            except apsw.Error as exc:  # damage check_database did not already name
+                problems.append(f"database: {type(exc).__name__}: {exc}")
             finally:
                 stores.close()
     else:
@@ -5012,7 +5196,10 @@ def _cmd_doctor(args: argparse.Namespace) -> int:
 
 def _cmd_runner(args: argparse.Namespace) -> int:
     config = _config_from_args(args)
-    gateway = Gateway(config)
+    _ignore_file_size_signal()
+    gateway = _open_gateway(config, "runner")
+    if gateway is None:
+        return 2
     runner = Runner(gateway).start()
     print(f"abstractgateway runner {runner.owner} on {config.db_path}", flush=True)
     stop = threading.Event()

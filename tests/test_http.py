@@ -426,3 +426,40 @@ def test_hostile_values_get_4xx_not_500(live_server):
     status, _, data = live_server.request("POST", f"{API}/runs/start", raw=b'{"bundle_id": "echo", "input_data": {"a": NaN}}',
                                           headers={"Content-Type": "application/json"})
     assert status == 400 and data["code"] == "invalid_json"
+
+
+def test_a_writer_blocked_by_another_process_gets_503_database_busy(data_dir):
+    """A stalled writer elsewhere (SIGSTOP, a hung disk) turns into a retryable 503, never a 500."""
+    import apsw
+
+    server = LiveServer(data_dir, runner=False, busy_timeout_s="0.3")
+    other = apsw.Connection(str(server.gateway.stores.db.path))
+    try:
+        other.execute("BEGIN IMMEDIATE")  # holds the write lock, as a stopped process would
+        status, headers, body = server.post("/api/gateway/runs/start", {"bundle_id": "echo"})
+        assert status == 503 and body["code"] == "database_busy" and headers.get("Retry-After") == "1"
+        status, _, health = server.get("/api/health")
+        assert health["status"] == "degraded" and health["store"]["write_failure"]["code"] == "database_busy"
+        other.execute("ROLLBACK")
+        status, _, body = server.post("/api/gateway/runs/start", {"bundle_id": "echo"})
+        assert status == 200 and body["run_id"]
+    finally:
+        other.close()
+        server.close()
+
+
+def test_health_names_the_lease_holder_and_its_age(live_server):
+    _, _, health = live_server.get("/api/health")
+    lease = health["runner"]["lease"]
+    assert health["runner"]["has_lease"] and lease["owner"] == live_server.runner.owner and lease["live"]
+    assert lease["held_for_s"] >= 0 and lease["epoch"] >= 1
+
+
+def test_a_terminal_status_is_never_seen_before_the_final_records(live_server):
+    """Status and closing records commit together: a client that sees `completed` reads them at once."""
+    run_ids = [live_server.post("/api/gateway/runs/start", {"bundle_id": "echo", "input_data": {"message": str(i)}})[2]
+               ["run_id"] for i in range(25)]
+    for run_id in run_ids:
+        wait_for(lambda rid=run_id: live_server.get(f"/api/gateway/runs/{rid}")[2]["status"] == "completed")
+        items = live_server.get(f"/api/gateway/runs/{run_id}/ledger?after=0&limit=1000")[2]["items"]
+        assert items[-1]["idempotency_key"] == "system:terminal_status:completed"

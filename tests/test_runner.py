@@ -540,3 +540,92 @@ def test_runs_and_commands_on_the_file_backend(data_dir):
     finally:
         r.stop()
         g.close()
+
+
+def _slow_effect_gateway(gateway, monkeypatch):
+    """A one-effect workflow whose effect blocks until released: a model call, in miniature."""
+    import threading
+
+    from abstractruntime import Effect, EffectType, StepPlan, WorkflowSpec
+    from abstractruntime.core.runtime import EffectOutcome
+
+    entered, release, calls = threading.Event(), threading.Event(), []
+
+    def slow_call(run, effect, default_next_node):
+        calls.append(run.run_id)
+        entered.set()
+        release.wait(10)
+        return EffectOutcome.completed({"answer": 42})
+
+    def ask(run, ctx):
+        return StepPlan(node_id="ask", effect=Effect(type=EffectType.LLM_CALL, payload={"prompt": "q"},
+                                                     result_key="answer"), next_node="done")
+
+    def done(run, ctx):
+        return StepPlan(node_id="done", complete_output={"answer": run.vars.get("answer")})
+
+    spec = WorkflowSpec(workflow_id="test:slow", entry_node="ask", nodes={"ask": ask, "done": done})
+    monkeypatch.setitem(gateway.runtime._handlers, EffectType.LLM_CALL, slow_call)
+    real_get = gateway.host.get
+    monkeypatch.setattr(gateway.host, "get", lambda wid: spec if wid == "test:slow" else real_get(wid))
+    return spec, entered, release, calls
+
+
+@pytest.mark.parametrize("command", ["pause", "cancel"])
+def test_a_command_that_lands_mid_step_wins_and_the_paid_for_answer_is_kept(gateway, monkeypatch, command):
+    import threading
+
+    spec, entered, release, calls = _slow_effect_gateway(gateway, monkeypatch)
+    run_id = gateway._start(spec, {}, None)
+    ticking = threading.Thread(target=gateway.tick, args=(run_id,))
+    ticking.start()
+    assert entered.wait(10)
+    gateway.submit_command(command_id="c", run_id=run_id, type=command)
+    gateway.apply_pending_commands()  # not blocked by the step in flight: no lock is held while it runs
+    assert gateway.command_status("c")["status"] == "applied"
+    release.set()
+    ticking.join(10)
+    state = gateway.stores.runs.load(run_id)
+    assert (state.status.value, gw._is_paused(state)) == (("cancelled", False) if command == "cancel" else
+                                                          ("waiting", True))
+    ledger = gateway.stores.ledger.list(run_id)
+    assert [r["status"] for r in ledger if (r.get("effect") or {}).get("type") == "llm_call"] == ["completed"]
+    if command == "pause":
+        gateway.submit_command(command_id="r", run_id=run_id, type="resume")
+        gateway.apply_pending_commands()
+        assert gateway.tick(run_id).status.value == "completed"
+        assert gateway.stores.runs.load(run_id).output["answer"] == {"answer": 42}
+        assert len(calls) == 1  # the recorded answer was reused, not asked for again
+        keys = [(r.get("idempotency_key"), r["status"]) for r in gateway.stores.ledger.list(run_id)
+                if r.get("idempotency_key")]
+        assert len(keys) == len(set(keys))
+
+
+def test_a_step_is_all_or_nothing_when_its_commit_fails(gateway, monkeypatch):
+    """A commit that fails (here: the disk) leaves no record and no checkpoint of the step."""
+    run_id = gateway.start_run(bundle_id="echo", input_data={"message": "x"})
+    real = gateway.stores.runs.save_row
+
+    def failing(row):
+        real(row)
+        raise gw.DiskFull("simulated: disk full at the checkpoint")
+
+    monkeypatch.setattr(gateway.stores.runs, "save_row", failing)
+    with pytest.raises(gw.DiskFull):
+        gateway.tick(run_id)
+    assert gateway.stores.ledger.count(run_id) == 0 and _status(gateway, run_id) == "running"
+    monkeypatch.undo()
+    assert gateway.tick(run_id).status.value == "completed"
+
+
+def test_zero_length_waits_continue_in_the_same_tick(gateway):
+    run_id = gateway.start_run(bundle_id="timer-loop", input_data={"n": 3, "delay": 0})
+    assert gateway.tick(run_id).status.value == "completed"
+    assert gateway.stores.runs.load(run_id).output["iterations"] == 3
+
+
+def test_a_timer_wait_wakes_the_runner_at_its_due_time(gateway, runner):
+    run_id = gateway.start_run(bundle_id="timer-loop", input_data={"n": 2, "delay": 0.3})
+    wait_for(lambda: _status(gateway, run_id) == "completed", timeout=10)
+    due = [r for r in gateway.stores.ledger.list(run_id) if (r.get("effect") or {}).get("type") == "wait_until"]
+    assert len(due) >= 2 and runner._timers == []
