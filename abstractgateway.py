@@ -615,10 +615,12 @@ class Database:
         return conn
 
     def _open_connection(self) -> apsw.Connection:
+        if self.inspect_only:  # read-only: not even a checkpoint of a leftover WAL on close
+            conn = apsw.Connection(str(self.path), flags=apsw.SQLITE_OPEN_READONLY)
+            conn.set_busy_timeout(self.busy_timeout_ms)
+            return conn
         conn = apsw.Connection(str(self.path))
         conn.set_busy_timeout(self.busy_timeout_ms)
-        if self.inspect_only:  # setting the journal mode may write the file's header
-            return conn
         mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
         if str(mode).lower() != "wal":
             raise SchemaError(f"could not switch {self.path} to WAL mode (got {mode})")
@@ -667,6 +669,8 @@ class Database:
         """
         tx: Optional[_Transaction] = getattr(self._local, "tx", None)
         if tx is not None:
+            if tx.conn.get_autocommit():  # SQLite rolled the transaction back (an error somebody caught):
+                raise StorageError("The transaction was abandoned by the database; nothing was written.")
             result = fn(tx.conn)
             tx.topics.extend(topics)
             return result
@@ -753,6 +757,8 @@ class Database:
                         item.result = item.fn(conn)
                         conn.execute("RELEASE gateway_write")
                     except Exception as exc:  # the caller gets it; the rest of the batch commits
+                        if conn.get_autocommit():  # SQLite abandoned the whole transaction (disk full, I/O)
+                            raise
                         conn.execute("ROLLBACK TO gateway_write")
                         conn.execute("RELEASE gateway_write")
                         item.error = exc
@@ -796,6 +802,8 @@ class Database:
         tx = self._local.tx = _Transaction(conn)
         try:
             yield tx
+            if conn.get_autocommit():  # rolled back under a caught error: its writes are gone, say so
+                raise StorageError("The transaction was abandoned by the database; nothing was written.")
             conn.execute("COMMIT")
             self._succeeded_at = time.monotonic()
         except BaseException as exc:
@@ -1747,8 +1755,19 @@ class _BufferedRunStore:
         self._inner = inner
         self._local = local
 
-    def __getattr__(self, name: str) -> Any:  # queries the runtime makes, unbuffered
+    def __getattr__(self, name: str) -> Any:  # other queries, unbuffered
         return getattr(self._inner, name)
+
+    # Spelled out: the runtime checks `isinstance(store, QueryableRunStore)`, which on Python 3.12+
+    # looks attributes up statically and does not see `__getattr__`.
+    def list_runs(self, **kwargs: Any) -> List[RunState]:
+        return self._inner.list_runs(**kwargs)
+
+    def list_due_wait_until(self, **kwargs: Any) -> List[RunState]:
+        return self._inner.list_due_wait_until(**kwargs)
+
+    def list_children(self, **kwargs: Any) -> List[RunState]:
+        return self._inner.list_children(**kwargs)
 
     def save(self, run: RunState) -> None:
         writes: Optional[StepWrites] = getattr(self._local, "writes", None)
@@ -3099,6 +3118,8 @@ class Gateway:
             with self.uow.collect() as writes:
                 try:
                     state = self.runtime.tick(workflow=spec, run_id=run_id, max_steps=1)
+                except (StorageError, *_STORAGE_FAILURES) as exc:  # the disk's fault, not the run's: retried
+                    raise storage_error(exc) from exc
                 except Exception as exc:  # noqa: BLE001 - the run is failed with the reason, the runner goes on
                     failure = exc
             if failure is not None:  # the step's writes are dropped with it
@@ -3123,9 +3144,11 @@ class Gateway:
         """
         def _write(_conn: apsw.Connection) -> bool:
             self.check_lease(lease)
-            changed = any(text is not None and self.stores.runs.load_json(rid) != text
+            # A run the step read (or found missing) and then saved must still be as it read it.
+            changed = any(self.stores.runs.load_json(rid) != text
                           for rid, text in writes.base.items() if rid == run_id or rid in writes.runs)
-            records = writes.ledger if not changed else [(rid, t) for rid, t in writes.ledger if _reusable_record(t)]
+            records = writes.ledger if not changed else [
+                (rid, t) for rid, t in writes.ledger if rid == run_id and _reusable_record(t)]
             for rid, text in records:
                 self.stores.ledger.append_json(rid, text)
             if not changed:
@@ -3242,10 +3265,15 @@ def _continues(run: RunState) -> bool:
             and bool(waiting.until) and str(waiting.until) <= utc_now_iso() and not _is_paused(run))
 
 
+# Effects whose whole outcome is their result (nothing else written to the stores): a completed
+# record of one can stand alone, and the runtime reuses its result instead of paying again.
+_REUSABLE_EFFECTS = frozenset({"llm_call", "tool_calls"})
+
+
 def _reusable_record(record_json: str) -> bool:
-    """A completed effect record: the runtime reuses its result by idempotency key on the next try."""
+    """A completed model or tool call: kept when the rest of its step is dropped (see `_commit_step`)."""
     record = json.loads(record_json)
-    return (record.get("status") == "completed" and record.get("effect") is not None
+    return (record.get("status") == "completed" and (record.get("effect") or {}).get("type") in _REUSABLE_EFFECTS
             and not str(record.get("idempotency_key") or "").startswith("system:"))
 
 
@@ -3326,6 +3354,7 @@ class Runner:
         with self._lock:
             if self.lease is not None and self.lease == lease:
                 self.lease = None
+                self._timers.clear()  # the new holder finds these runs by its own scan
                 _log(f"runner {self.owner}: {exc}; standing by")
 
     def _heartbeat(self) -> None:
@@ -3361,7 +3390,7 @@ class Runner:
     def _next_wait(self) -> float:
         """Sleep until the poll interval passes or the earliest known timer is due."""
         with self._lock:
-            due = self._timers[0][0] if self._timers else None
+            due = self._timers[0][0] if self._timers and self.lease is not None else None
         wait = self.config.poll_s
         return wait if due is None else max(0.0, min(wait, due - time.time()))
 
@@ -5272,7 +5301,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parser.parse_args(argv)
     try:
         return int(args.func(args) or 0)
-    except ConfigError as exc:
+    except (ConfigError, SchemaError, StorageError) as exc:
         print(f"abstractgateway: {exc}", file=sys.stderr)
         return 2
 

@@ -629,3 +629,27 @@ def test_a_timer_wait_wakes_the_runner_at_its_due_time(gateway, runner):
     wait_for(lambda: _status(gateway, run_id) == "completed", timeout=10)
     due = [r for r in gateway.stores.ledger.list(run_id) if (r.get("effect") or {}).get("type") == "wait_until"]
     assert len(due) >= 2 and runner._timers == []
+
+
+def test_only_model_and_tool_results_outlive_a_dropped_step():
+    """A step dropped because a command changed its run keeps only results that have no other effect:
+    an emitted event, a started child or a memory note live in the dropped writes, so they must redo."""
+    def record(kind, status="completed", key="k"):
+        return json.dumps({"status": status, "effect": {"type": kind} if kind else None, "idempotency_key": key})
+
+    assert gw._reusable_record(record("llm_call")) and gw._reusable_record(record("tool_calls"))
+    for kind in ("emit_event", "start_subworkflow", "memory_note", "ask_user", None):
+        assert not gw._reusable_record(record(kind))
+    assert not gw._reusable_record(record("llm_call", status="started"))
+    assert not gw._reusable_record(record("llm_call", key="system:terminal_status:completed"))
+
+
+def test_buffered_run_store_passes_the_runtimes_protocol_check_statically(gateway):
+    """Python 3.12+ checks runtime protocols with getattr_static, which ignores __getattr__."""
+    import inspect
+
+    from abstractruntime.storage.base import QueryableRunStore
+
+    assert isinstance(gateway.uow.runs, QueryableRunStore)
+    for name in ("list_runs", "list_due_wait_until", "list_children", "load", "save"):
+        inspect.getattr_static(gateway.uow.runs, name)

@@ -606,3 +606,21 @@ def test_a_failing_single_statement_write_in_a_batch_spares_its_neighbours(store
     _run_threads(threads)
     assert len(errors) == 1 and stores.ledger.count("batch") == 4
     assert db.query_one("SELECT COUNT(*) FROM leases")[0] == 0  # the failed statement left no half row
+
+
+def test_check_never_writes_even_a_leftover_wal(tmp_path, data_dir):
+    """A crashed gateway leaves a WAL; inspecting the file must not fold it in (read-only open)."""
+    import shutil
+
+    live = gw.open_stores(make_config(data_dir))
+    for i in range(20):
+        live.ledger.append(_step("r", i + 1))
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    for suffix in ("", "-wal", "-shm"):  # the files as a kill -9 would leave them
+        shutil.copy(str(live.db.path) + suffix, copy / ("gateway.sqlite3" + suffix))
+    live.close()
+    data_files = ("gateway.sqlite3", "gateway.sqlite3-wal")  # (-shm is an index SQLite may rebuild)
+    before = {name: (copy / name).read_bytes() for name in data_files}
+    assert gw.main(["check", "--db-path", str(copy / "gateway.sqlite3")]) == 0
+    assert {name: (copy / name).read_bytes() for name in data_files} == before
