@@ -3046,6 +3046,7 @@ FILES_SKIM_MAX_LINES = 200  # excerpts one skim returns
 FILES_SKIM_SCAN_LINES = 200_000  # lines a skim considers
 FILES_SKIM_EXCERPT = 240  # characters kept per skimmed line
 FILES_INDEX_MAX = 50_000  # files one search looks at
+FILES_INDEX_TTL_S = 5.0  # how long a search reuses the list of files it walked
 _BINARY_PROBE = 8192
 _SKIPPED_DIRS = frozenset({"node_modules", "__pycache__"})
 
@@ -3103,6 +3104,8 @@ class Workspace:
 
     def __init__(self, mounts: Dict[str, Path]) -> None:
         self.mounts = {name: Path(os.path.realpath(root)) for name, root in mounts.items()}
+        self._index_lock = threading.Lock()
+        self._indexed: Optional[Tuple[float, List[Tuple[str, str, str, str]]]] = None
 
     def resolve(self, raw_path: str) -> Tuple[Path, str]:
         """(real path, `mount/rel` name) of a client-supplied path; a 4xx GatewayError if it may not be read."""
@@ -3147,9 +3150,7 @@ class Workspace:
         if not needle:
             return []
         scored: List[Tuple[int, int, str, str, str]] = []
-        for name, root, real_dir, filename in itertools.islice(self._files(), FILES_INDEX_MAX):
-            rel_dir = os.path.relpath(real_dir, root)
-            virtual = f"{name}/{filename}" if rel_dir == "." else f"{name}/{Path(rel_dir).as_posix()}/{filename}"
+        for virtual, filename, name, full in self._index():
             lower_name = filename.lower()
             if lower_name.startswith(needle):
                 score = 0
@@ -3159,7 +3160,7 @@ class Workspace:
                 score = 2
             else:
                 continue
-            scored.append((score, len(virtual), virtual, name, os.path.join(real_dir, filename)))
+            scored.append((score, len(virtual), virtual, name, full))
         scored.sort()
         items = []
         for _score, _length, virtual, name, full in scored[:limit]:
@@ -3171,18 +3172,44 @@ class Workspace:
             items.append(item)
         return items
 
-    def _files(self) -> Iterator[Tuple[str, Path, str, str]]:
+    def _index(self) -> List[Tuple[str, str, str, str]]:
+        """(virtual path, file name, mount, real path) of the mounts' files, re-walked at most every few
+        seconds: a client searches on each keystroke of an `@file` mention."""
+        with self._index_lock:
+            if self._indexed is not None and time.monotonic() - self._indexed[0] < FILES_INDEX_TTL_S:
+                return self._indexed[1]
+        files = list(itertools.islice(self._walk(), FILES_INDEX_MAX))
+        with self._index_lock:
+            self._indexed = (time.monotonic(), files)
+        return files
+
+    def _walk(self) -> Iterator[Tuple[str, str, str, str]]:
         for name in sorted(self.mounts):
             root = self.mounts[name]
-            for dirpath, dirnames, filenames in os.walk(root):
-                dirnames[:] = sorted(d for d in dirnames if not d.startswith(".") and d not in _SKIPPED_DIRS
-                                     and _is_utf8(d))
-                for filename in sorted(filenames):
-                    full = os.path.join(dirpath, filename)
-                    if not _is_utf8(filename) or (os.path.islink(full)
-                                                  and not _is_within(Path(os.path.realpath(full)), root)):
-                        continue  # unnameable in a URL, or a symlink pointing out of the mount
-                    yield name, root, dirpath, filename
+            pending = [(str(root), name)]
+            while pending:
+                folder, virtual_dir = pending.pop()
+                try:
+                    entries = sorted(os.scandir(folder), key=lambda e: e.name)
+                except OSError:
+                    continue
+                subdirs = []
+                for entry in entries:
+                    if not _is_utf8(entry.name):
+                        continue  # a non-UTF-8 name cannot be named in a URL
+                    try:
+                        if entry.is_symlink():  # kept only if it stays inside the mount (never descended)
+                            target = Path(os.path.realpath(entry.path))
+                            if _is_within(target, root) and target.is_file():
+                                yield f"{virtual_dir}/{entry.name}", entry.name, name, entry.path
+                        elif entry.is_dir():
+                            if not entry.name.startswith(".") and entry.name not in _SKIPPED_DIRS:
+                                subdirs.append((entry.path, f"{virtual_dir}/{entry.name}"))
+                        elif entry.is_file():
+                            yield f"{virtual_dir}/{entry.name}", entry.name, name, entry.path
+                    except OSError:
+                        continue
+                pending.extend(reversed(subdirs))
 
     @staticmethod
     def _problem(real: Path, name: str) -> Optional[str]:
@@ -3338,6 +3365,7 @@ def store_attachment(stores: Stores, *, session_id: str, content: bytes, filenam
 
 
 REPORT_MAX_DESCRIPTION = 20_000
+REPORT_FOLDERS = {"bug": "bug_reports", "feature": "feature_requests"}  # the original's relpath prefixes
 REPORT_FIELDS = ("active_run_id", "workflow_id", "client", "client_version", "user_agent", "url", "provider", "model",
                  "template")
 
@@ -3412,9 +3440,6 @@ def file_report(stores: Stores, report_type: str, body: Dict[str, Any]) -> Dict[
             "proposed_backlog_item_id": None}
 
 
-REPORT_FOLDERS = {"bug": "bug_reports", "feature": "feature_requests"}
-
-
 def report_filename_ok(filename: str) -> bool:
     """A report handle as clients send it back: `<safe chars>.md`, no path separators."""
     stem = filename[:-3] if filename.lower().endswith(".md") else ""
@@ -3452,12 +3477,7 @@ class KnowledgeGraph:
         from abstractruntime.integrations.abstractmemory.effect_handlers import resolve_scope_owner_id
 
         run_id, session_id, owner = (str(body.get(k) or "").strip() or None for k in ("run_id", "session_id", "owner_id"))
-        all_owners = bool(body.get("all_owners"))
-        if scope == "all" and owner:
-            raise GatewayError("owner_id is not supported when scope=all", code="validation_error")
-        if owner and all_owners:
-            raise GatewayError("all_owners cannot be combined with owner_id", code="validation_error")
-        if all_owners:
+        if body.get("all_owners"):
             return [(s, None) for s in (KG_SCOPES[:3] if scope == "all" else (scope,))], None
         if scope == "all":
             if run_id:
@@ -3500,11 +3520,16 @@ class KnowledgeGraph:
         if not -1 <= limit <= 10_000:
             raise Unprocessable("Field 'limit' must be between -1 and 10000", code="validation_error")
         order = "asc" if str(body.get("order") or "").strip().lower() == "asc" else "desc"
-        warnings: List[str] = []
-        owners, reported_owner = self._owners(body, scope, warnings)
-        if not self.path.is_file():
+        owner = str(body.get("owner_id") or "").strip()
+        if scope == "all" and owner:
+            raise GatewayError("owner_id is not supported when scope=all", code="validation_error")
+        if owner and body.get("all_owners"):
+            raise GatewayError("all_owners cannot be combined with owner_id", code="validation_error")
+        if not self.path.is_file():  # nothing stored yet: the original answers before resolving owners
             return {"ok": True, "scope": scope, "owner_id": None, "count": 0, "items": [],
                     "warnings": ["KG store does not exist yet (no persisted assertions in <data dir>/abstractmemory/kg.sqlite3)."]}
+        warnings: List[str] = []
+        owners, reported_owner = self._owners(body, scope, warnings)
         from abstractmemory import SQLiteTripleStore, TripleQuery
 
         items: List[Dict[str, Any]] = []

@@ -350,7 +350,12 @@ def test_kg_query_scopes(server, data_dir):
     assert data["items"] == [] and "embedder" in data["warnings"][0]
 
 
-def test_kg_query_errors(server):
+def test_kg_query_errors(server, data_dir):
+    # before anything is stored the original answers empty, without resolving owners
+    status, _, data = _kg(server, scope="run")
+    assert status == 200 and data["count"] == 0 and data["warnings"]
+    assert _kg(server, scope="all", owner_id="x")[0] == 400
+    _seed_kg(data_dir, "r0")
     for body, status, text in (({"scope": "nope"}, 400, "scope must be one of"),
                                ({"scope": "run"}, 400, "run_id is required"),
                                ({"scope": "session"}, 400, "run_id or session_id is required"),
