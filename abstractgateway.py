@@ -1851,8 +1851,7 @@ def check_database(db: Database) -> Tuple[Dict[str, Any], List[str]]:
 LLM_NODE_TYPES = frozenset({
     "llm_call", "agent", "model_residency", "generate_image", "edit_image", "image_to_image", "generate_video",
     "text_to_video", "image_to_video", "generate_voice", "generate_music", "transcribe_audio", "listen_voice",
-    "tool_calls", "call_tool", "memory_kg_assert", "memory_kg_query", "memory_kg_resolve", "model_catalog",
-    "provider_catalog", "provider_models",
+    "tool_calls", "call_tool", "model_catalog", "provider_catalog", "provider_models",
 })
 LLM_EXTRA = "abstractruntime[abstractcore]"
 MAX_BUNDLE_FILES = 2_000
@@ -2393,6 +2392,45 @@ def _log(message: str) -> None:
     print(f"abstractgateway: {message}", file=sys.stderr, flush=True)
 
 
+class TripleStoreHandle:
+    """AbstractMemory's SQLite triple store in the data dir (`abstractmemory/kg.sqlite3`), opened on first use.
+
+    The knowledge graph `memory_kg_*` nodes write and `/kg/query` reads. AbstractMemory's own store
+    (stdlib sqlite3, no extra dependency) in a file of its own: its schema is AbstractMemory's, so it
+    stays out of the gateway's database and migrations. Opened lazily: most gateways never touch it.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._lock = threading.Lock()
+        self._store: Any = None
+
+    def _open(self) -> Any:
+        with self._lock:
+            if self._store is None:
+                from abstractmemory import SQLiteTripleStore
+
+                self._store = SQLiteTripleStore(self.path)
+            return self._store
+
+    def add(self, assertions: Iterable[Any]) -> List[str]:
+        return self._open().add(assertions)
+
+    def query(self, query: Any) -> List[Any]:
+        return self._open().query(query)
+
+    def __getattr__(self, name: str) -> Any:  # the rest of AbstractMemory's store API (resolve, keywords)
+        if name.startswith("_"):
+            raise AttributeError(name)
+        return getattr(self._open(), name)
+
+    def close(self) -> None:
+        with self._lock:
+            if self._store is not None:
+                self._store.close()
+                self._store = None
+
+
 class Gateway:
     """The service every front end drives: start runs, accept and apply commands, tick runs.
 
@@ -2406,13 +2444,19 @@ class Gateway:
         self.config = config
         self.stores = stores or open_stores(config)
         self.host = WorkflowHost(self.stores, flows_dir=config.flows_dir, source=config.workflow_source)
+        from abstractruntime.integrations.abstractmemory.effect_handlers import build_memory_kg_effect_handlers
+
+        self.knowledge_graph = TripleStoreHandle(Path(config.data_dir) / "abstractmemory" / "kg.sqlite3")
         self.runtime = Runtime(run_store=self.stores.runs, ledger_store=self.stores.ledger,
-                               artifact_store=self.stores.artifacts, workflow_registry=self.host)
+                               artifact_store=self.stores.artifacts, workflow_registry=self.host,
+                               effect_handlers=build_memory_kg_effect_handlers(
+                                   store=self.knowledge_graph, run_store=self.stores.runs, now_iso=utc_now_iso))
         self.host.reload()
         self._last_lazy_reload = 0.0
         self._stripes = [threading.Lock() for _ in range(64)]
 
     def close(self) -> None:
+        self.knowledge_graph.close()
         self.stores.close()
 
     def wake_runner(self) -> None:
@@ -3456,14 +3500,10 @@ def global_memory_owner_id() -> str:
 
 
 class KnowledgeGraph:
-    """Queries over AbstractMemory's triple store kept in the data dir (`abstractmemory/kg.sqlite3`).
+    """The original's `/kg/query` over the gateway's triple store (the one `memory_kg_*` nodes write)."""
 
-    AbstractMemory's own SQLite store (stdlib sqlite3, no extra dependency) in a file of its own:
-    its schema is AbstractMemory's, so it stays out of the gateway's database and migrations.
-    """
-
-    def __init__(self, path: Path, runs: Any) -> None:
-        self.path = path
+    def __init__(self, store: TripleStoreHandle, runs: Any) -> None:
+        self.store = store
         self.runs = runs
 
     def _run(self, run_id: str) -> RunState:
@@ -3525,27 +3565,23 @@ class KnowledgeGraph:
             raise GatewayError("owner_id is not supported when scope=all", code="validation_error")
         if owner and body.get("all_owners"):
             raise GatewayError("all_owners cannot be combined with owner_id", code="validation_error")
-        if not self.path.is_file():  # nothing stored yet: the original answers before resolving owners
+        if not self.store.path.is_file():  # nothing stored yet: the original answers before resolving owners
             return {"ok": True, "scope": scope, "owner_id": None, "count": 0, "items": [],
                     "warnings": ["KG store does not exist yet (no persisted assertions in <data dir>/abstractmemory/kg.sqlite3)."]}
         warnings: List[str] = []
         owners, reported_owner = self._owners(body, scope, warnings)
-        from abstractmemory import SQLiteTripleStore, TripleQuery
+        from abstractmemory import TripleQuery
 
         items: List[Dict[str, Any]] = []
-        store = SQLiteTripleStore(self.path)
-        try:
-            for label, owner_id in owners:
-                query = TripleQuery(subject=body.get("subject"), predicate=body.get("predicate"), object=body.get("object"),
-                                    scope=label, owner_id=owner_id, since=body.get("since"), until=body.get("until"),
-                                    active_at=body.get("active_at"), query_text=body.get("query_text"),
-                                    min_score=body.get("min_score"), limit=int(limit), order=order)
-                try:
-                    items.extend(row.to_dict() for row in store.query(query))
-                except (ValueError, RuntimeError) as exc:  # e.g. query_text without an embedder
-                    warnings.append(f"{label}: {exc}" if len(owners) > 1 else str(exc))
-        finally:
-            store.close()
+        for label, owner_id in owners:
+            query = TripleQuery(subject=body.get("subject"), predicate=body.get("predicate"), object=body.get("object"),
+                                scope=label, owner_id=owner_id, since=body.get("since"), until=body.get("until"),
+                                active_at=body.get("active_at"), query_text=body.get("query_text"),
+                                min_score=body.get("min_score"), limit=int(limit), order=order)
+            try:
+                items.extend(row.to_dict() for row in self.store.query(query))
+            except (ValueError, RuntimeError) as exc:  # e.g. query_text without an embedder
+                warnings.append(f"{label}: {exc}" if len(owners) > 1 else str(exc))
         items.sort(key=lambda d: str(d.get("observed_at") or ""), reverse=order != "asc")
         if limit > 0:
             items = items[:limit]
@@ -3879,8 +3915,7 @@ class GatewayApp:
                            strict_slashes=False, merge_slashes=False)
         self._openapi: Optional[bytes] = None
         self.workspace = Workspace(gateway.config.workspace_mounts)
-        self.knowledge_graph = KnowledgeGraph(Path(gateway.config.data_dir) / "abstractmemory" / "kg.sqlite3",
-                                              gateway.stores.runs)
+        self.knowledge_graph = KnowledgeGraph(gateway.knowledge_graph, gateway.stores.runs)
 
     def __call__(self, environ: Dict[str, Any], start_response: Callable) -> Iterable[bytes]:
         from werkzeug.exceptions import HTTPException

@@ -522,3 +522,23 @@ def test_abstractcode_gateway_api_drives_a_live_gateway(server, data_dir, tmp_pa
     result = api.kg_query(run_id=run_id, scope="all")
     assert result["ok"] is True and [i["object"] for i in result["items"]] == ["sun", "bob"]
     assert api.kg_query(scope="global", predicate="schema:orbits")["items"][0]["subject"] == "earth"
+
+
+def test_a_run_writes_the_knowledge_graph_kg_query_reads(server, bundle_builder):
+    body, content_type = multipart({}, {"file": ("kg.flow", bundle_builder("kg_assert").read_bytes())})
+    status, _, data = server.request("POST", f"{API}/bundles/upload", raw=body, headers={"Content-Type": content_type})
+    assert status == 200, data
+    run_ids = {}
+    for scope in ("session", "run", "global"):
+        run_ids[scope] = server.post(f"{API}/runs/start", {"bundle_id": "kg-assert", "session_id": "s7",
+                                                           "input_data": {"scope": scope}})[2]["run_id"]
+    for run_id in run_ids.values():
+        done = wait_for(lambda: (r := server.get(f"{API}/runs/{run_id}")[2])["status"] in ("completed", "failed") and r)
+        assert done["status"] == "completed", done
+    data = _kg(server, scope="all", run_id=run_ids["run"])[2]
+    assert sorted((i["scope"], i["owner_id"]) for i in data["items"]) == [
+        ("global", "global_memory"), ("run", run_ids["run"]), ("session", "session_memory_s7")]
+    assert [i["observed_at"] for i in data["items"]] == sorted((i["observed_at"] for i in data["items"]), reverse=True)
+    assert {(i["subject"], i["predicate"], i["object"]) for i in data["items"]} == {("alice", "schema:knowsabout", "bob")}
+    session = _kg(server, session_id="s7")[2]["items"]
+    assert session[0]["provenance"]["writer_run_id"] == run_ids["session"]
