@@ -424,7 +424,9 @@ def test_reports_inbox_is_stored_in_sqlite(data_dir, workspace):
 
 def test_history_bundle_has_subrun_ledgers_timeline_and_snapshot(server):
     run_id = server.post(f"{API}/runs/start", {"bundle_id": "parent"})[2]["run_id"]
-    wait_for(lambda: server.get(f"{API}/runs/{run_id}")[2]["status"] == "completed")
+    # wait for the run's last record, not only its status (which can be seen a moment before it)
+    wait_for(lambda: any(str(r.get("idempotency_key") or "").startswith("system:terminal_status:")
+                         for r in server.get(f"{API}/runs/{run_id}/ledger?limit=2000")[2]["items"]))
     status, _, bundle = server.get(f"{API}/runs/{run_id}/history_bundle?include_session=true")
     assert status == 200 and bundle["version"] == 1 and bundle["root_run_id"] == run_id
     child_ids = [r for r in bundle["ledgers"] if r != run_id]
