@@ -1373,9 +1373,6 @@ class AuditStore:
         return [dict(zip(keys, (*r[:-1], json.loads(r[-1])))) for r in rows]
 
 
-REPORT_TYPES = ("bug", "feature")
-
-
 class ReportStore:
     """The reports inbox: bug reports and feature requests as Markdown rows, one per filename."""
 
