@@ -2389,6 +2389,31 @@ def _log(message: str) -> None:
     print(f"abstractgateway: {message}", file=sys.stderr, flush=True)
 
 
+SESSION_MEMORY_WORKFLOW = "__session_memory__"
+
+
+def session_memory_run_id(session_id: str) -> str:
+    """The internal run that owns a session's attachments and memory (the runtime's naming scheme)."""
+    sid = session_id.strip()
+    if _is_safe_id(sid):
+        return f"session_memory_{sid}"
+    return "session_memory_sha_" + hashlib.sha256(sid.encode("utf-8")).hexdigest()[:32]
+
+
+def ensure_session_memory_run(runs: Any, session_id: str) -> str:
+    """Create the session's owner run (an empty completed run) if missing; return its id."""
+    run_id = session_memory_run_id(session_id)
+    if not runs.exists(run_id):
+        now = utc_now_iso()
+        runs.save(RunState(
+            run_id=run_id, workflow_id=SESSION_MEMORY_WORKFLOW, status=RunStatus.COMPLETED, current_node="done",
+            vars={"context": {"task": "", "messages": []}, "scratchpad": {}, "_runtime": {"memory_spans": []},
+                  "_temp": {}, "_limits": {}},
+            waiting=None, output={"messages": []}, error=None, created_at=now, updated_at=now, actor_id=None,
+            session_id=session_id.strip(), parent_run_id=None))
+    return run_id
+
+
 class TripleStoreHandle:
     """AbstractMemory's SQLite triple store in the data dir (`abstractmemory/kg.sqlite3`), opened on first use.
 
@@ -2482,6 +2507,8 @@ class Gateway:
                 state = self.stores.runs.load(run_id)
                 state.session_id = run_id
                 self.stores.runs.save(state)
+            else:  # the session's attachment and memory owner, as the original creates it
+                ensure_session_memory_run(self.stores.runs, session)
             self._persist_snapshot(run_id, spec.workflow_id)
         self.wake_runner()
         return run_id
@@ -3363,31 +3390,6 @@ class Workspace:
         return {"path": name, "content": header + ("\n\n" + "\n".join(out) if out else "\n\n(empty file)")}
 
 
-SESSION_MEMORY_WORKFLOW = "__session_memory__"
-
-
-def session_memory_run_id(session_id: str) -> str:
-    """The internal run that owns a session's attachments and memory (the runtime's naming scheme)."""
-    sid = session_id.strip()
-    if _is_safe_id(sid):
-        return f"session_memory_{sid}"
-    return "session_memory_sha_" + hashlib.sha256(sid.encode("utf-8")).hexdigest()[:32]
-
-
-def ensure_session_memory_run(runs: Any, session_id: str) -> str:
-    """Create the session's owner run (an empty completed run) if missing; return its id."""
-    run_id = session_memory_run_id(session_id)
-    if not runs.exists(run_id):
-        now = utc_now_iso()
-        runs.save(RunState(
-            run_id=run_id, workflow_id=SESSION_MEMORY_WORKFLOW, status=RunStatus.COMPLETED, current_node="done",
-            vars={"context": {"task": "", "messages": []}, "scratchpad": {}, "_runtime": {"memory_spans": []},
-                  "_temp": {}, "_limits": {}},
-            waiting=None, output={"messages": []}, error=None, created_at=now, updated_at=now, actor_id=None,
-            session_id=session_id.strip(), parent_run_id=None))
-    return run_id
-
-
 def store_attachment(stores: Stores, *, session_id: str, content: bytes, filename: str, content_type: str,
                      target: str, source: str, path: str) -> Dict[str, Any]:
     """Store bytes as an artifact of the session's owner run, tagged as an attachment; return the client's ref."""
@@ -4256,6 +4258,8 @@ class GatewayApp:
         return meta
 
     def list_artifacts(self, request: Request, run_id: str, limit: int) -> Response:
+        if run_id.startswith("session_memory_") and not self.gateway.stores.runs.exists(run_id):
+            return json_response({"items": []})  # a session without attachments yet (the original: empty too)
         self.gateway.load_run(run_id)
         metas = sorted(self.gateway.stores.artifacts.list_by_run(run_id), key=lambda m: m.created_at, reverse=True)
         return json_response({"items": [{"artifact_id": m.artifact_id, "content_type": m.content_type,

@@ -213,6 +213,17 @@ def test_attachment_upload_and_ingest_are_session_artifacts(server):
     assert status == 200 and data["run_id"].startswith("session_memory_sha_")
 
 
+def test_session_memory_run_is_the_attachment_owner(server):
+    # before any upload, a session's attachment list is empty, not a 404 (as on the original)
+    assert server.get(f"{API}/runs/session_memory_fresh/artifacts")[:3:2] == (200, {"items": []})
+    assert server.get(f"{API}/runs/not-a-run/artifacts")[0] == 404
+    # starting a run in a session creates the session's owner run, as the original does
+    server.post(f"{API}/runs/start", {"bundle_id": "echo", "session_id": "s5"})
+    status, _, owner = server.get(f"{API}/runs/session_memory_s5")
+    assert status == 200 and owner["workflow_id"] == "__session_memory__" and owner["session_id"] == "s5"
+    assert [r["workflow_id"] for r in server.get(f"{API}/runs?session_id=s5")[2]["items"]] == ["echo@1.0.0:echo"]
+
+
 def test_attachment_request_errors(server):
     assert _upload(server, {}, {"file": ("a.txt", b"a")})[0] == 422
     assert _upload(server, {"session_id": "s1"}, {})[0] == 422
@@ -492,6 +503,23 @@ def _abstractcode_gateway_cli(tmp_path: Path, monkeypatch):
     monkeypatch.setitem(sys.modules, spec.name, module)  # its dataclasses look their module up by name
     spec.loader.exec_module(module)  # stdlib only: it imports nothing from abstractcode
     return module
+
+
+def test_abstractcode_download_failure_skips(tmp_path, monkeypatch):
+    """No network must mean a skip with the reason, never a failure."""
+    def offline(*args, **kwargs):
+        return subprocess.CompletedProcess(args, 1, "", "ERROR: No matching distribution found for abstractcode==0.3.8")
+
+    monkeypatch.setattr(subprocess, "run", offline)
+    with pytest.raises(pytest.skip.Exception, match="could not download abstractcode==0.3.8"):
+        _abstractcode_gateway_cli(tmp_path, monkeypatch)
+
+    def hangs(*args, **kwargs):
+        raise subprocess.TimeoutExpired(args, 120)
+
+    monkeypatch.setattr(subprocess, "run", hangs)
+    with pytest.raises(pytest.skip.Exception, match="no network"):
+        _abstractcode_gateway_cli(tmp_path, monkeypatch)
 
 
 def test_abstractcode_gateway_api_drives_a_live_gateway(server, data_dir, tmp_path, monkeypatch):
