@@ -3623,6 +3623,7 @@ class Param:
     maximum: Optional[float] = None
     description: str = ""
     choices: Tuple[str, ...] = ()
+    required: bool = False  # absent: 422; present but empty: passed on as ""
 
 
 @dataclass(frozen=True)
@@ -3787,15 +3788,15 @@ ROUTES: Tuple[Route, ...] = (
               ("target", "mounts", "max_attachment_bytes"), target=_S, mounts={"type": "array", "items": _obj(("name",), name=_S)},
               max_attachment_bytes=_I, client_workspace_scope_overrides=_B, allowed_access_modes={"type": "array", "items": _S}))),
     Route("GET", f"{API}/files/search", "files_search", "Find workspace files by a substring of their path.",
-          "workspace", query=(Param("query", "str", description="case-insensitive substring of the path (required)"),
+          "workspace", query=(Param("query", "str", description="case-insensitive substring of the path", required=True),
                               Param("limit", "int", 20, 1, 200)),
           response=_obj(("items",), items={"type": "array", "items": _obj(("path",), path=_S, mount=_S, size_bytes=_I)})),
     Route("GET", f"{API}/files/read", "files_read", "A workspace text file's lines, numbered (capped per call).",
-          "workspace", query=(Param("path", "str", description="`mount/relative/path` (required)"),
+          "workspace", query=(Param("path", "str", description="`mount/relative/path`", required=True),
                               Param("start_line", "int", 1, 1), Param("end_line", "int", None, 1)),
           response=_FILE_TEXT, errors=(403,)),
     Route("GET", f"{API}/files/skim", "files_skim", "Numbered excerpts of a workspace text file.", "workspace",
-          query=(Param("path", "str", description="`mount/relative/path` (required)"),
+          query=(Param("path", "str", description="`mount/relative/path`", required=True),
                  Param("target_percent", "float", 8.0, 1.0, 25.0), Param("head_lines", "int", 25, 0, 500),
                  Param("tail_lines", "int", 25, 0, 500)),
           response=_FILE_TEXT, errors=(403,)),
@@ -3833,6 +3834,10 @@ ROUTES: Tuple[Route, ...] = (
 
 
 def _parse_param(param: Param, raw: Optional[str]) -> Any:
+    if param.required and raw is None:
+        raise Unprocessable(f"Query parameter '{param.name}' is required", code="validation_error")
+    if param.required and raw == "":
+        return raw
     if raw is None or raw == "":
         return param.default
     try:
@@ -4368,23 +4373,15 @@ class GatewayApp:
             "max_attachment_bytes": self.gateway.config.max_attachment_bytes,
             "client_workspace_scope_overrides": False, "allowed_access_modes": ["workspace_only", "workspace_or_allowed"]}})
 
-    @staticmethod
-    def _required_query(request: Request, name: str) -> str:
-        value = request.args.get(name)
-        if value is None:
-            raise Unprocessable(f"Query parameter '{name}' is required", code="validation_error")
-        return value
+    def files_search(self, request: Request, query: str, limit: int) -> Response:
+        return json_response({"items": self.workspace.search(query, limit)})
 
-    def files_search(self, request: Request, query: Optional[str], limit: int) -> Response:
-        return json_response({"items": self.workspace.search(self._required_query(request, "query"), limit)})
+    def files_read(self, request: Request, path: str, start_line: int, end_line: Optional[int]) -> Response:
+        return json_response(self.workspace.read(path, start_line, end_line))
 
-    def files_read(self, request: Request, path: Optional[str], start_line: int, end_line: Optional[int]) -> Response:
-        return json_response(self.workspace.read(self._required_query(request, "path"), start_line, end_line))
-
-    def files_skim(self, request: Request, path: Optional[str], target_percent: float, head_lines: int,
+    def files_skim(self, request: Request, path: str, target_percent: float, head_lines: int,
                    tail_lines: int) -> Response:
-        return json_response(self.workspace.skim(self._required_query(request, "path"), target_percent, head_lines,
-                                                 tail_lines))
+        return json_response(self.workspace.skim(path, target_percent, head_lines, tail_lines))
 
     def attachments_upload(self, request: Request) -> Response:
         cap = self.gateway.config.max_attachment_bytes
@@ -4665,7 +4662,7 @@ def openapi_document() -> Dict[str, Any]:
                 schema["maximum"] = p.maximum
             if p.choices:
                 schema["enum"] = list(p.choices)
-            params.append({"name": p.name, "in": "query", "required": False, "schema": schema,
+            params.append({"name": p.name, "in": "query", "required": p.required, "schema": schema,
                            **({"description": p.description} if p.description else {})})
         op: Dict[str, Any] = {"operationId": route.handler, "summary": route.summary, "tags": [route.tag],
                               "responses": {"200": {"description": "OK",

@@ -474,6 +474,11 @@ def test_new_routes_are_in_openapi_and_behind_auth(server):
                          ("/api/gateway/reports/bugs/{filename}/content", "get"),
                          ("/api/gateway/reports/features/{filename}/content", "get")):
         assert paths[path][method]["security"] == [{"bearerAuth": []}], path
+    required = {(path, p["name"]) for path in ("/api/gateway/files/search", "/api/gateway/files/read",
+                                                "/api/gateway/files/skim")
+                for p in paths[path]["get"]["parameters"] if p["required"]}
+    assert required == {("/api/gateway/files/search", "query"), ("/api/gateway/files/read", "path"),
+                        ("/api/gateway/files/skim", "path")}
     assert server.get(f"{API}/files/read?path=proj/hello.txt", token=None)[0] == 401
     assert server.post(f"{API}/kg/query", {"session_id": "s"}, token=None)[0] == 401
 
