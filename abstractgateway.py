@@ -2452,6 +2452,29 @@ class TripleStoreHandle:
                 self._store.close()
                 self._store = None
 
+    def effect_handlers(self, runs: Any) -> Dict[Any, Callable[..., Any]]:
+        """The runtime's `memory_kg_*` effect handlers over this store, built on first use
+        (importing AbstractMemory costs ~150 ms of start-up that most gateways never need)."""
+        from abstractruntime.core.models import EffectType
+
+        built: Dict[Any, Callable[..., Any]] = {}
+
+        def handler_for(effect_type: Any) -> Callable[..., Any]:
+            def handle(run: RunState, effect: Any, default_next_node: Optional[str]) -> Any:
+                with self._lock:
+                    if not built:
+                        from abstractruntime.integrations.abstractmemory.effect_handlers import (
+                            build_memory_kg_effect_handlers,
+                        )
+
+                        built.update(build_memory_kg_effect_handlers(store=self, run_store=runs, now_iso=utc_now_iso))
+                return built[effect_type](run, effect, default_next_node)
+
+            return handle
+
+        return {t: handler_for(t) for t in (EffectType.MEMORY_KG_ASSERT, EffectType.MEMORY_KG_QUERY,
+                                            EffectType.MEMORY_KG_RESOLVE)}
+
 
 class Gateway:
     """The service every front end drives: start runs, accept and apply commands, tick runs.
@@ -2466,13 +2489,10 @@ class Gateway:
         self.config = config
         self.stores = stores or open_stores(config)
         self.host = WorkflowHost(self.stores, flows_dir=config.flows_dir, source=config.workflow_source)
-        from abstractruntime.integrations.abstractmemory.effect_handlers import build_memory_kg_effect_handlers
-
         self.knowledge_graph = TripleStoreHandle(Path(config.data_dir) / "abstractmemory" / "kg.sqlite3")
         self.runtime = Runtime(run_store=self.stores.runs, ledger_store=self.stores.ledger,
                                artifact_store=self.stores.artifacts, workflow_registry=self.host,
-                               effect_handlers=build_memory_kg_effect_handlers(
-                                   store=self.knowledge_graph, run_store=self.stores.runs, now_iso=utc_now_iso))
+                               effect_handlers=self.knowledge_graph.effect_handlers(self.stores.runs))
         self.host.reload()
         self._last_lazy_reload = 0.0
         self._stripes = [threading.Lock() for _ in range(64)]
