@@ -6,12 +6,14 @@ Contents, in dependency order (each section uses only what stands above it):
 2. Storage     -- `Database` (apsw, WAL, per-thread connections, group commit, `Signals`), the
                   SQLite stores the runtime accepts (`SqliteRunStore`, `SqliteLedgerStore`,
                   `SqliteCommandStore`, `SqliteCommandCursorStore`, `SqliteArtifactStore`), the
-                  gateway's own stores (bundles, leases, command outcomes, deprecations), the
+                  gateway's own stores (bundles, leases, command outcomes, deprecations, reports), the
                   file-store compatibility adapter (`open_stores`), the migrator, backup and check.
 3. Workflows   -- `read_bundle` (hostile-input-safe .flow parsing), `WorkflowHost` (load, compile,
                   resolve, deprecate; also the runtime's workflow registry).
 4. Runner      -- `Gateway` (start runs, durable commands applied exactly once, ticks, subflow
-                  parents) and `Runner` (lease-held thread pool woken by commits).
+                  parents) and `Runner` (lease-held thread pool woken by commits); the services
+                  thin clients call: `Workspace` (confined file reads), session attachments, the
+                  reports inbox, `KnowledgeGraph` (AbstractMemory's triple store).
 5. HTTP        -- `ROUTES` (drives dispatch and `openapi_document()`), `GatewayApp` (WSGI),
                   `LedgerStream` (push-based SSE with resume), the offline `/docs` page, `make_server`.
 6. Security    -- WSGI middlewares (CORS, request id, audit, origin, lockout, auth, body limit,
