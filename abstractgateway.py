@@ -6,12 +6,14 @@ Contents, in dependency order (each section uses only what stands above it):
 2. Storage     -- `Database` (apsw, WAL, per-thread connections, group commit, `Signals`), the
                   SQLite stores the runtime accepts (`SqliteRunStore`, `SqliteLedgerStore`,
                   `SqliteCommandStore`, `SqliteCommandCursorStore`, `SqliteArtifactStore`), the
-                  gateway's own stores (bundles, leases, command outcomes, deprecations), the
+                  gateway's own stores (bundles, leases, command outcomes, deprecations, reports), the
                   file-store compatibility adapter (`open_stores`), the migrator, backup and check.
 3. Workflows   -- `read_bundle` (hostile-input-safe .flow parsing), `WorkflowHost` (load, compile,
                   resolve, deprecate; also the runtime's workflow registry).
 4. Runner      -- `Gateway` (start runs, durable commands applied exactly once, ticks, subflow
-                  parents) and `Runner` (lease-held thread pool woken by commits).
+                  parents) and `Runner` (lease-held thread pool woken by commits); the services
+                  thin clients call: `Workspace` (confined file reads), session attachments, the
+                  reports inbox, `KnowledgeGraph` (AbstractMemory's triple store).
 5. HTTP        -- `ROUTES` (drives dispatch and `openapi_document()`), `GatewayApp` (WSGI),
                   `LedgerStream` (push-based SSE with resume), the offline `/docs` page, `make_server`.
 6. Security    -- WSGI middlewares (CORS, request id, audit, origin, lockout, auth, body limit,
@@ -27,9 +29,11 @@ from __future__ import annotations
 import argparse
 import errno
 import hashlib
+import itertools
 import json
 import math
 import os
+import re
 import sys
 import threading
 import time
@@ -84,7 +88,7 @@ class Setting:
 
     name: str
     env: str
-    kind: str  # str | int | float | bool | path | choice
+    kind: str  # str | int | float | bool | path | choice | mounts
     default: Any
     help: str
     flag: Optional[str] = None
@@ -158,7 +162,12 @@ SETTINGS: Tuple[Setting, ...] = (
     Setting("max_upload_body_bytes", "ABSTRACTGATEWAY_MAX_UPLOAD_BODY_BYTES", "int", 0,
             "Extra cap on upload bodies (0: the endpoint cap plus 2 MiB of multipart overhead).", None, (), 0),
     Setting("max_attachment_bytes", "ABSTRACTGATEWAY_MAX_ATTACHMENT_BYTES", "int", 26_214_400,
-            "Endpoint cap for `*/attachments/upload` bodies.", None),
+            "Largest attachment (upload or workspace ingest), in bytes; upload bodies may add 2 MiB of multipart.",
+            None),
+    Setting("workspace_mounts", "ABSTRACTGATEWAY_WORKSPACE_MOUNTS", "mounts", "",
+            "Directories the files routes and attachment ingest may read, as `name=/abs/dir` entries separated by "
+            "newlines or `;` (names `[A-Za-z0-9_-]`, at most 32 chars). None by default: those routes are refused.",
+            None),
     Setting("max_bundle_bytes", "ABSTRACTGATEWAY_MAX_BUNDLE_BYTES", "int", 78_643_200,
             "Cap on an uploaded `.flow` bundle.", None),
     Setting("max_concurrency", "ABSTRACTGATEWAY_MAX_CONCURRENCY", "int", 64,
@@ -204,6 +213,8 @@ class ConfigError(ValueError):
 
 
 def _parse_setting(setting: Setting, raw: Any) -> Any:
+    if setting.kind == "mounts":
+        return parse_workspace_mounts(raw)
     if setting.kind == "path":
         return Path(str(raw)).expanduser()
     if setting.kind == "int":
@@ -226,6 +237,34 @@ def _parse_setting(setting: Setting, raw: Any) -> Any:
                 return choice
         raise ValueError(f"expected one of {', '.join(setting.choices)}, got {raw!r}")
     return str(raw)
+
+
+def parse_workspace_mounts(raw: Any) -> Dict[str, Path]:
+    """`name=/abs/dir` entries (newline- or `;`-separated) -> {name: resolved dir}.
+
+    Refuses, rather than skips, a bad entry: a mount silently missing would only show up
+    later as files the operator expected clients to reach.
+    """
+    if isinstance(raw, dict):
+        return dict(raw)
+    mounts: Dict[str, Path] = {}
+    for entry in str(raw or "").replace(";", "\n").splitlines():
+        entry = entry.strip()
+        if not entry or entry.startswith("#"):
+            continue
+        name, sep, path_text = entry.partition("=")
+        name, path_text = name.strip(), path_text.strip()
+        if not sep or not name or len(name) > 32 or not all(ch.isascii() and (ch.isalnum() or ch in "_-") for ch in name):
+            raise ValueError(f"expected name=/abs/dir with a name of [A-Za-z0-9_-]{{1,32}}, got {entry!r}")
+        path = Path(path_text).expanduser()
+        if not path.is_absolute():
+            raise ValueError(f"mount {name!r}: the path must be absolute, got {path_text!r}")
+        if not path.is_dir():
+            raise ValueError(f"mount {name!r}: {path_text!r} is not a directory")
+        if name in mounts:
+            raise ValueError(f"mount {name!r} is given twice")
+        mounts[name] = Path(os.path.realpath(path))
+    return mounts
 
 
 class Config:
@@ -1570,6 +1609,44 @@ class AuditStore:
         return [dict(zip(keys, (*r[:-1], json.loads(r[-1])))) for r in rows]
 
 
+class ReportStore:
+    """The reports inbox: bug reports and feature requests as Markdown rows, one per filename."""
+
+    _LIST = "report_type, filename, title, created_at, session_id, workflow_id, active_run_id"
+
+    def __init__(self, db: Database) -> None:
+        self.db = db
+
+    def add(self, report_type: str, stem: str, *, title: str, created_at: str, session_id: str, workflow_id: str,
+            active_run_id: str, content: str) -> str:
+        """Store a report under the first free `<stem>.md`, `<stem>_2.md`, ... and return that filename."""
+        def _add(conn: apsw.Connection) -> str:
+            taken = {r[0] for r in conn.execute(
+                "SELECT filename FROM reports WHERE report_type = ? AND (filename = ? OR filename LIKE ? ESCAPE '\\')",
+                (report_type, f"{stem}.md", stem.replace("_", "\\_") + "\\_%.md"))}
+            filename = f"{stem}.md"
+            n = 1
+            while filename in taken:
+                n += 1
+                filename = f"{stem}_{n}.md"
+            conn.execute("INSERT INTO reports (report_type, filename, title, created_at, session_id, workflow_id,"
+                         " active_run_id, content) VALUES (?,?,?,?,?,?,?,?)",
+                         (report_type, filename, title, created_at, session_id, workflow_id, active_run_id, content))
+            return filename
+
+        return self.db.write(_add)
+
+    def list(self, report_type: str, limit: int = 1000) -> List[Dict[str, Any]]:
+        rows = self.db.query(f"SELECT {self._LIST} FROM reports WHERE report_type = ?"
+                             " ORDER BY created_at DESC, filename DESC LIMIT ?", (report_type, int(limit)))
+        return [dict(zip(self._LIST.split(", "), r)) for r in rows]
+
+    def content(self, report_type: str, filename: str) -> Optional[str]:
+        row = self.db.query_one("SELECT content FROM reports WHERE report_type = ? AND filename = ?",
+                                (report_type, filename))
+        return row[0] if row else None
+
+
 # -- file-store compatibility -------------------------------------------------------------
 
 
@@ -1679,6 +1756,7 @@ class Stores:
     dynamic_flows: DynamicFlowStore
     settings: SettingsStore
     audit: AuditStore
+    reports: ReportStore
 
     def close(self) -> None:
         self.db.close()
@@ -1706,7 +1784,7 @@ def open_stores(config: Config, *, inspect_only: bool = False) -> Stores:
 def _gateway_stores(db: Database) -> Dict[str, Any]:
     return {"bundles": BundleStore(db), "leases": LeaseStore(db), "outcomes": CommandOutcomeStore(db),
             "deprecations": DeprecationStore(db), "dynamic_flows": DynamicFlowStore(db), "settings": SettingsStore(db),
-            "audit": AuditStore(db)}
+            "audit": AuditStore(db), "reports": ReportStore(db)}
 
 
 # -- unit of work: a runtime step's writes, committed together ----------------------------------
@@ -2147,8 +2225,7 @@ def check_database(db: Database) -> Tuple[Dict[str, Any], List[str]]:
 LLM_NODE_TYPES = frozenset({
     "llm_call", "agent", "model_residency", "generate_image", "edit_image", "image_to_image", "generate_video",
     "text_to_video", "image_to_video", "generate_voice", "generate_music", "transcribe_audio", "listen_voice",
-    "tool_calls", "call_tool", "memory_kg_assert", "memory_kg_query", "memory_kg_resolve", "model_catalog",
-    "provider_catalog", "provider_models",
+    "tool_calls", "call_tool", "model_catalog", "provider_catalog", "provider_models",
 })
 LLM_EXTRA = "abstractruntime[abstractcore]"
 MAX_BUNDLE_FILES = 2_000
@@ -2692,6 +2769,93 @@ def _log(message: str) -> None:
     print(f"abstractgateway: {message}", file=sys.stderr, flush=True)
 
 
+SESSION_MEMORY_WORKFLOW = "__session_memory__"
+
+
+def session_memory_run_id(session_id: str) -> str:
+    """The internal run that owns a session's attachments and memory (the runtime's naming scheme)."""
+    sid = session_id.strip()
+    if _is_safe_id(sid):
+        return f"session_memory_{sid}"
+    return "session_memory_sha_" + hashlib.sha256(sid.encode("utf-8")).hexdigest()[:32]
+
+
+def ensure_session_memory_run(runs: Any, session_id: str) -> str:
+    """Create the session's owner run (an empty completed run) if missing; return its id."""
+    run_id = session_memory_run_id(session_id)
+    if not runs.exists(run_id):
+        now = utc_now_iso()
+        runs.save(RunState(
+            run_id=run_id, workflow_id=SESSION_MEMORY_WORKFLOW, status=RunStatus.COMPLETED, current_node="done",
+            vars={"context": {"task": "", "messages": []}, "scratchpad": {}, "_runtime": {"memory_spans": []},
+                  "_temp": {}, "_limits": {}},
+            waiting=None, output={"messages": []}, error=None, created_at=now, updated_at=now, actor_id=None,
+            session_id=session_id.strip(), parent_run_id=None))
+    return run_id
+
+
+class TripleStoreHandle:
+    """AbstractMemory's SQLite triple store in the data dir (`abstractmemory/kg.sqlite3`), opened on first use.
+
+    The knowledge graph `memory_kg_*` nodes write and `/kg/query` reads. AbstractMemory's own store
+    (stdlib sqlite3, no extra dependency) in a file of its own: its schema is AbstractMemory's, so it
+    stays out of the gateway's database and migrations. Opened lazily: most gateways never touch it.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._lock = threading.Lock()
+        self._store: Any = None
+
+    def _open(self) -> Any:
+        with self._lock:
+            if self._store is None:
+                from abstractmemory import SQLiteTripleStore
+
+                self._store = SQLiteTripleStore(self.path)
+            return self._store
+
+    def add(self, assertions: Iterable[Any]) -> List[str]:
+        return self._open().add(assertions)
+
+    def query(self, query: Any) -> List[Any]:
+        return self._open().query(query)
+
+    def __getattr__(self, name: str) -> Any:  # the rest of AbstractMemory's store API (resolve, keywords)
+        if name.startswith("_"):
+            raise AttributeError(name)
+        return getattr(self._open(), name)
+
+    def close(self) -> None:
+        with self._lock:
+            if self._store is not None:
+                self._store.close()
+                self._store = None
+
+    def effect_handlers(self, runs: Any) -> Dict[Any, Callable[..., Any]]:
+        """The runtime's `memory_kg_*` effect handlers over this store, built on first use
+        (importing AbstractMemory costs ~150 ms of start-up that most gateways never need)."""
+        from abstractruntime.core.models import EffectType
+
+        built: Dict[Any, Callable[..., Any]] = {}
+
+        def handler_for(effect_type: Any) -> Callable[..., Any]:
+            def handle(run: RunState, effect: Any, default_next_node: Optional[str]) -> Any:
+                with self._lock:
+                    if not built:
+                        from abstractruntime.integrations.abstractmemory.effect_handlers import (
+                            build_memory_kg_effect_handlers,
+                        )
+
+                        built.update(build_memory_kg_effect_handlers(store=self, run_store=runs, now_iso=utc_now_iso))
+                return built[effect_type](run, effect, default_next_node)
+
+            return handle
+
+        return {t: handler_for(t) for t in (EffectType.MEMORY_KG_ASSERT, EffectType.MEMORY_KG_QUERY,
+                                            EffectType.MEMORY_KG_RESOLVE)}
+
+
 class Gateway:
     """The service every front end drives: start runs, accept and apply commands, tick runs.
 
@@ -2707,13 +2871,16 @@ class Gateway:
         self.host = WorkflowHost(self.stores, flows_dir=config.flows_dir, source=config.workflow_source)
         # The runtime writes through a unit of work, so each step's writes commit together (see `tick`).
         self.uow = UnitOfWork(self.stores.runs, self.stores.ledger)
+        self.knowledge_graph = TripleStoreHandle(Path(config.data_dir) / "abstractmemory" / "kg.sqlite3")
         self.runtime = Runtime(run_store=self.uow.runs, ledger_store=self.uow.ledger,
-                               artifact_store=self.stores.artifacts, workflow_registry=self.host)
+                               artifact_store=self.stores.artifacts, workflow_registry=self.host,
+                               effect_handlers=self.knowledge_graph.effect_handlers(self.uow.runs))
         self.host.reload()
         self._last_lazy_reload = 0.0
         self._stripes = [threading.Lock() for _ in range(64)]
 
     def close(self) -> None:
+        self.knowledge_graph.close()
         self.stores.close()
 
     def wake_runner(self) -> None:
@@ -2742,8 +2909,24 @@ class Gateway:
                 state = self.stores.runs.load(run_id)
                 state.session_id = run_id
                 self.stores.runs.save(state)
+            else:  # the session's attachment and memory owner, as the original creates it
+                ensure_session_memory_run(self.stores.runs, session)
+            self._persist_snapshot(run_id, spec.workflow_id)
         self.wake_runner()
         return run_id
+
+    def _persist_snapshot(self, run_id: str, workflow_id: str) -> None:
+        """Keep the flow a run started from with the run (history bundles replay from it, as on the original)."""
+        from abstractruntime import persist_workflow_snapshot
+
+        flow = self.host.catalog.flows.get(workflow_id)
+        if flow is None or workflow_id.startswith(SCHEDULE_PREFIX):
+            return
+        ref, _, flow_id = workflow_id.rpartition(":")
+        persist_workflow_snapshot(run_store=self.stores.runs, artifact_store=self.stores.artifacts, run_id=run_id,
+                                  workflow_id=workflow_id, format="visualflow_json",
+                                  snapshot={"kind": "visualflow_json", "bundle_ref": ref or None,
+                                            "flow_id": flow_id, "visualflow": flow})
 
     def schedule_run(self, *, bundle_id: Optional[str], flow_id: Optional[str], bundle_version: Optional[str] = None,
                      input_data: Optional[Dict[str, Any]] = None, start_at: Optional[str] = None,
@@ -3439,6 +3622,489 @@ class Runner:
             self.gateway.wake_runner()
 
 
+# -- thin-client services: workspace files, session attachments, reports, knowledge graph ----------
+
+FILES_READ_MAX_LINES = 2_000  # lines one read returns; more is labelled as truncated
+FILES_READ_MAX_BYTES = 120_000  # bytes one read returns (a minified file can be one huge line)
+FILES_SCAN_MAX_BYTES = 16 * 1024 * 1024  # bytes a read or skim scans before it stops
+FILES_SKIM_MAX_LINES = 200  # excerpts one skim returns
+FILES_SKIM_SCAN_LINES = 200_000  # lines a skim considers
+FILES_SKIM_EXCERPT = 240  # characters kept per skimmed line
+FILES_INDEX_MAX = 50_000  # files one search looks at
+FILES_INDEX_TTL_S = 5.0  # how long a search reuses the list of files it walked
+_BINARY_PROBE = 8192
+_SKIPPED_DIRS = frozenset({"node_modules", "__pycache__"})
+
+
+def _is_within(path: Path, root: Path) -> bool:
+    return path == root or root in path.parents
+
+
+def _is_utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:  # lone surrogates: a non-UTF-8 file name, or a hostile JSON escape
+        return False
+    return True
+
+
+class _LineScanner:
+    """Lines of a binary file, each cut to `keep` bytes, stopping after `budget` bytes scanned.
+
+    Never holds more than one (cut) line in memory, whatever the file looks like; `exhausted`
+    tells the caller the budget ran out before the end of the file.
+    """
+
+    def __init__(self, fh: Any, keep: int, budget: int) -> None:
+        self.fh, self.keep, self.budget = fh, keep, budget
+        self.scanned = 0
+        self.exhausted = False
+
+    def __iter__(self) -> Iterator[Tuple[bytes, bool]]:
+        while True:
+            if self.scanned >= self.budget:
+                self.exhausted = bool(self.fh.read(1))
+                return
+            raw = self.fh.readline(self.keep)
+            if not raw:
+                return
+            self.scanned += len(raw)
+            cut = len(raw) == self.keep and not raw.endswith(b"\n")
+            while cut and self.scanned < self.budget:  # skip the rest of an over-long line
+                rest = self.fh.readline(65_536)
+                self.scanned += len(rest)
+                if not rest or rest.endswith(b"\n"):
+                    break
+            yield raw.rstrip(b"\r\n"), cut
+
+
+class Workspace:
+    """Read-only access to the operator's workspace mounts; every path is confined to one mount.
+
+    A client names a file `mount/rel/path`, or by an absolute path inside a mount. The path is
+    resolved with symlinks followed and must still lie inside its mount afterwards, so neither
+    `..`, an absolute path elsewhere, nor a symlink pointing out of the mount reaches another file.
+    Like the original, a file that is missing or binary is reported inside `content`, not as an error.
+    """
+
+    def __init__(self, mounts: Dict[str, Path]) -> None:
+        self.mounts = {name: Path(os.path.realpath(root)) for name, root in mounts.items()}
+        self._index_lock = threading.Lock()
+        self._indexed: Optional[Tuple[float, List[Tuple[str, str, str, str]]]] = None
+
+    def resolve(self, raw_path: str) -> Tuple[Path, str]:
+        """(real path, `mount/rel` name) of a client-supplied path; a 4xx GatewayError if it may not be read."""
+        text = str(raw_path or "").strip()
+        if text.startswith("@"):  # `@file` mentions
+            text = text[1:].lstrip()
+        if not text:
+            raise GatewayError("path is required", code="validation_error")
+        if "\x00" in text or not _is_utf8(text):
+            raise GatewayError("path must be valid UTF-8 text without NUL characters", code="invalid_path")
+        if not self.mounts:
+            raise GatewayError("No workspace mounts are configured on this gateway (ABSTRACTGATEWAY_WORKSPACE_MOUNTS)",
+                               status=403, code="workspace_not_configured")
+        text = text.replace("\\", "/")
+        try:
+            if text.startswith("/"):
+                real = Path(os.path.realpath(text))
+                inside = [(name, root) for name, root in self.mounts.items() if _is_within(real, root)]
+                if not inside:
+                    raise GatewayError("path is outside workspace roots", status=403, code="path_outside_workspace")
+                name, root = max(inside, key=lambda item: len(str(item[1])))
+            else:
+                parts = [p for p in text.split("/") if p not in ("", ".")]
+                if ".." in parts:
+                    raise GatewayError("path escapes workspace root", status=403, code="path_escape")
+                name = parts[0] if parts else ""
+                if name not in self.mounts:
+                    raise GatewayError(f"path must start with a workspace mount name ({', '.join(sorted(self.mounts))})",
+                                       status=403, code="path_outside_workspace")
+                root = self.mounts[name]
+                real = Path(os.path.realpath(root.joinpath(*parts[1:])))
+                if not _is_within(real, root):  # a symlink pointing out of the mount
+                    raise GatewayError("path escapes workspace root", status=403, code="path_escape")
+        except (OSError, ValueError):
+            raise GatewayError("invalid path", code="invalid_path") from None
+        rel = real.relative_to(root).as_posix()
+        return real, name if rel == "." else f"{name}/{rel}"
+
+    def search(self, query: str, limit: int) -> List[Dict[str, Any]]:
+        """Files whose path contains `query` (case-insensitive): name-prefix hits first, then shorter paths."""
+        needle = query.strip().lower()
+        if not needle:
+            return []
+        scored: List[Tuple[int, int, str, str, str]] = []
+        for virtual, filename, name, full in self._index():
+            lower_name = filename.lower()
+            if lower_name.startswith(needle):
+                score = 0
+            elif needle in lower_name:
+                score = 1
+            elif needle in virtual.lower():
+                score = 2
+            else:
+                continue
+            scored.append((score, len(virtual), virtual, name, full))
+        scored.sort()
+        items = []
+        for _score, _length, virtual, name, full in scored[:limit]:
+            item: Dict[str, Any] = {"path": virtual, "mount": name}
+            try:
+                item["size_bytes"] = os.stat(full).st_size
+            except OSError:  # removed since the walk
+                pass
+            items.append(item)
+        return items
+
+    def _index(self) -> List[Tuple[str, str, str, str]]:
+        """(virtual path, file name, mount, real path) of the mounts' files, re-walked at most every few
+        seconds: a client searches on each keystroke of an `@file` mention."""
+        with self._index_lock:
+            if self._indexed is not None and time.monotonic() - self._indexed[0] < FILES_INDEX_TTL_S:
+                return self._indexed[1]
+        files = list(itertools.islice(self._walk(), FILES_INDEX_MAX))
+        with self._index_lock:
+            self._indexed = (time.monotonic(), files)
+        return files
+
+    def _walk(self) -> Iterator[Tuple[str, str, str, str]]:
+        for name in sorted(self.mounts):
+            root = self.mounts[name]
+            pending = [(str(root), name)]
+            while pending:
+                folder, virtual_dir = pending.pop()
+                try:
+                    entries = sorted(os.scandir(folder), key=lambda e: e.name)
+                except OSError:
+                    continue
+                subdirs = []
+                for entry in entries:
+                    if not _is_utf8(entry.name):
+                        continue  # a non-UTF-8 name cannot be named in a URL
+                    try:
+                        if entry.is_symlink():  # kept only if it stays inside the mount (never descended)
+                            target = Path(os.path.realpath(entry.path))
+                            if _is_within(target, root) and target.is_file():
+                                yield f"{virtual_dir}/{entry.name}", entry.name, name, entry.path
+                        elif entry.is_dir():
+                            if not entry.name.startswith(".") and entry.name not in _SKIPPED_DIRS:
+                                subdirs.append((entry.path, f"{virtual_dir}/{entry.name}"))
+                        elif entry.is_file():
+                            yield f"{virtual_dir}/{entry.name}", entry.name, name, entry.path
+                    except OSError:
+                        continue
+                pending.extend(reversed(subdirs))
+
+    @staticmethod
+    def _problem(real: Path, name: str) -> Optional[str]:
+        if not real.exists():
+            return f"Error: File '{name}' does not exist"
+        if not real.is_file():
+            return f"Error: '{name}' is not a file"
+        return None
+
+    @staticmethod
+    def _binary(name: str) -> str:
+        return f"Error: Cannot read '{name}' - file appears to be binary"
+
+    def read(self, raw_path: str, start_line: int = 1, end_line: Optional[int] = None) -> Dict[str, str]:
+        """`{path, content}`: the file's lines, numbered, within the per-call caps (truncation is labelled)."""
+        real, name = self.resolve(raw_path)
+        return {"path": name, "content": self._read(real, name, start_line, end_line)}
+
+    def _read(self, real: Path, name: str, start_line: int, end_line: Optional[int]) -> str:
+        problem = self._problem(real, name)
+        if problem:
+            return problem
+        if end_line is not None and end_line < start_line:
+            return f"Error: start_line ({start_line}) cannot be greater than end_line ({end_line})"
+        lines: List[Tuple[int, str]] = []
+        used = line_no = 0
+        more = False
+        try:
+            with open(real, "rb") as fh:
+                if b"\x00" in fh.read(_BINARY_PROBE):
+                    return self._binary(name)
+                fh.seek(0)
+                scanner = _LineScanner(fh, FILES_READ_MAX_BYTES, FILES_SCAN_MAX_BYTES)
+                for raw, cut in scanner:
+                    line_no += 1
+                    if line_no < start_line:
+                        continue
+                    if end_line is not None and line_no > end_line:
+                        break
+                    if len(lines) >= FILES_READ_MAX_LINES or (lines and used + len(raw) > FILES_READ_MAX_BYTES):
+                        more = True
+                        break
+                    used += len(raw)
+                    text = raw.decode("utf-8", "ignore" if cut else "strict")
+                    lines.append((line_no, text + (f" [line cut at {FILES_READ_MAX_BYTES} bytes]" if cut else "")))
+                more = more or (scanner.exhausted and (end_line is None or line_no < end_line))
+        except UnicodeDecodeError:
+            return self._binary(name)
+        except OSError as exc:
+            return f"Error: Failed to read '{name}': {exc.strerror or exc}"
+        if not lines:
+            if more:
+                return f"Error: '{name}' is larger than the {FILES_SCAN_MAX_BYTES} bytes a read scans"
+            return f"Error: Start line {start_line} exceeds file length ({line_no} lines)"
+        width = len(str(lines[-1][0]))
+        body = "\n".join(f"{n:>{width}}: {text}" for n, text in lines)
+        out = f"File: {name} ({len(lines)} lines)\n\n{body}"
+        if more:
+            out += (f"\n\n[truncated: the file continues after line {lines[-1][0]}; "
+                    f"read again with start_line={lines[-1][0] + 1}]")
+        return out
+
+    def skim(self, raw_path: str, target_percent: float = 8.0, head_lines: int = 25,
+             tail_lines: int = 25) -> Dict[str, str]:
+        """`{path, content}`: numbered excerpts (head, tail, headings, evenly spaced lines) of a text file."""
+        real, name = self.resolve(raw_path)
+        problem = self._problem(real, name)
+        if problem:
+            return {"path": name, "content": problem}
+        texts: List[str] = []
+        try:
+            with open(real, "rb") as fh:
+                if b"\x00" in fh.read(_BINARY_PROBE):
+                    return {"path": name, "content": self._binary(name)}
+                fh.seek(0)
+                scanner = _LineScanner(fh, FILES_SKIM_EXCERPT * 4, FILES_SCAN_MAX_BYTES)
+                for raw, cut in scanner:
+                    texts.append(raw.decode("utf-8", "ignore" if cut else "strict")[:FILES_SKIM_EXCERPT])
+                    if len(texts) >= FILES_SKIM_SCAN_LINES:
+                        scanner.exhausted = True
+                        break
+        except UnicodeDecodeError:
+            return {"path": name, "content": self._binary(name)}
+        except OSError as exc:
+            return {"path": name, "content": f"Error: Failed to read '{name}': {exc.strerror or exc}"}
+        total = len(texts)
+        # `target_percent` of the lines (at least a dozen), a third at most from each end, then
+        # headings, then evenly spaced lines
+        budget = min(FILES_SKIM_MAX_LINES, total, max(12, math.ceil(total * target_percent / 100)))
+        third = math.ceil(budget / 3)
+        picked = set(range(min(head_lines, third, total))) | set(range(total - min(tail_lines, third, total), total))
+        for i, text in enumerate(texts):
+            if len(picked) >= budget:
+                break
+            if text.lstrip().startswith(("#", "def ", "class ")):
+                picked.add(i)
+        spare = budget - len(picked)
+        if spare > 0:
+            picked.update(int(total * k / (spare + 1)) for k in range(1, spare + 1))
+        chosen = sorted(picked)
+        width = len(str(chosen[-1] + 1)) if chosen else 1
+        out, previous = [], -1
+        for i in chosen:
+            if previous >= 0 and i != previous + 1:
+                out.append(" " * width + "  …")
+            out.append(f"{i + 1:>{width}}: {texts[i]}")
+            previous = i
+        scope = f"first {total} lines" if scanner.exhausted else f"{total} lines"
+        header = f"File: {name} ({scope}; {len(chosen)} sampled)"
+        return {"path": name, "content": header + ("\n\n" + "\n".join(out) if out else "\n\n(empty file)")}
+
+
+def store_attachment(stores: Stores, *, session_id: str, content: bytes, filename: str, content_type: str,
+                     target: str, source: str, path: str) -> Dict[str, Any]:
+    """Store bytes as an artifact of the session's owner run, tagged as an attachment; return the client's ref."""
+    import mimetypes
+
+    content_type = content_type.strip().lower() or mimetypes.guess_type(filename)[0] or "application/octet-stream"
+    sha256 = hashlib.sha256(content).hexdigest()
+    with stores.db.transaction():
+        run_id = ensure_session_memory_run(stores.runs, session_id)
+        meta = stores.artifacts.store(content, content_type=content_type, run_id=run_id, tags={
+            "kind": "attachment", "target": target, "source": source, "path": path, "filename": filename,
+            "session_id": session_id, "sha256": sha256})
+    return {"ok": True, "run_id": run_id, "metadata": meta.to_dict(),
+            "attachment": {"$artifact": meta.artifact_id, "target": target, "filename": filename,
+                           "content_type": content_type, "source_path": path, "sha256": sha256}}
+
+
+REPORT_MAX_DESCRIPTION = 20_000
+REPORT_FOLDERS = {"bug": "bug_reports", "feature": "feature_requests"}  # the original's relpath prefixes
+REPORT_FIELDS = ("active_run_id", "workflow_id", "client", "client_version", "user_agent", "url", "provider", "model",
+                 "template")
+
+
+def _report_title(description: str, report_type: str) -> str:
+    first = " ".join(description.strip().splitlines()[0].split())
+    command = "/bug" if report_type == "bug" else "/feature"
+    if first.lower().startswith(command):
+        first = first[len(command):].strip()
+    return first[:120].rstrip() or ("Bug report" if report_type == "bug" else "Feature request")
+
+
+def _report_slug(title: str, report_type: str) -> str:
+    slug = "".join(ch if ch.isascii() and ch.isalnum() else "-" for ch in title.lower())
+    slug = "-".join(part for part in slug.split("-") if part)[:80].strip("-")
+    return slug or report_type
+
+
+def file_report(stores: Stores, report_type: str, body: Dict[str, Any]) -> Dict[str, Any]:
+    """File a bug report or feature request as a Markdown document in the reports inbox."""
+    import platform
+
+    session_id = str(body.get("session_id") or "").strip()
+    if not session_id:
+        raise GatewayError("session_id is required", code="validation_error")
+    description = str(body.get("description") or "")
+    if not description.strip():
+        raise GatewayError("description is required", code="validation_error")
+    if len(description) > REPORT_MAX_DESCRIPTION:
+        raise GatewayError(f"description is too large (max {REPORT_MAX_DESCRIPTION:,} chars)", status=413,
+                           code="too_large")
+    fields = {name: str(body.get(name) or "").strip() for name in REPORT_FIELDS}
+    context = body.get("context") if isinstance(body.get("context"), dict) else {}
+    created_at = utc_now_iso()
+    report_id = str(uuid.uuid4())
+    title = _report_title(description, report_type)
+    owner = ensure_session_memory_run(stores.runs, session_id)
+    attachments = [m for m in stores.artifacts.list_by_run(owner) if (m.tags or {}).get("kind") == "attachment"]
+    attachments.sort(key=lambda m: m.created_at, reverse=True)
+    attachment_lines = [f"- `{(m.tags or {}).get('path') or (m.tags or {}).get('filename') or m.artifact_id}` "
+                        f"({(m.tags or {}).get('target', '')}, {m.size_bytes} B) artifact `{m.artifact_id}`"
+                        for m in attachments[:50]] or ["(none)"]
+    replay_run = fields["active_run_id"] or "<RUN_ID>"
+    context_json = json.dumps({**{k: v or None for k, v in fields.items()}, "session_memory_run_id": owner,
+                               "created_at": created_at, f"{report_type}_id": report_id, "client_context": context},
+                              ensure_ascii=False, indent=2, sort_keys=True, default=str)[:80_000]
+    kind = "Bug" if report_type == "bug" else "Feature"
+    content = "\n".join([
+        f"# {kind}: {title}", "",
+        f"> Created: {created_at}", f"> {kind} ID: {report_id}", f"> Session ID: {session_id}",
+        f"> Session memory run ID: {owner}", f"> Active run ID: {fields['active_run_id']}",
+        f"> Workflow ID: {fields['workflow_id']}", "",
+        "## Description", "\n".join("    " + line for line in description.replace("\r\n", "\n").split("\n")), "",
+        "## Attachments (session-scoped)", *attachment_lines, "",
+        "## Replay", f"- Runs of the session: `GET /api/gateway/runs?session_id={session_id}`",
+        f"- History bundle: `GET /api/gateway/runs/{replay_run}/history_bundle?include_subruns=true&include_session=true`",
+        f"- Attachments: `GET /api/gateway/runs/{owner}/artifacts`", "",
+        "## Environment", f"- Client: {fields['client']} {fields['client_version']}".rstrip(),
+        f"- User agent: {fields['user_agent']}", f"- Page URL: {fields['url']}",
+        f"- Provider / model: {fields['provider']} / {fields['model']}", f"- Template: {fields['template']}",
+        f"- Gateway: abstractgateway {__version__}", f"- Server: {platform.system()} {platform.release()} "
+        f"({platform.machine()}), Python {sys.version.split()[0]}", "",
+        "## Client context (JSON)", "```json", context_json, "```", ""])
+    stem = f"{created_at[:10]}_{_report_slug(title, report_type)}"
+    filename = stores.reports.add(report_type, stem, title=title, created_at=created_at, session_id=session_id,
+                                  workflow_id=fields["workflow_id"], active_run_id=fields["active_run_id"],
+                                  content=content)
+    folder = REPORT_FOLDERS[report_type]
+    return {"ok": True, "filename": filename, "path": f"{folder}/{filename}", "template_path": f"{folder}/template.md",
+            "created_at": created_at, "session_id": session_id, "session_memory_run_id": owner,
+            "active_run_id": fields["active_run_id"] or None, "proposed_backlog_relpath": "",
+            "proposed_backlog_item_id": None}
+
+
+def report_filename_ok(filename: str) -> bool:
+    """A report handle as clients send it back: `<safe chars>.md`, no path separators."""
+    stem = filename[:-3] if filename.lower().endswith(".md") else ""
+    return 0 < len(stem) <= 180 and _is_safe_id(stem, ".") and filename != "template.md"
+
+
+KG_SCOPES = ("run", "session", "global", "all")
+
+
+def global_memory_owner_id() -> str:
+    """The global memory owner (the runtime's default, or ABSTRACTRUNTIME_GLOBAL_MEMORY_RUN_ID)."""
+    configured = os.environ.get("ABSTRACTRUNTIME_GLOBAL_MEMORY_RUN_ID", "").strip()
+    return configured if _is_safe_id(configured) else "global_memory"
+
+
+class KnowledgeGraph:
+    """The original's `/kg/query` over the gateway's triple store (the one `memory_kg_*` nodes write)."""
+
+    def __init__(self, store: TripleStoreHandle, runs: Any) -> None:
+        self.store = store
+        self.runs = runs
+
+    def _run(self, run_id: str) -> RunState:
+        run = self.runs.load(run_id)
+        if run is None:
+            raise NotFound(f"Run '{run_id}' not found", code="run_not_found")
+        return run
+
+    def _owners(self, body: Dict[str, Any], scope: str, warnings: List[str]) -> Tuple[List[Tuple[str, Optional[str]]], Optional[str]]:
+        """The (scope, owner id) pairs to query, and the owner id to report (single scope only)."""
+        from abstractruntime.integrations.abstractmemory.effect_handlers import resolve_scope_owner_id
+
+        run_id, session_id, owner = (str(body.get(k) or "").strip() or None for k in ("run_id", "session_id", "owner_id"))
+        if body.get("all_owners"):
+            return [(s, None) for s in (KG_SCOPES[:3] if scope == "all" else (scope,))], None
+        if scope == "all":
+            if run_id:
+                try:
+                    run = self._run(run_id)
+                except NotFound:
+                    if not session_id:
+                        raise
+                    warnings.append(f"Run '{run_id}' not found; querying session+global only for session_id='{session_id}'")
+                else:
+                    return [(s, resolve_scope_owner_id(run, scope=s, run_store=self.runs)) for s in KG_SCOPES[:3]], None
+            if not session_id:
+                raise GatewayError("run_id or session_id is required when scope=all (or set all_owners=true)",
+                                   code="validation_error")
+            warnings.append("run scope omitted (no run_id available)")
+            return [("session", session_memory_run_id(session_id)), ("global", global_memory_owner_id())], None
+        if owner:
+            resolved = owner
+        elif scope == "global":
+            resolved = global_memory_owner_id()
+        elif scope == "run":
+            if not run_id:
+                raise GatewayError("run_id is required for scope=run (or provide owner_id)", code="validation_error")
+            resolved = run_id
+        elif session_id:
+            resolved = session_memory_run_id(session_id)
+        elif run_id:
+            resolved = resolve_scope_owner_id(self._run(run_id), scope="session", run_store=self.runs)
+        else:
+            raise GatewayError("run_id or session_id is required for scope=session (or provide owner_id)",
+                               code="validation_error")
+        return [(scope, resolved)], resolved
+
+    def query(self, body: Dict[str, Any]) -> Dict[str, Any]:
+        """The original's `/kg/query`: assertions of the resolved owners, newest first (or `order=asc`)."""
+        scope = str(body.get("scope") or "session").strip().lower() or "session"
+        if scope not in KG_SCOPES:
+            raise GatewayError("scope must be one of run|session|global|all", code="validation_error")
+        limit = 500 if body.get("limit") is None else body["limit"]
+        if not -1 <= limit <= 10_000:
+            raise Unprocessable("Field 'limit' must be between -1 and 10000", code="validation_error")
+        order = "asc" if str(body.get("order") or "").strip().lower() == "asc" else "desc"
+        owner = str(body.get("owner_id") or "").strip()
+        if scope == "all" and owner:
+            raise GatewayError("owner_id is not supported when scope=all", code="validation_error")
+        if owner and body.get("all_owners"):
+            raise GatewayError("all_owners cannot be combined with owner_id", code="validation_error")
+        if not self.store.path.is_file():  # nothing stored yet: the original answers before resolving owners
+            return {"ok": True, "scope": scope, "owner_id": None, "count": 0, "items": [],
+                    "warnings": ["KG store does not exist yet (no persisted assertions in <data dir>/abstractmemory/kg.sqlite3)."]}
+        warnings: List[str] = []
+        owners, reported_owner = self._owners(body, scope, warnings)
+        from abstractmemory import TripleQuery
+
+        items: List[Dict[str, Any]] = []
+        for label, owner_id in owners:
+            query = TripleQuery(subject=body.get("subject"), predicate=body.get("predicate"), object=body.get("object"),
+                                scope=label, owner_id=owner_id, since=body.get("since"), until=body.get("until"),
+                                active_at=body.get("active_at"), query_text=body.get("query_text"),
+                                min_score=body.get("min_score"), limit=int(limit), order=order)
+            try:
+                items.extend(row.to_dict() for row in self.store.query(query))
+            except (ValueError, RuntimeError) as exc:  # e.g. query_text without an embedder
+                warnings.append(f"{label}: {exc}" if len(owners) > 1 else str(exc))
+        items.sort(key=lambda d: str(d.get("observed_at") or ""), reverse=order != "asc")
+        if limit > 0:
+            items = items[:limit]
+        return {"ok": True, "scope": scope, "owner_id": reported_owner, "count": len(items), "items": items,
+                "warnings": warnings or None}
+
+
 # =====================================================================================
 # 5. HTTP (routes, SSE, OpenAPI)
 # =====================================================================================
@@ -3474,6 +4140,7 @@ class Param:
     maximum: Optional[float] = None
     description: str = ""
     choices: Tuple[str, ...] = ()
+    required: bool = False  # absent: 422; present but empty: passed on as ""
 
 
 @dataclass(frozen=True)
@@ -3521,6 +4188,20 @@ _COMMAND_STATUS = _obj(("command_id", "seq", "status"), command_id=_S, seq=_I, r
 _ARTIFACT = _obj(("artifact_id",), artifact_id=_S, content_type=_S, size_bytes=_I, created_at=_S, blob_id=_NS,
                  run_id=_NS, tags=_O)
 _RELOAD = dict(gateway_reloaded=_B, gateway_reload_error=_NS)
+_FILE_TEXT = _obj(("path", "content"), path=_S, content=_S)
+_ATTACHMENT = _obj(("ok", "run_id", "attachment"), ok=_B, run_id=_S, metadata=_ARTIFACT, attachment=_obj(
+    ("$artifact",), **{"$artifact": _S}, target=_S, filename=_S, content_type=_S, source_path=_S, sha256=_S))
+_REPORT_REQUEST = _obj(("session_id", "description"), session_id=_S, description=_S, active_run_id=_NS,
+                       workflow_id=_NS, client=_NS, client_version=_NS, user_agent=_NS, url=_NS, provider=_NS,
+                       model=_NS, template=_NS, context=_O)
+_REPORT_FILED = _obj(("ok", "filename", "path"), ok=_B, filename=_S, path=_S, template_path=_S, created_at=_S,
+                     session_id=_S, session_memory_run_id=_S, active_run_id=_NS, proposed_backlog_relpath=_S,
+                     proposed_backlog_item_id={"type": ["integer", "null"]})
+_REPORT_LIST = _obj(("items",), items={"type": "array", "items": _obj(
+    ("report_type", "filename", "relpath", "title"), report_type=_S, filename=_S, relpath=_S, title=_S, created_at=_S,
+    session_id=_S, workflow_id=_S, active_run_id=_S, decision_id=_S, triage_status=_S)})
+_REPORT_CONTENT = _obj(("report_type", "filename", "relpath", "content"), report_type=_S, filename=_S, relpath=_S,
+                       content=_S)
 
 ROUTES: Tuple[Route, ...] = (
     Route("GET", "/api/health", "health", "Liveness plus store and runner state (never authenticated).", "meta",
@@ -3617,10 +4298,63 @@ ROUTES: Tuple[Route, ...] = (
                                                                             headers=_O)})),
     Route("GET", f"{API}/commands/<command_id>", "get_command", "A command's outcome: pending, applied or failed.",
           "commands", response=_COMMAND_STATUS, errors=(404,)),
+    # thin clients: workspace files, attachments, knowledge graph, reports inbox
+    Route("GET", f"{API}/workspace/policy", "workspace_policy",
+          "The operator's workspace policy: mount names (never server paths) and the attachment cap.", "workspace",
+          response=_obj(("ok", "policy"), ok=_B, policy=_obj(
+              ("target", "mounts", "max_attachment_bytes"), target=_S, mounts={"type": "array", "items": _obj(("name",), name=_S)},
+              max_attachment_bytes=_I, client_workspace_scope_overrides=_B, allowed_access_modes={"type": "array", "items": _S}))),
+    Route("GET", f"{API}/files/search", "files_search", "Find workspace files by a substring of their path.",
+          "workspace", query=(Param("query", "str", description="case-insensitive substring of the path", required=True),
+                              Param("limit", "int", 20, 1, 200)),
+          response=_obj(("items",), items={"type": "array", "items": _obj(("path",), path=_S, mount=_S, size_bytes=_I)})),
+    Route("GET", f"{API}/files/read", "files_read", "A workspace text file's lines, numbered (capped per call).",
+          "workspace", query=(Param("path", "str", description="`mount/relative/path`", required=True),
+                              Param("start_line", "int", 1, 1), Param("end_line", "int", None, 1)),
+          response=_FILE_TEXT, errors=(403,)),
+    Route("GET", f"{API}/files/skim", "files_skim", "Numbered excerpts of a workspace text file.", "workspace",
+          query=(Param("path", "str", description="`mount/relative/path`", required=True),
+                 Param("target_percent", "float", 8.0, 1.0, 25.0), Param("head_lines", "int", 25, 0, 500),
+                 Param("tail_lines", "int", 25, 0, 500)),
+          response=_FILE_TEXT, errors=(403,)),
+    Route("POST", f"{API}/attachments/upload", "attachments_upload",
+          "Store an uploaded file as an attachment of a session (an artifact of its memory run).", "attachments",
+          multipart=_obj(("session_id", "file"), session_id=_S, file={"type": "string", "format": "binary"},
+                         filename=_S, content_type=_S),
+          response=_ATTACHMENT, errors=(413,)),
+    Route("POST", f"{API}/attachments/ingest", "attachments_ingest",
+          "Store a workspace file as an attachment of a session.", "attachments",
+          body=_obj(("session_id", "path"), session_id=_S, path=_S, filename=_NS, content_type=_NS),
+          response=_ATTACHMENT, errors=(403, 404, 413)),
+    Route("POST", f"{API}/kg/query", "kg_query", "Query AbstractMemory's knowledge graph (run, session or global scope).",
+          "memory", body=_obj((), run_id=_NS, session_id=_NS, scope=_NS,
+                              owner_id=_NS, subject=_NS, predicate=_NS, object=_NS, since=_NS, until=_NS,
+                              active_at=_NS, query_text=_NS, min_score={"type": ["number", "null"]}, all_owners=_B,
+                              limit={"type": "integer", "minimum": -1, "maximum": 10_000},
+                              order=_NS),
+          response=_obj(("ok", "scope", "count", "items"), ok=_B, scope=_S, owner_id=_NS, count=_I,
+                        items={"type": "array", "items": _O}, warnings={"type": ["array", "null"], "items": _S}),
+          errors=(404,)),
+    Route("POST", f"{API}/bugs/report", "bugs_report", "File a bug report in the reports inbox.", "reports",
+          body=_REPORT_REQUEST, response=_REPORT_FILED, errors=(413,)),
+    Route("POST", f"{API}/features/report", "features_report", "File a feature request in the reports inbox.",
+          "reports", body=_REPORT_REQUEST, response=_REPORT_FILED, errors=(413,)),
+    Route("GET", f"{API}/reports/bugs", "list_bug_reports", "Bug reports, newest first.", "reports",
+          response=_REPORT_LIST),
+    Route("GET", f"{API}/reports/features", "list_feature_reports", "Feature requests, newest first.", "reports",
+          response=_REPORT_LIST),
+    Route("GET", f"{API}/reports/bugs/<filename>/content", "bug_report_content", "One bug report's Markdown.",
+          "reports", response=_REPORT_CONTENT, errors=(404,)),
+    Route("GET", f"{API}/reports/features/<filename>/content", "feature_report_content",
+          "One feature request's Markdown.", "reports", response=_REPORT_CONTENT, errors=(404,)),
 )
 
 
 def _parse_param(param: Param, raw: Optional[str]) -> Any:
+    if param.required and raw is None:
+        raise Unprocessable(f"Query parameter '{param.name}' is required", code="validation_error")
+    if param.required and raw == "":
+        return raw
     if raw is None or raw == "":
         return param.default
     try:
@@ -3670,6 +4404,9 @@ def _check_body(schema: Dict[str, Any], body: Any) -> Dict[str, Any]:
     return body
 
 
+_LONE_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+
+
 def _reject_json_constant(name: str) -> Any:
     raise ValueError(f"{name} is not valid JSON")
 
@@ -3702,6 +4439,8 @@ class GatewayApp:
         self.url_map = Map([Rule(r.path, endpoint=r.handler, methods=[r.method]) for r in ROUTES],
                            strict_slashes=False, merge_slashes=False)
         self._openapi: Optional[bytes] = None
+        self.workspace = Workspace(gateway.config.workspace_mounts)
+        self.knowledge_graph = KnowledgeGraph(gateway.knowledge_graph, gateway.stores.runs)
 
     def __call__(self, environ: Dict[str, Any], start_response: Callable) -> Iterable[bytes]:
         from werkzeug.exceptions import HTTPException
@@ -3762,9 +4501,16 @@ class GatewayApp:
         if not raw.strip():
             return {}
         try:
-            return json.loads(raw, parse_constant=_reject_json_constant)
+            body = json.loads(raw, parse_constant=_reject_json_constant)
         except (ValueError, RecursionError) as exc:
             raise GatewayError(f"Request body is not valid JSON: {exc}", code="invalid_json") from None
+        if b"\\u" in raw and _LONE_SURROGATE_ESCAPE.search(raw):  # `\ud800` alone decodes, but cannot be stored
+            try:
+                _json_dumps(body).encode("utf-8")
+            except UnicodeEncodeError:
+                raise Unprocessable("Request body has a string with an unpaired UTF-16 surrogate",
+                                    code="validation_error") from None
+        return body
 
     # -- meta -------------------------------------------------------------------------------------
 
@@ -4057,6 +4803,8 @@ class GatewayApp:
         return meta
 
     def list_artifacts(self, request: Request, run_id: str, limit: int) -> Response:
+        if run_id.startswith("session_memory_") and not self.gateway.stores.runs.exists(run_id):
+            return json_response({"items": []})  # a session without attachments yet (the original: empty too)
         self.gateway.load_run(run_id)
         metas = sorted(self.gateway.stores.artifacts.list_by_run(run_id), key=lambda m: m.created_at, reverse=True)
         return json_response({"items": [{"artifact_id": m.artifact_id, "content_type": m.content_type,
@@ -4156,6 +4904,110 @@ class GatewayApp:
 
     def get_command(self, request: Request, command_id: str) -> Response:
         return json_response(self.gateway.command_status(command_id))
+
+    # -- workspace files and attachments ---------------------------------------------------------
+
+    def workspace_policy(self, request: Request) -> Response:
+        return json_response({"ok": True, "policy": {
+            "target": "server", "mounts": [{"name": name} for name in sorted(self.workspace.mounts)],
+            "max_attachment_bytes": self.gateway.config.max_attachment_bytes,
+            "client_workspace_scope_overrides": False, "allowed_access_modes": ["workspace_only", "workspace_or_allowed"]}})
+
+    def files_search(self, request: Request, query: str, limit: int) -> Response:
+        return json_response({"items": self.workspace.search(query, limit)})
+
+    def files_read(self, request: Request, path: str, start_line: int, end_line: Optional[int]) -> Response:
+        return json_response(self.workspace.read(path, start_line, end_line))
+
+    def files_skim(self, request: Request, path: str, target_percent: float, head_lines: int,
+                   tail_lines: int) -> Response:
+        return json_response(self.workspace.skim(path, target_percent, head_lines, tail_lines))
+
+    def attachments_upload(self, request: Request) -> Response:
+        cap = self.gateway.config.max_attachment_bytes
+        if request.content_length is not None and request.content_length > cap + MULTIPART_OVERHEAD:
+            raise GatewayError(f"Attachment too large ({request.content_length} bytes > {cap} bytes)",
+                               status=413, code="too_large")
+        request.max_content_length = cap + MULTIPART_OVERHEAD  # also bounds chunked bodies, while parsing
+        upload = request.files.get("file")
+        if upload is None:
+            raise Unprocessable("Field 'file' is required (multipart/form-data)", code="validation_error")
+        session_id = request.form.get("session_id")
+        if session_id is None:
+            raise Unprocessable("Field 'session_id' is required", code="validation_error")
+        if not session_id.strip():
+            raise GatewayError("session_id is required", code="validation_error")
+        content = upload.read(cap + 1)
+        if len(content) > cap:
+            raise GatewayError(f"Attachment too large (more than {cap} bytes)", status=413, code="too_large")
+        filename = (request.form.get("filename") or "").strip() or (upload.filename or "").strip() or "upload.bin"
+        content_type = (request.form.get("content_type") or "").strip() or (upload.mimetype or "")
+        return json_response(store_attachment(
+            self.gateway.stores, session_id=session_id.strip(), content=content, filename=filename,
+            content_type=content_type, target="client", source="upload", path=f"client:{filename}"))
+
+    def attachments_ingest(self, request: Request, body: Dict[str, Any]) -> Response:
+        session_id = str(body["session_id"]).strip()
+        if not session_id:
+            raise GatewayError("session_id is required", code="validation_error")
+        real, name = self.workspace.resolve(body["path"])
+        if not real.exists():
+            raise NotFound("File not found", code="file_not_found")
+        if not real.is_file():
+            raise GatewayError("Path is not a file", code="not_a_file")
+        cap = self.gateway.config.max_attachment_bytes
+        try:
+            size = real.stat().st_size
+            if size > cap:
+                raise GatewayError(f"Attachment too large ({size} bytes > {cap} bytes)", status=413, code="too_large")
+            with open(real, "rb") as fh:
+                content = fh.read(cap + 1)
+        except PermissionError:
+            raise GatewayError(f"Permission denied reading '{name}'", status=403, code="permission_denied") from None
+        if len(content) > cap:  # it grew since the stat
+            raise GatewayError(f"Attachment too large (more than {cap} bytes)", status=413, code="too_large")
+        filename = str(body.get("filename") or "").strip() or real.name
+        return json_response(store_attachment(
+            self.gateway.stores, session_id=session_id, content=content, filename=filename,
+            content_type=str(body.get("content_type") or ""), target="server", source="workspace", path=name))
+
+    # -- knowledge graph and reports inbox --------------------------------------------------------
+
+    def kg_query(self, request: Request, body: Dict[str, Any]) -> Response:
+        return json_response(self.knowledge_graph.query(body))
+
+    def bugs_report(self, request: Request, body: Dict[str, Any]) -> Response:
+        return json_response(file_report(self.gateway.stores, "bug", body))
+
+    def features_report(self, request: Request, body: Dict[str, Any]) -> Response:
+        return json_response(file_report(self.gateway.stores, "feature", body))
+
+    def _report_list(self, report_type: str) -> Response:
+        folder = REPORT_FOLDERS[report_type]
+        return json_response({"items": [{**row, "relpath": f"{folder}/{row['filename']}", "decision_id": "",
+                                         "triage_status": ""} for row in self.gateway.stores.reports.list(report_type)]})
+
+    def list_bug_reports(self, request: Request) -> Response:
+        return self._report_list("bug")
+
+    def list_feature_reports(self, request: Request) -> Response:
+        return self._report_list("feature")
+
+    def _report_content(self, report_type: str, filename: str) -> Response:
+        if not report_filename_ok(filename):
+            raise GatewayError("Invalid filename", code="invalid_filename")
+        content = self.gateway.stores.reports.content(report_type, filename)
+        if content is None:
+            what = "Bug report" if report_type == "bug" else "Feature request"
+            raise NotFound(f"{what} not found", code="report_not_found")
+        return json_response({"report_type": report_type, "filename": filename,
+                              "relpath": f"{REPORT_FOLDERS[report_type]}/{filename}", "content": content})
+
+    def bug_report_content(self, request: Request, filename: str) -> Response:
+        return self._report_content("bug", filename)
+
+    def feature_report_content(self, request: Request, filename: str) -> Response:
+        return self._report_content("feature", filename)
 
 
 def _start_pins(flow: Dict[str, Any]) -> List[Dict[str, Any]]:
@@ -4350,7 +5202,7 @@ def openapi_document() -> Dict[str, Any]:
                 schema["maximum"] = p.maximum
             if p.choices:
                 schema["enum"] = list(p.choices)
-            params.append({"name": p.name, "in": "query", "required": False, "schema": schema,
+            params.append({"name": p.name, "in": "query", "required": p.required, "schema": schema,
                            **({"description": p.description} if p.description else {})})
         op: Dict[str, Any] = {"operationId": route.handler, "summary": route.summary, "tags": [route.tag],
                               "responses": {"200": {"description": "OK",

@@ -153,3 +153,23 @@ CREATE TABLE audit_log (
 -- writes commit only while (owner, epoch) still match, so a runner that stalled past
 -- its lease can never write after another took over.
 ALTER TABLE leases ADD COLUMN epoch INTEGER NOT NULL DEFAULT 0;
+
+-- migrate: 4
+-- Placeholder in the `routes` branch only: another branch's block 4 goes here at merge.
+
+-- migrate: 5
+-- Reports inbox: bug reports and feature requests filed by thin clients, kept as
+-- Markdown documents in the database (not as loose files). `filename` is the stable
+-- handle clients use (`<date>_<slug>.md`, unique per report type).
+CREATE TABLE reports (
+  report_type   TEXT NOT NULL CHECK (report_type IN ('bug', 'feature')),
+  filename      TEXT NOT NULL,
+  title         TEXT NOT NULL,
+  created_at    TEXT NOT NULL,
+  session_id    TEXT NOT NULL,
+  workflow_id   TEXT NOT NULL DEFAULT '',
+  active_run_id TEXT NOT NULL DEFAULT '',
+  content       TEXT NOT NULL,
+  PRIMARY KEY (report_type, filename)
+);
+CREATE INDEX reports_by_created ON reports(report_type, created_at DESC);

@@ -185,7 +185,9 @@ def test_artifacts_routes_with_range(live_server):
     run_id = _start(live_server, bundle_id="echo")
     meta = live_server.gateway.stores.artifacts.store(bytes(range(256)) * 10, content_type="application/x-test", run_id=run_id)
     status, _, data = live_server.get(f"{API}/runs/{run_id}/artifacts")
-    assert status == 200 and [i["artifact_id"] for i in data["items"]] == [meta.artifact_id]
+    kinds = {i["artifact_id"]: i["tags"].get("kind") for i in data["items"]}
+    assert status == 200 and kinds == {meta.artifact_id: None, **{a: k for a, k in kinds.items() if k == "workflow_snapshot"}}
+    assert list(kinds.values()).count("workflow_snapshot") == 1  # the flow the run started from, as on the original
     status, _, data = live_server.get(f"{API}/runs/{run_id}/artifacts/{meta.artifact_id}")
     assert status == 200 and data["size_bytes"] == 2560
     status, headers, body = live_server.get(f"{API}/runs/{run_id}/artifacts/{meta.artifact_id}/content")
