@@ -147,3 +147,52 @@ CREATE TABLE audit_log (
   token_fp    TEXT,
   headers_json TEXT NOT NULL DEFAULT '{}'
 );
+
+-- migrate: 3
+-- Placeholder on the `input` branch only: the lead's migration 3 replaces this block at merge.
+
+-- migrate: 4
+-- Per-run counters behind `GET /runs?include_metrics=true`, kept by a trigger in the same
+-- transaction as every ledger insert (whatever code path appends), so listing runs never parses
+-- ledgers. Counted like the original gateway: completed records, their llm_call effects, the
+-- tool calls of tool_calls effects, and the llm_call results' usage.total_tokens.
+CREATE TABLE run_metrics (
+  run_id       TEXT PRIMARY KEY,
+  steps        INTEGER NOT NULL DEFAULT 0,
+  llm_calls    INTEGER NOT NULL DEFAULT 0,
+  tool_calls   INTEGER NOT NULL DEFAULT 0,
+  tokens_total INTEGER NOT NULL DEFAULT 0
+) WITHOUT ROWID;
+CREATE TRIGGER ledger_counts_run_metrics AFTER INSERT ON ledger
+WHEN json_valid(NEW.record_json) AND json_extract(NEW.record_json, '$.status') = 'completed'
+BEGIN
+  INSERT INTO run_metrics (run_id, steps, llm_calls, tool_calls, tokens_total)
+  VALUES (
+    NEW.run_id, 1,
+    json_extract(NEW.record_json, '$.effect.type') IS 'llm_call',
+    CASE WHEN json_extract(NEW.record_json, '$.effect.type') IS 'tool_calls'
+         THEN COALESCE(json_array_length(NEW.record_json, '$.effect.payload.tool_calls'), 0) ELSE 0 END,
+    CASE WHEN json_extract(NEW.record_json, '$.effect.type') IS 'llm_call'
+         THEN COALESCE(CAST(json_extract(NEW.record_json, '$.result.usage.total_tokens') AS INTEGER), 0) ELSE 0 END)
+  ON CONFLICT(run_id) DO UPDATE SET
+    steps = steps + 1, llm_calls = llm_calls + excluded.llm_calls, tool_calls = tool_calls + excluded.tool_calls,
+    tokens_total = tokens_total + excluded.tokens_total;
+END;
+INSERT INTO run_metrics (run_id, steps, llm_calls, tool_calls, tokens_total)
+SELECT run_id, COUNT(*),
+       SUM(json_extract(record_json, '$.effect.type') IS 'llm_call'),
+       SUM(CASE WHEN json_extract(record_json, '$.effect.type') IS 'tool_calls'
+                THEN COALESCE(json_array_length(record_json, '$.effect.payload.tool_calls'), 0) ELSE 0 END),
+       SUM(CASE WHEN json_extract(record_json, '$.effect.type') IS 'llm_call'
+                THEN COALESCE(CAST(json_extract(record_json, '$.result.usage.total_tokens') AS INTEGER), 0) ELSE 0 END)
+FROM ledger
+WHERE json_valid(record_json) AND json_extract(record_json, '$.status') = 'completed'
+GROUP BY run_id;
+
+-- The original gateway's audit fields (its JSONL lines are what `GET /audit/tail` serves).
+ALTER TABLE audit_log ADD COLUMN query TEXT NOT NULL DEFAULT '';
+ALTER TABLE audit_log ADD COLUMN auth_required INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE audit_log ADD COLUMN origin TEXT;
+ALTER TABLE audit_log ADD COLUMN user_agent TEXT;
+ALTER TABLE audit_log ADD COLUMN bytes_in INTEGER;
+ALTER TABLE audit_log ADD COLUMN error TEXT;
