@@ -3386,7 +3386,7 @@ def _check_request_text(environ: Dict[str, Any]) -> None:
 
 def _safe_text(text: str) -> str:
     """`text` with anything UTF-8 cannot carry replaced by U+FFFD: for messages that echo client input."""
-    return text if _is_utf8_text(text) else text.encode("utf-8", "surrogatepass").decode("utf-8", "replace")
+    return text if _is_utf8_text(text) else "".join("\ufffd" if 0xD800 <= ord(c) <= 0xDFFF else c for c in text)
 
 
 def json_response(data: Any, status: int = 200, headers: Optional[Dict[str, str]] = None) -> Response:
