@@ -874,13 +874,49 @@ def ledger_topic(run_id: str) -> str:
     return f"ledger:{run_id}"
 
 
+def step_counts(status: Any, effect: Any, result: Any) -> Optional[Tuple[int, int, int]]:
+    """What one ledger record adds to its run's metrics, `(llm_calls, tool_calls, tokens_total)`, or
+    None if it is not a completed step. The original gateway's rules: every completed record is a
+    step; an `llm_call` effect is an LLM call and brings its `result.usage.total_tokens`; a
+    `tool_calls` effect brings the length of its `payload.tool_calls`."""
+    if _enum_value(status) != "completed":
+        return None
+    kind = _enum_value(effect.get("type")) if isinstance(effect, dict) else None
+    if kind == "tool_calls":
+        payload = effect.get("payload")
+        calls = payload.get("tool_calls") if isinstance(payload, dict) else None
+        return 0, len(calls) if isinstance(calls, list) else 0, 0
+    if kind == "llm_call":
+        usage = result.get("usage") if isinstance(result, dict) else None
+        try:
+            tokens = int((usage.get("total_tokens") if isinstance(usage, dict) else 0) or 0)
+        except (TypeError, ValueError, OverflowError):
+            tokens = 0
+        return 1, 0, tokens
+    return 0, 0, 0
+
+
+def _step_counts_of_json(record_json: str) -> Optional[Tuple[int, int, int]]:
+    if '"completed"' not in record_json:  # most records that are not completed steps skip the parse
+        return None
+    try:
+        record = json.loads(record_json)
+    except ValueError:
+        return None
+    return step_counts(record.get("status"), record.get("effect"), record.get("result")) \
+        if isinstance(record, dict) else None
+
+
 class SqliteLedgerStore(LedgerStore):
-    """Append-only ledger with a gapless 1-based `seq` per run, read by range."""
+    """Append-only ledger with a gapless 1-based `seq` per run, read by range; keeps `run_metrics`."""
 
     _APPEND = ("INSERT INTO ledger (run_id, seq, record_json)"
                " SELECT ?1, COALESCE(MAX(seq), 0) + 1, ?2 FROM ledger WHERE run_id = ?1 RETURNING seq")
     _INSERT = "INSERT INTO ledger (run_id, seq, record_json) VALUES (?, ?, ?)"
     _PAGE = "SELECT record_json FROM ledger WHERE run_id = ? AND seq > ? ORDER BY seq LIMIT ?"
+    _COUNT = ("INSERT INTO run_metrics (run_id, steps, llm_calls, tool_calls, tokens_total) VALUES (?, 1, ?, ?, ?)"
+              " ON CONFLICT(run_id) DO UPDATE SET steps = steps + 1, llm_calls = llm_calls + excluded.llm_calls,"
+              " tool_calls = tool_calls + excluded.tool_calls, tokens_total = tokens_total + excluded.tokens_total")
 
     def __init__(self, db: Database) -> None:
         self.db = db
@@ -889,15 +925,26 @@ class SqliteLedgerStore(LedgerStore):
         run_id = str(record.run_id or "").strip()
         if not run_id:
             raise ValueError("StepRecord.run_id must be non-empty")
-        self.append_json(run_id, dataclass_json(record))
+        self._append(run_id, dataclass_json(record), step_counts(record.status, record.effect, record.result))
 
     def append_json(self, run_id: str, record_json: str) -> int:
         """Append an already-serialised record; return its seq."""
+        return self._append(run_id, record_json, _step_counts_of_json(record_json))
 
-        def _append(conn: apsw.Connection) -> int:
-            return conn.execute(self._APPEND, (run_id, record_json)).fetchall()[0][0]
+    def _append(self, run_id: str, record_json: str, counts: Optional[Tuple[int, int, int]]) -> int:
+        def _write(conn: apsw.Connection) -> int:
+            seq = conn.execute(self._APPEND, (run_id, record_json)).fetchall()[0][0]
+            self.count_step(conn, run_id, counts)
+            return seq
 
-        return self.db.write(_append, topics=(ledger_topic(run_id),), single_statement=True)
+        return self.db.write(_write, topics=(ledger_topic(run_id),), single_statement=counts is None)
+
+    @classmethod
+    def count_step(cls, conn: apsw.Connection, run_id: str, counts: Optional[Tuple[int, int, int]]) -> None:
+        """Add one record's `step_counts` to its run's `run_metrics` row, inside the transaction that
+        inserts the record. Every path that inserts ledger rows calls this (appends, migration)."""
+        if counts is not None:
+            conn.execute(cls._COUNT, (run_id, *counts))
 
     def list(self, run_id: str) -> List[Dict[str, Any]]:
         return self.page(run_id, 0, 1 << 62)
@@ -927,7 +974,7 @@ class SqliteLedgerStore(LedgerStore):
 
     def metrics_many(self, run_ids: Sequence[str]) -> Dict[str, Dict[str, int]]:
         """Per-run `steps`, `llm_calls`, `tool_calls`, `tokens_total` (runs with no completed step are
-        absent). Read from `run_metrics`, which a trigger keeps in step with every ledger insert."""
+        absent), read from the `run_metrics` counters kept at append time."""
         out: Dict[str, Dict[str, int]] = {}
         ids = [r for r in run_ids if r]
         for i in range(0, len(ids), 500):
@@ -1612,6 +1659,10 @@ def migrate(source: str, dest: Stores, *, data_dir: Optional[Path] = None, sourc
             def _append_all(conn: apsw.Connection, rid: str = run_id, start: int = have, recs: list = missing) -> None:
                 conn.executemany(SqliteLedgerStore._INSERT,
                                  [(rid, start + k, _json_dumps(r)) for k, r in enumerate(recs, 1)])
+                for r in recs:
+                    if isinstance(r, dict):
+                        SqliteLedgerStore.count_step(conn, rid, step_counts(r.get("status"), r.get("effect"),
+                                                                            r.get("result")))
             db.write(_append_all)
             report.imported["ledger"] += len(missing)
         report.present["ledger"] += dest.ledger.count(run_id)
@@ -2496,7 +2547,7 @@ class Gateway:
         target = self.host.resolve(bundle_id=bundle_id, bundle_version=bundle_version, flow_id=flow_id)
         self.host.startable_spec(target)
         start = _parse_time(start_at, "start_at") if (start_at or "").strip().lower() not in ("", "now") else None
-        seconds = self.schedule_interval_s(interval) if interval else None
+        seconds = self._schedule_interval_s(interval) if interval else None
         if repeat_count is not None and repeat_count <= 0:
             raise GatewayError("repeat_count must be >= 1", code="invalid_schedule")
         if repeat_count is not None and repeat_count > 1 and seconds is None:
@@ -2526,7 +2577,7 @@ class Gateway:
         spec = self.host.register_schedule(workflow_id, definition)
         return self._start(spec, {"vars": dict(input_data or {}), "_meta": {"schedule": definition}}, session_id)
 
-    def schedule_interval_s(self, interval: str) -> float:
+    def _schedule_interval_s(self, interval: str) -> float:
         """Seconds of a schedule `interval`, refused below `schedule_min_interval_s` (a 1 ms schedule
         would spawn child runs as fast as the runner can tick)."""
         seconds = parse_interval(interval)
@@ -2771,7 +2822,7 @@ class Gateway:
         interval = payload.get("interval") or payload.get("schedule")
         if not interval:
             raise GatewayError("update_schedule needs payload.interval", code="invalid_payload")
-        seconds = self.schedule_interval_s(interval)
+        seconds = self._schedule_interval_s(interval)
         root = self.schedule_root(record.run_id)
         sched = root.vars["_meta"]["schedule"]
         if not sched.get("interval"):

@@ -152,10 +152,11 @@ CREATE TABLE audit_log (
 -- Placeholder on the `input` branch only: the lead's migration 3 replaces this block at merge.
 
 -- migrate: 4
--- Per-run counters behind `GET /runs?include_metrics=true`, kept by a trigger in the same
--- transaction as every ledger insert (whatever code path appends), so listing runs never parses
--- ledgers. Counted like the original gateway: completed records, their llm_call effects, the
--- tool calls of tool_calls effects, and the llm_call results' usage.total_tokens.
+-- Per-run counters behind `GET /runs?include_metrics=true`, so listing runs never parses ledgers.
+-- SqliteLedgerStore adds each appended record's counts in the same transaction as the insert
+-- (`SqliteLedgerStore.count_step`); this block backfills them from the ledgers already there.
+-- Counted like the original gateway: completed records, their llm_call effects, the tool calls of
+-- tool_calls effects, and the llm_call results' usage.total_tokens.
 CREATE TABLE run_metrics (
   run_id       TEXT PRIMARY KEY,
   steps        INTEGER NOT NULL DEFAULT 0,
@@ -163,21 +164,6 @@ CREATE TABLE run_metrics (
   tool_calls   INTEGER NOT NULL DEFAULT 0,
   tokens_total INTEGER NOT NULL DEFAULT 0
 ) WITHOUT ROWID;
-CREATE TRIGGER ledger_counts_run_metrics AFTER INSERT ON ledger
-WHEN json_valid(NEW.record_json) AND json_extract(NEW.record_json, '$.status') = 'completed'
-BEGIN
-  INSERT INTO run_metrics (run_id, steps, llm_calls, tool_calls, tokens_total)
-  VALUES (
-    NEW.run_id, 1,
-    json_extract(NEW.record_json, '$.effect.type') IS 'llm_call',
-    CASE WHEN json_extract(NEW.record_json, '$.effect.type') IS 'tool_calls'
-         THEN COALESCE(json_array_length(NEW.record_json, '$.effect.payload.tool_calls'), 0) ELSE 0 END,
-    CASE WHEN json_extract(NEW.record_json, '$.effect.type') IS 'llm_call'
-         THEN COALESCE(CAST(json_extract(NEW.record_json, '$.result.usage.total_tokens') AS INTEGER), 0) ELSE 0 END)
-  ON CONFLICT(run_id) DO UPDATE SET
-    steps = steps + 1, llm_calls = llm_calls + excluded.llm_calls, tool_calls = tool_calls + excluded.tool_calls,
-    tokens_total = tokens_total + excluded.tokens_total;
-END;
 INSERT INTO run_metrics (run_id, steps, llm_calls, tool_calls, tokens_total)
 SELECT run_id, COUNT(*),
        SUM(json_extract(record_json, '$.effect.type') IS 'llm_call'),

@@ -171,6 +171,27 @@ def test_metrics_are_backfilled_when_an_older_database_is_upgraded(data_dir):
         db.close()
 
 
+def test_metrics_of_runs_imported_by_migrate(tmp_path):
+    from abstractruntime.core.models import StepRecord, StepStatus
+
+    from conftest import make_config
+
+    src = gw.open_stores(make_config(tmp_path / "upstream", store_backend="file", db_path=str(tmp_path / "x.sqlite3")))
+    for status, effect, result in ((StepStatus.STARTED, {"type": "llm_call"}, None),
+                                   (StepStatus.COMPLETED, {"type": "llm_call"}, {"usage": {"total_tokens": 9}}),
+                                   (StepStatus.COMPLETED, {"type": "tool_calls", "payload": {"tool_calls": [1, 2]}}, {})):
+        src.ledger.append(StepRecord(run_id="imported", step_id="s", node_id="n", status=status, effect=effect,
+                                     result=result))
+    src.close()
+    dest = gw.open_stores(make_config(tmp_path / "dest"))
+    try:
+        gw.migrate("file", dest, data_dir=tmp_path / "upstream", progress=None)
+        assert dest.ledger.metrics_many(["imported"]) == {
+            "imported": {"steps": 2, "llm_calls": 1, "tool_calls": 2, "tokens_total": 9}}
+    finally:
+        dest.close()
+
+
 # -- 5. a schedule's wrapper flow ---------------------------------------------------------------------
 
 
