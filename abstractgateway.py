@@ -4244,6 +4244,52 @@ fetch('/openapi.json').then(r => r.json()).then(render)
 """
 
 
+class JsonErrors:
+    """Outermost WSGI wrapper: an exception that escapes the stack (a middleware, or a streamed body
+    failing before its first byte) still answers the API's JSON 500, never the server's HTML page."""
+
+    def __init__(self, app: Callable) -> None:
+        self.app = app
+
+    def __call__(self, environ: Dict[str, Any], start_response: Callable) -> Iterable[bytes]:
+        try:
+            body = self.app(environ, start_response)
+        except Exception:  # noqa: BLE001 - logged with the request id, answered in the error shape
+            return self._internal_error(environ, start_response, sys.exc_info())
+        return self._guard_first_chunk(body, environ, start_response)
+
+    def _guard_first_chunk(self, body: Iterable[bytes], environ: Dict[str, Any],
+                           start_response: Callable) -> Iterator[bytes]:
+        iterator = iter(body)
+        try:
+            try:
+                first = next(iterator)
+            except StopIteration:
+                return
+            except Exception:  # noqa: BLE001 - nothing was sent yet: the status can still become a 500
+                yield from self._internal_error(environ, start_response, sys.exc_info())
+                return
+            yield first
+            yield from iterator
+        finally:
+            close = getattr(body, "close", None)
+            if close is not None:
+                close()
+
+    @staticmethod
+    def _internal_error(environ: Dict[str, Any], start_response: Callable, exc_info: Any) -> Iterable[bytes]:
+        import traceback
+
+        request_id = environ.get("abstractgateway.request_id") or uuid.uuid4().hex[:16]
+        _log(f"500 on {environ.get('REQUEST_METHOD')} {environ.get('PATH_INFO')} request_id={request_id}: "
+             + "".join(traceback.format_exception(*exc_info)))
+        response = error_response(500, "internal_error", f"Internal error (request id {request_id})",
+                                  request_id=request_id)
+        response.headers["X-Request-Id"] = request_id
+        start_response(response.status, list(response.headers.items()), exc_info)
+        return [response.get_data()]
+
+
 MAX_HEADER_BYTES = 16 * 1024
 
 
@@ -4747,7 +4793,7 @@ def build_wsgi(gateway: Gateway, runner: Optional[Runner] = None) -> Tuple[Calla
     audit = gateway.stores.audit if policy.audit else None
     if audit is not None:
         audit.max_bytes = policy.audit_max_bytes
-    return secure_app(app, policy, audit), app, policy
+    return JsonErrors(secure_app(app, policy, audit)), app, policy
 
 
 def ensure_token(config: Config, settings: SettingsStore) -> Tuple[Optional[str], bool]:

@@ -238,3 +238,21 @@ def test_every_route_refuses_hostile_path_segments_and_query_values_without_a_5x
                 probes += 1
                 assert status < 500, (route.method, path, status, data)
     assert probes > 300
+
+
+def test_a_failure_outside_the_handlers_is_still_a_json_500(live_server, monkeypatch):
+    def broken(*args, **kwargs):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(gw.LockoutTracker, "remaining", broken)  # a middleware fails
+    status, headers, data = live_server.get(f"{API}/runs")
+    assert status == 500 and headers["Content-Type"].startswith("application/json")
+    assert data["code"] == "internal_error" and "boom" not in json.dumps(data) and data["request_id"]
+    monkeypatch.undo()
+
+    run_id = _start(live_server, bundle_id="echo")
+    artifact_id = live_server.gateway.stores.artifacts.store(b"bytes", content_type="text/plain", run_id=run_id).artifact_id
+    monkeypatch.setattr(gw.SqliteArtifactStore, "read_range", broken)  # a streamed body fails before its first byte
+    status, headers, data = live_server.get(f"{API}/runs/{run_id}/artifacts/{artifact_id}/content")
+    assert status == 500 and headers["Content-Type"].startswith("application/json") and data["code"] == "internal_error"
+    assert live_server.get(f"{API}/runs/{run_id}")[0] == 200  # the server goes on
