@@ -4256,25 +4256,7 @@ class JsonErrors:
             body = self.app(environ, start_response)
         except Exception:  # noqa: BLE001 - logged with the request id, answered in the error shape
             return self._internal_error(environ, start_response, sys.exc_info())
-        return self._guard_first_chunk(body, environ, start_response)
-
-    def _guard_first_chunk(self, body: Iterable[bytes], environ: Dict[str, Any],
-                           start_response: Callable) -> Iterator[bytes]:
-        iterator = iter(body)
-        try:
-            try:
-                first = next(iterator)
-            except StopIteration:
-                return
-            except Exception:  # noqa: BLE001 - nothing was sent yet: the status can still become a 500
-                yield from self._internal_error(environ, start_response, sys.exc_info())
-                return
-            yield first
-            yield from iterator
-        finally:
-            close = getattr(body, "close", None)
-            if close is not None:
-                close()
+        return _FirstChunkGuard(body, lambda exc_info: self._internal_error(environ, start_response, exc_info))
 
     @staticmethod
     def _internal_error(environ: Dict[str, Any], start_response: Callable, exc_info: Any) -> Iterable[bytes]:
@@ -4288,6 +4270,32 @@ class JsonErrors:
         response.headers["X-Request-Id"] = request_id
         start_response(response.status, list(response.headers.items()), exc_info)
         return [response.get_data()]
+
+
+class _FirstChunkGuard:
+    """A response body whose first chunk, if it fails, is replaced by `on_error`'s (headers are not
+    sent before the first chunk, so the status can still change); `close()` always reaches the body."""
+
+    def __init__(self, body: Iterable[bytes], on_error: Callable[[Any], Iterable[bytes]]) -> None:
+        self._body = body
+        self._on_error = on_error
+
+    def __iter__(self) -> Iterator[bytes]:
+        iterator = iter(self._body)
+        try:
+            first = next(iterator)
+        except StopIteration:
+            return
+        except Exception:  # noqa: BLE001 - answered as the JSON 500 (and logged) by on_error
+            yield from self._on_error(sys.exc_info())
+            return
+        yield first
+        yield from iterator
+
+    def close(self) -> None:
+        close = getattr(self._body, "close", None)
+        if close is not None:
+            close()
 
 
 MAX_HEADER_BYTES = 16 * 1024
