@@ -142,6 +142,9 @@ SETTINGS: Tuple[Setting, ...] = (
             "Commands applied per runner iteration.", None),
     Setting("run_scan_limit", "ABSTRACTGATEWAY_RUN_SCAN_LIMIT", "int", 200,
             "Runs considered for ticking per runner iteration.", None),
+    Setting("schedule_min_interval_s", "ABSTRACTGATEWAY_SCHEDULE_MIN_INTERVAL_S", "float", 1.0,
+            "Shortest interval a schedule may repeat at (a shorter one is refused with 422, so one schedule "
+            "cannot flood the gateway with child runs).", None, (), 0.001),
     Setting("host", "ABSTRACTGATEWAY_HOST", "str", "127.0.0.1", "Address `serve` binds to.", "--host"),
     Setting("port", "ABSTRACTGATEWAY_PORT", "int", 8080, "Port `serve` listens on (0 picks a free one).", "--port",
             (), 0),
@@ -582,8 +585,6 @@ def _refuse_damaged(path: Path, conn: apsw.Connection) -> None:
 
 def _missing_tables(conn: apsw.Connection) -> List[str]:
     """Tables schema.sql creates that the file lacks (a file from another program, or mangled)."""
-    import re
-
     expected = set(re.findall(r"CREATE TABLE (\w+)", _read_schema_text()))
     present = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
     return sorted(expected - present)
@@ -1123,13 +1124,49 @@ def ledger_topic(run_id: str) -> str:
     return f"ledger:{run_id}"
 
 
+def step_counts(status: Any, effect: Any, result: Any) -> Optional[Tuple[int, int, int]]:
+    """What one ledger record adds to its run's metrics, `(llm_calls, tool_calls, tokens_total)`, or
+    None if it is not a completed step. The original gateway's rules: every completed record is a
+    step; an `llm_call` effect is an LLM call and brings its `result.usage.total_tokens`; a
+    `tool_calls` effect brings the length of its `payload.tool_calls`."""
+    if _enum_value(status) != "completed":
+        return None
+    kind = _enum_value(effect.get("type")) if isinstance(effect, dict) else None
+    if kind == "tool_calls":
+        payload = effect.get("payload")
+        calls = payload.get("tool_calls") if isinstance(payload, dict) else None
+        return 0, len(calls) if isinstance(calls, list) else 0, 0
+    if kind == "llm_call":
+        usage = result.get("usage") if isinstance(result, dict) else None
+        try:
+            tokens = int((usage.get("total_tokens") if isinstance(usage, dict) else 0) or 0)
+        except (TypeError, ValueError, OverflowError):
+            tokens = 0
+        return 1, 0, tokens
+    return 0, 0, 0
+
+
+def _step_counts_of_json(record_json: str) -> Optional[Tuple[int, int, int]]:
+    if '"completed"' not in record_json:  # most records that are not completed steps skip the parse
+        return None
+    try:
+        record = json.loads(record_json)
+    except ValueError:
+        return None
+    return step_counts(record.get("status"), record.get("effect"), record.get("result")) \
+        if isinstance(record, dict) else None
+
+
 class SqliteLedgerStore(LedgerStore):
-    """Append-only ledger with a gapless 1-based `seq` per run, read by range."""
+    """Append-only ledger with a gapless 1-based `seq` per run, read by range; keeps `run_metrics`."""
 
     _APPEND = ("INSERT INTO ledger (run_id, seq, record_json)"
                " SELECT ?1, COALESCE(MAX(seq), 0) + 1, ?2 FROM ledger WHERE run_id = ?1 RETURNING seq")
     _INSERT = "INSERT INTO ledger (run_id, seq, record_json) VALUES (?, ?, ?)"
     _PAGE = "SELECT record_json FROM ledger WHERE run_id = ? AND seq > ? ORDER BY seq LIMIT ?"
+    _COUNT = ("INSERT INTO run_metrics (run_id, steps, llm_calls, tool_calls, tokens_total) VALUES (?, 1, ?, ?, ?)"
+              " ON CONFLICT(run_id) DO UPDATE SET steps = steps + 1, llm_calls = llm_calls + excluded.llm_calls,"
+              " tool_calls = tool_calls + excluded.tool_calls, tokens_total = tokens_total + excluded.tokens_total")
 
     def __init__(self, db: Database) -> None:
         self.db = db
@@ -1138,15 +1175,26 @@ class SqliteLedgerStore(LedgerStore):
         run_id = str(record.run_id or "").strip()
         if not run_id:
             raise ValueError("StepRecord.run_id must be non-empty")
-        self.append_json(run_id, dataclass_json(record))
+        self._append(run_id, dataclass_json(record), step_counts(record.status, record.effect, record.result))
 
     def append_json(self, run_id: str, record_json: str) -> int:
         """Append an already-serialised record; return its seq."""
+        return self._append(run_id, record_json, _step_counts_of_json(record_json))
 
-        def _append(conn: apsw.Connection) -> int:
-            return conn.execute(self._APPEND, (run_id, record_json)).fetchall()[0][0]
+    def _append(self, run_id: str, record_json: str, counts: Optional[Tuple[int, int, int]]) -> int:
+        def _write(conn: apsw.Connection) -> int:
+            seq = conn.execute(self._APPEND, (run_id, record_json)).fetchall()[0][0]
+            self.count_step(conn, run_id, counts)
+            return seq
 
-        return self.db.write(_append, topics=(ledger_topic(run_id),), single_statement=True)
+        return self.db.write(_write, topics=(ledger_topic(run_id),), single_statement=counts is None)
+
+    @classmethod
+    def count_step(cls, conn: apsw.Connection, run_id: str, counts: Optional[Tuple[int, int, int]]) -> None:
+        """Add one record's `step_counts` to its run's `run_metrics` row, inside the transaction that
+        inserts the record. Every path that inserts ledger rows calls this (appends, migration)."""
+        if counts is not None:
+            conn.execute(cls._COUNT, (run_id, *counts))
 
     def list(self, run_id: str) -> List[Dict[str, Any]]:
         return self.page(run_id, 0, 1 << 62)
@@ -1174,10 +1222,25 @@ class SqliteLedgerStore(LedgerStore):
             out.update({rid: n for rid, n in rows})
         return out
 
+    def metrics_many(self, run_ids: Sequence[str]) -> Dict[str, Dict[str, int]]:
+        """Per-run `steps`, `llm_calls`, `tool_calls`, `tokens_total` (runs with no completed step are
+        absent), read from the `run_metrics` counters kept at append time."""
+        out: Dict[str, Dict[str, int]] = {}
+        ids = [r for r in run_ids if r]
+        for i in range(0, len(ids), 500):
+            chunk = ids[i:i + 500]
+            rows = self.db.query("SELECT run_id, steps, llm_calls, tool_calls, tokens_total FROM run_metrics"
+                                 f" WHERE run_id IN ({','.join('?' * len(chunk))})", chunk)
+            out.update({rid: {"steps": steps, "llm_calls": llm, "tool_calls": tools, "tokens_total": tokens}
+                        for rid, steps, llm, tools, tokens in rows})
+        return out
+
     def delete(self, run_id: str) -> int:
         def _delete(conn: apsw.Connection) -> int:
             conn.execute("DELETE FROM ledger WHERE run_id = ?", (str(run_id),))
-            return conn.changes()
+            removed = conn.changes()
+            conn.execute("DELETE FROM run_metrics WHERE run_id = ?", (str(run_id),))
+            return removed
 
         return self.db.write(_delete)
 
@@ -1554,6 +1617,10 @@ class DynamicFlowStore:
     def all(self) -> Dict[str, Dict[str, Any]]:
         return {wid: json.loads(text) for wid, text in self.db.query("SELECT workflow_id, flow_json FROM dynamic_flows")}
 
+    def get(self, workflow_id: str) -> Optional[Dict[str, Any]]:
+        row = self.db.query_one("SELECT flow_json FROM dynamic_flows WHERE workflow_id = ?", (workflow_id,))
+        return json.loads(row[0]) if row else None
+
 
 class SettingsStore:
     """Small key/value settings in the database (the generated API token lives here)."""
@@ -1573,7 +1640,10 @@ class SettingsStore:
 class AuditStore:
     """Write-request audit rows in the database, kept to a size budget (oldest dropped first)."""
 
-    _COLUMNS = "ts, request_id, client_ip, method, path, status, duration_ms, token_fp, headers_json"
+    _COLUMNS = ("ts, request_id, client_ip, method, path, status, duration_ms, token_fp, headers_json, query, auth_required,"
+                " origin, user_agent, bytes_in, error")
+    _KEYS = ("id", "ts", "request_id", "client_ip", "method", "path", "status", "duration_ms", "token_fp", "headers",
+             "query", "auth_required", "origin", "user_agent", "bytes_in", "error")
     _ROW_OVERHEAD = 120  # bytes per row besides path and headers, for the size estimate
 
     def __init__(self, db: Database, max_bytes: int = 0, prune_every: int = 100) -> None:
@@ -1583,8 +1653,9 @@ class AuditStore:
         self._writes = 0
 
     def append(self, row: Tuple[Any, ...]) -> None:
+        """Insert one row: the values of `_COLUMNS`, in order."""
         self.db.write(lambda conn: conn.execute(
-            f"INSERT INTO audit_log ({self._COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?)", row))
+            f"INSERT INTO audit_log ({self._COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)", row))
         self._writes += 1
         if self.max_bytes and self._writes % self.prune_every == 0:
             self.prune()
@@ -1603,10 +1674,28 @@ class AuditStore:
 
         return self.db.write(_prune)
 
-    def tail(self, limit: int = 100) -> List[Dict[str, Any]]:
-        rows = self.db.query(f"SELECT id, {self._COLUMNS} FROM audit_log ORDER BY id DESC LIMIT ?", (int(limit),))
-        keys = ("id", "ts", "request_id", "client_ip", "method", "path", "status", "duration_ms", "token_fp", "headers")
-        return [dict(zip(keys, (*r[:-1], json.loads(r[-1])))) for r in rows]
+    def tail(self, limit: int = 100, before_id: Optional[int] = None) -> List[Dict[str, Any]]:
+        """The newest rows (older than `before_id` if given), newest first."""
+        where, params = ("", [int(limit)]) if before_id is None else ("WHERE id < ?", [int(before_id), int(limit)])
+        rows = self.db.query(f"SELECT id, {self._COLUMNS} FROM audit_log {where} ORDER BY id DESC LIMIT ?", params)
+        out = []
+        for row in rows:
+            item = dict(zip(self._KEYS, row))
+            item["headers"], item["auth_required"] = json.loads(item["headers"]), bool(item["auth_required"])
+            out.append(item)
+        return out
+
+    @staticmethod
+    def jsonl_entry(row: Dict[str, Any]) -> Dict[str, Any]:
+        """A row as one line of the original gateway's `audit_log.jsonl` (its field names; optional
+        fields only when set)."""
+        entry = {"ts": row["ts"], "request_id": row["request_id"], "ip": row["client_ip"], "method": row["method"],
+                 "path": row["path"], "query": row["query"], "status": row["status"],
+                 "duration_ms": int(row["duration_ms"]), "auth_required": row["auth_required"]}
+        optional = {"auth_token_fp": row["token_fp"], "origin": row["origin"], "user_agent": row["user_agent"],
+                    "bytes_in": row["bytes_in"], "headers": row["headers"] or None, "error": row["error"]}
+        entry.update({k: v for k, v in optional.items() if v is not None})
+        return entry
 
 
 class ReportStore:
@@ -1704,6 +1793,11 @@ class FileLedgerStore(JsonlLedgerStore):
 
     def count_many(self, run_ids: Sequence[str]) -> Dict[str, int]:
         return {rid: self.count(rid) for rid in run_ids if rid}
+
+    def metrics_many(self, run_ids: Sequence[str]) -> Dict[str, Dict[str, int]]:
+        """None known: the file layout has no index to count from, and listing runs must not parse
+        every ledger (the SQLite backend keeps these counters)."""
+        return {}
 
 
 class FileCommandStore(JsonlCommandStore):
@@ -1998,6 +2092,10 @@ def migrate(source: str, dest: Stores, *, data_dir: Optional[Path] = None, sourc
             def _append_all(conn: apsw.Connection, rid: str = run_id, start: int = have, recs: list = missing) -> None:
                 conn.executemany(SqliteLedgerStore._INSERT,
                                  [(rid, start + k, _json_dumps(r)) for k, r in enumerate(recs, 1)])
+                for r in recs:
+                    if isinstance(r, dict):
+                        SqliteLedgerStore.count_step(conn, rid, step_counts(r.get("status"), r.get("effect"),
+                                                                            r.get("result")))
             db.write(_append_all)
             report.imported["ledger"] += len(missing)
         report.present["ledger"] += dest.ledger.count(run_id)
@@ -2285,7 +2383,7 @@ def workflow_id_for(bundle_id: str, bundle_version: str, flow_id: str) -> str:
 
 @dataclass
 class LoadedBundle:
-    """A bundle as the host sees it: manifest facts, namespaced flows, and why it cannot run (if so)."""
+    """A bundle as the host sees it: manifest facts, its flows, and why it cannot run (if so)."""
 
     bundle_id: str
     bundle_version: str
@@ -2293,7 +2391,7 @@ class LoadedBundle:
     origin: str  # "upload" or the .flow file path
     sha256: str
     manifest: Any = None
-    flows: Dict[str, Dict[str, Any]] = field(default_factory=dict)  # flow_id -> namespaced VisualFlow JSON
+    flows: Dict[str, Dict[str, Any]] = field(default_factory=dict)  # flow_id -> VisualFlow JSON as authored
     load_error: Optional[str] = None
     needs: List[str] = field(default_factory=list)  # LLM node types found in the flows
 
@@ -2311,7 +2409,7 @@ class LoadedBundle:
 
 
 def read_bundle(content: bytes, origin: str) -> LoadedBundle:
-    """Parse `.flow` bytes into a LoadedBundle (flows namespaced); raise GatewayError if unusable.
+    """Parse `.flow` bytes into a LoadedBundle (flows as authored); raise GatewayError if unusable.
 
     Hostile input is expected: entry names must be plain relative paths, no symlinks, and the
     total/ratio of uncompressed bytes is capped before anything is decompressed.
@@ -2378,7 +2476,7 @@ def _read_bundle_archive(archive: Any, content: bytes, origin: str) -> LoadedBun
             raise GatewayError(f"Bundle flow {flow_id!r} is not valid JSON: {exc}", code="bundle_invalid") from None
         if not isinstance(flow, dict):
             raise GatewayError(f"Bundle flow {flow_id!r} is not a VisualFlow object", code="bundle_invalid")
-        bundle.flows[flow_id] = _namespace_flow(flow, bundle, flow_id, manifest.flows)
+        bundle.flows[flow_id] = flow
         needs |= {str(n.get("type")) for n in flow.get("nodes") or [] if isinstance(n, dict)} & LLM_NODE_TYPES
     bundle.needs = sorted(needs)
     return bundle
@@ -2417,8 +2515,6 @@ _INTERVAL_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 
 def parse_interval(text: str) -> float:
     """Seconds in a relative duration such as `500ms`, `30s`, `15m`, `1.5h`, `1d`."""
-    import re
-
     match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)\s*", str(text or ""))
     if not match or float(match.group(1)) <= 0:
         raise GatewayError(f"Invalid interval {text!r} (expected e.g. 500ms, 30s, 15m, 1h, 1d)", code="invalid_interval")
@@ -2484,6 +2580,48 @@ def schedule_spec(workflow_id: str) -> Any:
     return WorkflowSpec(workflow_id=workflow_id, entry_node="start", nodes=nodes)
 
 
+def schedule_visualflow(workflow_id: str, definition: Dict[str, Any]) -> Dict[str, Any]:
+    """The VisualFlow document of a schedule wrapper, for editors and run views.
+
+    It draws what `schedule_spec` executes, with the same node ids (so the ledger's node ids light up
+    its nodes) and the original gateway's node shapes: `wait_start` and `wait_interval` are
+    `on_schedule` waits, `run_target` a `subflow` of the target, `after_run` the repeat decision.
+    """
+    def node(node_id: str, kind: str, x: int, y: int, label: str, inputs: List[Dict[str, Any]],
+             outputs: List[Dict[str, Any]], **data: Any) -> Dict[str, Any]:
+        return {"id": node_id, "type": kind, "position": {"x": float(x), "y": float(y)},
+                "data": {"nodeType": kind, "label": label, "inputs": inputs, "outputs": outputs, **data}}
+
+    def edge(edge_id: str, source: str, source_handle: str, target: str, target_handle: str) -> Dict[str, Any]:
+        return {"id": edge_id, "source": source, "sourceHandle": source_handle, "target": target,
+                "targetHandle": target_handle}
+
+    exec_in, exec_out = {"id": "exec-in", "label": "", "type": "execution"}, {"id": "exec-out", "label": "", "type": "execution"}
+    interval, count = definition.get("interval"), definition.get("repeat_count")
+    nodes = [
+        node("start", "on_flow_start", 0, 0, "On Flow Start", [], [exec_out, {"id": "vars", "label": "vars", "type": "object"}]),
+        node("wait_start", "on_schedule", 220, 0, "Wait (start)", [exec_in], [exec_out],
+             eventConfig={"schedule": definition.get("start_at") or "0s", "recurrent": False}),
+        node("run_target", "subflow", 440, 0, "Run workflow", [exec_in, {"id": "vars", "label": "vars", "type": "object"}],
+             [exec_out], subflowId=definition.get("target_workflow_id")),
+        node("after_run", "if", 660, 0, "Run again?", [exec_in, {"id": "condition", "label": "condition", "type": "boolean"}],
+             [{"id": "true", "label": "true", "type": "execution"}, {"id": "false", "label": "false", "type": "execution"}],
+             pinDefaults={"condition": bool(interval)}),
+    ]
+    edges = [edge("e1", "start", "exec-out", "wait_start", "exec-in"), edge("e2", "wait_start", "exec-out", "run_target", "exec-in"),
+             edge("e3", "run_target", "exec-out", "after_run", "exec-in"), edge("d_vars", "start", "vars", "run_target", "vars")]
+    if interval:
+        nodes.append(node("wait_interval", "on_schedule", 660, 140, "Wait (interval)", [exec_in], [exec_out],
+                          eventConfig={"schedule": interval, "recurrent": False}))
+        edges += [edge("e4", "after_run", "true", "wait_interval", "exec-in"),
+                  edge("e5", "wait_interval", "exec-out", "run_target", "exec-in")]
+    if not interval or count is not None:  # a schedule repeating forever never ends
+        nodes.append(node("end", "on_flow_end", 880, 0, "On Flow End", [exec_in], []))
+        edges.append(edge("e6", "after_run", "false", "end", "exec-in"))
+    return {"id": workflow_id, "name": "scheduled", "description": f"Runs {definition.get('target_workflow_id')} on a schedule",
+            "nodes": nodes, "edges": edges, "entryNode": "start"}
+
+
 @dataclass
 class _Catalog:
     bundles: Dict[str, Dict[str, LoadedBundle]] = field(default_factory=dict)  # id -> version -> bundle
@@ -2530,9 +2668,8 @@ class WorkflowHost:
             else:
                 for origin, content in self._bundle_sources(catalog):
                     self._add_bundle(catalog, origin, content)
-            for workflow_id, definition in self.stores.dynamic_flows.all().items():
+            for workflow_id in self.stores.dynamic_flows.all():
                 catalog.specs[workflow_id] = schedule_spec(workflow_id)
-                catalog.flows[workflow_id] = definition
             self._catalog = catalog
             return catalog
 
@@ -2570,8 +2707,9 @@ class WorkflowHost:
             return
         specs = {}
         try:
-            for flow_id, flow in bundle.flows.items():
-                specs[workflow_id_for(bundle.bundle_id, bundle.bundle_version, flow_id)] = compile_visualflow(flow)
+            for flow_id, flow in bundle.flows.items():  # compiled from the namespaced copy; served as authored
+                specs[workflow_id_for(bundle.bundle_id, bundle.bundle_version, flow_id)] = compile_visualflow(
+                    _namespace_flow(flow, bundle, flow_id, bundle.flows))
         except Exception as exc:  # noqa: BLE001 - the compiler raises many types; one bad bundle must not stop others
             bundle.load_error = f"compile failed: {type(exc).__name__}: {exc}"
             catalog.errors.append(f"{origin}: {bundle.load_error}")
@@ -2723,7 +2861,6 @@ class WorkflowHost:
         with self._reload_lock:
             spec = schedule_spec(workflow_id)
             self._catalog.specs[workflow_id] = spec
-            self._catalog.flows[workflow_id] = definition
         return spec
 
     def install(self, content: bytes, *, overwrite: bool = False) -> LoadedBundle:
@@ -2735,6 +2872,34 @@ class WorkflowHost:
         except FileExistsError as exc:
             raise Conflict(str(exc), code="bundle_exists") from None
         return bundle
+
+    def remove(self, bundle_id: str, version: Optional[str] = None) -> int:
+        """Delete a bundle (every version, or one) wherever it was installed; return how many copies.
+
+        Uploads leave the database. Files leave the flows dir under the original gateway's rules:
+        only `*.flow` files directly in that directory (a flows dir that is a single file is never
+        touched), recognised by the manifest they hold rather than their name, and a symlink is
+        unlinked without touching what it points to.
+        """
+        self.require_bundle_source()
+        removed = self.stores.bundles.delete(bundle_id, version)
+        paths = sorted(self.flows_dir.glob("*.flow")) if self.flows_dir.is_dir() else []
+        for path in paths:
+            if not path.is_file():
+                continue
+            try:
+                found = read_bundle(path.read_bytes(), str(path))
+            except (GatewayError, OSError):
+                continue  # not a readable bundle: never ours to delete
+            if found.bundle_id != bundle_id or (version is not None and found.bundle_version != version):
+                continue
+            try:
+                path.unlink()
+            except OSError as exc:
+                raise GatewayError(f"Failed removing {path.name} from the flows dir: {exc.strerror}",
+                                   code="bundle_remove_failed") from None
+            removed += 1
+        return removed
 
 
 def split_bundle_ref(bundle_id: str, bundle_version: Optional[str]) -> Tuple[str, Optional[str]]:
@@ -2941,7 +3106,7 @@ class Gateway:
         target = self.host.resolve(bundle_id=bundle_id, bundle_version=bundle_version, flow_id=flow_id)
         self.host.startable_spec(target)
         start = _parse_time(start_at, "start_at") if (start_at or "").strip().lower() not in ("", "now") else None
-        seconds = parse_interval(interval) if interval else None
+        seconds = self._schedule_interval_s(interval) if interval else None
         if repeat_count is not None and repeat_count <= 0:
             raise GatewayError("repeat_count must be >= 1", code="invalid_schedule")
         if repeat_count is not None and repeat_count > 1 and seconds is None:
@@ -2970,6 +3135,16 @@ class Gateway:
         workflow_id = f"{SCHEDULE_PREFIX}{uuid.uuid4()}"
         spec = self.host.register_schedule(workflow_id, definition)
         return self._start(spec, {"vars": dict(input_data or {}), "_meta": {"schedule": definition}}, session_id)
+
+    def _schedule_interval_s(self, interval: str) -> float:
+        """Seconds of a schedule `interval`, refused below `schedule_min_interval_s` (a 1 ms schedule
+        would spawn child runs as fast as the runner can tick)."""
+        seconds = parse_interval(interval)
+        floor = self.config.schedule_min_interval_s
+        if seconds < floor:
+            raise Unprocessable(f"Interval {interval!r} is shorter than the minimum of {floor:g}s "
+                                "(ABSTRACTGATEWAY_SCHEDULE_MIN_INTERVAL_S)", code="interval_too_short")
+        return seconds
 
     def schedule_root(self, run_id: str) -> RunState:
         """The scheduled parent run `run_id` belongs to (itself or an ancestor)."""
@@ -3006,6 +3181,9 @@ class Gateway:
         """Append to the durable inbox (idempotent on `command_id`); application is asynchronous."""
         if type not in COMMAND_TYPES:
             raise GatewayError(f"type must be one of {'|'.join(COMMAND_TYPES)}", code="invalid_command_type")
+        if not str(command_id or "").strip():  # a generated id would make every retry a new command
+            raise Unprocessable("Field 'command_id' must be non-empty (it makes retries idempotent)",
+                                code="validation_error")
         record = CommandRecord(command_id=command_id, run_id=run_id, type=type, payload=dict(payload or {}),
                                ts=ts or utc_now_iso(), client_id=client_id)
         try:
@@ -3207,7 +3385,7 @@ class Gateway:
         interval = payload.get("interval") or payload.get("schedule")
         if not interval:
             raise GatewayError("update_schedule needs payload.interval", code="invalid_payload")
-        seconds = parse_interval(interval)
+        seconds = self._schedule_interval_s(interval)
         root = self.schedule_root(record.run_id)
         sched = root.vars["_meta"]["schedule"]
         if not sched.get("interval"):
@@ -4176,7 +4354,8 @@ _RUN = _obj(("run_id", "workflow_id", "status"), run_id=_S, workflow_id=_S,
             current_node=_NS, created_at=_NS, updated_at=_NS, actor_id=_NS, session_id=_NS, parent_run_id=_NS,
             error=_NS, paused=_B, pause_reason=_NS, paused_at=_NS, resumed_at=_NS,
             waiting={"type": ["object", "null"]}, is_scheduled=_B, schedule={"type": ["object", "null"]},
-            limits={"type": ["object", "null"]}, ledger_len={"type": ["integer", "null"]})
+            limits={"type": ["object", "null"]}, ledger_len={"type": ["integer", "null"]},
+            **{name: {"type": ["integer", "null"]} for name in ("steps", "llm_calls", "tool_calls", "tokens_total")})
 _LEDGER_PAGE = _obj(("items", "next_after"), items={"type": "array", "items": _O}, next_after=_I)
 _ENTRYPOINT = _obj(("flow_id",), flow_id=_S, workflow_id=_S, name=_NS, description=_S,
                    interfaces={"type": "array", "items": _S}, deprecated=_B, deprecated_at=_NS, deprecated_reason=_NS)
@@ -4225,7 +4404,8 @@ ROUTES: Tuple[Route, ...] = (
                         errors={"type": "array", "items": _S})),
     Route("GET", f"{API}/bundles/<bundle_id>", "get_bundle", "One bundle with its entrypoints and inputs.", "bundles",
           query=(Param("bundle_version", "str"),), response=_BUNDLE, errors=(404,)),
-    Route("DELETE", f"{API}/bundles/<bundle_id>", "delete_bundle", "Remove an uploaded bundle (or one version).",
+    Route("DELETE", f"{API}/bundles/<bundle_id>", "delete_bundle",
+          "Remove a bundle (or one version): uploads and `.flow` files of the flows dir.",
           "bundles", query=(Param("bundle_version", "str"), Param("reload", "bool", True)),
           response=_obj(("ok", "removed"), ok=_B, bundle_ref=_S, removed=_I, **_RELOAD), errors=(404,)),
     Route("POST", f"{API}/bundles/<bundle_id>/deprecate", "deprecate_bundle", "Deprecate a bundle or one entrypoint.",
@@ -4239,7 +4419,8 @@ ROUTES: Tuple[Route, ...] = (
           response=_obj(("flow",), bundle_id=_S, bundle_version=_S, bundle_ref=_S, flow_id=_S, workflow_id=_S, flow=_O),
           errors=(404,)),
     Route("GET", f"{API}/workflows/<workflow_id>/flow", "get_workflow_flow", "VisualFlow JSON of a workflow id.",
-          "bundles", response=_obj(("workflow_id", "flow"), workflow_id=_S, flow=_O, source=_S), errors=(404,)),
+          "bundles", response=_obj(("workflow_id", "flow"), workflow_id=_S, flow=_O, source=_S, bundle_id=_S,
+                                   bundle_version=_S, bundle_ref=_S, flow_id=_S), errors=(404,)),
     # runs
     Route("POST", f"{API}/runs/start", "start_run", "Start a run (durable before this returns).", "runs",
           body=_obj((), bundle_id=_NS, bundle_version=_NS, flow_id=_NS, input_data=_O, session_id=_NS),
@@ -4252,7 +4433,9 @@ ROUTES: Tuple[Route, ...] = (
     Route("GET", f"{API}/runs", "list_runs", "List runs, most recently updated first, with a page cursor.", "runs",
           query=(Param("limit", "int", 50, 1, 500), Param("status", "str", choices=tuple(s.value for s in RunStatus)),
                  Param("workflow_id", "str"), Param("session_id", "str"), Param("root_only", "bool", False),
-                 Param("include_ledger_len", "bool", True), Param("cursor", "str", description="next_cursor of the previous page")),
+                 Param("include_ledger_len", "bool", True), Param("cursor", "str", description="next_cursor of the previous page"),
+                 Param("include_metrics", "bool", False,
+                       description="add steps, llm_calls, tool_calls, tokens_total per run (from indexed counters)")),
           response=_obj(("items",), items={"type": "array", "items": _RUN}, next_cursor=_NS)),
     Route("GET", f"{API}/runs/<run_id>", "get_run", "Run summary.", "runs", response=_RUN, errors=(404,)),
     Route("GET", f"{API}/runs/<run_id>/input_data", "get_run_input", "The inputs a run was started with.", "runs",
@@ -4290,12 +4473,16 @@ ROUTES: Tuple[Route, ...] = (
           "commands", body=_obj(("command_id", "run_id", "type"), command_id=_S, run_id=_S,
                                 type={"type": "string", "enum": list(COMMAND_TYPES)}, payload=_O, ts=_NS, client_id=_NS),
           response=_obj(("accepted", "duplicate", "seq"), accepted=_B, duplicate=_B, seq=_I)),
-    Route("GET", f"{API}/audit/tail", "audit_tail", "The newest audit rows (write requests), newest first.", "meta",
-          query=(Param("limit", "int", 100, 1, 1000),),
-          response=_obj(("items",), items={"type": "array", "items": _obj((), id=_I, ts=_S, request_id=_S,
-                                                                            client_ip=_NS, method=_S, path=_S, status=_I,
-                                                                            duration_ms={"type": "number"}, token_fp=_NS,
-                                                                            headers=_O)})),
+    Route("GET", f"{API}/audit/tail", "audit_tail",
+          "The audit log of write requests: its newest JSONL lines within `max_bytes` (the original's shape), "
+          "plus the newest `limit` rows as objects, newest first.", "meta",
+          query=(Param("limit", "int", 100, 1, 1000), Param("max_bytes", "int", 80_000, 1024, 400_000)),
+          response=_obj(("ok", "bytes", "truncated", "content"), ok=_B, bytes=_I, truncated=_B, content=_S,
+                        items={"type": "array", "items": _obj((), id=_I, ts=_S, request_id=_S, client_ip=_NS, method=_S,
+                                                              path=_S, status=_I, duration_ms={"type": "number"},
+                                                              token_fp=_NS, headers=_O, query=_S, auth_required=_B,
+                                                              origin=_NS, user_agent=_NS,
+                                                              bytes_in={"type": ["integer", "null"]}, error=_NS)})),
     Route("GET", f"{API}/commands/<command_id>", "get_command", "A command's outcome: pending, applied or failed.",
           "commands", response=_COMMAND_STATUS, errors=(404,)),
     # thin clients: workspace files, attachments, knowledge graph, reports inbox
@@ -4404,20 +4591,91 @@ def _check_body(schema: Dict[str, Any], body: Any) -> Dict[str, Any]:
     return body
 
 
-_LONE_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
 
 
 def _reject_json_constant(name: str) -> Any:
     raise ValueError(f"{name} is not valid JSON")
 
 
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):  # 1e999 parses to inf: not JSON, and not storable as such
+        raise ValueError(f"number {text} is out of range")
+    return value
+
+
+class InvalidText(GatewayError):
+    """Text that cannot be stored: invalid UTF-8 or a lone surrogate (e.g. a JSON `\\ud800` escape)."""
+
+    status, code = 422, "invalid_text"
+
+
+def _unencodable_path(value: Any) -> Optional[str]:
+    """Where in a parsed JSON value a string (or key) is not encodable as UTF-8, e.g. `input_data.a[2]`;
+    None if it all is. Iterative: a body nested as deep as the parser allows cannot overflow the stack."""
+    stack: List[Tuple[str, Any]] = [("", value)]
+    while stack:
+        where, item = stack.pop()
+        if isinstance(item, str):
+            if not _is_utf8_text(item):
+                return where or "(body)"
+        elif isinstance(item, dict):
+            for key, sub in item.items():
+                name = f"{where}.{key}" if where else str(key)
+                if not _is_utf8_text(key):
+                    return where or "(body)"
+                stack.append((name, sub))
+        elif isinstance(item, list):
+            stack.extend((f"{where}[{i}]", sub) for i, sub in enumerate(item))
+    return None
+
+
+def _is_utf8_text(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _check_request_text(environ: Dict[str, Any]) -> None:
+    """Refuse a path or query string that is not valid UTF-8. Checked on the raw request target:
+    werkzeug's server has already turned invalid bytes in PATH_INFO into U+FFFD, so the id a client
+    sent and the one the gateway would store or report would silently differ."""
+    from urllib.parse import unquote_to_bytes
+
+    target = environ.get("REQUEST_URI") or environ.get("RAW_URI")
+    if target:
+        raw = target.encode("latin-1", "replace")
+        try:  # undo werkzeug's "encoding dance" (latin-1 request line re-encoded as UTF-8 text)
+            raw = raw.decode("utf-8").encode("latin-1")
+        except UnicodeError:
+            pass  # a PEP 3333 server: the text already is the latin-1 view of the raw bytes
+        path, _, query = raw.partition(b"?")
+    else:
+        path = environ.get("PATH_INFO", "").encode("latin-1", "replace")
+        query = environ.get("QUERY_STRING", "").encode("latin-1", "replace")
+    for name, data in (("path", path), ("query string", query.replace(b"+", b" "))):
+        try:
+            unquote_to_bytes(data).decode("utf-8")
+        except UnicodeError:
+            raise InvalidText(f"The request {name} is not valid UTF-8 text") from None
+
+
+def _safe_text(text: str) -> str:
+    """`text` with anything UTF-8 cannot carry replaced by U+FFFD: for messages that echo client input."""
+    return text if _is_utf8_text(text) else "".join("\ufffd" if 0xD800 <= ord(c) <= 0xDFFF else c for c in text)
+
+
 def json_response(data: Any, status: int = 200, headers: Optional[Dict[str, str]] = None) -> Response:
-    return _response(_json_dumps(data), status=status, headers=headers, content_type="application/json")
+    return _response(_json_dumps(data).encode("utf-8"), status=status, headers=headers, content_type="application/json")
 
 
-def error_response(status: int, code: str, detail: str, **extra: Any) -> Response:
-    """The one error shape of the API: `{"detail": ..., "code": ...}`."""
-    return json_response({"detail": detail, "code": code, **extra}, status)
+def error_response(status: int, code: str, detail: str, headers: Optional[Dict[str, str]] = None,
+                   **extra: Any) -> Response:
+    """The one error shape of the API: `{"detail": ..., "code": ...}` (a detail that echoes client input
+    is made encodable, so an error can never turn into a 500 itself)."""
+    return json_response({"detail": _safe_text(detail), "code": code, **extra}, status, headers)
 
 
 # What a storage failure answers: busy and I/O trouble may pass (503), a full disk needs the operator (507).
@@ -4449,6 +4707,7 @@ class GatewayApp:
         request = Request(environ)
         request_id = environ.get("abstractgateway.request_id") or uuid.uuid4().hex[:16]
         try:
+            _check_request_text(environ)
             adapter = self.url_map.bind_to_environ(environ)
             endpoint, args = adapter.match()
             route = self._routes[endpoint]
@@ -4466,7 +4725,9 @@ class GatewayApp:
                 response.headers["Retry-After"] = str(err.retry_after_s)
         except HTTPException as exc:
             code = {404: "not_found", 405: "method_not_allowed", 413: "too_large"}.get(exc.code or 500, "http_error")
-            response = error_response(exc.code or 500, code, exc.description or exc.name)
+            allowed = getattr(exc, "valid_methods", None)  # a 405 says which methods the path does take
+            response = error_response(exc.code or 500, code, exc.description or exc.name,
+                                      {"Allow": ", ".join(sorted(allowed))} if allowed else None)
         except Exception as exc:  # noqa: BLE001 - a 500 is a bug: log it with the request id
             import traceback
 
@@ -4501,15 +4762,13 @@ class GatewayApp:
         if not raw.strip():
             return {}
         try:
-            body = json.loads(raw, parse_constant=_reject_json_constant)
+            body = json.loads(raw, parse_constant=_reject_json_constant, parse_float=_finite_float)
         except (ValueError, RecursionError) as exc:
             raise GatewayError(f"Request body is not valid JSON: {exc}", code="invalid_json") from None
-        if b"\\u" in raw and _LONE_SURROGATE_ESCAPE.search(raw):  # `\ud800` alone decodes, but cannot be stored
-            try:
-                _json_dumps(body).encode("utf-8")
-            except UnicodeEncodeError:
-                raise Unprocessable("Request body has a string with an unpaired UTF-16 surrogate",
-                                    code="validation_error") from None
+        where = _unencodable_path(body)
+        if where is not None:
+            raise InvalidText(f"Field '{_safe_text(where)}' holds text that cannot be stored "
+                              "(a lone surrogate or invalid UTF-8)")
         return body
 
     # -- meta -------------------------------------------------------------------------------------
@@ -4645,10 +4904,10 @@ class GatewayApp:
     def delete_bundle(self, request: Request, bundle_id: str, bundle_version: Optional[str], reload: bool) -> Response:
         self.gateway.host.require_bundle_source()
         bid, version = split_bundle_ref(bundle_id, bundle_version)
-        removed = self.gateway.stores.bundles.delete(bid, version)
+        removed = self.gateway.host.remove(bid, version)
         ref = f"{bid}@{version}" if version else bid
         if not removed:
-            raise NotFound(f"Bundle '{ref}' not found among uploaded bundles", code="bundle_not_found")
+            raise NotFound(f"Bundle '{ref}' not found", code="bundle_not_found")
         reloaded, reload_error = self._reload(reload)
         return json_response({"ok": True, "bundle_ref": ref, "removed": removed, "gateway_reloaded": reloaded,
                               "gateway_reload_error": reload_error})
@@ -4681,28 +4940,36 @@ class GatewayApp:
             if pid != bid or (pversion and version and pversion != version):
                 raise GatewayError(f"flow_id prefix '{prefix}' does not match bundle '{bundle_id}'", code="version_conflict")
             version = version or pversion
-        bundle = self.gateway.host.bundle(bid, version)
+        return json_response(self._bundle_flow_view(self.gateway.host.bundle(bid, version), flow_id))
+
+    @staticmethod
+    def _bundle_flow_view(bundle: LoadedBundle, flow_id: str) -> Dict[str, Any]:
+        """A bundle flow exactly as authored (editors round-trip it), with the ids that name it."""
         flow = bundle.flows.get(flow_id)
         if flow is None:
             raise NotFound(f"Flow '{flow_id}' not found in bundle '{bundle.ref}'", code="flow_not_found")
-        return json_response({"bundle_id": bundle.bundle_id, "bundle_version": bundle.bundle_version,
-                              "bundle_ref": bundle.ref, "flow_id": flow_id,
-                              "workflow_id": workflow_id_for(bundle.bundle_id, bundle.bundle_version, flow_id), "flow": flow})
+        return {"bundle_id": bundle.bundle_id, "bundle_version": bundle.bundle_version, "bundle_ref": bundle.ref,
+                "flow_id": flow_id, "workflow_id": workflow_id_for(bundle.bundle_id, bundle.bundle_version, flow_id),
+                "flow": flow}
 
     def get_workflow_flow(self, request: Request, workflow_id: str) -> Response:
-        flow = self.gateway.host.catalog.flows.get(workflow_id)
-        if flow is None and ":" in workflow_id:
+        host = self.gateway.host
+        if workflow_id.startswith(SCHEDULE_PREFIX):  # read from the store: an update_schedule shows at once
+            definition = self.gateway.stores.dynamic_flows.get(workflow_id)
+            if definition is not None:
+                return json_response({"workflow_id": workflow_id, "flow": schedule_visualflow(workflow_id, definition),
+                                      "source": "dynamic"})
+        elif host.source == "visualflow":
+            flow = host.catalog.flows.get(workflow_id)
+            if flow is not None:
+                return json_response({"workflow_id": workflow_id, "flow": flow, "source": "visualflow"})
+        elif ":" in workflow_id:  # bundle@version:flow_id, or bundle:flow_id for the latest version
             prefix, _, flow_id = workflow_id.partition(":")
             try:
-                bundle = self.gateway.host.bundle(prefix)
-                flow = bundle.flows.get(flow_id)
-                workflow_id = workflow_id_for(bundle.bundle_id, bundle.bundle_version, flow_id)
-            except GatewayError:
-                flow = None
-        if flow is None:
-            raise NotFound(f"Workflow '{workflow_id}' not found", code="workflow_not_found")
-        source = "dynamic" if workflow_id.startswith(SCHEDULE_PREFIX) else self.gateway.host.source
-        return json_response({"workflow_id": workflow_id, "flow": flow, "source": source})
+                return json_response({**self._bundle_flow_view(host.bundle(prefix), flow_id), "source": "bundle"})
+            except NotFound:
+                pass
+        raise NotFound(f"Workflow '{workflow_id}' not found", code="workflow_not_found")
 
     # -- runs ---------------------------------------------------------------------------------------
 
@@ -4721,7 +4988,8 @@ class GatewayApp:
         return json_response({"run_id": run_id})
 
     def list_runs(self, request: Request, limit: int, status: Optional[str], workflow_id: Optional[str],
-                  session_id: Optional[str], root_only: bool, include_ledger_len: bool, cursor: Optional[str]) -> Response:
+                  session_id: Optional[str], root_only: bool, include_ledger_len: bool, cursor: Optional[str],
+                  include_metrics: bool) -> Response:
         before = _decode_cursor(cursor) if cursor else None
         rows = self.gateway.stores.runs.list_run_index(
             status=RunStatus(status) if status else None, workflow_id=workflow_id, session_id=session_id,
@@ -4733,6 +5001,7 @@ class GatewayApp:
         more = len(rows) > limit
         rows = rows[:limit]
         counts = self.gateway.stores.ledger.count_many([r["run_id"] for r in rows]) if include_ledger_len else {}
+        metrics = self.gateway.stores.ledger.metrics_many([r["run_id"] for r in rows]) if include_metrics else {}
         items = []
         for row in rows:
             item = {"run_id": row["run_id"], "workflow_id": row["workflow_id"], "status": row["status"],
@@ -4744,6 +5013,8 @@ class GatewayApp:
                     "is_scheduled": False, "schedule": None, "limits": None}
             if include_ledger_len:
                 item["ledger_len"] = counts.get(row["run_id"], 0)
+            if include_metrics:  # like the original: null for a run with no completed step yet
+                item.update(metrics.get(row["run_id"]) or dict.fromkeys(("steps", "llm_calls", "tool_calls", "tokens_total")))
             items.append(item)
         next_cursor = _encode_cursor(rows[-1]["updated_at"] or "", rows[-1]["run_id"]) if more and rows else None
         return json_response({"items": items, "next_cursor": next_cursor})
@@ -4855,19 +5126,22 @@ class GatewayApp:
         return _response(body, content_type="application/json")
 
     def ledger_batch(self, request: Request, body: Dict[str, Any]) -> Response:
-        limit = body.get("limit") or 200
+        limit = 200 if body.get("limit") is None else body["limit"]
         if not 1 <= limit <= 2000:
             raise Unprocessable("Field 'limit' must be between 1 and 2000", code="validation_error")
         parts = []
         for entry in body["runs"]:
             if not isinstance(entry, dict):
                 raise Unprocessable("Field 'runs' must be a list of {run_id, after}", code="validation_error")
-            run_id = str(entry.get("run_id") or "").strip()
+            run_id = entry.get("run_id")
+            if not isinstance(run_id, str) or not run_id.strip():
+                raise Unprocessable("Field 'runs[].run_id' must be a non-empty string", code="validation_error")
+            run_id = run_id.strip()
             after = entry.get("after") or 0
             if not isinstance(after, int) or isinstance(after, bool) or not 0 <= after <= MAX_CURSOR:
                 raise Unprocessable("Field 'runs[].after' must be an integer between 0 and 2^63-1",
                                     code="validation_error")
-            if not run_id or not self.gateway.stores.runs.exists(run_id):
+            if not self.gateway.stores.runs.exists(run_id):
                 continue
             rows = self.gateway.stores.ledger.page_json(run_id, after, limit)
             parts.append(_json_dumps(run_id) + ':{"items":[' + ",".join(rows) + '],"next_after":'
@@ -4899,8 +5173,27 @@ class GatewayApp:
                                              client_id=body.get("client_id"))
         return json_response({"accepted": result.accepted, "duplicate": result.duplicate, "seq": result.seq})
 
-    def audit_tail(self, request: Request, limit: int) -> Response:
-        return json_response({"items": self.gateway.stores.audit.tail(limit)})
+    def audit_tail(self, request: Request, limit: int, max_bytes: int) -> Response:
+        """Whole JSONL lines, oldest first, as many of the newest as fit in `max_bytes` (the original
+        served the file's last bytes; whole lines are the same text without a cut first line)."""
+        audit = self.gateway.stores.audit
+        lines: List[bytes] = []
+        size, truncated, before = 0, False, None
+        while not truncated:
+            rows = audit.tail(500, before_id=before)
+            if not rows:
+                break
+            for row in rows:
+                line = _json_dumps(AuditStore.jsonl_entry(row)).encode("utf-8") + b"\n"
+                if size + len(line) > max_bytes:
+                    truncated = True
+                    break
+                lines.append(line)
+                size += len(line)
+            before = rows[-1]["id"]
+        content = b"".join(reversed(lines)).decode("utf-8")
+        return json_response({"ok": True, "bytes": size, "truncated": truncated, "content": content,
+                              "items": audit.tail(limit)})
 
     def get_command(self, request: Request, command_id: str) -> Response:
         return json_response(self.gateway.command_status(command_id))
@@ -5309,6 +5602,60 @@ fetch('/openapi.json').then(r => r.json()).then(render)
 """
 
 
+class JsonErrors:
+    """Outermost WSGI wrapper: an exception that escapes the stack (a middleware, or a streamed body
+    failing before its first byte) still answers the API's JSON 500, never the server's HTML page."""
+
+    def __init__(self, app: Callable) -> None:
+        self.app = app
+
+    def __call__(self, environ: Dict[str, Any], start_response: Callable) -> Iterable[bytes]:
+        try:
+            body = self.app(environ, start_response)
+        except Exception:  # noqa: BLE001 - logged with the request id, answered in the error shape
+            return self._internal_error(environ, start_response, sys.exc_info())
+        return _FirstChunkGuard(body, lambda exc_info: self._internal_error(environ, start_response, exc_info))
+
+    @staticmethod
+    def _internal_error(environ: Dict[str, Any], start_response: Callable, exc_info: Any) -> Iterable[bytes]:
+        import traceback
+
+        request_id = environ.get("abstractgateway.request_id") or uuid.uuid4().hex[:16]
+        _log(f"500 on {environ.get('REQUEST_METHOD')} {environ.get('PATH_INFO')} request_id={request_id}: "
+             + "".join(traceback.format_exception(*exc_info)))
+        response = error_response(500, "internal_error", f"Internal error (request id {request_id})",
+                                  request_id=request_id)
+        response.headers["X-Request-Id"] = request_id
+        start_response(response.status, list(response.headers.items()), exc_info)
+        return [response.get_data()]
+
+
+class _FirstChunkGuard:
+    """A response body whose first chunk, if it fails, is replaced by `on_error`'s (headers are not
+    sent before the first chunk, so the status can still change); `close()` always reaches the body."""
+
+    def __init__(self, body: Iterable[bytes], on_error: Callable[[Any], Iterable[bytes]]) -> None:
+        self._body = body
+        self._on_error = on_error
+
+    def __iter__(self) -> Iterator[bytes]:
+        iterator = iter(self._body)
+        try:
+            first = next(iterator)
+        except StopIteration:
+            return
+        except Exception:  # noqa: BLE001 - answered as the JSON 500 (and logged) by on_error
+            yield from self._on_error(sys.exc_info())
+            return
+        yield first
+        yield from iterator
+
+    def close(self) -> None:
+        close = getattr(self._body, "close", None)
+        if close is not None:
+            close()
+
+
 MAX_HEADER_BYTES = 16 * 1024
 
 
@@ -5535,6 +5882,15 @@ class _Finally:
                 self._callback()
 
 
+AUTH_REQUIRED_KEY = "abstractgateway.auth_required"  # set by AuthMiddleware, read by the audit
+
+
+def _redacted_query(query_string: str) -> str:
+    """The query's parameter names only (`k=<redacted>`): values may carry secrets."""
+    keys = [part.split("=", 1)[0].strip() for part in query_string.split("&")]
+    return "&".join([f"{k}=<redacted>" for k in keys if k][:50])
+
+
 class AuditMiddleware(_Middleware):
     """Records every in-scope write request (rejected ones too) once its response is finished."""
 
@@ -5554,13 +5910,17 @@ class AuditMiddleware(_Middleware):
             status_box[0] = int(status.split(" ", 1)[0])
             return start_response(status, headers, exc_info)
 
-        def _record() -> None:
+        def _record(error: Optional[str] = None) -> None:
             token = _bearer(environ)
             headers = {h: environ[f"HTTP_{h.upper().replace('-', '_')}"] for h in self.policy.audit_headers
                        if f"HTTP_{h.upper().replace('-', '_')}" in environ}
+            length = environ.get("CONTENT_LENGTH", "").strip()
             row = (utc_now_iso(), environ.get("abstractgateway.request_id", ""), self.policy.client_ip(environ), method,
                    path, status_box[0] or 500, round((time.perf_counter() - started) * 1000, 3),
-                   token_fingerprint(token) if token else None, _json_dumps(headers))
+                   token_fingerprint(token) if token else None, _json_dumps(headers),
+                   _redacted_query(environ.get("QUERY_STRING", "")), bool(environ.get(AUTH_REQUIRED_KEY)),
+                   environ.get("HTTP_ORIGIN"), environ.get("HTTP_USER_AGENT"), int(length) if length.isdigit() else None,
+                   error)
             try:
                 self.store.append(row)
             except Exception as exc:  # noqa: BLE001 - auditing never breaks a request
@@ -5568,8 +5928,8 @@ class AuditMiddleware(_Middleware):
 
         try:
             return _Finally(self.app(environ, _start), _record)
-        except BaseException:
-            _record()
+        except BaseException as exc:
+            _record(f"{type(exc).__name__}: {exc}")
             raise
 
 
@@ -5682,7 +6042,9 @@ class AuthMiddleware(_Middleware):
         return matched and bool(token)
 
     def __call__(self, environ: Dict[str, Any], start_response: Callable) -> Iterable[bytes]:
-        if not in_scope(environ.get("PATH_INFO", "")) or not self.required(environ):
+        required = in_scope(environ.get("PATH_INFO", "")) and self.required(environ)
+        environ[AUTH_REQUIRED_KEY] = required
+        if not required:
             return self.app(environ, start_response)
         if not self.policy.tokens:
             return _reject(environ, start_response, 503, "no_token_configured",
@@ -5797,7 +6159,7 @@ def build_wsgi(gateway: Gateway, runner: Optional[Runner] = None) -> Tuple[Calla
     audit = gateway.stores.audit if policy.audit else None
     if audit is not None:
         audit.max_bytes = policy.audit_max_bytes
-    return secure_app(app, policy, audit), app, policy
+    return JsonErrors(secure_app(app, policy, audit)), app, policy
 
 
 def ensure_token(config: Config, settings: SettingsStore) -> Tuple[Optional[str], bool]:

@@ -155,7 +155,36 @@ CREATE TABLE audit_log (
 ALTER TABLE leases ADD COLUMN epoch INTEGER NOT NULL DEFAULT 0;
 
 -- migrate: 4
--- Placeholder in the `routes` branch only: another branch's block 4 goes here at merge.
+-- Per-run counters behind `GET /runs?include_metrics=true`, so listing runs never parses ledgers.
+-- SqliteLedgerStore adds each appended record's counts in the same transaction as the insert
+-- (`SqliteLedgerStore.count_step`); this block backfills them from the ledgers already there.
+-- Counted like the original gateway: completed records, their llm_call effects, the tool calls of
+-- tool_calls effects, and the llm_call results' usage.total_tokens.
+CREATE TABLE run_metrics (
+  run_id       TEXT PRIMARY KEY,
+  steps        INTEGER NOT NULL DEFAULT 0,
+  llm_calls    INTEGER NOT NULL DEFAULT 0,
+  tool_calls   INTEGER NOT NULL DEFAULT 0,
+  tokens_total INTEGER NOT NULL DEFAULT 0
+) WITHOUT ROWID;
+INSERT INTO run_metrics (run_id, steps, llm_calls, tool_calls, tokens_total)
+SELECT run_id, COUNT(*),
+       SUM(json_extract(record_json, '$.effect.type') IS 'llm_call'),
+       SUM(CASE WHEN json_extract(record_json, '$.effect.type') IS 'tool_calls'
+                THEN COALESCE(json_array_length(record_json, '$.effect.payload.tool_calls'), 0) ELSE 0 END),
+       SUM(CASE WHEN json_extract(record_json, '$.effect.type') IS 'llm_call'
+                THEN COALESCE(CAST(json_extract(record_json, '$.result.usage.total_tokens') AS INTEGER), 0) ELSE 0 END)
+FROM ledger
+WHERE json_valid(record_json) AND json_extract(record_json, '$.status') = 'completed'
+GROUP BY run_id;
+
+-- The original gateway's audit fields (its JSONL lines are what `GET /audit/tail` serves).
+ALTER TABLE audit_log ADD COLUMN query TEXT NOT NULL DEFAULT '';
+ALTER TABLE audit_log ADD COLUMN auth_required INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE audit_log ADD COLUMN origin TEXT;
+ALTER TABLE audit_log ADD COLUMN user_agent TEXT;
+ALTER TABLE audit_log ADD COLUMN bytes_in INTEGER;
+ALTER TABLE audit_log ADD COLUMN error TEXT;
 
 -- migrate: 5
 -- Reports inbox: bug reports and feature requests filed by thin clients, kept as

@@ -159,9 +159,9 @@ def test_encoded_and_malformed_paths(server):
     status, _, data = server.get(f"{API}/files/read?path=proj/hello.txt%00.png")
     assert status == 400 and data["code"] == "invalid_path"
     status, _, data = server.get(f"{API}/files/read?path=proj/bad%FFname.txt")  # non-UTF-8 bytes in the URL
-    assert status == 200 and "does not exist" in data["content"]
+    assert status == 422 and data["code"] == "invalid_text"  # refused in one place, for every route
     status, _, data = server.post(f"{API}/attachments/ingest", {"session_id": "s1", "path": "proj/bad\udcffname.txt"})
-    assert status == 422 and data["code"] == "validation_error"  # a lone surrogate cannot name a file here
+    assert status == 422 and data["code"] == "invalid_text"  # a lone surrogate cannot name a file here
     status, _, data = server.get(f"{API}/files/read?path=")  # present but empty: 400, as on the original
     assert status == 400 and data["detail"] == "path is required"
 

@@ -87,7 +87,7 @@ def test_bundle_routes(live_server, bundle_builder):
     status, _, data = live_server.get(f"{API}/bundles/echo@1.0.0?bundle_version=2.0.0")
     assert status == 400 and _is_error(data, "version_conflict")
     status, _, data = live_server.get(f"{API}/bundles/echo/flows/echo")
-    assert status == 200 and data["flow"]["id"] == "echo@1.0.0:echo"
+    assert status == 200 and data["flow"]["id"] == "echo"  # as authored, not the namespaced execution copy
     assert live_server.get(f"{API}/bundles/echo/flows/missing")[0] == 404
     status, _, data = live_server.get(f"{API}/workflows/echo@1.0.0:echo/flow")
     assert status == 200 and data["workflow_id"] == "echo@1.0.0:echo"
@@ -373,7 +373,7 @@ def test_sse_dropped_client_is_cleaned_up(live_server):
 
 def test_schedule_route(live_server):
     status, _, data = live_server.post(f"{API}/runs/schedule", {"bundle_id": "echo", "flow_id": "echo",
-                                                                "interval": "50ms", "repeat_count": 2})
+                                                                "interval": "1s", "repeat_count": 2})
     assert status == 200
     run = _wait_status(live_server, data["run_id"], "completed")
     assert run["is_scheduled"] is True and run["schedule"]["repeat_count"] == 2

@@ -325,11 +325,24 @@ def test_sigkill_between_append_and_application_applies_exactly_once(data_dir):
 # -- schedules --------------------------------------------------------------------------------------
 
 
+FAST_SCHEDULES = {"schedule_min_interval_s": "0.01"}  # intervals below the 1 s default keep these tests quick
+
+
+@pytest.fixture
+def fast_gateway(data_dir):
+    g = make_gateway(data_dir, **FAST_SCHEDULES)
+    r = gw.Runner(g).start()
+    yield g
+    r.stop()
+    g.close()
+
+
 def _children(gateway, run_id):
     return gateway.stores.runs.list_children(parent_run_id=run_id)
 
 
-def test_schedule_fires_n_times(gateway, runner):
+def test_schedule_fires_n_times(fast_gateway):
+    gateway = fast_gateway
     run_id = gateway.schedule_run(bundle_id="echo", flow_id="echo", input_data={"message": "tick"},
                                   interval="100ms", repeat_count=3)
     wait_for(lambda: _status(gateway, run_id) == "completed", timeout=15)
@@ -342,13 +355,14 @@ def test_schedule_fires_n_times(gateway, runner):
     assert gw.schedule_of(state)["target_workflow_id"] == "echo@1.0.0:echo"
 
 
-def test_schedule_isolated_sessions_and_validation(gateway, runner):
+def test_schedule_isolated_sessions_and_validation(fast_gateway):
+    gateway = fast_gateway
     run_id = gateway.schedule_run(bundle_id="echo", flow_id="echo", interval="50ms", repeat_count=2, share_context=False)
     wait_for(lambda: _status(gateway, run_id) == "completed", timeout=15)
     assert sorted(c.session_id for c in _children(gateway, run_id)) == [f"{run_id}:0", f"{run_id}:1"]
     bad = [dict(repeat_count=0), dict(repeat_count=2), dict(interval="5 parsecs"),
            dict(repeat_until="2999-01-01T00:00:00Z"), dict(interval="1s", repeat_count=2, repeat_until="2999-01-01T00:00:00Z"),
-           dict(interval="1ms", repeat_until="2999-01-01T00:00:00Z"), dict(start_at="yesterday")]
+           dict(interval="10ms", repeat_until="2999-01-01T00:00:00Z"), dict(start_at="yesterday")]
     for kwargs in bad:
         with pytest.raises(gw.GatewayError) as info:
             gateway.schedule_run(bundle_id="echo", flow_id="echo", **kwargs)
@@ -360,13 +374,13 @@ def test_schedule_isolated_sessions_and_validation(gateway, runner):
 
 
 def test_schedule_survives_restart(data_dir):
-    g = make_gateway(data_dir)
+    g = make_gateway(data_dir, **FAST_SCHEDULES)
     r = gw.Runner(g).start()
     run_id = g.schedule_run(bundle_id="echo", flow_id="echo", interval="300ms", repeat_count=3)
     wait_for(lambda: len(_children(g, run_id)) >= 1, timeout=10)
     r.stop()
     g.close()
-    g = make_gateway(data_dir)
+    g = make_gateway(data_dir, **FAST_SCHEDULES)
     r = gw.Runner(g).start()
     try:
         wait_for(lambda: _status(g, run_id) == "completed", timeout=15)
@@ -385,7 +399,8 @@ def _wait_next_slot(gateway, run_id, executions):
     wait_for(ready)
 
 
-def test_update_schedule_then_cancel_stops_it(gateway, runner):
+def test_update_schedule_then_cancel_stops_it(fast_gateway):
+    gateway = fast_gateway
     run_id = gateway.schedule_run(bundle_id="echo", flow_id="echo", interval="1h")  # forever, hourly
     _wait_next_slot(gateway, run_id, executions=1)
     gateway.submit_command(command_id="faster", run_id=run_id, type="update_schedule", payload={"interval": "100ms"})

@@ -308,7 +308,8 @@ def test_audit_rows_for_writes_only_never_the_token(live_server):
 def test_audit_log_is_size_bounded(stores):
     audit = gw.AuditStore(stores.db, max_bytes=20_000, prune_every=10)
     for i in range(500):
-        audit.append((gw.utc_now_iso(), f"r{i}", "127.0.0.1", "POST", "/api/gateway/commands", 200, 1.0, None, "{}"))
+        audit.append((gw.utc_now_iso(), f"r{i}", "127.0.0.1", "POST", "/api/gateway/commands", 200, 1.0, None, "{}",
+                      "", True, None, None, None, None))
     count = stores.db.query_one("SELECT COUNT(*) FROM audit_log")[0]
     assert count < 250 and audit.tail(1)[0]["request_id"] == "r499"
 
