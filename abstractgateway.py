@@ -15,7 +15,8 @@ Contents, in dependency order (each section uses only what stands above it):
                   thin clients call: `Workspace` (confined file reads), session attachments, the
                   reports inbox, `KnowledgeGraph` (AbstractMemory's triple store).
 5. HTTP        -- `ROUTES` (drives dispatch and `openapi_document()`), `GatewayApp` (WSGI),
-                  `LedgerStream` (push-based SSE with resume), the offline `/docs` page, `make_server`.
+                  `LedgerStream` (push-based SSE with resume), the offline `/docs` page, the operator
+                  console (files beside this module, served with a strict CSP), `make_server`.
 6. Security    -- WSGI middlewares (CORS, request id, audit, origin, lockout, auth, body limit,
                   concurrency), `SecurityPolicy`, `secure_app`/`build_wsgi`, token bootstrap.
 7. CLI         -- `main()`: `serve`, `runner`, `doctor`, `token`, `audit`, `migrate`, `backup`, `check`.

@@ -794,8 +794,12 @@ def console_main(records: int, loads: int, screenshots: Optional[Path]) -> int:
                       f"({best['after_ready_ms'] / 1000:.2f} s after the page was interactive; best of 2)")
                 print(f"   longest main-thread task     {best['longest_task_ms']:7.0f} ms")
                 print(f"   expand the last record       {best['expand_ms']:7.0f} ms (click -> its JSON on screen)")
-                if screenshots is not None:
-                    shots = console_screenshots(browser, srv, screenshots)
+                if screenshots is not None:  # on a server of their own, with a few ordinary runs
+                    shot_srv = Server(tmp / "screenshots", bare=False)
+                    try:
+                        shots = console_screenshots(browser, shot_srv, screenshots)
+                    finally:
+                        shot_srv.close()
                     print("\nScreenshots: " + ", ".join(str(s) for s in shots))
             finally:
                 browser.close()
