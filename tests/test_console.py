@@ -238,6 +238,30 @@ def test_drag_and_drop_upload_then_deprecate_undeprecate_and_remove(console, ser
     assert server.get(f"{API}/bundles/dropped")[0] == 404
 
 
+def test_bundles_show_needs_and_load_errors_and_a_refused_start_says_why(browser, data_dir):
+    import shutil
+
+    from conftest import FIXTURE_BUNDLES
+
+    flows = data_dir / "fixtures"
+    shutil.copytree(FIXTURE_BUNDLES, flows)
+    (flows / "broken@1.0.0.flow").write_bytes(b"not a zip at all")
+    server = LiveServer(data_dir, flows_dir=str(flows))
+    console = Console(browser, server)
+    try:
+        page = console.signed_in("/#/bundles")
+        expect(page.locator("[data-bundle=broken]")).to_contain_text("Load error:")
+        llm = page.locator("[data-bundle=basic-llm-test]")
+        expect(llm).to_contain_text("Needs: llm:")
+        llm.get_by_role("link", name="Start").first.click()
+        page.get_by_role("button", name="Start run").click()
+        expect(page.get_by_role("alert")).to_contain_text("(422 llm_")
+        expect(page.locator("#view-start")).to_be_visible()  # no run was opened
+    finally:
+        console.close()
+        server.close()
+
+
 # -- run control ------------------------------------------------------------------------------------
 
 
