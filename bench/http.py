@@ -36,6 +36,7 @@ How to run (from the repository root, with the project and abstractruntime insta
 
     python bench/http.py            # full run (about 1-2 minutes on 2 cores)
     python bench/http.py --quick    # counts and durations scaled down
+    python bench/http.py --console  # only the operator console in headless Chromium (its own section)
 
 Caveat: the clients share the process (and the GIL) with the server, so every figure is a
 little pessimistic compared with separate client machines. Only loopback traffic. The
