@@ -144,13 +144,18 @@ async function loadHealth() {
     const data = await resp.json();
     const runner = data.runner || {};
     const store = data.store || {};
-    $('info-status').textContent = data.status + (store.ok === false ? ' (store: ' + (store.error || 'error') + ')' : '');
+    const lease = runner.lease;
+    const problems = [];
+    if (store.error) problems.push('store: ' + store.error);
+    if (store.write_failure) problems.push('last write failed (' + store.write_failure.code + ', ' + store.write_failure.at + '): ' + store.write_failure.detail);
+    $('info-status').textContent = data.status + (problems.length ? ' — ' + problems.join('; ') : '');
     $('info-version').textContent = data.version || '?';
     $('info-backend').textContent = store.backend || '?';
-    $('info-runner').textContent = !runner.enabled
-      ? (runner.external_lease_live ? 'in another process (lease live)' : 'not running in this process')
+    const leaseText = lease ? ` (lease: ${lease.live ? 'live' : 'expired'}, epoch ${lease.epoch}, held ${Math.round(lease.held_for_s || 0)} s)` : '';
+    $('info-runner').textContent = (!runner.enabled
+      ? (runner.external_lease_live ? 'in another process' : 'not running (no live runner lease)')
       : (runner.alive ? 'alive' : 'stopped') + (runner.has_lease ? ', holds the lease' : ', waiting for the lease') +
-        (runner.last_error ? ' — last error: ' + runner.last_error : '');
+        (runner.last_error ? ' — last error: ' + runner.last_error : '')) + leaseText;
     const dbPath = store.db_path || store.path;
     if (dbPath) $('info-db').textContent = dbPath;
     const pill = $('health-pill');
