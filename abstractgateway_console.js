@@ -177,6 +177,7 @@ async function signIn(token) {
   $('nav').hidden = false;
   $('signout').hidden = false;
   $('view-signin').hidden = true;
+  if (matchMedia('(max-width: 640px)').matches) $('gateway-details').open = false;  // room for the runs on a phone
 }
 
 function signOut(message) {
@@ -187,6 +188,7 @@ function signOut(message) {
   $('nav').hidden = true;
   $('signout').hidden = true;
   $('info-db').textContent = 'shown after sign-in';
+  $('gateway-details').open = true;
   for (const v of document.querySelectorAll('.view')) v.hidden = v.id !== 'view-signin';
   const err = $('signin-error');
   err.hidden = !message;
@@ -989,9 +991,13 @@ async function showStart(parts, params) {
   } catch (err) { showStartError(explain(err)); }
 }
 
+let startInputsSeq = 0;
+
 async function loadStartInputs() {
+  const seq = ++startInputsSeq;
   const [bundleId, flowId] = $('start-entry').value.split('\n');
   const bundle = await api('/bundles/' + enc(bundleId));
+  if (seq !== startInputsSeq) return;  // the entrypoint changed meanwhile: the later load wins
   const entry = bundle.entrypoints.find((e) => e.flow_id === flowId) || {inputs: []};
   $('start-desc').textContent = entry.description || '';
   const fields = (entry.inputs || []).map(pinField);
