@@ -15,7 +15,8 @@ Contents, in dependency order (each section uses only what stands above it):
                   thin clients call: `Workspace` (confined file reads), session attachments, the
                   reports inbox, `KnowledgeGraph` (AbstractMemory's triple store).
 5. HTTP        -- `ROUTES` (drives dispatch and `openapi_document()`), `GatewayApp` (WSGI),
-                  `LedgerStream` (push-based SSE with resume), the offline `/docs` page, `make_server`.
+                  `LedgerStream` (push-based SSE with resume), the offline `/docs` page, the operator
+                  console (files beside this module, served with a strict CSP), `make_server`.
 6. Security    -- WSGI middlewares (CORS, request id, audit, origin, lockout, auth, body limit,
                   concurrency), `SecurityPolicy`, `secure_app`/`build_wsgi`, token bootstrap.
 7. CLI         -- `main()`: `serve`, `runner`, `doctor`, `token`, `audit`, `migrate`, `backup`, `check`.
@@ -148,6 +149,9 @@ SETTINGS: Tuple[Setting, ...] = (
     Setting("host", "ABSTRACTGATEWAY_HOST", "str", "127.0.0.1", "Address `serve` binds to.", "--host"),
     Setting("port", "ABSTRACTGATEWAY_PORT", "int", 8080, "Port `serve` listens on (0 picks a free one).", "--port",
             (), 0),
+    Setting("console", "ABSTRACTGATEWAY_CONSOLE", "bool", True,
+            "Serve the operator console (a web page driving the API with the bearer token) at `/` and `/console`; "
+            "0 turns it off (404).", None),
     Setting("security", "ABSTRACTGATEWAY_SECURITY", "bool", True,
             "Enable the security middleware on /api/gateway/* (auth, origins, limits, lockout, audit).", None),
     Setting("auth_token", "ABSTRACTGATEWAY_AUTH_TOKEN", "str", "",
@@ -4388,8 +4392,16 @@ ROUTES: Tuple[Route, ...] = (
     Route("GET", "/openapi.json", "openapi", "This OpenAPI document.", "meta", auth=False),
     Route("GET", "/docs", "docs", "Offline API reference with a request console.", "meta", content_type="text/html",
           response={"type": "string"}, auth=False),
-    Route("GET", f"{API}/ping", "ping", "Authenticated connectivity probe.", "meta",
-          response=_obj(("ok",), ok=_B, status=_S, service=_S, time=_S)),
+    Route("GET", "/", "console_root", "The operator console page (same as /console).", "console",
+          content_type="text/html", response={"type": "string"}, errors=(404,), auth=False),
+    Route("GET", "/console", "console_page", "The operator console: one offline page that drives this API.", "console",
+          content_type="text/html", response={"type": "string"}, errors=(404,), auth=False),
+    Route("GET", "/console/console.js", "console_script", "The console's script.", "console",
+          content_type="text/javascript", response={"type": "string"}, errors=(404,), auth=False),
+    Route("GET", "/console/console.css", "console_style", "The console's style sheet.", "console",
+          content_type="text/css", response={"type": "string"}, errors=(404,), auth=False),
+    Route("GET", f"{API}/ping", "ping", "Authenticated connectivity probe (with the store backend and database path).",
+          "meta", response=_obj(("ok",), ok=_B, status=_S, service=_S, time=_S, backend=_S, db_path=_S)),
     # bundles
     Route("GET", f"{API}/bundles", "list_bundles", "List bundles (latest version of each by default).", "bundles",
           query=(Param("all_versions", "bool", False), Param("include_deprecated", "bool", False)),
@@ -4804,7 +4816,12 @@ class GatewayApp:
                               "version": __version__, "store": store, "runner": runner})
 
     def ping(self, request: Request) -> Response:
-        return json_response({"ok": True, "status": "healthy", "service": "abstractgateway", "time": utc_now_iso()})
+        # The database path is told only to token holders (the console shows it after sign-in).
+        config = self.gateway.config
+        return json_response({"ok": True, "status": "healthy", "service": "abstractgateway", "time": utc_now_iso(),
+                              "backend": self.gateway.stores.backend,
+                              "db_path": str(config.db_path if self.gateway.stores.backend == "sqlite"
+                                             else config.data_dir)})
 
     def openapi(self, request: Request) -> Response:
         if self._openapi is None:
@@ -4813,6 +4830,31 @@ class GatewayApp:
 
     def docs(self, request: Request) -> Response:
         return _response(DOCS_HTML, content_type="text/html; charset=utf-8")
+
+    # -- console --------------------------------------------------------------------------------------
+
+    def console_root(self, request: Request) -> Response:
+        return self.console_page(request)
+
+    def console_page(self, request: Request) -> Response:
+        return self._console_file("abstractgateway_console.html", "text/html; charset=utf-8")
+
+    def console_script(self, request: Request) -> Response:
+        return self._console_file("abstractgateway_console.js", "text/javascript; charset=utf-8")
+
+    def console_style(self, request: Request) -> Response:
+        return self._console_file("abstractgateway_console.css", "text/css; charset=utf-8")
+
+    def _console_file(self, name: str, content_type: str) -> Response:
+        """One console file with the page's security headers; 404 when the console is turned off.
+
+        The page holds no secret (the user pastes the token, kept in sessionStorage), so it is
+        served without auth; the CSP lets it load only its own script and style and talk only
+        to this origin, and it may not be framed.
+        """
+        if not self.gateway.config.console:
+            raise NotFound("The console is turned off (ABSTRACTGATEWAY_CONSOLE=0)", code="not_found")
+        return _response(read_console_file(name), content_type=content_type, headers=CONSOLE_HEADERS)
 
     # -- bundles ------------------------------------------------------------------------------------
 
@@ -5656,6 +5698,38 @@ class _FirstChunkGuard:
             close()
 
 
+CONSOLE_HEADERS = {
+    "Content-Security-Policy": "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
+                               "connect-src 'self'; object-src 'none'; base-uri 'none'; form-action 'self'; "
+                               "frame-ancestors 'none'",
+    "X-Frame-Options": "DENY",
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+    "Cache-Control": "no-cache",
+}
+_console_files: Dict[str, bytes] = {}
+
+
+def read_console_file(name: str) -> bytes:
+    """A console file shipped beside this module (from the source tree, a wheel or the .pyz), cached."""
+    if name not in _console_files:
+        here = Path(__file__).resolve().parent
+        path = here / name
+        if path.is_file():
+            data = path.read_bytes()
+        else:  # running from a zip: ask the loader
+            get_data = getattr(globals().get("__loader__"), "get_data", None)
+            try:
+                data = get_data(str(path)) if get_data is not None else None
+            except OSError:
+                data = None
+            if data is None:
+                raise NotFound(f"Console file '{name}' is not installed beside {Path(__file__).name}",
+                               code="console_missing")
+        _console_files[name] = data
+    return _console_files[name]
+
+
 MAX_HEADER_BYTES = 16 * 1024
 
 
@@ -5850,7 +5924,7 @@ class RequestIdMiddleware(_Middleware):
 
         def _start(status: str, headers: List[Tuple[str, str]], exc_info: Any = None) -> Callable:
             names = {k.lower() for k, _ in headers}
-            extra = [("X-Content-Type-Options", "nosniff")]
+            extra = [] if "x-content-type-options" in names else [("X-Content-Type-Options", "nosniff")]
             if api and "cache-control" not in names:
                 extra.append(("Cache-Control", "no-store"))
             if api and "x-request-id" not in names:

@@ -36,6 +36,7 @@ How to run (from the repository root, with the project and abstractruntime insta
 
     python bench/http.py            # full run (about 1-2 minutes on 2 cores)
     python bench/http.py --quick    # counts and durations scaled down
+    python bench/http.py --console  # only the operator console in headless Chromium (its own section)
 
 Caveat: the clients share the process (and the GIL) with the server, so every figure is a
 little pessimistic compared with separate client machines. Only loopback traffic. The
@@ -613,11 +614,231 @@ def phase_sse_latency(srv: Server, hub: StreamHub, run_ids: Sequence[str], round
 # -- main -------------------------------------------------------------------------------------------------------
 
 
+# -- the operator console (issue 12): first load and a 10,000-record ledger in headless Chromium ----------
+#
+# `python bench/http.py --console` runs only this section (it needs Debian's chromium and the
+# `playwright` package from the `test` extra; Playwright's own browser download is not used).
+# `--console-screenshots DIR` also saves the README's screenshots of the main screens there.
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+CONSOLE_FILES = ("/console", "/console/console.js", "/console/console.css")
+GOAL_CONSOLE_BYTES = 100 * 1024
+GOAL_CONSOLE_TTI_MS = 300.0
+GOAL_CONSOLE_LEDGER_S = 2.0
+TOKEN_INIT = "sessionStorage.setItem('abstractgateway.token', %s)"
+
+
+def console_first_load_bytes(port: int) -> Dict[str, int]:
+    """Bytes of the page and its two assets, as served (the page loads nothing else)."""
+    sizes = {}
+    for path in CONSOLE_FILES:
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        conn.request("GET", path)
+        resp = conn.getresponse()
+        body = resp.read()
+        conn.close()
+        if resp.status != 200:
+            raise RuntimeError(f"GET {path}: HTTP {resp.status}")
+        sizes[path] = len(body)
+    return sizes
+
+
+def console_time_to_interactive(browser: Any, base: str, loads: int, signed_in: bool,
+                                html_ms: Optional[List[float]] = None) -> List[float]:
+    """ms from navigation start until the page is interactive, each load in a fresh context (cold cache).
+
+    Signed out: until the sign-in form is ready. Signed in (token already in sessionStorage): until
+    the runs list shows its first row, i.e. after the page has pinged and listed runs. `html_ms`
+    collects when the HTML had arrived (the part of the figure that is the browser's own start)."""
+    out: List[float] = []
+    html_ms = [] if html_ms is None else html_ms
+    for _ in range(loads):
+        context = browser.new_context()
+        if signed_in:
+            context.add_init_script(TOKEN_INIT % json.dumps(TOKEN))
+        page = context.new_page()
+        page.goto(base + "/")
+        if signed_in:
+            ms = page.wait_for_function(
+                "() => document.querySelector('#runs-body tr') ? performance.now() : false", polling="raf").json_value()
+        else:
+            page.wait_for_selector("body[data-ready='1']")
+            ms = page.evaluate("window.consoleReadyAt")
+        out.append(float(ms))
+        html_ms.append(float(page.evaluate("performance.getEntriesByType('navigation')[0].responseEnd")))
+        context.close()
+    return out
+
+
+def console_ledger_render(browser: Any, base: str, run_id: str, expected: int) -> Dict[str, float]:
+    """Open a run whose ledger holds `expected` records: time until the last one is on screen, the
+    longest main-thread task meanwhile, and how long expanding the last record then takes."""
+    context = browser.new_context()
+    context.add_init_script(TOKEN_INIT % json.dumps(TOKEN))
+    context.add_init_script("window.longest = 0; new PerformanceObserver(l => l.getEntries().forEach(e => "
+                            "{ window.longest = Math.max(window.longest, e.duration); }))"
+                            ".observe({type: 'longtask', buffered: true});")
+    page = context.new_page()
+    page.goto(f"{base}/#/run/{run_id}")
+    page.wait_for_selector("body[data-ready='1']")
+    stream_open_ms = page.evaluate("window.consoleReadyAt")
+    done_ms = page.wait_for_function(
+        f"() => document.querySelector('#ledger li[data-cursor=\"{expected}\"]') ? performance.now() : false",
+        polling="raf", timeout=60_000).json_value()
+    longest = page.evaluate("window.longest")
+    t = time.perf_counter()
+    last = page.locator(f"#ledger li[data-cursor='{expected}']")
+    last.click()
+    last.locator("pre").wait_for()
+    expand_ms = (time.perf_counter() - t) * 1000
+    context.close()
+    return {"done_ms": float(done_ms), "after_ready_ms": float(done_ms) - float(stream_open_ms),
+            "longest_task_ms": float(longest), "expand_ms": expand_ms}
+
+
+def console_fill_ledger(gateway: gw.Gateway, run_id: str, records: int) -> int:
+    """Bulk-append `records` realistic-looking records (~400 bytes each) to a run's ledger."""
+    base = gateway.stores.ledger.count(run_id)
+    rows = []
+    for i in range(1, records + 1):
+        rec = {"run_id": run_id, "step_id": f"s{i:08d}", "node_id": f"node_{i % 17}", "status": "completed",
+               "effect": {"type": "llm_call" if i % 3 else "tool_calls", "payload": {"i": i}},
+               "result": {"output": "x" * 120, "i": i}, "started_at": "2026-01-01T00:00:00+00:00",
+               "ended_at": "2026-01-01T00:00:00.010000+00:00", "attempt": 1}
+        rows.append((run_id, base + i, json.dumps(rec, separators=(",", ":"))))
+    gateway.stores.db.write(lambda conn: conn.executemany(gw.SqliteLedgerStore._INSERT, rows))
+    return base + records
+
+
+def console_screenshots(browser: Any, srv: "Server", out_dir: Path) -> List[Path]:
+    """The README's pictures: sign-in, the runs list, a run waiting on a question with its ledger."""
+    g = srv.gateway
+    base = f"http://127.0.0.1:{srv.port}"
+    for _ in range(3):
+        g.start_run(bundle_id="echo", input_data={"message": "nightly report"})
+    done_ask = g.start_run(bundle_id="ask")
+    asking = g.start_run(bundle_id="ask", input_data={"question": "Deploy build 1432 to production? (yes / no)"})
+    wait_status(g, [asking, done_ask], frozenset({"waiting"}), 30)
+    wait_ledger_waiting(g, [asking, done_ask], 30)
+    key = g.stores.runs.load(done_ask).waiting.wait_key
+    g.submit_command(command_id="shot-answer", run_id=done_ask, type="resume",
+                     payload={"wait_key": key, "payload": {"response": "Ada"}})
+    wait_status(g, [done_ask], frozenset({"completed"}), 30)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    shots = []
+    context = browser.new_context(viewport={"width": 1100, "height": 720})
+    page = context.new_page()
+    page.goto(base + "/")
+    page.wait_for_selector("body[data-ready='1']")
+    page.wait_for_function("() => document.getElementById('info-runner').textContent.includes('alive')")
+    shots.append(out_dir / "console-sign-in.png")
+    page.screenshot(path=str(shots[-1]))
+    page.fill("#signin-token", TOKEN)
+    page.click("#signin-button")
+    page.wait_for_selector(f"tr[data-run='{asking}']")
+    shots.append(out_dir / "console-runs.png")
+    page.screenshot(path=str(shots[-1]))
+    page.goto(f"{base}/#/run/{asking}")
+    page.wait_for_selector("#wait-prompt")
+    page.wait_for_function("() => document.querySelectorAll('#ledger li').length >= 2")
+    page.locator("#ledger li").last.click()
+    page.locator("#wait-answer").fill("yes")
+    page.wait_for_timeout(300)
+    shots.append(out_dir / "console-run-question.png")
+    page.screenshot(path=str(shots[-1]), full_page=True)
+    context.close()
+    phone = browser.new_context(viewport={"width": 390, "height": 844}, is_mobile=True, has_touch=True,
+                                device_scale_factor=1)
+    phone.add_init_script(TOKEN_INIT % json.dumps(TOKEN))
+    page = phone.new_page()
+    page.goto(f"{base}/#/run/{asking}")
+    page.wait_for_selector("#wait-prompt")
+    shots.append(out_dir / "console-phone.png")
+    page.screenshot(path=str(shots[-1]))
+    phone.close()
+    return shots
+
+
+def console_main(records: int, loads: int, screenshots: Optional[Path]) -> int:
+    """Run the console section on its own server; print figures and the three goals."""
+    from playwright.sync_api import sync_playwright
+
+    tmp = Path(tempfile.mkdtemp(prefix="abstractgateway-bench-console-"))
+    srv = Server(tmp / "console", bare=False)
+    base = f"http://127.0.0.1:{srv.port}"
+    try:
+        print(f"AbstractGateway console benchmark  (python {platform.python_version()}, {os.cpu_count()} CPUs, "
+              f"chromium {CHROMIUM}, loopback {base})")
+        sizes = console_first_load_bytes(srv.port)
+        total = sum(sizes.values())
+        print("\nFirst load (uncompressed, as served; the page requests nothing else)")
+        for path, size in sizes.items():
+            print(f"   {path:<24} {size:>8,} bytes")
+        print(f"   {'total':<24} {total:>8,} bytes ({total / 1024:.1f} KB)")
+        with sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+            try:
+                console_time_to_interactive(browser, base, 1, False)  # warm the browser process, not counted
+                html_ms: List[float] = []
+                signed_out = console_time_to_interactive(browser, base, loads, False, html_ms)
+                run_id = srv.gateway.start_run(bundle_id="ask")
+                wait_status(srv.gateway, [run_id], frozenset({"waiting"}), 30)
+                wait_ledger_waiting(srv.gateway, [run_id], 30)
+                signed_in = console_time_to_interactive(browser, base, loads, True)
+                print(f"\nTime to interactive, headless Chromium, fresh context each load ({loads} loads)")
+                print(f"   sign-in page ready           p50 {statistics.median(signed_out):7.1f} ms   max {max(signed_out):7.1f} ms")
+                print(f"   signed in, runs list shown   p50 {statistics.median(signed_in):7.1f} ms   max {max(signed_in):7.1f} ms")
+                print(f"   (of which the HTML arriving  p50 {statistics.median(html_ms):7.1f} ms: navigation start in a "
+                      "fresh browser context to the last byte of /console)")
+                t = time.perf_counter()
+                expected = console_fill_ledger(srv.gateway, run_id, records)
+                print(f"\nLedger rendering: one run with {expected:,} records (bulk-inserted in "
+                      f"{time.perf_counter() - t:.2f} s), streamed over SSE into the run page")
+                rounds = [console_ledger_render(browser, base, run_id, expected) for _ in range(2)]
+                best = min(rounds, key=lambda r: r["done_ms"])
+                print(f"   last record on screen        {best['done_ms'] / 1000:7.2f} s after navigation start "
+                      f"({best['after_ready_ms'] / 1000:.2f} s after the page was interactive; best of 2)")
+                print(f"   longest main-thread task     {best['longest_task_ms']:7.0f} ms")
+                print(f"   expand the last record       {best['expand_ms']:7.0f} ms (click -> its JSON on screen)")
+                if screenshots is not None:  # on a server of their own, with a few ordinary runs
+                    shot_srv = Server(tmp / "screenshots", bare=False)
+                    try:
+                        shots = console_screenshots(browser, shot_srv, screenshots)
+                    finally:
+                        shot_srv.close()
+                    print("\nScreenshots: " + ", ".join(str(s) for s in shots))
+            finally:
+                browser.close()
+        print("\nGoals")
+        tti = statistics.median(signed_out)
+        goals = [
+            (f"first load < {GOAL_CONSOLE_BYTES // 1024} KB", total < GOAL_CONSOLE_BYTES, f"{total / 1024:.1f} KB"),
+            (f"interactive < {GOAL_CONSOLE_TTI_MS:g} ms on loopback", tti < GOAL_CONSOLE_TTI_MS,
+             f"p50 {tti:.0f} ms signed out, {statistics.median(signed_in):.0f} ms to the runs list"),
+            (f"{records:,} records on screen < {GOAL_CONSOLE_LEDGER_S:g} s", best["done_ms"] / 1000 < GOAL_CONSOLE_LEDGER_S,
+             f"{best['done_ms'] / 1000:.2f} s"),
+        ]
+        for name, ok, detail in goals:
+            print(f"   {name:<44} {'met' if ok else 'NOT met':>8}   ({detail})")
+    finally:
+        srv.close()
+        shutil.rmtree(tmp, ignore_errors=True)
+    return 0
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="scale counts and durations down")
     parser.add_argument("--bare", action="store_true", help="serve GatewayApp without the security middlewares")
+    parser.add_argument("--console", action="store_true",
+                        help="only the operator console section (first load, time to interactive, 10,000-record ledger)")
+    parser.add_argument("--console-screenshots", type=Path, metavar="DIR",
+                        help="with --console: also save screenshots of the main screens in DIR")
     args = parser.parse_args(argv)
+    if args.console:
+        return console_main(records=10_000, loads=5 if args.quick else 15, screenshots=args.console_screenshots)
     q = args.quick
     seconds = 0.5 if q else 2.0
     done_samples = 15 if q else 50

@@ -111,6 +111,9 @@ for n in names:
 print(f"   (+ {len(extras)} optional SQLite extension .so files under apsw/sqlite_extra_binaries/)")
 assert any(n.endswith("site-packages/abstractgateway_schema.sql") for n in names), "schema missing"
 print("   schema: site-packages/abstractgateway_schema.sql present")
+for ext in ("html", "js", "css"):
+    assert any(n.endswith(f"site-packages/abstractgateway_console.{ext}") for n in names), f"console .{ext} missing"
+print("   console: site-packages/abstractgateway_console.{html,js,css} present")
 EOF
 fi
 

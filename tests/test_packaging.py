@@ -47,6 +47,9 @@ def test_pyz_built_from_the_local_wheel_runs_and_serves(tmp_path):
                 return False
 
         wait_for(healthy, timeout=60, interval=0.1)
+        for path in ("/console", "/console/console.js", "/console/console.css"):  # shipped inside the .pyz
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as resp:
+                assert resp.status == 200 and resp.headers["Content-Security-Policy"], path
     finally:
         proc.send_signal(signal.SIGTERM)
         stdout, stderr = proc.communicate(timeout=30)
