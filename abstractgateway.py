@@ -463,6 +463,16 @@ class _Transaction:
         self.topics: List[str] = []
 
 
+def _with_attached(fn: Callable[[apsw.Connection], T], attached: Callable[[apsw.Connection], None]
+                   ) -> Callable[[apsw.Connection], T]:
+    def _both(conn: apsw.Connection) -> T:
+        result = fn(conn)
+        attached(conn)
+        return result
+
+    return _both
+
+
 class Database:
     """One SQLite file: per-thread apsw connections, WAL, group commit and change signals.
 
@@ -558,6 +568,10 @@ class Database:
         `single_statement=True` promises `fn` executes exactly one writing statement: SQLite undoes
         a failed statement by itself, so it needs no savepoint inside a batch.
         """
+        attached = getattr(self._local, "attached", None)
+        if attached is not None:  # see attach_to_next_write
+            self._local.attached = None
+            fn, single_statement = _with_attached(fn, attached), False
         tx: Optional[_Transaction] = getattr(self._local, "tx", None)
         if tx is not None:
             result = fn(tx.conn)
@@ -575,6 +589,12 @@ class Database:
         if item.error is not None:
             raise item.error
         return item.result
+
+    def attach_to_next_write(self, fn: Optional[Callable[[apsw.Connection], None]]) -> None:
+        """Run `fn(conn)` right after this thread's next `write`, in its transaction and group commit
+        (None: forget a pending one). Bookkeeping rows, such as a request's audit row, then ride on the
+        write they describe instead of costing a durable transaction of their own."""
+        self._local.attached = fn
 
     def _lead(self) -> None:
         """Commit everything queued (this thread's write included) in one transaction, wake exactly
@@ -1349,6 +1369,41 @@ class AuditStore:
     def append(self, row: Tuple[Any, ...]) -> None:
         self.db.write(lambda conn: conn.execute(
             f"INSERT INTO audit_log ({self._COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?)", row))
+        self._counted()
+
+    def append_with_next_write(self, make_row: Callable[[], Tuple[Any, ...]]) -> List[int]:
+        """Insert `make_row()` inside this thread's next database write (same transaction, same commit).
+
+        Returns a box holding the row id once the row is written (empty until then, or if that write
+        never happens); `settle` then fixes the row if the request ended otherwise than assumed.
+        """
+        box: List[int] = []
+
+        def _insert(conn: apsw.Connection) -> None:
+            conn.execute(f"INSERT INTO audit_log ({self._COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?)", make_row())
+            box.append(conn.last_insert_rowid())
+
+        self.db.attach_to_next_write(_insert)
+        return box
+
+    def settle(self, box: List[int], row: Tuple[Any, ...], assumed_status: int) -> None:
+        """Finish a request's audit row: written with its write and right, fixed, or (never written) appended."""
+        self.db.attach_to_next_write(None)
+        if not box:
+            self.append(row)
+            return
+        self._counted()
+        if row[5] == assumed_status:
+            return
+
+        def _fix(conn: apsw.Connection) -> None:  # the write was rolled back or the request failed after it
+            conn.execute("UPDATE audit_log SET status = ?, duration_ms = ? WHERE id = ?", (row[5], row[6], box[0]))
+            if conn.changes() == 0:
+                conn.execute(f"INSERT INTO audit_log ({self._COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?)", row)
+
+        self.db.write(_fix)
+
+    def _counted(self) -> None:
         self._writes += 1
         if self.max_bytes and self._writes % self.prune_every == 0:
             self.prune()
@@ -5115,15 +5170,22 @@ class AuditMiddleware(_Middleware):
             status_box[0] = int(status.split(" ", 1)[0])
             return start_response(status, headers, exc_info)
 
+        token = _bearer(environ)
+        fingerprint = token_fingerprint(token) if token else None
+        headers_json = _json_dumps({h: environ[f"HTTP_{h.upper().replace('-', '_')}"] for h in self.policy.audit_headers
+                                    if f"HTTP_{h.upper().replace('-', '_')}" in environ})
+
+        def _row(status: int) -> Tuple[Any, ...]:
+            return (utc_now_iso(), environ.get("abstractgateway.request_id", ""), self.policy.client_ip(environ),
+                    method, path, status, round((time.perf_counter() - started) * 1000, 3), fingerprint, headers_json)
+
+        # The row rides on the request's first database write (written as a success, the usual end of
+        # a request that writes); `settle` fixes it in the rare case the request ends otherwise.
+        box = self.store.append_with_next_write(lambda: _row(200))
+
         def _record() -> None:
-            token = _bearer(environ)
-            headers = {h: environ[f"HTTP_{h.upper().replace('-', '_')}"] for h in self.policy.audit_headers
-                       if f"HTTP_{h.upper().replace('-', '_')}" in environ}
-            row = (utc_now_iso(), environ.get("abstractgateway.request_id", ""), self.policy.client_ip(environ), method,
-                   path, status_box[0] or 500, round((time.perf_counter() - started) * 1000, 3),
-                   token_fingerprint(token) if token else None, _json_dumps(headers))
             try:
-                self.store.append(row)
+                self.store.settle(box, _row(status_box[0] or 500), 200)
             except Exception as exc:  # noqa: BLE001 - auditing never breaks a request
                 _log(f"audit write failed: {type(exc).__name__}: {exc}")
 
