@@ -807,6 +807,12 @@ class SqliteRunStore(RunStore):
     def exists(self, run_id: str) -> bool:
         return self.db.query_one("SELECT 1 FROM runs WHERE run_id = ?", (str(run_id or ""),)) is not None
 
+    def adopt_own_session(self, run_id: str) -> None:
+        """Make a run without a session its own session, in SQL (no state parsed and re-serialised)."""
+        self.db.write(lambda conn: conn.execute(
+            "UPDATE runs SET session_id = run_id, run_json = json_set(run_json, '$.session_id', run_id)"
+            " WHERE run_id = ? AND session_id IS NULL", (str(run_id),)), topics=("runs",), single_statement=True)
+
     def status_of(self, run_id: str) -> Optional[str]:
         """The run's status without loading its state (None if unknown)."""
         row = self.db.query_one("SELECT status FROM runs WHERE run_id = ?", (str(run_id or ""),))
@@ -1441,6 +1447,12 @@ class FileRunStore(JsonFileRunStore):
     def status_of(self, run_id: str) -> Optional[str]:
         run = self.load(run_id)
         return _enum_value(run.status) if run is not None else None
+
+    def adopt_own_session(self, run_id: str) -> None:
+        run = self.load(run_id)
+        if run is not None and not run.session_id:
+            run.session_id = run_id
+            self.save(run)
 
     def ids_waiting_on(self, wait_key: str, *, limit: int = 10_000) -> List[str]:
         runs = self.list_runs(status=RunStatus.WAITING, limit=limit)
@@ -2451,9 +2463,7 @@ class Gateway:
         with self.stores.db.transaction():
             run_id = self.runtime.start(workflow=spec, vars=run_vars, actor_id=ACTOR_ID, session_id=session)
             if session is None:  # like the original gateway, a run without a session is its own session
-                state = self.stores.runs.load(run_id)
-                state.session_id = run_id
-                self.stores.runs.save(state)
+                self.stores.runs.adopt_own_session(run_id)
         self.wake_runner()
         return run_id
 

@@ -358,3 +358,29 @@ def test_a_slow_reader_is_dropped_without_stalling_the_others(tmp_path):
         if fast is not None:
             fast.close()
         server.close()
+
+
+# -- the write paths: one durable commit per acknowledged write ----------------------------------
+
+
+def test_a_command_and_its_audit_row_commit_together_and_a_run_is_its_own_session(live_server):
+    db = live_server.gateway.stores.db
+    commits = []
+    original = db._commit_batch
+    db._commit_batch = lambda batch: (commits.append(len(batch)), original(batch))[1]
+    try:
+        status, _, body = live_server.post(f"{API}/commands", {"command_id": "one", "run_id": "r", "type": "pause"})
+        assert status == 200 and body["accepted"] is True
+        row = live_server.gateway.stores.audit.tail(1)[0]  # committed before the answer was sent
+        assert (row["path"], row["status"]) == (f"{API}/commands", 200)
+        assert commits[:1] == [1]  # the command's own commit carried the audit row: no second one for it
+    finally:
+        db._commit_batch = original
+    status, _, body = live_server.post(f"{API}/runs/start", {"bundle_id": "echo"})
+    run_id = body["run_id"]
+    status, _, listed = live_server.get(f"{API}/runs?session_id={run_id}")
+    assert [r["run_id"] for r in listed["items"]] == [run_id]
+    assert live_server.gateway.stores.runs.load(run_id).session_id == run_id
+    rejected = live_server.post(f"{API}/commands", {"command_id": "", "run_id": " ", "type": "pause"})[0]
+    assert rejected == 422  # no write happened: the audit row is written on its own, after the response
+    wait_for(lambda: live_server.gateway.stores.audit.tail(1)[0]["status"] == 422)
