@@ -4380,10 +4380,10 @@ class _StreamWriter:
         if self._thread is not None:
             self._thread.join(timeout)
 
-    def _wake(self, _topic: str = "") -> None:
+    def _wake(self) -> None:
         try:
             self._wake_w.send(b"\0")
-        except OSError:  # full: a wake-up is already pending
+        except OSError:  # full: a wake-up is already pending (or the writer is closed)
             pass
 
     def _on_commit(self, topic: str) -> None:
@@ -4392,7 +4392,7 @@ class _StreamWriter:
         self._wake()
 
     def _run(self) -> None:
-        while not (self._closing and not self._subs and not self._incoming):
+        while not self._closing:
             now = time.monotonic()
             timeout = max(0.0, min(self._next_scan, self._next_poll) - now) if self._subs else self.POLL_S
             for key, mask in self._selector.select(0 if self._pending and self._can_fetch() else timeout):
@@ -4427,8 +4427,14 @@ class _StreamWriter:
             for sub in flush:
                 if sub in self._subs:
                     self._flush(sub, now)
+        with self._lock:
+            incoming, self._incoming = self._incoming, []
+        for sub in incoming:
+            self._adopt(sub)
         for sub in list(self._subs):
             self._drop(sub)
+        self._selector.close()
+        self._wake_r.close()
 
     def _can_fetch(self) -> bool:
         return any(s.out_bytes < self.max_buffer_bytes for s in self._pending)
@@ -4829,7 +4835,11 @@ class HttpServer:
             thread.join(max(0.0, deadline - time.monotonic()))
 
     def server_close(self) -> None:
+        """End the streams still open (after `shutdown` and `GatewayApp.drain`) and free the sockets."""
         self.streams.close()
+        self.socket.close()
+        self._wake_r.close()
+        self._wake_w.close()
 
     # -- workers ---------------------------------------------------------------------------------
 
@@ -4881,8 +4891,10 @@ class HttpServer:
             _log(f"500 from the WSGI stack: {type(exc).__name__}: {exc}")
             conn.sock.sendall(_error_head(500, "Internal Server Error", "internal_error", "Internal error"))
             return "close"
+        if body._received:
+            conn.sock.settimeout(self.request_timeout_s)  # reading the body may have shortened it
         stream = environ.get("abstractgateway.sse")
-        if stream is not None and response.status_code == 200:
+        if stream is not None and response.status_code == 200 and environ["REQUEST_METHOD"] == "GET":
             self.streams.add(conn.sock, stream, result, response.head(stream=True))
             return "stream"
         try:

@@ -181,8 +181,14 @@ class Client:
     def call(self, method: str, path: str, body: Any = None) -> Tuple[int, Any]:
         data = None if body is None else json.dumps(body).encode()
         hdrs = headers({"Content-Type": "application/json"} if data is not None else None)
-        self.conn.request(method, path, body=data, headers=hdrs)
-        resp = self.conn.getresponse()
+        try:
+            self.conn.request(method, path, body=data, headers=hdrs)
+            resp = self.conn.getresponse()
+        except (BrokenPipeError, ConnectionResetError, http.client.RemoteDisconnected):
+            # the server closed the idle keep-alive connection (as servers do after a few seconds)
+            self.conn.close()
+            self.conn.request(method, path, body=data, headers=hdrs)
+            resp = self.conn.getresponse()
         raw = resp.read()
         if resp.getheader("Content-Type", "").startswith("application/json"):
             return resp.status, json.loads(raw)
