@@ -4843,7 +4843,12 @@ class HttpServer:
 
     # -- workers ---------------------------------------------------------------------------------
 
+    LINGER_S = 0.002  # a free worker waits this long for a client's next request before handing it back
+
     def _work(self) -> None:
+        import select
+
+        poller = select.poll()
         while True:
             conn = self._ready.get()
             if conn is None:
@@ -4853,8 +4858,10 @@ class HttpServer:
                 conn.sock.settimeout(self.request_timeout_s)
                 while True:
                     outcome = self._serve_one(conn)
-                    if outcome != "keep" or self._stop.is_set() or not conn.head_end():
-                        break  # else: a pipelined request is already buffered: serve it now
+                    if outcome != "keep" or self._stop.is_set():
+                        break
+                    if not conn.head_end() and not (self._ready.empty() and self._linger(poller, conn)):
+                        break  # else: the next request is already here (pipelined, or sent right away)
             except Exception as exc:  # noqa: BLE001 - a broken connection never kills a worker
                 if not isinstance(exc, OSError):
                     _log(f"http worker: {type(exc).__name__}: {exc}")
@@ -4871,6 +4878,22 @@ class HttpServer:
                 conn.sock.close()
             with self._lock:
                 self._open -= 1
+
+    def _linger(self, poller: Any, conn: _Connection) -> bool:
+        """Wait briefly for the connection's next request head: a client that sends requests back to
+        back is then served without the round trip through the selector thread."""
+        fd = conn.sock.fileno()
+        poller.register(fd, 1)  # POLLIN
+        try:
+            if not poller.poll(self.LINGER_S * 1000):
+                return False
+        finally:
+            poller.unregister(fd)
+        data = conn.sock.recv(65536)
+        if not data:
+            raise ConnectionResetError("client closed the connection")
+        conn.buf += data
+        return bool(conn.head_end())
 
     def _serve_one(self, conn: _Connection) -> str:
         """Serve the request whose head is buffered: "keep", "close" or "stream" (handed to the writer)."""

@@ -567,7 +567,7 @@ def open_streams(srv: Server, hub: StreamHub, run_ids: Sequence[str], per_run: i
                 key = f"HTTP {status}" if status is not None else "no answer in 10 s"
                 refused[key] = refused.get(key, 0) + 1
                 stream.close()
-        # A stream the server gives up on ends within one LedgerStream poll (0.25 s): check.
+        # A stream the server gives up on ends within a stream-writer pass: check.
         time.sleep(0.4)
         for stream in fresh:
             if stream.ended:
@@ -848,8 +848,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     results: Dict[str, Any] = {}
 
     def fresh_server(name: str) -> Server:
-        """Each phase gets its own server: the gateway leaks one SQLite connection (2 fds) per
-        server thread, i.e. per HTTP connection, and those are only closed by `Gateway.close()`."""
+        """Each phase gets its own server, so one phase's streams and connections never weigh on the next."""
         close_live()
         srv = Server(tmp / name, args.bare)
         live.append(srv)
@@ -884,8 +883,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         client.close()
         if wait_status(srv.gateway, [target], gw.TERMINAL_STATUSES, 30):
             raise RuntimeError("the echo run never completed (is the runner working?)")
-        print(f"\na. requests/s (http.client clients, {seconds:g} s per row; 2xx only). NB: werkzeug's server answers "
-              "`Connection: close`,\n   so every request is a new TCP connection and a new server thread")
+        print(f"\na. requests/s (http.client keep-alive clients, {seconds:g} s per row; 2xx only)")
         print(f"   {'request':<34} {'clients':>7} {'ok':>7} {'req/s':>8}  errors")
         for kind, label in (("GET", f"GET {API}/runs/{{id}}"), ("POST", f"POST {API}/commands")):
             for threads in (1, 16):
@@ -950,9 +948,6 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"   streams held: {held:,}/{STREAM_TARGET:,} (opened {len(more['held'])} more in {more['open_s']:.1f} s)"
               + (f"; stopped by: {more['reason']} (highest fd in the process {more['max_fd']})"
                  if more["reason"] else ""))
-        if more["reason"] and more["max_fd"] >= 1024:
-            print("   why: LedgerStream._client_gone() uses select.select(), which raises ValueError for fds >= 1024\n"
-                  "   (FD_SETSIZE); the error is taken as 'client gone' and the stream ends at its first poll")
         print(f"   process: RSS {boot['rss_mib']:.0f} MiB at start -> {after['rss_mib']:.0f} MiB "
               f"(~{per_stream:.0f} KiB per extra stream)  {leak_note(srv)}")
         cpu0 = time.process_time()
