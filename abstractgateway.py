@@ -3281,11 +3281,34 @@ def _reject_json_constant(name: str) -> Any:
     raise ValueError(f"{name} is not valid JSON")
 
 
-def json_response(data: Any, status: int = 200, headers: Optional[Dict[str, str]] = None) -> Response:
-    return _response(_json_dumps(data), status=status, headers=headers, content_type="application/json")
+class JsonResponse:
+    """A JSON body as a minimal WSGI response: werkzeug's `Response` costs more than most bodies."""
+
+    __slots__ = ("body", "status_code", "headers")
+
+    def __init__(self, body: bytes, status: int = 200, headers: Optional[Dict[str, str]] = None) -> None:
+        self.body = body
+        self.status_code = status
+        self.headers = dict(headers or {})
+
+    def __call__(self, environ: Dict[str, Any], start_response: Callable) -> Iterable[bytes]:
+        from http import HTTPStatus
+
+        try:
+            reason = HTTPStatus(self.status_code).phrase
+        except ValueError:
+            reason = "Unknown"
+        start_response(f"{self.status_code} {reason}", [("Content-Type", "application/json"),
+                                                         ("Content-Length", str(len(self.body))),
+                                                         *self.headers.items()])
+        return [] if environ.get("REQUEST_METHOD") == "HEAD" else [self.body]
 
 
-def error_response(status: int, code: str, detail: str, **extra: Any) -> Response:
+def json_response(data: Any, status: int = 200, headers: Optional[Dict[str, str]] = None) -> JsonResponse:
+    return JsonResponse(_json_dumps(data).encode(), status, headers)
+
+
+def error_response(status: int, code: str, detail: str, **extra: Any) -> JsonResponse:
     """The one error shape of the API: `{"detail": ..., "code": ...}`."""
     return json_response({"detail": detail, "code": code, **extra}, status)
 
@@ -3304,6 +3327,8 @@ class GatewayApp:
 
         self.url_map = Map([Rule(r.path, endpoint=r.handler, methods=[r.method]) for r in ROUTES],
                            strict_slashes=False, merge_slashes=False)
+        # Rules match on path and method only, so one adapter serves every request (given both).
+        self._urls = self.url_map.bind("gateway")
         self._openapi: Optional[bytes] = None
 
     def __call__(self, environ: Dict[str, Any], start_response: Callable) -> Iterable[bytes]:
@@ -3313,8 +3338,8 @@ class GatewayApp:
         request = Request(environ)
         request_id = environ.get("abstractgateway.request_id") or uuid.uuid4().hex[:16]
         try:
-            adapter = self.url_map.bind_to_environ(environ)
-            endpoint, args = adapter.match()
+            path = environ.get("PATH_INFO", "").encode("latin-1").decode("utf-8", "replace")
+            endpoint, args = self._urls.match(path, environ.get("REQUEST_METHOD", "GET"))
             route = self._routes[endpoint]
             query = {p.name: _parse_param(p, request.args.get(p.name)) for p in route.query}
             body = None
