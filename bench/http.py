@@ -32,10 +32,20 @@ e. Concurrent SSE streams held: opens up to 1,000 streams (10 per `ask` run over
    100 runs), reports how many were held (and why not more), server RSS/threads/open files,
    then appends records to every run and reports delivery latency p50/p99 over all streams.
 
+`--compare` measures server processes instead, one after the other in the same run, with the
+clients in this process: this checkout, `--before DIR` (an earlier checkout, e.g.
+`git archive main abstractgateway.py schema.sql | tar -x -C DIR`) and `--original EXE` (the
+original gateway's `abstractgateway` executable, FastAPI on uvicorn, sqlite backend, its default
+durability). Per server: `GET runs/{id}` req/s with 1 and 16 keep-alive client threads;
+acknowledged `POST commands`/s with 8 threads (ours at synchronous=FULL); the server's RSS with
+1,000 SSE streams open (10 on each of 100 WAITING `ask` runs); and, with those streams open,
+resume command -> first new record on each of the run's streams, p50/p99 over all streams.
+
 How to run (from the repository root, with the project and abstractruntime installed):
 
     python bench/http.py            # full run (about 1-2 minutes on 2 cores)
     python bench/http.py --quick    # counts and durations scaled down
+    python bench/http.py --compare --before /tmp/ag-main --original /path/to/venv/bin/abstractgateway
 
 Caveat: the clients share the process (and the GIL) with the server, so every figure is a
 little pessimistic compared with separate client machines. Only loopback traffic. The
