@@ -670,6 +670,12 @@ def _rss_mb(pid: int) -> float:
     return float("nan")
 
 
+def _cpu_s(pid: int) -> float:
+    """CPU seconds (user + system) the process has used: per-request cost that a busy machine skews less."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def _rate(port: int, threads: int, seconds: float, call: Callable[[Client, int, int], Tuple[int, Any]]) -> float:
     """2xx answers per second from `threads` keep-alive clients calling `call(client, thread, i)`."""
     counts = [0] * threads
@@ -709,7 +715,9 @@ def _measure_server(label: str, proc: Any, port: int, seconds: float, streams: i
     run_id = checked(client.call("POST", f"{API}/runs/start", {"bundle_id": "echo", "input_data": {}}), "start")["run_id"]
     _wait_run(client, run_id, "completed")
     for threads in (1, 16):
+        cpu = _cpu_s(proc.pid)
         out[f"get{threads}"] = _rate(port, threads, seconds, lambda c, t, i: c.call("GET", f"{API}/runs/{run_id}"))
+        out[f"get{threads}_cpu"] = (_cpu_s(proc.pid) - cpu) * 1000 / max(1.0, out[f"get{threads}"] * seconds)
     tag = uuid.uuid4().hex[:8]
     out["post8"] = _rate(port, 8, seconds, lambda c, t, i: c.call("POST", f"{API}/commands", {
         "command_id": f"{tag}-{t}-{i}", "run_id": run_id, "type": "pause"}))
@@ -822,6 +830,8 @@ def compare(args: argparse.Namespace) -> int:
     print(f"\nSame run, same machine ({os.cpu_count()} cores); clients are threads of this process; "
           f"ours at synchronous=FULL, the original at its own default.")
     cols = [("GET runs/{id} 1 thr (req/s)", "get1", "{:,.0f}"), ("GET runs/{id} 16 thr (req/s)", "get16", "{:,.0f}"),
+            ("  server CPU per GET, 1 thr (ms)", "get1_cpu", "{:.3f}"),
+            ("  server CPU per GET, 16 thr (ms)", "get16_cpu", "{:.3f}"),
             ("POST commands 8 thr (acked/s)", "post8", "{:,.0f}"), ("SSE streams open", "streams_open", "{:,}"),
             ("RSS with those streams (MB)", "rss_streams_mb", "{:,.0f}"),
             ("resume->SSE record p50 (ms)", "sse_p50", "{:.1f}"), ("resume->SSE record p99 (ms)", "sse_p99", "{:.1f}")]
