@@ -4418,40 +4418,11 @@ class _StreamWriter:
 
     def _run(self) -> None:
         while not self._closing:
-            now = time.monotonic()
-            timeout = max(0.0, min(self._next_scan, self._next_poll) - now) if self._subs else self.POLL_S
-            for key, mask in self._selector.select(0 if self._pending and self._can_fetch() else timeout):
-                sub = key.data
-                if sub is None:
-                    try:
-                        while self._wake_r.recv(4096):
-                            pass
-                    except OSError:
-                        pass
-                    continue
-                if mask & self._selectors.EVENT_READ:
-                    self._check_gone(sub)
-                if mask & self._selectors.EVENT_WRITE and sub in self._subs:
-                    self._to_flush.add(sub)
-            with self._lock:
-                incoming, self._incoming = self._incoming, []
-                dirty, self._dirty = self._dirty, set()
-            for sub in incoming:
-                self._adopt(sub)
-            for topic in dirty:
-                self._pending.update(self._by_topic.get(topic, ()))
-            now = time.monotonic()
-            if now >= self._next_poll:
-                self._poll_other_writers()
-                self._next_poll = now + self.POLL_S
-            self._pump(now)
-            if now >= self._next_scan:
-                self._scan(now)
-                self._next_scan = now + self.SCAN_S
-            flush, self._to_flush = self._to_flush, set()
-            for sub in flush:
-                if sub in self._subs:
-                    self._flush(sub, now)
+            try:
+                self._step()
+            except Exception as exc:  # noqa: BLE001 - e.g. a busy database: streams wait, the writer lives on
+                _log(f"sse writer: {type(exc).__name__}: {exc}")
+                time.sleep(0.05)
         with self._lock:
             incoming, self._incoming = self._incoming, []
         for sub in incoming:
@@ -4460,6 +4431,43 @@ class _StreamWriter:
             self._drop(sub)
         self._selector.close()
         self._wake_r.close()
+
+    def _step(self) -> None:
+        """One pass: socket events, new streams, commits, fetches, timers, sends."""
+        now = time.monotonic()
+        timeout = max(0.0, min(self._next_scan, self._next_poll) - now) if self._subs else self.POLL_S
+        for key, mask in self._selector.select(0 if self._pending and self._can_fetch() else timeout):
+            sub = key.data
+            if sub is None:
+                try:
+                    while self._wake_r.recv(4096):
+                        pass
+                except OSError:
+                    pass
+                continue
+            if mask & self._selectors.EVENT_READ:
+                self._check_gone(sub)
+            if mask & self._selectors.EVENT_WRITE and sub in self._subs:
+                self._to_flush.add(sub)
+        with self._lock:
+            incoming, self._incoming = self._incoming, []
+            dirty, self._dirty = self._dirty, set()
+        for sub in incoming:
+            self._adopt(sub)
+        for topic in dirty:
+            self._pending.update(self._by_topic.get(topic, ()))
+        now = time.monotonic()
+        if now >= self._next_poll:
+            self._poll_other_writers()
+            self._next_poll = now + self.POLL_S
+        self._pump(now)
+        if now >= self._next_scan:
+            self._scan(now)
+            self._next_scan = now + self.SCAN_S
+        flush, self._to_flush = self._to_flush, set()
+        for sub in flush:
+            if sub in self._subs:
+                self._flush(sub, now)
 
     def _can_fetch(self) -> bool:
         return any(s.out_bytes < self.max_buffer_bytes for s in self._pending)
@@ -4665,14 +4673,18 @@ class HttpServer:
             thread.start()
         try:
             while not self._stop.is_set():
-                for key, _mask in self._selector.select(0.25):
-                    if key.data == "accept":
-                        self._accept()
-                    elif key.data == "wake":
-                        self._adopt_returned()
-                    else:
-                        self._on_readable(key.data)
-                self._sweep(time.monotonic())
+                try:
+                    for key, _mask in self._selector.select(0.25):
+                        if key.data == "accept":
+                            self._accept()
+                        elif key.data == "wake":
+                            self._adopt_returned()
+                        else:
+                            self._on_readable(key.data)
+                    self._sweep(time.monotonic())
+                except Exception as exc:  # noqa: BLE001 - one bad connection must not stop the server
+                    _log(f"http selector: {type(exc).__name__}: {exc}")
+                    time.sleep(0.01)
         finally:
             self._close_all()
             self._stopped.set()

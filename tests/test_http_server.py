@@ -384,3 +384,34 @@ def test_a_command_and_its_audit_row_commit_together_and_a_run_is_its_own_sessio
     rejected = live_server.post(f"{API}/commands", {"command_id": "", "run_id": " ", "type": "pause"})[0]
     assert rejected == 422  # no write happened: the audit row is written on its own, after the response
     wait_for(lambda: live_server.gateway.stores.audit.tail(1)[0]["status"] == 422)
+
+
+def test_the_stream_writer_outlives_a_failing_read(live_server):
+    run_id = live_server.gateway.start_run(bundle_id="ask")
+    wait_for(lambda: live_server.gateway.stores.runs.status_of(run_id) == "waiting")
+    stream = RawClient(live_server)
+    stream.send(_stream_request(live_server, run_id))
+    assert stream.file.readline().startswith(b"HTTP/1.1 200")
+    ledger = live_server.gateway.stores.ledger
+    total = ledger.count(run_id)
+    line = b""
+    while not line.startswith(f"id: {total}".encode()):
+        line = stream.file.readline()
+    real_page = ledger.page_json
+    failures = []
+
+    def failing_once(*args):
+        if not failures:
+            failures.append(1)
+            raise gw.apsw.BusyError("database is locked")
+        return real_page(*args)
+
+    ledger.page_json = failing_once
+    try:
+        ledger.append_json(run_id, json.dumps({"note": "after a failed read"}))
+        while not line.startswith(f"id: {total + 1}".encode()):
+            line = stream.file.readline()
+        assert failures == [1]
+    finally:
+        ledger.page_json = real_page
+        stream.close()
