@@ -502,6 +502,10 @@ class Database:
         self._all_connections: "weakref.WeakSet[apsw.Connection]" = weakref.WeakSet()
         self._connections_lock = threading.Lock()
         self._queue_lock = threading.Lock()
+        # One writer at a time in this process: threads queue here instead of inside SQLite, whose
+        # busy handler sleeps in growing steps (a group commit behind a runner transaction would
+        # sleep milliseconds after the lock is free).
+        self._write_mutex = threading.Lock()
         self._queue: List[_PendingWrite] = []
         self._leader_busy = False
         if migrate:
@@ -617,6 +621,7 @@ class Database:
         """Run the batch in one transaction. Whatever fails, every write ends done (with its error),
         so no waiting writer can hang."""
         conn = None
+        self._write_mutex.acquire()
         try:
             conn = self.connection()
             _begin_immediate(conn)
@@ -651,6 +656,7 @@ class Database:
             except apsw.Error:
                 pass
         finally:
+            self._write_mutex.release()
             for item in batch:
                 item.done = True
         topics = [t for item in batch if item.error is None for t in item.topics]
@@ -665,17 +671,18 @@ class Database:
             yield tx
             return
         conn = self.connection()
-        _begin_immediate(conn)
-        tx = self._local.tx = _Transaction(conn)
-        try:
-            yield tx
-            conn.execute("COMMIT")
-        except BaseException:
-            if not conn.get_autocommit():
-                conn.execute("ROLLBACK")
-            raise
-        finally:
-            self._local.tx = None
+        with self._write_mutex:
+            _begin_immediate(conn)
+            tx = self._local.tx = _Transaction(conn)
+            try:
+                yield tx
+                conn.execute("COMMIT")
+            except BaseException:
+                if not conn.get_autocommit():
+                    conn.execute("ROLLBACK")
+                raise
+            finally:
+                self._local.tx = None
         if tx.topics:
             self.signals.bump(tx.topics)
 
