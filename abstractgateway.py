@@ -186,7 +186,7 @@ SETTINGS: Tuple[Setting, ...] = (
     Setting("idle_timeout_s", "ABSTRACTGATEWAY_IDLE_TIMEOUT_S", "float", 5.0,
             "A connection with no request in progress (new, or kept alive after one) is closed after this long.",
             None, (), 0.1),
-    Setting("http_workers", "ABSTRACTGATEWAY_HTTP_WORKERS", "int", 16,
+    Setting("http_workers", "ABSTRACTGATEWAY_HTTP_WORKERS", "int", 8,
             "Worker threads that serve requests (long-lived, each with a warm database connection).", None),
     Setting("max_connections", "ABSTRACTGATEWAY_MAX_CONNECTIONS", "int", 4096,
             "Open connections (SSE streams aside); when full, the longest-idle one is closed to admit a new "
@@ -4025,6 +4025,7 @@ fetch('/openapi.json').then(r => r.json()).then(render)
 MAX_HEADER_BYTES = 16 * 1024
 _MIN_BODY_RATE = 64 * 1024  # bytes/s a request body must average once `request_timeout_s` has passed
 _DRAIN_LIMIT = 64 * 1024  # unread body bytes the server drains to keep a connection; more: it closes
+_PREREAD_LIMIT = 64 * 1024  # when workers run short, Content-Length bodies up to this arrive whole first
 _HOP_BY_HOP = frozenset({"connection", "keep-alive", "transfer-encoding", "te", "trailer", "upgrade",
                          "proxy-connection"})
 _TOKEN_CHARS = frozenset("!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ")
@@ -4181,6 +4182,10 @@ class _BodyReader:
                 return
             yield line
 
+    def too_big_to_drain(self) -> bool:
+        """Whether the unread rest is known to exceed what the server drains to keep the connection."""
+        return not self.done and not self._chunked and self._left > _DRAIN_LIMIT
+
     def drain(self) -> bool:
         """Read and drop what the app left unread; False when the connection cannot be reused."""
         if self.failed:
@@ -4214,6 +4219,18 @@ def _error_head(status: int, reason: str, code: str, detail: str) -> bytes:
     retry = b"Retry-After: 1\r\n" if status == 503 else b""
     return (b"HTTP/1.1 %d %s\r\nContent-Type: application/json\r\nContent-Length: %d\r\nConnection: close\r\n"
             b"%sDate: %s\r\n\r\n%s" % (status, reason.encode(), len(body), retry, _http_date(), body))
+
+
+def _preread_length(head: bytes) -> int:
+    """How many body bytes the selector thread waits for when workers run short: a Content-Length
+    body up to `_PREREAD_LIMIT` (not chunked ones, nor an `Expect: 100-continue` body, which the
+    client sends only once a worker has answered)."""
+    lower = head.lower()
+    start = lower.find(b"\ncontent-length:")
+    if start < 0 or b"\ntransfer-encoding:" in lower or b"\nexpect:" in lower:
+        return 0
+    value = lower[start + 16:lower.find(b"\n", start + 1)].strip()
+    return int(value) if value.isdigit() and int(value) <= _PREREAD_LIMIT else 0
 
 
 class _BadRequest(Exception):
@@ -4274,7 +4291,7 @@ class _ResponseWriter:
                 except ValueError:
                     continue
             lines.append(b"%s: %s" % (name.encode("latin-1"), value.encode("latin-1")))
-        if self.body.failed or (not self.body.done and self.body_left_too_big()):
+        if self.body.failed or self.body.too_big_to_drain():
             self.conn.keep_alive = False  # the request's framing is lost or too costly to drain
         if not no_body and self.length is None:
             if empty and not stream:
@@ -4294,9 +4311,6 @@ class _ResponseWriter:
             lines.append(b"Connection: keep-alive")
         self.head_sent = True
         return b"\r\n".join(lines) + b"\r\n\r\n"
-
-    def body_left_too_big(self) -> bool:
-        return self.body._left > _DRAIN_LIMIT and not self.body._chunked
 
     def write(self, data: bytes) -> None:
         head = b"" if self.head_sent else self.head()
@@ -4630,7 +4644,7 @@ class HttpServer:
     full the longest-idle one is closed to admit a new client.
     """
 
-    def __init__(self, app: Callable, host: str, port: int, *, workers: int = 16, request_timeout_s: float = 15.0,
+    def __init__(self, app: Callable, host: str, port: int, *, workers: int = 8, request_timeout_s: float = 15.0,
                  idle_timeout_s: float = 5.0, max_requests: int = 256, max_connections: int = 4096,
                  sse_max_buffer_bytes: int = 1 << 20) -> None:
         import queue
@@ -4665,6 +4679,7 @@ class HttpServer:
         self._idle: "OrderedDict[int, _Connection]" = OrderedDict()  # in the selector, nothing read; oldest first
         self._partial: "OrderedDict[int, _Connection]" = OrderedDict()  # in the selector, head incomplete
         self._in_progress = 0  # partial heads + connections at workers
+        self._idle_workers = 0  # workers waiting for a connection
         self._open = 0  # connections the selector or a worker holds (streams belong to the writer)
         self._stop = threading.Event()
         self._stopped = threading.Event()
@@ -4794,8 +4809,15 @@ class HttpServer:
         return True
 
     def _check_head(self, conn: _Connection) -> None:
+        """Queue the connection for a worker once its head is complete. When workers run short, a
+        small Content-Length body must have arrived too, so clients that stall mid-body cannot take
+        the last workers (the head's deadline covers the wait)."""
         fd = conn.sock.fileno()
-        if conn.head_end():
+        end = conn.head_end()
+        if end:
+            short = self._idle_workers - self._ready.qsize() <= max(1, self.workers // 4)
+            if short and len(conn.buf) < end + _preread_length(bytes(conn.buf[:end])):
+                return
             self._partial.pop(fd, None)
             self._selector.unregister(conn.sock)
             self._ready.put(conn)
@@ -4894,7 +4916,11 @@ class HttpServer:
 
         poller = select.poll()
         while True:
+            with self._lock:
+                self._idle_workers += 1
             conn = self._ready.get()
+            with self._lock:
+                self._idle_workers -= 1
             if conn is None:
                 return
             outcome = "close"
@@ -5016,7 +5042,7 @@ class HttpServer:
         environ: Dict[str, Any] = {
             "wsgi.version": (1, 0), "wsgi.url_scheme": "http", "wsgi.errors": sys.stderr,
             "wsgi.multithread": True, "wsgi.multiprocess": False, "wsgi.run_once": False,
-            "wsgi.input_terminated": True, "werkzeug.socket": conn.sock, "abstractgateway.streams": True,
+            "wsgi.input_terminated": True, "abstractgateway.streams": True,
             "SERVER_SOFTWARE": "abstractgateway", "REQUEST_METHOD": method, "SCRIPT_NAME": "",
             "PATH_INFO": unquote(path).encode().decode("latin-1"), "QUERY_STRING": query,
             "REQUEST_URI": target, "RAW_URI": target, "REMOTE_ADDR": str(conn.addr[0]),

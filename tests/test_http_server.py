@@ -415,3 +415,24 @@ def test_the_stream_writer_outlives_a_failing_read(live_server):
     finally:
         ledger.page_json = real_page
         stream.close()
+
+
+def test_bodies_that_stall_hold_no_worker(tmp_path):
+    server = LiveServer(tmp_path / "d", http_workers="2", request_timeout_s="1")
+    stalled = []
+    try:
+        for _ in range(6):  # three times the workers: each sends its head and one byte of a 100-byte body
+            s = socket.create_connection(("127.0.0.1", server.port))
+            s.sendall(f"POST {API}/commands HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {server.TOKEN}\r\n"
+                      "Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{".encode())
+            stalled.append(s)
+        started = time.perf_counter()
+        assert server.get("/api/health")[0] == 200
+        assert time.perf_counter() - started < 0.5
+        for s in stalled:  # each is answered 408 once the request deadline passes
+            s.settimeout(5)
+            assert s.recv(65536).startswith(b"HTTP/1.1 408")
+    finally:
+        for s in stalled:
+            s.close()
+        server.close()
