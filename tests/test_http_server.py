@@ -153,6 +153,37 @@ def test_http10_closes_unless_keep_alive_is_asked_for(live_server, client):
     assert status == 200 and headers["connection"] == "close" and c.closed_by_server()
 
 
+def test_expect_continue_head_requests_and_refused_heads(live_server, client):
+    c = client()
+    body = _command("expect-1")
+    c.send(f"POST {API}/commands HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {live_server.TOKEN}\r\n"
+           f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\nExpect: 100-continue\r\n\r\n".encode())
+    assert c.file.readline() == b"HTTP/1.1 100 Continue\r\n" and c.file.readline() == b"\r\n"
+    c.send(body)
+    status, _, data = c.response()
+    assert status == 200 and json.loads(data)["accepted"] is True
+    run_id = live_server.gateway.start_run(bundle_id="ask")
+    c.send(c.request_bytes("HEAD", f"{API}/runs/{run_id}/ledger/stream"))  # HEAD never turns into a stream
+    status_line = c.file.readline()
+    headers = {}
+    while (line := c.file.readline()) != b"\r\n":
+        name, _, value = line.decode().partition(":")
+        headers[name.lower()] = value.strip()
+    assert status_line.startswith(b"HTTP/1.1 200") and "transfer-encoding" not in headers
+    c.send(c.request_bytes("GET", "/api/health"))  # the connection is still in step
+    assert c.response()[0] == 200
+    for raw, status, code in ((b"GET / HTTP/2.0\r\n\r\n", 505, "http_version"),
+                              (b"GET /\r\n\r\n", 400, "bad_request"),
+                              (b"GET / HTTP/1.1\r\nX-Big: " + b"a" * 20_000 + b"\r\n\r\n", 431, "headers_too_large"),
+                              (b"POST / HTTP/1.1\r\nTransfer-Encoding: gzip\r\n\r\n", 501,
+                               "unsupported_transfer_encoding")):
+        c = client()
+        c.send(raw)
+        got, _, data = c.response()
+        assert (got, json.loads(data)["code"]) == (status, code)
+        assert c.closed_by_server()
+
+
 # -- bad framing and slow bodies ------------------------------------------------------------------
 
 
