@@ -4677,7 +4677,7 @@ class HttpServer:
         self._returned: List[_Connection] = []
         self._ready: "queue.SimpleQueue[Optional[_Connection]]" = queue.SimpleQueue()
         self._idle: "OrderedDict[int, _Connection]" = OrderedDict()  # in the selector, nothing read; oldest first
-        self._partial: "OrderedDict[int, _Connection]" = OrderedDict()  # in the selector, head incomplete
+        self._partial: "OrderedDict[int, _Connection]" = OrderedDict()  # in the selector, request arriving
         self._in_progress = 0  # partial heads + connections at workers
         self._idle_workers = 0  # workers waiting for a connection
         self._open = 0  # connections the selector or a worker holds (streams belong to the writer)
@@ -4869,7 +4869,7 @@ class HttpServer:
             if now - conn.started < self.request_timeout_s:
                 break
             self._forget(conn, _error_head(408, "Request Timeout", "request_timeout",
-                                           "Request headers not received in time"))
+                                           "Request not received in time"))
         if self._accept_paused_until and now >= self._accept_paused_until:
             self._accept_paused_until = 0.0
             self._selector.register(self.socket, self._selectors.EVENT_READ, "accept")
