@@ -16,7 +16,8 @@ Contents, in dependency order (each section uses only what stands above it):
                   reports inbox, `KnowledgeGraph` (AbstractMemory's triple store).
 5. HTTP        -- `ROUTES` (drives dispatch and `openapi_document()`), `GatewayApp` (WSGI),
                   `LedgerStream` (push-based SSE with resume), the offline `/docs` page, the operator
-                  console (files beside this module, served with a strict CSP), `make_server`.
+                  console (files beside this module, served with a strict CSP), `HttpServer`
+                  (keep-alive, selector + worker pool, one SSE stream-writer thread).
 6. Security    -- WSGI middlewares (CORS, request id, audit, origin, lockout, auth, body limit,
                   concurrency), `SecurityPolicy`, `secure_app`/`build_wsgi`, token bootstrap.
 7. CLI         -- `main()`: `serve`, `runner`, `doctor`, `token`, `audit`, `migrate`, `backup`, `check`.
@@ -196,9 +197,22 @@ SETTINGS: Tuple[Setting, ...] = (
     Setting("audit_log_headers", "ABSTRACTGATEWAY_AUDIT_LOG_HEADERS", "str", "x-client-id,x-client-version,x-forwarded-for",
             "Request headers copied into audit rows (comma-separated, never Authorization).", None),
     Setting("request_timeout_s", "ABSTRACTGATEWAY_REQUEST_TIMEOUT_S", "float", 15.0,
-            "Socket read timeout: slow or idle clients are dropped after this long.", None, (), 0.1),
+            "A request's headers must arrive within this long of its first byte, and its body must not stall "
+            "this long (408); an SSE client that reads nothing this long while data waits is dropped.",
+            None, (), 0.1),
     Setting("max_threads", "ABSTRACTGATEWAY_MAX_THREADS", "int", 256,
-            "Connections served at once; more are answered 503 at once.", None),
+            "Requests in progress at once (headers being read or being served); more get an immediate 503. "
+            "Idle connections do not count.", None),
+    Setting("idle_timeout_s", "ABSTRACTGATEWAY_IDLE_TIMEOUT_S", "float", 5.0,
+            "A connection with no request in progress (new, or kept alive after one) is closed after this long.",
+            None, (), 0.1),
+    Setting("http_workers", "ABSTRACTGATEWAY_HTTP_WORKERS", "int", 8,
+            "Worker threads that serve requests (long-lived, each with a warm database connection).", None),
+    Setting("max_connections", "ABSTRACTGATEWAY_MAX_CONNECTIONS", "int", 4096,
+            "Open connections (SSE streams aside); when full, the longest-idle one is closed to admit a new "
+            "client (503 only when none is idle).", None),
+    Setting("sse_max_buffer_bytes", "ABSTRACTGATEWAY_SSE_MAX_BUFFER_BYTES", "int", 1_048_576,
+            "Unsent bytes an SSE stream may hold before it gets no more records until its client reads.", None),
     Setting("lease_ttl_s", "ABSTRACTGATEWAY_RUNNER_LEASE_TTL_S", "float", 5.0,
             "Seconds before a silent runner's lease expires and another runner takes over.", None, (), 0.1),
 )
@@ -453,30 +467,53 @@ class Signals:
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._topics: Dict[str, List[Any]] = {}  # topic -> [condition, version, subscribers]
+        self._topics: Dict[str, List[Any]] = {}  # topic -> [condition, version, subscribers, callbacks]
 
     def bump(self, topics: Iterable[str]) -> None:
+        calls = []
         with self._lock:
             for topic in topics:
                 entry = self._topics.get(topic)
                 if entry is not None:
                     entry[1] += 1
                     entry[0].notify_all()
+                    calls.extend((callback, topic) for callback in entry[3])
+        for callback, topic in calls:
+            callback(topic)
+
+    def _enter(self, topic: str) -> List[Any]:
+        entry = self._topics.get(topic)
+        if entry is None:
+            entry = self._topics[topic] = [threading.Condition(self._lock), 0, 0, []]
+        entry[2] += 1
+        return entry
+
+    def _leave(self, topic: str, entry: List[Any]) -> None:
+        entry[2] -= 1
+        if entry[2] == 0:
+            self._topics.pop(topic, None)
+
+    def watch(self, topic: str, callback: Callable[[str], None]) -> None:
+        """Call `callback(topic)` after each commit that touches `topic` (it must be quick and never block)."""
+        with self._lock:
+            self._enter(topic)[3].append(callback)
+
+    def unwatch(self, topic: str, callback: Callable[[str], None]) -> None:
+        with self._lock:
+            entry = self._topics.get(topic)
+            if entry is not None and callback in entry[3]:
+                entry[3].remove(callback)
+                self._leave(topic, entry)
 
     @contextmanager
     def subscribe(self, topic: str) -> Iterator["Subscription"]:
         with self._lock:
-            entry = self._topics.get(topic)
-            if entry is None:
-                entry = self._topics[topic] = [threading.Condition(self._lock), 0, 0]
-            entry[2] += 1
+            entry = self._enter(topic)
         try:
             yield Subscription(self._lock, entry)
         finally:
             with self._lock:
-                entry[2] -= 1
-                if entry[2] == 0:
-                    self._topics.pop(topic, None)
+                self._leave(topic, entry)
 
 
 class Subscription:
@@ -594,6 +631,16 @@ def _missing_tables(conn: apsw.Connection) -> List[str]:
     return sorted(expected - present)
 
 
+def _with_attached(fn: Callable[[apsw.Connection], T], attached: Callable[[apsw.Connection], None]
+                   ) -> Callable[[apsw.Connection], T]:
+    def _both(conn: apsw.Connection) -> T:
+        result = fn(conn)
+        attached(conn)
+        return result
+
+    return _both
+
+
 class Database:
     """One SQLite file: per-thread apsw connections, WAL, group commit and change signals.
 
@@ -621,10 +668,14 @@ class Database:
         self.signals = Signals()
         self._local = threading.local()
         # Weak: a thread's connection lives in its thread-local and closes when the thread ends
-        # (the HTTP server runs a thread per connection; nothing may pile up).
+        # (short-lived threads, e.g. the migrator's or a test's, must not pile connections up).
         self._all_connections: "weakref.WeakSet[apsw.Connection]" = weakref.WeakSet()
         self._connections_lock = threading.Lock()
         self._queue_lock = threading.Lock()
+        # One writer at a time in this process: threads queue here instead of inside SQLite, whose
+        # busy handler sleeps in growing steps (a group commit behind a runner transaction would
+        # sleep milliseconds after the lock is free).
+        self._write_mutex = threading.Lock()
         self._queue: List[_PendingWrite] = []
         self._leader_busy = False
         self._last_failure: Optional[Dict[str, Any]] = None
@@ -711,6 +762,10 @@ class Database:
         `single_statement=True` promises `fn` executes exactly one writing statement: SQLite undoes
         a failed statement by itself, so it needs no savepoint inside a batch.
         """
+        attached = getattr(self._local, "attached", None)
+        if attached is not None:  # see attach_to_next_write
+            self._local.attached = None
+            fn, single_statement = _with_attached(fn, attached), False
         tx: Optional[_Transaction] = getattr(self._local, "tx", None)
         if tx is not None:
             if tx.conn.get_autocommit():  # SQLite rolled the transaction back (an error somebody caught):
@@ -756,6 +811,12 @@ class Database:
             return None
         return self._last_failure
 
+    def attach_to_next_write(self, fn: Optional[Callable[[apsw.Connection], None]]) -> None:
+        """Run `fn(conn)` right after this thread's next `write`, in its transaction and group commit
+        (None: forget a pending one). Bookkeeping rows, such as a request's audit row, then ride on the
+        write they describe instead of costing a durable transaction of their own."""
+        self._local.attached = fn
+
     def _lead(self) -> None:
         """Commit everything queued (this thread's write included) in one transaction, wake exactly
         those writers, then hand the leadership to the first writer that queued meanwhile."""
@@ -778,6 +839,7 @@ class Database:
         so no waiting writer can hang."""
         conn = None
         tx, committed = None, False
+        self._write_mutex.acquire()
         try:
             conn = self.connection()
             _begin_immediate(conn, self.busy_timeout_ms / 1000)
@@ -822,6 +884,7 @@ class Database:
                 pass
         finally:
             self._local.tx = None
+            self._write_mutex.release()
             for item in batch:
                 item.done = True
         topics = [t for item in batch if item.error is None for t in item.topics]
@@ -838,30 +901,31 @@ class Database:
             yield tx
             return
         conn = self.connection()
-        try:
-            _begin_immediate(conn, self.busy_timeout_ms / 1000)
-        except _STORAGE_FAILURES as exc:
-            self._note_failure(exc, conn)
-            raise storage_error(exc) from exc
-        tx = self._local.tx = _Transaction(conn)
-        try:
-            yield tx
-            if conn.get_autocommit():  # rolled back under a caught error: its writes are gone, say so
-                raise StorageError("The transaction was abandoned by the database; nothing was written.")
-            conn.execute("COMMIT")
-            self._succeeded_at = time.monotonic()
-        except BaseException as exc:
-            self._note_failure(exc, conn)
+        with self._write_mutex:  # in-process writers queue here, not in SQLite's sleeping busy handler
             try:
-                if not conn.get_autocommit():
-                    conn.execute("ROLLBACK")
-            except apsw.Error:
-                pass
-            if isinstance(exc, _STORAGE_FAILURES):
+                _begin_immediate(conn, self.busy_timeout_ms / 1000)
+            except _STORAGE_FAILURES as exc:
+                self._note_failure(exc, conn)
                 raise storage_error(exc) from exc
-            raise
-        finally:
-            self._local.tx = None
+            tx = self._local.tx = _Transaction(conn)
+            try:
+                yield tx
+                if conn.get_autocommit():  # rolled back under a caught error: its writes are gone, say so
+                    raise StorageError("The transaction was abandoned by the database; nothing was written.")
+                conn.execute("COMMIT")
+                self._succeeded_at = time.monotonic()
+            except BaseException as exc:
+                self._note_failure(exc, conn)
+                try:
+                    if not conn.get_autocommit():
+                        conn.execute("ROLLBACK")
+                except apsw.Error:
+                    pass
+                if isinstance(exc, _STORAGE_FAILURES):
+                    raise storage_error(exc) from exc
+                raise
+            finally:
+                self._local.tx = None
         if tx.topics:
             self.signals.bump(tx.topics)
 
@@ -1006,6 +1070,12 @@ class SqliteRunStore(RunStore):
 
     def exists(self, run_id: str) -> bool:
         return self.db.query_one("SELECT 1 FROM runs WHERE run_id = ?", (str(run_id or ""),)) is not None
+
+    def adopt_own_session(self, run_id: str) -> None:
+        """Make a run without a session its own session, in SQL (no state parsed and re-serialised)."""
+        self.db.write(lambda conn: conn.execute(
+            "UPDATE runs SET session_id = run_id, run_json = json_set(run_json, '$.session_id', run_id)"
+            " WHERE run_id = ? AND session_id IS NULL", (str(run_id),)), topics=("runs",), single_statement=True)
 
     def status_of(self, run_id: str) -> Optional[str]:
         """The run's status without loading its state (None if unknown)."""
@@ -1648,6 +1718,7 @@ class AuditStore:
                 " origin, user_agent, bytes_in, error")
     _KEYS = ("id", "ts", "request_id", "client_ip", "method", "path", "status", "duration_ms", "token_fp", "headers",
              "query", "auth_required", "origin", "user_agent", "bytes_in", "error")
+    _MARKS = ",".join("?" * len(_COLUMNS.split(",")))
     _ROW_OVERHEAD = 120  # bytes per row besides path and headers, for the size estimate
 
     def __init__(self, db: Database, max_bytes: int = 0, prune_every: int = 100) -> None:
@@ -1659,7 +1730,44 @@ class AuditStore:
     def append(self, row: Tuple[Any, ...]) -> None:
         """Insert one row: the values of `_COLUMNS`, in order."""
         self.db.write(lambda conn: conn.execute(
-            f"INSERT INTO audit_log ({self._COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)", row))
+            f"INSERT INTO audit_log ({self._COLUMNS}) VALUES ({self._MARKS})", row))
+        self._counted()
+
+    def append_with_next_write(self, make_row: Callable[[], Tuple[Any, ...]]) -> List[int]:
+        """Insert `make_row()` inside this thread's next database write (same transaction, same commit).
+
+        Returns a box holding the row id once the row is written (empty until then, or if that write
+        never happens); `settle` then fixes the row if the request ended otherwise than assumed.
+        """
+        box: List[int] = []
+
+        def _insert(conn: apsw.Connection) -> None:
+            conn.execute(f"INSERT INTO audit_log ({self._COLUMNS}) VALUES ({self._MARKS})", make_row())
+            box.append(conn.last_insert_rowid())
+
+        self.db.attach_to_next_write(_insert)
+        return box
+
+    def settle(self, box: List[int], row: Tuple[Any, ...], assumed_status: int) -> None:
+        """Finish a request's audit row: written with its write and right, fixed, or (never written) appended."""
+        self.db.attach_to_next_write(None)
+        if not box:
+            self.append(row)
+            return
+        self._counted()
+        status, duration_ms, error = row[5], row[6], row[-1]
+        if status == assumed_status and error is None:
+            return
+
+        def _fix(conn: apsw.Connection) -> None:  # the write was rolled back or the request failed after it
+            conn.execute("UPDATE audit_log SET status = ?, duration_ms = ?, error = ? WHERE id = ?",
+                         (status, duration_ms, error, box[0]))
+            if conn.changes() == 0:
+                conn.execute(f"INSERT INTO audit_log ({self._COLUMNS}) VALUES ({self._MARKS})", row)
+
+        self.db.write(_fix)
+
+    def _counted(self) -> None:
         self._writes += 1
         if self.max_bytes and self._writes % self.prune_every == 0:
             self.prune()
@@ -1762,6 +1870,12 @@ class FileRunStore(JsonFileRunStore):
     def status_of(self, run_id: str) -> Optional[str]:
         run = self.load(run_id)
         return _enum_value(run.status) if run is not None else None
+
+    def adopt_own_session(self, run_id: str) -> None:
+        run = self.load(run_id)
+        if run is not None and not run.session_id:
+            run.session_id = run_id
+            self.save(run)
 
     def ids_waiting_on(self, wait_key: str, *, limit: int = 10_000) -> List[str]:
         runs = self.list_runs(status=RunStatus.WAITING, limit=limit)
@@ -3075,9 +3189,7 @@ class Gateway:
         with self.stores.db.transaction():
             run_id = self.runtime.start(workflow=spec, vars=run_vars, actor_id=ACTOR_ID, session_id=session)
             if session is None:  # like the original gateway, a run without a session is its own session
-                state = self.stores.runs.load(run_id)
-                state.session_id = run_id
-                self.stores.runs.save(state)
+                self.stores.runs.adopt_own_session(run_id)
             else:  # the session's attachment and memory owner, as the original creates it
                 ensure_session_memory_run(self.stores.runs, session)
             self._persist_snapshot(run_id, spec.workflow_id)
@@ -4679,12 +4791,35 @@ def _safe_text(text: str) -> str:
     return text if _is_utf8_text(text) else "".join("\ufffd" if 0xD800 <= ord(c) <= 0xDFFF else c for c in text)
 
 
-def json_response(data: Any, status: int = 200, headers: Optional[Dict[str, str]] = None) -> Response:
-    return _response(_json_dumps(data).encode("utf-8"), status=status, headers=headers, content_type="application/json")
+class JsonResponse:
+    """A JSON body as a minimal WSGI response: werkzeug's `Response` costs more than most bodies."""
+
+    __slots__ = ("body", "status_code", "headers")
+
+    def __init__(self, body: bytes, status: int = 200, headers: Optional[Dict[str, str]] = None) -> None:
+        self.body = body
+        self.status_code = status
+        self.headers = dict(headers or {})
+
+    def __call__(self, environ: Dict[str, Any], start_response: Callable) -> Iterable[bytes]:
+        from http import HTTPStatus
+
+        try:
+            reason = HTTPStatus(self.status_code).phrase
+        except ValueError:
+            reason = "Unknown"
+        start_response(f"{self.status_code} {reason}", [("Content-Type", "application/json"),
+                                                         ("Content-Length", str(len(self.body))),
+                                                         *self.headers.items()])
+        return [] if environ.get("REQUEST_METHOD") == "HEAD" else [self.body]
+
+
+def json_response(data: Any, status: int = 200, headers: Optional[Dict[str, str]] = None) -> JsonResponse:
+    return JsonResponse(_json_dumps(data).encode("utf-8"), status, headers)
 
 
 def error_response(status: int, code: str, detail: str, headers: Optional[Dict[str, str]] = None,
-                   **extra: Any) -> Response:
+                   **extra: Any) -> JsonResponse:
     """The one error shape of the API: `{"detail": ..., "code": ...}` (a detail that echoes client input
     is made encodable, so an error can never turn into a 500 itself)."""
     return json_response({"detail": _safe_text(detail), "code": code, **extra}, status, headers)
@@ -4708,6 +4843,8 @@ class GatewayApp:
 
         self.url_map = Map([Rule(r.path, endpoint=r.handler, methods=[r.method]) for r in ROUTES],
                            strict_slashes=False, merge_slashes=False)
+        # Rules match on path and method only, so one adapter serves every request (given both).
+        self._urls = self.url_map.bind("gateway")
         self._openapi: Optional[bytes] = None
         self.workspace = Workspace(gateway.config.workspace_mounts)
         self.knowledge_graph = KnowledgeGraph(gateway.knowledge_graph, gateway.stores.runs)
@@ -4720,8 +4857,8 @@ class GatewayApp:
         request_id = environ.get("abstractgateway.request_id") or uuid.uuid4().hex[:16]
         try:
             _check_request_text(environ)
-            adapter = self.url_map.bind_to_environ(environ)
-            endpoint, args = adapter.match()
+            path = environ.get("PATH_INFO", "").encode("latin-1").decode("utf-8", "replace")
+            endpoint, args = self._urls.match(path, environ.get("REQUEST_METHOD", "GET"))
             route = self._routes[endpoint]
             query = {p.name: _parse_param(p, request.args.get(p.name)) for p in route.query}
             body = None
@@ -4750,17 +4887,15 @@ class GatewayApp:
         response.headers["X-Request-Id"] = request_id
         return response(environ, start_response)
 
-    @contextmanager
-    def stream_open(self) -> Iterator[None]:
-        """Count an SSE stream as open while its body is being produced."""
+    def stream_started(self) -> None:
+        """Count an SSE stream as open (the stream writer calls this, and `stream_ended` once it closes)."""
         with self._streams_changed:
             self._streams += 1
-        try:
-            yield
-        finally:
-            with self._streams_changed:
-                self._streams -= 1
-                self._streams_changed.notify_all()
+
+    def stream_ended(self) -> None:
+        with self._streams_changed:
+            self._streams -= 1
+            self._streams_changed.notify_all()
 
     def drain(self, timeout: float) -> bool:
         """Tell streams to finish (each sends a final `done`) and wait for them; True if all ended."""
@@ -5200,10 +5335,13 @@ class GatewayApp:
                 after = -1
             if not 0 <= after <= MAX_CURSOR:
                 raise Unprocessable("Last-Event-ID must be an integer cursor", code="validation_error")
-        stream = LedgerStream(self.gateway, run_id, after, heartbeat_s, self,
-                              request.environ.get("werkzeug.socket"))
-        return _response(stream, content_type="text/event-stream; charset=utf-8",
-                        headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"}, direct_passthrough=True)
+        if not request.environ.get("abstractgateway.streams"):
+            raise GatewayError("SSE needs the gateway's own server (`abstractgateway serve`)", status=501,
+                               code="streams_unsupported")
+        # The server hands the connection to its stream writer once the middlewares let this 200 through.
+        request.environ["abstractgateway.sse"] = LedgerStream(self.gateway, run_id, after, heartbeat_s, self)
+        return _response(iter(()), content_type="text/event-stream; charset=utf-8",
+                         headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"})
 
     # -- commands -------------------------------------------------------------------------------------
 
@@ -5406,58 +5544,45 @@ def run_summary(state: RunState) -> Dict[str, Any]:
 
 
 class LedgerStream:
-    """The SSE body of `runs/{id}/ledger/stream`: a WSGI iterable woken by ledger commits.
+    """One SSE subscription to a run's ledger: its cursor, its frames and when it is finished.
 
-    In-process appends wake it through `Signals`; commits from another process are noticed by
-    polling SQLite's `data_version` (cheap) instead of re-reading the ledger. A dropped client
-    is noticed by peeking at the socket, so its thread is freed within a fraction of a second.
+    The server's stream writer (`_StreamWriter`) drives it once the response head is decided: it
+    fetches records after `cursor` whenever a commit touches the run (or another process may have
+    written), sends heartbeats when idle, and ends with a `done` event once the run is terminal and
+    its closing record is sent, or when the server stops.
     """
 
-    POLL_S = 0.25
     FLUSH_GRACE_S = 0.5
 
-    def __init__(self, gateway: Gateway, run_id: str, after: int, heartbeat_s: float, app: "GatewayApp",
-                 sock: Any = None) -> None:
+    def __init__(self, gateway: Gateway, run_id: str, after: int, heartbeat_s: float, app: "GatewayApp") -> None:
         self.gateway = gateway
         self.run_id = run_id
         self.cursor = after
         self.heartbeat_s = heartbeat_s
         self.app = app
         self.stopping = app.stopping
-        self.sock = sock
         self.last_record: Optional[str] = None
         self.terminal_seen: Optional[float] = None
 
-    def _client_gone(self) -> bool:
-        """True once the client hung up (poll(): no FD_SETSIZE limit, unlike select())."""
-        if self.sock is None:
-            return False
-        import select
-        import socket as _socket
+    @staticmethod
+    def opening() -> bytes:
+        return b"retry: %d\n\n" % SSE_RETRY_MS
 
-        try:
-            poller = select.poll()
-            poller.register(self.sock, select.POLLIN | select.POLLHUP | select.POLLERR)
-            events = poller.poll(0)
-            if not events:
-                return False
-            if events[0][1] & (select.POLLHUP | select.POLLERR):
-                return True
-            return self.sock.recv(1, _socket.MSG_PEEK) == b""  # readable: EOF means gone
-        except OSError:
-            return True
+    @staticmethod
+    def step_frames(cursor: int, rows: List[str]) -> bytes:
+        """The `step` events of `rows`, the records right after `cursor` (built once per cursor, shared)."""
+        return b"".join(b"id: %d\nevent: step\ndata: {\"cursor\": %d, \"record\": %s}\n\n"
+                        % (cursor + i, cursor + i, raw.encode()) for i, raw in enumerate(rows, 1))
 
-    def _frames(self) -> Tuple[List[bytes], bool]:
-        rows = self.gateway.stores.ledger.page_json(self.run_id, self.cursor, SSE_BATCH)
-        frames = []
-        for raw in rows:
-            self.cursor += 1
-            self.last_record = raw
-            frames.append(b"id: %d\nevent: step\ndata: {\"cursor\": %d, \"record\": %s}\n\n"
-                          % (self.cursor, self.cursor, raw.encode()))
-        return frames, len(rows) == SSE_BATCH
+    def advance(self, rows: List[str]) -> None:
+        self.cursor += len(rows)
+        self.last_record = rows[-1]
 
-    def _flushed(self) -> bool:
+    @staticmethod
+    def is_terminal(status: Optional[str]) -> bool:
+        return status is None or status in TERMINAL_STATUSES
+
+    def flushed(self) -> bool:
         """True once the run's closing records are streamed.
 
         The runtime saves the terminal status first and appends its `abstract.status` record
@@ -5469,53 +5594,14 @@ class LedgerStream:
             self.terminal_seen = time.monotonic()
         return time.monotonic() - self.terminal_seen >= self.FLUSH_GRACE_S
 
-    def _terminal(self) -> bool:
-        status = self.gateway.stores.runs.status_of(self.run_id)
-        return status is None or status in TERMINAL_STATUSES
-
-    def _writes_elsewhere(self) -> bool:
+    def writes_elsewhere(self) -> bool:
         """Whether ledger records may come from another process (then watch SQLite's data_version)."""
         runner = self.app.runner
         return runner is None or not runner.has_lease
 
-    def __iter__(self) -> Iterator[bytes]:
-        db = self.gateway.stores.db
-        yield b"retry: %d\n\n" % SSE_RETRY_MS
-        with self.app.stream_open(), db.signals.subscribe(ledger_topic(self.run_id)) as sub:
-            last_sent = time.monotonic()
-            version = db.data_version()
-            check = True
-            while True:
-                seen = sub.version
-                if check:
-                    frames, more = self._frames()
-                    if frames:
-                        yield b"".join(frames)
-                        last_sent = time.monotonic()
-                        if more:
-                            continue
-                    if self._terminal() and self._flushed():
-                        yield (b"event: done\ndata: {\"run_id\": %s, \"cursor\": %d, \"status\": \"terminal\"}\n\n"
-                               % (json.dumps(self.run_id).encode(), self.cursor))
-                        return
-                if self.stopping.is_set():
-                    yield b"event: done\ndata: {\"run_id\": %s, \"cursor\": %d, \"status\": \"server_stopping\"}\n\n" \
-                        % (json.dumps(self.run_id).encode(), self.cursor)
-                    return
-                idle = time.monotonic() - last_sent
-                if idle >= self.heartbeat_s:
-                    yield b": keep-alive\n\n"
-                    last_sent = time.monotonic()
-                    idle = 0.0
-                wait_s = min(self.POLL_S, self.heartbeat_s - idle)
-                if self.terminal_seen is not None:
-                    wait_s = min(wait_s, 0.05)
-                woke = sub.wait(seen, wait_s)
-                if self._client_gone():
-                    return
-                now_version = db.data_version() if self._writes_elsewhere() else version
-                check = woke or now_version != version or self.terminal_seen is not None
-                version = now_version
+    def done_frame(self, status: str) -> bytes:
+        return (b"event: done\ndata: {\"run_id\": %s, \"cursor\": %d, \"status\": \"%s\"}\n\n"
+                % (json.dumps(self.run_id).encode(), self.cursor, status.encode()))
 
 
 def openapi_document() -> Dict[str, Any]:
@@ -5665,11 +5751,12 @@ class JsonErrors:
         request_id = environ.get("abstractgateway.request_id") or uuid.uuid4().hex[:16]
         _log(f"500 on {environ.get('REQUEST_METHOD')} {environ.get('PATH_INFO')} request_id={request_id}: "
              + "".join(traceback.format_exception(*exc_info)))
-        response = error_response(500, "internal_error", f"Internal error (request id {request_id})",
-                                  request_id=request_id)
-        response.headers["X-Request-Id"] = request_id
-        start_response(response.status, list(response.headers.items()), exc_info)
-        return [response.get_data()]
+        body = error_response(500, "internal_error", f"Internal error (request id {request_id})",
+                              request_id=request_id).body
+        start_response("500 Internal Server Error", [("Content-Type", "application/json"),
+                                                     ("Content-Length", str(len(body))), ("X-Request-Id", request_id)],
+                       exc_info)
+        return [body]
 
 
 class _FirstChunkGuard:
@@ -5731,53 +5818,1071 @@ def read_console_file(name: str) -> bytes:
 
 
 MAX_HEADER_BYTES = 16 * 1024
+_MIN_BODY_RATE = 64 * 1024  # bytes/s a request body must average once `request_timeout_s` has passed
+_DRAIN_LIMIT = 64 * 1024  # unread body bytes the server drains to keep a connection; more: it closes
+_PREREAD_LIMIT = 64 * 1024  # when workers run short, Content-Length bodies up to this arrive whole first
+_HOP_BY_HOP = frozenset({"connection", "keep-alive", "transfer-encoding", "te", "trailer", "upgrade",
+                         "proxy-connection"})
+_TOKEN_CHARS = frozenset("!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ")
+_HEX_DIGITS = frozenset("0123456789abcdefABCDEF")
 
 
-def make_server(app: Callable, host: str, port: int, *, timeout_s: float = 15.0, max_threads: int = 256) -> Any:
-    """A threaded werkzeug WSGI server (HTTP/1.1, chunked SSE), hardened for an appliance.
+class BadRequestBody(GatewayError):
+    status, code = 400, "bad_request_body"
 
-    A socket read timeout drops slow or idle clients (slowloris), header blocks are capped, and
-    at most `max_threads` connections are served at once; the next one gets an immediate 503.
+
+class RequestTimeout(GatewayError):
+    status, code = 408, "request_timeout"
+
+
+class _Connection:
+    """One client socket and the bytes read from it but not yet consumed."""
+
+    __slots__ = ("sock", "addr", "buf", "since", "started", "keep_alive")
+
+    def __init__(self, sock: Any, addr: Any) -> None:
+        self.sock = sock
+        self.addr = addr
+        self.buf = bytearray()
+        self.since = time.monotonic()  # idle since (no request in progress)
+        self.started = 0.0  # first byte of the request being read (0: none yet)
+        self.keep_alive = True
+
+    def head_end(self) -> int:
+        """Offset just past the request head in `buf` (0 while it is incomplete)."""
+        while self.buf[:2] == b"\r\n" or self.buf[:1] == b"\n":  # blank lines between requests are allowed
+            del self.buf[:2 if self.buf[:1] == b"\r" else 1]
+        ends = [i + n for i, n in ((self.buf.find(b"\n\r\n"), 3), (self.buf.find(b"\n\n"), 2)) if i >= 0]
+        return min(ends) if ends else 0
+
+
+class _BodyReader:
+    """`wsgi.input` of one request, read off the socket under a deadline.
+
+    Handles Content-Length and chunked framing. A body that stalls, or trickles slower than
+    `_MIN_BODY_RATE` past `request_timeout_s`, raises `RequestTimeout` (408); bad chunk framing
+    raises `BadRequestBody` (400). Neither can hold a worker for long or reach the client as a 500.
     """
-    from werkzeug.serving import ThreadedWSGIServer, WSGIRequestHandler
 
-    class Handler(WSGIRequestHandler):
-        timeout = timeout_s
+    def __init__(self, conn: _Connection, length: int, chunked: bool, timeout_s: float) -> None:
+        self._conn = conn
+        self._chunked = chunked
+        self._left = 0 if chunked else length  # bytes left in this chunk (or in the whole body)
+        self._timeout_s = timeout_s
+        self._deadline = time.monotonic() + timeout_s
+        self._received = 0
+        self.done = not chunked and length == 0
+        self.failed = False
 
-        def parse_request(self) -> bool:
-            if not super().parse_request():
-                return False
-            if sum(len(k) + len(v) + 4 for k, v in self.headers.items()) > MAX_HEADER_BYTES:
-                self.send_error(431, "Request header fields too large")
-                return False
-            return True
+    def _recv(self) -> None:
+        left = min(self._deadline + self._received / _MIN_BODY_RATE - time.monotonic(), self._timeout_s)
+        try:
+            if left <= 0:
+                raise TimeoutError
+            self._conn.sock.settimeout(left)
+            data = self._conn.sock.recv(65536)
+        except (TimeoutError, OSError) as exc:
+            self.failed = True
+            if isinstance(exc, TimeoutError):
+                raise RequestTimeout("Request body not received in time") from None
+            raise BadRequestBody("Connection failed while reading the request body") from None
+        if not data:
+            self.failed = True
+            raise BadRequestBody("Request body ended early")
+        self._received += len(data)
+        self._conn.buf += data
 
-        def log_request(self, code: Any = "-", size: Any = "-") -> None:
-            pass  # per-request access logs cost latency; the audit log records writes
+    def _line(self, limit: int = 4096) -> bytes:
+        buf = self._conn.buf
+        while True:
+            end = buf.find(b"\n", 0, limit)
+            if end >= 0:
+                line = bytes(buf[:end + 1])
+                del buf[:end + 1]
+                return line.rstrip(b"\r\n")
+            if len(buf) >= limit:
+                self.failed = True
+                raise BadRequestBody("Chunk size line too long")
+            self._recv()
 
-    class Server(ThreadedWSGIServer):
-        def __init__(self) -> None:
-            super().__init__(host, port, app, handler=Handler)
-            self._slots = threading.BoundedSemaphore(max_threads)
+    def _next_chunk(self) -> None:
+        size_text = self._line().split(b";", 1)[0].strip()
+        if not size_text or len(size_text) > 15 or not set(size_text.decode("latin-1")) <= _HEX_DIGITS:
+            self.failed = True
+            raise BadRequestBody("Bad chunk size line in a chunked request body")
+        self._left = int(size_text, 16)
+        if self._left == 0:
+            trailer = 0
+            while self._line():  # trailer fields are ignored; a blank line ends the body
+                trailer += 1
+                if trailer > 64:
+                    self.failed = True
+                    raise BadRequestBody("Too many trailer fields in a chunked request body")
+            self.done = True
 
-        def process_request(self, request: Any, client_address: Any) -> None:
-            if not self._slots.acquire(blocking=False):
-                try:
-                    request.sendall(b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
-                                    b"Retry-After: 1\r\nConnection: close\r\nContent-Length: 62\r\n\r\n"
-                                    b'{"detail": "Server busy (connection limit)", "code": "busy"}\n\n')
-                finally:
-                    self.shutdown_request(request)
+    def _take(self, size: int) -> bytes:
+        buf = self._conn.buf
+        if not buf:
+            self._recv()
+        data = bytes(buf[:size])
+        del buf[:len(data)]
+        self._left -= len(data)
+        if self._chunked and self._left == 0:
+            while len(buf) < 2:
+                self._recv()
+            if buf[:2] != b"\r\n":
+                self.failed = True
+                raise BadRequestBody("Chunk data not followed by CRLF in a chunked request body")
+            del buf[:2]
+        elif not self._chunked and self._left == 0:
+            self.done = True
+        return data
+
+    def read(self, size: Optional[int] = -1) -> bytes:
+        want = math.inf if size is None or size < 0 else size
+        parts: List[bytes] = []
+        got = 0
+        while got < want and not self.done:
+            if self._left == 0:
+                self._next_chunk()
+                continue
+            data = self._take(int(min(want - got, self._left)))
+            parts.append(data)
+            got += len(data)
+        return b"".join(parts)
+
+    def readline(self, size: Optional[int] = -1) -> bytes:
+        limit = math.inf if size is None or size < 0 else size
+        parts: List[bytes] = []
+        got = 0
+        while got < limit and not self.done:
+            if self._left == 0:
+                self._next_chunk()
+                continue
+            buf = self._conn.buf
+            if not buf:
+                self._recv()
+            end = buf.find(b"\n", 0, int(min(len(buf), self._left, limit - got)))
+            data = self._take(end + 1 if end >= 0 else int(min(len(buf), self._left, limit - got)))
+            parts.append(data)
+            got += len(data)
+            if data.endswith(b"\n"):
+                break
+        return b"".join(parts)
+
+    def __iter__(self) -> Iterator[bytes]:
+        while True:
+            line = self.readline()
+            if not line:
                 return
-            super().process_request(request, client_address)
+            yield line
 
-        def process_request_thread(self, request: Any, client_address: Any) -> None:
+    def too_big_to_drain(self) -> bool:
+        """Whether the unread rest is known to exceed what the server drains to keep the connection."""
+        return not self.done and not self._chunked and self._left > _DRAIN_LIMIT
+
+    def drain(self) -> bool:
+        """Read and drop what the app left unread; False when the connection cannot be reused."""
+        if self.failed:
+            return False
+        try:
+            drained = 0
+            while not self.done:
+                drained += len(self.read(65536))
+                if drained > _DRAIN_LIMIT:
+                    return False
+        except GatewayError:
+            return False
+        return True
+
+
+_date_cache: List[Any] = [0, b""]
+
+
+def _http_date() -> bytes:
+    now = int(time.time())
+    if _date_cache[0] != now:
+        from email.utils import formatdate
+
+        _date_cache[:] = [now, formatdate(now, usegmt=True).encode()]
+    return _date_cache[1]
+
+
+def _error_head(status: int, reason: str, code: str, detail: str) -> bytes:
+    """A complete JSON error response that closes the connection, for faults found outside the app."""
+    body = _json_dumps({"detail": detail, "code": code}).encode()
+    retry = b"Retry-After: 1\r\n" if status == 503 else b""
+    return (b"HTTP/1.1 %d %s\r\nContent-Type: application/json\r\nContent-Length: %d\r\nConnection: close\r\n"
+            b"%sDate: %s\r\n\r\n%s" % (status, reason.encode(), len(body), retry, _http_date(), body))
+
+
+def _preread_length(head: bytes) -> int:
+    """How many body bytes the selector thread waits for when workers run short: a Content-Length
+    body up to `_PREREAD_LIMIT` (not chunked ones, nor an `Expect: 100-continue` body, which the
+    client sends only once a worker has answered)."""
+    lower = head.lower()
+    start = lower.find(b"\ncontent-length:")
+    if start < 0 or b"\ntransfer-encoding:" in lower or b"\nexpect:" in lower:
+        return 0
+    value = lower[start + 16:lower.find(b"\n", start + 1)].strip()
+    return int(value) if value.isdigit() and int(value) <= _PREREAD_LIMIT else 0
+
+
+class _BadRequest(Exception):
+    """A request head the server refuses before the app runs (answered, then the connection closes)."""
+
+    def __init__(self, status: int, reason: str, code: str, detail: str) -> None:
+        super().__init__(detail)
+        self.response = _error_head(status, reason, code, detail)
+
+
+def _chunk(data: bytes) -> bytes:
+    return b"%x\r\n%s\r\n" % (len(data), data)
+
+
+class _ResponseWriter:
+    """`start_response` and the socket writes of one response: Content-Length when the app gives
+    one, else chunked (HTTP/1.1) or close-delimited (HTTP/1.0). Head and first data go out in one send."""
+
+    def __init__(self, conn: _Connection, body: _BodyReader, head_only: bool, http10: bool) -> None:
+        self.conn = conn
+        self.body = body
+        self.head_only = head_only
+        self.http10 = http10
+        self.status = ""
+        self.headers: List[Tuple[str, str]] = []
+        self.head_sent = False
+        self.length: Optional[int] = None
+        self.chunked = False
+        self.sent = 0
+
+    @property
+    def status_code(self) -> int:
+        try:
+            return int(self.status.split(" ", 1)[0])
+        except ValueError:
+            return 500
+
+    def start_response(self, status: str, headers: List[Tuple[str, str]], exc_info: Any = None) -> Callable:
+        if exc_info is not None and self.head_sent:
+            raise exc_info[1].with_traceback(exc_info[2])
+        self.status, self.headers = status, headers
+        return self.write
+
+    def head(self, *, stream: bool = False, empty: bool = False) -> bytes:
+        """The response head; fixes the framing of the body that follows."""
+        code = self.status_code
+        no_body = self.head_only or code in (204, 304) or 100 <= code < 200
+        lines = [b"HTTP/1.1 " + self.status.encode("latin-1")]
+        for name, value in self.headers:
+            lower = name.lower()
+            if lower in _HOP_BY_HOP:
+                continue
+            if lower == "content-length":
+                if stream:
+                    continue
+                try:
+                    self.length = int(value)
+                except ValueError:
+                    continue
+            lines.append(b"%s: %s" % (name.encode("latin-1"), value.encode("latin-1")))
+        if self.body.failed or self.body.too_big_to_drain():
+            self.conn.keep_alive = False  # the request's framing is lost or too costly to drain
+        if not no_body and self.length is None:
+            if empty and not stream:
+                self.length = 0
+                lines.append(b"Content-Length: 0")
+            elif self.http10:
+                self.conn.keep_alive = False  # the end of the body is the end of the connection
+            else:
+                self.chunked = True
+                lines.append(b"Transfer-Encoding: chunked")
+        if no_body:
+            self.length = 0
+        lines.append(b"Date: " + _http_date())
+        if not self.conn.keep_alive or stream:
+            lines.append(b"Connection: close")
+        elif self.http10:
+            lines.append(b"Connection: keep-alive")
+        self.head_sent = True
+        return b"\r\n".join(lines) + b"\r\n\r\n"
+
+    def write(self, data: bytes) -> None:
+        head = b"" if self.head_sent else self.head()
+        if self.head_only or (self.length == 0 and not self.chunked):
+            data = b""
+        elif self.chunked:
+            data = _chunk(data) if data else b""
+        elif self.length is not None and self.sent + len(data) > self.length:
+            data = data[:self.length - self.sent]
+            self.conn.keep_alive = False
+        self.sent += len(data)
+        if head or data:
+            self.conn.sock.sendall(head + data)
+
+    def finish(self) -> None:
+        if not self.head_sent:
+            self.conn.sock.sendall(self.head(empty=True))
+        elif self.chunked and not self.head_only:
+            self.conn.sock.sendall(b"0\r\n\r\n")
+        elif self.length is not None and self.sent < self.length and not self.head_only:
+            self.conn.keep_alive = False  # the app sent less than it announced: the framing is broken
+
+
+class _Subscriber:
+    """An SSE stream held by the stream writer: its socket and the bytes not yet sent."""
+
+    __slots__ = ("sock", "stream", "app_iter", "out", "out_bytes", "offset", "last_sent", "progress_at",
+                 "finished", "writing", "topic")
+
+    def __init__(self, sock: Any, stream: "LedgerStream", app_iter: Any) -> None:
+        from collections import deque
+
+        self.sock = sock
+        self.stream = stream
+        self.app_iter = app_iter
+        self.out: "deque[bytes]" = deque()
+        self.out_bytes = 0
+        self.offset = 0
+        self.last_sent = self.progress_at = time.monotonic()
+        self.finished = False  # its last frame is queued: close once sent
+        self.writing = False  # registered for EVENT_WRITE
+        self.topic = ledger_topic(stream.run_id)
+
+    def queue(self, data: bytes, now: float) -> None:
+        if not self.out:
+            self.progress_at = now
+        self.out.append(data)
+        self.out_bytes += len(data)
+        self.last_sent = now
+
+    def finish(self, frame: bytes, now: float) -> None:
+        self.queue(_chunk(frame) + b"0\r\n\r\n", now)
+        self.finished = True
+
+
+class _StreamWriter:
+    """One thread that serves every open SSE stream once its response head is decided.
+
+    It is woken by ledger commits (`Signals.watch`), pages records with its own single database
+    connection (one query per run and cursor, shared by every subscriber at that cursor), and writes
+    with non-blocking sends. A subscriber gets more records only while its unsent bytes are under
+    `max_buffer_bytes`; one whose client accepts nothing for `stall_s` while data waits is dropped
+    (it resumes with `Last-Event-ID`), so a slow reader never stalls the others.
+    """
+
+    POLL_S = 0.25  # commits of other processes are noticed through `data_version` this often
+    SCAN_S = 0.05  # heartbeats, terminal grace, stops and stalls are checked this often
+
+    def __init__(self, max_buffer_bytes: int, stall_s: float) -> None:
+        import selectors
+        import socket
+
+        self.max_buffer_bytes = max_buffer_bytes
+        self.stall_s = stall_s
+        self._selectors = selectors
+        self._selector = selectors.DefaultSelector()
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
+        self._wake_w.setblocking(False)
+        self._selector.register(self._wake_r, selectors.EVENT_READ, None)
+        self._lock = threading.Lock()
+        self._incoming: List[_Subscriber] = []
+        self._dirty: set = set()  # topics committed to since the last loop
+        self._subs: set = set()
+        self._by_topic: Dict[str, set] = {}
+        self._pending: set = set()  # subscribers that may have records to fetch
+        self._to_flush: set = set()
+        self._versions: Dict[int, int] = {}
+        self._next_poll = self._next_scan = 0.0
+        self._closing = False
+        self._thread: Optional[threading.Thread] = None
+
+    def __len__(self) -> int:
+        return len(self._subs)
+
+    def add(self, sock: Any, stream: "LedgerStream", app_iter: Any, head: bytes) -> None:
+        """Take over a stream whose response head is `head`; the socket is the writer's from now on."""
+        sock.setblocking(False)
+        sub = _Subscriber(sock, stream, app_iter)
+        sub.queue(head + _chunk(stream.opening()), time.monotonic())
+        stream.app.stream_started()
+        with self._lock:
+            self._incoming.append(sub)
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="sse-writer", daemon=True)
+                self._thread.start()
+        self._wake()
+
+    def close(self, timeout: float = 1.0) -> None:
+        """Drop every stream still open and stop the thread."""
+        self._closing = True
+        self._wake()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def _wake(self) -> None:
+        try:
+            self._wake_w.send(b"\0")
+        except OSError:  # full: a wake-up is already pending (or the writer is closed)
+            pass
+
+    def _on_commit(self, topic: str) -> None:
+        with self._lock:
+            self._dirty.add(topic)
+        self._wake()
+
+    def _run(self) -> None:
+        while not self._closing:
             try:
-                super().process_request_thread(request, client_address)
-            finally:
-                self._slots.release()
+                self._step()
+            except Exception as exc:  # noqa: BLE001 - e.g. a busy database: streams wait, the writer lives on
+                _log(f"sse writer: {type(exc).__name__}: {exc}")
+                time.sleep(0.05)
+        with self._lock:
+            incoming, self._incoming = self._incoming, []
+        for sub in incoming:
+            self._adopt(sub)
+        for sub in list(self._subs):
+            self._drop(sub)
+        self._selector.close()
+        self._wake_r.close()
 
-    return Server()
+    def _step(self) -> None:
+        """One pass: socket events, new streams, commits, fetches, timers, sends."""
+        now = time.monotonic()
+        timeout = max(0.0, min(self._next_scan, self._next_poll) - now) if self._subs else self.POLL_S
+        for key, mask in self._selector.select(0 if self._pending and self._can_fetch() else timeout):
+            sub = key.data
+            if sub is None:
+                try:
+                    while self._wake_r.recv(4096):
+                        pass
+                except OSError:
+                    pass
+                continue
+            if mask & self._selectors.EVENT_READ:
+                self._check_gone(sub)
+            if mask & self._selectors.EVENT_WRITE and sub in self._subs:
+                self._to_flush.add(sub)
+        with self._lock:
+            incoming, self._incoming = self._incoming, []
+            dirty, self._dirty = self._dirty, set()
+        for sub in incoming:
+            self._adopt(sub)
+        for topic in dirty:
+            self._pending.update(self._by_topic.get(topic, ()))
+        now = time.monotonic()
+        if now >= self._next_poll:
+            self._poll_other_writers()
+            self._next_poll = now + self.POLL_S
+        self._pump(now)
+        if now >= self._next_scan:
+            self._scan(now)
+            self._next_scan = now + self.SCAN_S
+        flush, self._to_flush = self._to_flush, set()
+        for sub in flush:
+            if sub in self._subs:
+                self._flush(sub, now)
+
+    def _can_fetch(self) -> bool:
+        return any(s.out_bytes < self.max_buffer_bytes for s in self._pending)
+
+    def _adopt(self, sub: _Subscriber) -> None:
+        self._subs.add(sub)
+        self._selector.register(sub.sock, self._selectors.EVENT_READ, sub)
+        subs = self._by_topic.get(sub.topic)
+        if subs is None:
+            subs = self._by_topic[sub.topic] = set()
+            sub.stream.gateway.stores.db.signals.watch(sub.topic, self._on_commit)
+        subs.add(sub)
+        self._pending.add(sub)  # watched before the first read: no commit can slip between
+        self._to_flush.add(sub)
+
+    def _poll_other_writers(self) -> None:
+        """Mark streams pending when another process committed (only where records may come from one)."""
+        dbs: Dict[int, Any] = {}
+        for sub in self._subs:
+            if sub.stream.writes_elsewhere():
+                dbs.setdefault(id(sub.stream.gateway.stores.db), [sub.stream.gateway.stores.db, []])[1].append(sub)
+        for key, (db, subs) in dbs.items():
+            version = db.data_version()
+            if self._versions.get(key) != version:
+                self._versions[key] = version
+                self._pending.update(subs)
+
+    def _pump(self, now: float) -> None:
+        """Fetch new records for pending subscribers: one query per (run, cursor)."""
+        groups: Dict[Tuple[str, int], List[_Subscriber]] = {}
+        for sub in list(self._pending):
+            if sub.finished:
+                self._pending.discard(sub)
+            elif sub.out_bytes < self.max_buffer_bytes:
+                groups.setdefault((sub.stream.run_id, sub.stream.cursor), []).append(sub)
+        statuses: Dict[str, Optional[str]] = {}
+        for (run_id, cursor), subs in groups.items():
+            stores = subs[0].stream.gateway.stores
+            rows = stores.ledger.page_json(run_id, cursor, SSE_BATCH)
+            data = _chunk(LedgerStream.step_frames(cursor, rows)) if rows else b""
+            for sub in subs:
+                if rows:
+                    if sub.out_bytes and sub.out_bytes + len(data) > self.max_buffer_bytes:
+                        continue  # stays pending: fetched again once its client has read more
+                    sub.stream.advance(rows)
+                    sub.queue(data, now)
+                    self._to_flush.add(sub)
+                    if len(rows) == SSE_BATCH:
+                        continue  # more to page
+                self._pending.discard(sub)
+                if run_id not in statuses:
+                    statuses[run_id] = stores.runs.status_of(run_id)
+                if LedgerStream.is_terminal(statuses[run_id]):
+                    if sub.stream.flushed():
+                        sub.finish(sub.stream.done_frame("terminal"), now)
+                        self._to_flush.add(sub)
+
+    def _scan(self, now: float) -> None:
+        for sub in list(self._subs):
+            stream = sub.stream
+            if sub.finished:
+                pass
+            elif stream.stopping.is_set():
+                sub.finish(stream.done_frame("server_stopping"), now)
+                self._to_flush.add(sub)
+                continue
+            elif stream.terminal_seen is not None:
+                self._pending.add(sub)  # the closing record's grace period: look again
+            elif not sub.out and now - sub.last_sent >= stream.heartbeat_s:
+                sub.queue(_chunk(b": keep-alive\n\n"), now)
+                self._to_flush.add(sub)
+            if sub.out and now - sub.progress_at > self.stall_s:
+                self._drop(sub)  # its client stopped reading: it reconnects with Last-Event-ID
+
+    def _flush(self, sub: _Subscriber, now: float) -> None:
+        while sub.out:
+            first = sub.out[0]
+            try:
+                sent = sub.sock.send(memoryview(first)[sub.offset:])
+            except BlockingIOError:
+                break
+            except OSError:
+                self._drop(sub)
+                return
+            sub.progress_at = now
+            sub.out_bytes -= sent
+            sub.offset += sent
+            if sub.offset < len(first):
+                break
+            sub.out.popleft()
+            sub.offset = 0
+        if not sub.out and sub.finished:
+            self._drop(sub)
+            return
+        if bool(sub.out) != sub.writing:
+            sub.writing = bool(sub.out)
+            events = self._selectors.EVENT_READ | (self._selectors.EVENT_WRITE if sub.writing else 0)
+            self._selector.modify(sub.sock, events, sub)
+
+    def _check_gone(self, sub: _Subscriber) -> None:
+        try:
+            data = sub.sock.recv(4096)  # a client says nothing on a stream: only EOF matters
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        if not data:
+            self._drop(sub)
+
+    def _drop(self, sub: _Subscriber) -> None:
+        if sub not in self._subs:
+            return
+        self._subs.discard(sub)
+        self._pending.discard(sub)
+        self._to_flush.discard(sub)
+        try:
+            self._selector.unregister(sub.sock)
+        except (KeyError, ValueError):
+            pass
+        subs = self._by_topic.get(sub.topic)
+        if subs is not None:
+            subs.discard(sub)
+            if not subs:
+                del self._by_topic[sub.topic]
+                sub.stream.gateway.stores.db.signals.unwatch(sub.topic, self._on_commit)
+        try:
+            sub.sock.close()
+        finally:
+            try:
+                close = getattr(sub.app_iter, "close", None)
+                if close is not None:
+                    close()  # the middlewares' end-of-response work (e.g. freeing the SSE slot)
+            except Exception as exc:  # noqa: BLE001 - one stream's cleanup never stops the writer
+                _log(f"stream close failed: {type(exc).__name__}: {exc}")
+            sub.stream.app.stream_ended()
+
+
+class HttpServer:
+    """The gateway's HTTP/1.1 server: werkzeug's WSGI stack on a standard-library core.
+
+    - One selector thread accepts connections and reads request heads without blocking. Only a
+      connection whose head is complete goes to a worker, so idle keep-alive sockets and clients
+      that trickle their headers cost a file descriptor and a buffer, never a thread.
+    - A fixed pool of long-lived workers runs the WSGI app (each keeps its SQLite connection warm),
+      drains or refuses the body the app left unread, serves pipelined requests already buffered,
+      and hands the connection back to the selector for the next request.
+    - SSE streams move to one `_StreamWriter` thread after their head.
+
+    Limits: a connection with no request in progress closes after `idle_timeout_s`; a head must
+    arrive within `request_timeout_s` of its first byte (slowloris), and a body must keep coming
+    (408 otherwise); at most `max_requests` requests are in progress (heads being read and requests
+    at workers; more get an immediate 503); at most `max_connections` sockets are open, and when
+    full the longest-idle one is closed to admit a new client.
+    """
+
+    def __init__(self, app: Callable, host: str, port: int, *, workers: int = 8, request_timeout_s: float = 15.0,
+                 idle_timeout_s: float = 5.0, max_requests: int = 256, max_connections: int = 4096,
+                 sse_max_buffer_bytes: int = 1 << 20) -> None:
+        import queue
+        import selectors
+        import socket
+        from collections import OrderedDict
+
+        self.app = app
+        self.workers = workers
+        self.request_timeout_s = request_timeout_s
+        self.idle_timeout_s = idle_timeout_s
+        self.max_requests = max_requests
+        self.max_connections = max_connections
+        self._socket_mod = socket
+        self._selectors = selectors
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        self.socket = socket.create_server((host, port), family=family, backlog=1024)
+        self.socket.setblocking(False)
+        self.server_address = self.socket.getsockname()[:2]
+        self.server_port: int = self.server_address[1]
+        self.streams = _StreamWriter(sse_max_buffer_bytes, request_timeout_s)
+        self._selector = selectors.DefaultSelector()
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
+        self._wake_w.setblocking(False)
+        self._selector.register(self._wake_r, selectors.EVENT_READ, "wake")
+        self._selector.register(self.socket, selectors.EVENT_READ, "accept")
+        self._accept_paused_until = 0.0
+        self._lock = threading.Lock()
+        self._returned: List[_Connection] = []
+        self._ready: "queue.SimpleQueue[Optional[_Connection]]" = queue.SimpleQueue()
+        self._idle: "OrderedDict[int, _Connection]" = OrderedDict()  # in the selector, nothing read; oldest first
+        self._partial: "OrderedDict[int, _Connection]" = OrderedDict()  # in the selector, request arriving
+        self._in_progress = 0  # partial heads + connections at workers
+        self._idle_workers = 0  # workers waiting for a connection
+        self._open = 0  # connections the selector or a worker holds (streams belong to the writer)
+        self._stop = threading.Event()
+        self._stopped = threading.Event()
+        self._threads: List[threading.Thread] = []
+
+    # -- selector thread -----------------------------------------------------------------------
+
+    def serve_forever(self) -> None:
+        """Run the selector loop (and start the workers) until `shutdown()`."""
+        self._threads = [threading.Thread(target=self._work, name=f"http-worker-{i}", daemon=True)
+                         for i in range(self.workers)]
+        for thread in self._threads:
+            thread.start()
+        try:
+            while not self._stop.is_set():
+                try:
+                    for key, _mask in self._selector.select(0.25):
+                        if key.data == "accept":
+                            self._accept()
+                        elif key.data == "wake":
+                            self._adopt_returned()
+                        else:
+                            self._on_readable(key.data)
+                    self._sweep(time.monotonic())
+                except Exception as exc:  # noqa: BLE001 - one bad connection must not stop the server
+                    _log(f"http selector: {type(exc).__name__}: {exc}")
+                    time.sleep(0.01)
+        finally:
+            self._close_all()
+            self._stopped.set()
+
+    def _wake(self) -> None:
+        try:
+            self._wake_w.send(b"\0")
+        except OSError:
+            pass
+
+    def _accept(self) -> None:
+        import errno
+
+        while True:
+            try:
+                sock, addr = self.socket.accept()
+            except BlockingIOError:
+                return
+            except OSError as exc:
+                if exc.errno in (errno.EMFILE, errno.ENFILE) and self._evict_idle():
+                    continue
+                # out of descriptors and nothing idle to free: stop accepting for a moment
+                self._selector.unregister(self.socket)
+                self._accept_paused_until = time.monotonic() + 0.1
+                return
+            if self._open >= self.max_connections and not self._evict_idle():
+                self._refuse(sock, 503, "Service Unavailable", "busy", "Server busy (connection limit)")
+                continue
+            sock.setblocking(False)
+            try:
+                sock.setsockopt(self._socket_mod.IPPROTO_TCP, self._socket_mod.TCP_NODELAY, 1)
+            except OSError:
+                pass
+            with self._lock:
+                self._open += 1
+            self._watch(_Connection(sock, addr))
+
+    def _refuse(self, sock: Any, status: int, reason: str, code: str, detail: str) -> None:
+        try:
+            sock.setblocking(False)
+            sock.send(_error_head(status, reason, code, detail))
+        except OSError:
+            pass
+        finally:
+            sock.close()
+
+    def _watch(self, conn: _Connection) -> None:
+        """Put a connection in the selector: idle, or (bytes already buffered) reading a head."""
+        self._selector.register(conn.sock, self._selectors.EVENT_READ, conn)
+        if conn.head_end() or conn.buf:
+            self._begin(conn, capped=False)
+            self._check_head(conn)
+        else:
+            conn.since = time.monotonic()
+            self._idle[conn.sock.fileno()] = conn
+
+    def _adopt_returned(self) -> None:
+        try:
+            while self._wake_r.recv(4096):
+                pass
+        except OSError:
+            pass
+        with self._lock:
+            returned, self._returned = self._returned, []
+        for conn in returned:
+            self._watch(conn)
+
+    def _on_readable(self, conn: _Connection) -> None:
+        try:
+            data = conn.sock.recv(65536)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        fd = conn.sock.fileno()
+        if not data:
+            self._forget(conn)
+            return
+        conn.buf += data
+        if fd in self._idle:
+            del self._idle[fd]
+            if not self._begin(conn, capped=True):
+                return
+        self._check_head(conn)
+
+    def _begin(self, conn: _Connection, capped: bool) -> bool:
+        """A request starts arriving: count it against `max_requests` (503 when full)."""
+        with self._lock:
+            full = capped and self._in_progress >= self.max_requests
+            if not full:
+                self._in_progress += 1
+        if full:
+            self._selector.unregister(conn.sock)
+            self._refuse(conn.sock, 503, "Service Unavailable", "busy", "Server busy (request limit)")
+            with self._lock:
+                self._open -= 1
+            return False
+        conn.started = time.monotonic()
+        self._partial[conn.sock.fileno()] = conn
+        return True
+
+    def _check_head(self, conn: _Connection) -> None:
+        """Queue the connection for a worker once its head is complete. When workers run short, a
+        small Content-Length body must have arrived too, so clients that stall mid-body cannot take
+        the last workers (the head's deadline covers the wait)."""
+        fd = conn.sock.fileno()
+        end = conn.head_end()
+        if end:
+            short = self._idle_workers - self._ready.qsize() <= max(1, self.workers // 4)
+            if short and len(conn.buf) < end + _preread_length(bytes(conn.buf[:end])):
+                return
+            self._partial.pop(fd, None)
+            self._selector.unregister(conn.sock)
+            self._ready.put(conn)
+        elif len(conn.buf) > MAX_HEADER_BYTES + 8192:
+            self._partial.pop(fd, None)
+            self._end_request()
+            self._forget(conn, _error_head(431, "Request Header Fields Too Large", "headers_too_large",
+                                           "Request header fields too large"))
+
+    def _forget(self, conn: _Connection, last_words: bytes = b"") -> None:
+        """Close a connection the selector holds."""
+        fd = conn.sock.fileno()
+        self._idle.pop(fd, None)
+        if self._partial.pop(fd, None) is not None:
+            self._end_request()
+        try:
+            self._selector.unregister(conn.sock)
+        except (KeyError, ValueError):
+            pass
+        if last_words:
+            try:
+                conn.sock.send(last_words)
+            except OSError:
+                pass
+        conn.sock.close()
+        with self._lock:
+            self._open -= 1
+
+    def _end_request(self) -> None:
+        with self._lock:
+            self._in_progress -= 1
+
+    def _evict_idle(self) -> bool:
+        """Close the longest-idle connection to make room; False when none is idle."""
+        if not self._idle:
+            return False
+        _fd, conn = next(iter(self._idle.items()))
+        self._forget(conn)
+        return True
+
+    def _sweep(self, now: float) -> None:
+        while self._idle:
+            conn = next(iter(self._idle.values()))
+            if now - conn.since < self.idle_timeout_s:
+                break
+            self._forget(conn)
+        while self._partial:
+            conn = next(iter(self._partial.values()))
+            if now - conn.started < self.request_timeout_s:
+                break
+            self._forget(conn, _error_head(408, "Request Timeout", "request_timeout",
+                                           "Request not received in time"))
+        if self._accept_paused_until and now >= self._accept_paused_until:
+            self._accept_paused_until = 0.0
+            self._selector.register(self.socket, self._selectors.EVENT_READ, "accept")
+
+    def _close_all(self) -> None:
+        for conn in list(self._idle.values()) + list(self._partial.values()):
+            self._forget(conn)
+        with self._lock:
+            returned, self._returned = self._returned, []
+        for conn in returned:
+            conn.sock.close()
+        self._selector.close()
+        self.socket.close()
+
+    def shutdown(self) -> None:
+        """Stop accepting, close idle connections and let workers finish what they serve.
+
+        Open SSE streams are left to `GatewayApp.drain` (each gets a final `done`); `server_close`
+        ends whatever is left.
+        """
+        self._stop.set()
+        self._wake()
+        if self._threads:
+            self._stopped.wait(5.0)
+        for _ in self._threads:
+            self._ready.put(None)
+        deadline = time.monotonic() + 5.0
+        for thread in self._threads:
+            thread.join(max(0.0, deadline - time.monotonic()))
+
+    def server_close(self) -> None:
+        """End the streams still open (after `shutdown` and `GatewayApp.drain`) and free the sockets."""
+        self.streams.close()
+        self.socket.close()
+        self._wake_r.close()
+        self._wake_w.close()
+
+    # -- workers ---------------------------------------------------------------------------------
+
+    LINGER_S = 0.002  # a free worker waits this long for a client's next request before handing it back
+
+    def _work(self) -> None:
+        import select
+
+        poller = select.poll()
+        while True:
+            with self._lock:
+                self._idle_workers += 1
+            conn = self._ready.get()
+            with self._lock:
+                self._idle_workers -= 1
+            if conn is None:
+                return
+            outcome = "close"
+            try:
+                conn.sock.settimeout(self.request_timeout_s)
+                while True:
+                    outcome = self._serve_one(conn)
+                    if outcome != "keep" or self._stop.is_set():
+                        break
+                    if not conn.head_end() and not (self._ready.empty() and self._linger(poller, conn)):
+                        break  # else: the next request is already here (pipelined, or sent right away)
+            except Exception as exc:  # noqa: BLE001 - a broken connection never kills a worker
+                if not isinstance(exc, OSError):
+                    _log(f"http worker: {type(exc).__name__}: {exc}")
+                outcome = "close"
+            self._end_request()
+            if outcome == "keep" and not self._stop.is_set():
+                conn.sock.setblocking(False)
+                conn.started = 0.0
+                with self._lock:
+                    self._returned.append(conn)
+                self._wake()
+                continue
+            if outcome != "stream":
+                conn.sock.close()
+            with self._lock:
+                self._open -= 1
+
+    def _linger(self, poller: Any, conn: _Connection) -> bool:
+        """Wait briefly for the connection's next request head: a client that sends requests back to
+        back is then served without the round trip through the selector thread."""
+        fd = conn.sock.fileno()
+        poller.register(fd, 1)  # POLLIN
+        try:
+            if not poller.poll(self.LINGER_S * 1000):
+                return False
+        finally:
+            poller.unregister(fd)
+        data = conn.sock.recv(65536)
+        if not data:
+            raise ConnectionResetError("client closed the connection")
+        conn.buf += data
+        return bool(conn.head_end())
+
+    def _serve_one(self, conn: _Connection) -> str:
+        """Serve the request whose head is buffered: "keep", "close" or "stream" (handed to the writer)."""
+        end = conn.head_end()
+        head = bytes(conn.buf[:end])
+        del conn.buf[:end]
+        try:
+            environ, body, http10 = self._environ(conn, head)
+        except _BadRequest as exc:
+            conn.sock.sendall(exc.response)
+            return "close"
+        if environ.get("HTTP_EXPECT", "").lower() == "100-continue" and not body.done and not http10:
+            conn.sock.sendall(b"HTTP/1.1 100 Continue\r\n\r\n")
+        response = _ResponseWriter(conn, body, environ["REQUEST_METHOD"] == "HEAD", http10)
+        try:
+            result = self.app(environ, response.start_response)
+        except Exception as exc:  # noqa: BLE001 - the app's own errors are JSON already; this is a last resort
+            _log(f"500 from the WSGI stack: {type(exc).__name__}: {exc}")
+            conn.sock.sendall(_error_head(500, "Internal Server Error", "internal_error", "Internal error"))
+            return "close"
+        if body._received:
+            conn.sock.settimeout(self.request_timeout_s)  # reading the body may have shortened it
+        stream = environ.get("abstractgateway.sse")
+        if stream is not None and response.status_code == 200 and environ["REQUEST_METHOD"] == "GET":
+            self.streams.add(conn.sock, stream, result, response.head(stream=True))
+            return "stream"
+        try:
+            for data in result:
+                if data:
+                    response.write(data)
+            response.finish()
+        finally:
+            close = getattr(result, "close", None)
+            if close is not None:
+                close()
+        if not conn.keep_alive or not body.drain():
+            return "close"
+        return "keep"
+
+    def _environ(self, conn: _Connection, head: bytes) -> Tuple[Dict[str, Any], _BodyReader, bool]:
+        """The WSGI environ of a request head (400/431/501/505 for what cannot be served)."""
+        from urllib.parse import unquote
+
+        lines = head.decode("latin-1").split("\n")
+        parts = lines[0].rstrip("\r").split(" ")
+        if len(parts) != 3:
+            raise _BadRequest(400, "Bad Request", "bad_request", "Malformed request line")
+        method, target, version = parts
+        if version not in ("HTTP/1.1", "HTTP/1.0"):
+            if version.startswith("HTTP/"):
+                raise _BadRequest(505, "HTTP Version Not Supported", "http_version", "HTTP version not supported")
+            raise _BadRequest(400, "Bad Request", "bad_request", "Malformed request line")
+        if not method or not set(method) <= _TOKEN_CHARS or not target or not (target.isascii() and target.isprintable()):
+            raise _BadRequest(400, "Bad Request", "bad_request", "Malformed request line")
+        headers: List[Tuple[str, str]] = []
+        size = 0
+        for line in lines[1:]:
+            line = line.rstrip("\r")
+            if not line:
+                continue
+            if line[0] in " \t":
+                raise _BadRequest(400, "Bad Request", "bad_request", "Folded header lines are not accepted")
+            name, sep, value = line.partition(":")
+            if not sep or not name or not set(name) <= _TOKEN_CHARS:
+                raise _BadRequest(400, "Bad Request", "bad_request", "Malformed header line")
+            headers.append((name, value.strip(" \t")))
+            size += len(name) + len(value) + 4
+        if size > MAX_HEADER_BYTES:
+            raise _BadRequest(431, "Request Header Fields Too Large", "headers_too_large",
+                              "Request header fields too large")
+        if target.startswith(("http://", "https://")):  # absolute form: the authority is the Host
+            authority, slash, rest = target.split("://", 1)[1].partition("/")
+            target = slash + rest
+            headers.append(("Host", authority))
+        path, _, query = target.partition("?")
+        environ: Dict[str, Any] = {
+            "wsgi.version": (1, 0), "wsgi.url_scheme": "http", "wsgi.errors": sys.stderr,
+            "wsgi.multithread": True, "wsgi.multiprocess": False, "wsgi.run_once": False,
+            "wsgi.input_terminated": True, "abstractgateway.streams": True,
+            "SERVER_SOFTWARE": "abstractgateway", "REQUEST_METHOD": method, "SCRIPT_NAME": "",
+            "PATH_INFO": unquote(path).encode().decode("latin-1"), "QUERY_STRING": query,
+            "REQUEST_URI": target, "RAW_URI": target, "REMOTE_ADDR": str(conn.addr[0]),
+            "REMOTE_PORT": conn.addr[1], "SERVER_NAME": str(self.server_address[0]),
+            "SERVER_PORT": str(self.server_port), "SERVER_PROTOCOL": version,
+        }
+        lengths: List[str] = []
+        for name, value in headers:
+            if "_" in name:
+                continue  # would collide with a dash-spelled header in the environ
+            key = name.upper().replace("-", "_")
+            if key == "CONTENT_LENGTH":
+                lengths.extend(v.strip() for v in value.split(","))
+                continue
+            if key != "CONTENT_TYPE":
+                key = "HTTP_" + key
+            environ[key] = f"{environ[key]},{value}" if key in environ else value
+        http10 = version == "HTTP/1.0"
+        tokens = {t.strip().lower() for t in environ.get("HTTP_CONNECTION", "").split(",")}
+        conn.keep_alive = ("keep-alive" in tokens) if http10 else ("close" not in tokens)
+        chunked, length = False, 0
+        if "HTTP_TRANSFER_ENCODING" in environ:
+            codings = [c.strip().lower() for c in environ["HTTP_TRANSFER_ENCODING"].split(",") if c.strip()]
+            if lengths or http10:
+                raise _BadRequest(400, "Bad Request", "bad_request",
+                                  "Transfer-Encoding with Content-Length (or on HTTP/1.0) is refused")
+            if codings != ["chunked"]:
+                raise _BadRequest(501, "Not Implemented", "unsupported_transfer_encoding",
+                                  "Only the chunked transfer coding is supported")
+            chunked = True
+        elif lengths:
+            if len(set(lengths)) != 1 or not lengths[0].isdigit() or len(lengths[0]) > 18:
+                raise _BadRequest(400, "Bad Request", "bad_request", "Bad Content-Length header")
+            length = int(lengths[0])
+            environ["CONTENT_LENGTH"] = str(length)
+        body = _BodyReader(conn, length, chunked, self.request_timeout_s)
+        environ["wsgi.input"] = body
+        return environ, body, http10
+
+
+def server_options(config: Config) -> Dict[str, Any]:
+    """`HttpServer` keyword arguments from the settings."""
+    return {"workers": config.http_workers, "request_timeout_s": config.request_timeout_s,
+            "idle_timeout_s": config.idle_timeout_s, "max_requests": config.max_threads,
+            "max_connections": config.max_connections, "sse_max_buffer_bytes": config.sse_max_buffer_bytes}
 
 
 # =====================================================================================
@@ -5984,19 +7089,26 @@ class AuditMiddleware(_Middleware):
             status_box[0] = int(status.split(" ", 1)[0])
             return start_response(status, headers, exc_info)
 
+        token = _bearer(environ)
+        fingerprint = token_fingerprint(token) if token else None
+        headers_json = _json_dumps({h: environ[f"HTTP_{h.upper().replace('-', '_')}"] for h in self.policy.audit_headers
+                                    if f"HTTP_{h.upper().replace('-', '_')}" in environ})
+        length = environ.get("CONTENT_LENGTH", "").strip()
+
+        def _row(status: int, error: Optional[str] = None) -> Tuple[Any, ...]:
+            return (utc_now_iso(), environ.get("abstractgateway.request_id", ""), self.policy.client_ip(environ),
+                    method, path, status, round((time.perf_counter() - started) * 1000, 3), fingerprint, headers_json,
+                    _redacted_query(environ.get("QUERY_STRING", "")), bool(environ.get(AUTH_REQUIRED_KEY)),
+                    environ.get("HTTP_ORIGIN"), environ.get("HTTP_USER_AGENT"),
+                    int(length) if length.isdigit() else None, error)
+
+        # The row rides on the request's first database write (written as a success, the usual end of
+        # a request that writes); `settle` fixes it in the rare case the request ends otherwise.
+        box = self.store.append_with_next_write(lambda: _row(200))
+
         def _record(error: Optional[str] = None) -> None:
-            token = _bearer(environ)
-            headers = {h: environ[f"HTTP_{h.upper().replace('-', '_')}"] for h in self.policy.audit_headers
-                       if f"HTTP_{h.upper().replace('-', '_')}" in environ}
-            length = environ.get("CONTENT_LENGTH", "").strip()
-            row = (utc_now_iso(), environ.get("abstractgateway.request_id", ""), self.policy.client_ip(environ), method,
-                   path, status_box[0] or 500, round((time.perf_counter() - started) * 1000, 3),
-                   token_fingerprint(token) if token else None, _json_dumps(headers),
-                   _redacted_query(environ.get("QUERY_STRING", "")), bool(environ.get(AUTH_REQUIRED_KEY)),
-                   environ.get("HTTP_ORIGIN"), environ.get("HTTP_USER_AGENT"), int(length) if length.isdigit() else None,
-                   error)
             try:
-                self.store.append(row)
+                self.store.settle(box, _row(status_box[0] or 500, error), 200)
             except Exception as exc:  # noqa: BLE001 - auditing never breaks a request
                 _log(f"audit write failed: {type(exc).__name__}: {exc}")
 
@@ -6375,8 +7487,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         gateway.close()
         return 2
     try:
-        server = make_server(wsgi, config.host, config.port, timeout_s=config.request_timeout_s,
-                             max_threads=config.max_threads)
+        server = HttpServer(wsgi, config.host, config.port, **server_options(config))
     except OSError as exc:
         print(f"serve: cannot listen on {config.host}:{config.port}: {exc}", file=sys.stderr)
         gateway.close()
@@ -6407,8 +7518,9 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     thread.start()
     stop.wait()
     print("abstractgateway: stopping (draining streams and ticks)", file=sys.stderr, flush=True)
-    server.shutdown()  # stop accepting
+    server.shutdown()  # stop accepting; requests in progress finish
     app.drain(timeout=5.0)  # open streams send a final `done` and end
+    server.server_close()
     if runner is not None:
         runner.stop()
     gateway.stores.db.checkpoint()

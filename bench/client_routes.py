@@ -3,7 +3,7 @@
 A benchmark, not a test: it prints figures and exits 0 whatever they are.
 
 Setup, in this one process: a `Gateway` over a fresh SQLite file in a temporary directory and
-the full WSGI stack (`build_wsgi`, security middlewares on) served by `make_server` on
+the full WSGI stack (`build_wsgi`, security middlewares on) served by `HttpServer` on
 127.0.0.1, no runner. One workspace mount `bench` holds `--files` small files in 100
 directories plus one 16 MiB log; the KG store gets `--triples` assertions in one session.
 
@@ -91,7 +91,7 @@ def main() -> int:
                                    owner_id="session_memory_bench") for i in range(triples)])
         store.close()
         wsgi, _app, _policy = gw.build_wsgi(gateway)
-        server = gw.make_server(wsgi, "127.0.0.1", 0)
+        server = gw.HttpServer(wsgi, "127.0.0.1", 0, **gw.server_options(gateway.config))
         threading.Thread(target=server.serve_forever, daemon=True).start()
         conn = http.client.HTTPConnection("127.0.0.1", server.server_port, timeout=120)
         api = "/api/gateway"

@@ -6,7 +6,7 @@ non-zero only if a phase cannot run at all, e.g. a request keeps failing).
 Setup, all in this one process: a `Gateway` over a fresh SQLite file in a temporary
 directory, its `Runner`, and the full WSGI stack that `abstractgateway serve` runs
 (`build_wsgi`: `GatewayApp` behind the security middlewares: bearer auth, audit log of
-writes, concurrency/SSE caps) served by `make_server` on 127.0.0.1 with port 0, in a thread.
+writes, concurrency/SSE caps) served by `HttpServer` on 127.0.0.1 with port 0, in a thread.
 `--bare` serves the plain `GatewayApp` instead (no middlewares). Settings are the defaults
 except the ones a benchmark must raise: `max_sse` and `max_threads` (so 1,000 streams can
 be held) and `max_concurrency` (printed at the start). The no-LLM test flows `echo`
@@ -32,11 +32,21 @@ e. Concurrent SSE streams held: opens up to 1,000 streams (10 per `ask` run over
    100 runs), reports how many were held (and why not more), server RSS/threads/open files,
    then appends records to every run and reports delivery latency p50/p99 over all streams.
 
+`--compare` measures server processes instead, one after the other in the same run, with the
+clients in this process: this checkout, `--before DIR` (an earlier checkout, e.g.
+`git archive main abstractgateway.py schema.sql | tar -x -C DIR`) and `--original EXE` (the
+original gateway's `abstractgateway` executable, FastAPI on uvicorn, sqlite backend, its default
+durability). Per server: `GET runs/{id}` req/s with 1 and 16 keep-alive client threads;
+acknowledged `POST commands`/s with 8 threads (ours at synchronous=FULL); the server's RSS with
+1,000 SSE streams open (10 on each of 100 WAITING `ask` runs); and, with those streams open,
+resume command -> first new record on each of the run's streams, p50/p99 over all streams.
+
 How to run (from the repository root, with the project and abstractruntime installed):
 
     python bench/http.py            # full run (about 1-2 minutes on 2 cores)
     python bench/http.py --quick    # counts and durations scaled down
     python bench/http.py --console  # only the operator console in headless Chromium (its own section)
+    python bench/http.py --compare --before /tmp/ag-main --original /path/to/venv/bin/abstractgateway
 
 Caveat: the clients share the process (and the GIL) with the server, so every figure is a
 little pessimistic compared with separate client machines. Only loopback traffic. The
@@ -154,8 +164,7 @@ class Server:
             self.wsgi, self.app, _policy = gw.build_wsgi(self.gateway, self.runner)
             self.stack = "build_wsgi (security middlewares on, audit on)"
         cfg = self.gateway.config
-        self.server = gw.make_server(self.wsgi, "127.0.0.1", 0, timeout_s=cfg.request_timeout_s,
-                                     max_threads=cfg.max_threads)
+        self.server = gw.HttpServer(self.wsgi, "127.0.0.1", 0, **gw.server_options(cfg))
         self.port = self.server.server_port
         self._thread = threading.Thread(target=self.server.serve_forever, name="http", daemon=True)
         self._thread.start()
@@ -183,8 +192,14 @@ class Client:
     def call(self, method: str, path: str, body: Any = None) -> Tuple[int, Any]:
         data = None if body is None else json.dumps(body).encode()
         hdrs = headers({"Content-Type": "application/json"} if data is not None else None)
-        self.conn.request(method, path, body=data, headers=hdrs)
-        resp = self.conn.getresponse()
+        try:
+            self.conn.request(method, path, body=data, headers=hdrs)
+            resp = self.conn.getresponse()
+        except (BrokenPipeError, ConnectionResetError, http.client.RemoteDisconnected):
+            # the server closed the idle keep-alive connection (as servers do after a few seconds)
+            self.conn.close()
+            self.conn.request(method, path, body=data, headers=hdrs)
+            resp = self.conn.getresponse()
         raw = resp.read()
         if resp.getheader("Content-Type", "").startswith("application/json"):
             return resp.status, json.loads(raw)
@@ -563,7 +578,7 @@ def open_streams(srv: Server, hub: StreamHub, run_ids: Sequence[str], per_run: i
                 key = f"HTTP {status}" if status is not None else "no answer in 10 s"
                 refused[key] = refused.get(key, 0) + 1
                 stream.close()
-        # A stream the server gives up on ends within one LedgerStream poll (0.25 s): check.
+        # A stream the server gives up on ends within a stream-writer pass: check.
         time.sleep(0.4)
         for stream in fresh:
             if stream.ended:
@@ -828,6 +843,219 @@ def console_main(records: int, loads: int, screenshots: Optional[Path]) -> int:
     return 0
 
 
+# -- --compare: the same workloads against separate server processes --------------------------------
+
+
+def _spawn_server(label: str, command: List[str], data_dir: Path, extra_env: Dict[str, str]) -> Tuple[Any, int]:
+    import subprocess
+
+    pack_flows(data_dir / "flows")
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ABSTRACTGATEWAY_")}
+    env.update({"ABSTRACTGATEWAY_DATA_DIR": str(data_dir), "ABSTRACTGATEWAY_FLOWS_DIR": str(data_dir / "flows"),
+                "ABSTRACTGATEWAY_AUTH_TOKEN": TOKEN, "ABSTRACTGATEWAY_MAX_SSE": str(STREAM_TARGET + 100),
+                "ABSTRACTGATEWAY_MAX_CONCURRENCY": "256", "ABSTRACTGATEWAY_HOST": "127.0.0.1",
+                "ABSTRACTGATEWAY_PORT": str(port), **extra_env})
+    proc = subprocess.Popen(command + ["--host", "127.0.0.1", "--port", str(port)], env=env, cwd=str(data_dir),
+                            stdout=subprocess.DEVNULL, stderr=open(data_dir / "server.log", "wb"))
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            if Client(port, timeout=1).call("GET", "/api/health")[0] == 200:
+                return proc, port
+        except OSError:
+            pass
+        if proc.poll() is not None:
+            break
+        time.sleep(0.1)
+    proc.kill()
+    raise RuntimeError(f"{label}: server did not start (see {data_dir / 'server.log'})")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def _cpu_s(pid: int) -> float:
+    """CPU seconds (user + system) the process has used: per-request cost that a busy machine skews less."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _rate(port: int, threads: int, seconds: float, call: Callable[[Client, int, int], Tuple[int, Any]]) -> float:
+    """2xx answers per second from `threads` keep-alive clients calling `call(client, thread, i)`."""
+    counts = [0] * threads
+    stop = time.monotonic() + seconds
+
+    def worker(idx: int) -> None:
+        client = Client(port)
+        i = 0
+        while time.monotonic() < stop:
+            if 200 <= call(client, idx, i)[0] < 300:
+                counts[idx] += 1
+            i += 1
+        client.close()
+
+    workers = [threading.Thread(target=worker, args=(i,)) for i in range(threads)]
+    started = time.monotonic()
+    for t in workers:
+        t.start()
+    for t in workers:
+        t.join()
+    return sum(counts) / (time.monotonic() - started)
+
+
+def _wait_run(client: Client, run_id: str, wanted: str, timeout: float = 30) -> Dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        status, body = client.call("GET", f"{API}/runs/{run_id}")
+        if status == 200 and body.get("status") == wanted:
+            return body
+        time.sleep(0.05)
+    raise RuntimeError(f"run {run_id} did not reach {wanted}")
+
+
+def _measure_server(label: str, proc: Any, port: int, seconds: float, streams: int) -> Dict[str, Any]:
+    client = Client(port)
+    out: Dict[str, Any] = {"label": label}
+    run_id = checked(client.call("POST", f"{API}/runs/start", {"bundle_id": "echo", "input_data": {}}), "start")["run_id"]
+    _wait_run(client, run_id, "completed")
+    for threads in (1, 16):
+        cpu = _cpu_s(proc.pid)
+        out[f"get{threads}"] = _rate(port, threads, seconds, lambda c, t, i: c.call("GET", f"{API}/runs/{run_id}"))
+        out[f"get{threads}_cpu"] = (_cpu_s(proc.pid) - cpu) * 1000 / max(1.0, out[f"get{threads}"] * seconds)
+    tag = uuid.uuid4().hex[:8]
+    out["post8"] = _rate(port, 8, seconds, lambda c, t, i: c.call("POST", f"{API}/commands", {
+        "command_id": f"{tag}-{t}-{i}", "run_id": run_id, "type": "pause"}))
+    # SSE: `streams` streams over WAITING `ask` runs (10 per run), then one resume per run, paced:
+    # latency = first new record on each of the run's streams minus the moment the resume was sent.
+    runs = []
+    for _ in range(max(1, streams // 10)):
+        runs.append(checked(client.call("POST", f"{API}/runs/start", {"bundle_id": "ask", "input_data": {}}),
+                            "start ask")["run_id"])
+    waits = {r: _wait_run(client, r, "waiting")["waiting"]["wait_key"] for r in runs}
+    opened: List[SSEStream] = []
+    step_times: Dict[int, List[float]] = {}  # id(stream) -> arrival time of each step event
+    sel = selectors.DefaultSelector()
+    stop = threading.Event()
+
+    def on_event(stream: SSEStream, event: str, _data: str) -> None:
+        if event == "step":
+            step_times[id(stream)].append(time.perf_counter())
+
+    def read_loop() -> None:
+        while not stop.is_set():
+            for key, _ in sel.select(0.02):
+                try:
+                    data = key.fileobj.recv(262144)
+                except BlockingIOError:
+                    continue
+                except OSError:
+                    data = b""
+                key.data.feed(data, on_event)
+                if key.data.ended:
+                    sel.unregister(key.fileobj)
+
+    for r in runs:
+        for _ in range(10):
+            stream = SSEStream(port, r)
+            stream.sock.setblocking(False)
+            step_times[id(stream)] = []
+            opened.append(stream)
+    for stream in opened:
+        sel.register(stream.sock, selectors.EVENT_READ, stream)
+    reader = threading.Thread(target=read_loop, daemon=True)
+    reader.start()
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and not all(step_times[id(s)] or s.ended for s in opened):
+        time.sleep(0.1)
+    time.sleep(1.0)
+    out["streams_open"] = sum(1 for s in opened if s.status == 200 and not s.ended)
+    out["rss_streams_mb"] = _rss_mb(proc.pid)
+    latencies: List[float] = []
+    for r in runs:
+        mine = [s for s in opened if s.run_id == r and s.status == 200 and not s.ended]
+        seen = {id(s): len(step_times[id(s)]) for s in mine}
+        sent = time.perf_counter()
+        client.call("POST", f"{API}/commands", {"command_id": f"go-{r}", "run_id": r, "type": "resume",
+                                                "payload": {"wait_key": waits[r], "payload": {"response": "x"}}})
+        pending = set(seen)
+        until = time.monotonic() + 10
+        while pending and time.monotonic() < until:
+            for key in list(pending):
+                times = step_times[key]
+                if len(times) > seen[key]:
+                    latencies.append((times[seen[key]] - sent) * 1000)
+                    pending.discard(key)
+            time.sleep(0.0005)
+    stop.set()
+    reader.join(5)
+    sel.close()
+    for s in opened:
+        s.close()
+    client.close()
+    out["sse_p50"], out["sse_p99"] = percentile(latencies, 50), percentile(latencies, 99)
+    out["sse_samples"] = len(latencies)
+    return out
+
+
+def compare(args: argparse.Namespace) -> int:
+    """Run the comparison workloads on this checkout, on `--before` (a checkout of an earlier version,
+    e.g. `git archive main | tar -x -C DIR`), and on the original gateway (`--original`: its
+    `abstractgateway` executable), each as its own server process."""
+    raise_nofile(4 * STREAM_TARGET + 1024)
+    seconds = 1.0 if args.quick else 3.0
+    streams = 200 if args.quick else STREAM_TARGET
+    tmp = Path(tempfile.mkdtemp(prefix="abstractgateway-bench-compare-"))
+    ours_env = {"ABSTRACTGATEWAY_SQLITE_SYNCHRONOUS": "FULL", "ABSTRACTGATEWAY_MAX_THREADS": str(STREAM_TARGET + 200),
+                "ABSTRACTGATEWAY_MAX_CONNECTIONS": str(4 * STREAM_TARGET)}
+    targets = [("after (this checkout)", [sys.executable, str(ROOT / "abstractgateway.py"), "serve"], ours_env)]
+    if args.before:
+        targets.append(("before (" + args.before + ")",
+                        [sys.executable, str(Path(args.before) / "abstractgateway.py"), "serve"], ours_env))
+    if args.original:
+        targets.append(("original 0.2.1 (uvicorn)", [args.original, "serve"],
+                        {"ABSTRACTGATEWAY_STORE_BACKEND": "sqlite"}))
+    results = []
+    try:
+        for i, (label, command, env) in enumerate(targets):
+            proc, port = _spawn_server(label, command, tmp / f"s{i}", env)
+            try:
+                print(f"measuring {label} ...", flush=True)
+                results.append(_measure_server(label, proc, port, seconds, streams))
+            except Exception as exc:  # noqa: BLE001 - one server failing still prints the others
+                print(f"   {label}: {type(exc).__name__}: {exc}")
+            finally:
+                proc.terminate()
+                try:
+                    proc.wait(10)
+                except Exception:  # noqa: BLE001
+                    proc.kill()
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    print(f"\nSame run, same machine ({os.cpu_count()} cores); clients are threads of this process; "
+          f"ours at synchronous=FULL, the original at its own default.")
+    cols = [("GET runs/{id} 1 thr (req/s)", "get1", "{:,.0f}"), ("GET runs/{id} 16 thr (req/s)", "get16", "{:,.0f}"),
+            ("  server CPU per GET, 1 thr (ms)", "get1_cpu", "{:.3f}"),
+            ("  server CPU per GET, 16 thr (ms)", "get16_cpu", "{:.3f}"),
+            ("POST commands 8 thr (acked/s)", "post8", "{:,.0f}"), ("SSE streams open", "streams_open", "{:,}"),
+            ("RSS with those streams (MB)", "rss_streams_mb", "{:,.0f}"),
+            ("resume->SSE record p50 (ms)", "sse_p50", "{:.1f}"), ("resume->SSE record p99 (ms)", "sse_p99", "{:.1f}")]
+    print(f"   {'measure':<32}" + "".join(f"{r['label'][:26]:>28}" for r in results))
+    for name, key, fmt in cols:
+        print(f"   {name:<32}" + "".join(f"{fmt.format(r[key]):>28}" for r in results))
+    return 0 if results else 1
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="scale counts and durations down")
@@ -836,9 +1064,15 @@ def main(argv: Optional[List[str]] = None) -> int:
                         help="only the operator console section (first load, time to interactive, 10,000-record ledger)")
     parser.add_argument("--console-screenshots", type=Path, metavar="DIR",
                         help="with --console: also save screenshots of the main screens in DIR")
+    parser.add_argument("--compare", action="store_true",
+                        help="compare server processes instead: this checkout, --before and --original")
+    parser.add_argument("--before", help="with --compare: a directory holding an earlier abstractgateway.py")
+    parser.add_argument("--original", help="with --compare: the original gateway's `abstractgateway` executable")
     args = parser.parse_args(argv)
     if args.console:
         return console_main(records=10_000, loads=5 if args.quick else 15, screenshots=args.console_screenshots)
+    if args.compare:
+        return compare(args)
     q = args.quick
     seconds = 0.5 if q else 2.0
     done_samples = 15 if q else 50
@@ -855,8 +1089,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     results: Dict[str, Any] = {}
 
     def fresh_server(name: str) -> Server:
-        """Each phase gets its own server: the gateway leaks one SQLite connection (2 fds) per
-        server thread, i.e. per HTTP connection, and those are only closed by `Gateway.close()`."""
+        """Each phase gets its own server, so one phase's streams and connections never weigh on the next."""
         close_live()
         srv = Server(tmp / name, args.bare)
         live.append(srv)
@@ -891,8 +1124,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         client.close()
         if wait_status(srv.gateway, [target], gw.TERMINAL_STATUSES, 30):
             raise RuntimeError("the echo run never completed (is the runner working?)")
-        print(f"\na. requests/s (http.client clients, {seconds:g} s per row; 2xx only). NB: werkzeug's server answers "
-              "`Connection: close`,\n   so every request is a new TCP connection and a new server thread")
+        print(f"\na. requests/s (http.client keep-alive clients, {seconds:g} s per row; 2xx only)")
         print(f"   {'request':<34} {'clients':>7} {'ok':>7} {'req/s':>8}  errors")
         for kind, label in (("GET", f"GET {API}/runs/{{id}}"), ("POST", f"POST {API}/commands")):
             for threads in (1, 16):
@@ -957,9 +1189,6 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"   streams held: {held:,}/{STREAM_TARGET:,} (opened {len(more['held'])} more in {more['open_s']:.1f} s)"
               + (f"; stopped by: {more['reason']} (highest fd in the process {more['max_fd']})"
                  if more["reason"] else ""))
-        if more["reason"] and more["max_fd"] >= 1024:
-            print("   why: LedgerStream._client_gone() uses select.select(), which raises ValueError for fds >= 1024\n"
-                  "   (FD_SETSIZE); the error is taken as 'client gone' and the stream ends at its first poll")
         print(f"   process: RSS {boot['rss_mib']:.0f} MiB at start -> {after['rss_mib']:.0f} MiB "
               f"(~{per_stream:.0f} KiB per extra stream)  {leak_note(srv)}")
         cpu0 = time.process_time()

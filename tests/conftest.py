@@ -122,7 +122,7 @@ def wait_for(predicate, timeout: float = 10.0, interval: float = 0.01):
 
 
 class LiveServer:
-    """A real gateway (werkzeug server + runner) on a loopback port, over a real SQLite file."""
+    """A real gateway (its HttpServer + runner) on a loopback port, over a real SQLite file."""
 
     TOKEN = "test-token-0123456789abcdef"
 
@@ -133,8 +133,7 @@ class LiveServer:
         self.gateway = make_gateway(data_dir, port="0", **env)
         self.runner = gw.Runner(self.gateway).start() if runner else None
         self.wsgi, self.app, self.policy = gw.build_wsgi(self.gateway, self.runner)
-        self.server = gw.make_server(self.wsgi, "127.0.0.1", 0, timeout_s=self.gateway.config.request_timeout_s,
-                                     max_threads=self.gateway.config.max_threads)
+        self.server = gw.HttpServer(self.wsgi, "127.0.0.1", 0, **gw.server_options(self.gateway.config))
         self.port = self.server.server_port
         self.base = f"http://127.0.0.1:{self.port}"
         self._thread = threading.Thread(target=self.server.serve_forever, daemon=True)
@@ -171,6 +170,7 @@ class LiveServer:
     def close(self) -> None:
         self.app.drain(5.0)
         self.server.shutdown()
+        self.server.server_close()
         if self.runner is not None:
             self.runner.stop()
         self.gateway.close()

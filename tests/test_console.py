@@ -477,7 +477,7 @@ def _serve_on(data_dir: Path, port: int):
     gateway = make_gateway(data_dir, port="0", auth_token=LiveServer.TOKEN)
     runner = gw.Runner(gateway).start()
     wsgi, app, _ = gw.build_wsgi(gateway, runner)
-    http = gw.make_server(wsgi, "127.0.0.1", port)
+    http = gw.HttpServer(wsgi, "127.0.0.1", port, **gw.server_options(gateway.config))
     threading.Thread(target=http.serve_forever, daemon=True).start()
     return gateway, runner, app, http
 
@@ -509,6 +509,7 @@ def test_ledger_resumes_after_the_gateway_restarts(browser, data_dir):
             gateway, runner, app, http = second
             app.drain(5.0)
             http.shutdown()
+            http.server_close()
             runner.stop()
             gateway.close()
 

@@ -103,7 +103,7 @@ def test_valid_unicode_ids_echo_safely_in_404s(live_server):
 
 def test_error_details_that_echo_input_are_always_encodable():
     response = gw.error_response(404, "run_not_found", "Run '\ud800' not found")
-    body = json.loads(b"".join(response.response))
+    body = json.loads(response.body)
     assert body == {"detail": "Run '\ufffd' not found", "code": "run_not_found"}
 
 

@@ -1,0 +1,469 @@
+"""The HTTP server itself (HttpServer): keep-alive, request bodies, idle connections, SSE fan-out.
+
+Every test talks raw HTTP/1.1 over loopback sockets to a real server on a real SQLite file.
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+import selectors
+import socket
+import time
+
+import pytest
+
+import abstractgateway as gw
+from conftest import LiveServer, wait_for
+
+API = gw.API
+
+
+class RawClient:
+    """One TCP connection that sends raw bytes and parses HTTP/1.1 responses off it, in order."""
+
+    def __init__(self, server: LiveServer, timeout: float = 10.0) -> None:
+        self.sock = socket.create_connection(("127.0.0.1", server.port), timeout=timeout)
+        self.file = self.sock.makefile("rb")
+        self.token = server.TOKEN
+
+    def send(self, data: bytes) -> None:
+        self.sock.sendall(data)
+
+    def request_bytes(self, method: str, path: str, body: bytes | None = None, chunked: bool = False,
+                      headers: str = "") -> bytes:
+        head = f"{method} {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {self.token}\r\n{headers}"
+        if body is None:
+            return (head + "\r\n").encode()
+        if chunked:
+            pieces = [body[i:i + 7] for i in range(0, len(body), 7)]
+            return ((head + "Content-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n").encode()
+                    + b"".join(b"%x\r\n%s\r\n" % (len(p), p) for p in pieces) + b"0\r\n\r\n")
+        return (head + f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n").encode() + body
+
+    def response(self) -> tuple[int, dict, bytes]:
+        """(status, lower-cased headers, body) of the next response on the connection."""
+        status_line = self.file.readline()
+        assert status_line.startswith(b"HTTP/1.1 "), status_line
+        headers = {}
+        while True:
+            line = self.file.readline().rstrip(b"\r\n")
+            if not line:
+                break
+            name, _, value = line.decode().partition(":")
+            headers[name.strip().lower()] = value.strip()
+        if "content-length" in headers:
+            body = self.file.read(int(headers["content-length"]))
+        elif headers.get("transfer-encoding") == "chunked":
+            parts = []
+            while True:
+                size = int(self.file.readline().strip(), 16)
+                data = self.file.read(size + 2)[:size]
+                if not size:
+                    break
+                parts.append(data)
+            body = b"".join(parts)
+        else:
+            body = self.file.read()
+        return int(status_line.split()[1]), headers, body
+
+    def closed_by_server(self) -> bool:
+        """True once the server has closed its side (EOF; nothing more to read)."""
+        try:
+            return self.sock.recv(1) == b""
+        except ConnectionResetError:
+            return True
+
+    def close(self) -> None:
+        self.file.close()
+        self.sock.close()
+
+
+@pytest.fixture
+def client(live_server):
+    clients = []
+
+    def connect(**kw) -> RawClient:
+        clients.append(RawClient(live_server, **kw))
+        return clients[-1]
+
+    yield connect
+    for c in clients:
+        c.close()
+
+
+def _command(command_id: str) -> bytes:
+    return json.dumps({"command_id": command_id, "run_id": "r", "type": "pause"}).encode()
+
+
+# -- keep-alive ------------------------------------------------------------------------------------------
+
+
+def test_pipelined_requests_on_one_connection_are_answered_in_order(live_server, client):
+    run_id = live_server.gateway.start_run(bundle_id="echo")
+    c = client()
+    c.send(c.request_bytes("GET", "/api/health") + c.request_bytes("GET", f"{API}/runs/{run_id}")
+           + c.request_bytes("POST", f"{API}/commands", _command("p1")) + c.request_bytes("GET", f"{API}/runs/nope"))
+    status, headers, body = c.response()
+    assert status == 200 and json.loads(body)["status"] in ("healthy", "ok") or "status" in json.loads(body)
+    assert "close" not in headers.get("connection", "")
+    status, _, body = c.response()
+    assert status == 200 and json.loads(body)["run_id"] == run_id
+    status, _, body = c.response()
+    assert status == 200 and json.loads(body)["accepted"] is True
+    status, _, body = c.response()
+    assert status == 404 and json.loads(body)["code"] == "run_not_found"
+    c.send(c.request_bytes("GET", f"{API}/runs/{run_id}"))  # still open after all four
+    assert c.response()[0] == 200
+
+
+def test_bodies_the_app_leaves_unread_are_drained_before_the_next_request(live_server, client):
+    c = client()
+    unread = b"x" * 5000
+    # rejected before the body is read (bad token), then a body on a GET route that never reads it
+    c.send(f"POST {API}/commands HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer wrong-token-wrong-token\r\n"
+           f"Content-Type: application/json\r\nContent-Length: {len(unread)}\r\n\r\n".encode() + unread)
+    status, _, body = c.response()
+    assert status == 401 and json.loads(body)["code"] == "unauthorized"
+    c.send(c.request_bytes("GET", "/api/health", body=unread, chunked=True))
+    assert c.response()[0] == 200
+    # the next requests on the same connection are parsed from their own request line
+    c.send(c.request_bytes("POST", f"{API}/commands", _command("after-unread")))
+    status, _, body = c.response()
+    assert status == 200 and json.loads(body)["accepted"] is True
+    assert live_server.gateway.stores.commands.get("after-unread") is not None
+
+
+def test_chunked_bodies_on_a_reused_connection(live_server, client):
+    c = client()
+    for i in range(3):
+        c.send(c.request_bytes("POST", f"{API}/commands", _command(f"chunked-{i}"), chunked=True))
+        status, _, body = c.response()
+        assert status == 200 and json.loads(body)["accepted"] is True, body
+    assert [live_server.gateway.stores.commands.get(f"chunked-{i}") is not None for i in range(3)] == [True] * 3
+
+
+def test_http10_closes_unless_keep_alive_is_asked_for(live_server, client):
+    c = client()
+    c.send(b"GET /api/health HTTP/1.0\r\nConnection: keep-alive\r\n\r\n")
+    status, headers, _ = c.response()
+    assert status == 200 and headers["connection"].lower() == "keep-alive"
+    c.send(b"GET /api/health HTTP/1.0\r\n\r\n")
+    status, headers, _ = c.response()
+    assert status == 200 and headers["connection"] == "close" and c.closed_by_server()
+
+
+def test_expect_continue_head_requests_and_refused_heads(live_server, client):
+    c = client()
+    body = _command("expect-1")
+    c.send(f"POST {API}/commands HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {live_server.TOKEN}\r\n"
+           f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\nExpect: 100-continue\r\n\r\n".encode())
+    assert c.file.readline() == b"HTTP/1.1 100 Continue\r\n" and c.file.readline() == b"\r\n"
+    c.send(body)
+    status, _, data = c.response()
+    assert status == 200 and json.loads(data)["accepted"] is True
+    run_id = live_server.gateway.start_run(bundle_id="ask")
+    c.send(c.request_bytes("HEAD", f"{API}/runs/{run_id}/ledger/stream"))  # HEAD never turns into a stream
+    status_line = c.file.readline()
+    headers = {}
+    while (line := c.file.readline()) != b"\r\n":
+        name, _, value = line.decode().partition(":")
+        headers[name.lower()] = value.strip()
+    assert status_line.startswith(b"HTTP/1.1 200") and "transfer-encoding" not in headers
+    c.send(c.request_bytes("GET", "/api/health"))  # the connection is still in step
+    assert c.response()[0] == 200
+    for raw, status, code in ((b"GET / HTTP/2.0\r\n\r\n", 505, "http_version"),
+                              (b"GET /\r\n\r\n", 400, "bad_request"),
+                              (b"GET / HTTP/1.1\r\nX-Big: " + b"a" * 20_000 + b"\r\n\r\n", 431, "headers_too_large"),
+                              (b"POST / HTTP/1.1\r\nTransfer-Encoding: gzip\r\n\r\n", 501,
+                               "unsupported_transfer_encoding")):
+        c = client()
+        c.send(raw)
+        got, _, data = c.response()
+        assert (got, json.loads(data)["code"]) == (status, code)
+        assert c.closed_by_server()
+
+
+# -- bad framing and slow bodies ------------------------------------------------------------------
+
+
+def test_bad_chunk_size_line_is_a_400_in_the_error_shape(live_server, client):
+    c = client()
+    c.send(f"POST {API}/commands HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {live_server.TOKEN}\r\n"
+           "Content-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\nzz-not-hex\r\n{}\r\n0\r\n\r\n".encode())
+    status, headers, body = c.response()
+    assert status == 400 and json.loads(body)["code"] == "bad_request_body" and "detail" in json.loads(body)
+    assert headers["connection"] == "close" and c.closed_by_server()
+    c = client()  # chunk data not followed by CRLF
+    c.send(f"POST {API}/commands HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {live_server.TOKEN}\r\n"
+           "Content-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n2\r\n{}XX0\r\n\r\n".encode())
+    status, _, body = c.response()
+    assert status == 400 and json.loads(body)["code"] == "bad_request_body"
+    c = client()  # smuggling-shaped framing is refused before the app
+    c.send(b"POST /api/health HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n")
+    status, _, body = c.response()
+    assert status == 400 and json.loads(body)["code"] == "bad_request"
+
+
+@pytest.mark.parametrize("trickle", [False, True], ids=["stalled", "endless"])
+def test_a_chunked_body_that_never_ends_is_a_408_within_the_timeout(tmp_path, trickle):
+    server = LiveServer(tmp_path / "d", request_timeout_s="1")
+    c = RawClient(server)
+    try:
+        c.send(f"POST {API}/commands HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {server.TOKEN}\r\n"
+               "Content-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n1\r\n{\r\n".encode())
+        started = time.monotonic()
+        c.sock.settimeout(0.1)
+        reply = b""
+        while b"\r\n\r\n" not in reply or not reply.rstrip().endswith(b"}"):
+            assert time.monotonic() - started < 5, reply
+            if trickle:
+                try:
+                    c.sock.sendall(b"1\r\n \r\n")  # a valid chunk every 0.1 s, forever
+                except OSError:
+                    pass
+            try:
+                data = c.sock.recv(65536)
+            except socket.timeout:
+                continue
+            except ConnectionResetError:
+                break
+            if not data:
+                break
+            reply += data
+        assert time.monotonic() - started < 3
+        assert reply.startswith(b"HTTP/1.1 408"), reply[:100]
+        assert json.loads(reply.split(b"\r\n\r\n", 1)[1])["code"] == "request_timeout"
+        assert server.gateway.stores.commands.list_after(after=0)[0] == []
+        assert server.get("/api/health")[0] == 200  # no worker left hanging
+    finally:
+        c.close()
+        server.close()
+
+
+# -- idle connections ------------------------------------------------------------------------------------
+
+
+def test_idle_and_kept_alive_connections_are_evicted_after_the_idle_timeout(tmp_path):
+    server = LiveServer(tmp_path / "d", idle_timeout_s="0.3")
+    fresh, used = RawClient(server), RawClient(server)
+    try:
+        used.send(used.request_bytes("GET", "/api/health"))
+        assert used.response()[0] == 200
+        started = time.monotonic()
+        assert fresh.closed_by_server() and used.closed_by_server()  # blocking reads end with EOF
+        assert time.monotonic() - started < 2
+    finally:
+        fresh.close()
+        used.close()
+        server.close()
+
+
+def test_300_idle_sockets_do_not_lock_new_clients_out(tmp_path):
+    # fewer connection slots than idle sockets, and a small request cap: idle sockets count against neither
+    server = LiveServer(tmp_path / "d", max_connections="200", max_threads="8")
+    idle = []
+    try:
+        for i in range(300):
+            s = socket.create_connection(("127.0.0.1", server.port))
+            if i % 2:  # served once, then left open: kept alive
+                s.sendall(b"GET /api/health HTTP/1.1\r\nHost: x\r\n\r\n")
+                assert s.recv(65536).startswith(b"HTTP/1.1 200")
+            idle.append(s)
+        for _ in range(5):
+            started = time.perf_counter()
+            assert server.get("/api/health")[0] == 200
+            assert time.perf_counter() - started < 0.5
+        c = RawClient(server)  # a keep-alive client keeps being served while idle sockets keep arriving
+        for _ in range(20):
+            idle.append(socket.create_connection(("127.0.0.1", server.port)))
+            c.send(c.request_bytes("GET", f"{API}/runs?limit=1"))
+            assert c.response()[0] == 200
+        c.close()
+    finally:
+        for s in idle:
+            s.close()
+        server.close()
+
+
+# -- SSE fan-out on the stream writer ----------------------------------------------------------------
+
+
+def _raise_fd_limit(wanted: int) -> None:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < wanted:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (min(wanted, hard), hard))
+    assert resource.getrlimit(resource.RLIMIT_NOFILE)[0] >= wanted, "the hard fd limit is too low for this test"
+
+
+def _stream_request(server: LiveServer, run_id: str, heartbeat_s: float = 30) -> bytes:
+    return (f"GET {API}/runs/{run_id}/ledger/stream?heartbeat_s={heartbeat_s} HTTP/1.1\r\nHost: x\r\n"
+            f"Authorization: Bearer {server.TOKEN}\r\n\r\n").encode()
+
+
+def test_1000_concurrent_subscribers_all_get_every_record_and_done(tmp_path):
+    _raise_fd_limit(4096)
+    server = LiveServer(tmp_path / "d", max_sse="1100", max_concurrency="1100", max_threads="1100")
+    received: dict = {}
+    sel = selectors.DefaultSelector()
+
+    def pump(done) -> bool:
+        for key, _ in sel.select(0.05):
+            try:
+                data = key.fileobj.recv(65536)
+            except BlockingIOError:
+                continue
+            received[key.fileobj].extend(data)
+            if not data:
+                sel.unregister(key.fileobj)
+        return all(done(bytes(buf)) for buf in received.values())
+
+    try:
+        run_id = server.gateway.start_run(bundle_id="ask")
+        wait_for(lambda: server.gateway.stores.runs.status_of(run_id) == "waiting")
+        before = server.gateway.stores.ledger.count(run_id)
+        request = _stream_request(server, run_id)
+        for _ in range(1000):
+            s = socket.create_connection(("127.0.0.1", server.port))
+            s.sendall(request)
+            s.setblocking(False)
+            received[s] = bytearray()
+            sel.register(s, selectors.EVENT_READ)
+        wait_for(lambda: pump(lambda buf: f"id: {before}\n".encode() in buf), timeout=60)
+        assert len(server.server.streams) == 1000 and server.app._streams == 1000
+        waiting = server.get(f"{API}/runs/{run_id}")[2]["waiting"]
+        assert server.post(f"{API}/commands", {"command_id": "go", "run_id": run_id, "type": "resume",
+                                               "payload": {"wait_key": waiting["wait_key"],
+                                                           "payload": {"response": "x"}}})[0] == 200
+        wait_for(lambda: pump(lambda buf: b"event: done" in buf and buf.endswith(b"0\r\n\r\n")), timeout=60)
+        total = server.gateway.stores.ledger.count(run_id)
+        assert total > before
+        for buf in received.values():
+            ids = [int(line[4:]) for line in bytes(buf).split(b"\n") if line.startswith(b"id: ")]
+            assert ids == list(range(1, total + 1))
+            assert b'"status": "terminal"' in buf
+        wait_for(lambda: len(server.server.streams) == 0 and server.app._streams == 0, timeout=10)
+    finally:
+        sel.close()
+        for s in received:
+            s.close()
+        server.close()
+
+
+def test_a_slow_reader_is_dropped_without_stalling_the_others(tmp_path):
+    server = LiveServer(tmp_path / "d", request_timeout_s="1", sse_max_buffer_bytes="65536")
+    slow = socket.socket()
+    slow.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # a reader that stops reading fills up fast
+    fast = None
+    try:
+        run_id = server.gateway.start_run(bundle_id="ask")
+        wait_for(lambda: server.gateway.stores.runs.status_of(run_id) == "waiting")
+        slow.connect(("127.0.0.1", server.port))
+        slow.sendall(_stream_request(server, run_id))
+        fast = RawClient(server)
+        fast.send(_stream_request(server, run_id))
+        assert fast.file.readline().startswith(b"HTTP/1.1 200")
+        wait_for(lambda: len(server.server.streams) == 2)
+        ledger = server.gateway.stores.ledger
+        filler = json.dumps({"note": "y" * 20_000})
+        started = time.monotonic()
+        for _ in range(300):  # about 6 MB: far more than the slow client's buffers hold
+            ledger.append_json(run_id, filler)
+        total = ledger.count(run_id)
+        seen = b""
+        while f"id: {total}\n".encode() not in seen[-30_000:]:
+            chunk = fast.file.read1(1 << 16)
+            assert chunk, "the fast stream ended"
+            seen += chunk
+        fast_done = time.monotonic() - started
+        wait_for(lambda: len(server.server.streams) == 1, timeout=5)  # the slow one was dropped
+        ids = [int(line[4:]) for line in seen.split(b"\n") if line.startswith(b"id: ")]
+        assert ids == list(range(1, total + 1))
+        assert fast_done < 5
+        ledger.append_json(run_id, json.dumps({"note": "after"}))  # the survivor keeps streaming
+        line = b""
+        while not line.startswith(f"id: {total + 1}".encode()):
+            line = fast.file.readline()
+    finally:
+        slow.close()
+        if fast is not None:
+            fast.close()
+        server.close()
+
+
+# -- the write paths: one durable commit per acknowledged write ----------------------------------
+
+
+def test_a_command_and_its_audit_row_commit_together_and_a_run_is_its_own_session(live_server):
+    db = live_server.gateway.stores.db
+    commits = []
+    original = db._commit_batch
+    db._commit_batch = lambda batch: (commits.append(len(batch)), original(batch))[1]
+    try:
+        status, _, body = live_server.post(f"{API}/commands", {"command_id": "one", "run_id": "r", "type": "pause"})
+        assert status == 200 and body["accepted"] is True
+        row = live_server.gateway.stores.audit.tail(1)[0]  # committed before the answer was sent
+        assert (row["path"], row["status"]) == (f"{API}/commands", 200)
+        assert commits[:1] == [1]  # the command's own commit carried the audit row: no second one for it
+    finally:
+        db._commit_batch = original
+    status, _, body = live_server.post(f"{API}/runs/start", {"bundle_id": "echo"})
+    run_id = body["run_id"]
+    status, _, listed = live_server.get(f"{API}/runs?session_id={run_id}")
+    assert [r["run_id"] for r in listed["items"]] == [run_id]
+    assert live_server.gateway.stores.runs.load(run_id).session_id == run_id
+    rejected = live_server.post(f"{API}/commands", {"command_id": "", "run_id": " ", "type": "pause"})[0]
+    assert rejected == 422  # no write happened: the audit row is written on its own, after the response
+    wait_for(lambda: live_server.gateway.stores.audit.tail(1)[0]["status"] == 422)
+
+
+def test_the_stream_writer_outlives_a_failing_read(live_server):
+    run_id = live_server.gateway.start_run(bundle_id="ask")
+    wait_for(lambda: live_server.gateway.stores.runs.status_of(run_id) == "waiting")
+    stream = RawClient(live_server)
+    stream.send(_stream_request(live_server, run_id))
+    assert stream.file.readline().startswith(b"HTTP/1.1 200")
+    ledger = live_server.gateway.stores.ledger
+    total = ledger.count(run_id)
+    line = b""
+    while not line.startswith(f"id: {total}".encode()):
+        line = stream.file.readline()
+    real_page = ledger.page_json
+    failures = []
+
+    def failing_once(*args):
+        if not failures:
+            failures.append(1)
+            raise gw.apsw.BusyError("database is locked")
+        return real_page(*args)
+
+    ledger.page_json = failing_once
+    try:
+        ledger.append_json(run_id, json.dumps({"note": "after a failed read"}))
+        while not line.startswith(f"id: {total + 1}".encode()):
+            line = stream.file.readline()
+        assert failures == [1]
+    finally:
+        ledger.page_json = real_page
+        stream.close()
+
+
+def test_bodies_that_stall_hold_no_worker(tmp_path):
+    server = LiveServer(tmp_path / "d", http_workers="2", request_timeout_s="1")
+    stalled = []
+    try:
+        for _ in range(6):  # three times the workers: each sends its head and one byte of a 100-byte body
+            s = socket.create_connection(("127.0.0.1", server.port))
+            s.sendall(f"POST {API}/commands HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {server.TOKEN}\r\n"
+                      "Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{".encode())
+            stalled.append(s)
+        started = time.perf_counter()
+        assert server.get("/api/health")[0] == 200
+        assert time.perf_counter() - started < 0.5
+        for s in stalled:  # each is answered 408 once the request deadline passes
+            s.settimeout(5)
+            assert s.recv(65536).startswith(b"HTTP/1.1 408")
+    finally:
+        for s in stalled:
+            s.close()
+        server.close()
