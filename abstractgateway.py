@@ -3723,7 +3723,7 @@ class Gateway:
         """Run the runtime's MEMORY_COMPACT effect out of band on `run` (or `payload.target_run_id`).
 
         It needs no LLM when there is nothing to compact; otherwise the runtime asks for an LLM
-        call, which this gateway cannot serve without the LLM extra: the command then fails with
+        call (the workflow default model): without the LLM extra or a model the command fails with
         that reason and, being inside the command's transaction, leaves nothing behind.
         """
         from abstractruntime import Effect, EffectType, StepPlan, WorkflowSpec
@@ -3749,7 +3749,7 @@ class Gateway:
         job_id = self.runtime.start(workflow=spec, vars={}, actor_id=ACTOR_ID, parent_run_id=None, session_id=target)
         job = self.runtime.tick(workflow=spec, run_id=job_id, max_steps=5)
         if _enum_value(job.status) != "completed":
-            needs_llm = "llm_call" in str(job.error or "")
+            needs_llm = self.llm is None and "llm_call" in str(job.error or "")
             raise Unprocessable(
                 f"compact_memory needs an LLM to summarise; install the '{LLM_EXTRA}' extra" if needs_llm
                 else f"compact_memory failed: {job.error}", code="llm_extra_required" if needs_llm else "compact_failed")

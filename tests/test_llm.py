@@ -418,3 +418,20 @@ def test_doctor_lists_configured_providers_and_never_prints_a_key(tmp_path, fake
     lines = {line.split()[0]: line for line in out.stdout.splitlines() if line.startswith("  ") and " via " in line}
     assert "answers" in lines["openai"] and "OPENAI_API_KEY" in lines["openai"], out.stdout
     assert "answers" in lines["lmstudio"], out.stdout
+
+
+def test_compact_memory_summarises_with_the_default_model(llm_server, fake_llm):
+    run_id = _start(llm_server, "basic-followup")
+    wait_for(lambda: (d := _run(llm_server, run_id))["waiting"] and d["waiting"]["reason"] == "user", 60)
+    gateway = llm_server.gateway
+    with gateway.runs_locked([run_id]):
+        state = gateway.stores.runs.load(run_id)
+        state.vars["context"] = {"messages": [{"role": "user", "content": f"m{i}"} for i in range(20)]}
+        gateway.stores.runs.save(state)
+    calls = fake_llm.calls
+    cid = _command(llm_server, run_id, "compact_memory", {"preserve_recent": 2})
+    assert _outcome(llm_server, cid)["status"] == "applied"
+    assert fake_llm.calls > calls  # the summary came from the model
+    compacted = gateway.stores.runs.load(run_id).vars
+    assert compacted["_runtime"]["last_compact_memory"]["command_id"] == cid
+    assert len(compacted["context"]["messages"]) < 20

@@ -431,7 +431,18 @@ def test_resuming_a_paused_recurrent_schedule_fires_the_next_execution_at_once(g
     wait_for(lambda: len(_children(gateway, run_id)) == 2, timeout=5)
 
 
-def test_compact_memory_applies_when_no_llm_is_needed_and_fails_cleanly_otherwise(gateway, runner):
+def test_compact_memory_applies_when_no_llm_is_needed_and_fails_cleanly_otherwise(data_dir, monkeypatch):
+    monkeypatch.setattr(gw, "llm_integration_available", lambda: False)  # as if the `[llm]` extra were absent
+    gateway = make_gateway(data_dir)
+    runner = gw.Runner(gateway).start()
+    try:
+        _compact_memory_without_llm(gateway)
+    finally:
+        runner.stop()
+        gateway.close()
+
+
+def _compact_memory_without_llm(gateway):
     run_id = gateway.start_run(bundle_id="ask")
     wait_for(lambda: _status(gateway, run_id) == "waiting")
     gateway.submit_command(command_id="cm1", run_id=run_id, type="compact_memory")
