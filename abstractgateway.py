@@ -9,7 +9,9 @@ Contents, in dependency order (each section uses only what stands above it):
                   gateway's own stores (bundles, leases, command outcomes, deprecations, reports), the
                   file-store compatibility adapter (`open_stores`), the migrator, backup and check.
 3. Workflows   -- `read_bundle` (hostile-input-safe .flow parsing), `WorkflowHost` (load, compile,
-                  resolve, deprecate; also the runtime's workflow registry).
+                  resolve, deprecate; also the runtime's workflow registry), `LLMEffects` (LLM,
+                  agent and tool effects wired from abstractruntime's AbstractCore integration, the
+                  `llm` extra) and provider discovery.
 4. Runner      -- `Gateway` (start runs, durable commands applied exactly once, ticks, subflow
                   parents) and `Runner` (lease-held thread pool woken by commits); the services
                   thin clients call: `Workspace` (confined file reads), session attachments, the

@@ -36,6 +36,8 @@ class FakeLLM:
         self.in_flight = 0
         self.max_in_flight = 0
         self.slept_s = 0.0
+        self.durations: List[float] = []  # seconds each completion took inside the server (delay included)
+        self.began: List[float] = []  # time.perf_counter() when each completion began
         self.requests: List[Dict[str, Any]] = []
         self._lock = threading.Lock()
         self.started = threading.Condition(self._lock)  # notified when a completion begins
@@ -43,6 +45,7 @@ class FakeLLM:
 
         class Handler(BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
+            disable_nagle_algorithm = True  # headers and body go out as separate writes: no 40 ms stalls
 
             def log_message(self, *args: Any) -> None:
                 pass
@@ -80,6 +83,16 @@ class FakeLLM:
                 self.wfile.write(raw)
 
             def _complete(self, body: Dict[str, Any]) -> None:
+                began = time.perf_counter()
+                with fake._lock:
+                    fake.began.append(began)
+                try:
+                    self._answer(body)
+                finally:
+                    with fake._lock:
+                        fake.durations.append(time.perf_counter() - began)
+
+            def _answer(self, body: Dict[str, Any]) -> None:
                 with fake._lock:
                     fake.calls += 1
                     fake.in_flight += 1
