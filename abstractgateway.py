@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import errno
+import functools
 import hashlib
 import itertools
 import json
@@ -49,7 +50,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, TypeVar
 
 import apsw
-from abstractruntime.core.models import RunState, RunStatus, StepRecord, WaitReason
+from abstractruntime.core.models import EffectType, RunState, RunStatus, StepRecord, WaitReason
 from abstractruntime.core.run_lifecycle import run_lifecycle_index_fields
 from abstractruntime.storage.artifacts import (
     Artifact,
@@ -2387,16 +2388,15 @@ class Unprocessable(GatewayError):
 
 
 def llm_integration_available() -> bool:
-    """True when abstractruntime's abstractcore integration and abstractagent import (the `llm` extra)."""
+    """True when abstractruntime's abstractcore integration and abstractagent are installed (the `llm`
+    extra). Checked without importing them: that takes about a second, paid at first use instead."""
     import importlib.util
 
-    if importlib.util.find_spec("abstractcore") is None or importlib.util.find_spec("abstractagent") is None:
-        return False
     try:
-        import abstractruntime.integrations.abstractcore  # noqa: F401
-    except ImportError:
+        return all(importlib.util.find_spec(name) is not None
+                   for name in ("abstractcore", "abstractagent", "abstractruntime.integrations.abstractcore"))
+    except (ImportError, ValueError):
         return False
-    return True
 
 
 def missing_capabilities(node_types: Iterable[str]) -> Dict[str, List[str]]:
@@ -2542,28 +2542,11 @@ def _read_bundle_archive(archive: Any, content: bytes, origin: str) -> LoadedBun
     return bundle
 
 
-def _agent_workflows(bundle: LoadedBundle) -> Dict[str, Any]:
-    """The ReAct subworkflow every Agent node starts (abstractagent's, as the original gateway registers them):
-    the model sees the runtime's default tools plus the agent builtins, and may call the node's `tools`."""
-    from abstractagent.adapters.react_runtime import create_react_workflow
-    from abstractagent.logic import builtins
-    from abstractagent.logic.react import ReActLogic
-    from abstractcore.tools import ToolDefinition
-    from abstractruntime.integrations.abstractcore.default_tools import list_default_tool_specs
+def agent_nodes(bundle: LoadedBundle) -> Dict[str, List[str]]:
+    """The ReAct subworkflow id each Agent node of `bundle` starts -> the tools that node allows."""
     from abstractruntime.visualflow_compiler.visual.agent_ids import visual_react_workflow_id
 
-    tools = [ToolDefinition(name=str(spec["name"]), description=str(spec.get("description") or ""),
-                            parameters=dict(spec.get("parameters") or {}))
-             for spec in list_default_tool_specs() if isinstance(spec, dict) and spec.get("name")]
-    names = {t.name for t in tools}
-    for name in ("ASK_USER_TOOL", "RECALL_MEMORY_TOOL", "INSPECT_VARS_TOOL", "REMEMBER_TOOL", "COMPACT_MEMORY_TOOL",
-                 "DELEGATE_AGENT_TOOL"):
-        tool = getattr(builtins, name, None)
-        if tool is not None and tool.name not in names:
-            tools.append(tool)
-            names.add(tool.name)
-    logic = ReActLogic(tools=tools)
-    specs: Dict[str, Any] = {}
+    out: Dict[str, List[str]] = {}
     for flow in bundle.flows.values():
         for node in flow.get("nodes") or []:
             if not isinstance(node, dict) or node.get("type") != "agent" or not node.get("id"):
@@ -2571,9 +2554,37 @@ def _agent_workflows(bundle: LoadedBundle) -> Dict[str, Any]:
             config = (node.get("data") or {}).get("agentConfig") or {}
             workflow_id = str(config.get("_react_workflow_id") or "").strip() or visual_react_workflow_id(
                 flow_id=flow["id"], node_id=str(node["id"]))
-            allowed = [t.strip() for t in config.get("tools") or [] if isinstance(t, str) and t.strip()]
-            specs[workflow_id] = create_react_workflow(logic=logic, workflow_id=workflow_id, allowed_tools=allowed)
-    return specs
+            out[workflow_id] = [t.strip() for t in config.get("tools") or [] if isinstance(t, str) and t.strip()]
+    return out
+
+
+def react_workflow(workflow_id: str, allowed_tools: List[str]) -> Any:
+    """abstractagent's ReAct workflow for one Agent node (as the original gateway registers them): the
+    model sees the runtime's default tools plus the agent builtins, and may call `allowed_tools`."""
+    from abstractagent.adapters.react_runtime import create_react_workflow
+
+    return create_react_workflow(logic=_react_logic(), workflow_id=workflow_id, allowed_tools=allowed_tools)
+
+
+@functools.lru_cache(maxsize=1)
+def _react_logic() -> Any:
+    """The ReAct logic every agent shares (its tool catalogue is the same for all)."""
+    from abstractagent.logic import builtins
+    from abstractagent.logic.react import ReActLogic
+    from abstractcore.tools import ToolDefinition
+    from abstractruntime.integrations.abstractcore.default_tools import list_default_tool_specs
+
+    tools = [ToolDefinition(name=str(spec["name"]), description=str(spec.get("description") or ""),
+                            parameters=dict(spec.get("parameters") or {}))
+             for spec in list_default_tool_specs() if isinstance(spec, dict) and spec.get("name")]
+    names = {t.name for t in tools}
+    for name in ("ASK_USER_TOOL", "RECALL_MEMORY_TOOL", "INSPECT_VARS_TOOL", "REMEMBER_TOOL",
+                 "COMPACT_MEMORY_TOOL", "DELEGATE_AGENT_TOOL"):
+        tool = getattr(builtins, name, None)
+        if tool is not None and tool.name not in names:
+            tools.append(tool)
+            names.add(tool.name)
+    return ReActLogic(tools=tools)
 
 
 def _namespace_flow(flow: Dict[str, Any], bundle: LoadedBundle, flow_id: str, flow_ids: Iterable[str]) -> Dict[str, Any]:
@@ -2723,6 +2734,7 @@ class _Catalog:
     flows: Dict[str, Dict[str, Any]] = field(default_factory=dict)  # workflow_id -> VisualFlow JSON
     blocked: Dict[str, GatewayError] = field(default_factory=dict)  # workflow_id -> why it cannot start
     errors: List[str] = field(default_factory=list)
+    agents: Dict[str, List[str]] = field(default_factory=dict)  # ReAct workflow id -> allowed tools (built on use)
 
 
 class WorkflowHost:
@@ -2741,11 +2753,19 @@ class WorkflowHost:
         self.llm_default = (llm_default[0].strip().lower(), llm_default[1].strip())
         self._catalog = _Catalog()
         self._reload_lock = threading.Lock()
+        self._agents_lock = threading.Lock()
 
     # -- registry protocol (used by the runtime) -----------------------------------------------
 
     def get(self, workflow_id: str) -> Any:
-        return self._catalog.specs.get(workflow_id)
+        catalog = self._catalog
+        spec = catalog.specs.get(workflow_id)
+        if spec is None and workflow_id in catalog.agents:  # built when first started: abstractagent loads slowly
+            with self._agents_lock:
+                spec = catalog.specs.get(workflow_id)
+                if spec is None:
+                    spec = catalog.specs[workflow_id] = react_workflow(workflow_id, catalog.agents[workflow_id])
+        return spec
 
     def get_or_raise(self, workflow_id: str) -> Any:
         spec = self.get(workflow_id)
@@ -2830,7 +2850,7 @@ class WorkflowHost:
                         f"{package} for {', '.join(types)} nodes" for package, types in missing.items())
                     + " (pip install the package next to the gateway)", code="capability_missing")
         if specs and self.llm_available and "agent" in bundle.needs:
-            catalog.specs.update(_agent_workflows(bundle))
+            catalog.agents.update(agent_nodes(bundle))
 
     def _load_visualflow_dir(self, catalog: _Catalog) -> None:
         from abstractruntime.visualflow_compiler import compile_visualflow
@@ -3142,58 +3162,76 @@ class LLMEffects:
 
     Around the runtime's LLM handler it adds two things: nodes that pin no provider or model get the
     workflow's default (`WorkflowHost.default_llm`), and a semaphore bounds the provider calls in flight
-    (`llm_concurrency`), so many waiting runs never flood one model server.
+    (`llm_concurrency`), so many waiting runs never flood one model server. The integration is imported
+    at the first effect that needs it (importing it takes about a second). In `local` tool mode this
+    object is also the runtime's executor for `{"approved": true}` resumes.
     """
 
     def __init__(self, config: Config, host: WorkflowHost, *, artifact_store: Any, run_store: Any) -> None:
-        from abstractruntime.core.models import EffectType
-        from abstractruntime.integrations.abstractcore.effect_handlers import build_effect_handlers
-        from abstractruntime.integrations.abstractcore.tool_executor import MappingToolExecutor, PassthroughToolExecutor
-
         self.host = host
         self.tool_mode = config.tool_mode
         self.slots = threading.BoundedSemaphore(config.llm_concurrency)
-        data_dir = Path(config.data_dir)
-        if self.tool_mode == "local":
-            from abstractruntime.integrations.abstractcore.default_tools import build_default_tool_map
+        self._artifact_store, self._run_store = artifact_store, run_store
+        self._data_dir = Path(config.data_dir)
+        self._built: Dict[Any, Any] = {}
+        self._tools: Any = None
+        self._lock = threading.Lock()
+        self.client = _LazyLLMClient(self._build_client)
+        self.handlers = {EffectType.LLM_CALL: self._llm_call, EffectType.MODEL_RESIDENCY: self._model_residency,
+                         EffectType.TOOL_CALLS: self._tool_calls}
+        self.resume_tools = self if self.tool_mode == "local" else None
 
-            self.tools: Any = MappingToolExecutor(build_default_tool_map())
-            self.resume_tools: Any = self.tools  # `{"approved": true}` resumes run the calls here
-        else:  # a tool call becomes a durable approval wait; nothing runs in the gateway
-            self.tools = PassthroughToolExecutor(mode="approval_required")
-            self.resume_tools = None
+    def _integration(self) -> Dict[Any, Any]:
+        """abstractruntime's effect handlers on our client and tool executor, built once."""
+        with self._lock:
+            if not self._built:
+                from abstractruntime.integrations.abstractcore.effect_handlers import build_effect_handlers
+                from abstractruntime.integrations.abstractcore.tool_executor import (
+                    MappingToolExecutor, PassthroughToolExecutor)
 
-        def build_client() -> Any:
-            from abstractruntime.integrations.abstractcore.llm_client import MultiLocalAbstractCoreLLMClient
+                if self.tool_mode == "local":
+                    from abstractruntime.integrations.abstractcore.default_tools import build_default_tool_map
 
-            provider, model = self.default_for("") or ("", "")
-            if not provider or not model:
-                raise RuntimeError(f"no LLM provider or model is configured: {LLM_SETTINGS_HINT}")
-            return MultiLocalAbstractCoreLLMClient(
-                provider=provider, model=model, artifact_store=artifact_store,
-                bloc_root_dir=data_dir / "llm" / "blocs", prompt_cache_export_root_dir=data_dir / "llm" / "prompt_cache")
+                    self._tools = MappingToolExecutor(build_default_tool_map())
+                else:  # a tool call becomes a durable approval wait; nothing runs in the gateway
+                    self._tools = PassthroughToolExecutor(mode="approval_required")
+                self._built = build_effect_handlers(llm=self.client, tools=self._tools,
+                                                    artifact_store=self._artifact_store, run_store=self._run_store)
+        return self._built
 
-        self.client = _LazyLLMClient(build_client)
-        self.handlers = build_effect_handlers(llm=self.client, tools=self.tools, artifact_store=artifact_store,
-                                              run_store=run_store)
-        self.handlers[EffectType.LLM_CALL] = self._bounded_llm_call(self.handlers[EffectType.LLM_CALL])
+    def _build_client(self) -> Any:
+        from abstractruntime.integrations.abstractcore.llm_client import MultiLocalAbstractCoreLLMClient
 
-    def default_for(self, workflow_id: str) -> Optional[Tuple[str, str]]:
-        return self.host.default_llm(workflow_id)
+        provider, model = self.host.default_llm("") or ("", "")
+        if not provider or not model:
+            raise RuntimeError(f"no LLM provider or model is configured: {LLM_SETTINGS_HINT}")
+        return MultiLocalAbstractCoreLLMClient(
+            provider=provider, model=model, artifact_store=self._artifact_store,
+            bloc_root_dir=self._data_dir / "llm" / "blocs",
+            prompt_cache_export_root_dir=self._data_dir / "llm" / "prompt_cache")
 
-    def _bounded_llm_call(self, handler: Callable[..., Any]) -> Callable[..., Any]:
-        def llm_call(run: RunState, effect: Any, default_next_node: Optional[str]) -> Any:
-            payload = dict(effect.payload or {})
-            provider = str(payload.get("provider") or "").strip().lower()
-            if not provider or not str(payload.get("model") or "").strip():
-                default = self.default_for(run.workflow_id)
-                if default is not None and (not provider or provider == default[0]):
-                    payload["provider"], payload["model"] = default[0], payload.get("model") or default[1]
-                    effect = dataclasses.replace(effect, payload=payload)
-            with self.slots:
-                return handler(run, effect, default_next_node)
+    def _llm_call(self, run: RunState, effect: Any, default_next_node: Optional[str]) -> Any:
+        payload = dict(effect.payload or {})
+        provider = str(payload.get("provider") or "").strip().lower()
+        if not provider or not str(payload.get("model") or "").strip():
+            default = self.host.default_llm(run.workflow_id)
+            if default is not None and (not provider or provider == default[0]):
+                payload["provider"], payload["model"] = default[0], payload.get("model") or default[1]
+                effect = dataclasses.replace(effect, payload=payload)
+        handler = self._integration()[EffectType.LLM_CALL]
+        with self.slots:
+            return handler(run, effect, default_next_node)
 
-        return llm_call
+    def _model_residency(self, run: RunState, effect: Any, default_next_node: Optional[str]) -> Any:
+        return self._integration()[EffectType.MODEL_RESIDENCY](run, effect, default_next_node)
+
+    def _tool_calls(self, run: RunState, effect: Any, default_next_node: Optional[str]) -> Any:
+        return self._integration()[EffectType.TOOL_CALLS](run, effect, default_next_node)
+
+    def execute(self, *, tool_calls: List[Dict[str, Any]]) -> Dict[str, Any]:
+        """Run approved tool calls (the runtime calls this on `{"approved": true}` resumes, local mode only)."""
+        self._integration()
+        return self._tools.execute(tool_calls=tool_calls)
 
     def generate(self, *, provider: str, model: str, system_prompt: str, messages: List[Dict[str, Any]]) -> str:
         """One model answer outside any run (observer summaries and chats), in the same concurrency bound."""

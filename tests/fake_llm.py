@@ -156,7 +156,7 @@ class FakeLLM:
     def provider_env(self) -> Dict[str, str]:
         """Environment pointing every provider the fixtures use at this server."""
         return {"OPENAI_BASE_URL": self.base_url, "OPENAI_API_KEY": "sk-fake-not-a-key",
-                "LMSTUDIO_BASE_URL": self.base_url, "OPENAI_COMPATIBLE_BASE_URL": self.base_url,
+                "LMSTUDIO_BASE_URL": self.base_url,
                 "OLLAMA_BASE_URL": f"http://127.0.0.1:{self.port}"}
 
     def close(self) -> None:
