@@ -2735,6 +2735,7 @@ class _Catalog:
     blocked: Dict[str, GatewayError] = field(default_factory=dict)  # workflow_id -> why it cannot start
     errors: List[str] = field(default_factory=list)
     agents: Dict[str, List[str]] = field(default_factory=dict)  # ReAct workflow id -> allowed tools (built on use)
+    default_llms: Dict[str, Optional[Tuple[str, str]]] = field(default_factory=dict)  # bundle ref -> default pair
 
 
 class WorkflowHost:
@@ -2965,22 +2966,24 @@ class WorkflowHost:
             return self.llm_default
         catalog = self._catalog
         ref = workflow_id.split(":", 1)[0]
-        own = [flow for wid, flow in catalog.flows.items() if wid.split(":", 1)[0] == ref]
-        others = [catalog.flows[wid] for wid in sorted(catalog.flows) if wid.split(":", 1)[0] != ref]
-        for flow in [*own, *others]:
-            pairs = pinned_llms(flow)
-            if pairs:
-                return pairs[0]
-        return None
+        if ref not in catalog.default_llms:  # computed once per catalog (it is asked at every model call)
+            own = [flow for wid, flow in catalog.flows.items() if wid.split(":", 1)[0] == ref]
+            others = [catalog.flows[wid] for wid in sorted(catalog.flows) if wid.split(":", 1)[0] != ref]
+            pairs = [pair for flow in [*own, *others] for pair in pinned_llms(flow)[:1]]
+            catalog.default_llms[ref] = pairs[0] if pairs else None
+        return catalog.default_llms[ref]
 
     def startable_spec(self, workflow_id: str) -> Any:
         """The compiled spec of `workflow_id`, or the GatewayError that says why it cannot start."""
         blocked = self._catalog.blocked.get(workflow_id)
         if blocked is not None:
             raise blocked
-        ref = workflow_id.split(":", 1)[0]
-        text_llm = {str(n.get("type")) for wid, flow in self._catalog.flows.items() if wid.split(":", 1)[0] == ref
-                    for n in flow.get("nodes") or [] if isinstance(n, dict)} & TEXT_LLM_NODE_TYPES
+        bundle_id, _, version = workflow_id.split(":", 1)[0].partition("@")
+        bundle = self._catalog.bundles.get(bundle_id, {}).get(version)
+        flow = self._catalog.flows.get(workflow_id) or {}
+        types = bundle.needs if bundle is not None else [n.get("type") for n in flow.get("nodes") or []
+                                                          if isinstance(n, dict)]
+        text_llm = set(types) & TEXT_LLM_NODE_TYPES
         if text_llm and self.default_llm(workflow_id) is None:
             raise Unprocessable(f"Workflow '{workflow_id}' has {', '.join(sorted(text_llm))} nodes and no provider "
                                 f"or model is known for them: {LLM_SETTINGS_HINT}", code="llm_not_configured")
