@@ -3,11 +3,12 @@
 This is a benchmark, not a test: it prints figures and exits 0 whatever they are (non-zero only if
 runs fail or never finish, since then the figures would be meaningless).
 
-Everything runs in this one process: the stdlib fake OpenAI-compatible model server of the tests
-(`tests/fake_llm.py`, on a loopback port; no network, no real model), and a `Gateway` + `Runner`
-with default settings over a fresh SQLite file in a temporary directory, loading only the real
-`basic-llm-test` bundle (on_flow_start -> llm_call -> on_flow_end). The `openai` provider is pointed
-at the fake through OPENAI_BASE_URL; as the bundle pins no model, ABSTRACTGATEWAY_PROVIDER=openai and
+The model is the stdlib fake OpenAI-compatible server of the tests (`tests/fake_llm.py`), run as
+its own process on a loopback port (as a model server would be: it does not share this process's
+GIL); no network, no real model. In this process: a `Gateway` + `Runner` with default settings over
+a fresh SQLite file in a temporary directory, loading only the real `basic-llm-test` bundle
+(on_flow_start -> llm_call -> on_flow_end). The `openai` provider is pointed at the fake through
+OPENAI_BASE_URL; as the bundle pins no model, ABSTRACTGATEWAY_PROVIDER=openai and
 ABSTRACTGATEWAY_MODEL=gpt-5-mini are set (every other setting is its default, e.g.
 ABSTRACTGATEWAY_LLM_CONCURRENCY=128, 4 tick workers).
 
@@ -15,13 +16,15 @@ What it measures:
 
 1. Overhead per LLM step: N runs (default 30) one after the other, with a model that answers at
    once. For each run, the time from `start_run` to the run being COMPLETED (its status column,
-   polled every 0.5 ms) minus the time the fake server spent inside that run's completion request.
+   polled every 0.5 ms) minus the time the fake server spent inside that run's completion request
+   (its `served_s` counter).
    What is left is the gateway + runtime + abstractcore client cost of a run with one model step
    (three nodes, their ledger records and commits). Printed: p50, p90, max. One warm-up run first
    (it loads the provider client).
 2. Concurrent runs on a slow model: N runs (default 100) started at once against a model that
    takes 1 s per answer. The clock runs from the first start until every run is COMPLETED.
-   Printed: wall time, the most calls the fake served at once, and runs per second. Goal with
+   Printed: wall time, the most calls the fake served at once, runs per second, and a timeline
+   (when the starts were all durable, when the model calls began). Goal with
    default settings: 100 runs in <= 2.5 s (the original gateway: 40 runs in 10.9 s, because its
    4 tick workers serialize the model calls).
 
@@ -43,19 +46,20 @@ if sys.path and os.path.abspath(sys.path[0] or ".") == os.path.dirname(os.path.a
     sys.path.pop(0)
 
 import argparse  # noqa: E402
+import json  # noqa: E402
 import platform  # noqa: E402
 import shutil  # noqa: E402
 import statistics  # noqa: E402
+import subprocess  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
+import urllib.request  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT))
 
 import abstractgateway as gw  # noqa: E402
-from fake_llm import FakeLLM  # noqa: E402
 
 BUNDLE = ROOT / "tests" / "fixtures" / "bundles" / "basic-llm-test@0.0.0.flow"
 
@@ -79,6 +83,32 @@ def _wait_completed(gateway: gw.Gateway, run_ids: list, timeout: float) -> None:
         time.sleep(0.0005)
 
 
+class FakeModel:
+    """tests/fake_llm.py in a process of its own, driven through its `_control` and `_stats` routes."""
+
+    def __init__(self) -> None:
+        self.proc = subprocess.Popen([sys.executable, str(ROOT / "tests" / "fake_llm.py")], stdout=subprocess.PIPE,
+                                     text=True)
+        self.base_url = self.proc.stdout.readline().strip()
+        self.root = self.base_url.rsplit("/v1", 1)[0]
+
+    def _call(self, path: str, body: dict = None) -> dict:
+        data = json.dumps(body).encode() if body is not None else None
+        request = urllib.request.Request(self.root + path, data=data, headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=30) as resp:
+            return json.loads(resp.read())
+
+    def control(self, **body: object) -> dict:
+        return self._call("/_control", body)
+
+    def stats(self) -> dict:
+        return self._call("/_stats")
+
+    def close(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(10)
+
+
 def _pct(values: list, q: float) -> float:
     values = sorted(values)
     return values[min(len(values) - 1, int(q * len(values)))]
@@ -96,8 +126,8 @@ def main() -> int:
     if args.quick:
         args.sequential, args.concurrent = 10, 40
 
-    fake = FakeLLM().start()
-    os.environ.update(fake.provider_env())
+    fake = FakeModel()
+    os.environ.update(OPENAI_BASE_URL=fake.base_url, OPENAI_API_KEY="sk-fake-not-a-key")
     tmp = Path(tempfile.mkdtemp(prefix="agw-bench-llm-"))
     flows = tmp / "flows"
     flows.mkdir()
@@ -121,25 +151,26 @@ def main() -> int:
         one("warm-up")
         overheads = []
         for i in range(args.sequential):
-            served = len(fake.durations)
+            served = fake.stats()["served_s"]
             total = one(f"question {i}")
-            overheads.append(total - sum(fake.durations[served:]))
+            overheads.append(total - (fake.stats()["served_s"] - served))
         ms = [o * 1000 for o in overheads]
         print(f"1. overhead per LLM step ({args.sequential} sequential runs of basic-llm-test, instant model): "
               f"p50 {statistics.median(ms):.1f} ms, p90 {_pct(ms, 0.9):.1f} ms, max {max(ms):.1f} ms "
               f"(start->completed minus the fake server's own time)")
 
-        fake.delay_s, fake.max_in_flight = args.delay, 0
-        served = len(fake.began)
-        start = time.perf_counter()
+        fake.control(delay_s=args.delay, reset_max_in_flight=True)
+        served = len(fake.stats()["began"])
+        start, epoch = time.perf_counter(), time.time()
         run_ids = [gateway.start_run(bundle_id="basic-llm-test", input_data={"prompt": f"q{i}"})
                    for i in range(args.concurrent)]
         started = time.perf_counter() - start
         _wait_completed(gateway, run_ids, 120)
         wall = time.perf_counter() - start
-        calls = sorted(t - start for t in fake.began[served:])
+        stats = fake.stats()
+        calls = sorted(t - epoch for t in stats["began"][served:])
         print(f"2. {args.concurrent} concurrent runs, {args.delay:g} s model: all completed in {wall:.2f} s "
-              f"({args.concurrent / wall:.1f} runs/s), up to {fake.max_in_flight} model calls at once "
+              f"({args.concurrent / wall:.1f} runs/s), up to {stats['max_in_flight']} model calls at once "
               f"(goal for 100: <= 2.5 s)\n"
               f"   timeline: all {args.concurrent} starts durable at {started:.2f} s; model calls began from "
               f"{calls[0]:.2f} s to {calls[-1]:.2f} s (median {statistics.median(calls):.2f} s)")

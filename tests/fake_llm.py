@@ -6,8 +6,9 @@
   conversation yet, it answers with a call of that tool (so a test chooses which agents call tools);
 - `delay_s` makes every completion take that long (settable at run time: `POST /_control {"delay_s": 1}`);
 - `fail_status` makes every completion answer that HTTP error status;
-- `GET /_stats` says how many completions were asked for, how many ran at once at most, and how much
-  time they spent sleeping.
+- `GET /_stats` says how many completions were asked for, how many ran at once at most, how much
+  time they spent inside the server (`served_s`) and when each began (`began`, epoch seconds);
+  `POST /_control {"reset_max_in_flight": true}` restarts the high-water mark.
 
 Run it alone with `python tests/fake_llm.py [port] [delay_s]`.
 """
@@ -37,7 +38,7 @@ class FakeLLM:
         self.max_in_flight = 0
         self.slept_s = 0.0
         self.durations: List[float] = []  # seconds each completion took inside the server (delay included)
-        self.began: List[float] = []  # time.perf_counter() when each completion began
+        self.began: List[float] = []  # time.time() when each completion began
         self.requests: List[Dict[str, Any]] = []
         self._lock = threading.Lock()
         self.started = threading.Condition(self._lock)  # notified when a completion begins
@@ -58,7 +59,8 @@ class FakeLLM:
                 elif path == "/_stats":
                     with fake._lock:
                         self._json({"calls": fake.calls, "in_flight": fake.in_flight,
-                                    "max_in_flight": fake.max_in_flight, "slept_s": fake.slept_s})
+                                    "max_in_flight": fake.max_in_flight, "slept_s": fake.slept_s,
+                                    "served_s": sum(fake.durations), "began": fake.began})
                 else:
                     self._json({"error": {"message": "not found"}}, 404)
 
@@ -67,7 +69,10 @@ class FakeLLM:
                 body = json.loads(self.rfile.read(length) or b"{}")
                 path = self.path.split("?", 1)[0].rstrip("/")
                 if path == "/_control":
-                    fake.delay_s = float(body.get("delay_s", fake.delay_s))
+                    with fake._lock:
+                        fake.delay_s = float(body.get("delay_s", fake.delay_s))
+                        if body.get("reset_max_in_flight"):
+                            fake.max_in_flight = fake.in_flight
                     self._json({"delay_s": fake.delay_s})
                 elif path.endswith("/chat/completions"):
                     self._complete(body)
@@ -85,7 +90,7 @@ class FakeLLM:
             def _complete(self, body: Dict[str, Any]) -> None:
                 began = time.perf_counter()
                 with fake._lock:
-                    fake.began.append(began)
+                    fake.began.append(time.time())
                 try:
                     self._answer(body)
                 finally:
