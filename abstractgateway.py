@@ -2547,13 +2547,14 @@ def agent_nodes(bundle: LoadedBundle) -> Dict[str, List[str]]:
     from abstractruntime.visualflow_compiler.visual.agent_ids import visual_react_workflow_id
 
     out: Dict[str, List[str]] = {}
-    for flow in bundle.flows.values():
+    for flow_id, flow in bundle.flows.items():
+        registered = workflow_id_for(bundle.bundle_id, bundle.bundle_version, flow_id)  # the id it is compiled as
         for node in flow.get("nodes") or []:
             if not isinstance(node, dict) or node.get("type") != "agent" or not node.get("id"):
                 continue
             config = (node.get("data") or {}).get("agentConfig") or {}
             workflow_id = str(config.get("_react_workflow_id") or "").strip() or visual_react_workflow_id(
-                flow_id=flow["id"], node_id=str(node["id"]))
+                flow_id=registered, node_id=str(node["id"]))
             out[workflow_id] = [t.strip() for t in config.get("tools") or [] if isinstance(t, str) and t.strip()]
     return out
 
