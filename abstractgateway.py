@@ -9,7 +9,9 @@ Contents, in dependency order (each section uses only what stands above it):
                   gateway's own stores (bundles, leases, command outcomes, deprecations, reports), the
                   file-store compatibility adapter (`open_stores`), the migrator, backup and check.
 3. Workflows   -- `read_bundle` (hostile-input-safe .flow parsing), `WorkflowHost` (load, compile,
-                  resolve, deprecate; also the runtime's workflow registry).
+                  resolve, deprecate; also the runtime's workflow registry), `LLMEffects` (LLM,
+                  agent and tool effects wired from abstractruntime's AbstractCore integration, the
+                  `llm` extra) and provider discovery.
 4. Runner      -- `Gateway` (start runs, durable commands applied exactly once, ticks, subflow
                   parents) and `Runner` (lease-held thread pool woken by commits); the services
                   thin clients call: `Workspace` (confined file reads), session attachments, the
@@ -30,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import errno
+import functools
 import hashlib
 import itertools
 import json
@@ -49,7 +52,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, TypeVar
 
 import apsw
-from abstractruntime.core.models import RunState, RunStatus, StepRecord, WaitReason
+from abstractruntime.core.models import EffectType, RunState, RunStatus, StepRecord, WaitReason
 from abstractruntime.core.run_lifecycle import run_lifecycle_index_fields
 from abstractruntime.storage.artifacts import (
     Artifact,
@@ -147,6 +150,21 @@ SETTINGS: Tuple[Setting, ...] = (
     Setting("schedule_min_interval_s", "ABSTRACTGATEWAY_SCHEDULE_MIN_INTERVAL_S", "float", 1.0,
             "Shortest interval a schedule may repeat at (a shorter one is refused with 422, so one schedule "
             "cannot flood the gateway with child runs).", None, (), 0.001),
+    Setting("provider", "ABSTRACTGATEWAY_PROVIDER", "str", "",
+            "Default LLM provider (e.g. `openai`, `lmstudio`, `ollama`) for LLM and agent nodes that pin none. "
+            "Unset: inferred from the loaded flows' pinned nodes. Base URLs and keys come from each provider's own "
+            "env vars (OPENAI_BASE_URL, OPENAI_API_KEY, LMSTUDIO_BASE_URL, OLLAMA_BASE_URL, ...).", "--provider"),
+    Setting("model", "ABSTRACTGATEWAY_MODEL", "str", "",
+            "Default model for LLM and agent nodes that pin none (with ABSTRACTGATEWAY_PROVIDER).", "--model"),
+    Setting("llm_concurrency", "ABSTRACTGATEWAY_LLM_CONCURRENCY", "int", 128,
+            "Model calls in flight at once across all runs (1 for a single local model on a small machine).",
+            "--llm-concurrency"),
+    Setting("tool_mode", "ABSTRACTGATEWAY_TOOL_MODE", "choice", "passthrough",
+            "`passthrough`: a tool call becomes a durable approval wait a client answers; `local`: the gateway runs "
+            "the runtime's default tools itself (shell, files, web: DANGEROUS, see docs/security.md).", "--tool-mode",
+            ("passthrough", "local")),
+    Setting("allow_local_tools_on_network", "ABSTRACTGATEWAY_ALLOW_LOCAL_TOOLS_ON_NETWORK", "bool", False,
+            "Let `serve` bind a non-loopback address with ABSTRACTGATEWAY_TOOL_MODE=local (refused otherwise).", None),
     Setting("host", "ABSTRACTGATEWAY_HOST", "str", "127.0.0.1", "Address `serve` binds to.", "--host"),
     Setting("port", "ABSTRACTGATEWAY_PORT", "int", 8080, "Port `serve` listens on (0 picks a free one).", "--port",
             (), 0),
@@ -2444,6 +2462,16 @@ LLM_NODE_TYPES = frozenset({
     "tool_calls", "call_tool", "model_catalog", "provider_catalog", "provider_models",
 })
 LLM_EXTRA = "abstractruntime[abstractcore]"
+# Node types that also need one of abstractcore's capability plugins: type -> (what, package providing it).
+CAPABILITY_PACKAGES = {
+    **dict.fromkeys(("generate_image", "edit_image", "image_to_image"), ("image generation", "abstractvision")),
+    **dict.fromkeys(("generate_video", "text_to_video", "image_to_video"), ("video generation", "abstractvision")),
+    **dict.fromkeys(("generate_voice", "transcribe_audio", "listen_voice"), ("voice", "abstractvoice")),
+    "generate_music": ("music generation", "abstractmusic"),
+}
+# Node types that talk to a text model, so need a provider and model.
+TEXT_LLM_NODE_TYPES = frozenset({"llm_call", "agent"})
+LLM_SETTINGS_HINT = "set ABSTRACTGATEWAY_PROVIDER and ABSTRACTGATEWAY_MODEL (or pin a provider and model on the node)"
 MAX_BUNDLE_FILES = 2_000
 MAX_BUNDLE_UNCOMPRESSED = 200 * 1024 * 1024
 MAX_BUNDLE_RATIO = 200
@@ -2478,16 +2506,48 @@ class Unprocessable(GatewayError):
 
 
 def llm_integration_available() -> bool:
-    """True when abstractruntime's abstractcore integration imports (the `llm` extra)."""
+    """True when abstractruntime's abstractcore integration and abstractagent are installed (the `llm`
+    extra). Checked without importing them: that takes about a second, paid at first use instead."""
     import importlib.util
 
-    if importlib.util.find_spec("abstractcore") is None:
-        return False
     try:
-        import abstractruntime.integrations.abstractcore  # noqa: F401
-    except ImportError:
+        return all(importlib.util.find_spec(name) is not None
+                   for name in ("abstractcore", "abstractagent", "abstractruntime.integrations.abstractcore"))
+    except (ImportError, ValueError):
         return False
-    return True
+
+
+def missing_capabilities(node_types: Iterable[str]) -> Dict[str, List[str]]:
+    """Packages the node types need that are not importable here: package -> node types."""
+    import importlib.util
+
+    missing: Dict[str, List[str]] = {}
+    for node_type in sorted(set(node_types)):
+        if node_type in CAPABILITY_PACKAGES:
+            package = CAPABILITY_PACKAGES[node_type][1]
+            if importlib.util.find_spec(package) is None:
+                missing.setdefault(package, []).append(node_type)
+    return missing
+
+
+def pinned_llms(flow: Dict[str, Any]) -> List[Tuple[str, str]]:
+    """(provider, model) pairs a VisualFlow pins, most specific first: llm_call / agent node configs
+    (what the original gateway infers its default from), then any node's pin defaults (e.g. the start
+    node's `provider` and `model` inputs)."""
+    configs, pins = [], []
+    for node in flow.get("nodes") or []:
+        data = node.get("data") if isinstance(node, dict) else None
+        if not isinstance(data, dict):
+            continue
+        node_type = str(node.get("type"))
+        key = {"llm_call": "effectConfig", "agent": "agentConfig"}.get(node_type)
+        start_pins = data.get("pinDefaults") if key or node_type == "on_flow_start" else None
+        for source, out in ((data.get(key) if key else None, configs), (start_pins, pins)):
+            if isinstance(source, dict):
+                provider, model = source.get("provider"), source.get("model")
+                if isinstance(provider, str) and provider.strip() and isinstance(model, str) and model.strip():
+                    out.append((provider.strip().lower(), model.strip()))
+    return configs + pins
 
 
 def _is_safe_id(text: str, extra: str = "") -> bool:
@@ -2598,6 +2658,52 @@ def _read_bundle_archive(archive: Any, content: bytes, origin: str) -> LoadedBun
         needs |= {str(n.get("type")) for n in flow.get("nodes") or [] if isinstance(n, dict)} & LLM_NODE_TYPES
     bundle.needs = sorted(needs)
     return bundle
+
+
+def agent_nodes(bundle: LoadedBundle) -> Dict[str, List[str]]:
+    """The ReAct subworkflow id each Agent node of `bundle` starts -> the tools that node allows."""
+    from abstractruntime.visualflow_compiler.visual.agent_ids import visual_react_workflow_id
+
+    out: Dict[str, List[str]] = {}
+    for flow_id, flow in bundle.flows.items():
+        registered = workflow_id_for(bundle.bundle_id, bundle.bundle_version, flow_id)  # the id it is compiled as
+        for node in flow.get("nodes") or []:
+            if not isinstance(node, dict) or node.get("type") != "agent" or not node.get("id"):
+                continue
+            config = (node.get("data") or {}).get("agentConfig") or {}
+            workflow_id = str(config.get("_react_workflow_id") or "").strip() or visual_react_workflow_id(
+                flow_id=registered, node_id=str(node["id"]))
+            out[workflow_id] = [t.strip() for t in config.get("tools") or [] if isinstance(t, str) and t.strip()]
+    return out
+
+
+def react_workflow(workflow_id: str, allowed_tools: List[str]) -> Any:
+    """abstractagent's ReAct workflow for one Agent node (as the original gateway registers them): the
+    model sees the runtime's default tools plus the agent builtins, and may call `allowed_tools`."""
+    from abstractagent.adapters.react_runtime import create_react_workflow
+
+    return create_react_workflow(logic=_react_logic(), workflow_id=workflow_id, allowed_tools=allowed_tools)
+
+
+@functools.lru_cache(maxsize=1)
+def _react_logic() -> Any:
+    """The ReAct logic every agent shares (its tool catalogue is the same for all)."""
+    from abstractagent.logic import builtins
+    from abstractagent.logic.react import ReActLogic
+    from abstractcore.tools import ToolDefinition
+    from abstractruntime.integrations.abstractcore.default_tools import list_default_tool_specs
+
+    tools = [ToolDefinition(name=str(spec["name"]), description=str(spec.get("description") or ""),
+                            parameters=dict(spec.get("parameters") or {}))
+             for spec in list_default_tool_specs() if isinstance(spec, dict) and spec.get("name")]
+    names = {t.name for t in tools}
+    for name in ("ASK_USER_TOOL", "RECALL_MEMORY_TOOL", "INSPECT_VARS_TOOL", "REMEMBER_TOOL",
+                 "COMPACT_MEMORY_TOOL", "DELEGATE_AGENT_TOOL"):
+        tool = getattr(builtins, name, None)
+        if tool is not None and tool.name not in names:
+            tools.append(tool)
+            names.add(tool.name)
+    return ReActLogic(tools=tools)
 
 
 def _namespace_flow(flow: Dict[str, Any], bundle: LoadedBundle, flow_id: str, flow_ids: Iterable[str]) -> Dict[str, Any]:
@@ -2747,6 +2853,8 @@ class _Catalog:
     flows: Dict[str, Dict[str, Any]] = field(default_factory=dict)  # workflow_id -> VisualFlow JSON
     blocked: Dict[str, GatewayError] = field(default_factory=dict)  # workflow_id -> why it cannot start
     errors: List[str] = field(default_factory=list)
+    agents: Dict[str, List[str]] = field(default_factory=dict)  # ReAct workflow id -> allowed tools (built on use)
+    default_llms: Dict[str, Optional[Tuple[str, str]]] = field(default_factory=dict)  # bundle ref -> default pair
 
 
 class WorkflowHost:
@@ -2756,18 +2864,28 @@ class WorkflowHost:
     catalog off to the side and swaps it in with one assignment, so readers never see half of one.
     """
 
-    def __init__(self, stores: Stores, *, flows_dir: Path, source: str = "bundle") -> None:
+    def __init__(self, stores: Stores, *, flows_dir: Path, source: str = "bundle",
+                 llm_default: Tuple[str, str] = ("", "")) -> None:
         self.stores = stores
         self.flows_dir = Path(flows_dir)
         self.source = source
         self.llm_available = llm_integration_available()
+        self.llm_default = (llm_default[0].strip().lower(), llm_default[1].strip())
         self._catalog = _Catalog()
         self._reload_lock = threading.Lock()
+        self._agents_lock = threading.Lock()
 
     # -- registry protocol (used by the runtime) -----------------------------------------------
 
     def get(self, workflow_id: str) -> Any:
-        return self._catalog.specs.get(workflow_id)
+        catalog = self._catalog
+        spec = catalog.specs.get(workflow_id)
+        if spec is None and workflow_id in catalog.agents:  # built when first started: abstractagent loads slowly
+            with self._agents_lock:
+                spec = catalog.specs.get(workflow_id)
+                if spec is None:
+                    spec = catalog.specs[workflow_id] = react_workflow(workflow_id, catalog.agents[workflow_id])
+        return spec
 
     def get_or_raise(self, workflow_id: str) -> Any:
         spec = self.get(workflow_id)
@@ -2838,6 +2956,7 @@ class WorkflowHost:
             catalog.flows[wid] = flow
             if wid in specs:
                 catalog.specs[wid] = specs[wid]
+            missing = missing_capabilities(bundle.needs)
             if bundle.load_error:
                 catalog.blocked[wid] = Unprocessable(f"Bundle '{bundle.ref}' failed to load: {bundle.load_error}",
                                                      code="bundle_load_error")
@@ -2845,10 +2964,13 @@ class WorkflowHost:
                 catalog.blocked[wid] = Unprocessable(
                     f"Workflow '{wid}' needs the LLM integration ({', '.join(bundle.needs)} nodes); install the "
                     f"'{LLM_EXTRA}' extra (pip install 'abstractgateway[llm]') to run it", code="llm_extra_required")
-            elif bundle.needs:  # the extra is there, but this gateway wires no LLM provider into its runtime
+            elif missing:  # known now rather than failing in the middle of the run
                 catalog.blocked[wid] = Unprocessable(
-                    f"Workflow '{wid}' needs an LLM ({', '.join(bundle.needs)} nodes) and this gateway runs no LLM "
-                    "provider: it runs workflows without LLM effects only", code="llm_not_configured")
+                    f"Workflow '{wid}' needs capabilities this gateway lacks: " + "; ".join(
+                        f"{package} for {', '.join(types)} nodes" for package, types in missing.items())
+                    + " (pip install the package next to the gateway)", code="capability_missing")
+        if specs and self.llm_available and "agent" in bundle.needs:
+            catalog.agents.update(agent_nodes(bundle))
 
     def _load_visualflow_dir(self, catalog: _Catalog) -> None:
         from abstractruntime.visualflow_compiler import compile_visualflow
@@ -2956,11 +3078,34 @@ class WorkflowHost:
             raise NotFound(f"Flow '{flow_id}' not found in bundle '{bundle.ref}'", code="flow_not_found")
         return workflow_id_for(bundle.bundle_id, bundle.bundle_version, flow_id)
 
+    def default_llm(self, workflow_id: str) -> Optional[Tuple[str, str]]:
+        """The (provider, model) for nodes of `workflow_id` that pin none: the settings, else the first pair
+        pinned in the workflow's own bundle, else in any loaded bundle (in id order), else None."""
+        if all(self.llm_default):
+            return self.llm_default
+        catalog = self._catalog
+        ref = workflow_id.split(":", 1)[0]
+        if ref not in catalog.default_llms:  # computed once per catalog (it is asked at every model call)
+            own = [flow for wid, flow in catalog.flows.items() if wid.split(":", 1)[0] == ref]
+            others = [catalog.flows[wid] for wid in sorted(catalog.flows) if wid.split(":", 1)[0] != ref]
+            pairs = [pair for flow in [*own, *others] for pair in pinned_llms(flow)[:1]]
+            catalog.default_llms[ref] = pairs[0] if pairs else None
+        return catalog.default_llms[ref]
+
     def startable_spec(self, workflow_id: str) -> Any:
         """The compiled spec of `workflow_id`, or the GatewayError that says why it cannot start."""
         blocked = self._catalog.blocked.get(workflow_id)
         if blocked is not None:
             raise blocked
+        bundle_id, _, version = workflow_id.split(":", 1)[0].partition("@")
+        bundle = self._catalog.bundles.get(bundle_id, {}).get(version)
+        flow = self._catalog.flows.get(workflow_id) or {}
+        types = bundle.needs if bundle is not None else [n.get("type") for n in flow.get("nodes") or []
+                                                          if isinstance(n, dict)]
+        text_llm = set(types) & TEXT_LLM_NODE_TYPES
+        if text_llm and self.default_llm(workflow_id) is None:
+            raise Unprocessable(f"Workflow '{workflow_id}' has {', '.join(sorted(text_llm))} nodes and no provider "
+                                f"or model is known for them: {LLM_SETTINGS_HINT}", code="llm_not_configured")
         if ":" in workflow_id and "@" in workflow_id.split(":", 1)[0]:
             ref, _, flow_id = workflow_id.partition(":")
             bundle_id = ref.split("@", 1)[0]
@@ -3031,6 +3176,193 @@ def split_bundle_ref(bundle_id: str, bundle_version: Optional[str]) -> Tuple[str
         raise GatewayError(f"bundle_version '{bundle_version}' conflicts with bundle_id '{bundle_id}'",
                            code="version_conflict")
     return text, embedded or (bundle_version or None)
+
+
+# Each provider's own environment variables (base URL first); a key's value is never shown anywhere.
+PROVIDER_ENV = {
+    "openai": ("OPENAI_BASE_URL", "OPENAI_API_KEY"),
+    "openai-compatible": ("OPENAI_BASE_URL", "OPENAI_API_KEY"),
+    "anthropic": ("ANTHROPIC_BASE_URL", "ANTHROPIC_API_KEY"),
+    "lmstudio": ("LMSTUDIO_BASE_URL",),
+    "ollama": ("OLLAMA_BASE_URL", "OLLAMA_HOST"),
+    "vllm": ("VLLM_BASE_URL",),
+    "openrouter": ("OPENROUTER_BASE_URL", "OPENROUTER_API_KEY"),
+    "portkey": ("PORTKEY_BASE_URL", "PORTKEY_API_KEY"),
+}
+
+
+def configured_providers(environ: Optional[Dict[str, str]] = None) -> Dict[str, List[str]]:
+    """Providers whose own env vars are set: name -> the names of those variables (never their values)."""
+    env = os.environ if environ is None else environ
+    return {name: [var for var in variables if env.get(var, "").strip()]
+            for name, variables in PROVIDER_ENV.items() if any(env.get(var, "").strip() for var in variables)}
+
+
+def provider_models(provider: str, timeout_s: float = 10.0) -> List[str]:
+    """The models `provider` lists right now (asks the provider; raises on no answer within `timeout_s`)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from abstractcore.providers.registry import get_available_models_for_provider
+
+    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="models")
+    try:
+        models = pool.submit(get_available_models_for_provider, provider, raise_on_error=True).result(timeout_s)
+    finally:
+        pool.shutdown(wait=False)
+    return sorted(str(m) for m in models or [] if isinstance(m, str) and m.strip())
+
+
+def provider_catalog(include_models: bool = False) -> List[Dict[str, Any]]:
+    """abstractcore's providers (name, status, features...; with `include_models`, their model lists, which
+    asks every provider), sorted by name."""
+    from abstractcore.providers.registry import get_all_providers_with_models
+
+    items = [dict(p) for p in get_all_providers_with_models(include_models=include_models) or []
+             if isinstance(p, dict) and str(p.get("name") or "").strip()]
+    return sorted(items, key=lambda p: str(p["name"]))
+
+
+def tool_specs() -> List[Dict[str, Any]]:
+    """The runtime's default tools (what `local` tool mode runs and agents are offered)."""
+    from abstractruntime.integrations.abstractcore.default_tools import list_default_tool_specs
+
+    return [dict(spec) for spec in list_default_tool_specs() if isinstance(spec, dict) and spec.get("name")]
+
+
+def capabilities() -> Dict[str, Dict[str, Any]]:
+    """Which optional capabilities this gateway can run, each with its package and an install hint."""
+    import importlib.metadata
+    import importlib.util
+
+    def package(name: str, hint: str) -> Dict[str, Any]:
+        if importlib.util.find_spec(name) is None:
+            return {"installed": False, "package": name, "install_hint": hint}
+        try:
+            version: Optional[str] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            version = None
+        return {"installed": True, "package": name, "version": version}
+
+    llm_hint = "pip install 'abstractgateway[llm]'"
+    caps = {"llm": dict(package("abstractcore", llm_hint), installed=llm_integration_available()),
+            "agents": package("abstractagent", llm_hint)}
+    for what, name in (("vision", "abstractvision"), ("voice", "abstractvoice"), ("music", "abstractmusic")):
+        caps[what] = package(name, f"pip install {name}")
+    caps["tools"] = {"installed": caps["llm"]["installed"],
+                     "count": len(tool_specs()) if caps["llm"]["installed"] else 0}
+    return caps
+
+
+class _LazyLLMClient:
+    """abstractruntime's MultiLocalAbstractCoreLLMClient, built on first use.
+
+    Building it loads the default provider, which may contact the provider: a gateway must start
+    (and run workflows without LLM nodes) while no model server is up.
+    """
+
+    def __init__(self, build: Callable[[], Any]) -> None:
+        self._build = build
+        self._client: Any = None
+        self._lock = threading.Lock()
+
+    def _get(self) -> Any:
+        if self._client is None:
+            with self._lock:
+                if self._client is None:
+                    self._client = self._build()
+        return self._client
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("__"):
+            raise AttributeError(name)
+        return getattr(self._get(), name)
+
+
+class LLMEffects:
+    """The runtime's LLM, model-residency and tool effects, wired from abstractruntime's abstractcore
+    integration (its effect handlers, multi-provider LLM client and tool executors) -- no LLM code here.
+
+    Around the runtime's LLM handler it adds two things: nodes that pin no provider or model get the
+    workflow's default (`WorkflowHost.default_llm`), and a semaphore bounds the provider calls in flight
+    (`llm_concurrency`), so many waiting runs never flood one model server. The integration is imported
+    at the first effect that needs it (importing it takes about a second). In `local` tool mode this
+    object is also the runtime's executor for `{"approved": true}` resumes.
+    """
+
+    def __init__(self, config: Config, host: WorkflowHost, *, artifact_store: Any, run_store: Any) -> None:
+        self.host = host
+        self.tool_mode = config.tool_mode
+        self.slots = threading.BoundedSemaphore(config.llm_concurrency)
+        self._artifact_store, self._run_store = artifact_store, run_store
+        self._data_dir = Path(config.data_dir)
+        self._built: Dict[Any, Any] = {}
+        self._tools: Any = None
+        self._lock = threading.Lock()
+        self.client = _LazyLLMClient(self._build_client)
+        self.handlers = {EffectType.LLM_CALL: self._llm_call, EffectType.MODEL_RESIDENCY: self._model_residency,
+                         EffectType.TOOL_CALLS: self._tool_calls}
+        self.resume_tools = self if self.tool_mode == "local" else None
+
+    def _integration(self) -> Dict[Any, Any]:
+        """abstractruntime's effect handlers on our client and tool executor, built once."""
+        with self._lock:
+            if not self._built:
+                from abstractruntime.integrations.abstractcore.effect_handlers import build_effect_handlers
+                from abstractruntime.integrations.abstractcore.tool_executor import (
+                    MappingToolExecutor, PassthroughToolExecutor)
+
+                if self.tool_mode == "local":
+                    from abstractruntime.integrations.abstractcore.default_tools import build_default_tool_map
+
+                    self._tools = MappingToolExecutor(build_default_tool_map())
+                else:  # a tool call becomes a durable approval wait; nothing runs in the gateway
+                    self._tools = PassthroughToolExecutor(mode="approval_required")
+                self._built = build_effect_handlers(llm=self.client, tools=self._tools,
+                                                    artifact_store=self._artifact_store, run_store=self._run_store)
+        return self._built
+
+    def _build_client(self) -> Any:
+        from abstractruntime.integrations.abstractcore.llm_client import MultiLocalAbstractCoreLLMClient
+
+        provider, model = self.host.default_llm("") or ("", "")
+        if not provider or not model:
+            raise RuntimeError(f"no LLM provider or model is configured: {LLM_SETTINGS_HINT}")
+        return MultiLocalAbstractCoreLLMClient(
+            provider=provider, model=model, artifact_store=self._artifact_store,
+            bloc_root_dir=self._data_dir / "llm" / "blocs",
+            prompt_cache_export_root_dir=self._data_dir / "llm" / "prompt_cache")
+
+    def _llm_call(self, run: RunState, effect: Any, default_next_node: Optional[str]) -> Any:
+        payload = dict(effect.payload or {})
+        provider = str(payload.get("provider") or "").strip().lower()
+        if not provider or not str(payload.get("model") or "").strip():
+            default = self.host.default_llm(run.workflow_id)
+            if default is not None and (not provider or provider == default[0]):
+                payload["provider"], payload["model"] = default[0], payload.get("model") or default[1]
+                effect = dataclasses.replace(effect, payload=payload)
+        handler = self._integration()[EffectType.LLM_CALL]
+        with self.slots:
+            return handler(run, effect, default_next_node)
+
+    def _model_residency(self, run: RunState, effect: Any, default_next_node: Optional[str]) -> Any:
+        return self._integration()[EffectType.MODEL_RESIDENCY](run, effect, default_next_node)
+
+    def _tool_calls(self, run: RunState, effect: Any, default_next_node: Optional[str]) -> Any:
+        return self._integration()[EffectType.TOOL_CALLS](run, effect, default_next_node)
+
+    def execute(self, *, tool_calls: List[Dict[str, Any]]) -> Dict[str, Any]:
+        """Run approved tool calls (the runtime calls this on `{"approved": true}` resumes, local mode only)."""
+        self._integration()
+        return self._tools.execute(tool_calls=tool_calls)
+
+    def generate(self, *, provider: str, model: str, system_prompt: str, messages: List[Dict[str, Any]]) -> str:
+        """One model answer outside any run (observer summaries and chats), in the same concurrency bound."""
+        with self.slots:
+            result = self.client.generate(prompt="", messages=messages, system_prompt=system_prompt,
+                                          params={"temperature": 0.2, "_provider": provider, "_model": model})
+        if isinstance(result, dict) and result.get("error") and not result.get("content"):
+            raise RuntimeError(str(result["error"]))
+        return str((result or {}).get("content") or "").strip()
 
 
 # =====================================================================================
@@ -3151,13 +3483,19 @@ class Gateway:
 
         self.config = config
         self.stores = stores or open_stores(config)
-        self.host = WorkflowHost(self.stores, flows_dir=config.flows_dir, source=config.workflow_source)
+        self.host = WorkflowHost(self.stores, flows_dir=config.flows_dir, source=config.workflow_source,
+                                 llm_default=(config.provider, config.model))
         # The runtime writes through a unit of work, so each step's writes commit together (see `tick`).
         self.uow = UnitOfWork(self.stores.runs, self.stores.ledger)
         self.knowledge_graph = TripleStoreHandle(Path(config.data_dir) / "abstractmemory" / "kg.sqlite3")
+        self.llm = (LLMEffects(config, self.host, artifact_store=self.stores.artifacts, run_store=self.uow.runs)
+                    if self.host.llm_available else None)
         self.runtime = Runtime(run_store=self.uow.runs, ledger_store=self.uow.ledger,
                                artifact_store=self.stores.artifacts, workflow_registry=self.host,
-                               effect_handlers=self.knowledge_graph.effect_handlers(self.uow.runs))
+                               effect_handlers={**self.knowledge_graph.effect_handlers(self.uow.runs),
+                                                **(self.llm.handlers if self.llm else {})})
+        if self.llm is not None:
+            self.runtime.set_tool_executor_for_resume(self.llm.resume_tools)
         self.host.reload()
         self._last_lazy_reload = 0.0
         self._stripes = [threading.Lock() for _ in range(64)]
@@ -3289,6 +3627,90 @@ class Gateway:
             out.extend(children)
             queue.extend(children)
         return out
+
+    # -- observer: LLM answers grounded on a run's ledger ----------------------------------------------
+
+    def observer_model(self, run: RunState, provider: Optional[str], model: Optional[str]) -> Tuple[str, str]:
+        """The (provider, model) an observer request uses: its own, else the run's workflow default."""
+        if self.llm is None:
+            raise Unprocessable(f"Observer answers need the LLM integration; install the '{LLM_EXTRA}' extra "
+                                "(pip install 'abstractgateway[llm]')", code="llm_extra_required")
+        default = self.host.default_llm(run.workflow_id) or ("", "")
+        chosen = ((provider or "").strip().lower() or default[0], (model or "").strip() or default[1])
+        if not all(chosen):
+            raise Unprocessable(f"No provider or model for this request: {LLM_SETTINGS_HINT}", code="llm_not_configured")
+        return chosen
+
+    def run_digest(self, run_id: str, include_subruns: bool = True) -> Dict[str, Any]:
+        """What a model needs to know about a run (and its subruns): status, prompt, and slimmed ledger records."""
+        run = self.load_run(run_id)
+        runs: Dict[str, Any] = {}
+        for rid in self.run_tree_ids(run_id) if include_subruns else [run_id]:
+            records = self.stores.ledger.list(rid)
+            state = self.stores.runs.load(rid)
+            runs[rid] = {"workflow_id": state.workflow_id if state else None,
+                         "status": _enum_value(state.status) if state else None,
+                         "error": state.error if state else None, "ledger_len": len(records),
+                         "records": [_slim_record(r) for r in (records if len(records) <= 120
+                                                                else records[:30] + records[-90:])]}
+        prompt = run.vars.get("prompt") if isinstance(run.vars, dict) else None
+        return {"run_id": run_id, "workflow_id": run.workflow_id, "status": _enum_value(run.status),
+                "prompt": prompt if isinstance(prompt, str) else None, "runs": runs}
+
+    def _observer_record(self, run: RunState, name: str, payload: Dict[str, Any]) -> None:
+        """Append an `abstract.*` observer event to the run's ledger (as the original gateway records them)."""
+        from abstractruntime import Effect, EffectType
+
+        effect = Effect(type=EffectType.EMIT_EVENT, payload={"name": name, "scope": "run", "run_id": run.run_id,
+                                                             "payload": payload})
+        record = StepRecord.start(run=run, node_id="observer", effect=effect,
+                                  idempotency_key=f"observer:{name.split('.')[-1]}:{uuid.uuid4().hex}")
+        self.stores.ledger.append(record.finish_success({"emitted": True, "name": name, "payload": payload}))
+
+    def _observer_answer(self, provider: str, model: str, system_prompt: str, messages: List[Dict[str, Any]]) -> str:
+        try:
+            return self.llm.generate(provider=provider, model=model, system_prompt=system_prompt, messages=messages)
+        except Exception as exc:  # noqa: BLE001 - any provider failure is the provider's, reported as such
+            raise GatewayError(f"The model did not answer ({provider}/{model}): {type(exc).__name__}: {exc}",
+                               status=502, code="llm_failed") from None
+
+    def summarize_run(self, run_id: str, *, provider: Optional[str] = None, model: Optional[str] = None,
+                      include_subruns: bool = True) -> Dict[str, Any]:
+        """Ask the model for a short summary of what the run did; append it as an `abstract.summary` record."""
+        run = self.load_run(run_id)
+        provider, model = self.observer_model(run, provider, model)
+        digest = self.run_digest(run_id, include_subruns)
+        text = self._observer_answer(provider, model, OBSERVER_SUMMARY_PROMPT,
+                                     [{"role": "user", "content": _clip(_json_dumps(digest), 180_000)}])
+        generated_at = utc_now_iso()
+        self._observer_record(run, "abstract.summary", {
+            "text": text, "generated_at": generated_at, "provider": provider, "model": model,
+            "source": {"run_id": run_id, "include_subruns": include_subruns,
+                       "ledger_len_by_run": {rid: r["ledger_len"] for rid, r in digest["runs"].items()}}})
+        return {"ok": True, "run_id": run_id, "provider": provider, "model": model, "generated_at": generated_at,
+                "summary": text}
+
+    def chat_about_run(self, run_id: str, messages: List[Dict[str, Any]], *, provider: Optional[str] = None,
+                       model: Optional[str] = None, include_subruns: bool = True, persist: bool = False) -> Dict[str, Any]:
+        """Answer the chat's last question from the run's ledger only (the run is not touched); with
+        `persist`, the question and answer are appended as an `abstract.chat` record."""
+        run = self.load_run(run_id)
+        provider, model = self.observer_model(run, provider, model)
+        turns = [{"role": m["role"], "content": _clip(m["content"].strip(), 12_000)} for m in messages
+                 if isinstance(m, dict) and m.get("role") in ("user", "assistant")
+                 and isinstance(m.get("content"), str) and m["content"].strip()]
+        if not turns or turns[-1]["role"] != "user":
+            raise GatewayError("messages must end with a non-empty user message", code="invalid_messages")
+        context = _clip(_json_dumps(self.run_digest(run_id, include_subruns)), 180_000)
+        answer = self._observer_answer(provider, model, OBSERVER_CHAT_PROMPT,
+                                       [{"role": "user", "content": f"RUN_CONTEXT:\n{context}"}, *turns])
+        generated_at = utc_now_iso()
+        if persist:
+            self._observer_record(run, "abstract.chat", {
+                "generated_at": generated_at, "provider": provider, "model": model, "question": turns[-1]["content"],
+                "answer": answer, "source": {"run_id": run_id, "include_subruns": include_subruns}})
+        return {"ok": True, "run_id": run_id, "provider": provider, "model": model, "generated_at": generated_at,
+                "answer": answer}
 
     # -- commands ----------------------------------------------------------------------------
 
@@ -3461,7 +3883,7 @@ class Gateway:
         """Run the runtime's MEMORY_COMPACT effect out of band on `run` (or `payload.target_run_id`).
 
         It needs no LLM when there is nothing to compact; otherwise the runtime asks for an LLM
-        call, which this gateway cannot serve without the LLM extra: the command then fails with
+        call (the workflow default model): without the LLM extra or a model the command fails with
         that reason and, being inside the command's transaction, leaves nothing behind.
         """
         from abstractruntime import Effect, EffectType, StepPlan, WorkflowSpec
@@ -3487,7 +3909,7 @@ class Gateway:
         job_id = self.runtime.start(workflow=spec, vars={}, actor_id=ACTOR_ID, parent_run_id=None, session_id=target)
         job = self.runtime.tick(workflow=spec, run_id=job_id, max_steps=5)
         if _enum_value(job.status) != "completed":
-            needs_llm = "llm_call" in str(job.error or "")
+            needs_llm = self.llm is None and "llm_call" in str(job.error or "")
             raise Unprocessable(
                 f"compact_memory needs an LLM to summarise; install the '{LLM_EXTRA}' extra" if needs_llm
                 else f"compact_memory failed: {job.error}", code="llm_extra_required" if needs_llm else "compact_failed")
@@ -3526,11 +3948,15 @@ class Gateway:
         if _is_paused(run):
             raise Conflict(f"Run '{run.run_id}' is paused; resume it first", code="run_paused")
         if _enum_value(run.status) != "waiting" or run.waiting is None:
-            raise Conflict(f"Run '{run.run_id}' is not waiting (status {_enum_value(run.status)})", code="not_waiting")
+            raise Conflict(f"Run '{run.run_id}' is not waiting (status {_enum_value(run.status)}): nothing to "
+                           "answer, or the wait was already answered", code="not_waiting")
         wait_key = payload.get("wait_key", payload.get("waitKey"))
         if wait_key is not None and run.waiting.wait_key is not None and wait_key != run.waiting.wait_key:
             raise Conflict(f"wait_key mismatch: run waits on '{run.waiting.wait_key}', got '{wait_key}'",
                            code="wait_key_mismatch")
+        details = run.waiting.details if isinstance(run.waiting.details, dict) else {}
+        if details.get("mode") == "approval_required":
+            _check_tool_answer(run.run_id, details, body)
         spec = self.host.get(run.workflow_id)
         if spec is None:
             raise NotFound(f"Workflow '{run.workflow_id}' is not loaded", code="workflow_not_found")
@@ -3717,6 +4143,48 @@ class Gateway:
         return out
 
 
+OBSERVER_SUMMARY_PROMPT = (
+    "You summarise a workflow run for its operator from a digest of its append-only ledger. First line: the "
+    "outcome (success, failure, cancelled, waiting or unknown). Then 3 to 8 short bullets: what it did, notable "
+    "files, commands and URLs, LLM and tool activity, problems (an LLM call without a response is one), and for "
+    "a failed run the likely reason. Mention the original prompt. State only what the digest shows.")
+OBSERVER_CHAT_PROMPT = (
+    "You answer questions about one workflow run. RUN_CONTEXT is a digest of its append-only ledger. Answer the "
+    "latest question from RUN_CONTEXT only; say so when it does not tell, and label any guess as a guess. Be "
+    "brief. This chat is read-only: never suggest running tools.")
+
+
+def _clip(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[: limit - 20] + " ...[clipped]"
+
+
+def _slim_record(record: Dict[str, Any]) -> Dict[str, Any]:
+    """One ledger record cut down to what an observer model needs (prompts, answers, tool calls, errors)."""
+    effect = record.get("effect") if isinstance(record.get("effect"), dict) else {}
+    payload = effect.get("payload") if isinstance(effect.get("payload"), dict) else {}
+    result = record.get("result")
+    out: Dict[str, Any] = {"node_id": record.get("node_id"), "status": record.get("status"),
+                           "effect": effect.get("type"), "at": record.get("ended_at") or record.get("started_at")}
+    if record.get("error"):
+        out["error"] = _clip(str(record["error"]), 400)
+    if effect.get("type") == "llm_call":
+        answer = result.get("content") if isinstance(result, dict) else result
+        out.update(provider=payload.get("provider"),
+                   model=payload.get("model") or (result.get("model") if isinstance(result, dict) else None),
+                   prompt=_clip(str(payload.get("prompt") or ""), 2400),
+                   response=_clip(str(answer or ""), 2400), missing_response=not answer)
+    elif effect.get("type") == "tool_calls":
+        out["tool_calls"] = [{"name": c.get("name"), "arguments": c.get("arguments")}
+                             for c in payload.get("tool_calls") or [] if isinstance(c, dict)][:20]
+        if isinstance(result, dict) and isinstance(result.get("results"), list):
+            out["results"] = [{"name": r.get("name"), "success": r.get("success"),
+                               "output": _clip(_json_dumps(r.get("output")), 4000), "error": r.get("error")}
+                              for r in result["results"][:20] if isinstance(r, dict)]
+    elif payload or result is not None:
+        out["detail"] = _clip(_json_dumps({"payload": payload, "result": result}), 1500)
+    return out
+
+
 def schedule_of(run: RunState) -> Optional[Dict[str, Any]]:
     """The schedule definition of a scheduled parent run, else None."""
     meta = run.vars.get("_meta") if isinstance(run.vars, dict) else None
@@ -3754,6 +4222,20 @@ def _reusable_record(record_json: str) -> bool:
             and not str(record.get("idempotency_key") or "").startswith("system:"))
 
 
+def _check_tool_answer(run_id: str, details: Dict[str, Any], body: Dict[str, Any]) -> None:
+    """Refuse tool results for calls the current approval wait does not have.
+
+    A tool step's wait key is reused by the agent's next tool step, so a late duplicate answer would
+    otherwise be applied to a wait it was never meant for; `runtime_call_id` names one step's call.
+    """
+    pending = {str(tc.get("runtime_call_id")) for tc in details.get("tool_calls") or [] if isinstance(tc, dict)}
+    for result in body.get("results") or []:
+        answered = result.get("runtime_call_id") if isinstance(result, dict) else None
+        if answered and str(answered) not in pending:
+            raise Conflict(f"Run '{run_id}' has no pending tool call '{answered}': that call was already answered",
+                           code="tool_call_not_pending")
+
+
 def _is_paused(run: RunState) -> bool:
     control = (run.vars or {}).get("_runtime", {}) if isinstance(run.vars, dict) else {}
     control = control.get("control") if isinstance(control, dict) else None
@@ -3778,7 +4260,8 @@ class Runner:
         self.gateway = gateway
         self.config = gateway.config
         self.owner = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
-        self._pool = ThreadPoolExecutor(max_workers=self.config.tick_workers, thread_name_prefix="tick")
+        self._pool = ThreadPoolExecutor(max_workers=self.config.tick_workers + self.config.llm_concurrency,
+                                        thread_name_prefix="tick")  # a tick blocked on a model holds a thread
         self._in_flight: set = set()
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -4580,6 +5063,18 @@ ROUTES: Tuple[Route, ...] = (
     Route("GET", f"{API}/runs/<run_id>/artifacts/<artifact_id>/content", "get_artifact_content",
           "Artifact bytes, streamed; honours Range.", "artifacts", content_type="application/octet-stream",
           response={"type": "string", "format": "binary"}, errors=(400, 404, 416)),
+    Route("POST", f"{API}/runs/<run_id>/summary", "summarize_run",
+          "Ask the model for a summary of the run's ledger; appends an `abstract.summary` record.", "runs",
+          body=_obj((), provider=_NS, model=_NS, include_subruns=_B),
+          response=_obj(("ok", "run_id", "summary"), ok=_B, run_id=_S, provider=_S, model=_S, generated_at=_S,
+                        summary=_S), errors=(404, 422, 502)),
+    Route("POST", f"{API}/runs/<run_id>/chat", "chat_about_run",
+          "Read-only chat about the run, grounded on its ledger (persist: append an `abstract.chat` record).",
+          "runs", body=_obj(("messages",), messages={"type": "array", "items": _obj(("role", "content"), role=_S,
+                                                                                    content=_S)},
+                            provider=_NS, model=_NS, include_subruns=_B, persist=_B),
+          response=_obj(("ok", "run_id", "answer"), ok=_B, run_id=_S, provider=_S, model=_S, generated_at=_S,
+                        answer=_S), errors=(400, 404, 422, 502)),
     # ledger
     Route("GET", f"{API}/runs/<run_id>/ledger", "get_ledger", "Replay the ledger: records after `after`.", "ledger",
           query=(Param("after", "int", 0, 0, MAX_CURSOR), Param("limit", "int", 200, 1, 2000)), response=_LEDGER_PAGE,
@@ -4658,6 +5153,21 @@ ROUTES: Tuple[Route, ...] = (
           "reports", response=_REPORT_CONTENT, errors=(404,)),
     Route("GET", f"{API}/reports/features/<filename>/content", "feature_report_content",
           "One feature request's Markdown.", "reports", response=_REPORT_CONTENT, errors=(404,)),
+    # discovery (for thin clients' pickers; `error` says why a list is empty)
+    Route("GET", f"{API}/discovery/providers", "discovery_providers",
+          "LLM providers (with their models when include_models; that asks each provider) and the default pair.",
+          "discovery", query=(Param("include_models", "bool", False),),
+          response=_obj(("items",), items={"type": "array", "items": _O}, default_provider=_NS, default_model=_NS,
+                        configured={"type": "array", "items": _S}, error=_S)),
+    Route("GET", f"{API}/discovery/providers/<provider_name>/models", "discovery_provider_models",
+          "The models a provider lists right now.", "discovery",
+          response=_obj(("provider", "models"), provider=_S, models={"type": "array", "items": _S}, error=_S),
+          errors=(404,)),
+    Route("GET", f"{API}/discovery/tools", "discovery_tools", "The tools agents are offered (and `local` mode runs).",
+          "discovery", response=_obj(("items",), items={"type": "array", "items": _O}, tool_mode=_S, error=_S)),
+    Route("GET", f"{API}/discovery/capabilities", "discovery_capabilities",
+          "Optional capabilities (LLM, agents, vision, voice, music, tools): installed or how to install.",
+          "discovery", response=_obj(("capabilities",), capabilities=_O)),
 )
 
 
@@ -5013,7 +5523,8 @@ class GatewayApp:
         view = {"bundle_id": bundle.bundle_id, "bundle_version": bundle.bundle_version, "bundle_ref": bundle.ref,
                 "created_at": bundle.created_at, "default_entrypoint": bundle.default_entrypoint, "entrypoints": entries,
                 "origin": "upload" if bundle.origin == "upload" else "flows_dir", "load_error": bundle.load_error,
-                "needs": [f"llm:{t}" for t in bundle.needs]}
+                "needs": [f"llm:{t}" for t in bundle.needs]
+                + sorted({f"capability:{CAPABILITY_PACKAGES[t][1]}" for t in bundle.needs if t in CAPABILITY_PACKAGES})}
         if detail:
             view["flows"] = sorted(bundle.flows)
             view["metadata"] = dict(getattr(bundle.manifest, "metadata", None) or {})
@@ -5296,6 +5807,15 @@ class GatewayApp:
         if not self.gateway.stores.runs.exists(run_id):
             raise NotFound(f"Run '{run_id}' not found", code="run_not_found")
 
+    def summarize_run(self, request: Request, run_id: str, body: Dict[str, Any]) -> Response:
+        return json_response(self.gateway.summarize_run(run_id, provider=body.get("provider"), model=body.get("model"),
+                                                        include_subruns=body.get("include_subruns", True)))
+
+    def chat_about_run(self, request: Request, run_id: str, body: Dict[str, Any]) -> Response:
+        return json_response(self.gateway.chat_about_run(
+            run_id, body["messages"], provider=body.get("provider"), model=body.get("model"),
+            include_subruns=body.get("include_subruns", True), persist=body.get("persist", False)))
+
     def get_ledger(self, request: Request, run_id: str, after: int, limit: int) -> Response:
         self._require_run(run_id)
         rows = self.gateway.stores.ledger.page_json(run_id, after, limit)
@@ -5481,6 +6001,45 @@ class GatewayApp:
 
     def feature_report_content(self, request: Request, filename: str) -> Response:
         return self._report_content("feature", filename)
+
+
+    # -- discovery ----------------------------------------------------------------------------------
+
+    def discovery_providers(self, request: Request, include_models: bool) -> Response:
+        default = self.gateway.host.default_llm("") or ("", "")
+        out: Dict[str, Any] = {"items": [], "default_provider": default[0] or None, "default_model": default[1] or None,
+                               "configured": sorted(configured_providers())}
+        if not llm_integration_available():
+            return json_response(dict(out, error=f"the LLM integration is not installed ({LLM_EXTRA})"))
+        try:
+            out["items"] = provider_catalog(include_models)
+        except Exception as exc:  # noqa: BLE001 - a provider plugin failing must not break discovery
+            out["error"] = f"{type(exc).__name__}: {exc}"
+        return json_response(out)
+
+    def discovery_provider_models(self, request: Request, provider_name: str) -> Response:
+        if not llm_integration_available():
+            return json_response({"provider": provider_name, "models": [],
+                                  "error": f"the LLM integration is not installed ({LLM_EXTRA})"})
+        from abstractcore.providers.registry import list_available_providers
+
+        if provider_name not in list_available_providers():
+            raise NotFound(f"Provider '{provider_name}' is not known (GET {API}/discovery/providers lists them)",
+                           code="provider_not_found")
+        try:
+            return json_response({"provider": provider_name, "models": provider_models(provider_name)})
+        except Exception as exc:  # noqa: BLE001 - unknown provider, no answer, timeout: say which
+            return json_response({"provider": provider_name, "models": [], "error": f"{type(exc).__name__}: {exc}"})
+
+    def discovery_tools(self, request: Request) -> Response:
+        mode = self.gateway.config.tool_mode
+        if not llm_integration_available():
+            return json_response({"items": [], "tool_mode": mode,
+                                  "error": f"the LLM integration is not installed ({LLM_EXTRA})"})
+        return json_response({"items": tool_specs(), "tool_mode": mode})
+
+    def discovery_capabilities(self, request: Request) -> Response:
+        return json_response({"capabilities": capabilities()})
 
 
 def _start_pins(flow: Dict[str, Any]) -> List[Dict[str, Any]]:
@@ -7366,9 +7925,13 @@ def ensure_token(config: Config, settings: SettingsStore) -> Tuple[Optional[str]
 
 def startup_problem(config: Config, policy: SecurityPolicy) -> Optional[str]:
     """Why `serve` must refuse to start with this configuration (None if it may)."""
+    public = config.host not in LOOPBACK
+    if public and config.tool_mode == "local" and not config.allow_local_tools_on_network:
+        return (f"Refusing to bind {config.host} with ABSTRACTGATEWAY_TOOL_MODE=local: anyone who can start a run "
+                "could run shell commands and write files on this machine. Bind 127.0.0.1, use the default "
+                "`passthrough` tool mode, or set ABSTRACTGATEWAY_ALLOW_LOCAL_TOOLS_ON_NETWORK=1 if you accept that.")
     if not policy.enabled:
         return None
-    public = config.host not in LOOPBACK
     weak = [t for t in policy.tokens if is_weak_token(t)]
     if public and weak:
         return (f"Refusing to bind {config.host}: a weak auth token is configured (shorter than {MIN_TOKEN_LENGTH} "
@@ -7604,7 +8167,7 @@ def _cmd_doctor(args: argparse.Namespace) -> int:
                 catalog = WorkflowHost(stores, flows_dir=config.flows_dir, source=config.workflow_source).reload()
                 loaded = [b for versions in catalog.bundles.values() for b in versions.values()]
                 print(f"bundles: {len(loaded)} loaded, {sum(1 for b in loaded if b.load_error)} failed, "
-                      f"{sum(1 for b in loaded if b.needs)} need the LLM extra")
+                      f"{sum(1 for b in loaded if b.needs)} use LLM, agent or tool nodes")
                 for bundle in loaded:
                     if bundle.load_error:
                         print(f"  ! {bundle.ref}: {bundle.load_error}")
@@ -7616,11 +8179,35 @@ def _cmd_doctor(args: argparse.Namespace) -> int:
                 stores.close()
     else:
         print("  (no database yet: the first `serve` creates it)")
-    print(f"extras: llm ({LLM_EXTRA}): {'present' if llm_integration_available() else 'absent'}")
+    llm_present = llm_integration_available()
+    print(f"extras: llm ({LLM_EXTRA} + abstractagent): {'present' if llm_present else 'absent'}")
+    _doctor_providers(config, llm_present)
     for problem in problems:
         print(f"PROBLEM: {problem}")
     print("ok" if not problems else f"{len(problems)} problem(s)")
     return 1 if problems else 0
+
+
+def _doctor_providers(config: Config, llm_present: bool) -> None:
+    """Print the providers configured through their own env vars and whether each lists its models now
+    (variable names only: a key's value is never printed)."""
+    configured = configured_providers()
+    default = f"{config.provider or '(inferred from the flows)'} / {config.model or '(inferred from the flows)'}"
+    print(f"llm: default provider/model {default}; tool mode {config.tool_mode}; "
+          f"{config.llm_concurrency} concurrent model call(s)")
+    if config.provider and config.provider not in configured:
+        configured[config.provider] = []
+    if not configured:
+        print("  no provider configured (set e.g. OPENAI_BASE_URL / OPENAI_API_KEY, LMSTUDIO_BASE_URL, OLLAMA_BASE_URL)")
+    for name, variables in sorted(configured.items()):
+        if not llm_present:
+            answer = "not checked (LLM extra absent)"
+        else:
+            try:
+                answer = f"answers: {len(provider_models(name, timeout_s=10.0))} model(s)"
+            except Exception as exc:  # noqa: BLE001 - doctor reports every failure, whatever its type
+                answer = f"NO ANSWER: {type(exc).__name__}: {str(exc)[:200]}"
+        print(f"  {name:<18} via {', '.join(variables) or 'its defaults'}: {answer}")
 
 
 def _cmd_runner(args: argparse.Namespace) -> int:

@@ -251,11 +251,12 @@ def test_bundles_show_needs_and_load_errors_and_a_refused_start_says_why(browser
     try:
         page = console.signed_in("/#/bundles")
         expect(page.locator("[data-bundle=broken]")).to_contain_text("Load error:")
-        llm = page.locator("[data-bundle=basic-llm-test]")
-        expect(llm).to_contain_text("Needs: llm:")
-        llm.get_by_role("link", name="Start").first.click()
+        expect(page.locator("[data-bundle=basic-llm-test]")).to_contain_text("Needs: llm:")
+        media = page.locator("[data-bundle=features]")  # voice, image and music nodes: nothing here runs them
+        expect(media).to_contain_text("Needs:")
+        media.get_by_role("link", name="Start").first.click()
         page.get_by_role("button", name="Start run").click()
-        expect(page.get_by_role("alert")).to_contain_text("(422 llm_")
+        expect(page.get_by_role("alert")).to_contain_text("(422 capability_missing")
         expect(page.locator("#view-start")).to_be_visible()  # no run was opened
     finally:
         console.close()

@@ -1,0 +1,436 @@
+"""The real AbstractFlow bundles with LLM, agent and tool nodes, end to end over HTTP, against a fake
+OpenAI-compatible model server on loopback (tests/fake_llm.py): no network, no real model."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+
+import pytest
+
+import abstractgateway as gw
+from conftest import FIXTURE_BUNDLES, LiveServer, make_config, wait_for
+from fake_llm import MODELS, FakeLLM
+
+API = "/api/gateway"
+
+
+@pytest.fixture
+def fake_llm(monkeypatch):
+    server = FakeLLM().start()
+    for name, value in server.provider_env().items():
+        monkeypatch.setenv(name, value)
+    yield server
+    server.close()
+
+
+@pytest.fixture
+def llm_server(data_dir, fake_llm):
+    server = LiveServer(data_dir, flows_dir=str(FIXTURE_BUNDLES))
+    yield server
+    server.close()
+
+
+def _start(server, bundle_id, prompt="Say hi", expect=200):
+    status, _, data = server.post(f"{API}/runs/start", {"bundle_id": bundle_id, "input_data": {"prompt": prompt}})
+    assert status == expect, data
+    return data["run_id"] if status == 200 else data
+
+
+def _run(server, run_id):
+    return server.get(f"{API}/runs/{run_id}")[2]
+
+
+def _wait_status(server, run_id, *wanted, timeout=60):
+    return wait_for(lambda: (d := _run(server, run_id))["status"] in wanted and d, timeout)
+
+
+def _tree(server, run_id):
+    """`run_id` and its descendants (ids), from the gateway's stores."""
+    return server.gateway.run_tree_ids(run_id)
+
+
+def _ledger(server, run_id):
+    return server.get(f"{API}/runs/{run_id}/ledger?limit=2000")[2]["items"]
+
+
+def _tree_ledger(server, run_id):
+    return [r for rid in _tree(server, run_id) for r in _ledger(server, rid)]
+
+
+def _llm_calls(records):
+    return [r for r in records if (r.get("effect") or {}).get("type") == "llm_call" and r["status"] == "completed"]
+
+
+def _command(server, run_id, kind, payload=None, command_id=None):
+    body = {"command_id": command_id or uuid.uuid4().hex, "run_id": run_id, "type": kind, "payload": payload or {}}
+    status, _, data = server.post(f"{API}/commands", body)
+    assert status == 200, data
+    return body["command_id"]
+
+
+def _outcome(server, command_id):
+    return wait_for(lambda: (d := server.get(f"{API}/commands/{command_id}")[2])["status"] != "pending" and d)
+
+
+def _waiting_child_now(server, run_id):
+    """The descendant of `run_id` parked on a tool approval, if any."""
+    for rid in _tree(server, run_id):
+        run = server.gateway.stores.runs.load(rid)
+        if run.waiting is not None and (run.waiting.details or {}).get("mode") == "approval_required":
+            return run
+    return None
+
+
+def _waiting_child(server, run_id):
+    return wait_for(lambda: _waiting_child_now(server, run_id), 60)
+
+
+def _executed(run, output="hello\n"):
+    return {"mode": "executed", "results": [
+        {"call_id": tc["call_id"], "runtime_call_id": tc["runtime_call_id"], "name": tc["name"], "success": True,
+         "output": output, "error": None} for tc in run.waiting.details["tool_calls"]]}
+
+
+# -- the bundles the original runs ---------------------------------------------------------------------
+
+
+def test_basic_bundles_complete_with_llm_call_records(llm_server, fake_llm):
+    runs = {b: _start(llm_server, b) for b in ("basic", "basic-agent", "basic-llm-test", "yoda")}
+    for bundle, run_id in runs.items():
+        assert _wait_status(llm_server, run_id, "completed", "failed")["status"] == "completed", bundle
+    for bundle in ("basic", "basic-agent", "basic-llm-test"):
+        calls = _llm_calls(_tree_ledger(llm_server, runs[bundle]))
+        assert calls, bundle
+        assert all(c["result"]["content"].startswith("Hello from the fake model") for c in calls)
+        assert all(c["result"]["model"] in MODELS for c in calls)  # a default filled in where none is pinned
+    # yoda's loop compares its prompt (a string) with a number, so it never asks its model: it completes at once,
+    # as on the original gateway
+    assert _llm_calls(_tree_ledger(llm_server, runs["yoda"])) == []
+    assert fake_llm.calls >= 3
+
+
+def test_basic_followup_waits_for_the_user_and_completes_after_resume(llm_server):
+    run_id = _start(llm_server, "basic-followup")
+    run = wait_for(lambda: (d := _run(llm_server, run_id))["status"] == "waiting" and d["waiting"]["reason"] == "user"
+                   and d, 60)  # after its agent answered
+    assert _llm_calls(_tree_ledger(llm_server, run_id))
+    cid = _command(llm_server, run_id, "resume", {"wait_key": run["waiting"]["wait_key"], "payload": {"response": "Stop"}})
+    assert _outcome(llm_server, cid)["status"] == "applied"
+    assert _wait_status(llm_server, run_id, "completed", "failed")["status"] == "completed"
+
+
+@pytest.mark.parametrize("bundle", ["coder", "test"])
+def test_tool_calls_wait_for_approval_and_the_agent_goes_on_with_the_results(llm_server, fake_llm, bundle):
+    run_id = _start(llm_server, bundle, prompt="Please use execute_command to run echo hello")
+    child = _waiting_child(llm_server, run_id)
+    waiting = _run(llm_server, child.run_id)["waiting"]
+    assert waiting["reason"] == "event" and waiting["wait_key"] == f"tool_calls:{child.run_id}:act"
+    details = child.waiting.details
+    assert details["mode"] == "approval_required"
+    [call] = details["tool_calls"]
+    assert call["name"] == "execute_command" and call["call_id"] == "call_1" and call["runtime_call_id"]
+    assert call["arguments"]["command"] == "echo hello"
+    assert _run(llm_server, run_id)["status"] == "waiting"  # the root waits on its agent
+    approved = 0
+    while _run(llm_server, run_id)["status"] == "waiting":  # coder's second agent is asked to use the tool too
+        cid = _command(llm_server, child.run_id, "resume", {"wait_key": child.waiting.wait_key,
+                                                            "payload": _executed(child)})
+        assert _outcome(llm_server, cid)["status"] == "applied"
+        assert _wait_status(llm_server, child.run_id, "completed", "failed")["status"] == "completed"
+        approved += 1
+        child = wait_for(lambda: _run(llm_server, run_id)["status"] in ("completed", "failed") and "root done"
+                         or _waiting_child_now(llm_server, run_id), 60)
+        if child == "root done":
+            break
+    assert _wait_status(llm_server, run_id, "completed", "failed")["status"] == "completed"
+    assert approved == {"coder": 2, "test": 1}[bundle]
+    tool_messages = [m for r in fake_llm.requests for m in r["messages"] if m.get("role") == "tool"]
+    assert any("hello" in str(m.get("content")) for m in tool_messages)  # the model saw the tool's output
+
+
+def test_a_second_approval_of_the_same_wait_is_recorded_as_failed_never_applied(llm_server, fake_llm):
+    run_id = _start(llm_server, "test", prompt="Please use execute_command to run echo hello")
+    child = _waiting_child(llm_server, run_id)
+    body = {"wait_key": child.waiting.wait_key, "payload": _executed(child)}
+    first = _command(llm_server, child.run_id, "resume", body)
+    second = _command(llm_server, child.run_id, "resume", body)  # a new command_id, same answer
+    status, _, again = llm_server.post(f"{API}/commands", {"command_id": first, "run_id": child.run_id,
+                                                            "type": "resume", "payload": body})
+    assert status == 200 and again["duplicate"] is True  # the same command_id is the same command
+    assert _outcome(llm_server, first)["status"] == "applied"
+    outcome = _outcome(llm_server, second)
+    assert outcome["status"] == "failed" and "already answered" in outcome["error"]
+    assert _wait_status(llm_server, run_id, "completed", "failed")["status"] == "completed"
+    answered = [(r["effect"] or {}).get("type") for r in _ledger(llm_server, child.run_id)
+                if r["node_id"] == "act" and r["status"] == "completed"]
+    assert sorted(answered) == ["resume", "tool_calls"]  # the tool step was answered once
+    assert fake_llm.calls == 2  # the tool call, then the answer after the one result
+    # a late answer naming a call the (re-entered) wait does not have is refused too
+    late = _command(llm_server, child.run_id, "resume", body)
+    assert _outcome(llm_server, late)["status"] == "failed"
+
+
+def test_local_tool_mode_runs_the_default_tools_without_a_wait(data_dir, fake_llm):
+    server = LiveServer(data_dir, flows_dir=str(FIXTURE_BUNDLES), tool_mode="local")
+    try:
+        run_id = _start(server, "test", prompt="Please use execute_command to run echo hello")
+        assert _wait_status(server, run_id, "completed", "failed")["status"] == "completed"
+        tool_steps = [r["status"] for r in _tree_ledger(server, run_id) if (r["effect"] or {}).get("type") == "tool_calls"]
+        assert "completed" in tool_steps and "waiting" not in tool_steps
+        tool_messages = [m for r in fake_llm.requests for m in r["messages"] if m.get("role") == "tool"]
+        assert any("hello" in str(m.get("content")) for m in tool_messages)  # really ran `echo hello`
+    finally:
+        server.close()
+
+
+def test_local_tool_mode_is_refused_on_a_network_bind_unless_allowed(data_dir):
+    token = "a-long-random-token-0123456789abcdef"
+    for host, tool_mode, allow, refused in (("0.0.0.0", "local", "0", True), ("0.0.0.0", "local", "1", False),
+                                            ("127.0.0.1", "local", "0", False), ("0.0.0.0", "passthrough", "0", False)):
+        config = make_config(data_dir, host=host, tool_mode=tool_mode, allow_local_tools_on_network=allow,
+                             auth_token=token)
+        policy = gw.SecurityPolicy.from_config(config, None)
+        problem = gw.startup_problem(config, policy)
+        assert bool(problem and "TOOL_MODE=local" in problem) is refused, (host, tool_mode, allow, problem)
+
+
+# -- refusals at start ----------------------------------------------------------------------------------
+
+
+def test_bundles_needing_missing_capabilities_are_refused_at_start(llm_server):
+    for bundle, packages in (("features", ("abstractvision", "abstractvoice", "abstractmusic")),
+                             ("Untitled-Flow", ("abstractvision", "abstractvoice"))):
+        error = _start(llm_server, bundle, expect=422)
+        assert error["code"] == "capability_missing" and all(p in error["detail"] for p in packages), error
+        view = llm_server.get(f"{API}/bundles/{bundle}")[2]
+        assert {f"capability:{p}" for p in packages} <= set(view["needs"])
+    assert llm_server.get(f"{API}/runs?limit=10")[2]["items"] == []  # nothing half-started
+
+
+def test_no_provider_is_refused_naming_both_settings(data_dir, fake_llm, tmp_path):
+    flows = tmp_path / "only"
+    flows.mkdir()
+    (flows / "basic-llm-test@0.0.0.flow").write_bytes((FIXTURE_BUNDLES / "basic-llm-test@0.0.0.flow").read_bytes())
+    server = LiveServer(data_dir, flows_dir=str(flows))
+    try:
+        error = _start(server, "basic-llm-test", expect=422)
+        assert error["code"] == "llm_not_configured"
+        assert "ABSTRACTGATEWAY_PROVIDER" in error["detail"] and "ABSTRACTGATEWAY_MODEL" in error["detail"]
+    finally:
+        server.close()
+    server = LiveServer(data_dir, flows_dir=str(flows), provider="openai-compatible", model="fake-model")
+    try:
+        run_id = _start(server, "basic-llm-test")
+        assert _wait_status(server, run_id, "completed", "failed")["status"] == "completed"
+        [call] = _llm_calls(_ledger(server, run_id))
+        assert call["result"]["model"] == "fake-model"  # the settings' default
+    finally:
+        server.close()
+
+
+def test_without_the_extra_llm_bundles_are_refused_with_llm_extra_required(data_dir, monkeypatch):
+    monkeypatch.setitem(sys.modules, "abstractcore", None)  # `import abstractcore` fails, as without `[llm]`
+    server = LiveServer(data_dir, flows_dir=str(FIXTURE_BUNDLES))
+    try:
+        assert server.gateway.llm is None
+        for bundle in ("basic-llm-test", "coder", "features"):
+            error = _start(server, bundle, expect=422)
+            assert error["code"] == "llm_extra_required" and "abstractgateway[llm]" in error["detail"]
+        status, _, error = server.post(f"{API}/runs/nope/summary", {})
+        assert status == 404
+        tools = server.get(f"{API}/discovery/tools")[2]
+        assert tools["items"] == [] and gw.LLM_EXTRA in tools["error"]
+    finally:
+        server.close()
+
+
+# -- concurrency, pause/cancel and crashes during a model call ----------------------------------------------
+
+
+def test_concurrent_model_calls_are_bounded_by_the_setting(data_dir, fake_llm):
+    fake_llm.delay_s = 0.3
+    server = LiveServer(data_dir, flows_dir=str(FIXTURE_BUNDLES), llm_concurrency="2", provider="openai",
+                        model="gpt-5-mini")
+    try:
+        runs = [_start(server, "basic-llm-test") for _ in range(6)]
+        for run_id in runs:
+            assert _wait_status(server, run_id, "completed", "failed")["status"] == "completed"
+        assert fake_llm.calls == 6 and fake_llm.max_in_flight == 2
+    finally:
+        server.close()
+
+
+def test_cancel_during_a_slow_call_records_the_answer_and_does_not_advance(llm_server, fake_llm):
+    fake_llm.delay_s = 2.0
+    run_id = _start(llm_server, "basic-llm-test")
+    fake_llm.wait_for_call(1)
+    cid = _command(llm_server, run_id, "cancel")
+    assert _outcome(llm_server, cid)["status"] == "applied"
+    assert _wait_status(llm_server, run_id, "cancelled", "completed")["status"] == "cancelled"
+    wait_for(lambda: _llm_calls(_ledger(llm_server, run_id)), 10)  # the answer is recorded
+    time.sleep(0.5)  # the run must not advance past the model step after the call returned
+    assert _run(llm_server, run_id)["status"] == "cancelled"
+    assert not [r for r in _ledger(llm_server, run_id) if r["node_id"] == "end"]
+
+
+def test_pause_during_a_slow_call_then_resume_reuses_the_recorded_answer(llm_server, fake_llm):
+    fake_llm.delay_s = 2.0
+    run_id = _start(llm_server, "basic-llm-test")
+    fake_llm.wait_for_call(1)
+    assert _outcome(llm_server, _command(llm_server, run_id, "pause"))["status"] == "applied"
+    wait_for(lambda: _llm_calls(_ledger(llm_server, run_id)), 10)
+    assert _run(llm_server, run_id)["paused"] is True
+    fake_llm.delay_s = 0
+    assert _outcome(llm_server, _command(llm_server, run_id, "resume"))["status"] == "applied"
+    assert _wait_status(llm_server, run_id, "completed", "failed")["status"] == "completed"
+    assert fake_llm.calls == 1  # the runtime's idempotency reused the answer recorded during the pause
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_sigkill_during_a_slow_call_then_restart_asks_again_without_duplicate_records(data_dir, fake_llm):
+    fake_llm.delay_s = 30.0
+    port = _free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ABSTRACTGATEWAY_")}
+    env.update(ABSTRACTGATEWAY_DATA_DIR=str(data_dir), ABSTRACTGATEWAY_FLOWS_DIR=str(FIXTURE_BUNDLES),
+               ABSTRACTGATEWAY_AUTH_TOKEN=LiveServer.TOKEN, ABSTRACTGATEWAY_PORT=str(port),
+               ABSTRACTGATEWAY_PROVIDER="openai", ABSTRACTGATEWAY_MODEL="gpt-5-mini")
+    proc = subprocess.Popen([sys.executable, "-m", "abstractgateway", "serve"], env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    try:
+        config = make_config(data_dir)
+        wait_for(lambda: _port_open(port), 60)
+        run_id = _post_start(port)
+        fake_llm.wait_for_call(1, timeout=60)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(30)
+    fake_llm.delay_s = 0
+    stores = gw.open_stores(config)
+    try:
+        assert stores.runs.load(run_id).status.value == "running"
+    finally:
+        stores.close()
+    server = LiveServer(data_dir, flows_dir=str(FIXTURE_BUNDLES), provider="openai", model="gpt-5-mini")
+    try:
+        assert _wait_status(server, run_id, "completed", "failed")["status"] == "completed"
+        assert fake_llm.calls == 2  # the step ran again: the model was asked once more
+        records = _ledger(server, run_id)
+        keys = [(r["idempotency_key"], r["status"]) for r in records]
+        assert len(keys) == len(set(keys)), keys  # no record written twice
+        assert len(_llm_calls(records)) == 1
+    finally:
+        server.close()
+
+
+def _port_open(port):
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+def _post_start(port):
+    import http.client
+    import json
+
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    conn.request("POST", f"{API}/runs/start", body=json.dumps({"bundle_id": "basic-llm-test",
+                                                               "input_data": {"prompt": "hi"}}),
+                 headers={"Authorization": f"Bearer {LiveServer.TOKEN}", "Content-Type": "application/json"})
+    resp = conn.getresponse()
+    data = json.loads(resp.read())
+    assert resp.status == 200, data
+    return data["run_id"]
+
+
+# -- discovery and observer routes ---------------------------------------------------------------------
+
+
+def test_discovery_routes(llm_server, monkeypatch):
+    status, _, data = llm_server.get(f"{API}/discovery/providers")
+    assert status == 200 and "openai" in {p["name"] for p in data["items"]}
+    assert "openai" in data["configured"] and "lmstudio" in data["configured"]
+    assert data["default_provider"] and data["default_model"]
+    status, _, data = llm_server.get(f"{API}/discovery/providers/lmstudio/models")
+    assert status == 200 and set(MODELS) <= set(data["models"]), data  # what the fake server lists
+    assert "gpt-5-mini" in llm_server.get(f"{API}/discovery/providers/openai/models")[2]["models"]
+    status, _, data = llm_server.get(f"{API}/discovery/providers/no-such-provider/models")
+    assert status == 404 and data["code"] == "provider_not_found"
+    monkeypatch.setenv("LMSTUDIO_BASE_URL", "http://127.0.0.1:9/v1")  # a provider that does not answer
+    status, _, data = llm_server.get(f"{API}/discovery/providers/lmstudio/models", timeout=60)
+    assert status == 200 and data["models"] == [] and data["error"], data
+    status, _, data = llm_server.get(f"{API}/discovery/tools")
+    assert status == 200 and "execute_command" in {t["name"] for t in data["items"]} and data["tool_mode"] == "passthrough"
+    status, _, data = llm_server.get(f"{API}/discovery/capabilities")
+    caps = data["capabilities"]
+    assert status == 200 and caps["llm"]["installed"] is True and caps["agents"]["installed"] is True
+    assert caps["vision"] == {"installed": False, "package": "abstractvision", "install_hint": "pip install abstractvision"}
+
+
+def test_observer_summary_and_chat(llm_server, fake_llm):
+    run_id = _start(llm_server, "basic-llm-test")
+    _wait_status(llm_server, run_id, "completed")
+    before = len(wait_for(lambda: (items := _ledger(llm_server, run_id))[-1]["idempotency_key"].startswith(
+        "system:terminal_status") and items))  # the run's last record is written
+    status, _, data = llm_server.post(f"{API}/runs/{run_id}/summary", {})
+    assert status == 200 and data["summary"].startswith("Hello from the fake model") and data["provider"]
+    records = _ledger(llm_server, run_id)
+    assert len(records) == before + 1
+    event = records[-1]["effect"]["payload"]
+    assert event["name"] == "abstract.summary" and event["payload"]["text"] == data["summary"]
+    assert run_id in fake_llm.requests[-1]["messages"][-1]["content"]  # grounded on the run's digest
+    question = {"messages": [{"role": "user", "content": "What did the run answer?"}]}
+    status, _, data = llm_server.post(f"{API}/runs/{run_id}/chat", question)
+    assert status == 200 and "What did the run answer?" in data["answer"]
+    assert len(_ledger(llm_server, run_id)) == before + 1  # read-only unless persisted
+    status, _, data = llm_server.post(f"{API}/runs/{run_id}/chat", dict(question, persist=True))
+    records = _ledger(llm_server, run_id)
+    assert status == 200 and records[-1]["effect"]["payload"]["name"] == "abstract.chat"
+    assert records[-1]["effect"]["payload"]["payload"]["question"] == "What did the run answer?"
+    assert _run(llm_server, run_id)["status"] == "completed"
+    status, _, error = llm_server.post(f"{API}/runs/{run_id}/chat", {"messages": []})
+    assert status == 400 and error["code"] == "invalid_messages"
+    status, _, error = llm_server.post(f"{API}/runs/nope/summary", {})
+    assert status == 404 and error["code"] == "run_not_found"
+    fake_llm.fail_status = 500  # the model server fails: a clear 502, not a 500
+    status, _, error = llm_server.post(f"{API}/runs/{run_id}/summary", {}, timeout=120)
+    assert status == 502 and error["code"] == "llm_failed", error
+
+
+def test_doctor_lists_configured_providers_and_never_prints_a_key(tmp_path, fake_llm):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ABSTRACTGATEWAY_")}
+    env.update(ABSTRACTGATEWAY_DATA_DIR=str(tmp_path / "data"), OPENAI_API_KEY="sk-very-secret-value-123",
+               HOME=str(tmp_path))
+    out = subprocess.run([sys.executable, "-m", "abstractgateway", "doctor"], env=env, capture_output=True, text=True,
+                         timeout=120)
+    text = out.stdout + out.stderr
+    assert "sk-very-secret-value-123" not in text
+    lines = {line.split()[0]: line for line in out.stdout.splitlines() if line.startswith("  ") and " via " in line}
+    assert "answers" in lines["openai"] and "OPENAI_API_KEY" in lines["openai"], out.stdout
+    assert "answers" in lines["lmstudio"], out.stdout
+
+
+def test_compact_memory_summarises_with_the_default_model(llm_server, fake_llm):
+    run_id = _start(llm_server, "basic-followup")
+    wait_for(lambda: (d := _run(llm_server, run_id))["waiting"] and d["waiting"]["reason"] == "user", 60)
+    gateway = llm_server.gateway
+    with gateway.runs_locked([run_id]):
+        state = gateway.stores.runs.load(run_id)
+        state.vars["context"] = {"messages": [{"role": "user", "content": f"m{i}"} for i in range(20)]}
+        gateway.stores.runs.save(state)
+    calls = fake_llm.calls
+    cid = _command(llm_server, run_id, "compact_memory", {"preserve_recent": 2})
+    assert _outcome(llm_server, cid)["status"] == "applied"
+    assert fake_llm.calls > calls  # the summary came from the model
+    compacted = gateway.stores.runs.load(run_id).vars
+    assert compacted["_runtime"]["last_compact_memory"]["command_id"] == cid
+    assert len(compacted["context"]["messages"]) < 20
