@@ -3810,10 +3810,16 @@ class Gateway:
         """
         db = self.stores.db
         try:
+            # A compaction may wait on a model: it runs first, outside any lock or transaction, with its
+            # writes collected; the transaction below only commits them (no writer waits on the model).
+            compaction = self._run_compaction(record) if record.type.lower() == "compact_memory" else None
             with self._targets_locked(record) as targets, db.transaction():
                 if self._already_applied(record, lease):
                     return
-                self._apply_effect(record, targets)
+                if compaction is not None:
+                    self._commit_compaction(record, compaction)
+                else:
+                    self._apply_effect(record, targets)
                 self.stores.outcomes.record(record, "applied")
                 self.stores.cursor.save(record.seq)
         except (LeaseLost, StorageError):
@@ -3865,8 +3871,6 @@ class Gateway:
                     if _is_paused(run):
                         self.runtime.resume_run(run.run_id)
                 self._fire_recurrent_schedule_now(tree[0])
-        elif kind == "compact_memory":
-            self._compact_memory(record, tree[0])
         else:
             raise GatewayError(f"Unknown command type '{record.type}'", code="invalid_command_type")
 
@@ -3879,19 +3883,21 @@ class Gateway:
             run.updated_at = utc_now_iso()
             self.stores.runs.save(run)
 
-    def _compact_memory(self, record: CommandRecord, run: RunState) -> None:
-        """Run the runtime's MEMORY_COMPACT effect out of band on `run` (or `payload.target_run_id`).
+    def _run_compaction(self, record: CommandRecord) -> Tuple[StepWrites, str, RunState, str]:
+        """Run the runtime's MEMORY_COMPACT effect for a `compact_memory` command, out of band, on the
+        command's run (or `payload.target_run_id`); return its collected writes, job id, job and target.
 
-        It needs no LLM when there is nothing to compact; otherwise the runtime asks for an LLM
-        call (the workflow default model): without the LLM extra or a model the command fails with
-        that reason and, being inside the command's transaction, leaves nothing behind.
+        It needs no LLM when there is nothing to compact; otherwise the runtime asks for an LLM call
+        (the workflow default model): without the LLM extra or a model the command fails with that
+        reason. Nothing is written here: `_commit_compaction` commits it with the command's outcome.
         """
         from abstractruntime import Effect, EffectType, StepPlan, WorkflowSpec
 
         p = record.payload or {}
-        target = str(p.get("target_run_id") or p.get("targetRunId") or run.run_id)
-        if self.stores.runs.load(target) is None:
-            raise NotFound(f"Run '{target}' not found", code="run_not_found")
+        target = str(p.get("target_run_id") or p.get("targetRunId") or record.run_id)
+        for run_id in {record.run_id, target}:
+            if not self.stores.runs.exists(run_id):
+                raise NotFound(f"Run '{run_id}' not found", code="run_not_found")
         mode = str(p.get("compression_mode") or "standard")
         if mode not in ("light", "standard", "heavy"):
             raise GatewayError("compression_mode must be light, standard or heavy", code="invalid_payload")
@@ -3906,13 +3912,28 @@ class Gateway:
             return StepPlan(node_id="done", complete_output={"result": job.vars.get("result")})
 
         spec = WorkflowSpec(workflow_id="__compact_memory__", entry_node="compact", nodes={"compact": compact, "done": done})
-        job_id = self.runtime.start(workflow=spec, vars={}, actor_id=ACTOR_ID, parent_run_id=None, session_id=target)
-        job = self.runtime.tick(workflow=spec, run_id=job_id, max_steps=5)
+        with self.uow.collect() as writes:
+            job_id = self.runtime.start(workflow=spec, vars={}, actor_id=ACTOR_ID, parent_run_id=None, session_id=target)
+            job = self.runtime.tick(workflow=spec, run_id=job_id, max_steps=5)
         if _enum_value(job.status) != "completed":
             needs_llm = self.llm is None and "llm_call" in str(job.error or "")
             raise Unprocessable(
                 f"compact_memory needs an LLM to summarise; install the '{LLM_EXTRA}' extra" if needs_llm
                 else f"compact_memory failed: {job.error}", code="llm_extra_required" if needs_llm else "compact_failed")
+        return writes, job_id, job, target
+
+    def _commit_compaction(self, record: CommandRecord, compaction: Tuple[StepWrites, str, RunState, str]) -> None:
+        """Inside the command's transaction: commit a compaction unless a run it rewrote changed meanwhile."""
+        writes, job_id, job, target = compaction
+        changed = [rid for rid, text in writes.base.items()
+                   if rid in writes.runs and self.stores.runs.load_json(rid) != text]
+        if changed:
+            raise Conflict(f"Run '{changed[0]}' changed while its memory was being compacted; send the command again",
+                           code="compact_conflict")
+        for run_id, text in writes.ledger:
+            self.stores.ledger.append_json(run_id, text)
+        for row in writes.runs.values():
+            self.stores.runs.save_row(row)
         state = self.stores.runs.load(target)
         state.vars.setdefault("_runtime", {})["last_compact_memory"] = {
             "command_id": record.command_id, "job_run_id": job_id, "at": utc_now_iso(), "result": job.output}

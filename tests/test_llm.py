@@ -434,3 +434,24 @@ def test_compact_memory_summarises_with_the_default_model(llm_server, fake_llm):
     compacted = gateway.stores.runs.load(run_id).vars
     assert compacted["_runtime"]["last_compact_memory"]["command_id"] == cid
     assert len(compacted["context"]["messages"]) < 20
+
+
+def test_a_slow_compaction_blocks_no_writer(llm_server, fake_llm):
+    """The model call of compact_memory runs outside any transaction: other writes go through meanwhile."""
+    run_id = _start(llm_server, "basic-followup")
+    wait_for(lambda: (d := _run(llm_server, run_id))["waiting"] and d["waiting"]["reason"] == "user", 60)
+    gateway = llm_server.gateway
+    with gateway.runs_locked([run_id]):
+        state = gateway.stores.runs.load(run_id)
+        state.vars["context"] = {"messages": [{"role": "user", "content": f"m{i}"} for i in range(20)]}
+        gateway.stores.runs.save(state)
+    fake_llm.delay_s = 3.0
+    try:
+        calls = fake_llm.calls
+        cid = _command(llm_server, run_id, "compact_memory", {"preserve_recent": 2})
+        wait_for(lambda: fake_llm.in_flight > 0, 30)  # the model is being asked
+        other = _start(llm_server, "basic-followup")  # a write while the model call is in flight
+        assert gateway.stores.runs.status_of(other) and gateway.command_status(cid)["status"] == "pending"
+        assert _outcome(llm_server, cid)["status"] == "applied" and fake_llm.calls > calls
+    finally:
+        fake_llm.delay_s = 0.0
