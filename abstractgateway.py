@@ -2032,6 +2032,17 @@ class StepWrites:
     runs: Dict[str, Tuple[Any, ...]] = field(default_factory=dict)
     ledger: List[Tuple[str, str]] = field(default_factory=list)
     base: Dict[str, Optional[str]] = field(default_factory=dict)
+    _saved: List[Dict[str, Tuple[Any, ...]]] = field(default_factory=list)
+
+    def mark(self) -> Tuple[int, int]:
+        """A point to `rollback` to: the writes of the steps before it stay."""
+        self._saved.append(dict(self.runs))
+        return len(self.ledger), len(self._saved) - 1
+
+    def rollback(self, mark: Tuple[int, int]) -> None:
+        del self.ledger[mark[0]:]
+        self.runs = self._saved[mark[1]]
+        del self._saved[mark[1]:]
 
 
 class UnitOfWork:
@@ -2050,8 +2061,9 @@ class UnitOfWork:
         self.ledger = _BufferedLedgerStore(ledger, self._local)
 
     @contextmanager
-    def collect(self) -> Iterator[StepWrites]:
-        writes = self._local.writes = StepWrites()
+    def collect(self, writes: Optional[StepWrites] = None) -> Iterator[StepWrites]:
+        """Buffer this thread's run saves and ledger appends into `writes` (a new one by default)."""
+        writes = self._local.writes = writes if writes is not None else StepWrites()
         try:
             yield writes
         finally:
@@ -4027,7 +4039,8 @@ class Gateway:
 
         Each step is one `runtime.tick(max_steps=1)` whose store writes are collected in memory
         and committed in one lease-fenced transaction (`_commit_step`): a crash at any instant
-        leaves a whole step or none of it, and no transaction or lock is held while a node runs.
+        leaves whole steps or none, and no transaction or lock is held while a node runs. Quick
+        steps share a commit (see `STEP_BATCH_S`); a step that took longer (a model call) ends one.
         """
         state = self.stores.runs.load(run_id)
         if state is None:
@@ -4037,23 +4050,35 @@ class Gateway:
             blocked = self.host.catalog.blocked.get(state.workflow_id)
             reason = blocked.detail if blocked else f"Workflow '{state.workflow_id}' is not loaded on this gateway"
             return self._fail_run(run_id, reason, lease) if _enum_value(state.status) == "running" else state
+        writes: Optional[StepWrites] = None
+        batch_started = 0.0
         for _ in range(self.config.tick_max_steps):
             failure: Optional[Exception] = None
-            with self.uow.collect() as writes:
+            with self.uow.collect(writes) as writes:
+                mark = writes.mark()
+                if mark == (0, 0):
+                    batch_started = time.monotonic()
                 try:
                     state = self.runtime.tick(workflow=spec, run_id=run_id, max_steps=1)
                 except (StorageError, *_STORAGE_FAILURES) as exc:  # the disk's fault, not the run's: retried
                     raise storage_error(exc) from exc
                 except Exception as exc:  # noqa: BLE001 - the run is failed with the reason, the runner goes on
                     failure = exc
-            if failure is not None:  # the step's writes are dropped with it
-                state = self._fail_run(run_id, f"{type(failure).__name__}: {failure}", lease)
-                break
-            if not self._commit_step(run_id, writes, lease):
+                    writes.rollback(mark)  # the failing step's writes are dropped with it
+            if failure is None and _continues(state) and time.monotonic() - batch_started < STEP_BATCH_S:
+                continue  # a quick step: committed with the next ones (whole steps, still atomically)
+            committed = self._commit_step(run_id, writes, lease)
+            writes = None
+            if not committed:
                 state = self.stores.runs.load(run_id)  # changed meanwhile (pause, cancel): its state wins
+                break
+            if failure is not None:
+                state = self._fail_run(run_id, f"{type(failure).__name__}: {failure}", lease)
                 break
             if not _continues(state):
                 break
+        if writes is not None and not self._commit_step(run_id, writes, lease):  # tick_max_steps ran out
+            state = self.stores.runs.load(run_id)
         if state is not None and _enum_value(state.status) in TERMINAL_STATUSES:
             self.resume_parent_of(state, lease)
         return state
@@ -4219,6 +4244,11 @@ def _parse_time(text: Optional[str], name: str) -> datetime:
     except ValueError:
         raise GatewayError(f"{name} must be an ISO-8601 time, got {text!r}", code="invalid_schedule") from None
     return (value if value.tzinfo else value.replace(tzinfo=timezone.utc)).astimezone(timezone.utc)
+
+
+# Quick steps (transitions, zero-length waits) are committed together until this much time has passed
+# since the first of them: one commit (one fsync) for many steps, each still whole or absent.
+STEP_BATCH_S = 0.02
 
 
 def _continues(run: RunState) -> bool:

@@ -87,7 +87,7 @@ import abstractgateway as gw  # noqa: E402
 from abstractruntime.core.models import StepRecord, StepStatus  # noqa: E402
 
 FLOWS = ROOT / "tests" / "flows"
-BUNDLES = ("echo", "ask")
+BUNDLES = ("echo", "ask", "timer_loop")
 TOKEN = "bench-token-" + uuid.uuid4().hex
 API = "/api/gateway"
 STREAM_TARGET = 1000
@@ -924,6 +924,33 @@ def _wait_run(client: Client, run_id: str, wanted: str, timeout: float = 30) -> 
     raise RuntimeError(f"run {run_id} did not reach {wanted}")
 
 
+def _timer_loop_rate(port: int, runs: int, clients: int = 4) -> float:
+    """Runs/s of a flow of 10 zero-length timers (`timer_loop`, n=10, delay=0), each started and then
+    polled (GET every 50 ms) by one of `clients` client threads until it completes."""
+    lock = threading.Lock()
+    left = [runs]
+
+    def client_loop() -> None:
+        client = Client(port)
+        while True:
+            with lock:
+                if left[0] <= 0:
+                    break
+                left[0] -= 1
+            run_id = checked(client.call("POST", f"{API}/runs/start", {
+                "bundle_id": "timer_loop", "input_data": {"n": 10, "delay": 0}}), "start timer_loop")["run_id"]
+            _wait_run(client, run_id, "completed", timeout=120)
+        client.close()
+
+    started = time.perf_counter()
+    threads = [threading.Thread(target=client_loop) for _ in range(clients)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return runs / (time.perf_counter() - started)
+
+
 def _measure_server(label: str, proc: Any, port: int, seconds: float, streams: int) -> Dict[str, Any]:
     client = Client(port)
     out: Dict[str, Any] = {"label": label}
@@ -933,6 +960,7 @@ def _measure_server(label: str, proc: Any, port: int, seconds: float, streams: i
         cpu = _cpu_s(proc.pid)
         out[f"get{threads}"] = _rate(port, threads, seconds, lambda c, t, i: c.call("GET", f"{API}/runs/{run_id}"))
         out[f"get{threads}_cpu"] = (_cpu_s(proc.pid) - cpu) * 1000 / max(1.0, out[f"get{threads}"] * seconds)
+    out["timer_runs_s"] = _timer_loop_rate(port, runs=12 if seconds < 2 else 30)
     tag = uuid.uuid4().hex[:8]
     out["post8"] = _rate(port, 8, seconds, lambda c, t, i: c.call("POST", f"{API}/commands", {
         "command_id": f"{tag}-{t}-{i}", "run_id": run_id, "type": "pause"}))
@@ -1047,7 +1075,8 @@ def compare(args: argparse.Namespace) -> int:
     cols = [("GET runs/{id} 1 thr (req/s)", "get1", "{:,.0f}"), ("GET runs/{id} 16 thr (req/s)", "get16", "{:,.0f}"),
             ("  server CPU per GET, 1 thr (ms)", "get1_cpu", "{:.3f}"),
             ("  server CPU per GET, 16 thr (ms)", "get16_cpu", "{:.3f}"),
-            ("POST commands 8 thr (acked/s)", "post8", "{:,.0f}"), ("SSE streams open", "streams_open", "{:,}"),
+            ("POST commands 8 thr (acked/s)", "post8", "{:,.0f}"),
+            ("10-timer loop flow (runs/s)", "timer_runs_s", "{:.1f}"), ("SSE streams open", "streams_open", "{:,}"),
             ("RSS with those streams (MB)", "rss_streams_mb", "{:,.0f}"),
             ("resume->SSE record p50 (ms)", "sse_p50", "{:.1f}"), ("resume->SSE record p99 (ms)", "sse_p99", "{:.1f}")]
     print(f"   {'measure':<32}" + "".join(f"{r['label'][:26]:>28}" for r in results))
