@@ -482,6 +482,30 @@ def test_a_real_tool_call_is_approved_with_a_result_and_another_denied(browser, 
         console.close()
 
 
+def test_approving_without_a_result_in_passthrough_mode_does_what_the_page_says(browser, llm_server):
+    """Passthrough mode runs no tool: a bare approval reaches the agent as a failed result, as the box warns."""
+    server, fake = llm_server
+    console = Console(browser, server)
+    try:
+        page = console.signed_in()
+        root = _start_from_the_form(page, "test", "Please use execute_command to run echo hello")
+        _open_the_approval(page)
+        expect(page.locator("#approval-mode")).to_contain_text("approving without one answers the agent with an error")
+        page.get_by_role("button", name="Approve").click()
+        expect(page.locator("#approval .note")).to_have_text("Approval: applied.")
+        expect(page.locator("#run-status")).to_have_text("completed", timeout=60_000)
+        resume = page.locator("#ledger li").filter(has_text="resume")
+        resume.click()
+        expect(resume.locator("pre")).to_contain_text('"success": false')
+        expect(resume.locator("pre")).to_contain_text("ToolExecutor is not configured for approval resumes")
+        _go(page, f"#/run/{root}")
+        expect(page.locator("#run-status")).to_have_text("completed", timeout=60_000)
+        [tool] = [m for m in fake.requests[-1]["messages"] if m.get("role") == "tool"]
+        assert "Error: ToolExecutor is not configured" in tool["content"]  # nothing ran the command
+    finally:
+        console.close()
+
+
 # -- tree, schedules, artifacts, audit ---------------------------------------------------------------
 
 
