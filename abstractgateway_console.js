@@ -15,6 +15,7 @@ const state = {
   timers: [],           // intervals of the current view, cleared on navigation
   run: null,            // the run view's live state
   entrypoints: null,    // [{bundle_id, flow_id, workflow_id, name, deprecated}]
+  toolMode: null,       // a promise of the gateway's tool mode, for tool approvals
 };
 
 // -- small helpers ---------------------------------------------------------------------------------
@@ -678,7 +679,7 @@ function approvalForm(s, w) {
   const results = [];
   const items = calls.map((call, i) => {
     const id = 'tool-result-' + i;
-    const area = h('textarea', {id, rows: '2', placeholder: 'leave empty to let the gateway run the tool'});
+    const area = h('textarea', {id, rows: '2', placeholder: 'the output of running it'});
     results.push(area);
     return h('div', {class: 'toolcall'},
       h('p', {}, h('strong', {text: call.name || 'tool'}), ' ', h('code', {class: 'muted', text: call.call_id || ''})),
@@ -689,21 +690,37 @@ function approvalForm(s, w) {
   const approve = () => {
     const given = results.some((a) => a.value.trim());
     const payload = given
-      ? {mode: 'executed', results: calls.map((c, i) => ({call_id: c.call_id, name: c.name, success: true,
-                                                           output: results[i].value, error: null}))}
+      ? {mode: 'executed', results: calls.map((c, i) => ({call_id: c.call_id, runtime_call_id: c.runtime_call_id,
+                                                           name: c.name, success: true, output: results[i].value, error: null}))}
       : {approved: true};
     sendCommand(s.run_id, 'resume', {wait_key: w.wait_key, payload}, given ? 'Approval with results' : 'Approval', note);
   };
   const deny = () => sendCommand(s.run_id, 'resume', {wait_key: w.wait_key,
     payload: {approved: false, reason: reason.value.trim() || 'Denied by the operator'}}, 'Denial', note);
+  // What "Approve" without a result does depends on the gateway's tool mode: only `local` runs tools.
+  const mode = h('p', {class: 'muted', id: 'approval-mode'});
+  toolMode().then((m) => {
+    mode.textContent = m === 'local'
+      ? 'Approving without a result lets the gateway run the tool (local tool mode).'
+      : 'This gateway runs no tool itself (' + m + ' tool mode): run the call and give its result; '
+        + 'approving without one answers the agent with an error.';
+  });
   return h('div', {id: 'approval'},
     h('p', {text: calls.length === 1 ? 'The run asks to call this tool:' : `The run asks to call ${calls.length} tools:`}),
-    items,
+    items, mode,
     h('label', {for: 'deny-reason', text: 'Reason if denied (optional)'}), reason,
     h('div', {class: 'actions'},
       h('button', {type: 'button', id: 'approve-button', text: 'Approve', onclick: approve}),
       h('button', {type: 'button', id: 'deny-button', class: 'danger', text: 'Deny', onclick: deny})),
     note);
+}
+
+// The gateway's tool mode (`passthrough` or `local`), asked once per page.
+function toolMode() {
+  if (!state.toolMode) {
+    state.toolMode = api('/discovery/tools').then((d) => d.tool_mode, () => { state.toolMode = null; return 'passthrough'; });
+  }
+  return state.toolMode;
 }
 
 // An `evt:<scope>:<scope id>:<name>` wait is answered by emitting that event; any other key by a resume.

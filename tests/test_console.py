@@ -8,6 +8,7 @@ request the page makes is recorded and must stay on the gateway's own origin.
 from __future__ import annotations
 
 import json
+import re
 import threading
 from pathlib import Path
 from typing import Iterator, List
@@ -370,7 +371,8 @@ def test_tool_approval_shows_the_call_and_sends_the_decision(console, server, de
     elif decision == "approve_with_result":
         page.get_by_label("Result to return (optional)").fill("total 0")
         page.get_by_role("button", name="Approve").click()
-        expected = {"mode": "executed", "results": [{"call_id": "call_1", "name": "execute_command", "success": True,
+        expected = {"mode": "executed", "results": [{"call_id": "call_1", "runtime_call_id": "rtcall_1",
+                                                      "name": "execute_command", "success": True,
                                                       "output": "total 0", "error": None}]}
     else:
         page.get_by_label("Reason if denied (optional)").fill("not on this machine")
@@ -379,6 +381,129 @@ def test_tool_approval_shows_the_call_and_sends_the_decision(console, server, de
     expect(page.locator("#run-status")).to_have_text("completed")  # the runtime took the resume
     (command,) = server.gateway.stores.commands.for_run(run_id, limit=10)
     assert command.type == "resume" and command.payload == {"wait_key": wait_key, "payload": expected}
+
+
+@pytest.fixture
+def llm_server(data_dir: Path, monkeypatch) -> Iterator[tuple]:
+    """A live gateway on the fixtures' real bundles, its providers pointed at the fake model server."""
+    from conftest import FIXTURE_BUNDLES
+    from fake_llm import FakeLLM
+
+    fake = FakeLLM().start()
+    for name, value in fake.provider_env().items():
+        monkeypatch.setenv(name, value)
+    server = LiveServer(data_dir, flows_dir=str(FIXTURE_BUNDLES))
+    yield server, fake
+    server.close()
+    fake.close()
+
+
+def _start_from_the_form(page: Page, bundle: str, prompt: str) -> str:
+    page.get_by_role("link", name="Bundles").click()
+    page.locator(f"[data-bundle={bundle}]").get_by_role("link", name="Start").first.click()
+    expect(page.get_by_label("Entrypoint")).to_have_value(re.compile(f"^{bundle}\\n"))
+    page.get_by_label("prompt").fill(prompt)
+    page.get_by_role("button", name="Start run").click()
+    expect(page).to_have_url(re.compile(r"#/run/[^/]+$"))  # the new run opens
+    run_id = page.url.rsplit("/", 1)[1]
+    expect(page.locator("#run-id")).to_have_text(run_id)
+    return run_id
+
+
+def _go(page: Page, fragment: str) -> None:
+    page.evaluate("h => { location.hash = h; }", fragment)
+
+
+def _open_the_approval(page: Page) -> str:
+    """From the root run, follow "Waiting for the child run" links down to the run parked on the tool call."""
+    approval, child_link = page.locator("#approval"), page.locator("#run-wait:visible #wait-body a")
+    for _ in range(5):
+        expect(approval.or_(child_link)).to_be_visible(timeout=60_000)
+        if approval.is_visible():
+            break
+        child_link.click()
+    expect(page.locator("#wait-title")).to_have_text("Tool approval")
+    return page.locator("#run-id").inner_text()
+
+
+def test_a_real_tool_call_is_approved_with_a_result_and_another_denied(browser, llm_server):
+    """The `test` bundle's agent, on the fake model, asks to run `execute_command`; the gateway (passthrough
+    tool mode) parks it on an approval wait. The operator answers from the console: the first run with the
+    command's output, the second with a denial; both agents go on and their runs complete."""
+    server, fake = llm_server
+    console = Console(browser, server)
+    try:
+        page = console.signed_in()
+        root = _start_from_the_form(page, "test", "Please use execute_command to run echo hello")
+        child = _open_the_approval(page)
+        assert child != root
+        approval = page.locator("#approval")
+        expect(approval).to_contain_text("The run asks to call this tool:")
+        expect(approval.locator("strong")).to_have_text("execute_command")
+        expect(approval.locator("pre.args")).to_contain_text('"command": "echo hello"')
+        expect(page.locator("#run-status")).to_have_text("waiting")
+        expect(page.locator("#approval-mode")).to_contain_text("runs no tool itself (passthrough tool mode)")
+        page.get_by_label("Result to return (optional)").fill("hello from the operator")
+        page.get_by_role("button", name="Approve").click()
+        expect(approval.locator(".note")).to_have_text("Approval with results: applied.")
+        expect(page.locator("#run-status")).to_have_text("completed", timeout=60_000)  # the agent went on
+        expect(page.locator("#run-wait")).to_be_hidden()
+        expect(page.locator("#run-commands li")).to_contain_text("applied")
+        _go(page, f"#/run/{root}")
+        expect(page.locator("#run-id")).to_have_text(root)
+        expect(page.locator("#run-status")).to_have_text("completed", timeout=60_000)
+        tool_messages = [m for r in fake.requests for m in r["messages"] if m.get("role") == "tool"]
+        assert any("hello from the operator" in str(m.get("content")) for m in tool_messages)  # the model saw it
+        (command,) = server.gateway.stores.commands.for_run(child, limit=10)
+        [result] = command.payload["payload"]["results"]
+        assert result["runtime_call_id"]  # names the step's call, so a late duplicate answer is refused
+
+        calls, first = fake.calls, (root, child)
+        root = _start_from_the_form(page, "test", "Please use execute_command to run echo again")
+        child = _open_the_approval(page)
+        assert root not in first and child not in first
+        expect(page.locator("#approval pre.args")).to_contain_text('"command": "echo hello"')
+        page.get_by_label("Reason if denied (optional)").fill("not on this machine")
+        page.get_by_role("button", name="Deny").click()
+        expect(page.locator("#approval .note")).to_have_text("Denial: applied.")
+        expect(page.locator("#run-status")).to_have_text("completed", timeout=60_000)
+        resume = page.locator("#ledger li").filter(has_text="resume")  # the denial, as the tool's failed result
+        expect(resume).to_have_count(1)
+        resume.click()
+        expect(resume.locator("pre")).to_contain_text('"error": "not on this machine"')
+        expect(resume.locator("pre")).to_contain_text('"success": false')
+        _go(page, f"#/run/{root}")
+        expect(page.locator("#run-id")).to_have_text(root)
+        expect(page.locator("#run-status")).to_have_text("completed", timeout=60_000)
+        assert fake.calls == calls + 2  # the tool call, then an answer after the denial
+        denied = [m for m in fake.requests[-1]["messages"] if m.get("role") == "tool"]
+        assert denied and "not on this machine" in str(denied[-1].get("content"))
+    finally:
+        console.close()
+
+
+def test_approving_without_a_result_in_passthrough_mode_does_what_the_page_says(browser, llm_server):
+    """Passthrough mode runs no tool: a bare approval reaches the agent as a failed result, as the box warns."""
+    server, fake = llm_server
+    console = Console(browser, server)
+    try:
+        page = console.signed_in()
+        root = _start_from_the_form(page, "test", "Please use execute_command to run echo hello")
+        _open_the_approval(page)
+        expect(page.locator("#approval-mode")).to_contain_text("approving without one answers the agent with an error")
+        page.get_by_role("button", name="Approve").click()
+        expect(page.locator("#approval .note")).to_have_text("Approval: applied.")
+        expect(page.locator("#run-status")).to_have_text("completed", timeout=60_000)
+        resume = page.locator("#ledger li").filter(has_text="resume")
+        resume.click()
+        expect(resume.locator("pre")).to_contain_text('"success": false')
+        expect(resume.locator("pre")).to_contain_text("ToolExecutor is not configured for approval resumes")
+        _go(page, f"#/run/{root}")
+        expect(page.locator("#run-status")).to_have_text("completed", timeout=60_000)
+        [tool] = [m for m in fake.requests[-1]["messages"] if m.get("role") == "tool"]
+        assert "Error: ToolExecutor is not configured" in tool["content"]  # nothing ran the command
+    finally:
+        console.close()
 
 
 # -- tree, schedules, artifacts, audit ---------------------------------------------------------------
