@@ -419,14 +419,20 @@ def test_doctor_lists_configured_providers_and_never_prints_a_key(tmp_path, fake
     assert "answers" in lines["lmstudio"], out.stdout
 
 
-def test_compact_memory_summarises_with_the_default_model(llm_server, fake_llm):
-    run_id = _start(llm_server, "basic-followup")
-    wait_for(lambda: (d := _run(llm_server, run_id))["waiting"] and d["waiting"]["reason"] == "user", 60)
-    gateway = llm_server.gateway
-    with gateway.runs_locked([run_id]):
-        state = gateway.stores.runs.load(run_id)
+def _waiting_run_with_a_long_context(server):
+    """A basic-followup run waiting for the user, its context grown to 20 messages (worth compacting)."""
+    run_id = _start(server, "basic-followup")
+    wait_for(lambda: (d := _run(server, run_id))["waiting"] and d["waiting"]["reason"] == "user", 60)
+    with server.gateway.runs_locked([run_id]):
+        state = server.gateway.stores.runs.load(run_id)
         state.vars["context"] = {"messages": [{"role": "user", "content": f"m{i}"} for i in range(20)]}
-        gateway.stores.runs.save(state)
+        server.gateway.stores.runs.save(state)
+    return run_id
+
+
+def test_compact_memory_summarises_with_the_default_model(llm_server, fake_llm):
+    run_id = _waiting_run_with_a_long_context(llm_server)
+    gateway = llm_server.gateway
     calls = fake_llm.calls
     cid = _command(llm_server, run_id, "compact_memory", {"preserve_recent": 2})
     assert _outcome(llm_server, cid)["status"] == "applied"
@@ -438,13 +444,8 @@ def test_compact_memory_summarises_with_the_default_model(llm_server, fake_llm):
 
 def test_a_slow_compaction_blocks_no_writer(llm_server, fake_llm):
     """The model call of compact_memory runs outside any transaction: other writes go through meanwhile."""
-    run_id = _start(llm_server, "basic-followup")
-    wait_for(lambda: (d := _run(llm_server, run_id))["waiting"] and d["waiting"]["reason"] == "user", 60)
+    run_id = _waiting_run_with_a_long_context(llm_server)
     gateway = llm_server.gateway
-    with gateway.runs_locked([run_id]):
-        state = gateway.stores.runs.load(run_id)
-        state.vars["context"] = {"messages": [{"role": "user", "content": f"m{i}"} for i in range(20)]}
-        gateway.stores.runs.save(state)
     fake_llm.delay_s = 3.0
     try:
         calls = fake_llm.calls
