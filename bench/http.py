@@ -621,7 +621,8 @@ def phase_sse_latency(srv: Server, hub: StreamHub, run_ids: Sequence[str], round
     with hub.lock:
         lat = list(hub.latencies)
     ended = sum(1 for st in streams if st.ended and not st.done_seen)
-    return {"appends": k, "expected": expected, "delivered": len(lat), "live": sum(live.values()), "ended": ended, "p50": percentile(lat, 50),
+    return {"appends": k, "expected": expected, "delivered": len(lat), "live": sum(live.values()), "ended": ended,
+            "p50": percentile(lat, 50),
             "p99": percentile(lat, 99), "max": max(lat) if lat else float("nan"),
             "commit_p50": percentile(commits, 50), "commit_p99": percentile(commits, 99)}
 
@@ -803,10 +804,12 @@ def console_main(records: int, loads: int, screenshots: Optional[Path]) -> int:
                 wait_ledger_waiting(srv.gateway, [run_id], 30)
                 signed_in = console_time_to_interactive(browser, base, loads, True)
                 print(f"\nTime to interactive, headless Chromium, fresh context each load ({loads} loads)")
-                print(f"   sign-in page ready           p50 {statistics.median(signed_out):7.1f} ms   max {max(signed_out):7.1f} ms")
-                print(f"   signed in, runs list shown   p50 {statistics.median(signed_in):7.1f} ms   max {max(signed_in):7.1f} ms")
-                print(f"   (of which the HTML arriving  p50 {statistics.median(html_ms):7.1f} ms: navigation start in a "
-                      "fresh browser context to the last byte of /console)")
+                print(f"   sign-in page ready           p50 {statistics.median(signed_out):7.1f} ms"
+                      f"   max {max(signed_out):7.1f} ms")
+                print(f"   signed in, runs list shown   p50 {statistics.median(signed_in):7.1f} ms"
+                      f"   max {max(signed_in):7.1f} ms")
+                print(f"   (of which the HTML arriving  p50 {statistics.median(html_ms):7.1f} ms:"
+                      " navigation start in a fresh browser context to the last byte of /console)")
                 t = time.perf_counter()
                 expected = console_fill_ledger(srv.gateway, run_id, records)
                 print(f"\nLedger rendering: one run with {expected:,} records (bulk-inserted in "
@@ -832,7 +835,8 @@ def console_main(records: int, loads: int, screenshots: Optional[Path]) -> int:
             (f"first load < {GOAL_CONSOLE_BYTES // 1024} KB", total < GOAL_CONSOLE_BYTES, f"{total / 1024:.1f} KB"),
             (f"interactive < {GOAL_CONSOLE_TTI_MS:g} ms on loopback", tti < GOAL_CONSOLE_TTI_MS,
              f"p50 {tti:.0f} ms signed out, {statistics.median(signed_in):.0f} ms to the runs list"),
-            (f"{records:,} records on screen < {GOAL_CONSOLE_LEDGER_S:g} s", best["done_ms"] / 1000 < GOAL_CONSOLE_LEDGER_S,
+            (f"{records:,} records on screen < {GOAL_CONSOLE_LEDGER_S:g} s",
+             best["done_ms"] / 1000 < GOAL_CONSOLE_LEDGER_S,
              f"{best['done_ms'] / 1000:.2f} s"),
         ]
         for name, ok, detail in goals:
@@ -954,7 +958,8 @@ def _timer_loop_rate(port: int, runs: int, clients: int = 4) -> float:
 def _measure_server(label: str, proc: Any, port: int, seconds: float, streams: int) -> Dict[str, Any]:
     client = Client(port)
     out: Dict[str, Any] = {"label": label}
-    run_id = checked(client.call("POST", f"{API}/runs/start", {"bundle_id": "echo", "input_data": {}}), "start")["run_id"]
+    run_id = checked(client.call("POST", f"{API}/runs/start", {"bundle_id": "echo", "input_data": {}}),
+                     "start")["run_id"]
     _wait_run(client, run_id, "completed")
     for threads in (1, 16):
         cpu = _cpu_s(proc.pid)
@@ -1090,7 +1095,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--quick", action="store_true", help="scale counts and durations down")
     parser.add_argument("--bare", action="store_true", help="serve GatewayApp without the security middlewares")
     parser.add_argument("--console", action="store_true",
-                        help="only the operator console section (first load, time to interactive, 10,000-record ledger)")
+                        help="only the operator console section"
+                             " (first load, time to interactive, 10,000-record ledger)")
     parser.add_argument("--console-screenshots", type=Path, metavar="DIR",
                         help="with --console: also save screenshots of the main screens in DIR")
     parser.add_argument("--compare", action="store_true",

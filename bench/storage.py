@@ -81,7 +81,8 @@ REPLAY_REPEATS = 3
 
 
 def make_record(run_id: str, n: int) -> StepRecord:
-    return StepRecord(run_id=run_id, step_id=str(n), node_id="n", status=StepStatus.COMPLETED, result={"text": "x" * 200})
+    return StepRecord(run_id=run_id, step_id=str(n), node_id="n", status=StepStatus.COMPLETED,
+                      result={"text": "x" * 200})
 
 
 class UpstreamFullDatabase(SqliteDatabase):
@@ -407,7 +408,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--quick", action="store_true", help="scale every count down 10x")
     parser.add_argument("--rounds", type=int, default=3,
                         help="repeat the whole comparison N times and report medians (default 3)")
-    parser.add_argument("--dir", default=None, help="parent directory for the temporary stores (default: $TMPDIR or /tmp)")
+    parser.add_argument("--dir", default=None,
+                        help="parent directory for the temporary stores (default: $TMPDIR or /tmp)")
     args = parser.parse_args(argv)
 
     scale = 10 if args.quick else 1
