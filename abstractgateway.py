@@ -2226,18 +2226,36 @@ def migrate(source: str, dest: Stores, *, data_dir: Optional[Path] = None, sourc
         raise ValueError("the migration destination must be the sqlite backend")
     report = MigrationReport()
     tick = _Progress(progress)
+    reader = _migration_reader(source, report, data_dir, source_db)
+    _migrate_runs(reader, dest, report, tick)
+    _migrate_ledgers(reader, dest, report, tick)
+    taken, wanted_ids = _migrate_commands(reader, dest, report, tick)
+    _migrate_cursor(reader, dest, report, taken, wanted_ids)
+    _migrate_artifacts(reader, dest, report, tick)
+    for kind in ("runs", "commands", "cursor", "artifacts"):
+        if report.present[kind] < report.source[kind]:
+            report.mismatches.append(f"{kind}: destination has {report.present[kind]} of {report.source[kind]}")
+    return report
+
+
+def _migration_reader(source: str, report: MigrationReport, data_dir: Optional[Path],
+                      source_db: Optional[Path]) -> _FileLayoutReader | _UpstreamSqliteReader:
+    """The reader for `source`, once its input is known to exist."""
     if source == "file":
         if data_dir is None or not Path(data_dir).is_dir():
             raise FileNotFoundError(f"source data dir not found: {data_dir}")
-        reader = _FileLayoutReader(Path(data_dir), report)
-    elif source == "sqlite-upstream":
+        return _FileLayoutReader(Path(data_dir), report)
+    if source == "sqlite-upstream":
         if source_db is None or not Path(source_db).is_file():
             raise FileNotFoundError(f"source database not found: {source_db}")
-        reader = _UpstreamSqliteReader(Path(source_db), report)
-    else:
-        raise ValueError(f"unknown migration source {source!r} (expected file or sqlite-upstream)")
-    db = dest.db
+        return _UpstreamSqliteReader(Path(source_db), report)
+    raise ValueError(f"unknown migration source {source!r} (expected file or sqlite-upstream)")
 
+
+def _migrate_runs(reader: _FileLayoutReader | _UpstreamSqliteReader, dest: Stores, report: MigrationReport,
+                  tick: _Progress) -> None:
+    """Insert runs the destination does not have yet (a run already there is left as it is)."""
+    db = dest.db
     runs = reader.runs()
     report.source["runs"] = len(runs)
     for i in range(0, len(runs), 200):
@@ -2247,6 +2265,11 @@ def migrate(source: str, dest: Stores, *, data_dir: Optional[Path] = None, sourc
         tick("runs", min(i + 200, len(runs)), len(runs))
     report.present["runs"] = sum(1 for rid, _ in runs if dest.runs.exists(rid))
 
+
+def _migrate_ledgers(reader: _FileLayoutReader | _UpstreamSqliteReader, dest: Stores, report: MigrationReport,
+                     tick: _Progress) -> None:
+    """Append each run's missing tail of ledger records (positions already present are kept)."""
+    db = dest.db
     ledgers = reader.ledger_run_ids()
     for n, run_id in enumerate(ledgers, 1):
         records = reader.ledger(run_id)
@@ -2268,6 +2291,11 @@ def migrate(source: str, dest: Stores, *, data_dir: Optional[Path] = None, sourc
             report.mismatches.append(f"ledger of {run_id}: {dest.ledger.count(run_id)} < {len(records)} source records")
         tick("ledger", n, len(ledgers))
 
+
+def _migrate_commands(reader: _FileLayoutReader | _UpstreamSqliteReader, dest: Stores, report: MigrationReport,
+                      tick: _Progress) -> Tuple[Dict[int, str], set]:
+    """Import commands by seq; returns the destination's seq -> command id and the source's ids."""
+    db = dest.db
     commands = reader.commands()
     report.source["commands"] = len(commands)
 
@@ -2288,7 +2316,12 @@ def migrate(source: str, dest: Stores, *, data_dir: Optional[Path] = None, sourc
     for row in commands:
         if taken.get(row[0]) not in (None, row[1]):
             report.mismatches.append(f"command seq {row[0]} ({row[1]}) is taken by another command in the destination")
+    return taken, wanted_ids
 
+
+def _migrate_cursor(reader: _FileLayoutReader | _UpstreamSqliteReader, dest: Stores, report: MigrationReport,
+                    taken: Dict[int, str], wanted_ids: set) -> None:
+    """Carry the source's command cursor over, never past a destination command still to apply."""
     cursor = reader.cursor()
     if cursor is not None:
         report.source["cursor"] = 1
@@ -2302,6 +2335,11 @@ def migrate(source: str, dest: Stores, *, data_dir: Optional[Path] = None, sourc
             report.imported["cursor"] = 1
         report.present["cursor"] = 1 if dest.cursor.load() >= cursor else 0
 
+
+def _migrate_artifacts(reader: _FileLayoutReader | _UpstreamSqliteReader, dest: Stores, report: MigrationReport,
+                       tick: _Progress) -> None:
+    """Copy artifacts by id; one whose content is missing in the source is reported and skipped."""
+    db = dest.db
     artifacts = reader.artifact_ids()
     report.source["artifacts"] = len(artifacts)
     for n, artifact_id in enumerate(artifacts, 1):
@@ -2315,11 +2353,6 @@ def migrate(source: str, dest: Stores, *, data_dir: Optional[Path] = None, sourc
             report.imported["artifacts"] += 1
         report.present["artifacts"] += 1
         tick("artifacts", n, len(artifacts))
-
-    for kind in ("runs", "commands", "cursor", "artifacts"):
-        if report.present[kind] < report.source[kind]:
-            report.mismatches.append(f"{kind}: destination has {report.present[kind]} of {report.source[kind]}")
-    return report
 
 
 def _insert_missing_runs(conn: apsw.Connection, runs: List[Tuple[str, RunState]], report: MigrationReport) -> int:
@@ -7472,12 +7505,10 @@ class HttpServer:
             return "close"
         return "keep"
 
-    def _environ(self, conn: _Connection, head: bytes) -> Tuple[Dict[str, Any], _BodyReader, bool]:
-        """The WSGI environ of a request head (400/431/501/505 for what cannot be served)."""
-        from urllib.parse import unquote
-
-        lines = head.decode("latin-1").split("\n")
-        parts = lines[0].rstrip("\r").split(" ")
+    @staticmethod
+    def _request_line(line: str) -> Tuple[str, str, str]:
+        """Method, target and version of a request line (400/505 when malformed or not HTTP/1.x)."""
+        parts = line.rstrip("\r").split(" ")
         if len(parts) != 3:
             raise _BadRequest(400, "Bad Request", "bad_request", "Malformed request line")
         method, target, version = parts
@@ -7488,9 +7519,14 @@ class HttpServer:
         if (not method or not set(method) <= _TOKEN_CHARS or not target
                 or not (target.isascii() and target.isprintable())):
             raise _BadRequest(400, "Bad Request", "bad_request", "Malformed request line")
+        return method, target, version
+
+    @staticmethod
+    def _header_fields(lines: List[str]) -> List[Tuple[str, str]]:
+        """(name, value) of each header line (400 for folded or malformed lines, 431 past MAX_HEADER_BYTES)."""
         headers: List[Tuple[str, str]] = []
         size = 0
-        for line in lines[1:]:
+        for line in lines:
             line = line.rstrip("\r")
             if not line:
                 continue
@@ -7504,6 +7540,38 @@ class HttpServer:
         if size > MAX_HEADER_BYTES:
             raise _BadRequest(431, "Request Header Fields Too Large", "headers_too_large",
                               "Request header fields too large")
+        return headers
+
+    @staticmethod
+    def _body_framing(environ: Dict[str, Any], lengths: List[str], http10: bool) -> Tuple[bool, int]:
+        """(chunked, length) of the request body from its Transfer-Encoding or Content-Length headers.
+
+        Ambiguous framing (both headers, chunked on HTTP/1.0, differing lengths) is refused with a 400
+        rather than guessed, and other transfer codings with a 501."""
+        chunked, length = False, 0
+        if "HTTP_TRANSFER_ENCODING" in environ:
+            codings = [c.strip().lower() for c in environ["HTTP_TRANSFER_ENCODING"].split(",") if c.strip()]
+            if lengths or http10:
+                raise _BadRequest(400, "Bad Request", "bad_request",
+                                  "Transfer-Encoding with Content-Length (or on HTTP/1.0) is refused")
+            if codings != ["chunked"]:
+                raise _BadRequest(501, "Not Implemented", "unsupported_transfer_encoding",
+                                  "Only the chunked transfer coding is supported")
+            chunked = True
+        elif lengths:
+            if len(set(lengths)) != 1 or not lengths[0].isdigit() or len(lengths[0]) > 18:
+                raise _BadRequest(400, "Bad Request", "bad_request", "Bad Content-Length header")
+            length = int(lengths[0])
+            environ["CONTENT_LENGTH"] = str(length)
+        return chunked, length
+
+    def _environ(self, conn: _Connection, head: bytes) -> Tuple[Dict[str, Any], _BodyReader, bool]:
+        """The WSGI environ of a request head (400/431/501/505 for what cannot be served)."""
+        from urllib.parse import unquote
+
+        lines = head.decode("latin-1").split("\n")
+        method, target, version = self._request_line(lines[0])
+        headers = self._header_fields(lines[1:])
         if target.startswith(("http://", "https://")):  # absolute form: the authority is the Host
             authority, slash, rest = target.split("://", 1)[1].partition("/")
             target = slash + rest
@@ -7533,21 +7601,7 @@ class HttpServer:
         http10 = version == "HTTP/1.0"
         tokens = {t.strip().lower() for t in environ.get("HTTP_CONNECTION", "").split(",")}
         conn.keep_alive = ("keep-alive" in tokens) if http10 else ("close" not in tokens)
-        chunked, length = False, 0
-        if "HTTP_TRANSFER_ENCODING" in environ:
-            codings = [c.strip().lower() for c in environ["HTTP_TRANSFER_ENCODING"].split(",") if c.strip()]
-            if lengths or http10:
-                raise _BadRequest(400, "Bad Request", "bad_request",
-                                  "Transfer-Encoding with Content-Length (or on HTTP/1.0) is refused")
-            if codings != ["chunked"]:
-                raise _BadRequest(501, "Not Implemented", "unsupported_transfer_encoding",
-                                  "Only the chunked transfer coding is supported")
-            chunked = True
-        elif lengths:
-            if len(set(lengths)) != 1 or not lengths[0].isdigit() or len(lengths[0]) > 18:
-                raise _BadRequest(400, "Bad Request", "bad_request", "Bad Content-Length header")
-            length = int(lengths[0])
-            environ["CONTENT_LENGTH"] = str(length)
+        chunked, length = self._body_framing(environ, lengths, http10)
         body = _BodyReader(conn, length, chunked, self.request_timeout_s)
         environ["wsgi.input"] = body
         return environ, body, http10
