@@ -2672,10 +2672,9 @@ def read_bundle(content: bytes, origin: str) -> LoadedBundle:
         raise GatewayError(f"Bundle is damaged: {exc}", code="bundle_invalid") from None
 
 
-def _read_bundle_archive(archive: Any, content: bytes, origin: str) -> LoadedBundle:
+def _check_archive_entries(archive: Any, content: bytes) -> None:
+    """Refuse an archive before reading any entry: too many files, unsafe paths, symlinks, zip bombs."""
     import stat
-
-    from abstractruntime.workflow_bundle import workflow_bundle_manifest_from_dict
 
     infos = archive.infolist()
     if len(infos) > MAX_BUNDLE_FILES:
@@ -2691,6 +2690,12 @@ def _read_bundle_archive(archive: Any, content: bytes, origin: str) -> LoadedBun
         total += info.file_size
     if total > MAX_BUNDLE_UNCOMPRESSED or total > MAX_BUNDLE_RATIO * max(len(content), 1024):
         raise GatewayError("Bundle expands to too many bytes (zip bomb?)", code="bundle_unsafe")
+
+
+def _read_bundle_archive(archive: Any, content: bytes, origin: str) -> LoadedBundle:
+    from abstractruntime.workflow_bundle import workflow_bundle_manifest_from_dict
+
+    _check_archive_entries(archive, content)
     try:
         manifest = workflow_bundle_manifest_from_dict(json.loads(archive.read("manifest.json")))
     except KeyError:
@@ -3104,32 +3109,9 @@ class WorkflowHost:
         if bundle_id is not None:
             bundle_id, bundle_version = split_bundle_ref(bundle_id, bundle_version)
         if flow_id is None:
-            target_id = bundle_id or self.default_bundle_id()
-            if target_id is None:
-                raise GatewayError("flow_id is required (or provide bundle_id to start a bundle entrypoint)",
-                                   code="flow_id_required")
-            bundle = self._loaded(self.bundle(target_id, bundle_version))
-            entry = [e.flow_id for e in bundle.entrypoints]
-            chosen = entry[0] if len(entry) == 1 else bundle.default_entrypoint
-            if not chosen:
-                raise GatewayError(f"Bundle '{bundle.ref}' has {len(entry)} entrypoints and no default_entrypoint; "
-                                   "pass flow_id", code="flow_id_required")
-            return workflow_id_for(bundle.bundle_id, bundle.bundle_version, chosen)
+            return self._resolve_entrypoint(bundle_id, bundle_version)
         if ":" in flow_id:
-            prefix, _, local = flow_id.partition(":")
-            prefix_id, prefix_version = split_bundle_ref(prefix, None)
-            if prefix_id in self._catalog.bundles:
-                if bundle_id is not None and bundle_id != prefix_id:
-                    raise GatewayError(f"flow_id '{flow_id}' belongs to bundle '{prefix_id}', not '{bundle_id}'")
-                if prefix_version and bundle_version and prefix_version != bundle_version:
-                    raise GatewayError(f"bundle_version '{bundle_version}' conflicts with flow_id '{flow_id}'")
-                bundle = self.bundle(prefix_id, prefix_version or bundle_version)
-                return self._flow_in(bundle, local)
-            if bundle_id is not None or bundle_version is not None:
-                raise GatewayError(f"flow_id '{flow_id}' is not a flow of a loaded bundle; do not pass bundle_id")
-            if flow_id not in self._catalog.specs:
-                raise NotFound(f"Flow '{flow_id}' not found", code="flow_not_found")
-            return flow_id
+            return self._resolve_qualified(flow_id, bundle_id, bundle_version)
         if self.source == "visualflow":
             if flow_id not in self._catalog.specs:
                 raise NotFound(f"Flow '{flow_id}' not found", code="flow_not_found")
@@ -3138,6 +3120,37 @@ class WorkflowHost:
         if target_id is None:
             raise GatewayError("bundle_id is required when several bundles are loaded", code="bundle_id_required")
         return self._flow_in(self.bundle(target_id, bundle_version), flow_id)
+
+    def _resolve_entrypoint(self, bundle_id: Optional[str], bundle_version: Optional[str]) -> str:
+        """No flow_id: the named (or only/default) bundle's single entrypoint or its default_entrypoint."""
+        target_id = bundle_id or self.default_bundle_id()
+        if target_id is None:
+            raise GatewayError("flow_id is required (or provide bundle_id to start a bundle entrypoint)",
+                               code="flow_id_required")
+        bundle = self._loaded(self.bundle(target_id, bundle_version))
+        entry = [e.flow_id for e in bundle.entrypoints]
+        chosen = entry[0] if len(entry) == 1 else bundle.default_entrypoint
+        if not chosen:
+            raise GatewayError(f"Bundle '{bundle.ref}' has {len(entry)} entrypoints and no default_entrypoint; "
+                               "pass flow_id", code="flow_id_required")
+        return workflow_id_for(bundle.bundle_id, bundle.bundle_version, chosen)
+
+    def _resolve_qualified(self, flow_id: str, bundle_id: Optional[str], bundle_version: Optional[str]) -> str:
+        """A `prefix:local` flow_id: a flow of the loaded bundle the prefix names, else a registered flow id."""
+        prefix, _, local = flow_id.partition(":")
+        prefix_id, prefix_version = split_bundle_ref(prefix, None)
+        if prefix_id in self._catalog.bundles:
+            if bundle_id is not None and bundle_id != prefix_id:
+                raise GatewayError(f"flow_id '{flow_id}' belongs to bundle '{prefix_id}', not '{bundle_id}'")
+            if prefix_version and bundle_version and prefix_version != bundle_version:
+                raise GatewayError(f"bundle_version '{bundle_version}' conflicts with flow_id '{flow_id}'")
+            bundle = self.bundle(prefix_id, prefix_version or bundle_version)
+            return self._flow_in(bundle, local)
+        if bundle_id is not None or bundle_version is not None:
+            raise GatewayError(f"flow_id '{flow_id}' is not a flow of a loaded bundle; do not pass bundle_id")
+        if flow_id not in self._catalog.specs:
+            raise NotFound(f"Flow '{flow_id}' not found", code="flow_not_found")
+        return flow_id
 
     @staticmethod
     def _loaded(bundle: LoadedBundle) -> LoadedBundle:
@@ -4713,28 +4726,12 @@ class Workspace:
             return problem
         if end_line is not None and end_line < start_line:
             return f"Error: start_line ({start_line}) cannot be greater than end_line ({end_line})"
-        lines: List[Tuple[int, str]] = []
-        used = line_no = 0
-        more = False
         try:
             with open(real, "rb") as fh:
                 if b"\x00" in fh.read(_BINARY_PROBE):
                     return self._binary(name)
                 fh.seek(0)
-                scanner = _LineScanner(fh, FILES_READ_MAX_BYTES, FILES_SCAN_MAX_BYTES)
-                for raw, cut in scanner:
-                    line_no += 1
-                    if line_no < start_line:
-                        continue
-                    if end_line is not None and line_no > end_line:
-                        break
-                    if len(lines) >= FILES_READ_MAX_LINES or (lines and used + len(raw) > FILES_READ_MAX_BYTES):
-                        more = True
-                        break
-                    used += len(raw)
-                    text = raw.decode("utf-8", "ignore" if cut else "strict")
-                    lines.append((line_no, text + (f" [line cut at {FILES_READ_MAX_BYTES} bytes]" if cut else "")))
-                more = more or (scanner.exhausted and (end_line is None or line_no < end_line))
+                lines, line_no, more = self._line_window(fh, start_line, end_line)
         except UnicodeDecodeError:
             return self._binary(name)
         except OSError as exc:
@@ -4750,6 +4747,29 @@ class Workspace:
             out += (f"\n\n[truncated: the file continues after line {lines[-1][0]}; "
                     f"read again with start_line={lines[-1][0] + 1}]")
         return out
+
+    @staticmethod
+    def _line_window(fh: Any, start_line: int, end_line: Optional[int]) -> Tuple[List[Tuple[int, str]], int, bool]:
+        """(line number, text) of lines start_line..end_line within the read caps, the last line number
+        scanned, and whether the file goes on past what was returned. UnicodeDecodeError: not UTF-8."""
+        lines: List[Tuple[int, str]] = []
+        used = line_no = 0
+        more = False
+        scanner = _LineScanner(fh, FILES_READ_MAX_BYTES, FILES_SCAN_MAX_BYTES)
+        for raw, cut in scanner:
+            line_no += 1
+            if line_no < start_line:
+                continue
+            if end_line is not None and line_no > end_line:
+                break
+            if len(lines) >= FILES_READ_MAX_LINES or (lines and used + len(raw) > FILES_READ_MAX_BYTES):
+                more = True
+                break
+            used += len(raw)
+            text = raw.decode("utf-8", "ignore" if cut else "strict")
+            lines.append((line_no, text + (f" [line cut at {FILES_READ_MAX_BYTES} bytes]" if cut else "")))
+        more = more or (scanner.exhausted and (end_line is None or line_no < end_line))
+        return lines, line_no, more
 
     def skim(self, raw_path: str, target_percent: float = 8.0, head_lines: int = 25,
              tail_lines: int = 25) -> Dict[str, str]:
@@ -4775,6 +4795,22 @@ class Workspace:
         except OSError as exc:
             return {"path": name, "content": f"Error: Failed to read '{name}': {exc.strerror or exc}"}
         total = len(texts)
+        chosen = self._skim_picks(texts, target_percent, head_lines, tail_lines)
+        width = len(str(chosen[-1] + 1)) if chosen else 1
+        out, previous = [], -1
+        for i in chosen:
+            if previous >= 0 and i != previous + 1:
+                out.append(" " * width + "  …")
+            out.append(f"{i + 1:>{width}}: {texts[i]}")
+            previous = i
+        scope = f"first {total} lines" if scanner.exhausted else f"{total} lines"
+        header = f"File: {name} ({scope}; {len(chosen)} sampled)"
+        return {"path": name, "content": header + ("\n\n" + "\n".join(out) if out else "\n\n(empty file)")}
+
+    @staticmethod
+    def _skim_picks(texts: List[str], target_percent: float, head_lines: int, tail_lines: int) -> List[int]:
+        """Sorted indexes of the lines a skim shows."""
+        total = len(texts)
         # `target_percent` of the lines (at least a dozen), a third at most from each end, then
         # headings, then evenly spaced lines
         budget = min(FILES_SKIM_MAX_LINES, total, max(12, math.ceil(total * target_percent / 100)))
@@ -4788,17 +4824,7 @@ class Workspace:
         spare = budget - len(picked)
         if spare > 0:
             picked.update(int(total * k / (spare + 1)) for k in range(1, spare + 1))
-        chosen = sorted(picked)
-        width = len(str(chosen[-1] + 1)) if chosen else 1
-        out, previous = [], -1
-        for i in chosen:
-            if previous >= 0 and i != previous + 1:
-                out.append(" " * width + "  …")
-            out.append(f"{i + 1:>{width}}: {texts[i]}")
-            previous = i
-        scope = f"first {total} lines" if scanner.exhausted else f"{total} lines"
-        header = f"File: {name} ({scope}; {len(chosen)} sampled)"
-        return {"path": name, "content": header + ("\n\n" + "\n".join(out) if out else "\n\n(empty file)")}
+        return sorted(picked)
 
 
 def store_attachment(stores: Stores, *, session_id: str, content: bytes, filename: str, content_type: str,
@@ -4926,28 +4952,41 @@ class KnowledgeGraph:
     def _owners(self, body: Dict[str, Any], scope: str,
                 warnings: List[str]) -> Tuple[List[Tuple[str, Optional[str]]], Optional[str]]:
         """The (scope, owner id) pairs to query, and the owner id to report (single scope only)."""
-        from abstractruntime.integrations.abstractmemory.effect_handlers import resolve_scope_owner_id
-
         run_id, session_id, owner = (str(body.get(k) or "").strip() or None for k in ("run_id", "session_id",
                                                                                       "owner_id"))
         if body.get("all_owners"):
             return [(s, None) for s in (KG_SCOPES[:3] if scope == "all" else (scope,))], None
         if scope == "all":
-            if run_id:
-                try:
-                    run = self._run(run_id)
-                except NotFound:
-                    if not session_id:
-                        raise
-                    warnings.append(f"Run '{run_id}' not found; querying session+global only"
-                                    f" for session_id='{session_id}'")
-                else:
-                    return [(s, resolve_scope_owner_id(run, scope=s, run_store=self.runs)) for s in KG_SCOPES[:3]], None
-            if not session_id:
-                raise GatewayError("run_id or session_id is required when scope=all (or set all_owners=true)",
-                                   code="validation_error")
-            warnings.append("run scope omitted (no run_id available)")
-            return [("session", session_memory_run_id(session_id)), ("global", global_memory_owner_id())], None
+            return self._owners_of_all_scopes(run_id, session_id, warnings), None
+        resolved = self._owner_of_scope(scope, run_id, session_id, owner)
+        return [(scope, resolved)], resolved
+
+    def _owners_of_all_scopes(self, run_id: Optional[str], session_id: Optional[str],
+                              warnings: List[str]) -> List[Tuple[str, Optional[str]]]:
+        """scope=all: the run's own owners of run, session and global scope, else the session's and global."""
+        from abstractruntime.integrations.abstractmemory.effect_handlers import resolve_scope_owner_id
+
+        if run_id:
+            try:
+                run = self._run(run_id)
+            except NotFound:
+                if not session_id:
+                    raise
+                warnings.append(f"Run '{run_id}' not found; querying session+global only"
+                                f" for session_id='{session_id}'")
+            else:
+                return [(s, resolve_scope_owner_id(run, scope=s, run_store=self.runs)) for s in KG_SCOPES[:3]]
+        if not session_id:
+            raise GatewayError("run_id or session_id is required when scope=all (or set all_owners=true)",
+                               code="validation_error")
+        warnings.append("run scope omitted (no run_id available)")
+        return [("session", session_memory_run_id(session_id)), ("global", global_memory_owner_id())]
+
+    def _owner_of_scope(self, scope: str, run_id: Optional[str], session_id: Optional[str],
+                        owner: Optional[str]) -> str:
+        """The one owner id a single-scope query reads: owner_id if given, else derived from the scope."""
+        from abstractruntime.integrations.abstractmemory.effect_handlers import resolve_scope_owner_id
+
         if owner:
             resolved = owner
         elif scope == "global":
@@ -4963,7 +5002,7 @@ class KnowledgeGraph:
         else:
             raise GatewayError("run_id or session_id is required for scope=session (or provide owner_id)",
                                code="validation_error")
-        return [(scope, resolved)], resolved
+        return resolved
 
     def query(self, body: Dict[str, Any]) -> Dict[str, Any]:
         """The original's `/kg/query`: assertions of the resolved owners, newest first (or `order=asc`)."""
@@ -6780,19 +6819,7 @@ class _ResponseWriter:
         """The response head; fixes the framing of the body that follows."""
         code = self.status_code
         no_body = self.head_only or code in (204, 304) or 100 <= code < 200
-        lines = [b"HTTP/1.1 " + self.status.encode("latin-1")]
-        for name, value in self.headers:
-            lower = name.lower()
-            if lower in _HOP_BY_HOP:
-                continue
-            if lower == "content-length":
-                if stream:
-                    continue
-                try:
-                    self.length = int(value)
-                except ValueError:
-                    continue
-            lines.append(b"%s: %s" % (name.encode("latin-1"), value.encode("latin-1")))
+        lines = [b"HTTP/1.1 " + self.status.encode("latin-1")] + self._app_header_lines(stream)
         if self.body.failed or self.body.too_big_to_drain():
             self.conn.keep_alive = False  # the request's framing is lost or too costly to drain
         if not no_body and self.length is None:
@@ -6813,6 +6840,24 @@ class _ResponseWriter:
             lines.append(b"Connection: keep-alive")
         self.head_sent = True
         return b"\r\n".join(lines) + b"\r\n\r\n"
+
+    def _app_header_lines(self, stream: bool) -> List[bytes]:
+        """The application's header lines, less hop-by-hop ones (this server frames the body itself);
+        a valid Content-Length of a non-streamed response is kept and noted in `length`."""
+        lines = []
+        for name, value in self.headers:
+            lower = name.lower()
+            if lower in _HOP_BY_HOP:
+                continue
+            if lower == "content-length":
+                if stream:
+                    continue
+                try:
+                    self.length = int(value)
+                except ValueError:
+                    continue
+            lines.append(b"%s: %s" % (name.encode("latin-1"), value.encode("latin-1")))
+        return lines
 
     def write(self, data: bytes) -> None:
         head = b"" if self.head_sent else self.head()
@@ -6959,19 +7004,7 @@ class _StreamWriter:
         """One pass: socket events, new streams, commits, fetches, timers, sends."""
         now = time.monotonic()
         timeout = max(0.0, min(self._next_scan, self._next_poll) - now) if self._subs else self.POLL_S
-        for key, mask in self._selector.select(0 if self._pending and self._can_fetch() else timeout):
-            sub = key.data
-            if sub is None:
-                try:
-                    while self._wake_r.recv(4096):
-                        pass
-                except OSError:
-                    pass
-                continue
-            if mask & self._selectors.EVENT_READ:
-                self._check_gone(sub)
-            if mask & self._selectors.EVENT_WRITE and sub in self._subs:
-                self._to_flush.add(sub)
+        self._socket_events(0 if self._pending and self._can_fetch() else timeout)
         with self._lock:
             incoming, self._incoming = self._incoming, []
             dirty, self._dirty = self._dirty, set()
@@ -6991,6 +7024,23 @@ class _StreamWriter:
         for sub in flush:
             if sub in self._subs:
                 self._flush(sub, now)
+
+    def _socket_events(self, timeout: float) -> None:
+        """Wait up to `timeout` for socket events: drain the wake-up pipe, drop streams whose client
+        went away, and queue writable ones for a flush."""
+        for key, mask in self._selector.select(timeout):
+            sub = key.data
+            if sub is None:
+                try:
+                    while self._wake_r.recv(4096):
+                        pass
+                except OSError:
+                    pass
+                continue
+            if mask & self._selectors.EVENT_READ:
+                self._check_gone(sub)
+            if mask & self._selectors.EVENT_WRITE and sub in self._subs:
+                self._to_flush.add(sub)
 
     def _can_fetch(self) -> bool:
         return any(s.out_bytes < self.max_buffer_bytes for s in self._pending)
