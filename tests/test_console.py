@@ -7,7 +7,6 @@ request the page makes is recorded and must stay on the gateway's own origin.
 
 from __future__ import annotations
 
-import json
 import re
 import threading
 from pathlib import Path
