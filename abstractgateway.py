@@ -4000,15 +4000,18 @@ class Gateway:
         def done(job: RunState, ctx: Any) -> Any:
             return StepPlan(node_id="done", complete_output={"result": job.vars.get("result")})
 
-        spec = WorkflowSpec(workflow_id="__compact_memory__", entry_node="compact", nodes={"compact": compact, "done": done})
+        spec = WorkflowSpec(workflow_id="__compact_memory__", entry_node="compact",
+                            nodes={"compact": compact, "done": done})
         with self.uow.collect() as writes:
-            job_id = self.runtime.start(workflow=spec, vars={}, actor_id=ACTOR_ID, parent_run_id=None, session_id=target)
+            job_id = self.runtime.start(workflow=spec, vars={}, actor_id=ACTOR_ID, parent_run_id=None,
+                                        session_id=target)
             job = self.runtime.tick(workflow=spec, run_id=job_id, max_steps=5)
         if _enum_value(job.status) != "completed":
             needs_llm = self.llm is None and "llm_call" in str(job.error or "")
             raise Unprocessable(
                 f"compact_memory needs an LLM to summarise; install the '{LLM_EXTRA}' extra" if needs_llm
-                else f"compact_memory failed: {job.error}", code="llm_extra_required" if needs_llm else "compact_failed")
+                else f"compact_memory failed: {job.error}",
+                code="llm_extra_required" if needs_llm else "compact_failed")
         return writes, job_id, job, target
 
     def _commit_compaction(self, record: CommandRecord, compaction: Tuple[StepWrites, str, RunState, str]) -> None:
