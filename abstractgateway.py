@@ -141,7 +141,8 @@ SETTINGS: Tuple[Setting, ...] = (
     Setting("poll_s", "ABSTRACTGATEWAY_POLL_S", "float", 0.25,
             "Fallback poll interval for work written by another process (in-process work wakes the runner at once).",
             "--poll-s", (), 0.001),
-    Setting("tick_workers", "ABSTRACTGATEWAY_TICK_WORKERS", "int", 4, "Runner threads that tick runs.", "--tick-workers"),
+    Setting("tick_workers", "ABSTRACTGATEWAY_TICK_WORKERS", "int", 4, "Runner threads that tick runs.",
+            "--tick-workers"),
     Setting("tick_max_steps", "ABSTRACTGATEWAY_TICK_MAX_STEPS", "int", 100, "Nodes executed per tick.", None),
     Setting("command_batch_limit", "ABSTRACTGATEWAY_COMMAND_BATCH_LIMIT", "int", 200,
             "Commands applied per runner iteration.", None),
@@ -199,20 +200,24 @@ SETTINGS: Tuple[Setting, ...] = (
     Setting("max_concurrency", "ABSTRACTGATEWAY_MAX_CONCURRENCY", "int", 64,
             "Concurrent non-SSE API requests (429 above it).", None),
     Setting("max_sse", "ABSTRACTGATEWAY_MAX_SSE", "int", 32, "Concurrent SSE streams (429 above it).", None),
-    Setting("lockout_after", "ABSTRACTGATEWAY_LOCKOUT_AFTER", "int", 5, "Auth failures before an IP is locked out.", None),
+    Setting("lockout_after", "ABSTRACTGATEWAY_LOCKOUT_AFTER", "int", 5, "Auth failures before an IP is locked out.",
+            None),
     Setting("lockout_base_s", "ABSTRACTGATEWAY_LOCKOUT_BASE_S", "float", 1.0,
             "First lockout length; doubles with each further failure.", None, (), 0),
-    Setting("lockout_max_s", "ABSTRACTGATEWAY_LOCKOUT_MAX_S", "float", 60.0, "Longest lockout (0: uncapped).", None, (), 0),
+    Setting("lockout_max_s", "ABSTRACTGATEWAY_LOCKOUT_MAX_S", "float", 60.0, "Longest lockout (0: uncapped).", None, (),
+            0),
     Setting("lockout_decay_s", "ABSTRACTGATEWAY_LOCKOUT_DECAY_S", "float", 900.0,
             "Half-life of an IP's failure count, so old mistakes fade.", None),
     Setting("trust_proxy", "ABSTRACTGATEWAY_TRUST_PROXY", "bool", False,
             "Take the client IP from X-Forwarded-For (only behind a proxy that overwrites it).", None),
-    Setting("audit_log", "ABSTRACTGATEWAY_AUDIT_LOG", "bool", True, "Record every write request in the audit log.", None),
+    Setting("audit_log", "ABSTRACTGATEWAY_AUDIT_LOG", "bool", True, "Record every write request in the audit log.",
+            None),
     Setting("audit_log_max_bytes", "ABSTRACTGATEWAY_AUDIT_LOG_MAX_BYTES", "int", 52_428_800,
             "Audit log size per generation (0: unbounded).", None, (), 0),
     Setting("audit_log_rotations", "ABSTRACTGATEWAY_AUDIT_LOG_ROTATIONS", "int", 10,
             "Older generations kept: the log holds about max_bytes x (rotations + 1).", None, (), 0),
-    Setting("audit_log_headers", "ABSTRACTGATEWAY_AUDIT_LOG_HEADERS", "str", "x-client-id,x-client-version,x-forwarded-for",
+    Setting("audit_log_headers", "ABSTRACTGATEWAY_AUDIT_LOG_HEADERS", "str",
+            "x-client-id,x-client-version,x-forwarded-for",
             "Request headers copied into audit rows (comma-separated, never Authorization).", None),
     Setting("request_timeout_s", "ABSTRACTGATEWAY_REQUEST_TIMEOUT_S", "float", 15.0,
             "A request's headers must arrive within this long of its first byte, and its body must not stall "
@@ -293,7 +298,8 @@ def parse_workspace_mounts(raw: Any) -> Dict[str, Path]:
             continue
         name, sep, path_text = entry.partition("=")
         name, path_text = name.strip(), path_text.strip()
-        if not sep or not name or len(name) > 32 or not all(ch.isascii() and (ch.isalnum() or ch in "_-") for ch in name):
+        if not sep or not name or len(name) > 32 or not all(ch.isascii() and (ch.isalnum() or ch in "_-")
+                                                            for ch in name):
             raise ValueError(f"expected name=/abs/dir with a name of [A-Za-z0-9_-]{{1,32}}, got {entry!r}")
         path = Path(path_text).expanduser()
         if not path.is_absolute():
@@ -1126,7 +1132,8 @@ class SqliteRunStore(RunStore):
         workflow_id: Optional[str] = None,
         limit: int = 100,
     ) -> List[RunState]:
-        where, params = _where(status=_enum_value(status), wait_reason=_enum_value(wait_reason), workflow_id=workflow_id)
+        where, params = _where(status=_enum_value(status), wait_reason=_enum_value(wait_reason),
+                               workflow_id=workflow_id)
         rows = self.db.query(
             f"SELECT run_json FROM runs {where} ORDER BY updated_at DESC LIMIT ?", (*params, max(1, int(limit or 100)))
         )
@@ -1310,7 +1317,8 @@ class SqliteLedgerStore(LedgerStore):
         for i in range(0, len(ids), 500):
             chunk = ids[i:i + 500]
             marks = ",".join("?" * len(chunk))
-            rows = self.db.query(f"SELECT run_id, MAX(seq) FROM ledger WHERE run_id IN ({marks}) GROUP BY run_id", chunk)
+            rows = self.db.query(f"SELECT run_id, MAX(seq) FROM ledger WHERE run_id IN ({marks}) GROUP BY run_id",
+                                 chunk)
             out.update({rid: n for rid, n in rows})
         return out
 
@@ -1385,7 +1393,8 @@ class SqliteCommandStore:
     def list_after(self, *, after: int, limit: int = 1000) -> Tuple[List[CommandRecord], int]:
         after = int(after or 0)
         rows = self.db.query(
-            f"SELECT {self._COLUMNS} FROM commands WHERE seq > ? ORDER BY seq LIMIT ?", (after, max(1, int(limit or 1000)))
+            f"SELECT {self._COLUMNS} FROM commands WHERE seq > ? ORDER BY seq LIMIT ?",
+            (after, max(1, int(limit or 1000)))
         )
         records = [_command_from_row(r) for r in rows]
         return records, (records[-1].seq if records else after)
@@ -1473,7 +1482,8 @@ class SqliteArtifactStore(ArtifactStore):
     def _insert(conn: apsw.Connection, meta: ArtifactMetadata, content: bytes) -> None:
         conn.execute("INSERT OR IGNORE INTO artifact_blobs (sha256, content) VALUES (?, ?)", (meta.blob_id, content))
         conn.execute(
-            "INSERT OR REPLACE INTO artifacts (artifact_id, run_id, content_type, size_bytes, created_at, sha256, tags_json)"
+            "INSERT OR REPLACE INTO artifacts"
+            " (artifact_id, run_id, content_type, size_bytes, created_at, sha256, tags_json)"
             " VALUES (?,?,?,?,?,?,?)",
             (meta.artifact_id, meta.run_id, meta.content_type, meta.size_bytes, meta.created_at, meta.blob_id,
              _json_dumps(meta.tags or {})),
@@ -1549,7 +1559,8 @@ class BundleStore:
 
     def put(self, bundle_id: str, bundle_version: str, content: bytes, *, overwrite: bool = False) -> StoredBundle:
         """Store a bundle; raise `FileExistsError` if that version exists and not `overwrite`."""
-        bundle = StoredBundle(bundle_id, bundle_version, bytes(content), hashlib.sha256(content).hexdigest(), utc_now_iso())
+        bundle = StoredBundle(bundle_id, bundle_version, bytes(content), hashlib.sha256(content).hexdigest(),
+                              utc_now_iso())
 
         def _put(conn: apsw.Connection) -> None:
             exists = conn.execute("SELECT 1 FROM bundles WHERE bundle_id = ? AND bundle_version = ?",
@@ -1557,7 +1568,8 @@ class BundleStore:
             if exists and not overwrite:
                 raise FileExistsError(f"Bundle already installed: {bundle_id}@{bundle_version}")
             conn.execute("INSERT OR REPLACE INTO bundles (bundle_id, bundle_version, content, sha256, uploaded_at)"
-                         " VALUES (?,?,?,?,?)", (bundle_id, bundle_version, bundle.content, bundle.sha256, bundle.uploaded_at))
+                         " VALUES (?,?,?,?,?)",
+                         (bundle_id, bundle_version, bundle.content, bundle.sha256, bundle.uploaded_at))
 
         self.db.write(_put)
         return bundle
@@ -1572,7 +1584,8 @@ class BundleStore:
             if bundle_version is None:
                 conn.execute("DELETE FROM bundles WHERE bundle_id = ?", (bundle_id,))
             else:
-                conn.execute("DELETE FROM bundles WHERE bundle_id = ? AND bundle_version = ?", (bundle_id, bundle_version))
+                conn.execute("DELETE FROM bundles WHERE bundle_id = ? AND bundle_version = ?",
+                             (bundle_id, bundle_version))
             return conn.changes()
 
         return self.db.write(_delete)
@@ -1604,7 +1617,8 @@ class LeaseStore:
             if row is not None and row[0] != owner and row[1] > now:
                 return None
             if row is not None and row[0] == owner and row[1] > now:
-                conn.execute("UPDATE leases SET heartbeat_at = ?, expires_at = ? WHERE name = ?", (now, now + ttl_s, name))
+                conn.execute("UPDATE leases SET heartbeat_at = ?, expires_at = ? WHERE name = ?",
+                             (now, now + ttl_s, name))
                 return LeaseToken(owner, row[2])
             epoch = (row[2] if row is not None else 0) + 1
             conn.execute("INSERT OR REPLACE INTO leases (name, owner, acquired_at, heartbeat_at, expires_at, epoch)"
@@ -1665,7 +1679,7 @@ class CommandOutcomeStore:
 
     @staticmethod
     def _as_dict(row: Tuple[Any, ...]) -> Dict[str, Any]:
-        return dict(zip(("seq", "command_id", "run_id", "status", "error", "applied_at"), row))
+        return dict(zip(("seq", "command_id", "run_id", "status", "error", "applied_at"), row, strict=True))
 
 
 class DeprecationStore:
@@ -1704,10 +1718,12 @@ class DynamicFlowStore:
         row = (workflow_id, _json_dumps(definition), now, now)
         self.db.write(lambda conn: conn.execute(
             "INSERT INTO dynamic_flows (workflow_id, flow_json, created_at, updated_at) VALUES (?,?,?,?)"
-            " ON CONFLICT(workflow_id) DO UPDATE SET flow_json=excluded.flow_json, updated_at=excluded.updated_at", row))
+            " ON CONFLICT(workflow_id) DO UPDATE SET flow_json=excluded.flow_json, updated_at=excluded.updated_at",
+            row))
 
     def all(self) -> Dict[str, Dict[str, Any]]:
-        return {wid: json.loads(text) for wid, text in self.db.query("SELECT workflow_id, flow_json FROM dynamic_flows")}
+        return {wid: json.loads(text)
+                for wid, text in self.db.query("SELECT workflow_id, flow_json FROM dynamic_flows")}
 
     def get(self, workflow_id: str) -> Optional[Dict[str, Any]]:
         row = self.db.query_one("SELECT flow_json FROM dynamic_flows WHERE workflow_id = ?", (workflow_id,))
@@ -1732,8 +1748,8 @@ class SettingsStore:
 class AuditStore:
     """Write-request audit rows in the database, kept to a size budget (oldest dropped first)."""
 
-    _COLUMNS = ("ts, request_id, client_ip, method, path, status, duration_ms, token_fp, headers_json, query, auth_required,"
-                " origin, user_agent, bytes_in, error")
+    _COLUMNS = ("ts, request_id, client_ip, method, path, status, duration_ms, token_fp, headers_json, query,"
+                " auth_required, origin, user_agent, bytes_in, error")
     _KEYS = ("id", "ts", "request_id", "client_ip", "method", "path", "status", "duration_ms", "token_fp", "headers",
              "query", "auth_required", "origin", "user_agent", "bytes_in", "error")
     _MARKS = ",".join("?" * len(_COLUMNS.split(",")))
@@ -1810,7 +1826,7 @@ class AuditStore:
         rows = self.db.query(f"SELECT id, {self._COLUMNS} FROM audit_log {where} ORDER BY id DESC LIMIT ?", params)
         out = []
         for row in rows:
-            item = dict(zip(self._KEYS, row))
+            item = dict(zip(self._KEYS, row, strict=True))
             item["headers"], item["auth_required"] = json.loads(item["headers"]), bool(item["auth_required"])
             out.append(item)
         return out
@@ -1858,7 +1874,7 @@ class ReportStore:
     def list(self, report_type: str, limit: int = 1000) -> List[Dict[str, Any]]:
         rows = self.db.query(f"SELECT {self._LIST} FROM reports WHERE report_type = ?"
                              " ORDER BY created_at DESC, filename DESC LIMIT ?", (report_type, int(limit)))
-        return [dict(zip(self._LIST.split(", "), r)) for r in rows]
+        return [dict(zip(self._LIST.split(", "), r, strict=True)) for r in rows]
 
     def content(self, report_type: str, filename: str) -> Optional[str]:
         row = self.db.query_one("SELECT content FROM reports WHERE report_type = ? AND filename = ?",
@@ -2002,7 +2018,8 @@ def open_stores(config: Config, *, inspect_only: bool = False) -> Stores:
         base = Path(config.data_dir)
         return Stores(
             backend="file", db=db, runs=FileRunStore(base), ledger=FileLedgerStore(base, db.signals),
-            commands=FileCommandStore(base, db.signals), cursor=JsonFileCommandCursorStore(base / "commands_cursor.json"),
+            commands=FileCommandStore(base, db.signals),
+            cursor=JsonFileCommandCursorStore(base / "commands_cursor.json"),
             artifacts=FileArtifactStore(base), **_gateway_stores(db),
         )
     return Stores(
@@ -2209,27 +2226,50 @@ def migrate(source: str, dest: Stores, *, data_dir: Optional[Path] = None, sourc
         raise ValueError("the migration destination must be the sqlite backend")
     report = MigrationReport()
     tick = _Progress(progress)
+    reader = _migration_reader(source, report, data_dir, source_db)
+    _migrate_runs(reader, dest, report, tick)
+    _migrate_ledgers(reader, dest, report, tick)
+    taken, wanted_ids = _migrate_commands(reader, dest, report, tick)
+    _migrate_cursor(reader, dest, report, taken, wanted_ids)
+    _migrate_artifacts(reader, dest, report, tick)
+    for kind in ("runs", "commands", "cursor", "artifacts"):
+        if report.present[kind] < report.source[kind]:
+            report.mismatches.append(f"{kind}: destination has {report.present[kind]} of {report.source[kind]}")
+    return report
+
+
+def _migration_reader(source: str, report: MigrationReport, data_dir: Optional[Path],
+                      source_db: Optional[Path]) -> _FileLayoutReader | _UpstreamSqliteReader:
+    """The reader for `source`, once its input is known to exist."""
     if source == "file":
         if data_dir is None or not Path(data_dir).is_dir():
             raise FileNotFoundError(f"source data dir not found: {data_dir}")
-        reader = _FileLayoutReader(Path(data_dir), report)
-    elif source == "sqlite-upstream":
+        return _FileLayoutReader(Path(data_dir), report)
+    if source == "sqlite-upstream":
         if source_db is None or not Path(source_db).is_file():
             raise FileNotFoundError(f"source database not found: {source_db}")
-        reader = _UpstreamSqliteReader(Path(source_db), report)
-    else:
-        raise ValueError(f"unknown migration source {source!r} (expected file or sqlite-upstream)")
-    db = dest.db
+        return _UpstreamSqliteReader(Path(source_db), report)
+    raise ValueError(f"unknown migration source {source!r} (expected file or sqlite-upstream)")
 
+
+def _migrate_runs(reader: _FileLayoutReader | _UpstreamSqliteReader, dest: Stores, report: MigrationReport,
+                  tick: _Progress) -> None:
+    """Insert runs the destination does not have yet (a run already there is left as it is)."""
+    db = dest.db
     runs = reader.runs()
     report.source["runs"] = len(runs)
     for i in range(0, len(runs), 200):
         chunk = runs[i:i + 200]
-        added = db.write(lambda conn: _insert_missing_runs(conn, chunk, report))
+        added = db.write(lambda conn, chunk=chunk: _insert_missing_runs(conn, chunk, report))
         report.imported["runs"] += added
         tick("runs", min(i + 200, len(runs)), len(runs))
     report.present["runs"] = sum(1 for rid, _ in runs if dest.runs.exists(rid))
 
+
+def _migrate_ledgers(reader: _FileLayoutReader | _UpstreamSqliteReader, dest: Stores, report: MigrationReport,
+                     tick: _Progress) -> None:
+    """Append each run's missing tail of ledger records (positions already present are kept)."""
+    db = dest.db
     ledgers = reader.ledger_run_ids()
     for n, run_id in enumerate(ledgers, 1):
         records = reader.ledger(run_id)
@@ -2251,6 +2291,11 @@ def migrate(source: str, dest: Stores, *, data_dir: Optional[Path] = None, sourc
             report.mismatches.append(f"ledger of {run_id}: {dest.ledger.count(run_id)} < {len(records)} source records")
         tick("ledger", n, len(ledgers))
 
+
+def _migrate_commands(reader: _FileLayoutReader | _UpstreamSqliteReader, dest: Stores, report: MigrationReport,
+                      tick: _Progress) -> Tuple[Dict[int, str], set]:
+    """Import commands by seq; returns the destination's seq -> command id and the source's ids."""
+    db = dest.db
     commands = reader.commands()
     report.source["commands"] = len(commands)
 
@@ -2271,7 +2316,12 @@ def migrate(source: str, dest: Stores, *, data_dir: Optional[Path] = None, sourc
     for row in commands:
         if taken.get(row[0]) not in (None, row[1]):
             report.mismatches.append(f"command seq {row[0]} ({row[1]}) is taken by another command in the destination")
+    return taken, wanted_ids
 
+
+def _migrate_cursor(reader: _FileLayoutReader | _UpstreamSqliteReader, dest: Stores, report: MigrationReport,
+                    taken: Dict[int, str], wanted_ids: set) -> None:
+    """Carry the source's command cursor over, never past a destination command still to apply."""
     cursor = reader.cursor()
     if cursor is not None:
         report.source["cursor"] = 1
@@ -2285,6 +2335,11 @@ def migrate(source: str, dest: Stores, *, data_dir: Optional[Path] = None, sourc
             report.imported["cursor"] = 1
         report.present["cursor"] = 1 if dest.cursor.load() >= cursor else 0
 
+
+def _migrate_artifacts(reader: _FileLayoutReader | _UpstreamSqliteReader, dest: Stores, report: MigrationReport,
+                       tick: _Progress) -> None:
+    """Copy artifacts by id; one whose content is missing in the source is reported and skipped."""
+    db = dest.db
     artifacts = reader.artifact_ids()
     report.source["artifacts"] = len(artifacts)
     for n, artifact_id in enumerate(artifacts, 1):
@@ -2298,11 +2353,6 @@ def migrate(source: str, dest: Stores, *, data_dir: Optional[Path] = None, sourc
             report.imported["artifacts"] += 1
         report.present["artifacts"] += 1
         tick("artifacts", n, len(artifacts))
-
-    for kind in ("runs", "commands", "cursor", "artifacts"):
-        if report.present[kind] < report.source[kind]:
-            report.mismatches.append(f"{kind}: destination has {report.present[kind]} of {report.source[kind]}")
-    return report
 
 
 def _insert_missing_runs(conn: apsw.Connection, runs: List[Tuple[str, RunState]], report: MigrationReport) -> int:
@@ -2410,7 +2460,8 @@ class _UpstreamSqliteReader:
 
     def ledger(self, run_id: str) -> List[Dict[str, Any]]:
         out = []
-        for seq, payload in self.conn.execute("SELECT seq, record_json FROM ledger WHERE run_id = ? ORDER BY seq", (run_id,)):
+        for seq, payload in self.conn.execute("SELECT seq, record_json FROM ledger WHERE run_id = ? ORDER BY seq",
+                                              (run_id,)):
             try:
                 out.append(json.loads(payload))
             except ValueError:
@@ -2621,10 +2672,9 @@ def read_bundle(content: bytes, origin: str) -> LoadedBundle:
         raise GatewayError(f"Bundle is damaged: {exc}", code="bundle_invalid") from None
 
 
-def _read_bundle_archive(archive: Any, content: bytes, origin: str) -> LoadedBundle:
+def _check_archive_entries(archive: Any, content: bytes) -> None:
+    """Refuse an archive before reading any entry: too many files, unsafe paths, symlinks, zip bombs."""
     import stat
-
-    from abstractruntime.workflow_bundle import workflow_bundle_manifest_from_dict
 
     infos = archive.infolist()
     if len(infos) > MAX_BUNDLE_FILES:
@@ -2640,6 +2690,12 @@ def _read_bundle_archive(archive: Any, content: bytes, origin: str) -> LoadedBun
         total += info.file_size
     if total > MAX_BUNDLE_UNCOMPRESSED or total > MAX_BUNDLE_RATIO * max(len(content), 1024):
         raise GatewayError("Bundle expands to too many bytes (zip bomb?)", code="bundle_unsafe")
+
+
+def _read_bundle_archive(archive: Any, content: bytes, origin: str) -> LoadedBundle:
+    from abstractruntime.workflow_bundle import workflow_bundle_manifest_from_dict
+
+    _check_archive_entries(archive, content)
     try:
         manifest = workflow_bundle_manifest_from_dict(json.loads(archive.read("manifest.json")))
     except KeyError:
@@ -2718,7 +2774,8 @@ def _react_logic() -> Any:
     return ReActLogic(tools=tools)
 
 
-def _namespace_flow(flow: Dict[str, Any], bundle: LoadedBundle, flow_id: str, flow_ids: Iterable[str]) -> Dict[str, Any]:
+def _namespace_flow(flow: Dict[str, Any], bundle: LoadedBundle, flow_id: str,
+                    flow_ids: Iterable[str]) -> Dict[str, Any]:
     """A copy of `flow` registered as `bundle@version:flow_id`, internal subflow refs rewritten alike."""
     flow = json.loads(json.dumps(flow))
     flow["id"] = workflow_id_for(bundle.bundle_id, bundle.bundle_version, flow_id)
@@ -2753,7 +2810,8 @@ def parse_interval(text: str) -> float:
     """Seconds in a relative duration such as `500ms`, `30s`, `15m`, `1.5h`, `1d`."""
     match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)\s*", str(text or ""))
     if not match or float(match.group(1)) <= 0:
-        raise GatewayError(f"Invalid interval {text!r} (expected e.g. 500ms, 30s, 15m, 1h, 1d)", code="invalid_interval")
+        raise GatewayError(f"Invalid interval {text!r} (expected e.g. 500ms, 30s, 15m, 1h, 1d)",
+                           code="invalid_interval")
     return float(match.group(1)) * _INTERVAL_UNITS[match.group(2)]
 
 
@@ -2832,20 +2890,27 @@ def schedule_visualflow(workflow_id: str, definition: Dict[str, Any]) -> Dict[st
         return {"id": edge_id, "source": source, "sourceHandle": source_handle, "target": target,
                 "targetHandle": target_handle}
 
-    exec_in, exec_out = {"id": "exec-in", "label": "", "type": "execution"}, {"id": "exec-out", "label": "", "type": "execution"}
+    exec_in, exec_out = ({"id": "exec-in", "label": "", "type": "execution"},
+                         {"id": "exec-out", "label": "", "type": "execution"})
     interval, count = definition.get("interval"), definition.get("repeat_count")
     nodes = [
-        node("start", "on_flow_start", 0, 0, "On Flow Start", [], [exec_out, {"id": "vars", "label": "vars", "type": "object"}]),
+        node("start", "on_flow_start", 0, 0, "On Flow Start", [],
+             [exec_out, {"id": "vars", "label": "vars", "type": "object"}]),
         node("wait_start", "on_schedule", 220, 0, "Wait (start)", [exec_in], [exec_out],
              eventConfig={"schedule": definition.get("start_at") or "0s", "recurrent": False}),
-        node("run_target", "subflow", 440, 0, "Run workflow", [exec_in, {"id": "vars", "label": "vars", "type": "object"}],
+        node("run_target", "subflow", 440, 0, "Run workflow",
+             [exec_in, {"id": "vars", "label": "vars", "type": "object"}],
              [exec_out], subflowId=definition.get("target_workflow_id")),
-        node("after_run", "if", 660, 0, "Run again?", [exec_in, {"id": "condition", "label": "condition", "type": "boolean"}],
-             [{"id": "true", "label": "true", "type": "execution"}, {"id": "false", "label": "false", "type": "execution"}],
+        node("after_run", "if", 660, 0, "Run again?",
+             [exec_in, {"id": "condition", "label": "condition", "type": "boolean"}],
+             [{"id": "true", "label": "true", "type": "execution"},
+              {"id": "false", "label": "false", "type": "execution"}],
              pinDefaults={"condition": bool(interval)}),
     ]
-    edges = [edge("e1", "start", "exec-out", "wait_start", "exec-in"), edge("e2", "wait_start", "exec-out", "run_target", "exec-in"),
-             edge("e3", "run_target", "exec-out", "after_run", "exec-in"), edge("d_vars", "start", "vars", "run_target", "vars")]
+    edges = [edge("e1", "start", "exec-out", "wait_start", "exec-in"),
+             edge("e2", "wait_start", "exec-out", "run_target", "exec-in"),
+             edge("e3", "run_target", "exec-out", "after_run", "exec-in"),
+             edge("d_vars", "start", "vars", "run_target", "vars")]
     if interval:
         nodes.append(node("wait_interval", "on_schedule", 660, 140, "Wait (interval)", [exec_in], [exec_out],
                           eventConfig={"schedule": interval, "recurrent": False}))
@@ -2854,7 +2919,8 @@ def schedule_visualflow(workflow_id: str, definition: Dict[str, Any]) -> Dict[st
     if not interval or count is not None:  # a schedule repeating forever never ends
         nodes.append(node("end", "on_flow_end", 880, 0, "On Flow End", [exec_in], []))
         edges.append(edge("e6", "after_run", "false", "end", "exec-in"))
-    return {"id": workflow_id, "name": "scheduled", "description": f"Runs {definition.get('target_workflow_id')} on a schedule",
+    return {"id": workflow_id, "name": "scheduled",
+            "description": f"Runs {definition.get('target_workflow_id')} on a schedule",
             "nodes": nodes, "edges": edges, "entryNode": "start"}
 
 
@@ -3043,32 +3109,9 @@ class WorkflowHost:
         if bundle_id is not None:
             bundle_id, bundle_version = split_bundle_ref(bundle_id, bundle_version)
         if flow_id is None:
-            target_id = bundle_id or self.default_bundle_id()
-            if target_id is None:
-                raise GatewayError("flow_id is required (or provide bundle_id to start a bundle entrypoint)",
-                                   code="flow_id_required")
-            bundle = self._loaded(self.bundle(target_id, bundle_version))
-            entry = [e.flow_id for e in bundle.entrypoints]
-            chosen = entry[0] if len(entry) == 1 else bundle.default_entrypoint
-            if not chosen:
-                raise GatewayError(f"Bundle '{bundle.ref}' has {len(entry)} entrypoints and no default_entrypoint; "
-                                   "pass flow_id", code="flow_id_required")
-            return workflow_id_for(bundle.bundle_id, bundle.bundle_version, chosen)
+            return self._resolve_entrypoint(bundle_id, bundle_version)
         if ":" in flow_id:
-            prefix, _, local = flow_id.partition(":")
-            prefix_id, prefix_version = split_bundle_ref(prefix, None)
-            if prefix_id in self._catalog.bundles:
-                if bundle_id is not None and bundle_id != prefix_id:
-                    raise GatewayError(f"flow_id '{flow_id}' belongs to bundle '{prefix_id}', not '{bundle_id}'")
-                if prefix_version and bundle_version and prefix_version != bundle_version:
-                    raise GatewayError(f"bundle_version '{bundle_version}' conflicts with flow_id '{flow_id}'")
-                bundle = self.bundle(prefix_id, prefix_version or bundle_version)
-                return self._flow_in(bundle, local)
-            if bundle_id is not None or bundle_version is not None:
-                raise GatewayError(f"flow_id '{flow_id}' is not a flow of a loaded bundle; do not pass bundle_id")
-            if flow_id not in self._catalog.specs:
-                raise NotFound(f"Flow '{flow_id}' not found", code="flow_not_found")
-            return flow_id
+            return self._resolve_qualified(flow_id, bundle_id, bundle_version)
         if self.source == "visualflow":
             if flow_id not in self._catalog.specs:
                 raise NotFound(f"Flow '{flow_id}' not found", code="flow_not_found")
@@ -3077,6 +3120,37 @@ class WorkflowHost:
         if target_id is None:
             raise GatewayError("bundle_id is required when several bundles are loaded", code="bundle_id_required")
         return self._flow_in(self.bundle(target_id, bundle_version), flow_id)
+
+    def _resolve_entrypoint(self, bundle_id: Optional[str], bundle_version: Optional[str]) -> str:
+        """No flow_id: the named (or only/default) bundle's single entrypoint or its default_entrypoint."""
+        target_id = bundle_id or self.default_bundle_id()
+        if target_id is None:
+            raise GatewayError("flow_id is required (or provide bundle_id to start a bundle entrypoint)",
+                               code="flow_id_required")
+        bundle = self._loaded(self.bundle(target_id, bundle_version))
+        entry = [e.flow_id for e in bundle.entrypoints]
+        chosen = entry[0] if len(entry) == 1 else bundle.default_entrypoint
+        if not chosen:
+            raise GatewayError(f"Bundle '{bundle.ref}' has {len(entry)} entrypoints and no default_entrypoint; "
+                               "pass flow_id", code="flow_id_required")
+        return workflow_id_for(bundle.bundle_id, bundle.bundle_version, chosen)
+
+    def _resolve_qualified(self, flow_id: str, bundle_id: Optional[str], bundle_version: Optional[str]) -> str:
+        """A `prefix:local` flow_id: a flow of the loaded bundle the prefix names, else a registered flow id."""
+        prefix, _, local = flow_id.partition(":")
+        prefix_id, prefix_version = split_bundle_ref(prefix, None)
+        if prefix_id in self._catalog.bundles:
+            if bundle_id is not None and bundle_id != prefix_id:
+                raise GatewayError(f"flow_id '{flow_id}' belongs to bundle '{prefix_id}', not '{bundle_id}'")
+            if prefix_version and bundle_version and prefix_version != bundle_version:
+                raise GatewayError(f"bundle_version '{bundle_version}' conflicts with flow_id '{flow_id}'")
+            bundle = self.bundle(prefix_id, prefix_version or bundle_version)
+            return self._flow_in(bundle, local)
+        if bundle_id is not None or bundle_version is not None:
+            raise GatewayError(f"flow_id '{flow_id}' is not a flow of a loaded bundle; do not pass bundle_id")
+        if flow_id not in self._catalog.specs:
+            raise NotFound(f"Flow '{flow_id}' not found", code="flow_not_found")
+        return flow_id
 
     @staticmethod
     def _loaded(bundle: LoadedBundle) -> LoadedBundle:
@@ -3596,7 +3670,8 @@ class Gateway:
             "kind": "scheduled_run", "target_workflow_id": target, "target_bundle_id": target_bundle,
             "target_bundle_version": target_version, "target_bundle_ref": target_ref, "target_flow_id": target_flow,
             "start_at": start.isoformat() if start else None, "interval": interval, "repeat_count": repeat_count,
-            "repeat_until": repeat_until or None, "share_context": bool(share_context), "created_at": now, "updated_at": now,
+            "repeat_until": repeat_until or None, "share_context": bool(share_context), "created_at": now,
+            "updated_at": now,
         }
         workflow_id = f"{SCHEDULE_PREFIX}{uuid.uuid4()}"
         spec = self.host.register_schedule(workflow_id, definition)
@@ -3650,7 +3725,8 @@ class Gateway:
         default = self.host.default_llm(run.workflow_id) or ("", "")
         chosen = ((provider or "").strip().lower() or default[0], (model or "").strip() or default[1])
         if not all(chosen):
-            raise Unprocessable(f"No provider or model for this request: {LLM_SETTINGS_HINT}", code="llm_not_configured")
+            raise Unprocessable(f"No provider or model for this request: {LLM_SETTINGS_HINT}",
+                                code="llm_not_configured")
         return chosen
 
     def run_digest(self, run_id: str, include_subruns: bool = True) -> Dict[str, Any]:
@@ -3703,7 +3779,8 @@ class Gateway:
                 "summary": text}
 
     def chat_about_run(self, run_id: str, messages: List[Dict[str, Any]], *, provider: Optional[str] = None,
-                       model: Optional[str] = None, include_subruns: bool = True, persist: bool = False) -> Dict[str, Any]:
+                       model: Optional[str] = None, include_subruns: bool = True,
+                       persist: bool = False) -> Dict[str, Any]:
         """Answer the chat's last question from the run's ledger only (the run is not touched); with
         `persist`, the question and answer are appended as an `abstract.chat` record."""
         run = self.load_run(run_id)
@@ -3923,15 +4000,18 @@ class Gateway:
         def done(job: RunState, ctx: Any) -> Any:
             return StepPlan(node_id="done", complete_output={"result": job.vars.get("result")})
 
-        spec = WorkflowSpec(workflow_id="__compact_memory__", entry_node="compact", nodes={"compact": compact, "done": done})
+        spec = WorkflowSpec(workflow_id="__compact_memory__", entry_node="compact",
+                            nodes={"compact": compact, "done": done})
         with self.uow.collect() as writes:
-            job_id = self.runtime.start(workflow=spec, vars={}, actor_id=ACTOR_ID, parent_run_id=None, session_id=target)
+            job_id = self.runtime.start(workflow=spec, vars={}, actor_id=ACTOR_ID, parent_run_id=None,
+                                        session_id=target)
             job = self.runtime.tick(workflow=spec, run_id=job_id, max_steps=5)
         if _enum_value(job.status) != "completed":
             needs_llm = self.llm is None and "llm_call" in str(job.error or "")
             raise Unprocessable(
                 f"compact_memory needs an LLM to summarise; install the '{LLM_EXTRA}' extra" if needs_llm
-                else f"compact_memory failed: {job.error}", code="llm_extra_required" if needs_llm else "compact_failed")
+                else f"compact_memory failed: {job.error}",
+                code="llm_extra_required" if needs_llm else "compact_failed")
         return writes, job_id, job, target
 
     def _commit_compaction(self, record: CommandRecord, compaction: Tuple[StepWrites, str, RunState, str]) -> None:
@@ -3960,7 +4040,8 @@ class Gateway:
         root = self.schedule_root(record.run_id)
         sched = root.vars["_meta"]["schedule"]
         if not sched.get("interval"):
-            raise GatewayError(f"Run '{root.run_id}' is a one-shot schedule (no interval to update)", code="not_recurrent")
+            raise GatewayError(f"Run '{root.run_id}' is a one-shot schedule (no interval to update)",
+                               code="not_recurrent")
         now = utc_now_iso()
         sched.update(interval=interval, updated_at=now)
         waiting = root.waiting
@@ -4546,7 +4627,8 @@ class Workspace:
                     raise GatewayError("path escapes workspace root", status=403, code="path_escape")
                 name = parts[0] if parts else ""
                 if name not in self.mounts:
-                    raise GatewayError(f"path must start with a workspace mount name ({', '.join(sorted(self.mounts))})",
+                    raise GatewayError("path must start with a workspace mount name"
+                                       f" ({', '.join(sorted(self.mounts))})",
                                        status=403, code="path_outside_workspace")
                 root = self.mounts[name]
                 real = Path(os.path.realpath(root.joinpath(*parts[1:])))
@@ -4647,28 +4729,12 @@ class Workspace:
             return problem
         if end_line is not None and end_line < start_line:
             return f"Error: start_line ({start_line}) cannot be greater than end_line ({end_line})"
-        lines: List[Tuple[int, str]] = []
-        used = line_no = 0
-        more = False
         try:
             with open(real, "rb") as fh:
                 if b"\x00" in fh.read(_BINARY_PROBE):
                     return self._binary(name)
                 fh.seek(0)
-                scanner = _LineScanner(fh, FILES_READ_MAX_BYTES, FILES_SCAN_MAX_BYTES)
-                for raw, cut in scanner:
-                    line_no += 1
-                    if line_no < start_line:
-                        continue
-                    if end_line is not None and line_no > end_line:
-                        break
-                    if len(lines) >= FILES_READ_MAX_LINES or (lines and used + len(raw) > FILES_READ_MAX_BYTES):
-                        more = True
-                        break
-                    used += len(raw)
-                    text = raw.decode("utf-8", "ignore" if cut else "strict")
-                    lines.append((line_no, text + (f" [line cut at {FILES_READ_MAX_BYTES} bytes]" if cut else "")))
-                more = more or (scanner.exhausted and (end_line is None or line_no < end_line))
+                lines, line_no, more = self._line_window(fh, start_line, end_line)
         except UnicodeDecodeError:
             return self._binary(name)
         except OSError as exc:
@@ -4684,6 +4750,29 @@ class Workspace:
             out += (f"\n\n[truncated: the file continues after line {lines[-1][0]}; "
                     f"read again with start_line={lines[-1][0] + 1}]")
         return out
+
+    @staticmethod
+    def _line_window(fh: Any, start_line: int, end_line: Optional[int]) -> Tuple[List[Tuple[int, str]], int, bool]:
+        """(line number, text) of lines start_line..end_line within the read caps, the last line number
+        scanned, and whether the file goes on past what was returned. UnicodeDecodeError: not UTF-8."""
+        lines: List[Tuple[int, str]] = []
+        used = line_no = 0
+        more = False
+        scanner = _LineScanner(fh, FILES_READ_MAX_BYTES, FILES_SCAN_MAX_BYTES)
+        for raw, cut in scanner:
+            line_no += 1
+            if line_no < start_line:
+                continue
+            if end_line is not None and line_no > end_line:
+                break
+            if len(lines) >= FILES_READ_MAX_LINES or (lines and used + len(raw) > FILES_READ_MAX_BYTES):
+                more = True
+                break
+            used += len(raw)
+            text = raw.decode("utf-8", "ignore" if cut else "strict")
+            lines.append((line_no, text + (f" [line cut at {FILES_READ_MAX_BYTES} bytes]" if cut else "")))
+        more = more or (scanner.exhausted and (end_line is None or line_no < end_line))
+        return lines, line_no, more
 
     def skim(self, raw_path: str, target_percent: float = 8.0, head_lines: int = 25,
              tail_lines: int = 25) -> Dict[str, str]:
@@ -4709,6 +4798,22 @@ class Workspace:
         except OSError as exc:
             return {"path": name, "content": f"Error: Failed to read '{name}': {exc.strerror or exc}"}
         total = len(texts)
+        chosen = self._skim_picks(texts, target_percent, head_lines, tail_lines)
+        width = len(str(chosen[-1] + 1)) if chosen else 1
+        out, previous = [], -1
+        for i in chosen:
+            if previous >= 0 and i != previous + 1:
+                out.append(" " * width + "  …")
+            out.append(f"{i + 1:>{width}}: {texts[i]}")
+            previous = i
+        scope = f"first {total} lines" if scanner.exhausted else f"{total} lines"
+        header = f"File: {name} ({scope}; {len(chosen)} sampled)"
+        return {"path": name, "content": header + ("\n\n" + "\n".join(out) if out else "\n\n(empty file)")}
+
+    @staticmethod
+    def _skim_picks(texts: List[str], target_percent: float, head_lines: int, tail_lines: int) -> List[int]:
+        """Sorted indexes of the lines a skim shows."""
+        total = len(texts)
         # `target_percent` of the lines (at least a dozen), a third at most from each end, then
         # headings, then evenly spaced lines
         budget = min(FILES_SKIM_MAX_LINES, total, max(12, math.ceil(total * target_percent / 100)))
@@ -4722,17 +4827,7 @@ class Workspace:
         spare = budget - len(picked)
         if spare > 0:
             picked.update(int(total * k / (spare + 1)) for k in range(1, spare + 1))
-        chosen = sorted(picked)
-        width = len(str(chosen[-1] + 1)) if chosen else 1
-        out, previous = [], -1
-        for i in chosen:
-            if previous >= 0 and i != previous + 1:
-                out.append(" " * width + "  …")
-            out.append(f"{i + 1:>{width}}: {texts[i]}")
-            previous = i
-        scope = f"first {total} lines" if scanner.exhausted else f"{total} lines"
-        header = f"File: {name} ({scope}; {len(chosen)} sampled)"
-        return {"path": name, "content": header + ("\n\n" + "\n".join(out) if out else "\n\n(empty file)")}
+        return sorted(picked)
 
 
 def store_attachment(stores: Stores, *, session_id: str, content: bytes, filename: str, content_type: str,
@@ -4809,7 +4904,8 @@ def file_report(stores: Stores, report_type: str, body: Dict[str, Any]) -> Dict[
         "## Description", "\n".join("    " + line for line in description.replace("\r\n", "\n").split("\n")), "",
         "## Attachments (session-scoped)", *attachment_lines, "",
         "## Replay", f"- Runs of the session: `GET /api/gateway/runs?session_id={session_id}`",
-        f"- History bundle: `GET /api/gateway/runs/{replay_run}/history_bundle?include_subruns=true&include_session=true`",
+        f"- History bundle: `GET /api/gateway/runs/{replay_run}/history_bundle"
+        "?include_subruns=true&include_session=true`",
         f"- Attachments: `GET /api/gateway/runs/{owner}/artifacts`", "",
         "## Environment", f"- Client: {fields['client']} {fields['client_version']}".rstrip(),
         f"- User agent: {fields['user_agent']}", f"- Page URL: {fields['url']}",
@@ -4856,28 +4952,44 @@ class KnowledgeGraph:
             raise NotFound(f"Run '{run_id}' not found", code="run_not_found")
         return run
 
-    def _owners(self, body: Dict[str, Any], scope: str, warnings: List[str]) -> Tuple[List[Tuple[str, Optional[str]]], Optional[str]]:
+    def _owners(self, body: Dict[str, Any], scope: str,
+                warnings: List[str]) -> Tuple[List[Tuple[str, Optional[str]]], Optional[str]]:
         """The (scope, owner id) pairs to query, and the owner id to report (single scope only)."""
-        from abstractruntime.integrations.abstractmemory.effect_handlers import resolve_scope_owner_id
-
-        run_id, session_id, owner = (str(body.get(k) or "").strip() or None for k in ("run_id", "session_id", "owner_id"))
+        run_id, session_id, owner = (str(body.get(k) or "").strip() or None for k in ("run_id", "session_id",
+                                                                                      "owner_id"))
         if body.get("all_owners"):
             return [(s, None) for s in (KG_SCOPES[:3] if scope == "all" else (scope,))], None
         if scope == "all":
-            if run_id:
-                try:
-                    run = self._run(run_id)
-                except NotFound:
-                    if not session_id:
-                        raise
-                    warnings.append(f"Run '{run_id}' not found; querying session+global only for session_id='{session_id}'")
-                else:
-                    return [(s, resolve_scope_owner_id(run, scope=s, run_store=self.runs)) for s in KG_SCOPES[:3]], None
-            if not session_id:
-                raise GatewayError("run_id or session_id is required when scope=all (or set all_owners=true)",
-                                   code="validation_error")
-            warnings.append("run scope omitted (no run_id available)")
-            return [("session", session_memory_run_id(session_id)), ("global", global_memory_owner_id())], None
+            return self._owners_of_all_scopes(run_id, session_id, warnings), None
+        resolved = self._owner_of_scope(scope, run_id, session_id, owner)
+        return [(scope, resolved)], resolved
+
+    def _owners_of_all_scopes(self, run_id: Optional[str], session_id: Optional[str],
+                              warnings: List[str]) -> List[Tuple[str, Optional[str]]]:
+        """scope=all: the run's own owners of run, session and global scope, else the session's and global."""
+        from abstractruntime.integrations.abstractmemory.effect_handlers import resolve_scope_owner_id
+
+        if run_id:
+            try:
+                run = self._run(run_id)
+            except NotFound:
+                if not session_id:
+                    raise
+                warnings.append(f"Run '{run_id}' not found; querying session+global only"
+                                f" for session_id='{session_id}'")
+            else:
+                return [(s, resolve_scope_owner_id(run, scope=s, run_store=self.runs)) for s in KG_SCOPES[:3]]
+        if not session_id:
+            raise GatewayError("run_id or session_id is required when scope=all (or set all_owners=true)",
+                               code="validation_error")
+        warnings.append("run scope omitted (no run_id available)")
+        return [("session", session_memory_run_id(session_id)), ("global", global_memory_owner_id())]
+
+    def _owner_of_scope(self, scope: str, run_id: Optional[str], session_id: Optional[str],
+                        owner: Optional[str]) -> str:
+        """The one owner id a single-scope query reads: owner_id if given, else derived from the scope."""
+        from abstractruntime.integrations.abstractmemory.effect_handlers import resolve_scope_owner_id
+
         if owner:
             resolved = owner
         elif scope == "global":
@@ -4893,7 +5005,7 @@ class KnowledgeGraph:
         else:
             raise GatewayError("run_id or session_id is required for scope=session (or provide owner_id)",
                                code="validation_error")
-        return [(scope, resolved)], resolved
+        return resolved
 
     def query(self, body: Dict[str, Any]) -> Dict[str, Any]:
         """The original's `/kg/query`: assertions of the resolved owners, newest first (or `order=asc`)."""
@@ -4911,7 +5023,8 @@ class KnowledgeGraph:
             raise GatewayError("all_owners cannot be combined with owner_id", code="validation_error")
         if not self.store.path.is_file():  # nothing stored yet: the original answers before resolving owners
             return {"ok": True, "scope": scope, "owner_id": None, "count": 0, "items": [],
-                    "warnings": ["KG store does not exist yet (no persisted assertions in <data dir>/abstractmemory/kg.sqlite3)."]}
+                    "warnings": ["KG store does not exist yet"
+                                 " (no persisted assertions in <data dir>/abstractmemory/kg.sqlite3)."]}
         warnings: List[str] = []
         owners, reported_owner = self._owners(body, scope, warnings)
         from abstractmemory import TripleQuery
@@ -5083,7 +5196,8 @@ ROUTES: Tuple[Route, ...] = (
     Route("POST", f"{API}/runs/start", "start_run", "Start a run (durable before this returns).", "runs",
           body=_obj((), bundle_id=_NS, bundle_version=_NS, flow_id=_NS, input_data=_O, session_id=_NS),
           response=_obj(("run_id",), run_id=_S), errors=(404, 409, 422)),
-    Route("POST", f"{API}/runs/schedule", "schedule_run", "Run a flow on a timetable (as child runs of a scheduled parent).",
+    Route("POST", f"{API}/runs/schedule", "schedule_run",
+          "Run a flow on a timetable (as child runs of a scheduled parent).",
           "runs", body=_obj(("bundle_id", "flow_id"), bundle_id=_S, bundle_version=_NS, flow_id=_S, input_data=_O,
                             start_at=_NS, interval=_NS, repeat_count={"type": ["integer", "null"]}, repeat_until=_NS,
                             share_context=_B, session_id=_NS),
@@ -5091,7 +5205,8 @@ ROUTES: Tuple[Route, ...] = (
     Route("GET", f"{API}/runs", "list_runs", "List runs, most recently updated first, with a page cursor.", "runs",
           query=(Param("limit", "int", 50, 1, 500), Param("status", "str", choices=tuple(s.value for s in RunStatus)),
                  Param("workflow_id", "str"), Param("session_id", "str"), Param("root_only", "bool", False),
-                 Param("include_ledger_len", "bool", True), Param("cursor", "str", description="next_cursor of the previous page"),
+                 Param("include_ledger_len", "bool", True),
+                 Param("cursor", "str", description="next_cursor of the previous page"),
                  Param("include_metrics", "bool", False,
                        description="add steps, llm_calls, tool_calls, tokens_total per run (from indexed counters)")),
           response=_obj(("items",), items={"type": "array", "items": _RUN}, next_cursor=_NS)),
@@ -5101,13 +5216,15 @@ ROUTES: Tuple[Route, ...] = (
                         flow_id=_NS, pin_ids={"type": "array", "items": _S}, input_data=_O), errors=(404,)),
     Route("GET", f"{API}/runs/<run_id>/history_bundle", "get_history_bundle", "Portable export of a run.", "runs",
           query=(Param("include_subruns", "bool", True), Param("include_session", "bool", False),
-                 Param("session_turn_limit", "int", 200, 1, 500), Param("ledger_mode", "str", "tail", choices=("tail", "full")),
+                 Param("session_turn_limit", "int", 200, 1, 500),
+                 Param("ledger_mode", "str", "tail", choices=("tail", "full")),
                  Param("ledger_max_items", "int", 2000, 0, 20000)), errors=(404,)),
     Route("GET", f"{API}/runs/<run_id>/commands", "list_run_commands", "Outcomes of the commands sent to a run.",
           "commands", query=(Param("limit", "int", 200, 1, 2000),),
           response=_obj(("items",), items={"type": "array", "items": _COMMAND_STATUS}), errors=(404,)),
     Route("GET", f"{API}/runs/<run_id>/artifacts", "list_artifacts", "A run's artifacts, newest first.", "artifacts",
-          query=(Param("limit", "int", 200, 1, 2000),), response=_obj(("items",), items={"type": "array", "items": _ARTIFACT}),
+          query=(Param("limit", "int", 200, 1, 2000),),
+          response=_obj(("items",), items={"type": "array", "items": _ARTIFACT}),
           errors=(404,)),
     Route("GET", f"{API}/runs/<run_id>/artifacts/<artifact_id>", "get_artifact", "Artifact metadata.", "artifacts",
           response=_ARTIFACT, errors=(400, 404)),
@@ -5141,7 +5258,8 @@ ROUTES: Tuple[Route, ...] = (
     # commands
     Route("POST", f"{API}/commands", "submit_command", "Append a command to the durable inbox (idempotent).",
           "commands", body=_obj(("command_id", "run_id", "type"), command_id=_S, run_id=_S,
-                                type={"type": "string", "enum": list(COMMAND_TYPES)}, payload=_O, ts=_NS, client_id=_NS),
+                                type={"type": "string", "enum": list(COMMAND_TYPES)}, payload=_O, ts=_NS,
+                                client_id=_NS),
           response=_obj(("accepted", "duplicate", "seq"), accepted=_B, duplicate=_B, seq=_I)),
     Route("GET", f"{API}/audit/tail", "audit_tail",
           "The audit log of write requests: its newest JSONL lines within `max_bytes` (the original's shape), "
@@ -5159,12 +5277,16 @@ ROUTES: Tuple[Route, ...] = (
     Route("GET", f"{API}/workspace/policy", "workspace_policy",
           "The operator's workspace policy: mount names (never server paths) and the attachment cap.", "workspace",
           response=_obj(("ok", "policy"), ok=_B, policy=_obj(
-              ("target", "mounts", "max_attachment_bytes"), target=_S, mounts={"type": "array", "items": _obj(("name",), name=_S)},
-              max_attachment_bytes=_I, client_workspace_scope_overrides=_B, allowed_access_modes={"type": "array", "items": _S}))),
+              ("target", "mounts", "max_attachment_bytes"), target=_S,
+              mounts={"type": "array", "items": _obj(("name",), name=_S)},
+              max_attachment_bytes=_I, client_workspace_scope_overrides=_B,
+              allowed_access_modes={"type": "array", "items": _S}))),
     Route("GET", f"{API}/files/search", "files_search", "Find workspace files by a substring of their path.",
-          "workspace", query=(Param("query", "str", description="case-insensitive substring of the path", required=True),
+          "workspace",
+          query=(Param("query", "str", description="case-insensitive substring of the path", required=True),
                               Param("limit", "int", 20, 1, 200)),
-          response=_obj(("items",), items={"type": "array", "items": _obj(("path",), path=_S, mount=_S, size_bytes=_I)})),
+          response=_obj(("items",),
+                        items={"type": "array", "items": _obj(("path",), path=_S, mount=_S, size_bytes=_I)})),
     Route("GET", f"{API}/files/read", "files_read", "A workspace text file's lines, numbered (capped per call).",
           "workspace", query=(Param("path", "str", description="`mount/relative/path`", required=True),
                               Param("start_line", "int", 1, 1), Param("end_line", "int", None, 1)),
@@ -5183,7 +5305,8 @@ ROUTES: Tuple[Route, ...] = (
           "Store a workspace file as an attachment of a session.", "attachments",
           body=_obj(("session_id", "path"), session_id=_S, path=_S, filename=_NS, content_type=_NS),
           response=_ATTACHMENT, errors=(403, 404, 413)),
-    Route("POST", f"{API}/kg/query", "kg_query", "Query AbstractMemory's knowledge graph (run, session or global scope).",
+    Route("POST", f"{API}/kg/query", "kg_query",
+          "Query AbstractMemory's knowledge graph (run, session or global scope).",
           "memory", body=_obj((), run_id=_NS, session_id=_NS, scope=_NS,
                               owner_id=_NS, subject=_NS, predicate=_NS, object=_NS, since=_NS, until=_NS,
                               active_at=_NS, query_text=_NS, min_score={"type": ["number", "null"]}, all_owners=_B,
@@ -5425,7 +5548,8 @@ class GatewayApp:
             body = None
             if route.body is not None:
                 body = _check_body(route.body, self._json_body(request))
-            response = getattr(self, endpoint)(request, *args.values(), **query, **({"body": body} if route.body else {}))
+            response = getattr(self, endpoint)(request, *args.values(), **query,
+                                               **({"body": body} if route.body else {}))
         except GatewayError as exc:
             response = error_response(exc.status, exc.code, exc.detail)
         except (StorageError, *_STORAGE_FAILURES) as exc:  # a passing condition of the disk, not a bug
@@ -5556,7 +5680,8 @@ class GatewayApp:
 
     def _entrypoint(self, bundle: LoadedBundle, entry: Any, detail: bool = False) -> Dict[str, Any]:
         mark = self.gateway.host.deprecation(bundle.bundle_id, entry.flow_id)
-        out = {"flow_id": entry.flow_id, "workflow_id": workflow_id_for(bundle.bundle_id, bundle.bundle_version, entry.flow_id),
+        out = {"flow_id": entry.flow_id,
+               "workflow_id": workflow_id_for(bundle.bundle_id, bundle.bundle_version, entry.flow_id),
                "name": entry.name, "description": entry.description, "interfaces": list(entry.interfaces),
                "deprecated": mark is not None, "deprecated_at": mark["deprecated_at"] if mark else None,
                "deprecated_reason": mark["reason"] if mark else None}
@@ -5567,12 +5692,14 @@ class GatewayApp:
                                  for n in flow.get("nodes") or [] if isinstance(n, dict)}
         return out
 
-    def _bundle_view(self, bundle: LoadedBundle, detail: bool = False, include_deprecated: bool = True) -> Dict[str, Any]:
+    def _bundle_view(self, bundle: LoadedBundle, detail: bool = False,
+                     include_deprecated: bool = True) -> Dict[str, Any]:
         entries = [self._entrypoint(bundle, e, detail) for e in bundle.entrypoints]
         if not include_deprecated:
             entries = [e for e in entries if not e["deprecated"]]
         view = {"bundle_id": bundle.bundle_id, "bundle_version": bundle.bundle_version, "bundle_ref": bundle.ref,
-                "created_at": bundle.created_at, "default_entrypoint": bundle.default_entrypoint, "entrypoints": entries,
+                "created_at": bundle.created_at, "default_entrypoint": bundle.default_entrypoint,
+                "entrypoints": entries,
                 "origin": "upload" if bundle.origin == "upload" else "flows_dir", "load_error": bundle.load_error,
                 "needs": [f"llm:{t}" for t in bundle.needs]
                 + sorted({f"capability:{CAPABILITY_PACKAGES[t][1]}" for t in bundle.needs if t in CAPABILITY_PACKAGES})}
@@ -5670,14 +5797,16 @@ class GatewayApp:
             raise NotFound(f"Entrypoint '{bundle.bundle_id}:{flow_id}' not found", code="flow_not_found")
         return bundle, flow_id
 
-    def get_bundle_flow(self, request: Request, bundle_id: str, flow_id: str, bundle_version: Optional[str]) -> Response:
+    def get_bundle_flow(self, request: Request, bundle_id: str, flow_id: str,
+                        bundle_version: Optional[str]) -> Response:
         self.gateway.host.require_bundle_source()
         bid, version = split_bundle_ref(bundle_id, bundle_version)
         if ":" in flow_id:
             prefix, _, flow_id = flow_id.partition(":")
             pid, pversion = split_bundle_ref(prefix, None)
             if pid != bid or (pversion and version and pversion != version):
-                raise GatewayError(f"flow_id prefix '{prefix}' does not match bundle '{bundle_id}'", code="version_conflict")
+                raise GatewayError(f"flow_id prefix '{prefix}' does not match bundle '{bundle_id}'",
+                                   code="version_conflict")
             version = version or pversion
         return json_response(self._bundle_flow_view(self.gateway.host.bundle(bid, version), flow_id))
 
@@ -5747,13 +5876,15 @@ class GatewayApp:
                     "current_node": None, "created_at": row["created_at"], "updated_at": row["updated_at"],
                     "actor_id": row["actor_id"], "session_id": row["session_id"], "parent_run_id": row["parent_run_id"],
                     "error": None, "paused": False, "pause_reason": None, "paused_at": None, "resumed_at": None,
-                    "waiting": ({"reason": row["wait_reason"], **({"until": row["wait_until"]} if row["wait_until"] else {})}
+                    "waiting": ({"reason": row["wait_reason"],
+                                 **({"until": row["wait_until"]} if row["wait_until"] else {})}
                                 if row["wait_reason"] else None),
                     "is_scheduled": False, "schedule": None, "limits": None}
             if include_ledger_len:
                 item["ledger_len"] = counts.get(row["run_id"], 0)
             if include_metrics:  # like the original: null for a run with no completed step yet
-                item.update(metrics.get(row["run_id"]) or dict.fromkeys(("steps", "llm_calls", "tool_calls", "tokens_total")))
+                item.update(metrics.get(row["run_id"]) or dict.fromkeys(("steps", "llm_calls", "tool_calls",
+                                                                         "tokens_total")))
             items.append(item)
         next_cursor = _encode_cursor(rows[-1]["updated_at"] or "", rows[-1]["run_id"]) if more and rows else None
         return json_response({"items": items, "next_cursor": next_cursor})
@@ -5955,7 +6086,8 @@ class GatewayApp:
         return json_response({"ok": True, "policy": {
             "target": "server", "mounts": [{"name": name} for name in sorted(self.workspace.mounts)],
             "max_attachment_bytes": self.gateway.config.max_attachment_bytes,
-            "client_workspace_scope_overrides": False, "allowed_access_modes": ["workspace_only", "workspace_or_allowed"]}})
+            "client_workspace_scope_overrides": False,
+            "allowed_access_modes": ["workspace_only", "workspace_or_allowed"]}})
 
     def files_search(self, request: Request, query: str, limit: int) -> Response:
         return json_response({"items": self.workspace.search(query, limit)})
@@ -6029,7 +6161,8 @@ class GatewayApp:
     def _report_list(self, report_type: str) -> Response:
         folder = REPORT_FOLDERS[report_type]
         return json_response({"items": [{**row, "relpath": f"{folder}/{row['filename']}", "decision_id": "",
-                                         "triage_status": ""} for row in self.gateway.stores.reports.list(report_type)]})
+                                         "triage_status": ""}
+                                        for row in self.gateway.stores.reports.list(report_type)]})
 
     def list_bug_reports(self, request: Request) -> Response:
         return self._report_list("bug")
@@ -6123,7 +6256,8 @@ def _decode_cursor(cursor: str) -> Tuple[str, str]:
     try:
         updated_at, run_id = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode().split("\n", 1)
     except (ValueError, UnicodeDecodeError):
-        raise Unprocessable("Query parameter 'cursor' is not a cursor from a previous page", code="validation_error") from None
+        raise Unprocessable("Query parameter 'cursor' is not a cursor from a previous page",
+                            code="validation_error") from None
     return updated_at, run_id
 
 
@@ -6224,7 +6358,8 @@ def openapi_document() -> Dict[str, Any]:
         params = [{"name": name, "in": "path", "required": True, "schema": {"type": "string"}}
                   for name in re.findall(r"{([a-z_]+)}", path)]
         for p in route.query:
-            schema: Dict[str, Any] = {"type": {"str": "string", "int": "integer", "float": "number", "bool": "boolean"}[p.kind]}
+            schema: Dict[str, Any] = {
+                "type": {"str": "string", "int": "integer", "float": "number", "bool": "boolean"}[p.kind]}
             if p.default is not None:
                 schema["default"] = p.default
             if p.minimum is not None:
@@ -6249,8 +6384,9 @@ def openapi_document() -> Dict[str, Any]:
             codes |= {401, 403, 429}
             op["security"] = [{"bearerAuth": []}]
         for code in sorted(codes):
-            op["responses"][str(code)] = {"description": HTTP_REASONS.get(code, "Error"),
-                                          "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}
+            op["responses"][str(code)] = {
+                "description": HTTP_REASONS.get(code, "Error"),
+                "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}
         paths.setdefault(path, {})[route.method.lower()] = op
     return {
         "openapi": "3.1.0",
@@ -6319,7 +6455,9 @@ function render(spec) {
     for (const [path, method, op] of ops) {
       const form = $('form'); const out = $('pre', {textContent: ''});
       const rows = (op.parameters || []).map(p => $('tr', {}, $('td', {}, $('code', {textContent: p.name})),
-        $('td', {textContent: p.in}), $('td', {textContent: (p.schema.type || '') + (p.schema.default !== undefined ? ' = ' + p.schema.default : '')}),
+        $('td', {textContent: p.in}),
+        $('td', {textContent: (p.schema.type || '')
+          + (p.schema.default !== undefined ? ' = ' + p.schema.default : '')}),
         $('td', {}, $('input', {className: 'p', name: p.name}))));
       if (rows.length) form.append($('table', {}, ...rows));
       if (op.requestBody) { const c = op.requestBody.content;
@@ -6330,7 +6468,8 @@ function render(spec) {
       form.onsubmit = ev => { ev.preventDefault(); tryIt(path, method, op, form, out); };
       main.append($('details', {}, $('summary', {}, $('span', {className: 'm ' + method, textContent: method}),
         $('code', {textContent: path}), $('span', {textContent: op.summary})),
-        $('div', {className: 'body'}, $('p', {textContent: 'Responses: ' + Object.keys(op.responses).join(', ')}), form, out)));
+        $('div', {className: 'body'}, $('p', {textContent: 'Responses: ' + Object.keys(op.responses).join(', ')}),
+          form, out)));
     }
   }
 }
@@ -6683,19 +6822,7 @@ class _ResponseWriter:
         """The response head; fixes the framing of the body that follows."""
         code = self.status_code
         no_body = self.head_only or code in (204, 304) or 100 <= code < 200
-        lines = [b"HTTP/1.1 " + self.status.encode("latin-1")]
-        for name, value in self.headers:
-            lower = name.lower()
-            if lower in _HOP_BY_HOP:
-                continue
-            if lower == "content-length":
-                if stream:
-                    continue
-                try:
-                    self.length = int(value)
-                except ValueError:
-                    continue
-            lines.append(b"%s: %s" % (name.encode("latin-1"), value.encode("latin-1")))
+        lines = [b"HTTP/1.1 " + self.status.encode("latin-1")] + self._app_header_lines(stream)
         if self.body.failed or self.body.too_big_to_drain():
             self.conn.keep_alive = False  # the request's framing is lost or too costly to drain
         if not no_body and self.length is None:
@@ -6716,6 +6843,24 @@ class _ResponseWriter:
             lines.append(b"Connection: keep-alive")
         self.head_sent = True
         return b"\r\n".join(lines) + b"\r\n\r\n"
+
+    def _app_header_lines(self, stream: bool) -> List[bytes]:
+        """The application's header lines, less hop-by-hop ones (this server frames the body itself);
+        a valid Content-Length of a non-streamed response is kept and noted in `length`."""
+        lines = []
+        for name, value in self.headers:
+            lower = name.lower()
+            if lower in _HOP_BY_HOP:
+                continue
+            if lower == "content-length":
+                if stream:
+                    continue
+                try:
+                    self.length = int(value)
+                except ValueError:
+                    continue
+            lines.append(b"%s: %s" % (name.encode("latin-1"), value.encode("latin-1")))
+        return lines
 
     def write(self, data: bytes) -> None:
         head = b"" if self.head_sent else self.head()
@@ -6862,19 +7007,7 @@ class _StreamWriter:
         """One pass: socket events, new streams, commits, fetches, timers, sends."""
         now = time.monotonic()
         timeout = max(0.0, min(self._next_scan, self._next_poll) - now) if self._subs else self.POLL_S
-        for key, mask in self._selector.select(0 if self._pending and self._can_fetch() else timeout):
-            sub = key.data
-            if sub is None:
-                try:
-                    while self._wake_r.recv(4096):
-                        pass
-                except OSError:
-                    pass
-                continue
-            if mask & self._selectors.EVENT_READ:
-                self._check_gone(sub)
-            if mask & self._selectors.EVENT_WRITE and sub in self._subs:
-                self._to_flush.add(sub)
+        self._socket_events(0 if self._pending and self._can_fetch() else timeout)
         with self._lock:
             incoming, self._incoming = self._incoming, []
             dirty, self._dirty = self._dirty, set()
@@ -6894,6 +7027,23 @@ class _StreamWriter:
         for sub in flush:
             if sub in self._subs:
                 self._flush(sub, now)
+
+    def _socket_events(self, timeout: float) -> None:
+        """Wait up to `timeout` for socket events: drain the wake-up pipe, drop streams whose client
+        went away, and queue writable ones for a flush."""
+        for key, mask in self._selector.select(timeout):
+            sub = key.data
+            if sub is None:
+                try:
+                    while self._wake_r.recv(4096):
+                        pass
+                except OSError:
+                    pass
+                continue
+            if mask & self._selectors.EVENT_READ:
+                self._check_gone(sub)
+            if mask & self._selectors.EVENT_WRITE and sub in self._subs:
+                self._to_flush.add(sub)
 
     def _can_fetch(self) -> bool:
         return any(s.out_bytes < self.max_buffer_bytes for s in self._pending)
@@ -7408,12 +7558,10 @@ class HttpServer:
             return "close"
         return "keep"
 
-    def _environ(self, conn: _Connection, head: bytes) -> Tuple[Dict[str, Any], _BodyReader, bool]:
-        """The WSGI environ of a request head (400/431/501/505 for what cannot be served)."""
-        from urllib.parse import unquote
-
-        lines = head.decode("latin-1").split("\n")
-        parts = lines[0].rstrip("\r").split(" ")
+    @staticmethod
+    def _request_line(line: str) -> Tuple[str, str, str]:
+        """Method, target and version of a request line (400/505 when malformed or not HTTP/1.x)."""
+        parts = line.rstrip("\r").split(" ")
         if len(parts) != 3:
             raise _BadRequest(400, "Bad Request", "bad_request", "Malformed request line")
         method, target, version = parts
@@ -7421,11 +7569,17 @@ class HttpServer:
             if version.startswith("HTTP/"):
                 raise _BadRequest(505, "HTTP Version Not Supported", "http_version", "HTTP version not supported")
             raise _BadRequest(400, "Bad Request", "bad_request", "Malformed request line")
-        if not method or not set(method) <= _TOKEN_CHARS or not target or not (target.isascii() and target.isprintable()):
+        if (not method or not set(method) <= _TOKEN_CHARS or not target
+                or not (target.isascii() and target.isprintable())):
             raise _BadRequest(400, "Bad Request", "bad_request", "Malformed request line")
+        return method, target, version
+
+    @staticmethod
+    def _header_fields(lines: List[str]) -> List[Tuple[str, str]]:
+        """(name, value) of each header line (400 for folded or malformed lines, 431 past MAX_HEADER_BYTES)."""
         headers: List[Tuple[str, str]] = []
         size = 0
-        for line in lines[1:]:
+        for line in lines:
             line = line.rstrip("\r")
             if not line:
                 continue
@@ -7439,6 +7593,38 @@ class HttpServer:
         if size > MAX_HEADER_BYTES:
             raise _BadRequest(431, "Request Header Fields Too Large", "headers_too_large",
                               "Request header fields too large")
+        return headers
+
+    @staticmethod
+    def _body_framing(environ: Dict[str, Any], lengths: List[str], http10: bool) -> Tuple[bool, int]:
+        """(chunked, length) of the request body from its Transfer-Encoding or Content-Length headers.
+
+        Ambiguous framing (both headers, chunked on HTTP/1.0, differing lengths) is refused with a 400
+        rather than guessed, and other transfer codings with a 501."""
+        chunked, length = False, 0
+        if "HTTP_TRANSFER_ENCODING" in environ:
+            codings = [c.strip().lower() for c in environ["HTTP_TRANSFER_ENCODING"].split(",") if c.strip()]
+            if lengths or http10:
+                raise _BadRequest(400, "Bad Request", "bad_request",
+                                  "Transfer-Encoding with Content-Length (or on HTTP/1.0) is refused")
+            if codings != ["chunked"]:
+                raise _BadRequest(501, "Not Implemented", "unsupported_transfer_encoding",
+                                  "Only the chunked transfer coding is supported")
+            chunked = True
+        elif lengths:
+            if len(set(lengths)) != 1 or not lengths[0].isdigit() or len(lengths[0]) > 18:
+                raise _BadRequest(400, "Bad Request", "bad_request", "Bad Content-Length header")
+            length = int(lengths[0])
+            environ["CONTENT_LENGTH"] = str(length)
+        return chunked, length
+
+    def _environ(self, conn: _Connection, head: bytes) -> Tuple[Dict[str, Any], _BodyReader, bool]:
+        """The WSGI environ of a request head (400/431/501/505 for what cannot be served)."""
+        from urllib.parse import unquote
+
+        lines = head.decode("latin-1").split("\n")
+        method, target, version = self._request_line(lines[0])
+        headers = self._header_fields(lines[1:])
         if target.startswith(("http://", "https://")):  # absolute form: the authority is the Host
             authority, slash, rest = target.split("://", 1)[1].partition("/")
             target = slash + rest
@@ -7468,21 +7654,7 @@ class HttpServer:
         http10 = version == "HTTP/1.0"
         tokens = {t.strip().lower() for t in environ.get("HTTP_CONNECTION", "").split(",")}
         conn.keep_alive = ("keep-alive" in tokens) if http10 else ("close" not in tokens)
-        chunked, length = False, 0
-        if "HTTP_TRANSFER_ENCODING" in environ:
-            codings = [c.strip().lower() for c in environ["HTTP_TRANSFER_ENCODING"].split(",") if c.strip()]
-            if lengths or http10:
-                raise _BadRequest(400, "Bad Request", "bad_request",
-                                  "Transfer-Encoding with Content-Length (or on HTTP/1.0) is refused")
-            if codings != ["chunked"]:
-                raise _BadRequest(501, "Not Implemented", "unsupported_transfer_encoding",
-                                  "Only the chunked transfer coding is supported")
-            chunked = True
-        elif lengths:
-            if len(set(lengths)) != 1 or not lengths[0].isdigit() or len(lengths[0]) > 18:
-                raise _BadRequest(400, "Bad Request", "bad_request", "Bad Content-Length header")
-            length = int(lengths[0])
-            environ["CONTENT_LENGTH"] = str(length)
+        chunked, length = self._body_framing(environ, lengths, http10)
         body = _BodyReader(conn, length, chunked, self.request_timeout_s)
         environ["wsgi.input"] = body
         return environ, body, http10
@@ -7569,7 +7741,8 @@ class SecurityPolicy:
             lockout_after=config.lockout_after, lockout_base_s=config.lockout_base_s,
             lockout_max_s=config.lockout_max_s, lockout_decay_s=config.lockout_decay_s, trust_proxy=config.trust_proxy,
             audit=config.audit_log, audit_max_bytes=config.audit_log_max_bytes * (config.audit_log_rotations + 1),
-            audit_headers=tuple(h.lower() for h in _split_csv(config.audit_log_headers) if h.lower() != "authorization"),
+            audit_headers=tuple(h.lower() for h in _split_csv(config.audit_log_headers)
+                                if h.lower() != "authorization"),
             token_source=source,
         )
 
@@ -8120,7 +8293,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
               f"             {new_token}\n"
               f"             curl -H 'Authorization: Bearer {new_token}' {url}/api/gateway/ping")
     else:
-        print(f"  token    : from {policy.token_source} ({len(policy.tokens)} configured; `abstractgateway token show`)")
+        print(f"  token    : from {policy.token_source}"
+              f" ({len(policy.tokens)} configured; `abstractgateway token show`)")
     print(f"  bundles  : {sum(len(v) for v in catalog.bundles.values())} loaded from {config.flows_dir} and uploads"
           f"{f', {len(failed)} failed' if failed else ''}")
     for bundle in failed:
@@ -8249,7 +8423,8 @@ def _doctor_providers(config: Config, llm_present: bool) -> None:
     if config.provider and config.provider not in configured:
         configured[config.provider] = []
     if not configured:
-        print("  no provider configured (set e.g. OPENAI_BASE_URL / OPENAI_API_KEY, LMSTUDIO_BASE_URL, OLLAMA_BASE_URL)")
+        print("  no provider configured"
+              " (set e.g. OPENAI_BASE_URL / OPENAI_API_KEY, LMSTUDIO_BASE_URL, OLLAMA_BASE_URL)")
     for name, variables in sorted(configured.items()):
         if not llm_present:
             answer = "not checked (LLM extra absent)"

@@ -99,16 +99,21 @@ def main() -> int:
             print(f"mount: {files:,} files in 100 dirs + a 16 MiB log; KG: {triples:,} assertions")
             cold, _status, _data = _timed(conn, "GET", f"{api}/files/search?query=file_0001&limit=20")
             print(f"a. files/search, cold (walks mount):  {cold * 1000:.1f} ms")
-            print("   files/search, warm (cached list): ", _median_ms(conn, reps, "GET", f"{api}/files/search?query=file_0002&limit=20"))
-            print("b. files/read first page of 16 MiB:  ", _median_ms(conn, reps, "GET", f"{api}/files/read?path=bench/big.log"))
+            print("   files/search, warm (cached list): ",
+                  _median_ms(conn, reps, "GET", f"{api}/files/search?query=file_0002&limit=20"))
+            print("b. files/read first page of 16 MiB:  ",
+                  _median_ms(conn, reps, "GET", f"{api}/files/read?path=bench/big.log"))
             print("   files/read lines 300000-300010:   ",
-                  _median_ms(conn, reps, "GET", f"{api}/files/read?path=bench/big.log&start_line=300000&end_line=300010"))
-            print("c. files/skim of 16 MiB:             ", _median_ms(conn, reps, "GET", f"{api}/files/skim?path=bench/big.log"))
+                  _median_ms(conn, reps, "GET",
+                             f"{api}/files/read?path=bench/big.log&start_line=300000&end_line=300010"))
+            print("c. files/skim of 16 MiB:             ",
+                  _median_ms(conn, reps, "GET", f"{api}/files/skim?path=bench/big.log"))
             payload = b"\x00\x01" * (10 * 1024 * 1024)
             boundary = uuid.uuid4().hex
             body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"session_id\"\r\n\r\nbench\r\n"
                     f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"blob.bin\"\r\n"
-                    f"Content-Type: application/octet-stream\r\n\r\n").encode() + payload + f"\r\n--{boundary}--\r\n".encode()
+                    f"Content-Type: application/octet-stream\r\n\r\n").encode() + payload \
+                + f"\r\n--{boundary}--\r\n".encode()
             times = []
             for _ in range(max(2, reps // 2)):
                 elapsed, status, data = _timed(conn, "POST", f"{api}/attachments/upload", body,

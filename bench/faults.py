@@ -113,7 +113,8 @@ def _load(base: str, stop: threading.Event, runs: list, commands: list, seed: in
                     commands.append(command_id)
             else:
                 bundle, data = rnd.choice(flows)
-                status, body = _call("POST", f"{base}/api/gateway/runs/start", {"bundle_id": bundle, "input_data": data})
+                status, body = _call("POST", f"{base}/api/gateway/runs/start",
+                                     {"bundle_id": bundle, "input_data": data})
                 if status == 200:
                     runs.append(body["run_id"])
         except OSError:
@@ -207,17 +208,17 @@ def takeovers(count: int, ttl: float = 1.5) -> None:
                 procs = [_spawn(["runner"], env) for _ in range(2)]
                 stores = None
                 try:
-                    _wait(lambda: (data_dir / "gateway.sqlite3").exists(), 30)
+                    _wait(lambda data_dir=data_dir: (data_dir / "gateway.sqlite3").exists(), 30)
                     stores = gw.open_stores(gw.Config.load(environ={"ABSTRACTGATEWAY_DATA_DIR": str(data_dir)}))
-                    holder = _wait(lambda: (h := stores.leases.holder("runner")) and h["live"] and h, 30)
+                    holder = _wait(lambda stores=stores: (h := stores.leases.holder("runner")) and h["live"] and h, 30)
                     pid = int(holder["owner"].split("-")[0])
                     if how == "SIGKILL":
                         os.kill(pid, signal.SIGKILL)
                         at = time.monotonic()
                     else:
                         at = _stop_outside_a_transaction(pid, stores.db.path)
-                    _wait(lambda: (h := stores.leases.holder("runner")) and h["owner"] != holder["owner"]
-                          and h["live"], ttl + 20)
+                    _wait(lambda stores=stores, holder=holder: (h := stores.leases.holder("runner"))
+                          and h["owner"] != holder["owner"] and h["live"], ttl + 20)
                     times.append(time.monotonic() - at)
                 finally:
                     if stores is not None:

@@ -242,31 +242,44 @@ class SSEStream:
             self.ended = True
             return
         self.raw += data
-        if self.status is None:
-            head_end = self.raw.find(b"\r\n\r\n")
-            if head_end < 0:
-                return
-            head, self.raw = self.raw[:head_end].decode("latin-1"), self.raw[head_end + 4:]
-            lines = head.split("\r\n")
-            self.status = int(lines[0].split()[1])
-            hdrs = {k.strip().lower(): v.strip() for k, _, v in (ln.partition(":") for ln in lines[1:])}
-            self.chunked = hdrs.get("transfer-encoding", "").lower() == "chunked"
+        if self.status is None and not self._read_head():
+            return
         if self.chunked:
-            while True:
-                eol = self.raw.find(b"\r\n")
-                if eol < 0:
-                    break
-                size = int(self.raw[:eol].split(b";")[0], 16)
-                if size == 0:
-                    self.ended = True
-                    self.raw = b""
-                    break
-                if len(self.raw) < eol + 2 + size + 2:
-                    break
-                self.body += self.raw[eol + 2:eol + 2 + size]
-                self.raw = self.raw[eol + 2 + size + 2:]
+            self._dechunk()
         else:
             self.body, self.raw = self.body + self.raw, b""
+        self._emit_events(on_event)
+
+    def _read_head(self) -> bool:
+        """Parse the status line and headers once they are all in (False while they are not)."""
+        head_end = self.raw.find(b"\r\n\r\n")
+        if head_end < 0:
+            return False
+        head, self.raw = self.raw[:head_end].decode("latin-1"), self.raw[head_end + 4:]
+        lines = head.split("\r\n")
+        self.status = int(lines[0].split()[1])
+        hdrs = {k.strip().lower(): v.strip() for k, _, v in (ln.partition(":") for ln in lines[1:])}
+        self.chunked = hdrs.get("transfer-encoding", "").lower() == "chunked"
+        return True
+
+    def _dechunk(self) -> None:
+        """Move every complete chunk from `raw` to `body`; the last (empty) chunk ends the stream."""
+        while True:
+            eol = self.raw.find(b"\r\n")
+            if eol < 0:
+                break
+            size = int(self.raw[:eol].split(b";")[0], 16)
+            if size == 0:
+                self.ended = True
+                self.raw = b""
+                break
+            if len(self.raw) < eol + 2 + size + 2:
+                break
+            self.body += self.raw[eol + 2:eol + 2 + size]
+            self.raw = self.raw[eol + 2 + size + 2:]
+
+    def _emit_events(self, on_event: Optional[Callable[["SSEStream", str, str], None]]) -> None:
+        """Hand each complete SSE event in `body` to `on_event` (or keep it in `events`)."""
         while True:
             end = self.body.find(b"\n\n")
             if end < 0:
@@ -621,7 +634,8 @@ def phase_sse_latency(srv: Server, hub: StreamHub, run_ids: Sequence[str], round
     with hub.lock:
         lat = list(hub.latencies)
     ended = sum(1 for st in streams if st.ended and not st.done_seen)
-    return {"appends": k, "expected": expected, "delivered": len(lat), "live": sum(live.values()), "ended": ended, "p50": percentile(lat, 50),
+    return {"appends": k, "expected": expected, "delivered": len(lat), "live": sum(live.values()), "ended": ended,
+            "p50": percentile(lat, 50),
             "p99": percentile(lat, 99), "max": max(lat) if lat else float("nan"),
             "commit_p50": percentile(commits, 50), "commit_p99": percentile(commits, 99)}
 
@@ -803,10 +817,12 @@ def console_main(records: int, loads: int, screenshots: Optional[Path]) -> int:
                 wait_ledger_waiting(srv.gateway, [run_id], 30)
                 signed_in = console_time_to_interactive(browser, base, loads, True)
                 print(f"\nTime to interactive, headless Chromium, fresh context each load ({loads} loads)")
-                print(f"   sign-in page ready           p50 {statistics.median(signed_out):7.1f} ms   max {max(signed_out):7.1f} ms")
-                print(f"   signed in, runs list shown   p50 {statistics.median(signed_in):7.1f} ms   max {max(signed_in):7.1f} ms")
-                print(f"   (of which the HTML arriving  p50 {statistics.median(html_ms):7.1f} ms: navigation start in a "
-                      "fresh browser context to the last byte of /console)")
+                print(f"   sign-in page ready           p50 {statistics.median(signed_out):7.1f} ms"
+                      f"   max {max(signed_out):7.1f} ms")
+                print(f"   signed in, runs list shown   p50 {statistics.median(signed_in):7.1f} ms"
+                      f"   max {max(signed_in):7.1f} ms")
+                print(f"   (of which the HTML arriving  p50 {statistics.median(html_ms):7.1f} ms:"
+                      " navigation start in a fresh browser context to the last byte of /console)")
                 t = time.perf_counter()
                 expected = console_fill_ledger(srv.gateway, run_id, records)
                 print(f"\nLedger rendering: one run with {expected:,} records (bulk-inserted in "
@@ -832,7 +848,8 @@ def console_main(records: int, loads: int, screenshots: Optional[Path]) -> int:
             (f"first load < {GOAL_CONSOLE_BYTES // 1024} KB", total < GOAL_CONSOLE_BYTES, f"{total / 1024:.1f} KB"),
             (f"interactive < {GOAL_CONSOLE_TTI_MS:g} ms on loopback", tti < GOAL_CONSOLE_TTI_MS,
              f"p50 {tti:.0f} ms signed out, {statistics.median(signed_in):.0f} ms to the runs list"),
-            (f"{records:,} records on screen < {GOAL_CONSOLE_LEDGER_S:g} s", best["done_ms"] / 1000 < GOAL_CONSOLE_LEDGER_S,
+            (f"{records:,} records on screen < {GOAL_CONSOLE_LEDGER_S:g} s",
+             best["done_ms"] / 1000 < GOAL_CONSOLE_LEDGER_S,
              f"{best['done_ms'] / 1000:.2f} s"),
         ]
         for name, ok, detail in goals:
@@ -954,7 +971,8 @@ def _timer_loop_rate(port: int, runs: int, clients: int = 4) -> float:
 def _measure_server(label: str, proc: Any, port: int, seconds: float, streams: int) -> Dict[str, Any]:
     client = Client(port)
     out: Dict[str, Any] = {"label": label}
-    run_id = checked(client.call("POST", f"{API}/runs/start", {"bundle_id": "echo", "input_data": {}}), "start")["run_id"]
+    run_id = checked(client.call("POST", f"{API}/runs/start", {"bundle_id": "echo", "input_data": {}}),
+                     "start")["run_id"]
     _wait_run(client, run_id, "completed")
     for threads in (1, 16):
         cpu = _cpu_s(proc.pid)
@@ -964,8 +982,15 @@ def _measure_server(label: str, proc: Any, port: int, seconds: float, streams: i
     tag = uuid.uuid4().hex[:8]
     out["post8"] = _rate(port, 8, seconds, lambda c, t, i: c.call("POST", f"{API}/commands", {
         "command_id": f"{tag}-{t}-{i}", "run_id": run_id, "type": "pause"}))
-    # SSE: `streams` streams over WAITING `ask` runs (10 per run), then one resume per run, paced:
-    # latency = first new record on each of the run's streams minus the moment the resume was sent.
+    out.update(_measure_sse(client, proc, port, streams))
+    client.close()
+    return out
+
+
+def _measure_sse(client: Client, proc: Any, port: int, streams: int) -> Dict[str, Any]:
+    """SSE: `streams` streams over WAITING `ask` runs (10 per run), then one resume per run, paced:
+    latency = first new record on each of the run's streams minus the moment the resume was sent."""
+    out: Dict[str, Any] = {}
     runs = []
     for _ in range(max(1, streams // 10)):
         runs.append(checked(client.call("POST", f"{API}/runs/start", {"bundle_id": "ask", "input_data": {}}),
@@ -980,19 +1005,6 @@ def _measure_server(label: str, proc: Any, port: int, seconds: float, streams: i
         if event == "step":
             step_times[id(stream)].append(time.perf_counter())
 
-    def read_loop() -> None:
-        while not stop.is_set():
-            for key, _ in sel.select(0.02):
-                try:
-                    data = key.fileobj.recv(262144)
-                except BlockingIOError:
-                    continue
-                except OSError:
-                    data = b""
-                key.data.feed(data, on_event)
-                if key.data.ended:
-                    sel.unregister(key.fileobj)
-
     for r in runs:
         for _ in range(10):
             stream = SSEStream(port, r)
@@ -1001,7 +1013,7 @@ def _measure_server(label: str, proc: Any, port: int, seconds: float, streams: i
             opened.append(stream)
     for stream in opened:
         sel.register(stream.sock, selectors.EVENT_READ, stream)
-    reader = threading.Thread(target=read_loop, daemon=True)
+    reader = threading.Thread(target=_read_streams, args=(sel, stop, on_event), daemon=True)
     reader.start()
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline and not all(step_times[id(s)] or s.ended for s in opened):
@@ -1009,6 +1021,36 @@ def _measure_server(label: str, proc: Any, port: int, seconds: float, streams: i
     time.sleep(1.0)
     out["streams_open"] = sum(1 for s in opened if s.status == 200 and not s.ended)
     out["rss_streams_mb"] = _rss_mb(proc.pid)
+    latencies = _resume_latencies(client, runs, waits, opened, step_times)
+    stop.set()
+    reader.join(5)
+    sel.close()
+    for s in opened:
+        s.close()
+    out["sse_p50"], out["sse_p99"] = percentile(latencies, 50), percentile(latencies, 99)
+    out["sse_samples"] = len(latencies)
+    return out
+
+
+def _read_streams(sel: selectors.BaseSelector, stop: threading.Event,
+                  on_event: Callable[[SSEStream, str, str], None]) -> None:
+    """Feed each readable stream registered on `sel` until `stop` is set; an ended one is dropped."""
+    while not stop.is_set():
+        for key, _ in sel.select(0.02):
+            try:
+                data = key.fileobj.recv(262144)
+            except BlockingIOError:
+                continue
+            except OSError:
+                data = b""
+            key.data.feed(data, on_event)
+            if key.data.ended:
+                sel.unregister(key.fileobj)
+
+
+def _resume_latencies(client: Client, runs: List[str], waits: Dict[str, str], opened: List[SSEStream],
+                      step_times: Dict[int, List[float]]) -> List[float]:
+    """Resume each run in turn; ms from the resume to the first new step on each of its open streams."""
     latencies: List[float] = []
     for r in runs:
         mine = [s for s in opened if s.run_id == r and s.status == 200 and not s.ended]
@@ -1025,15 +1067,7 @@ def _measure_server(label: str, proc: Any, port: int, seconds: float, streams: i
                     latencies.append((times[seen[key]] - sent) * 1000)
                     pending.discard(key)
             time.sleep(0.0005)
-    stop.set()
-    reader.join(5)
-    sel.close()
-    for s in opened:
-        s.close()
-    client.close()
-    out["sse_p50"], out["sse_p99"] = percentile(latencies, 50), percentile(latencies, 99)
-    out["sse_samples"] = len(latencies)
-    return out
+    return latencies
 
 
 def compare(args: argparse.Namespace) -> int:
@@ -1085,12 +1119,53 @@ def compare(args: argparse.Namespace) -> int:
     return 0 if results else 1
 
 
+def _print_request_rates(srv: Server, target: str, seconds: float, results: Dict[str, Any]) -> None:
+    """Phase a.: GET and POST rates with 1 and 16 clients (kept in `results` as GET1, GET16, POST1, POST16)."""
+    for kind, label in (("GET", f"GET {API}/runs/{{id}}"), ("POST", f"POST {API}/commands")):
+        for threads in (1, 16):
+            r = phase_requests(srv, target, threads, seconds, kind)
+            results[f"{kind}{threads}"] = r
+            errs = ", ".join(f"{k}: {v}" for k, v in sorted(r["errors"].items())) or "-"
+            print(f"   {label:<34} {threads:>7} {r['ok']:>7} {r['rps']:>8.0f}  {errs}")
+
+
+def _print_summary(results: Dict[str, Any], held: int) -> None:
+    """The headline figures of every phase, then which goals are met."""
+    b, c, d, e = results["done"], results["replay"], results["sse100"], results["sse_many"]
+    print("\nResults")
+    print(f"   {'measure':<52} {'value':>16}")
+    rows = [
+        ("GET runs/{id}, 1 client (req/s)", f"{results['GET1']['rps']:,.0f}"),
+        ("GET runs/{id}, 16 clients (req/s)", f"{results['GET16']['rps']:,.0f}"),
+        ("POST commands, 1 client (req/s)", f"{results['POST1']['rps']:,.0f}"),
+        ("POST commands, 16 clients (req/s)", f"{results['POST16']['rps']:,.0f}"),
+        ("runs/start -> SSE done p50 / p99 (ms)", f"{b['p50']:.1f} / {b['p99']:.1f}"),
+        (f"ledger replay ({c['records']:,} records) (records/s)", f"{c['rps']:,.0f}"),
+        ("SSE append->client, 100 streams p50 / p99 (ms)", f"{d['p50']:.2f} / {d['p99']:.2f}"),
+        ("concurrent SSE streams held", f"{held:,}"),
+        (f"SSE append->client, {e['live']:,} streams p50 / p99 (ms)", f"{e['p50']:.2f} / {e['p99']:.2f}"),
+    ]
+    for name, value in rows:
+        print(f"   {name:<52} {value:>16}")
+    print("\nGoals")
+    goals = [
+        (f"SSE p99 <= {GOAL_SSE_P99_MS:g} ms with 100 streams", d["p99"] <= GOAL_SSE_P99_MS and d["live"] >= 100
+         and d["delivered"] == d["expected"],
+         f"p99 {d['p99']:.2f} ms, {d['live']} live streams, {d['delivered']}/{d['expected']} delivered"),
+        (f"ledger replay >= {GOAL_REPLAY_RPS:,} records/s", c["rps"] >= GOAL_REPLAY_RPS, f"{c['rps']:,.0f}/s"),
+        (f"{STREAM_TARGET:,} concurrent SSE streams held", held >= STREAM_TARGET, f"{held:,} held"),
+    ]
+    for name, ok, detail in goals:
+        print(f"   {name:<44} {'met' if ok else 'NOT met':>8}   ({detail})")
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="scale counts and durations down")
     parser.add_argument("--bare", action="store_true", help="serve GatewayApp without the security middlewares")
     parser.add_argument("--console", action="store_true",
-                        help="only the operator console section (first load, time to interactive, 10,000-record ledger)")
+                        help="only the operator console section"
+                             " (first load, time to interactive, 10,000-record ledger)")
     parser.add_argument("--console-screenshots", type=Path, metavar="DIR",
                         help="with --console: also save screenshots of the main screens in DIR")
     parser.add_argument("--compare", action="store_true",
@@ -1155,12 +1230,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             raise RuntimeError("the echo run never completed (is the runner working?)")
         print(f"\na. requests/s (http.client keep-alive clients, {seconds:g} s per row; 2xx only)")
         print(f"   {'request':<34} {'clients':>7} {'ok':>7} {'req/s':>8}  errors")
-        for kind, label in (("GET", f"GET {API}/runs/{{id}}"), ("POST", f"POST {API}/commands")):
-            for threads in (1, 16):
-                r = phase_requests(srv, target, threads, seconds, kind)
-                results[f"{kind}{threads}"] = r
-                errs = ", ".join(f"{k}: {v}" for k, v in sorted(r["errors"].items())) or "-"
-                print(f"   {label:<34} {threads:>7} {r['ok']:>7} {r['rps']:>8.0f}  {errs}")
+        _print_request_rates(srv, target, seconds, results)
         print(f"   {leak_note(srv)}")
 
         # -- b. ---------------------------------------------------------------------------------------
@@ -1231,31 +1301,7 @@ def main(argv: Optional[List[str]] = None) -> int:
               f"max {e['max']:.2f} ms   (append commit p50 {e['commit_p50']:.2f} ms, p99 {e['commit_p99']:.2f} ms)")
         close_live()
 
-        print("\nResults")
-        print(f"   {'measure':<52} {'value':>16}")
-        rows = [
-            ("GET runs/{id}, 1 client (req/s)", f"{results['GET1']['rps']:,.0f}"),
-            ("GET runs/{id}, 16 clients (req/s)", f"{results['GET16']['rps']:,.0f}"),
-            ("POST commands, 1 client (req/s)", f"{results['POST1']['rps']:,.0f}"),
-            ("POST commands, 16 clients (req/s)", f"{results['POST16']['rps']:,.0f}"),
-            ("runs/start -> SSE done p50 / p99 (ms)", f"{b['p50']:.1f} / {b['p99']:.1f}"),
-            (f"ledger replay ({c['records']:,} records) (records/s)", f"{c['rps']:,.0f}"),
-            ("SSE append->client, 100 streams p50 / p99 (ms)", f"{d['p50']:.2f} / {d['p99']:.2f}"),
-            ("concurrent SSE streams held", f"{held:,}"),
-            (f"SSE append->client, {e['live']:,} streams p50 / p99 (ms)", f"{e['p50']:.2f} / {e['p99']:.2f}"),
-        ]
-        for name, value in rows:
-            print(f"   {name:<52} {value:>16}")
-        print("\nGoals")
-        goals = [
-            (f"SSE p99 <= {GOAL_SSE_P99_MS:g} ms with 100 streams", d["p99"] <= GOAL_SSE_P99_MS and d["live"] >= 100
-             and d["delivered"] == d["expected"],
-             f"p99 {d['p99']:.2f} ms, {d['live']} live streams, {d['delivered']}/{d['expected']} delivered"),
-            (f"ledger replay >= {GOAL_REPLAY_RPS:,} records/s", c["rps"] >= GOAL_REPLAY_RPS, f"{c['rps']:,.0f}/s"),
-            (f"{STREAM_TARGET:,} concurrent SSE streams held", held >= STREAM_TARGET, f"{held:,} held"),
-        ]
-        for name, ok, detail in goals:
-            print(f"   {name:<44} {'met' if ok else 'NOT met':>8}   ({detail})")
+        _print_summary(results, held)
     except Exception as exc:  # noqa: BLE001 - report, clean up, exit non-zero
         import traceback
 

@@ -270,7 +270,8 @@ def open_stream(port: int, path: str) -> socket.socket:
 def phase_streams(venv: Path, exe: Path, tmp: Path, n: int) -> Optional[Tuple[int, int, int, int]]:
     print(f"[5] RSS with {n} open SSE streams on one waiting `ask` run ...", flush=True)
     data_dir = tmp / "sse"
-    subprocess.run([str(venv / "bin" / "python"), "-c", PACK_FLOW, str(FLOWS), str(data_dir / "flows" / "ask@1.0.0.flow")],
+    subprocess.run([str(venv / "bin" / "python"), "-c", PACK_FLOW, str(FLOWS),
+                    str(data_dir / "flows" / "ask@1.0.0.flow")],
                    check=True)
     srv = Served(exe, data_dir, env={"ABSTRACTGATEWAY_AUTH_TOKEN": TOKEN,
                                      "ABSTRACTGATEWAY_MAX_SSE": str(n + 100),

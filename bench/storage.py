@@ -81,7 +81,8 @@ REPLAY_REPEATS = 3
 
 
 def make_record(run_id: str, n: int) -> StepRecord:
-    return StepRecord(run_id=run_id, step_id=str(n), node_id="n", status=StepStatus.COMPLETED, result={"text": "x" * 200})
+    return StepRecord(run_id=run_id, step_id=str(n), node_id="n", status=StepStatus.COMPLETED,
+                      result={"text": "x" * 200})
 
 
 class UpstreamFullDatabase(SqliteDatabase):
@@ -289,7 +290,13 @@ def bench_backend(backend: Backend, counts: Dict[str, int], problems: Problems) 
     # warm-up: open this thread's connection, prime statement caches
     for i in range(20):
         backend.append(make_record("warmup", i + 1))
+    _bench_appends(backend, counts, problems, out)
+    _bench_reads(backend, counts, problems, out)
+    return out
 
+
+def _bench_appends(backend: Backend, counts: Dict[str, int], problems: Problems, out: Dict[str, Any]) -> None:
+    """Appends/s of one appender, of THREADS appenders on their own runs, and of THREADS on one run."""
     # 1. single appender
     n = counts["sequential"]
     records = [make_record("seq-run", i + 1) for i in range(n)]
@@ -324,6 +331,9 @@ def bench_backend(backend: Backend, counts: Dict[str, int], problems: Problems) 
     if len(step_ids) != THREADS * per:
         problems.append(f"{backend.name}: same run: {len(step_ids)} distinct records, expected {THREADS * per}")
 
+
+def _bench_reads(backend: Backend, counts: Dict[str, int], problems: Problems, out: Dict[str, Any]) -> None:
+    """Bulk load, full replay and page latency of one big ledger."""
     # 3. replay a big ledger
     big = counts["ledger"]
     t0 = time.perf_counter()
@@ -350,7 +360,6 @@ def bench_backend(backend: Backend, counts: Dict[str, int], problems: Problems) 
         if len(raw) != PAGE_LIMIT or json.loads(raw[0]).get("step_id") != str(after + 1):
             problems.append(f"{backend.name}: page_json(big, {after}, {PAGE_LIMIT}) returned the wrong records")
         out["page_raw_ms"], _ = time_page(backend.page_raw, after)
-    return out
 
 
 def time_page(page: Callable[[str, int, int], List[Any]], after: int) -> "tuple[float, int]":
@@ -407,7 +416,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--quick", action="store_true", help="scale every count down 10x")
     parser.add_argument("--rounds", type=int, default=3,
                         help="repeat the whole comparison N times and report medians (default 3)")
-    parser.add_argument("--dir", default=None, help="parent directory for the temporary stores (default: $TMPDIR or /tmp)")
+    parser.add_argument("--dir", default=None,
+                        help="parent directory for the temporary stores (default: $TMPDIR or /tmp)")
     args = parser.parse_args(argv)
 
     scale = 10 if args.quick else 1
@@ -445,34 +455,61 @@ def main(argv: Optional[List[str]] = None) -> int:
         lambda d: Jsonl(d, ours=False),
         lambda d: Jsonl(d, ours=True),
     ]
-    rounds: List[Dict[str, Dict[str, Any]]] = []  # per round: store name -> figures
-    order: List[str] = []
     problems = Problems()
     t_start = time.perf_counter()
     try:
-        for rnd in range(args.rounds):
-            # rotate the order every round so no store always runs first (cold disk, warm CPU, ...)
-            shift = rnd % len(factories)
-            figures: Dict[str, Dict[str, Any]] = {}
-            print(f"  round {rnd + 1}/{args.rounds}:", end="", flush=True)
-            for i, factory in list(enumerate(factories))[shift:] + list(enumerate(factories))[:shift]:
-                backend = factory(base / f"r{rnd}-store{i}")
-                try:
-                    t0 = time.perf_counter()
-                    figures[backend.name] = bench_backend(backend, counts, problems)
-                    print(f" [{backend.name} {time.perf_counter() - t0:.1f}s]", end="", flush=True)
-                    if rnd == 0:
-                        order.append(backend.name)
-                finally:
-                    backend.close()
-                    shutil.rmtree(backend.root, ignore_errors=True)
-            print(flush=True)
-            rounds.append(figures)
+        rounds, order = _run_rounds(args.rounds, factories, base, counts, problems)
     finally:
         shutil.rmtree(base, ignore_errors=True)
     print(f"  total {time.perf_counter() - t_start:.1f}s; load average after: {loadavg()}")
     print()
 
+    results = _medians(rounds, order)
+    print(f"median of {args.rounds} round(s); page n = page calls timed over all rounds")
+    print_table(results, counts)
+    print()
+    _print_ratios_and_goals(rounds, results, counts)
+
+    if problems:
+        print()
+        print("CORRECTNESS PROBLEMS (figures above are suspect):")
+        for p in problems:
+            print(f"  - {p}")
+        return 1
+    print()
+    print("correctness: every store kept every record (counts exact; SQLite seqs gapless 1..N)")
+    return 0
+
+
+def _run_rounds(n_rounds: int, factories: List[Callable[[Path], Backend]], base: Path, counts: Dict[str, int],
+                problems: Problems) -> "tuple[List[Dict[str, Dict[str, Any]]], List[str]]":
+    """Every store through `bench_backend` once a round; returns per round store name -> figures,
+    and the store names in first-round order."""
+    rounds: List[Dict[str, Dict[str, Any]]] = []  # per round: store name -> figures
+    order: List[str] = []
+    for rnd in range(n_rounds):
+        # rotate the order every round so no store always runs first (cold disk, warm CPU, ...)
+        shift = rnd % len(factories)
+        figures: Dict[str, Dict[str, Any]] = {}
+        print(f"  round {rnd + 1}/{n_rounds}:", end="", flush=True)
+        for i, factory in list(enumerate(factories))[shift:] + list(enumerate(factories))[:shift]:
+            backend = factory(base / f"r{rnd}-store{i}")
+            try:
+                t0 = time.perf_counter()
+                figures[backend.name] = bench_backend(backend, counts, problems)
+                print(f" [{backend.name} {time.perf_counter() - t0:.1f}s]", end="", flush=True)
+                if rnd == 0:
+                    order.append(backend.name)
+            finally:
+                backend.close()
+                shutil.rmtree(backend.root, ignore_errors=True)
+        print(flush=True)
+        rounds.append(figures)
+    return rounds, order
+
+
+def _medians(rounds: List[Dict[str, Dict[str, Any]]], order: List[str]) -> List[Dict[str, Any]]:
+    """Per store (in `order`), the median of each metric over the rounds."""
     metrics = ("single", "conc_own", "conc_same", "replay", "page_ms", "page_raw_ms")
     results: List[Dict[str, Any]] = []
     for name in order:
@@ -482,10 +519,12 @@ def main(argv: Optional[List[str]] = None) -> int:
             if m in rounds[0][name]:
                 merged[m] = statistics.median(r[name][m] for r in rounds)
         results.append(merged)
+    return results
 
-    print(f"median of {args.rounds} round(s); page n = page calls timed over all rounds")
-    print_table(results, counts)
-    print()
+
+def _print_ratios_and_goals(rounds: List[Dict[str, Dict[str, Any]]], results: List[Dict[str, Any]],
+                            counts: Dict[str, int]) -> None:
+    """Same-round ratios against upstream sqlite FULL, then which goals are met."""
 
     def ratio_of(metric: str, invert: bool = False) -> "tuple[float, float, float]":
         per_round = []
@@ -522,16 +561,6 @@ def main(argv: Optional[List[str]] = None) -> int:
         note = "" if counts["ledger"] == 100_000 else f" [ledger is {counts['ledger']:,} records, not 100k]"
         print(f"  1,000-record page < 5 ms, {r['name']:<20} "
               f"{'MET' if r['page_ms'] < 5 else 'NOT MET'} ({r['page_ms']:.2f} ms){note}")
-
-    if problems:
-        print()
-        print("CORRECTNESS PROBLEMS (figures above are suspect):")
-        for p in problems:
-            print(f"  - {p}")
-        return 1
-    print()
-    print("correctness: every store kept every record (counts exact; SQLite seqs gapless 1..N)")
-    return 0
 
 
 if __name__ == "__main__":

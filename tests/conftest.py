@@ -54,9 +54,11 @@ def ask_then_echo_workflow() -> WorkflowSpec:
         )
 
     def done(run, ctx):
-        return StepPlan(node_id="done", complete_output={"greeting": run.vars["greeting"], "answer": run.vars.get("answer")})
+        return StepPlan(node_id="done",
+                        complete_output={"greeting": run.vars["greeting"], "answer": run.vars.get("answer")})
 
-    return WorkflowSpec(workflow_id="test:ask_echo", entry_node="start", nodes={"start": start, "ask": ask, "done": done})
+    return WorkflowSpec(workflow_id="test:ask_echo", entry_node="start",
+                        nodes={"start": start, "ask": ask, "done": done})
 
 
 FLOWS = Path(__file__).parent / "flows"

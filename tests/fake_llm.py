@@ -27,6 +27,110 @@ MODELS = ("gpt-5-mini", "qwen/qwen3-next-80b", "qwen/qwen3.6-35b-a3b", "fake-mod
 ANSWER = "Hello from the fake model."
 
 
+class _FakeLLMHandler(BaseHTTPRequestHandler):
+    """One request to the fake server; `fake` (set per server by FakeLLM) holds the counters."""
+
+    fake: "FakeLLM"
+    protocol_version = "HTTP/1.1"
+    disable_nagle_algorithm = True  # headers and body go out as separate writes: no 40 ms stalls
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+    def do_GET(self) -> None:  # noqa: N802
+        fake = self.fake
+        path = self.path.split("?", 1)[0].rstrip("/")
+        if path.endswith("/models"):
+            self._json({"object": "list", "data": [{"id": m, "object": "model", "owned_by": "fake"}
+                                                    for m in MODELS]})
+        elif path == "/_stats":
+            with fake._lock:
+                self._json({"calls": fake.calls, "in_flight": fake.in_flight,
+                            "max_in_flight": fake.max_in_flight, "slept_s": fake.slept_s,
+                            "served_s": sum(fake.durations), "began": fake.began})
+        else:
+            self._json({"error": {"message": "not found"}}, 404)
+
+    def do_POST(self) -> None:  # noqa: N802
+        fake = self.fake
+        length = int(self.headers.get("Content-Length") or 0)
+        body = json.loads(self.rfile.read(length) or b"{}")
+        path = self.path.split("?", 1)[0].rstrip("/")
+        if path == "/_control":
+            with fake._lock:
+                fake.delay_s = float(body.get("delay_s", fake.delay_s))
+                if body.get("reset_max_in_flight"):
+                    fake.max_in_flight = fake.in_flight
+            self._json({"delay_s": fake.delay_s})
+        elif path.endswith("/chat/completions"):
+            self._complete(body)
+        else:
+            self._json({"error": {"message": "not found"}}, 404)
+
+    def _json(self, data: Any, status: int = 200) -> None:
+        raw = json.dumps(data).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(raw)))
+        self.end_headers()
+        self.wfile.write(raw)
+
+    def _complete(self, body: Dict[str, Any]) -> None:
+        fake = self.fake
+        began = time.perf_counter()
+        with fake._lock:
+            fake.began.append(time.time())
+        try:
+            self._answer(body)
+        finally:
+            with fake._lock:
+                fake.durations.append(time.perf_counter() - began)
+
+    def _answer(self, body: Dict[str, Any]) -> None:
+        fake = self.fake
+        with fake._lock:
+            fake.calls += 1
+            fake.in_flight += 1
+            fake.max_in_flight = max(fake.max_in_flight, fake.in_flight)
+            fake.requests.append(body)
+            fake.started.notify_all()
+        delay = fake.delay_s
+        try:
+            if delay:
+                time.sleep(delay)
+        finally:
+            with fake._lock:
+                fake.in_flight -= 1
+                fake.slept_s += delay
+        if fake.fail_status:
+            self._json({"error": {"message": "the fake model is failing on purpose", "type": "server_error"}},
+                       fake.fail_status)
+            return
+        message = reply_to(body)
+        model = str(body.get("model") or "fake-model")
+        cid = f"chatcmpl-{uuid.uuid4().hex[:12]}"
+        finish = "tool_calls" if message.get("tool_calls") else "stop"
+        usage = {"prompt_tokens": 10, "completion_tokens": 5, "total_tokens": 15}
+        if not body.get("stream"):
+            self._json({"id": cid, "object": "chat.completion", "created": int(time.time()), "model": model,
+                        "choices": [{"index": 0, "message": message, "finish_reason": finish}],
+                        "usage": usage})
+            return
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream")
+        self.send_header("Connection", "close")
+        self.end_headers()
+        delta: Dict[str, Any] = {"role": "assistant", "content": message.get("content") or ""}
+        if message.get("tool_calls"):
+            delta["tool_calls"] = [dict(tc, index=i) for i, tc in enumerate(message["tool_calls"])]
+        for chunk in ({"delta": delta, "finish_reason": None}, {"delta": {}, "finish_reason": finish}):
+            event = {"id": cid, "object": "chat.completion.chunk", "created": int(time.time()), "model": model,
+                     "choices": [dict(chunk, index=0)]}
+            self.wfile.write(f"data: {json.dumps(event)}\n\n".encode())
+        self.wfile.write(b"data: [DONE]\n\n")
+        self.close_connection = True
+
+
 class FakeLLM:
     """The server and its counters; `base_url` is what OPENAI_BASE_URL and friends point at."""
 
@@ -42,105 +146,9 @@ class FakeLLM:
         self.requests: List[Dict[str, Any]] = []
         self._lock = threading.Lock()
         self.started = threading.Condition(self._lock)  # notified when a completion begins
-        fake = self
 
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-            disable_nagle_algorithm = True  # headers and body go out as separate writes: no 40 ms stalls
-
-            def log_message(self, *args: Any) -> None:
-                pass
-
-            def do_GET(self) -> None:  # noqa: N802
-                path = self.path.split("?", 1)[0].rstrip("/")
-                if path.endswith("/models"):
-                    self._json({"object": "list", "data": [{"id": m, "object": "model", "owned_by": "fake"}
-                                                            for m in MODELS]})
-                elif path == "/_stats":
-                    with fake._lock:
-                        self._json({"calls": fake.calls, "in_flight": fake.in_flight,
-                                    "max_in_flight": fake.max_in_flight, "slept_s": fake.slept_s,
-                                    "served_s": sum(fake.durations), "began": fake.began})
-                else:
-                    self._json({"error": {"message": "not found"}}, 404)
-
-            def do_POST(self) -> None:  # noqa: N802
-                length = int(self.headers.get("Content-Length") or 0)
-                body = json.loads(self.rfile.read(length) or b"{}")
-                path = self.path.split("?", 1)[0].rstrip("/")
-                if path == "/_control":
-                    with fake._lock:
-                        fake.delay_s = float(body.get("delay_s", fake.delay_s))
-                        if body.get("reset_max_in_flight"):
-                            fake.max_in_flight = fake.in_flight
-                    self._json({"delay_s": fake.delay_s})
-                elif path.endswith("/chat/completions"):
-                    self._complete(body)
-                else:
-                    self._json({"error": {"message": "not found"}}, 404)
-
-            def _json(self, data: Any, status: int = 200) -> None:
-                raw = json.dumps(data).encode()
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(raw)))
-                self.end_headers()
-                self.wfile.write(raw)
-
-            def _complete(self, body: Dict[str, Any]) -> None:
-                began = time.perf_counter()
-                with fake._lock:
-                    fake.began.append(time.time())
-                try:
-                    self._answer(body)
-                finally:
-                    with fake._lock:
-                        fake.durations.append(time.perf_counter() - began)
-
-            def _answer(self, body: Dict[str, Any]) -> None:
-                with fake._lock:
-                    fake.calls += 1
-                    fake.in_flight += 1
-                    fake.max_in_flight = max(fake.max_in_flight, fake.in_flight)
-                    fake.requests.append(body)
-                    fake.started.notify_all()
-                delay = fake.delay_s
-                try:
-                    if delay:
-                        time.sleep(delay)
-                finally:
-                    with fake._lock:
-                        fake.in_flight -= 1
-                        fake.slept_s += delay
-                if fake.fail_status:
-                    self._json({"error": {"message": "the fake model is failing on purpose", "type": "server_error"}},
-                               fake.fail_status)
-                    return
-                message = reply_to(body)
-                model = str(body.get("model") or "fake-model")
-                cid = f"chatcmpl-{uuid.uuid4().hex[:12]}"
-                finish = "tool_calls" if message.get("tool_calls") else "stop"
-                usage = {"prompt_tokens": 10, "completion_tokens": 5, "total_tokens": 15}
-                if not body.get("stream"):
-                    self._json({"id": cid, "object": "chat.completion", "created": int(time.time()), "model": model,
-                                "choices": [{"index": 0, "message": message, "finish_reason": finish}],
-                                "usage": usage})
-                    return
-                self.send_response(200)
-                self.send_header("Content-Type", "text/event-stream")
-                self.send_header("Connection", "close")
-                self.end_headers()
-                delta: Dict[str, Any] = {"role": "assistant", "content": message.get("content") or ""}
-                if message.get("tool_calls"):
-                    delta["tool_calls"] = [dict(tc, index=i) for i, tc in enumerate(message["tool_calls"])]
-                for chunk in ({"delta": delta, "finish_reason": None}, {"delta": {}, "finish_reason": finish}):
-                    event = {"id": cid, "object": "chat.completion.chunk", "created": int(time.time()), "model": model,
-                             "choices": [dict(chunk, index=0)]}
-                    self.wfile.write(f"data: {json.dumps(event)}\n\n".encode())
-                self.wfile.write(b"data: [DONE]\n\n")
-                self.close_connection = True
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", port), Handler)
+        handler = type("Handler", (_FakeLLMHandler,), {"fake": self})
+        self.server = ThreadingHTTPServer(("127.0.0.1", port), handler)
         self.server.daemon_threads = True
         self.server.request_queue_size = 512
         self.port = self.server.server_address[1]

@@ -131,7 +131,8 @@ def test_docs_settings_table_matches_the_code():
     text = (Path(__file__).resolve().parents[1] / "docs" / "configuration.md").read_text()
     start, end = "<!-- settings-table:start -->\n", "\n<!-- settings-table:end -->"
     assert text[text.index(start) + len(start):text.index(end)] == gw.settings_table()
-    help_text = subprocess.run([sys.executable, "-m", "abstractgateway", "--help"], capture_output=True, text=True).stdout
+    help_text = subprocess.run([sys.executable, "-m", "abstractgateway", "--help"], capture_output=True,
+                               text=True).stdout
     assert all(s.env in help_text for s in gw.SETTINGS)
 
 

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import http.client
 import os
-import sqlite3
 import subprocess
 import sys
 from pathlib import Path
@@ -107,7 +106,8 @@ def test_files_search(server, workspace):
 def test_files_read_and_skim(server, workspace):
     status, _, data = server.get(f"{API}/files/read?path=proj/hello.txt")
     assert status == 200 and data["path"] == "proj/hello.txt"
-    assert data["content"].startswith("File: proj/hello.txt (10 lines)\n\n 1: line 1\n") and "10: line 10" in data["content"]
+    assert data["content"].startswith("File: proj/hello.txt (10 lines)\n\n 1: line 1\n")
+    assert "10: line 10" in data["content"]
     data = server.get(f"{API}/files/read?path=@proj/hello.txt&start_line=3&end_line=4")[2]
     assert data["content"] == "File: proj/hello.txt (2 lines)\n\n3: line 3\n4: line 4"
     absolute = quote(str(workspace / "docs" / "guide.md"))
@@ -199,7 +199,8 @@ def test_attachment_upload_and_ingest_are_session_artifacts(server):
     assert data["metadata"]["tags"]["session_id"] == "s1" and data["metadata"]["tags"]["kind"] == "attachment"
     status, _, data = server.post(f"{API}/attachments/ingest", {"session_id": "s1", "path": "proj/docs/guide.md"})
     assert status == 200 and data["attachment"]["target"] == "server"
-    assert data["attachment"]["source_path"] == "proj/docs/guide.md" and data["attachment"]["content_type"] == "text/markdown"
+    assert data["attachment"]["source_path"] == "proj/docs/guide.md"
+    assert data["attachment"]["content_type"] == "text/markdown"
     items = _attachments(server, "s1")
     assert {i["tags"]["path"] for i in items} == {"client:notes.md", "proj/docs/guide.md"}
     artifact = ref["$artifact"]
@@ -411,7 +412,8 @@ def test_reports_inbox_is_stored_in_sqlite(data_dir, workspace):
         assert content.startswith("# Bug: Saving fails!") and "    steps: click save" in content
         assert "client:trace.txt" in content and '"tab": "chat"' in content and "abstractcode-web" in content
         assert [i["title"] for i in server.get(f"{API}/reports/features")[2]["items"]] == ["Dark mode"]
-        assert server.get(f"{API}/reports/features/{feature['filename']}/content")[2]["content"].startswith("# Feature:")
+        content = server.get(f"{API}/reports/features/{feature['filename']}/content")[2]["content"]
+        assert content.startswith("# Feature:")
         assert server.get(f"{API}/reports/features/{bug['filename']}/content")[0] == 404
         for bad in ("template.md", "x.txt", "..%2Fsecret.md", "a%20b.md"):
             status, _, data = server.get(f"{API}/reports/bugs/{bad}/content")
@@ -451,7 +453,8 @@ def test_history_bundle_has_subrun_ledgers_timeline_and_snapshot(server):
     snapshot = bundle["workflow_snapshot"]
     assert snapshot["workflow_id"] == "parent@1.0.0:parent" and snapshot["format"] == "visualflow_json"
     status, headers, stored = server.get(f"{API}/runs/{run_id}/artifacts/{snapshot['artifact_id']}/content")
-    assert status == 200 and headers["Content-Type"].startswith("application/json") and stored["kind"] == "visualflow_json" and stored["visualflow"]["nodes"]
+    assert status == 200 and headers["Content-Type"].startswith("application/json")
+    assert stored["kind"] == "visualflow_json" and stored["visualflow"]["nodes"]
     assert bundle["session"]["session_id"] == run_id
     tail = server.get(f"{API}/runs/{run_id}/history_bundle?ledger_max_items=1&include_subruns=false")[2]
     assert list(tail["ledgers"]) == [run_id] and len(tail["ledgers"][run_id]["items"]) == 1
@@ -568,12 +571,14 @@ def test_a_run_writes_the_knowledge_graph_kg_query_reads(server, bundle_builder)
         run_ids[scope] = server.post(f"{API}/runs/start", {"bundle_id": "kg-assert", "session_id": "s7",
                                                            "input_data": {"scope": scope}})[2]["run_id"]
     for run_id in run_ids.values():
-        done = wait_for(lambda: (r := server.get(f"{API}/runs/{run_id}")[2])["status"] in ("completed", "failed") and r)
+        done = wait_for(lambda run_id=run_id: (r := server.get(f"{API}/runs/{run_id}")[2])["status"]
+                        in ("completed", "failed") and r)
         assert done["status"] == "completed", done
     data = _kg(server, scope="all", run_id=run_ids["run"])[2]
     assert sorted((i["scope"], i["owner_id"]) for i in data["items"]) == [
         ("global", "global_memory"), ("run", run_ids["run"]), ("session", "session_memory_s7")]
     assert [i["observed_at"] for i in data["items"]] == sorted((i["observed_at"] for i in data["items"]), reverse=True)
-    assert {(i["subject"], i["predicate"], i["object"]) for i in data["items"]} == {("alice", "schema:knowsabout", "bob")}
+    assert {(i["subject"], i["predicate"], i["object"]) for i in data["items"]} == {
+        ("alice", "schema:knowsabout", "bob")}
     session = _kg(server, session_id="s7")[2]["items"]
     assert session[0]["provenance"]["writer_run_id"] == run_ids["session"]

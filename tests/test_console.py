@@ -7,7 +7,6 @@ request the page makes is recorded and must stay on the gateway's own origin.
 
 from __future__ import annotations
 
-import json
 import re
 import threading
 from pathlib import Path
@@ -75,7 +74,8 @@ class Console:
     def close(self) -> None:
         self.context.close()
         assert not self.errors, self.errors
-        foreign = [u for u in self.requests if not u.startswith(self.server.base + "/") and not u.startswith(("blob:", "data:"))]
+        foreign = [u for u in self.requests
+                   if not u.startswith(self.server.base + "/") and not u.startswith(("blob:", "data:"))]
         assert not foreign, foreign
         assert not [u for u in self.requests if self.server.TOKEN in u]  # the token never travels in a URL
 
@@ -111,7 +111,8 @@ def test_console_is_served_with_a_strict_csp_and_no_inline_code(server):
     assert headers["Content-Type"].startswith("text/html")
     html = page.decode()
     assert '<script src="/console/console.js"' in html and "<script>" not in html and "<style" not in html
-    assert " style=" not in html and "http://" not in html and "https://" not in html  # nothing inline, nothing external
+    # nothing inline, nothing external
+    assert " style=" not in html and "http://" not in html and "https://" not in html
     assert server.get("/console/console.js", token=None)[1]["Content-Type"].startswith("text/javascript")
     assert server.get("/console/console.css", token=None)[1]["Content-Type"].startswith("text/css")
     js = server.get("/console/console.js", token=None)[2].decode()
@@ -567,7 +568,8 @@ def test_audit_tail_lists_write_requests(console, server):
 def test_runs_list_filters_pages_and_updates_live(console, server):
     for _ in range(52):
         server.gateway.start_run(bundle_id="echo")
-    wait_for(lambda: server.gateway.stores.runs.list_run_index(status=gw.RunStatus.COMPLETED, limit=100).__len__() == 52)
+    wait_for(lambda: server.gateway.stores.runs.list_run_index(status=gw.RunStatus.COMPLETED,
+                                                               limit=100).__len__() == 52)
     page = console.signed_in("/#/runs")
     rows = page.locator("#runs-body tr")
     expect(rows).to_have_count(50)
@@ -648,7 +650,8 @@ def test_thousands_of_records_render_incrementally(console, server):
     page = console.signed_in(f"/#/run/{run_id}")
     expect(page.locator("#ledger li")).to_have_count(2)
     # count how often the list loses children: an incremental renderer never removes one
-    page.evaluate("""() => { window.removed = 0; new MutationObserver(ms => ms.forEach(m => window.removed += m.removedNodes.length))
+    page.evaluate("""() => { window.removed = 0;
+                      new MutationObserver(ms => ms.forEach(m => window.removed += m.removedNodes.length))
                       .observe(document.getElementById('ledger'), {childList: true, subtree: true}); }""")
     records = [StepRecord(run_id=run_id, step_id=f"s{i}", node_id=f"n{i % 7}", status=StepStatus.COMPLETED)
                for i in range(3000)]

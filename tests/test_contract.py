@@ -64,7 +64,8 @@ def test_delete_removes_a_flows_dir_bundle_under_the_originals_rules(data_dir, b
         assert server.request("DELETE", f"{API}/bundles/echo")[0] == 404
 
         # recognised by manifest, not by file name; one version at a time; uploads and files together
-        bundle_builder("ask", bundle_id="multi", version="1.0.0", out_dir=tmp_path / "v1").rename(flows / "renamed.flow")
+        bundle_builder("ask", bundle_id="multi", version="1.0.0",
+                       out_dir=tmp_path / "v1").rename(flows / "renamed.flow")
         bundle_builder("ask", bundle_id="multi", version="2.0.0", out_dir=flows)
         from conftest import multipart
 
@@ -144,7 +145,8 @@ def test_runs_list_metrics_come_from_counters_kept_at_append_time(live_server):
         {"steps": completed_steps, "llm_calls": 0, "tool_calls": 0, "tokens_total": 0}
     assert {k: items[llm][k] for k in ("steps", "llm_calls", "tool_calls", "tokens_total")} == \
         {"steps": before + 3, "llm_calls": 2, "tool_calls": 3, "tokens_total": 150}
-    waiting_steps = sum(1 for r in live_server.get(f"{API}/runs/{ask}/ledger")[2]["items"] if r["status"] == "completed")
+    waiting_steps = sum(1 for r in live_server.get(f"{API}/runs/{ask}/ledger")[2]["items"]
+                        if r["status"] == "completed")
     assert items[ask]["steps"] == (waiting_steps or None)
     # the original's default leaves them out
     assert "steps" not in live_server.get(f"{API}/runs?limit=10")[2]["items"][0]
@@ -160,7 +162,8 @@ def test_metrics_are_backfilled_when_an_older_database_is_upgraded(data_dir):
     conn = apsw.Connection(str(path))
     gw.apply_schema(conn, target=2)
     conn.execute("INSERT INTO ledger (run_id, seq, record_json) VALUES (?,?,?), (?,?,?), (?,?,?)",
-                 ("r1", 1, _llm_record("r1", "completed", effect={"type": "llm_call"}, result={"usage": {"total_tokens": 7}}),
+                 ("r1", 1,
+                  _llm_record("r1", "completed", effect={"type": "llm_call"}, result={"usage": {"total_tokens": 7}}),
                   "r1", 2, _llm_record("r1", "failed"), "r2", 1, _llm_record("r2", "started")))
     conn.close()
     db = gw.Database(path)
@@ -179,7 +182,8 @@ def test_metrics_of_runs_imported_by_migrate(tmp_path):
     src = gw.open_stores(make_config(tmp_path / "upstream", store_backend="file", db_path=str(tmp_path / "x.sqlite3")))
     for status, effect, result in ((StepStatus.STARTED, {"type": "llm_call"}, None),
                                    (StepStatus.COMPLETED, {"type": "llm_call"}, {"usage": {"total_tokens": 9}}),
-                                   (StepStatus.COMPLETED, {"type": "tool_calls", "payload": {"tool_calls": [1, 2]}}, {})):
+                                   (StepStatus.COMPLETED, {"type": "tool_calls", "payload": {"tool_calls": [1, 2]}},
+                                    {})):
         src.ledger.append(StepRecord(run_id="imported", step_id="s", node_id="n", status=status, effect=effect,
                                      result=result))
     src.close()

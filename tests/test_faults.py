@@ -338,7 +338,8 @@ def test_a_full_disk_is_a_507_and_health_degrades_then_recovers(data_dir):
         resource.prlimit(proc.pid, resource.RLIMIT_FSIZE, (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
         status, body = _call("POST", f"{base}/api/gateway/runs/start", {"bundle_id": "echo", "input_data": big})
         assert status == 200  # space is back: the next write goes through, no restart needed
-        wait_for(lambda: _call("GET", f"{base}/api/health")[1]["status"] == "healthy", timeout=gw.WRITE_FAILURE_MEMORY_S + 10)
+        wait_for(lambda: _call("GET", f"{base}/api/health")[1]["status"] == "healthy",
+                 timeout=gw.WRITE_FAILURE_MEMORY_S + 10)
     finally:
         _stop(proc)
     out = subprocess.run([sys.executable, "-m", "abstractgateway", "check"], env=env, capture_output=True, text=True)

@@ -53,7 +53,8 @@ def test_lone_surrogates_in_any_body_field_are_refused_with_422(live_server):
         ("POST", f"{API}/runs/start", f'{{"bundle_id": "{s}"}}', "bundle_id"),
         ("POST", f"{API}/runs/ledger/batch", f'{{"runs": [{{"run_id": "{s}"}}]}}', "runs[0].run_id"),
         ("POST", f"{API}/bundles/echo/deprecate", f'{{"flow_id": "echo", "reason": "{s}"}}', "reason"),
-        ("POST", f"{API}/runs/schedule", f'{{"bundle_id": "echo", "flow_id": "echo", "session_id": "{s}"}}', "session_id"),
+        ("POST", f"{API}/runs/schedule", f'{{"bundle_id": "echo", "flow_id": "echo", "session_id": "{s}"}}',
+         "session_id"),
         ("POST", f"{API}/commands", f'{{"command_id": "{s}", "run_id": "{run_id}", "type": "pause"}}', "command_id"),
         ("POST", f"{API}/commands", f'{{"command_id": "c", "run_id": "{s}", "type": "pause"}}', "run_id"),
         ("POST", f"{API}/commands", f'{{"command_id": "c", "run_id": "{run_id}", "type": "emit_event", '
@@ -251,7 +252,8 @@ def test_a_failure_outside_the_handlers_is_still_a_json_500(live_server, monkeyp
     monkeypatch.undo()
 
     run_id = _start(live_server, bundle_id="echo")
-    artifact_id = live_server.gateway.stores.artifacts.store(b"bytes", content_type="text/plain", run_id=run_id).artifact_id
+    artifact_id = live_server.gateway.stores.artifacts.store(b"bytes", content_type="text/plain",
+                                                             run_id=run_id).artifact_id
     monkeypatch.setattr(gw.SqliteArtifactStore, "read_range", broken)  # a streamed body fails before its first byte
     status, headers, data = live_server.get(f"{API}/runs/{run_id}/artifacts/{artifact_id}/content")
     assert status == 500 and headers["Content-Type"].startswith("application/json") and data["code"] == "internal_error"

@@ -58,7 +58,8 @@ def test_route_table_and_openapi_agree(live_server):
 
     spec = gw.openapi_document()
     documented = {(m.upper(), p) for p, ops in spec["paths"].items() for m in ops}
-    dispatched = {(next(iter(rule.methods - {"HEAD", "OPTIONS"})), re.sub(r"<(?:[a-z]+:)?([a-z_]+)>", r"{\1}", rule.rule))
+    dispatched = {(next(iter(rule.methods - {"HEAD", "OPTIONS"})),
+                   re.sub(r"<(?:[a-z]+:)?([a-z_]+)>", r"{\1}", rule.rule))
                   for rule in live_server.app.url_map.iter_rules()}
     assert documented == dispatched
 
@@ -81,7 +82,8 @@ def test_bundle_routes(live_server, bundle_builder):
     assert data["default_bundle_id"] is None
     status, _, data = live_server.get(f"{API}/bundles/echo")
     assert status == 200 and data["entrypoints"][0]["workflow_id"] == "echo@1.0.0:echo"
-    assert data["entrypoints"][0]["inputs"] == [{"id": "message", "label": "message", "type": "string", "default": "hello"}]
+    assert data["entrypoints"][0]["inputs"] == [{"id": "message", "label": "message", "type": "string",
+                                                 "default": "hello"}]
     assert live_server.get(f"{API}/bundles/nope")[0] == 404
     assert live_server.get(f"{API}/bundles/echo?bundle_version=9")[0] == 404
     status, _, data = live_server.get(f"{API}/bundles/echo@1.0.0?bundle_version=2.0.0")
@@ -163,7 +165,8 @@ def test_start_errors(live_server):
     assert status == 404 and _is_error(data, "flow_not_found")
     status, _, data = live_server.post(f"{API}/runs/start", {"bundle_id": "echo", "input_data": "not an object"})
     assert status == 422 and "input_data" in data["detail"]
-    status, _, data = live_server.request("POST", f"{API}/runs/start", raw=b"{not json", headers={"Content-Type": "application/json"})
+    status, _, data = live_server.request("POST", f"{API}/runs/start", raw=b"{not json",
+                                          headers={"Content-Type": "application/json"})
     assert status == 400 and _is_error(data, "invalid_json")
 
 
@@ -183,10 +186,12 @@ def test_runs_pagination_cursor_walks_everything_once(live_server):
 
 def test_artifacts_routes_with_range(live_server):
     run_id = _start(live_server, bundle_id="echo")
-    meta = live_server.gateway.stores.artifacts.store(bytes(range(256)) * 10, content_type="application/x-test", run_id=run_id)
+    meta = live_server.gateway.stores.artifacts.store(bytes(range(256)) * 10, content_type="application/x-test",
+                                                      run_id=run_id)
     status, _, data = live_server.get(f"{API}/runs/{run_id}/artifacts")
     kinds = {i["artifact_id"]: i["tags"].get("kind") for i in data["items"]}
-    assert status == 200 and kinds == {meta.artifact_id: None, **{a: k for a, k in kinds.items() if k == "workflow_snapshot"}}
+    assert status == 200 and kinds == {meta.artifact_id: None,
+                                       **{a: k for a, k in kinds.items() if k == "workflow_snapshot"}}
     assert list(kinds.values()).count("workflow_snapshot") == 1  # the flow the run started from, as on the original
     status, _, data = live_server.get(f"{API}/runs/{run_id}/artifacts/{meta.artifact_id}")
     assert status == 200 and data["size_bytes"] == 2560
@@ -212,7 +217,8 @@ def _fill_ledger(server, n=57):
     run_id = _start(server, bundle_id="ask")
     _wait_status(server, run_id, "waiting")
     for i in range(n):
-        server.gateway.stores.ledger.append(StepRecord(run_id=run_id, step_id=f"x{i}", node_id="n", status=StepStatus.COMPLETED))
+        server.gateway.stores.ledger.append(StepRecord(run_id=run_id, step_id=f"x{i}", node_id="n",
+                                                       status=StepStatus.COMPLETED))
     return run_id
 
 
@@ -320,7 +326,8 @@ def test_sse_streams_every_record_in_order_and_closes_with_done(live_server):
     steps = [e for e in first + rest if e.get("event") == "step"]
     assert [int(e["id"]) for e in steps] == list(range(1, len(steps) + 1))
     assert [json.loads(e["data"])["record"] for e in steps] == live_server.gateway.stores.ledger.list(run_id)
-    assert rest[-1]["event"] == "done" and json.loads(rest[-1]["data"]) == {"run_id": run_id, "cursor": len(steps), "status": "terminal"}
+    assert rest[-1]["event"] == "done" and json.loads(rest[-1]["data"]) == {"run_id": run_id, "cursor": len(steps),
+                                                                            "status": "terminal"}
 
 
 def test_sse_resume_with_last_event_id_has_no_gap_or_duplicate(live_server):
@@ -383,7 +390,8 @@ def test_schedule_route(live_server):
     assert inputs["workflow_id"] == "echo@1.0.0:echo" and inputs["pin_ids"] == ["message"]
     status, _, data = live_server.post(f"{API}/runs/schedule", {"bundle_id": "echo"})
     assert status == 422 and "flow_id" in data["detail"]
-    status, _, data = live_server.post(f"{API}/runs/schedule", {"bundle_id": "echo", "flow_id": "echo", "repeat_count": 0})
+    status, _, data = live_server.post(f"{API}/runs/schedule",
+                                       {"bundle_id": "echo", "flow_id": "echo", "repeat_count": 0})
     assert status == 400 and _is_error(data, "invalid_schedule")
 
 
@@ -425,7 +433,8 @@ def test_hostile_values_get_4xx_not_500(live_server):
     status, _, data = live_server.request("POST", f"{API}/runs/ledger/batch", raw=deep[:200_000],
                                           headers={"Content-Type": "application/json"})
     assert status == 400 and data["code"] == "invalid_json"
-    status, _, data = live_server.request("POST", f"{API}/runs/start", raw=b'{"bundle_id": "echo", "input_data": {"a": NaN}}',
+    status, _, data = live_server.request("POST", f"{API}/runs/start",
+                                          raw=b'{"bundle_id": "echo", "input_data": {"a": NaN}}',
                                           headers={"Content-Type": "application/json"})
     assert status == 400 and data["code"] == "invalid_json"
 

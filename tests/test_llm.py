@@ -120,7 +120,8 @@ def test_basic_followup_waits_for_the_user_and_completes_after_resume(llm_server
     run = wait_for(lambda: (d := _run(llm_server, run_id))["status"] == "waiting" and d["waiting"]["reason"] == "user"
                    and d, 60)  # after its agent answered
     assert _llm_calls(_tree_ledger(llm_server, run_id))
-    cid = _command(llm_server, run_id, "resume", {"wait_key": run["waiting"]["wait_key"], "payload": {"response": "Stop"}})
+    cid = _command(llm_server, run_id, "resume",
+                   {"wait_key": run["waiting"]["wait_key"], "payload": {"response": "Stop"}})
     assert _outcome(llm_server, cid)["status"] == "applied"
     assert _wait_status(llm_server, run_id, "completed", "failed")["status"] == "completed"
 
@@ -181,7 +182,8 @@ def test_local_tool_mode_runs_the_default_tools_without_a_wait(data_dir, fake_ll
     try:
         run_id = _start(server, "test", prompt="Please use execute_command to run echo hello")
         assert _wait_status(server, run_id, "completed", "failed")["status"] == "completed"
-        tool_steps = [r["status"] for r in _tree_ledger(server, run_id) if (r["effect"] or {}).get("type") == "tool_calls"]
+        tool_steps = [r["status"] for r in _tree_ledger(server, run_id)
+                      if (r["effect"] or {}).get("type") == "tool_calls"]
         assert "completed" in tool_steps and "waiting" not in tool_steps
         tool_messages = [m for r in fake_llm.requests for m in r["messages"] if m.get("role") == "tool"]
         assert any("hello" in str(m.get("content")) for m in tool_messages)  # really ran `echo hello`
@@ -369,11 +371,13 @@ def test_discovery_routes(llm_server, monkeypatch):
     status, _, data = llm_server.get(f"{API}/discovery/providers/lmstudio/models", timeout=60)
     assert status == 200 and data["models"] == [] and data["error"], data
     status, _, data = llm_server.get(f"{API}/discovery/tools")
-    assert status == 200 and "execute_command" in {t["name"] for t in data["items"]} and data["tool_mode"] == "passthrough"
+    assert status == 200 and "execute_command" in {t["name"] for t in data["items"]}
+    assert data["tool_mode"] == "passthrough"
     status, _, data = llm_server.get(f"{API}/discovery/capabilities")
     caps = data["capabilities"]
     assert status == 200 and caps["llm"]["installed"] is True and caps["agents"]["installed"] is True
-    assert caps["vision"] == {"installed": False, "package": "abstractvision", "install_hint": "pip install abstractvision"}
+    assert caps["vision"] == {"installed": False, "package": "abstractvision",
+                              "install_hint": "pip install abstractvision"}
 
 
 def test_observer_summary_and_chat(llm_server, fake_llm):

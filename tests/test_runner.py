@@ -358,11 +358,13 @@ def test_schedule_fires_n_times(fast_gateway):
 
 def test_schedule_isolated_sessions_and_validation(fast_gateway):
     gateway = fast_gateway
-    run_id = gateway.schedule_run(bundle_id="echo", flow_id="echo", interval="50ms", repeat_count=2, share_context=False)
+    run_id = gateway.schedule_run(bundle_id="echo", flow_id="echo", interval="50ms", repeat_count=2,
+                                  share_context=False)
     wait_for(lambda: _status(gateway, run_id) == "completed", timeout=15)
     assert sorted(c.session_id for c in _children(gateway, run_id)) == [f"{run_id}:0", f"{run_id}:1"]
     bad = [dict(repeat_count=0), dict(repeat_count=2), dict(interval="5 parsecs"),
-           dict(repeat_until="2999-01-01T00:00:00Z"), dict(interval="1s", repeat_count=2, repeat_until="2999-01-01T00:00:00Z"),
+           dict(repeat_until="2999-01-01T00:00:00Z"),
+           dict(interval="1s", repeat_count=2, repeat_until="2999-01-01T00:00:00Z"),
            dict(interval="10ms", repeat_until="2999-01-01T00:00:00Z"), dict(start_at="yesterday")]
     for kwargs in bad:
         with pytest.raises(gw.GatewayError) as info:

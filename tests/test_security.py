@@ -59,7 +59,8 @@ def test_auth_origin_matrix(tmp_path, config):
             if kind == "read":
                 status, hdrs, body = server.request("GET", f"{API}/runs/{run_id}", headers=headers, token=tok)
             elif kind == "sse":
-                status, hdrs, body = server.request("GET", f"{API}/runs/{run_id}/ledger/stream", headers=headers, token=tok)
+                status, hdrs, body = server.request("GET", f"{API}/runs/{run_id}/ledger/stream", headers=headers,
+                                                    token=tok)
             else:
                 status, hdrs, body = server.request("POST", f"{API}/commands", headers=headers, token=tok, body={
                     "command_id": f"m{next(counter)}", "run_id": run_id, "type": "pause"})
@@ -293,11 +294,13 @@ def test_audit_rows_for_writes_only_never_the_token(live_server):
     live_server.get(f"{API}/runs")
     live_server.post(f"{API}/commands", {"command_id": "a1", "run_id": "r", "type": "pause"},
                      headers={"X-Client-Id": "tui-1"})
-    live_server.post(f"{API}/commands", {"command_id": "a2", "run_id": "r", "type": "pause"}, token="bad-bad-bad-bad-bad")
+    live_server.post(f"{API}/commands", {"command_id": "a2", "run_id": "r", "type": "pause"},
+                     token="bad-bad-bad-bad-bad")
     rows = wait_for(lambda: len(r := live_server.gateway.stores.audit.tail(10)) >= 2 and r)
     assert [(r["method"], r["path"], r["status"]) for r in rows] == [("POST", f"{API}/commands", 401),
                                                                      ("POST", f"{API}/commands", 200)]
-    assert rows[1]["token_fp"] == gw.token_fingerprint(live_server.TOKEN) and rows[1]["headers"] == {"x-client-id": "tui-1"}
+    assert rows[1]["token_fp"] == gw.token_fingerprint(live_server.TOKEN)
+    assert rows[1]["headers"] == {"x-client-id": "tui-1"}
     assert rows[1]["client_ip"] == "127.0.0.1" and rows[1]["request_id"]
     dump = json.dumps(rows) + json.dumps(live_server.gateway.stores.db.query("SELECT * FROM audit_log"))
     assert live_server.TOKEN not in dump and "bad-bad-bad-bad-bad" not in dump
@@ -358,22 +361,26 @@ def test_first_serve_generates_a_token_once(tmp_path):
     env = _clean_env(tmp_path)
     proc, port = _serve_once(env)
     out = _stop(proc)
-    line = next(l for l in out.splitlines() if "curl -H 'Authorization: Bearer " in l)
+    line = next(ln for ln in out.splitlines() if "curl -H 'Authorization: Bearer " in ln)
     token = line.split("Bearer ", 1)[1].split("'", 1)[0]
     assert len(token) >= 40
-    shown = subprocess.run([sys.executable, "-m", "abstractgateway", "token", "show"], env=env, capture_output=True, text=True)
+    shown = subprocess.run([sys.executable, "-m", "abstractgateway", "token", "show"], env=env, capture_output=True,
+                           text=True)
     assert shown.stdout.strip() == token
     proc, port = _serve_once(env)  # second start: no new token, the stored one works
     try:
-        req = urllib.request.Request(f"http://127.0.0.1:{port}/api/gateway/ping", headers={"Authorization": f"Bearer {token}"})
+        req = urllib.request.Request(f"http://127.0.0.1:{port}/api/gateway/ping",
+                                     headers={"Authorization": f"Bearer {token}"})
         assert urllib.request.urlopen(req, timeout=5).status == 200
     finally:
         out = _stop(proc)
     assert token not in out and "from database" in out
-    rotated = subprocess.run([sys.executable, "-m", "abstractgateway", "token", "rotate"], env=env, capture_output=True, text=True)
+    rotated = subprocess.run([sys.executable, "-m", "abstractgateway", "token", "rotate"], env=env, capture_output=True,
+                             text=True)
     assert rotated.returncode == 0 and rotated.stdout.strip() != token
     env_token = _clean_env(tmp_path, ABSTRACTGATEWAY_AUTH_TOKEN="an-explicit-environment-token")
-    shown = subprocess.run([sys.executable, "-m", "abstractgateway", "token", "show"], env=env_token, capture_output=True, text=True)
+    shown = subprocess.run([sys.executable, "-m", "abstractgateway", "token", "show"], env=env_token,
+                           capture_output=True, text=True)
     assert "environment" in shown.stdout and gw.token_fingerprint("an-explicit-environment-token") in shown.stdout
 
 
@@ -410,7 +417,8 @@ FLOW = json.dumps({"id": "main", "nodes": [], "edges": []})
 HOSTILE = {
     "zip_slip_entry": _zip({"manifest.json": _manifest(), "flows/main.json": FLOW, "../../escape.txt": "x"}),
     "absolute_entry": _zip({"manifest.json": _manifest(), "flows/main.json": FLOW, "/etc/cron.d/x": "x"}),
-    "zip_slip_manifest_path": _zip({"manifest.json": _manifest(flows={"main": "../outside.json"}), "flows/main.json": FLOW}),
+    "zip_slip_manifest_path": _zip({"manifest.json": _manifest(flows={"main": "../outside.json"}),
+                                    "flows/main.json": FLOW}),
     "symlink": _zip({"manifest.json": _manifest(), "flows/main.json": FLOW}, symlink="flows/link.json"),
     "zip_bomb": _zip({"manifest.json": _manifest(), "flows/main.json": FLOW, "bomb.bin": b"\0" * (60 * 1024 * 1024)}),
     "bad_manifest": _zip({"manifest.json": _manifest(entrypoints=[]), "flows/main.json": FLOW}),
@@ -426,7 +434,8 @@ HOSTILE = {
 def test_hostile_bundles_are_rejected_and_nothing_is_stored(live_server):
     for name, content in HOSTILE.items():
         body, ctype = multipart({}, {"file": ("x.flow", content)})
-        status, _, data = live_server.request("POST", f"{API}/bundles/upload", raw=body, headers={"Content-Type": ctype})
+        status, _, data = live_server.request("POST", f"{API}/bundles/upload", raw=body,
+                                              headers={"Content-Type": ctype})
         assert 400 <= status < 500, (name, status, data)
         assert set(data) == {"detail", "code"} and data["code"].startswith("bundle_"), (name, data)
     assert live_server.gateway.stores.db.query_one("SELECT COUNT(*) FROM bundles")[0] == 0

@@ -148,7 +148,8 @@ def test_ledger_page_and_count(stores):
 def test_command_store_is_idempotent_by_command_id(stores):
     rec = CommandRecord(command_id="c1", run_id="r1", type="pause", payload={}, ts="")
     first = stores.commands.append(rec)
-    again = stores.commands.append(CommandRecord(command_id="c1", run_id="other", type="cancel", payload={"x": 1}, ts=""))
+    again = stores.commands.append(CommandRecord(command_id="c1", run_id="other", type="cancel", payload={"x": 1},
+                                                 ts=""))
     assert (first.accepted, first.duplicate) == (True, False)
     assert (again.accepted, again.duplicate, again.seq) == (False, True, first.seq)
     second = stores.commands.append(CommandRecord(command_id="c2", run_id="r1", type="resume", payload={}, ts=""))
@@ -209,7 +210,8 @@ def test_concurrent_appenders_lose_and_duplicate_nothing(stores):
         try:
             for n in range(per_thread):
                 stores.ledger.append(_step(f"run{t}", n))
-                stores.commands.append(CommandRecord(command_id=f"t{t}-{n}", run_id=f"run{t}", type="pause", payload={}, ts=""))
+                stores.commands.append(CommandRecord(command_id=f"t{t}-{n}", run_id=f"run{t}", type="pause", payload={},
+                                                     ts=""))
         except Exception as exc:  # noqa: BLE001 - any error is a failure here
             errors.append(exc)
 
@@ -232,7 +234,8 @@ def test_concurrent_writers_in_two_processes(data_dir):
         "import abstractgateway as gw, sys\n"
         "from abstractruntime.core.models import StepRecord, StepStatus\n"
         "db = gw.Database(sys.argv[1]); l = gw.SqliteLedgerStore(db)\n"
-        "for n in range(200): l.append(StepRecord(run_id=sys.argv[2], step_id=str(n), node_id='n', status=StepStatus.COMPLETED))\n"
+        "for n in range(200):"
+        " l.append(StepRecord(run_id=sys.argv[2], step_id=str(n), node_id='n', status=StepStatus.COMPLETED))\n"
     )
     procs = [subprocess.Popen([sys.executable, "-c", code, str(db_path), f"p{i}"]) for i in range(3)]
     assert [p.wait(timeout=120) for p in procs] == [0, 0, 0]
@@ -351,11 +354,12 @@ def _make_upstream_file_dir(base: Path) -> dict:
     """A data dir in the upstream layout, written by the runtime's own file stores."""
     stores = gw.open_stores(make_config(base, store_backend="file", db_path=str(base / "ignored.sqlite3")))
     ids = []
-    for name in ("ada", "bob", "cyd"):
+    for _ in ("ada", "bob", "cyd"):
         rid, _ = _run_ask_echo(stores)
         ids.append(rid)
     for n in range(5):
-        stores.commands.append(CommandRecord(command_id=f"cmd{n}", run_id=ids[0], type="pause", payload={"n": n}, ts=""))
+        stores.commands.append(CommandRecord(command_id=f"cmd{n}", run_id=ids[0], type="pause", payload={"n": n},
+                                             ts=""))
     stores.cursor.save(3)
     art = stores.artifacts.store(b"artifact-bytes", content_type="text/plain", run_id=ids[0])
     stores.close()
@@ -407,7 +411,8 @@ def test_migrate_file_layout_round_trip_idempotent(tmp_path, capsys):
         assert gw.table_counts(dest.db) == counts
     finally:
         dest.close()
-    report_lines = {line.split()[0]: line.split()[1:] for line in out.splitlines() if line.split() and line.split()[0] in gw.MIGRATION_KINDS}
+    report_lines = {line.split()[0]: line.split()[1:] for line in out.splitlines()
+                    if line.split() and line.split()[0] in gw.MIGRATION_KINDS}
     assert all(cols[1] == "0" for cols in report_lines.values())  # imported 0 of every kind
 
 
@@ -485,7 +490,8 @@ def test_backup_while_writing_restores_cleanly(stores, tmp_path):
         assert problems == []
         n = gw.SqliteLedgerStore(restored).count("busy")
         assert 50 <= n <= len(written)
-        assert [r[0] for r in restored.query("SELECT seq FROM ledger WHERE run_id='busy' ORDER BY seq")] == list(range(1, n + 1))
+        seqs = [r[0] for r in restored.query("SELECT seq FROM ledger WHERE run_id='busy' ORDER BY seq")]
+        assert seqs == list(range(1, n + 1))
     finally:
         restored.close()
 
@@ -597,7 +603,8 @@ def test_a_failing_single_statement_write_in_a_batch_spares_its_neighbours(store
     def duplicate():
         barrier.wait()
         try:
-            db.write(lambda c: c.execute("INSERT INTO leases VALUES ('dup', 'o', 0, 0, 0, 0), ('dup', 'o', 0, 0, 0, 0)"),
+            db.write(lambda c: c.execute("INSERT INTO leases VALUES"
+                                         " ('dup', 'o', 0, 0, 0, 0), ('dup', 'o', 0, 0, 0, 0)"),
                      single_statement=True)
         except apsw.ConstraintError as exc:
             errors.append(exc)
