@@ -142,6 +142,7 @@ def test_ledger_batch_validates_limit_and_run_entries(live_server):
         status, headers, data = live_server.post(f"{API}/runs/ledger/batch", {"runs": [entry]})
         _assert_json_4xx(status, headers, data)
         assert status == 422 and "runs" in data["detail"], (entry, data)
+    wait_for(lambda: live_server.gateway.stores.ledger.count(run_id) > 0)
     status, _, data = live_server.post(f"{API}/runs/ledger/batch", {"runs": [{"run_id": run_id}, {"run_id": "gone"}],
                                                                    "limit": 1})
     assert status == 200 and list(data["runs"]) == [run_id] and len(data["runs"][run_id]["items"]) == 1

@@ -172,6 +172,8 @@ def test_start_errors(live_server):
 
 def test_runs_pagination_cursor_walks_everything_once(live_server):
     ids = {_start(live_server, bundle_id="ask") for _ in range(7)}
+    for run_id in ids:  # a stable set: the keyset orders by updated_at, which each tick moves
+        _wait_status(live_server, run_id, "waiting")
     seen, cursor = [], None
     while True:
         status, _, data = live_server.get(f"{API}/runs?limit=3" + (f"&cursor={cursor}" if cursor else ""))
