@@ -863,7 +863,12 @@ class Database:
         so no waiting writer can hang."""
         conn = None
         tx, committed = None, False
-        self._write_mutex.acquire()
+        try:
+            self._acquire_write_mutex()
+        except DatabaseBusy as busy:
+            for item in batch:
+                item.error, item.done = busy, True
+            return
         try:
             conn = self.connection()
             _begin_immediate(conn, self.busy_timeout_ms / 1000)
@@ -872,27 +877,7 @@ class Database:
             if len(batch) == 1:  # alone in the batch: its failure may roll the whole transaction back
                 batch[0].result = batch[0].fn(conn)
             else:
-                for item in batch:
-                    nested_topics = len(tx.topics)
-                    if item.single_statement:
-                        try:
-                            item.result = item.fn(conn)
-                        except Exception as exc:  # the failed statement undid itself; the rest commits
-                            if conn.get_autocommit():  # ...unless SQLite abandoned the whole transaction
-                                raise
-                            item.error = exc
-                        continue
-                    conn.execute("SAVEPOINT gateway_write")
-                    try:
-                        item.result = item.fn(conn)
-                        conn.execute("RELEASE gateway_write")
-                    except Exception as exc:  # the caller gets it; the rest of the batch commits
-                        if conn.get_autocommit():  # SQLite abandoned the whole transaction (disk full, I/O)
-                            raise
-                        conn.execute("ROLLBACK TO gateway_write")
-                        conn.execute("RELEASE gateway_write")
-                        item.error = exc
-                        del tx.topics[nested_topics:]
+                self._run_batch_items(conn, tx, batch)
             conn.execute("COMMIT")
             committed = True
             self._succeeded_at = time.monotonic()
@@ -917,6 +902,41 @@ class Database:
         if topics:
             self.signals.bump(topics)
 
+    def _acquire_write_mutex(self) -> None:
+        """Take the in-process writers' turn, or give up as busy after the busy timeout (a writer that
+        holds it that long is stuck: callers get 503 `database_busy`, not a request that hangs)."""
+        if not self._write_mutex.acquire(timeout=self.busy_timeout_ms / 1000):
+            busy = DatabaseBusy("The database is busy (another writer holds it); retry shortly.")
+            self._last_failure = {"code": busy.code, "detail": busy.detail, "at": utc_now_iso()}
+            self._failed_at = time.monotonic()
+            raise busy
+
+    @staticmethod
+    def _run_batch_items(conn: apsw.Connection, tx: _Transaction, batch: List[_PendingWrite]) -> None:
+        """Run each write of a shared transaction in its own savepoint (a lone statement needs none),
+        so one failing write never undoes another; raise if SQLite abandoned the whole transaction."""
+        for item in batch:
+            nested_topics = len(tx.topics)
+            if item.single_statement:
+                try:
+                    item.result = item.fn(conn)
+                except Exception as exc:  # the failed statement undid itself; the rest commits
+                    if conn.get_autocommit():  # ...unless SQLite abandoned the whole transaction
+                        raise
+                    item.error = exc
+                continue
+            conn.execute("SAVEPOINT gateway_write")
+            try:
+                item.result = item.fn(conn)
+                conn.execute("RELEASE gateway_write")
+            except Exception as exc:  # the caller gets it; the rest of the batch commits
+                if conn.get_autocommit():  # SQLite abandoned the whole transaction (disk full, I/O)
+                    raise
+                conn.execute("ROLLBACK TO gateway_write")
+                conn.execute("RELEASE gateway_write")
+                item.error = exc
+                del tx.topics[nested_topics:]
+
     @contextmanager
     def transaction(self) -> Iterator[_Transaction]:
         """An explicit write transaction on this thread; store writes inside it join it."""
@@ -925,7 +945,8 @@ class Database:
             yield tx
             return
         conn = self.connection()
-        with self._write_mutex:  # in-process writers queue here, not in SQLite's sleeping busy handler
+        self._acquire_write_mutex()
+        try:
             try:
                 _begin_immediate(conn, self.busy_timeout_ms / 1000)
             except _STORAGE_FAILURES as exc:
@@ -950,6 +971,8 @@ class Database:
                 raise
             finally:
                 self._local.tx = None
+        finally:
+            self._write_mutex.release()
         if tx.topics:
             self.signals.bump(tx.topics)
 
@@ -1794,8 +1817,9 @@ class AuditStore:
             return
 
         def _fix(conn: apsw.Connection) -> None:  # the write was rolled back or the request failed after it
-            conn.execute("UPDATE audit_log SET status = ?, duration_ms = ?, error = ? WHERE id = ?",
-                         (status, duration_ms, error, box[0]))
+            # (the request id too: a rolled-back row's id may since belong to another request's row)
+            conn.execute("UPDATE audit_log SET status = ?, duration_ms = ?, error = ? WHERE id = ? AND request_id = ?",
+                         (status, duration_ms, error, box[0], row[1]))
             if conn.changes() == 0:
                 conn.execute(f"INSERT INTO audit_log ({self._COLUMNS}) VALUES ({self._MARKS})", row)
 
@@ -3901,7 +3925,9 @@ class Gateway:
         try:
             # A compaction may wait on a model: it runs first, outside any lock or transaction, with its
             # writes collected; the transaction below only commits them (no writer waits on the model).
-            compaction = self._run_compaction(record) if record.type.lower() == "compact_memory" else None
+            compaction = None
+            if record.type.lower() == "compact_memory" and not self.stores.outcomes.exists(record.seq):
+                compaction = self._run_compaction(record)
             with self._targets_locked(record) as targets, db.transaction():
                 if self._already_applied(record, lease):
                     return
@@ -3913,6 +3939,8 @@ class Gateway:
                 self.stores.cursor.save(record.seq)
         except (LeaseLost, StorageError):
             raise  # not the command's fault: it stays pending and is applied once storage answers
+        except _STORAGE_FAILURES as exc:
+            raise storage_error(exc) from exc
         except Exception as exc:  # noqa: BLE001 - every failure is recorded, none wedges the inbox
             reason = exc.detail if isinstance(exc, GatewayError) else f"{type(exc).__name__}: {exc}"
             if not isinstance(exc, (GatewayError, ValueError, KeyError)):
@@ -3953,15 +3981,19 @@ class Gateway:
                 if _enum_value(run.status) not in TERMINAL_STATUSES:
                     self.runtime.cancel_run(run.run_id, reason=payload.get("reason") or "Cancelled")
         elif kind == "resume":
-            if "payload" in payload:
-                self._resume_waiting(tree[0], payload)
-            else:
-                for run in tree:
-                    if _is_paused(run):
-                        self.runtime.resume_run(run.run_id)
-                self._fire_recurrent_schedule_now(tree[0])
+            self._resume(tree, payload)
         else:
             raise GatewayError(f"Unknown command type '{record.type}'", code="invalid_command_type")
+
+    def _resume(self, tree: List[RunState], payload: Dict[str, Any]) -> None:
+        """`resume` with a payload answers the root's wait; without one it unpauses the whole tree."""
+        if "payload" in payload:
+            self._resume_waiting(tree[0], payload)
+            return
+        for run in tree:
+            if _is_paused(run):
+                self.runtime.resume_run(run.run_id)
+        self._fire_recurrent_schedule_now(tree[0])
 
     def _fire_recurrent_schedule_now(self, run: RunState) -> None:
         """Resuming a recurrent schedule that waits for its next slot runs the next execution at once."""
@@ -4131,38 +4163,52 @@ class Gateway:
             blocked = self.host.catalog.blocked.get(state.workflow_id)
             reason = blocked.detail if blocked else f"Workflow '{state.workflow_id}' is not loaded on this gateway"
             return self._fail_run(run_id, reason, lease) if _enum_value(state.status) == "running" else state
+        state = self._run_steps(spec, run_id, lease)
+        if state is not None and _enum_value(state.status) in TERMINAL_STATUSES:
+            self.resume_parent_of(state, lease)
+        return state
+
+    def _run_steps(self, spec: Any, run_id: str, lease: Optional[LeaseToken]) -> Optional[RunState]:
+        """The step loop of `tick`: run, collect, commit (quick steps together), stop when the run can't go on."""
         writes: Optional[StepWrites] = None
         batch_started = 0.0
+        state: Optional[RunState] = None
         for _ in range(self.config.tick_max_steps):
-            failure: Optional[Exception] = None
-            with self.uow.collect(writes) as writes:
-                mark = writes.mark()
-                if mark == (0, 0):
-                    batch_started = time.monotonic()
-                try:
-                    state = self.runtime.tick(workflow=spec, run_id=run_id, max_steps=1)
-                except (StorageError, *_STORAGE_FAILURES) as exc:  # the disk's fault, not the run's: retried
-                    raise storage_error(exc) from exc
-                except Exception as exc:  # noqa: BLE001 - the run is failed with the reason, the runner goes on
-                    failure = exc
-                    writes.rollback(mark)  # the failing step's writes are dropped with it
+            writes = writes if writes is not None else StepWrites()
+            if not writes.ledger and not writes.runs:
+                batch_started = time.monotonic()
+            try:
+                state, failure = self._run_one_step(spec, run_id, writes)
+            except StorageError:
+                if writes.ledger or writes.runs:  # the steps before it are done: keep them if the disk lets us
+                    self._commit_step(run_id, writes, lease)
+                raise
             if failure is None and _continues(state) and time.monotonic() - batch_started < STEP_BATCH_S:
                 continue  # a quick step: committed with the next ones (whole steps, still atomically)
             committed = self._commit_step(run_id, writes, lease)
             writes = None
             if not committed:
-                state = self.stores.runs.load(run_id)  # changed meanwhile (pause, cancel): its state wins
-                break
+                return self.stores.runs.load(run_id)  # changed meanwhile (pause, cancel): its state wins
             if failure is not None:
-                state = self._fail_run(run_id, f"{type(failure).__name__}: {failure}", lease)
-                break
+                return self._fail_run(run_id, f"{type(failure).__name__}: {failure}", lease)
             if not _continues(state):
-                break
+                return state
         if writes is not None and not self._commit_step(run_id, writes, lease):  # tick_max_steps ran out
-            state = self.stores.runs.load(run_id)
-        if state is not None and _enum_value(state.status) in TERMINAL_STATUSES:
-            self.resume_parent_of(state, lease)
+            return self.stores.runs.load(run_id)
         return state
+
+    def _run_one_step(self, spec: Any, run_id: str, writes: StepWrites) -> Tuple[Any, Optional[Exception]]:
+        """One `runtime.tick(max_steps=1)` collected into `writes`; a failing step's writes are rolled back."""
+        with self.uow.collect(writes):
+            mark = writes.mark()
+            try:
+                return self.runtime.tick(workflow=spec, run_id=run_id, max_steps=1), None
+            except (StorageError, *_STORAGE_FAILURES) as exc:  # the disk's fault, not the run's: retried
+                writes.rollback(mark)
+                raise storage_error(exc) from exc
+            except Exception as exc:  # noqa: BLE001 - the run is failed with the reason, the runner goes on
+                writes.rollback(mark)
+                return None, exc
 
     def _commit_step(self, run_id: str, writes: StepWrites, lease: Optional[LeaseToken]) -> bool:
         """Commit one step's writes atomically, fenced by `lease`; False if the run changed meanwhile.

@@ -671,3 +671,27 @@ def test_buffered_run_store_passes_the_runtimes_protocol_check_statically(gatewa
     assert isinstance(gateway.uow.runs, QueryableRunStore)
     for name in ("list_runs", "list_due_wait_until", "list_children", "load", "save"):
         inspect.getattr_static(gateway.uow.runs, name)
+
+
+def test_a_storage_error_mid_batch_keeps_the_steps_before_it(gateway, monkeypatch):
+    """Quick steps share a commit; a busy disk on a later one must not throw the finished ones away."""
+    run_id = gateway.start_run(bundle_id="timer-loop", input_data={"n": 3, "delay": 0})
+    first_node = gateway.stores.runs.load(run_id).current_node
+    real_tick, calls = gateway.runtime.tick, []
+
+    def busy_on_the_third(**kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise gw.DatabaseBusy("simulated: busy")
+        return real_tick(**kwargs)
+
+    monkeypatch.setattr(gateway.runtime, "tick", busy_on_the_third)
+    with pytest.raises(gw.DatabaseBusy):
+        gateway.tick(run_id)
+    kept = gateway.stores.runs.load(run_id)  # the two finished steps were committed before the error
+    assert kept.current_node != first_node and kept.status.value == "running"
+    monkeypatch.undo()
+    assert gateway.tick(run_id).status.value == "completed"
+    keys = [(r.get("idempotency_key"), r["status"]) for r in gateway.stores.ledger.list(run_id)
+            if r.get("idempotency_key")]
+    assert len(keys) == len(set(keys))
