@@ -3,7 +3,9 @@
 Contents, in dependency order (each section uses only what stands above it):
 
 1. Config      -- `SETTINGS` (env var, CLI flag, default, help: one table drives both) and `Config`.
-2. Storage     -- `Database` (apsw, WAL, per-thread connections, group commit, `Signals`), the
+2. Storage     -- `Database` (apsw, WAL, per-thread connections, group commit, `Signals`, storage
+                  errors, refusal of damaged files), `LeaseStore` (fencing epochs), `UnitOfWork`
+                  (a runtime step's writes collected and committed together), the
                   SQLite stores the runtime accepts (`SqliteRunStore`, `SqliteLedgerStore`,
                   `SqliteCommandStore`, `SqliteCommandCursorStore`, `SqliteArtifactStore`), the
                   gateway's own stores (bundles, leases, command outcomes, deprecations, reports), the
