@@ -31,43 +31,27 @@ sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__)
 
 import argparse
 import collections
-import json
 import os
 import random
 import signal
-import socket
 import subprocess
 import tempfile
 import threading
 import time
-import urllib.error
-import urllib.request
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
 import abstractgateway as gw  # noqa: E402
-from conftest import TEST_BUNDLES, pack_bundle  # noqa: E402
+from conftest import (TEST_BUNDLES, call_json, free_port, gateway_env, pack_bundle,  # noqa: E402
+                      stop_outside_a_write)
 
 TOKEN = "bench-faults-token-0123456789"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _call(method: str, url: str, body=None, timeout: float = 5.0):
-    data = json.dumps(body).encode() if body is not None else None
-    req = urllib.request.Request(url, data=data, method=method,
-                                 headers={"Content-Type": "application/json", "Authorization": f"Bearer {TOKEN}"})
-    try:
-        with urllib.request.urlopen(req, timeout=timeout) as resp:
-            return resp.status, json.loads(resp.read() or b"null")
-    except urllib.error.HTTPError as exc:
-        return exc.code, None
+    return call_json(method, url, TOKEN, body, timeout)
 
 
 def _wait(predicate, timeout: float):
@@ -78,13 +62,6 @@ def _wait(predicate, timeout: float):
             return value
         time.sleep(0.01)
     raise SystemExit(f"condition not met within {timeout}s")
-
-
-def _env(data_dir: Path, **extra: str) -> dict:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("ABSTRACTGATEWAY_")}
-    env.update(ABSTRACTGATEWAY_DATA_DIR=str(data_dir), ABSTRACTGATEWAY_AUTH_TOKEN=TOKEN,
-               ABSTRACTGATEWAY_POLL_S="0.05", **extra)
-    return env
 
 
 def _spawn(args, env) -> subprocess.Popen:
@@ -126,7 +103,7 @@ def kill_loop(kills: int) -> None:
         data_dir = Path(tmp)
         for root in TEST_BUNDLES:
             pack_bundle(data_dir / "flows", root)
-        env, port = _env(data_dir), _free_port()
+        env, port = gateway_env(data_dir, TOKEN), free_port()
         base = f"http://127.0.0.1:{port}"
         runs: list = []
         commands: list = []
@@ -176,26 +153,6 @@ def kill_loop(kills: int) -> None:
         print(f"  check problems: {len(problems)} {problems[:3]}")
 
 
-def _stop_outside_a_transaction(pid: int, db_path: Path) -> float:
-    import apsw
-
-    for _ in range(50):
-        os.kill(pid, signal.SIGSTOP)
-        at = time.monotonic()
-        probe = apsw.Connection(str(db_path))
-        probe.set_busy_timeout(200)
-        try:
-            probe.execute("BEGIN IMMEDIATE")
-            probe.execute("ROLLBACK")
-            return at
-        except apsw.BusyError:
-            os.kill(pid, signal.SIGCONT)
-            time.sleep(0.01)
-        finally:
-            probe.close()
-    raise SystemExit("holder always inside a write transaction")
-
-
 def takeovers(count: int, ttl: float = 1.5) -> None:
     for how in ("SIGKILL", "SIGSTOP"):
         times = []
@@ -204,7 +161,7 @@ def takeovers(count: int, ttl: float = 1.5) -> None:
                 data_dir = Path(tmp)
                 for root in TEST_BUNDLES:
                     pack_bundle(data_dir / "flows", root)
-                env = _env(data_dir, ABSTRACTGATEWAY_RUNNER_LEASE_TTL_S=str(ttl))
+                env = gateway_env(data_dir, TOKEN, runner_lease_ttl_s=str(ttl))
                 procs = [_spawn(["runner"], env) for _ in range(2)]
                 stores = None
                 try:
@@ -216,7 +173,9 @@ def takeovers(count: int, ttl: float = 1.5) -> None:
                         os.kill(pid, signal.SIGKILL)
                         at = time.monotonic()
                     else:
-                        at = _stop_outside_a_transaction(pid, stores.db.path)
+                        at = stop_outside_a_write(pid, stores.db.path, tries=50)
+                        if at is None:
+                            raise SystemExit("the holder was inside a write transaction at every stop")
                     _wait(lambda stores=stores, holder=holder: (h := stores.leases.holder("runner"))
                           and h["owner"] != holder["owner"] and h["live"], ttl + 20)
                     times.append(time.monotonic() - at)

@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import json
+import os
+import signal
+import socket
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator, Optional, Tuple
 
 import pytest
 
@@ -198,3 +204,63 @@ def multipart(fields: dict, files: dict) -> tuple[bytes, str]:
                      f"Content-Type: application/octet-stream\r\n\r\n".encode() + content + b"\r\n")
     parts.append(f"--{boundary}--\r\n".encode())
     return b"".join(parts), f"multipart/form-data; boundary={boundary}"
+
+
+# -- real gateway processes (fault tests, bench/faults.py) ----------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def call_json(method: str, url: str, token: str, body: Any = None, timeout: float = 5.0) -> Tuple[int, Any]:
+    """(status, parsed JSON body, or the text if it is not JSON); network errors raise OSError."""
+    data = json.dumps(body).encode() if body is not None else None
+    req = urllib.request.Request(url, data=data, method=method,
+                                 headers={"Content-Type": "application/json", "Authorization": f"Bearer {token}"})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
+            return resp.status, json.loads(resp.read() or b"null")
+    except urllib.error.HTTPError as exc:
+        raw = exc.read()
+        try:
+            return exc.code, json.loads(raw)
+        except ValueError:
+            return exc.code, raw.decode(errors="replace")
+
+
+def gateway_env(data_dir: Path, token: str, **settings: str) -> dict:
+    """This process's environment for a gateway process on `data_dir` (settings by name: ttl=...)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ABSTRACTGATEWAY_")}
+    env.update(ABSTRACTGATEWAY_DATA_DIR=str(data_dir), ABSTRACTGATEWAY_AUTH_TOKEN=token,
+               ABSTRACTGATEWAY_POLL_S="0.05", **{f"ABSTRACTGATEWAY_{k.upper()}": v for k, v in settings.items()})
+    return env
+
+
+def stop_outside_a_write(pid: int, db_path: Path, tries: int = 20) -> Optional[float]:
+    """SIGSTOP `pid` at a moment it holds no SQLite write lock; return when (monotonic), None if it
+    was inside a write transaction at every one of `tries` stops.
+
+    SQLite has one writer: a process stopped inside a write transaction blocks every writer, the
+    standby's lease takeover included, until it continues (the API answers 503 `database_busy`
+    meanwhile; docs/operations.md). Transactions are short, so that is rare, but a measurement must
+    not depend on luck: the holder is stopped again when it was caught mid-commit."""
+    import apsw
+
+    for _ in range(tries):
+        os.kill(pid, signal.SIGSTOP)
+        stopped_at = time.monotonic()
+        probe = apsw.Connection(str(db_path))
+        probe.set_busy_timeout(200)
+        try:
+            probe.execute("BEGIN IMMEDIATE")
+            probe.execute("ROLLBACK")
+            return stopped_at
+        except apsw.BusyError:
+            os.kill(pid, signal.SIGCONT)
+            time.sleep(0.01)
+        finally:
+            probe.close()
+    return None
