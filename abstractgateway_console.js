@@ -434,8 +434,10 @@ async function refreshRun(run) {
     const [summary, commands, artifacts] = await Promise.all([
       api('/runs/' + enc(run.id)), api('/runs/' + enc(run.id) + '/commands?limit=50'),
       api('/runs/' + enc(run.id) + '/artifacts?limit=200')]);
+    const asking = await descendantAsking(summary);
     if (run.stopped) return;
     run.summary = summary;
+    run.asking = asking;
     renderSummary(run, summary);
     renderCommands(commands.items);
     renderArtifacts(run, artifacts.items);
@@ -582,25 +584,31 @@ async function showSchedules() {
 
 // -- commands --------------------------------------------------------------------------------------
 
-// Append a command, then follow its outcome (pending -> applied | failed with the reason).
+// Append a command, then follow its outcome (pending -> applied | failed with the reason). A command for
+// another run (a descendant's question answered from this page) reports in the page's note as well: its
+// form goes away as soon as the descendant moves on.
 async function sendCommand(runId, type, payload, label, noteEl) {
   const note = noteEl || $('run-note');
+  const report = (text, cls) => {
+    setNote(note, text, cls);
+    if (state.run && runId !== state.run.id && note !== $('run-note')) setNote($('run-note'), text, cls);
+  };
   const commandId = newId();
   try {
     await api('/commands', {method: 'POST', body: {command_id: commandId, run_id: runId, type, payload, client_id: 'console'}});
-  } catch (err) { setNote(note, label + ' refused: ' + explain(err), 'bad'); return null; }
+  } catch (err) { report(label + ' refused: ' + explain(err), 'bad'); return null; }
   setNote(note, label + ': sent, waiting for the runner…');
   if (state.run) refreshRun(state.run);
   const deadline = Date.now() + 30000;
   let result = null;
   while (Date.now() < deadline) {
     let outcome;
-    try { outcome = await api('/commands/' + enc(commandId)); } catch (err) { setNote(note, explain(err), 'bad'); return null; }
-    if (outcome.status === 'applied') { setNote(note, label + ': applied.', 'good'); result = 'applied'; break; }
-    if (outcome.status === 'failed') { setNote(note, label + ' failed: ' + (outcome.error || 'no reason given'), 'bad'); break; }
+    try { outcome = await api('/commands/' + enc(commandId)); } catch (err) { report(explain(err), 'bad'); return null; }
+    if (outcome.status === 'applied') { report(label + ': applied.', 'good'); result = 'applied'; break; }
+    if (outcome.status === 'failed') { report(label + ' failed: ' + (outcome.error || 'no reason given'), 'bad'); break; }
     await new Promise((r) => setTimeout(r, 200));
   }
-  if (Date.now() >= deadline) setNote(note, label + ': still pending (is the runner running?)', 'bad');
+  if (Date.now() >= deadline) report(label + ': still pending (is the runner running?)', 'bad');
   if (state.run) refreshRun(state.run);
   return result;
 }
@@ -627,32 +635,68 @@ function parseJsonField(text, name) {
   try { return JSON.parse(text); } catch (e) { throw new Error(name + ' is not valid JSON: ' + e.message); }
 }
 
+// A run waiting on a child run waits, in the end, on whatever the deepest waiting descendant waits for:
+// follow the chain down and return that descendant's summary when it asks for something (a question, a
+// tool approval, an event, a resume payload), so the operator can answer it from the run they opened.
+async function descendantAsking(s) {
+  let current = s;
+  for (let depth = 0; depth < 8; depth++) {
+    const w = current.status === 'waiting' && current.waiting;
+    if (!w) return null;
+    if (w.reason !== 'subworkflow') return current === s || w.reason === 'until' ? null : current;
+    const sub = (w.details || {}).sub_run_id;
+    if (!sub) return null;
+    try { current = await api('/runs/' + enc(sub)); } catch (err) { return null; }
+  }
+  return null;
+}
+
 function renderWait(run, s) {
   const box = $('run-wait');
   const w = s.waiting;
   if (s.status !== 'waiting' || !w) { box.hidden = true; run.waitSig = null; return; }
-  const sig = JSON.stringify([w.wait_key, w.reason, s.paused, w.until]);
+  const asking = w.reason === 'subworkflow' ? run.asking : null;
+  const aw = asking && asking.waiting;
+  const sig = JSON.stringify([w.wait_key, w.reason, s.paused, w.until, asking && asking.run_id, aw && aw.wait_key,
+                              asking && asking.paused]);
   if (run.waitSig === sig) return;  // do not clobber an answer being typed
   run.waitSig = sig;
   box.hidden = false;
   const body = $('wait-body');
+  if (w.reason === 'subworkflow') {
+    const sub = (w.details || {}).sub_run_id;
+    const link = (id) => h('a', {href: '#/run/' + enc(id)}, h('code', {text: id}));
+    const waitingFor = h('p', {}, 'Waiting for the child run ', sub ? link(sub) : 'to finish', '.');
+    if (!asking) {
+      body.replaceChildren(waitingFor);
+      $('wait-title').textContent = 'Waiting';
+      return;
+    }
+    body.replaceChildren(waitingFor, h('p', {class: 'asking'}, 'Its descendant ', link(asking.run_id), ' needs an answer:'),
+      ...waitForm(asking));
+    $('wait-title').textContent = waitTitle(aw);
+    return;
+  }
+  body.replaceChildren(...waitForm(s));
+  $('wait-title').textContent = waitTitle(w);
+}
+
+function waitTitle(w) {
+  const details = w.details || {};
+  return w.reason === 'user' ? 'Question' :
+    details.mode === 'approval_required' ? 'Tool approval' : w.reason === 'event' ? 'Waiting for an event' : 'Waiting';
+}
+
+// The form that answers what run `s` waits for (addressed to `s`, whichever page shows it).
+function waitForm(s) {
+  const w = s.waiting;
   const details = w.details || {};
   const paused = s.paused ? [h('p', {class: 'muted', text: 'The run is paused: resume it before answering.'})] : [];
-  if (w.reason === 'user') body.replaceChildren(...paused, askForm(s, w));
-  else if (details.mode === 'approval_required' && Array.isArray(details.tool_calls)) body.replaceChildren(...paused, approvalForm(s, w));
-  else if (w.reason === 'event') body.replaceChildren(...paused, eventForm(s, w));
-  else if (w.reason === 'subworkflow') {
-    const sub = details.sub_run_id;
-    body.replaceChildren(h('p', {}, 'Waiting for the child run ',
-      sub ? h('a', {href: '#/run/' + enc(sub)}, h('code', {text: sub})) : 'to finish', '.'));
-  } else if (w.reason === 'until') {
-    body.replaceChildren(h('p', {text: 'Waiting until ' + (w.until || '?') + '.'}));
-  } else {
-    body.replaceChildren(h('p', {text: 'Waiting (' + w.reason + ')' + (w.wait_key ? ' on ' + w.wait_key : '') + '.'}),
-      resumeForm(s, w));
-  }
-  $('wait-title').textContent = w.reason === 'user' ? 'Question' :
-    details.mode === 'approval_required' ? 'Tool approval' : w.reason === 'event' ? 'Waiting for an event' : 'Waiting';
+  if (w.reason === 'user') return [...paused, askForm(s, w)];
+  if (details.mode === 'approval_required' && Array.isArray(details.tool_calls)) return [...paused, approvalForm(s, w)];
+  if (w.reason === 'event') return [...paused, eventForm(s, w)];
+  if (w.reason === 'until') return [h('p', {text: 'Waiting until ' + (w.until || '?') + '.'})];
+  return [h('p', {text: 'Waiting (' + w.reason + ')' + (w.wait_key ? ' on ' + w.wait_key : '') + '.'}), resumeForm(s, w)];
 }
 
 function askForm(s, w) {
@@ -705,7 +749,7 @@ function approvalForm(s, w) {
       : 'This gateway runs no tool itself (' + m + ' tool mode): run the call and give its result; '
         + 'approving without one answers the agent with an error.';
   });
-  return h('div', {id: 'approval'},
+  return h('div', {id: 'approval', 'data-run': s.run_id},
     h('p', {text: calls.length === 1 ? 'The run asks to call this tool:' : `The run asks to call ${calls.length} tools:`}),
     items, mode,
     h('label', {for: 'deny-reason', text: 'Reason if denied (optional)'}), reason,

@@ -416,15 +416,43 @@ def _go(page: Page, fragment: str) -> None:
 
 
 def _open_the_approval(page: Page) -> str:
-    """From the root run, follow "Waiting for the child run" links down to the run parked on the tool call."""
-    approval, child_link = page.locator("#approval"), page.locator("#run-wait:visible #wait-body a")
-    for _ in range(5):
-        expect(approval.or_(child_link)).to_be_visible(timeout=60_000)
-        if approval.is_visible():
-            break
-        child_link.click()
+    """Wait for the tool approval (shown on the root run's page too), then open the run it answers."""
+    approval = page.locator("#approval")
+    expect(approval).to_be_visible(timeout=60_000)
+    target = approval.get_attribute("data-run")
+    if target != page.locator("#run-id").inner_text():
+        _go(page, f"#/run/{target}")
+        expect(page.locator("#run-id")).to_have_text(target)
     expect(page.locator("#wait-title")).to_have_text("Tool approval")
-    return page.locator("#run-id").inner_text()
+    return target
+
+
+def test_a_descendant_s_tool_approval_is_answered_from_the_root_run(browser, llm_server):
+    """The agent's tool call parks a child run; the operator who opened the run they started sees the
+    approval there (following the chain of subworkflow waits) and the denial goes to the child that asked."""
+    server, fake = llm_server
+    console = Console(browser, server)
+    try:
+        page = console.signed_in()
+        root = _start_from_the_form(page, "test", "Please use execute_command to run echo hello")
+        approval = page.locator("#approval")
+        expect(approval).to_be_visible(timeout=60_000)
+        expect(page.locator("#run-id")).to_have_text(root)  # still the root's page
+        child = approval.get_attribute("data-run")
+        assert child and child != root
+        expect(page.locator("#wait-body .asking a")).to_have_text(child)
+        expect(page.locator("#wait-title")).to_have_text("Tool approval")
+        expect(approval.locator("strong")).to_have_text("execute_command")
+        page.get_by_label("Reason if denied (optional)").fill("not from the root page")
+        page.get_by_role("button", name="Deny").click()
+        expect(page.locator("#run-note")).to_have_text("Denial: applied.")  # the form leaves with the wait
+        expect(page.locator("#run-status")).to_have_text("completed", timeout=60_000)  # the root went on too
+        expect(page.locator("#run-wait")).to_be_hidden()
+        (command,) = server.gateway.stores.commands.for_run(child, limit=10)
+        assert command.payload["payload"] == {"approved": False, "reason": "not from the root page"}
+        assert server.gateway.stores.commands.for_run(root, limit=10) == []
+    finally:
+        console.close()
 
 
 def test_a_real_tool_call_is_approved_with_a_result_and_another_denied(browser, llm_server):
