@@ -3,13 +3,15 @@
 Contents, in dependency order (each section uses only what stands above it):
 
 1. Config      -- `SETTINGS` (env var, CLI flag, default, help: one table drives both) and `Config`.
-2. Storage     -- `Database` (apsw, WAL, per-thread connections, group commit, `Signals`, storage
-                  errors, refusal of damaged files), `LeaseStore` (fencing epochs), `UnitOfWork`
-                  (a runtime step's writes collected and committed together), the
-                  SQLite stores the runtime accepts (`SqliteRunStore`, `SqliteLedgerStore`,
-                  `SqliteCommandStore`, `SqliteCommandCursorStore`, `SqliteArtifactStore`), the
-                  gateway's own stores (bundles, leases, command outcomes, deprecations, reports), the
-                  file-store compatibility adapter (`open_stores`), the migrator, backup and check.
+2. Storage     -- 2.1 the engine: `Database` (apsw, WAL, per-thread connections, group commit,
+                  `Signals`, storage errors, refusal of damaged files), `LeaseStore` (fencing epochs);
+                  2.2 the store interfaces both backends implement (`RunStorage`, `LedgerStorage`,
+                  `CommandStorage`, `CursorStorage`, `ArtifactStorage`); 2.3 the SQLite stores the
+                  runtime accepts (`SqliteRunStore`, `SqliteLedgerStore`, `SqliteCommandStore`,
+                  `SqliteCommandCursorStore`, `SqliteArtifactStore`); 2.4 the gateway's own stores
+                  (bundles, command outcomes, deprecations, settings, audit, reports); 2.5 the file-store
+                  adapter and `open_stores`; 2.6 `UnitOfWork` (a runtime step's writes collected and
+                  committed together); 2.7 the migrator and check (backup is `Database.backup_to`).
 3. Workflows   -- `read_bundle` (hostile-input-safe .flow parsing), `WorkflowHost` (load, compile,
                   resolve, deprecate; also the runtime's workflow registry), `LLMEffects` (LLM,
                   agent and tool effects wired from abstractruntime's AbstractCore integration, the
@@ -51,7 +53,8 @@ import dataclasses
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, TypeVar
+from typing import (TYPE_CHECKING, Any, Callable, Dict, Iterable, Iterator, List, Optional, Protocol, Sequence, Tuple,
+                    TypeVar, runtime_checkable)
 
 import apsw
 from abstractruntime.core.models import EffectType, RunState, RunStatus, StepRecord, WaitReason
@@ -354,6 +357,8 @@ class Config:
 # =====================================================================================
 
 
+# -- 2.1 Engine: storage errors, schema, Signals, Database, leases ---------------------------------
+
 SCHEMA_PATHS = ("schema.sql", "abstractgateway_schema.sql")
 TERMINAL_STATUSES = frozenset({RunStatus.COMPLETED.value, RunStatus.FAILED.value, RunStatus.CANCELLED.value})
 
@@ -483,6 +488,16 @@ def _begin_immediate(conn: apsw.Connection, deadline_s: float = 10.0) -> None:
             time.sleep(0.01)
 
 
+@dataclass
+class _Topic:
+    """One watched topic: its version (bumped per commit), who waits on it and who is called back."""
+
+    changed: threading.Condition
+    version: int = 0
+    subscribers: int = 0  # live `subscribe`/`watch` interests; the topic is dropped at zero
+    callbacks: List[Callable[[str], None]] = field(default_factory=list)
+
+
 class Signals:
     """In-process wake-ups keyed by topic (`ledger:<run_id>`, `work`).
 
@@ -493,42 +508,42 @@ class Signals:
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._topics: Dict[str, List[Any]] = {}  # topic -> [condition, version, subscribers, callbacks]
+        self._topics: Dict[str, _Topic] = {}
 
     def bump(self, topics: Iterable[str]) -> None:
         calls = []
         with self._lock:
-            for topic in topics:
-                entry = self._topics.get(topic)
-                if entry is not None:
-                    entry[1] += 1
-                    entry[0].notify_all()
-                    calls.extend((callback, topic) for callback in entry[3])
-        for callback, topic in calls:
-            callback(topic)
+            for name in topics:
+                topic = self._topics.get(name)
+                if topic is not None:
+                    topic.version += 1
+                    topic.changed.notify_all()
+                    calls.extend((callback, name) for callback in topic.callbacks)
+        for callback, name in calls:
+            callback(name)
 
-    def _enter(self, topic: str) -> List[Any]:
-        entry = self._topics.get(topic)
-        if entry is None:
-            entry = self._topics[topic] = [threading.Condition(self._lock), 0, 0, []]
-        entry[2] += 1
-        return entry
+    def _enter(self, name: str) -> _Topic:
+        topic = self._topics.get(name)
+        if topic is None:
+            topic = self._topics[name] = _Topic(threading.Condition(self._lock))
+        topic.subscribers += 1
+        return topic
 
-    def _leave(self, topic: str, entry: List[Any]) -> None:
-        entry[2] -= 1
-        if entry[2] == 0:
-            self._topics.pop(topic, None)
+    def _leave(self, name: str, topic: _Topic) -> None:
+        topic.subscribers -= 1
+        if topic.subscribers == 0:
+            self._topics.pop(name, None)
 
     def watch(self, topic: str, callback: Callable[[str], None]) -> None:
         """Call `callback(topic)` after each commit that touches `topic` (it must be quick and never block)."""
         with self._lock:
-            self._enter(topic)[3].append(callback)
+            self._enter(topic).callbacks.append(callback)
 
     def unwatch(self, topic: str, callback: Callable[[str], None]) -> None:
         with self._lock:
             entry = self._topics.get(topic)
-            if entry is not None and callback in entry[3]:
-                entry[3].remove(callback)
+            if entry is not None and callback in entry.callbacks:
+                entry.callbacks.remove(callback)
                 self._leave(topic, entry)
 
     @contextmanager
@@ -545,21 +560,21 @@ class Signals:
 class Subscription:
     """A live interest in one topic (see `Signals.subscribe`)."""
 
-    def __init__(self, lock: threading.Lock, entry: List[Any]) -> None:
+    def __init__(self, lock: threading.Lock, topic: _Topic) -> None:
         self._lock = lock
-        self._entry = entry
+        self._topic = topic
 
     @property
     def version(self) -> int:
         with self._lock:
-            return self._entry[1]
+            return self._topic.version
 
     def wait(self, seen: int, timeout: float) -> bool:
         """Block until the version differs from `seen` or `timeout` passes; True if it changed."""
         with self._lock:
-            if self._entry[1] == seen:
-                self._entry[0].wait(timeout)
-            return self._entry[1] != seen
+            if self._topic.version == seen:
+                self._topic.changed.wait(timeout)
+            return self._topic.version != seen
 
 
 class _PendingWrite:
@@ -1015,6 +1030,155 @@ def table_counts(db: Database) -> Dict[str, int]:
     """Row counts of the main tables (for `check`, `doctor` and the migrator's report)."""
     names = ("runs", "ledger", "commands", "command_cursors", "artifacts", "bundles")
     return {name: db.query_one(f"SELECT COUNT(*) FROM {name}")[0] for name in names}
+
+
+@dataclass(frozen=True)
+class LeaseToken:
+    """Proof of holding a lease: the owner and the epoch its acquisition was given."""
+
+    owner: str
+    epoch: int
+
+
+class LeaseStore:
+    """Named leases with owner, heartbeat, expiry and a fencing epoch: at most one live holder per name."""
+
+    def __init__(self, db: Database) -> None:
+        self.db = db
+
+    def acquire(self, name: str, owner: str, ttl_s: float) -> Optional[LeaseToken]:
+        """Take or renew `name` for `owner` unless another owner holds an unexpired lease.
+
+        A renewal keeps the epoch; a new acquisition (even by an owner that lost the lease)
+        bumps it, which invalidates every token handed out before.
+        """
+        def _acquire(conn: apsw.Connection) -> Optional[LeaseToken]:
+            now = time.time()
+            row = conn.execute("SELECT owner, expires_at, epoch FROM leases WHERE name = ?", (name,)).fetchone()
+            if row is not None and row[0] != owner and row[1] > now:
+                return None
+            if row is not None and row[0] == owner and row[1] > now:
+                conn.execute("UPDATE leases SET heartbeat_at = ?, expires_at = ? WHERE name = ?",
+                             (now, now + ttl_s, name))
+                return LeaseToken(owner, row[2])
+            epoch = (row[2] if row is not None else 0) + 1
+            conn.execute("INSERT OR REPLACE INTO leases (name, owner, acquired_at, heartbeat_at, expires_at, epoch)"
+                         " VALUES (?,?,?,?,?,?)", (name, owner, now, now, now + ttl_s, epoch))
+            return LeaseToken(owner, epoch)
+
+        return self.db.write(_acquire)
+
+    def holds(self, name: str, token: LeaseToken) -> bool:
+        """True if `token` is still the current, unexpired holding of `name`.
+
+        Read inside the caller's write transaction, this fences the transaction: nobody can
+        take the lease over between this check and the commit.
+        """
+        row = self.db.query_one("SELECT 1 FROM leases WHERE name = ? AND owner = ? AND epoch = ? AND expires_at > ?",
+                                (name, token.owner, token.epoch, time.time()))
+        return row is not None
+
+    def release(self, name: str, owner: str) -> None:
+        """Let the lease go at once (expired, not deleted: the epoch keeps counting up)."""
+        self.db.write(lambda conn: conn.execute("UPDATE leases SET expires_at = 0 WHERE name = ? AND owner = ?",
+                                                (name, owner)))
+
+    def holder(self, name: str) -> Optional[Dict[str, Any]]:
+        row = self.db.query_one("SELECT owner, acquired_at, heartbeat_at, expires_at, epoch FROM leases WHERE name = ?",
+                                (name,))
+        if row is None:
+            return None
+        now = time.time()
+        return {"owner": row[0], "acquired_at": row[1], "heartbeat_at": row[2], "expires_at": row[3], "epoch": row[4],
+                "live": row[3] > now, "age_s": round(now - row[1], 3), "heartbeat_age_s": round(now - row[2], 3)}
+
+
+# -- 2.2 Store interfaces: what the gateway needs from each store, whatever the backend ------------
+
+
+@runtime_checkable
+class RunStorage(Protocol):
+    """What the gateway needs from a run store (`SqliteRunStore`, or `FileRunStore` on the file backend).
+
+    A superset of the runtime's `RunStore` and its queryable extensions, like huey's `BaseStorage`:
+    callers use these methods and never ask which backend they hold."""
+
+    def save(self, run: RunState) -> None: ...
+    def save_row(self, row: Tuple[Any, ...]) -> None: ...
+    def load(self, run_id: str) -> Optional[RunState]: ...
+    def load_json(self, run_id: str) -> Optional[str]: ...
+    def exists(self, run_id: str) -> bool: ...
+    def delete(self, run_id: str) -> bool: ...
+    def status_of(self, run_id: str) -> Optional[str]: ...
+    def adopt_own_session(self, run_id: str) -> None: ...
+    def runnable_ids(self, *, now_iso: str, limit: int) -> List[str]: ...
+    def ids_waiting_on(self, wait_key: str, *, limit: int = 10_000) -> List[str]: ...
+    def child_ids(self, parent_run_id: str) -> List[str]: ...
+
+    def list_runs(self, *, status: Optional[RunStatus] = None, wait_reason: Optional[WaitReason] = None,
+                  workflow_id: Optional[str] = None, limit: int = 100) -> List[RunState]: ...
+
+    def list_due_wait_until(self, *, now_iso: str, limit: int = 100) -> List[RunState]: ...
+    def list_children(self, *, parent_run_id: str, status: Optional[RunStatus] = None) -> List[RunState]: ...
+
+    def list_run_index(self, *, status: Optional[RunStatus] = None, workflow_id: Optional[str] = None,
+                       session_id: Optional[str] = None, root_only: bool = False, limit: int = 100,
+                       before: Optional[Tuple[str, str]] = None, exclude_internal: bool = False
+                       ) -> List[Dict[str, Any]]: ...
+
+
+@runtime_checkable
+class LedgerStorage(Protocol):
+    """What the gateway needs from a ledger store: appends, range reads by 1-based position, counters."""
+
+    def append(self, record: StepRecord) -> None: ...
+    def append_json(self, run_id: str, record_json: str) -> int: ...
+    def list(self, run_id: str) -> List[Dict[str, Any]]: ...
+    def page(self, run_id: str, after: int, limit: int) -> List[Dict[str, Any]]: ...
+    def page_json(self, run_id: str, after: int, limit: int) -> List[str]: ...
+    def count(self, run_id: str) -> int: ...
+    def count_many(self, run_ids: Sequence[str]) -> Dict[str, int]: ...
+    def metrics_many(self, run_ids: Sequence[str]) -> Dict[str, Dict[str, int]]: ...
+    def delete(self, run_id: str) -> int: ...
+
+
+@runtime_checkable
+class CommandStorage(Protocol):
+    """What the gateway needs from the command inbox: idempotent appends, reads by seq, id and run."""
+
+    def append(self, record: CommandRecord) -> CommandAppendResult: ...
+    def list_after(self, *, after: int, limit: int = 1000) -> Tuple[List[CommandRecord], int]: ...
+    def get(self, command_id: str) -> Optional[CommandRecord]: ...
+    def for_run(self, run_id: str, *, limit: int = 200) -> List[CommandRecord]: ...
+    def get_last_seq(self) -> int: ...
+    def delete_by_run(self, run_id: str) -> int: ...
+
+
+@runtime_checkable
+class CursorStorage(Protocol):
+    """The runner's durable position in the command inbox."""
+
+    def load(self) -> int: ...
+    def save(self, cursor: int) -> None: ...
+
+
+@runtime_checkable
+class ArtifactStorage(Protocol):
+    """What the gateway needs from an artifact store: the runtime's `ArtifactStore` plus range reads."""
+
+    def store(self, content: bytes, *, content_type: str = "application/octet-stream", run_id: Optional[str] = None,
+              tags: Optional[Dict[str, str]] = None, artifact_id: Optional[str] = None) -> ArtifactMetadata: ...
+
+    def load(self, artifact_id: str) -> Optional[Artifact]: ...
+    def read_range(self, artifact_id: str, start: int, length: int) -> bytes: ...
+    def get_metadata(self, artifact_id: str) -> Optional[ArtifactMetadata]: ...
+    def exists(self, artifact_id: str) -> bool: ...
+    def delete(self, artifact_id: str) -> bool: ...
+    def list_by_run(self, run_id: str) -> List[ArtifactMetadata]: ...
+    def list_all(self, *, limit: int = 1000) -> List[ArtifactMetadata]: ...
+
+
+# -- 2.3 SQLite stores (the runtime's stores, in the gateway's database) ---------------------------
 
 
 def _json_dumps(value: Any) -> str:
@@ -1565,6 +1729,9 @@ def _artifact_meta(row: Tuple[Any, ...]) -> ArtifactMetadata:
     )
 
 
+# -- 2.4 The gateway's own stores (bundles, outcomes, deprecations, settings, audit, reports) ------
+
+
 @dataclass(frozen=True)
 class StoredBundle:
     """An uploaded `.flow` file as kept in the database."""
@@ -1614,67 +1781,6 @@ class BundleStore:
             return conn.changes()
 
         return self.db.write(_delete)
-
-
-@dataclass(frozen=True)
-class LeaseToken:
-    """Proof of holding a lease: the owner and the epoch its acquisition was given."""
-
-    owner: str
-    epoch: int
-
-
-class LeaseStore:
-    """Named leases with owner, heartbeat, expiry and a fencing epoch: at most one live holder per name."""
-
-    def __init__(self, db: Database) -> None:
-        self.db = db
-
-    def acquire(self, name: str, owner: str, ttl_s: float) -> Optional[LeaseToken]:
-        """Take or renew `name` for `owner` unless another owner holds an unexpired lease.
-
-        A renewal keeps the epoch; a new acquisition (even by an owner that lost the lease)
-        bumps it, which invalidates every token handed out before.
-        """
-        def _acquire(conn: apsw.Connection) -> Optional[LeaseToken]:
-            now = time.time()
-            row = conn.execute("SELECT owner, expires_at, epoch FROM leases WHERE name = ?", (name,)).fetchone()
-            if row is not None and row[0] != owner and row[1] > now:
-                return None
-            if row is not None and row[0] == owner and row[1] > now:
-                conn.execute("UPDATE leases SET heartbeat_at = ?, expires_at = ? WHERE name = ?",
-                             (now, now + ttl_s, name))
-                return LeaseToken(owner, row[2])
-            epoch = (row[2] if row is not None else 0) + 1
-            conn.execute("INSERT OR REPLACE INTO leases (name, owner, acquired_at, heartbeat_at, expires_at, epoch)"
-                         " VALUES (?,?,?,?,?,?)", (name, owner, now, now, now + ttl_s, epoch))
-            return LeaseToken(owner, epoch)
-
-        return self.db.write(_acquire)
-
-    def holds(self, name: str, token: LeaseToken) -> bool:
-        """True if `token` is still the current, unexpired holding of `name`.
-
-        Read inside the caller's write transaction, this fences the transaction: nobody can
-        take the lease over between this check and the commit.
-        """
-        row = self.db.query_one("SELECT 1 FROM leases WHERE name = ? AND owner = ? AND epoch = ? AND expires_at > ?",
-                                (name, token.owner, token.epoch, time.time()))
-        return row is not None
-
-    def release(self, name: str, owner: str) -> None:
-        """Let the lease go at once (expired, not deleted: the epoch keeps counting up)."""
-        self.db.write(lambda conn: conn.execute("UPDATE leases SET expires_at = 0 WHERE name = ? AND owner = ?",
-                                                (name, owner)))
-
-    def holder(self, name: str) -> Optional[Dict[str, Any]]:
-        row = self.db.query_one("SELECT owner, acquired_at, heartbeat_at, expires_at, epoch FROM leases WHERE name = ?",
-                                (name,))
-        if row is None:
-            return None
-        now = time.time()
-        return {"owner": row[0], "acquired_at": row[1], "heartbeat_at": row[2], "expires_at": row[3], "epoch": row[4],
-                "live": row[3] > now, "age_s": round(now - row[1], 3), "heartbeat_age_s": round(now - row[2], 3)}
 
 
 class CommandOutcomeStore:
@@ -1908,12 +2014,19 @@ class ReportStore:
         return row[0] if row else None
 
 
-# -- file-store compatibility -------------------------------------------------------------
+# -- 2.5 File-store adapter (the upstream JSON/JSONL layout) and opening the stores ----------------
 
+
+def _is_paused(run: RunState) -> bool:
+    control = (run.vars or {}).get("_runtime", {}) if isinstance(run.vars, dict) else {}
+    control = control.get("control") if isinstance(control, dict) else None
+    return bool(isinstance(control, dict) and control.get("paused") is True)
 
 
 class FileRunStore(JsonFileRunStore):
-    """The runtime's JSON run store plus the queries the gateway adds."""
+    """The runtime's JSON run store plus the queries the gateway adds (`RunStorage`), by scanning files."""
+
+    _ALL = 1 << 30  # "no limit" for the upstream queries, which take one
 
     def load_json(self, run_id: str) -> Optional[str]:
         try:
@@ -1944,6 +2057,36 @@ class FileRunStore(JsonFileRunStore):
     def child_ids(self, parent_run_id: str) -> List[str]:
         return [r.run_id for r in self.list_children(parent_run_id=parent_run_id)]
 
+    def runnable_ids(self, *, now_iso: str, limit: int) -> List[str]:
+        """RUNNING runs, then due UNTIL waits, not paused."""
+        running = self.list_runs(status=RunStatus.RUNNING, limit=limit)
+        due = self.list_due_wait_until(now_iso=now_iso, limit=limit)
+        seen, out = set(), []
+        for run in [*running, *due]:
+            if run.run_id not in seen and not _is_paused(run):
+                seen.add(run.run_id)
+                out.append(run.run_id)
+        return out
+
+    def list_run_index(
+        self,
+        *,
+        status: Optional[RunStatus] = None,
+        workflow_id: Optional[str] = None,
+        session_id: Optional[str] = None,
+        root_only: bool = False,
+        limit: int = 100,
+        before: Optional[Tuple[str, str]] = None,
+        exclude_internal: bool = False,
+    ) -> List[Dict[str, Any]]:
+        """Like `SqliteRunStore.list_run_index` (same order and keyset paging), from every run file."""
+        rows = super().list_run_index(status=status, workflow_id=workflow_id, session_id=session_id,
+                                      root_only=root_only, limit=self._ALL)
+        rows = [r for r in rows if not (exclude_internal and str(r["workflow_id"]).startswith("__"))
+                and (before is None or ((r["updated_at"] or ""), r["run_id"]) < before)]
+        rows.sort(key=lambda r: ((r["updated_at"] or ""), r["run_id"]), reverse=True)
+        return rows[:max(1, int(limit or 100))]
+
 
 class FileLedgerStore(JsonlLedgerStore):
     """The runtime's JSONL ledger plus range reads and append signals."""
@@ -1970,12 +2113,24 @@ class FileLedgerStore(JsonlLedgerStore):
         return [_json_dumps(r) for r in self.page(run_id, after, limit)]
 
     def count_many(self, run_ids: Sequence[str]) -> Dict[str, int]:
-        return {rid: self.count(rid) for rid in run_ids if rid}
+        """Record counts of the runs that have any (like the SQLite store)."""
+        counts = {rid: self.count(rid) for rid in run_ids if rid}
+        return {rid: n for rid, n in counts.items() if n}
 
     def metrics_many(self, run_ids: Sequence[str]) -> Dict[str, Dict[str, int]]:
-        """None known: the file layout has no index to count from, and listing runs must not parse
-        every ledger (the SQLite backend keeps these counters)."""
-        return {}
+        """Counted from each listed run's ledger (the SQLite backend keeps counters instead): the same
+        answer, slower; runs with no completed step are absent."""
+        out: Dict[str, Dict[str, int]] = {}
+        for run_id in filter(None, run_ids):
+            for record in self.list(run_id):
+                counts = step_counts(record.get("status"), record.get("effect"), record.get("result"))
+                if counts is None:
+                    continue
+                totals = out.setdefault(run_id, dict.fromkeys(("steps", "llm_calls", "tool_calls", "tokens_total"), 0))
+                totals["steps"] += 1
+                for key, n in zip(("llm_calls", "tool_calls", "tokens_total"), counts, strict=True):
+                    totals[key] += n
+        return out
 
 
 class FileCommandStore(JsonlCommandStore):
@@ -2005,6 +2160,40 @@ class FileCommandStore(JsonlCommandStore):
         return [rec for rec in self._all() if rec.run_id == run_id][::-1][:limit]
 
 
+def _is_artifact_id(artifact_id: str) -> bool:
+    try:
+        validate_artifact_id(artifact_id)
+    except ValueError:
+        return False
+    return True
+
+
+class RangedFileArtifactStore(FileArtifactStore):
+    """The runtime's file artifact store plus range reads (`ArtifactStorage`), answering like the
+    SQLite store: an invalid id is an unknown one (upstream raises), a run's artifacts newest first."""
+
+    def read_range(self, artifact_id: str, start: int, length: int) -> bytes:
+        """`length` bytes of the content from offset `start`, read from its file (no full load)."""
+        path = self.content_path(artifact_id) if _is_artifact_id(artifact_id) else None
+        if path is None:
+            return b""
+        with path.open("rb") as handle:
+            handle.seek(max(0, int(start)))
+            return handle.read(max(0, int(length)))
+
+    def get_metadata(self, artifact_id: str) -> Optional[ArtifactMetadata]:
+        return super().get_metadata(artifact_id) if _is_artifact_id(artifact_id) else None
+
+    def load(self, artifact_id: str) -> Optional[Artifact]:
+        return super().load(artifact_id) if _is_artifact_id(artifact_id) else None
+
+    def delete(self, artifact_id: str) -> bool:
+        return super().delete(artifact_id) if _is_artifact_id(artifact_id) else False
+
+    def list_by_run(self, run_id: str) -> List[ArtifactMetadata]:
+        return sorted(super().list_by_run(run_id), key=lambda meta: meta.created_at, reverse=True)
+
+
 @dataclass
 class Stores:
     """Everything durable, behind one set of interfaces whatever the backend.
@@ -2015,12 +2204,13 @@ class Stores:
     """
 
     backend: str
+    location: Path  # the database file, or the data dir holding the file backend's runs
     db: Database
-    runs: Any
-    ledger: Any
-    commands: Any
-    cursor: Any
-    artifacts: ArtifactStore
+    runs: RunStorage
+    ledger: LedgerStorage
+    commands: CommandStorage
+    cursor: CursorStorage
+    artifacts: ArtifactStorage
     bundles: BundleStore
     leases: LeaseStore
     outcomes: CommandOutcomeStore
@@ -2029,6 +2219,10 @@ class Stores:
     settings: SettingsStore
     audit: AuditStore
     reports: ReportStore
+
+    def describe(self) -> Dict[str, str]:
+        """Which backend holds the runs, and where (health and ping tell operators)."""
+        return {"backend": self.backend, "db_path": str(self.location)}
 
     def close(self) -> None:
         self.db.close()
@@ -2043,14 +2237,15 @@ def open_stores(config: Config, *, inspect_only: bool = False) -> Stores:
     if config.store_backend == "file":
         base = Path(config.data_dir)
         return Stores(
-            backend="file", db=db, runs=FileRunStore(base), ledger=FileLedgerStore(base, db.signals),
-            commands=FileCommandStore(base, db.signals),
+            backend="file", location=base, db=db, runs=FileRunStore(base),
+            ledger=FileLedgerStore(base, db.signals), commands=FileCommandStore(base, db.signals),
             cursor=JsonFileCommandCursorStore(base / "commands_cursor.json"),
-            artifacts=FileArtifactStore(base), **_gateway_stores(db),
+            artifacts=RangedFileArtifactStore(base), **_gateway_stores(db),
         )
     return Stores(
-        backend="sqlite", db=db, runs=SqliteRunStore(db), ledger=SqliteLedgerStore(db), commands=SqliteCommandStore(db),
-        cursor=SqliteCommandCursorStore(db), artifacts=SqliteArtifactStore(db), **_gateway_stores(db),
+        backend="sqlite", location=Path(config.db_path), db=db, runs=SqliteRunStore(db),
+        ledger=SqliteLedgerStore(db), commands=SqliteCommandStore(db), cursor=SqliteCommandCursorStore(db),
+        artifacts=SqliteArtifactStore(db), **_gateway_stores(db),
     )
 
 
@@ -2060,7 +2255,7 @@ def _gateway_stores(db: Database) -> Dict[str, Any]:
             "audit": AuditStore(db), "reports": ReportStore(db)}
 
 
-# -- unit of work: a runtime step's writes, committed together ----------------------------------
+# -- 2.6 Unit of work: a runtime step's writes, committed together ---------------------------------
 
 
 @dataclass
@@ -2098,7 +2293,7 @@ class UnitOfWork:
     while a node executes, and a crash leaves a whole step or none of it.
     """
 
-    def __init__(self, runs: Any, ledger: Any) -> None:
+    def __init__(self, runs: RunStorage, ledger: LedgerStorage) -> None:
         self._local = threading.local()
         self.runs = _BufferedRunStore(runs, self._local)
         self.ledger = _BufferedLedgerStore(ledger, self._local)
@@ -2177,7 +2372,7 @@ class _BufferedLedgerStore:
         return records
 
 
-# -- migrator --------------------------------------------------------------------------------
+# -- 2.7 Migrator and check ------------------------------------------------------------------------
 
 MIGRATION_KINDS = ("runs", "ledger", "commands", "cursor", "artifacts")
 
@@ -4305,17 +4500,7 @@ class Gateway:
 
     def runnable_run_ids(self) -> List[str]:
         """RUNNING runs and due UNTIL waits, bounded by the scan limit."""
-        limit = self.config.run_scan_limit
-        if hasattr(self.stores.runs, "runnable_ids"):
-            return self.stores.runs.runnable_ids(now_iso=utc_now_iso(), limit=limit)
-        running = self.stores.runs.list_runs(status=RunStatus.RUNNING, limit=limit)
-        due = self.stores.runs.list_due_wait_until(now_iso=utc_now_iso(), limit=limit)
-        seen, out = set(), []
-        for run in [*running, *due]:
-            if run.run_id not in seen and not _is_paused(run):
-                seen.add(run.run_id)
-                out.append(run.run_id)
-        return out
+        return self.stores.runs.runnable_ids(now_iso=utc_now_iso(), limit=self.config.run_scan_limit)
 
 
 OBSERVER_SUMMARY_PROMPT = (
@@ -4414,12 +4599,6 @@ def _check_tool_answer(run_id: str, details: Dict[str, Any], body: Dict[str, Any
         if answered and str(answered) not in pending:
             raise Conflict(f"Run '{run_id}' has no pending tool call '{answered}': that call was already answered",
                            code="tool_call_not_pending")
-
-
-def _is_paused(run: RunState) -> bool:
-    control = (run.vars or {}).get("_runtime", {}) if isinstance(run.vars, dict) else {}
-    control = control.get("control") if isinstance(control, dict) else None
-    return bool(isinstance(control, dict) and control.get("paused") is True)
 
 
 class Runner:
@@ -5685,11 +5864,8 @@ class GatewayApp:
 
     def ping(self, request: Request) -> Response:
         # The database path is told only to token holders (the console shows it after sign-in).
-        config = self.gateway.config
         return json_response({"ok": True, "status": "healthy", "service": "abstractgateway", "time": utc_now_iso(),
-                              "backend": self.gateway.stores.backend,
-                              "db_path": str(config.db_path if self.gateway.stores.backend == "sqlite"
-                                             else config.data_dir)})
+                              **self.gateway.stores.describe()})
 
     def openapi(self, request: Request) -> Response:
         if self._openapi is None:
@@ -5909,11 +6085,7 @@ class GatewayApp:
         before = _decode_cursor(cursor) if cursor else None
         rows = self.gateway.stores.runs.list_run_index(
             status=RunStatus(status) if status else None, workflow_id=workflow_id, session_id=session_id,
-            root_only=root_only, **({"limit": limit + 1, "before": before, "exclude_internal": workflow_id is None}
-                                    if self.gateway.stores.backend == "sqlite" else {"limit": 100_000}))
-        if self.gateway.stores.backend != "sqlite":  # the file store has no keyset query: filter here
-            rows = [r for r in rows if (workflow_id is not None or not str(r["workflow_id"]).startswith("__"))
-                    and (before is None or ((r["updated_at"] or ""), r["run_id"]) < before)]
+            root_only=root_only, limit=limit + 1, before=before, exclude_internal=workflow_id is None)
         more = len(rows) > limit
         rows = rows[:limit]
         counts = self.gateway.stores.ledger.count_many([r["run_id"] for r in rows]) if include_ledger_len else {}
@@ -6016,14 +6188,8 @@ class GatewayApp:
         store = self.gateway.stores.artifacts
 
         def chunks() -> Iterator[bytes]:
-            if isinstance(store, SqliteArtifactStore):
-                for offset in range(start, end, _ARTIFACT_CHUNK):
-                    yield store.read_range(artifact_id, offset, min(_ARTIFACT_CHUNK, end - offset))
-            else:
-                artifact = store.load(artifact_id)
-                content = artifact.content if artifact else b""
-                for offset in range(start, end, _ARTIFACT_CHUNK):
-                    yield content[offset:min(offset + _ARTIFACT_CHUNK, end)]
+            for offset in range(start, end, _ARTIFACT_CHUNK):
+                yield store.read_range(artifact_id, offset, min(_ARTIFACT_CHUNK, end - offset))
 
         headers = {"Accept-Ranges": "bytes", "Content-Length": str(end - start)}
         if status == 206:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 import signal
 import subprocess
@@ -18,7 +19,7 @@ import abstractgateway as gw
 from abstractruntime import Runtime, RunStatus
 from abstractruntime.core.models import StepRecord, StepStatus
 from abstractruntime.storage.commands import CommandRecord
-from conftest import ask_then_echo_workflow, make_config
+from conftest import LiveServer, ask_then_echo_workflow, make_config, wait_for
 
 
 def _normalise(records, run_id):
@@ -631,3 +632,192 @@ def test_check_never_writes_even_a_leftover_wal(tmp_path, data_dir):
     before = {name: (copy / name).read_bytes() for name in data_files}
     assert gw.main(["check", "--db-path", str(copy / "gateway.sqlite3")]) == 0
     assert {name: (copy / name).read_bytes() for name in data_files} == before
+
+
+# -- one store interface: the same checks on both backends -------------------------------------------
+
+PROTOCOLS = (("runs", gw.RunStorage), ("ledger", gw.LedgerStorage), ("commands", gw.CommandStorage),
+             ("cursor", gw.CursorStorage), ("artifacts", gw.ArtifactStorage))
+
+
+@pytest.fixture(params=["sqlite", "file"])
+def any_stores(request, data_dir):
+    s = gw.open_stores(make_config(data_dir, store_backend=request.param))
+    yield s
+    s.close()
+
+
+def _protocol_methods(protocol) -> list:
+    return [name for name, value in vars(protocol).items() if not name.startswith("_") and callable(value)]
+
+
+@pytest.mark.parametrize("field,protocol", PROTOCOLS, ids=[name for name, _ in PROTOCOLS])
+def test_each_store_satisfies_its_protocol_with_the_same_signatures(any_stores, field, protocol):
+    """The `Stores` field holds a store that has every method of its Protocol, each taking the same
+    parameters (names, kinds, defaults), so a caller written against the Protocol works on both."""
+    store = getattr(any_stores, field)
+    assert isinstance(store, protocol)
+    methods = _protocol_methods(protocol)
+    assert len(methods) >= 2
+    for name in methods:
+        want = inspect.signature(getattr(protocol, name)).parameters.values()
+        got = inspect.signature(getattr(type(store), name)).parameters.values()
+        assert [(p.name, p.kind, p.default) for p in got] == [(p.name, p.kind, p.default) for p in want], name
+
+
+def _run(workflow_id: str = "w", *, status=RunStatus.RUNNING, updated_at: str = "2024-01-01T00:00:00+00:00",
+         until: str | None = None, paused: bool = False, session_id: str | None = None,
+         parent_run_id: str | None = None):
+    from abstractruntime import RunState, WaitReason, WaitState
+
+    run = RunState.new(workflow_id=workflow_id, entry_node="n", session_id=session_id, parent_run_id=parent_run_id)
+    run.status = status
+    run.updated_at = updated_at
+    if until is not None:
+        run.waiting = WaitState(reason=WaitReason.UNTIL, until=until)
+    if paused:
+        run.vars["_runtime"] = {"control": {"paused": True}}
+    return run
+
+
+def test_runnable_ids_on_both_backends(any_stores):
+    runs = any_stores.runs
+    running = _run()
+    due = _run(status=RunStatus.WAITING, until="2000-01-01T00:00:00+00:00")
+    for other in (running, due, _run(paused=True), _run(status=RunStatus.COMPLETED),
+                  _run(status=RunStatus.WAITING, until="2999-01-01T00:00:00+00:00"),
+                  _run(status=RunStatus.WAITING, until="2000-01-01T00:00:00+00:00", paused=True)):
+        runs.save(other)
+    got = runs.runnable_ids(now_iso=gw.utc_now_iso(), limit=100)
+    assert sorted(got) == sorted([running.run_id, due.run_id])
+    assert len(runs.runnable_ids(now_iso=gw.utc_now_iso(), limit=1)) == 1
+
+
+def test_run_index_pages_alike_on_both_backends(any_stores):
+    """Keyset pages walk every run once, newest first (ties broken by run id), internal runs hidden
+    on request; the filters and the single-run queries answer alike."""
+    runs = any_stores.runs
+    saved = [_run(updated_at=f"2024-01-0{1 + n // 2}T00:00:00+00:00", session_id="s1") for n in range(7)]
+    for run in saved:
+        runs.save(run)
+    runs.save(_run("__internal__", updated_at="2030-01-01T00:00:00+00:00"))
+    child = _run(updated_at="2020-01-01T00:00:00+00:00", parent_run_id=saved[0].run_id, session_id="s1")
+    runs.save(child)
+    expected = sorted(saved + [child], key=lambda r: (r.updated_at, r.run_id), reverse=True)
+    seen, before = [], None
+    while True:
+        page = runs.list_run_index(limit=3, before=before, exclude_internal=True)
+        if not page:
+            break
+        seen.extend(row["run_id"] for row in page)
+        before = (page[-1]["updated_at"], page[-1]["run_id"])
+    assert seen == [r.run_id for r in expected]
+    assert runs.list_run_index(limit=100)[0]["workflow_id"] == "__internal__"
+    roots = runs.list_run_index(session_id="s1", root_only=True, limit=100)
+    assert child.run_id not in {row["run_id"] for row in roots} and len(roots) == 7
+    assert runs.child_ids(saved[0].run_id) == [child.run_id]
+    assert runs.status_of(child.run_id) == "running" and runs.status_of("nope") is None
+    assert runs.exists(child.run_id) and json.loads(runs.load_json(child.run_id))["run_id"] == child.run_id
+    runs.save_row(gw.run_row(_run()))
+    assert len(runs.list_run_index(limit=100)) == 10
+
+
+def test_ledger_on_both_backends(any_stores):
+    ledger = any_stores.ledger
+    for n in range(1, 6):
+        ledger.append(_step("r1", n))
+    llm = {"run_id": "r1", "status": "completed", "effect": {"type": "llm_call"},
+           "result": {"usage": {"total_tokens": 42}}}
+    tools = {"run_id": "r1", "status": "completed",
+             "effect": {"type": "tool_calls", "payload": {"tool_calls": [{}, {}]}}}
+    assert ledger.append_json("r1", json.dumps(llm)) == 6
+    assert ledger.append_json("r1", json.dumps(tools)) == 7
+    assert ledger.append_json("r2", json.dumps({"run_id": "r2", "status": "running"})) == 1
+    assert ledger.count("r1") == 7 and ledger.count("nope") == 0
+    assert [r["step_id"] for r in ledger.page("r1", 2, 2)] == ["s3", "s4"]
+    assert [json.loads(t) for t in ledger.page_json("r1", 5, 10)] == [llm, tools]
+    assert ledger.list("r1") == ledger.page("r1", 0, 100)
+    assert ledger.count_many(["r1", "r2", "nope", ""]) == {"r1": 7, "r2": 1}
+    assert ledger.metrics_many(["r1", "r2"]) == {"r1": {"steps": 7, "llm_calls": 1, "tool_calls": 2,
+                                                       "tokens_total": 42}}
+    assert ledger.delete("r1") == 7 and ledger.count("r1") == 0
+
+
+def test_commands_and_cursor_on_both_backends(any_stores):
+    commands, cursor = any_stores.commands, any_stores.cursor
+    first = commands.append(CommandRecord(command_id="c1", run_id="r1", type="pause", payload={}, ts="t", seq=0))
+    again = commands.append(CommandRecord(command_id="c1", run_id="r1", type="pause", payload={}, ts="t", seq=0))
+    assert first.accepted and again.duplicate and again.seq == first.seq
+    commands.append(CommandRecord(command_id="c2", run_id="r2", type="resume", payload={"a": 1}, ts="t", seq=0))
+    commands.append(CommandRecord(command_id="c3", run_id="r1", type="cancel", payload={}, ts="t", seq=0))
+    assert commands.get("c2").payload == {"a": 1} and commands.get("nope") is None
+    assert [c.command_id for c in commands.for_run("r1")] == ["c3", "c1"]
+    records, last = commands.list_after(after=first.seq, limit=10)
+    assert [c.command_id for c in records] == ["c2", "c3"] and last == commands.get_last_seq()
+    assert cursor.load() == 0
+    cursor.save(last)
+    assert cursor.load() == last
+    assert commands.delete_by_run("r1") == 2
+    assert [c.command_id for c in commands.list_after(after=0)[0]] == ["c2"]
+
+
+def test_artifacts_on_both_backends(any_stores):
+    artifacts = any_stores.artifacts
+    older = artifacts.store(b"first", content_type="text/plain", run_id="r1")
+    wait_for(lambda: gw.utc_now_iso() > older.created_at)  # a later created_at, to check the order
+    meta = artifacts.store(bytes(range(256)) * 4, content_type="application/x-test", run_id="r1", tags={"k": "v"})
+    assert artifacts.read_range(meta.artifact_id, 10, 5) == bytes(range(10, 15))
+    assert artifacts.read_range(meta.artifact_id, 1020, 100) == bytes(range(252, 256))
+    assert artifacts.read_range(meta.artifact_id, 5000, 10) == b""
+    assert artifacts.read_range("a" * 32, 0, 10) == b"" and artifacts.read_range("../x", 0, 10) == b""
+    assert artifacts.load(meta.artifact_id).content == bytes(range(256)) * 4
+    assert artifacts.get_metadata(meta.artifact_id).tags == {"k": "v"}
+    assert artifacts.get_metadata("../etc/passwd") is None and artifacts.load("../etc/passwd") is None
+    assert [m.artifact_id for m in artifacts.list_by_run("r1")] == [meta.artifact_id, older.artifact_id]
+    assert {m.artifact_id for m in artifacts.list_all(limit=10)} == {meta.artifact_id, older.artifact_id}
+    assert artifacts.delete("../etc/passwd") is False
+    assert artifacts.delete(older.artifact_id) is True and not artifacts.exists(older.artifact_id)
+    assert artifacts.exists(meta.artifact_id)
+
+
+def test_file_backend_serves_paging_ping_and_ranges_like_sqlite(data_dir):
+    """End to end on the file backend: the run list's page cursor, ping's data location and artifact
+    ranges, through the same handlers as on SQLite."""
+    server = LiveServer(data_dir, runner=False, store_backend="file")
+    try:
+        runs = [_run(updated_at=f"2024-01-0{1 + n}T00:00:00+00:00") for n in range(5)]
+        for run in runs:
+            server.gateway.stores.runs.save(run)
+        seen, cursor = [], ""
+        while True:
+            status, _, data = server.get(f"/api/gateway/runs?limit=2{cursor}")
+            assert status == 200
+            seen.extend(item["run_id"] for item in data["items"])
+            if not data["next_cursor"]:
+                break
+            cursor = f"&cursor={data['next_cursor']}"
+        assert seen == [r.run_id for r in reversed(runs)]
+        status, _, data = server.get("/api/gateway/ping")
+        assert status == 200 and data["backend"] == "file" and data["db_path"] == str(data_dir)
+        meta = server.gateway.stores.artifacts.store(bytes(range(256)) * 10, run_id=runs[0].run_id)
+        status, headers, body = server.get(f"/api/gateway/runs/{runs[0].run_id}/artifacts/{meta.artifact_id}/content",
+                                           headers={"Range": "bytes=10-19"})
+        assert status == 206 and body == bytes(range(10, 20)) and headers["Content-Range"] == "bytes 10-19/2560"
+    finally:
+        server.close()
+
+
+def test_signals_wake_subscribers_and_watchers_by_topic():
+    signals = gw.Signals()
+    called = []
+    signals.watch("work", called.append)
+    with signals.subscribe("ledger:r1") as sub:
+        seen = sub.version
+        signals.bump(["ledger:r2", "work"])  # nobody subscribed to r2: not tracked, not counted
+        assert sub.version == seen and not sub.wait(seen, 0.01)
+        signals.bump(["ledger:r1"])
+        assert sub.wait(seen, 0.01) and sub.version == seen + 1
+    assert called == ["work"]
+    signals.unwatch("work", called.append)
+    signals.bump(["work"])
+    assert called == ["work"] and signals._topics == {}
