@@ -20,7 +20,8 @@ Contents, in dependency order (each section uses only what stands above it):
                   parents) and `Runner` (lease-held thread pool woken by commits); the services
                   thin clients call: `Workspace` (confined file reads), session attachments, the
                   reports inbox, `KnowledgeGraph` (AbstractMemory's triple store).
-5. HTTP        -- `ROUTES` (drives dispatch and `openapi_document()`), `GatewayApp` (WSGI),
+5. HTTP        -- `ROUTES` (drives dispatch, `openapi_document()` and each route's security and
+                  limits; `route_match` matches a request once), `GatewayApp` (WSGI),
                   `LedgerStream` (push-based SSE with resume), the offline `/docs` page, the operator
                   console (files beside this module, served with a strict CSP), `HttpServer`
                   (keep-alive, selector + worker pool, one SSE stream-writer thread).
@@ -5311,9 +5312,14 @@ class Param:
     required: bool = False  # absent: 422; present but empty: passed on as ""
 
 
+AUTH_KINDS = ("none", "read", "write")  # a route's token check: none, or by ABSTRACTGATEWAY_PROTECT_READ/_WRITE
+BODY_CAPS = ("max_body_bytes", "max_bundle_bytes", "max_attachment_bytes")  # the settings a route's body cap names
+
+
 @dataclass(frozen=True)
 class Route:
-    """One endpoint: method, path, handler, and what OpenAPI says about it."""
+    """One endpoint: method, path, handler, what OpenAPI says about it, and the security and limits
+    the middlewares apply to it (`auth`, `max_body`, `stream`; read from the matched route)."""
 
     method: str
     path: str  # werkzeug rule syntax: /api/gateway/runs/<run_id>
@@ -5326,7 +5332,20 @@ class Route:
     response: Dict[str, Any] = field(default_factory=lambda: {"type": "object"})
     content_type: str = "application/json"
     errors: Tuple[int, ...] = ()
-    auth: bool = True
+    auth: str = ""  # one of AUTH_KINDS; "" takes it from the method: GET reads, anything else writes
+    max_body: str = "max_body_bytes"  # the setting (one of BODY_CAPS) that caps the request body
+    stream: bool = False  # an SSE stream: counted against ABSTRACTGATEWAY_MAX_SSE, not MAX_CONCURRENCY
+
+    def __post_init__(self) -> None:
+        if not self.auth:
+            object.__setattr__(self, "auth", "read" if self.method == "GET" else "write")
+        if self.auth not in AUTH_KINDS or self.max_body not in BODY_CAPS:
+            raise ValueError(f"{self.method} {self.path}: auth is one of {AUTH_KINDS}, max_body one of {BODY_CAPS}")
+
+    @property
+    def api(self) -> bool:
+        """Under /api/gateway, where the security middlewares apply (pages, health and OpenAPI are public)."""
+        return self.path.startswith(API + "/")
 
 
 def _obj(required: Sequence[str] = (), **props: Any) -> Dict[str, Any]:
@@ -5374,18 +5393,18 @@ _REPORT_CONTENT = _obj(("report_type", "filename", "relpath", "content"), report
 
 ROUTES: Tuple[Route, ...] = (
     Route("GET", "/api/health", "health", "Liveness plus store and runner state (never authenticated).", "meta",
-          response=_obj(("status",), status=_S, service=_S, version=_S, store=_O, runner=_O), auth=False),
-    Route("GET", "/openapi.json", "openapi", "This OpenAPI document.", "meta", auth=False),
+          response=_obj(("status",), status=_S, service=_S, version=_S, store=_O, runner=_O), auth="none"),
+    Route("GET", "/openapi.json", "openapi", "This OpenAPI document.", "meta", auth="none"),
     Route("GET", "/docs", "docs", "Offline API reference with a request console.", "meta", content_type="text/html",
-          response={"type": "string"}, auth=False),
+          response={"type": "string"}, auth="none"),
     Route("GET", "/", "console_root", "The operator console page (same as /console).", "console",
-          content_type="text/html", response={"type": "string"}, errors=(404,), auth=False),
+          content_type="text/html", response={"type": "string"}, errors=(404,), auth="none"),
     Route("GET", "/console", "console_page", "The operator console: one offline page that drives this API.", "console",
-          content_type="text/html", response={"type": "string"}, errors=(404,), auth=False),
+          content_type="text/html", response={"type": "string"}, errors=(404,), auth="none"),
     Route("GET", "/console/console.js", "console_script", "The console's script.", "console",
-          content_type="text/javascript", response={"type": "string"}, errors=(404,), auth=False),
+          content_type="text/javascript", response={"type": "string"}, errors=(404,), auth="none"),
     Route("GET", "/console/console.css", "console_style", "The console's style sheet.", "console",
-          content_type="text/css", response={"type": "string"}, errors=(404,), auth=False),
+          content_type="text/css", response={"type": "string"}, errors=(404,), auth="none"),
     Route("GET", f"{API}/ping", "ping", "Authenticated connectivity probe (with the store backend and database path).",
           "meta", response=_obj(("ok",), ok=_B, status=_S, service=_S, time=_S, backend=_S, db_path=_S)),
     # bundles
@@ -5394,6 +5413,7 @@ ROUTES: Tuple[Route, ...] = (
           response=_obj(("items",), items={"type": "array", "items": _BUNDLE}, default_bundle_id=_NS)),
     Route("POST", f"{API}/bundles/upload", "upload_bundle", "Upload a .flow bundle (stored in the database).",
           "bundles", multipart=_obj(("file",), file={"type": "string", "format": "binary"}, overwrite=_B, reload=_B),
+          max_body="max_bundle_bytes",
           response=_obj(("ok", "bundle_id"), ok=_B, bundle_id=_S, bundle_version=_S, bundle_ref=_S, sha256=_S,
                         default_entrypoint=_NS, entrypoints={"type": "array", "items": _O}, **_RELOAD),
           errors=(400, 409, 413)),
@@ -5481,7 +5501,7 @@ ROUTES: Tuple[Route, ...] = (
     Route("GET", f"{API}/runs/<run_id>/ledger/stream", "stream_ledger",
           "Server-Sent Events: `step` per record, `done` when terminal; resumes from Last-Event-ID or `after`.",
           "ledger", query=(Param("after", "int", 0, 0, MAX_CURSOR), Param("heartbeat_s", "float", 5.0, 0.1, 60.0)),
-          content_type="text/event-stream", response={"type": "string"}, errors=(404,)),
+          content_type="text/event-stream", response={"type": "string"}, errors=(404,), stream=True),
     # commands
     Route("POST", f"{API}/commands", "submit_command", "Append a command to the durable inbox (idempotent).",
           "commands", body=_obj(("command_id", "run_id", "type"), command_id=_S, run_id=_S,
@@ -5527,7 +5547,7 @@ ROUTES: Tuple[Route, ...] = (
           "Store an uploaded file as an attachment of a session (an artifact of its memory run).", "attachments",
           multipart=_obj(("session_id", "file"), session_id=_S, file={"type": "string", "format": "binary"},
                          filename=_S, content_type=_S),
-          response=_ATTACHMENT, errors=(413,)),
+          response=_ATTACHMENT, errors=(413,), max_body="max_attachment_bytes"),
     Route("POST", f"{API}/attachments/ingest", "attachments_ingest",
           "Store a workspace file as an attachment of a session.", "attachments",
           body=_obj(("session_id", "path"), session_id=_S, path=_S, filename=_NS, content_type=_NS),
@@ -5570,6 +5590,54 @@ ROUTES: Tuple[Route, ...] = (
           "Optional capabilities (LLM, agents, vision, voice, music, tools): installed or how to install.",
           "discovery", response=_obj(("capabilities",), capabilities=_O)),
 )
+
+ROUTE_KEY = "abstractgateway.route"  # environ: the request's RouteMatch, set by the first layer that asks
+
+
+@dataclass(frozen=True)
+class RouteMatch:
+    """What a request matched: its route (None: an unknown path outside the API), the path's variables,
+    and, when no route has this path and method, the 404 or 405 to answer."""
+
+    route: Optional[Route]
+    args: Dict[str, Any]
+    error: Optional[Exception]
+
+
+# An unknown path or method under the API passes the API's checks before its 404/405, so a caller without
+# a token cannot probe which paths exist: GET and HEAD as reads, body-carrying methods as writes.
+_API_FALLBACK = {kind: Route(method, f"{API}/<path:rest>", "", "Any other path under the API.", "meta", auth=kind)
+                 for method, kind in (("GET", "read"), ("POST", "write"), ("OPTIONS", "none"))}
+_FALLBACK_KIND = {"GET": "read", "HEAD": "read", "POST": "write", "PUT": "write", "PATCH": "write", "DELETE": "write"}
+
+
+@functools.lru_cache(maxsize=1)
+def _route_urls() -> Any:
+    """ROUTES as one bound werkzeug MapAdapter (built on first use): rules match on path and method only."""
+    from werkzeug.routing import Map, Rule
+
+    url_map = Map([Rule(r.path, endpoint=i, methods=[r.method]) for i, r in enumerate(ROUTES)],
+                  strict_slashes=False, merge_slashes=False)
+    return url_map.bind("gateway")
+
+
+def route_match(environ: Dict[str, Any]) -> RouteMatch:
+    """The request's route, matched once per request and kept in the environ under `ROUTE_KEY`: every
+    security middleware reads its policy from it, and `GatewayApp` dispatches to its handler."""
+    match = environ.get(ROUTE_KEY)
+    if match is None:
+        from werkzeug.exceptions import HTTPException
+
+        method = environ.get("REQUEST_METHOD", "GET")
+        path = environ.get("PATH_INFO", "").encode("latin-1", "replace").decode("utf-8", "replace")
+        try:
+            index, args = _route_urls().match(path, method)
+            match = RouteMatch(ROUTES[index], args, None)
+        except HTTPException as exc:
+            api = path == API or path.startswith(API + "/")
+            match = RouteMatch(_API_FALLBACK[_FALLBACK_KIND.get(method, "none")] if api else None, {}, exc)
+        environ[ROUTE_KEY] = match
+    return match
 
 
 def _parse_param(param: Param, raw: Optional[str]) -> Any:
@@ -5749,13 +5817,6 @@ class GatewayApp:
         self.stopping = threading.Event()
         self._streams = 0
         self._streams_changed = threading.Condition()
-        self._routes = {r.handler: r for r in ROUTES}
-        from werkzeug.routing import Map, Rule
-
-        self.url_map = Map([Rule(r.path, endpoint=r.handler, methods=[r.method]) for r in ROUTES],
-                           strict_slashes=False, merge_slashes=False)
-        # Rules match on path and method only, so one adapter serves every request (given both).
-        self._urls = self.url_map.bind("gateway")
         self._openapi: Optional[bytes] = None
         self.workspace = Workspace(gateway.config.workspace_mounts)
         self.knowledge_graph = KnowledgeGraph(gateway.knowledge_graph, gateway.stores.runs)
@@ -5768,15 +5829,16 @@ class GatewayApp:
         request_id = environ.get("abstractgateway.request_id") or uuid.uuid4().hex[:16]
         try:
             _check_request_text(environ)
-            path = environ.get("PATH_INFO", "").encode("latin-1").decode("utf-8", "replace")
-            endpoint, args = self._urls.match(path, environ.get("REQUEST_METHOD", "GET"))
-            route = self._routes[endpoint]
+            match = route_match(environ)
+            if match.error is not None:
+                raise match.error
+            route = match.route
             query = {p.name: _parse_param(p, request.args.get(p.name)) for p in route.query}
             body = None
             if route.body is not None:
                 body = _check_body(route.body, self._json_body(request))
-            response = getattr(self, endpoint)(request, *args.values(), **query,
-                                               **({"body": body} if route.body else {}))
+            response = getattr(self, route.handler)(request, *match.args.values(), **query,
+                                                    **({"body": body} if route.body else {}))
         except GatewayError as exc:
             response = error_response(exc.status, exc.code, exc.detail)
         except (StorageError, *_STORAGE_FAILURES) as exc:  # a passing condition of the disk, not a bug
@@ -5817,7 +5879,9 @@ class GatewayApp:
 
     @staticmethod
     def _json_body(request: Request) -> Any:
-        raw = request.get_data(cache=False)
+        # Read until the stream says it ended: a capped stream (BodyLimitMiddleware) raises 413 on the
+        # read past its cap, where one `read()` would stop at the cap and hand back a truncated body.
+        raw = b"".join(iter(functools.partial(request.stream.read, 1 << 16), b""))
         if not raw.strip():
             return {}
         try:
@@ -6594,7 +6658,7 @@ def openapi_document() -> Dict[str, Any]:
         if route.multipart is not None:
             op["requestBody"] = {"required": True, "content": {"multipart/form-data": {"schema": route.multipart}}}
         codes = set(route.errors) | ({400, 422} if route.body or route.query or route.multipart else set())
-        if route.auth:
+        if route.auth != "none":
             codes |= {401, 403, 429}
             op["security"] = [{"bearerAuth": []}]
         for code in sorted(codes):
@@ -7886,22 +7950,28 @@ def server_options(config: Config) -> Dict[str, Any]:
 # =====================================================================================
 #
 # Each middleware is a small WSGI class with one job. `secure_app()` stacks them, outermost
-# first: CORS (so even rejections carry CORS headers) -> request id and response hardening ->
-# audit (so rejected writes are audited too) -> origin -> lockout -> auth -> body limit ->
-# concurrency/SSE caps -> the app. Only `/api/gateway` and paths below it are in scope.
+# first: (ProxyFix, behind a trusted proxy) -> CORS (so even rejections carry CORS headers) ->
+# request id and response hardening -> audit (so rejected writes are audited too) -> origin ->
+# lockout -> auth -> body limit -> concurrency/SSE caps -> the app. Each one reads what applies
+# from the request's matched route (`route_match`): its auth kind, body cap and whether it is a
+# stream. Only routes under `/api/gateway` (and unknown paths there) are guarded.
 
 WEAK_TOKENS = frozenset({"dev-token", "devtoken", "token", "changeme", "password", "admin", "god", "zeus", "root",
                          "superuser"})
 MIN_TOKEN_LENGTH = 15
 LOOPBACK = frozenset({"127.0.0.1", "::1", "localhost"})
 TOKEN_SETTING = "auth_token"
-_WRITE_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
-_READ_METHODS = frozenset({"GET", "HEAD"})
 
 
-def in_scope(path: str) -> bool:
-    """True for `/api/gateway` and everything below it (exact segment match: not `/api/gatewayX`)."""
-    return path == API or path.startswith(API + "/")
+def guarded_route(environ: Dict[str, Any]) -> Optional[Route]:
+    """The route whose policy the middlewares apply to this request; None for a public request."""
+    route = route_match(environ).route
+    return route if route is not None and route.api else None
+
+
+def client_ip(environ: Dict[str, Any]) -> str:
+    """The client's address: the socket peer, or behind a trusted proxy the one ProxyFix took from X-Forwarded-For."""
+    return environ.get("REMOTE_ADDR") or "unknown"
 
 
 def token_fingerprint(token: str) -> str:
@@ -7960,21 +8030,14 @@ class SecurityPolicy:
             token_source=source,
         )
 
-    def client_ip(self, environ: Dict[str, Any]) -> str:
-        if self.trust_proxy:  # the entry the trusted proxy appended (the leftmost ones are client-supplied)
-            forwarded = environ.get("HTTP_X_FORWARDED_FOR", "").split(",")[-1].strip()
-            if forwarded:
-                return forwarded
-        return environ.get("REMOTE_ADDR") or "unknown"
-
-    def body_cap(self, path: str) -> int:
-        """The largest body a write to `path` may carry (0: no cap)."""
-        path = path.rstrip("/")
-        if path.endswith("/bundles/upload") or path.endswith("/attachments/upload"):
-            endpoint = self.max_bundle_bytes if path.endswith("/bundles/upload") else self.max_attachment_bytes
-            cap = endpoint + MULTIPART_OVERHEAD
-            return min(cap, self.max_upload_body_bytes) if self.max_upload_body_bytes > 0 else cap
-        return max(0, self.max_body_bytes)
+    def body_cap(self, route: Route) -> int:
+        """The largest body a request to `route` may carry (0: no cap): the setting it names, plus the
+        multipart overhead for an upload (then lowered to `max_upload_body_bytes` when that is set)."""
+        cap = max(0, getattr(self, route.max_body))
+        if route.multipart is None:
+            return cap
+        cap += MULTIPART_OVERHEAD
+        return min(cap, self.max_upload_body_bytes) if self.max_upload_body_bytes > 0 else cap
 
 
 def _split_csv(text: str) -> List[str]:
@@ -8022,7 +8085,7 @@ class RequestIdMiddleware(_Middleware):
         incoming = environ.get("HTTP_X_REQUEST_ID", "").strip()
         request_id = incoming if incoming and len(incoming) <= 64 and incoming.isprintable() else uuid.uuid4().hex
         environ["abstractgateway.request_id"] = request_id
-        api = in_scope(environ.get("PATH_INFO", ""))
+        api = guarded_route(environ) is not None
 
         def _start(status: str, headers: List[Tuple[str, str]], exc_info: Any = None) -> Callable:
             names = {k.lower() for k, _ in headers}
@@ -8034,28 +8097,6 @@ class RequestIdMiddleware(_Middleware):
             return start_response(status, headers + extra, exc_info)
 
         return self.app(environ, _start)
-
-
-class _Finally:
-    """Wraps a WSGI response iterable and runs `callback` exactly once when it is closed."""
-
-    def __init__(self, iterable: Iterable[bytes], callback: Callable[[], None]) -> None:
-        self._iterable = iterable
-        self._callback = callback
-        self._done = False
-
-    def __iter__(self) -> Iterator[bytes]:
-        return iter(self._iterable)
-
-    def close(self) -> None:
-        try:
-            close = getattr(self._iterable, "close", None)
-            if close is not None:
-                close()
-        finally:
-            if not self._done:
-                self._done = True
-                self._callback()
 
 
 AUTH_REQUIRED_KEY = "abstractgateway.auth_required"  # set by AuthMiddleware, read by the audit
@@ -8075,10 +8116,13 @@ class AuditMiddleware(_Middleware):
         self.store = store
 
     def __call__(self, environ: Dict[str, Any], start_response: Callable) -> Iterable[bytes]:
+        from werkzeug.wsgi import ClosingIterator
+
+        route = guarded_route(environ)
+        if not (self.policy.audit and route is not None and route.auth == "write"):
+            return self.app(environ, start_response)
         method = environ.get("REQUEST_METHOD", "").upper()
         path = environ.get("PATH_INFO", "")
-        if not (self.policy.audit and method in _WRITE_METHODS and in_scope(path)):
-            return self.app(environ, start_response)
         started = time.perf_counter()
         status_box = [0]
 
@@ -8093,7 +8137,7 @@ class AuditMiddleware(_Middleware):
         length = environ.get("CONTENT_LENGTH", "").strip()
 
         def _row(status: int, error: Optional[str] = None) -> Tuple[Any, ...]:
-            return (utc_now_iso(), environ.get("abstractgateway.request_id", ""), self.policy.client_ip(environ),
+            return (utc_now_iso(), environ.get("abstractgateway.request_id", ""), client_ip(environ),
                     method, path, status, round((time.perf_counter() - started) * 1000, 3), fingerprint, headers_json,
                     _redacted_query(environ.get("QUERY_STRING", "")), bool(environ.get(AUTH_REQUIRED_KEY)),
                     environ.get("HTTP_ORIGIN"), environ.get("HTTP_USER_AGENT"),
@@ -8110,7 +8154,7 @@ class AuditMiddleware(_Middleware):
                 _log(f"audit write failed: {type(exc).__name__}: {exc}")
 
         try:
-            return _Finally(self.app(environ, _start), _record)
+            return ClosingIterator(self.app(environ, _start), _record)
         except BaseException as exc:
             _record(f"{type(exc).__name__}: {exc}")
             raise
@@ -8130,9 +8174,18 @@ class OriginMiddleware(_Middleware):
 
     def __call__(self, environ: Dict[str, Any], start_response: Callable) -> Iterable[bytes]:
         origin = environ.get("HTTP_ORIGIN", "")
-        if origin and in_scope(environ.get("PATH_INFO", "")) and not self.allowed(origin):
+        if origin and guarded_route(environ) is not None and not self.allowed(origin):
             return _reject(environ, start_response, 403, "origin_not_allowed", "Forbidden (origin not allowed)")
         return self.app(environ, start_response)
+
+
+@dataclass
+class _Strikes:
+    """One client's failed attempts: a count that decays with time, the last one's time, the lock's end."""
+
+    failures: float
+    last_failure: float
+    locked_until: float = 0.0
 
 
 class LockoutTracker:
@@ -8146,29 +8199,29 @@ class LockoutTracker:
         self.max_entries = max_entries
         self.clock = clock
         self._lock = threading.Lock()
-        self._entries: "OrderedDict[str, List[float]]" = OrderedDict()  # ip -> [failures, last_failure, locked_until]
+        self._entries: "OrderedDict[str, _Strikes]" = OrderedDict()  # least recently failed first
 
     def remaining(self, ip: str) -> float:
         """Seconds `ip` stays locked (0 when it is not)."""
         with self._lock:
             entry = self._entries.get(ip)
-            left = entry[2] - self.clock() if entry else 0.0
+            left = entry.locked_until - self.clock() if entry else 0.0
         return left if left >= 1.0 else 0.0
 
     def failure(self, ip: str) -> float:
         """Record a failed attempt; return the lock length it triggers (0: none yet)."""
         with self._lock:
             now = self.clock()
-            entry = self._entries.pop(ip, None) or [0.0, now, 0.0]
-            entry[0] = entry[0] * 0.5 ** ((now - entry[1]) / self.decay_s) + 1.0
-            entry[1] = now
+            entry = self._entries.pop(ip, None) or _Strikes(0.0, now)
+            entry.failures = entry.failures * 0.5 ** ((now - entry.last_failure) / self.decay_s) + 1.0
+            entry.last_failure = now
             lock_s = 0.0
-            failures = round(entry[0])  # decayed counts are fractional; a fresh streak stays whole
+            failures = round(entry.failures)  # decayed counts are fractional; a fresh streak stays whole
             if failures >= self.after and self.base_s > 0:
                 lock_s = self.base_s * 2 ** (failures - self.after)
                 if self.max_s > 0:
                     lock_s = min(lock_s, self.max_s)
-                entry[2] = now + lock_s
+                entry.locked_until = now + lock_s
             self._entries[ip] = entry
             while len(self._entries) > self.max_entries:
                 self._entries.popitem(last=False)
@@ -8180,8 +8233,10 @@ class LockoutTracker:
 
 
 def _bearer(environ: Dict[str, Any]) -> Optional[str]:
-    scheme, _, token = environ.get("HTTP_AUTHORIZATION", "").strip().partition(" ")
-    return token.strip() or None if scheme.lower() == "bearer" else None
+    from werkzeug.datastructures import Authorization
+
+    auth = Authorization.from_header(environ.get("HTTP_AUTHORIZATION"))
+    return auth.token or None if auth is not None and auth.type == "bearer" else None
 
 
 class LockoutMiddleware(_Middleware):
@@ -8192,8 +8247,8 @@ class LockoutMiddleware(_Middleware):
         self.tracker = tracker
 
     def __call__(self, environ: Dict[str, Any], start_response: Callable) -> Iterable[bytes]:
-        if in_scope(environ.get("PATH_INFO", "")):
-            left = self.tracker.remaining(self.policy.client_ip(environ))
+        if guarded_route(environ) is not None:
+            left = self.tracker.remaining(client_ip(environ))
             if left:
                 return _reject(environ, start_response, 429, "auth_lockout", "Too Many Requests (auth lockout)",
                                {"Retry-After": str(int(left))})
@@ -8207,13 +8262,12 @@ class AuthMiddleware(_Middleware):
         super().__init__(app, policy)
         self.tracker = tracker
 
-    def required(self, environ: Dict[str, Any]) -> bool:
-        method = environ.get("REQUEST_METHOD", "").upper()
-        if method in _WRITE_METHODS:
+    def required(self, environ: Dict[str, Any], route: Route) -> bool:
+        if route.auth == "write":
             return self.policy.protect_write
-        if method in _READ_METHODS and self.policy.protect_read:
+        if route.auth == "read" and self.policy.protect_read:
             # the dev escape hatch trusts only the socket peer (or XFF when trust-proxy is on)
-            return not (self.policy.dev_read_no_auth and self.policy.client_ip(environ) in LOOPBACK)
+            return not (self.policy.dev_read_no_auth and client_ip(environ) in LOOPBACK)
         return False
 
     def valid(self, token: Optional[str]) -> bool:
@@ -8225,14 +8279,15 @@ class AuthMiddleware(_Middleware):
         return matched and bool(token)
 
     def __call__(self, environ: Dict[str, Any], start_response: Callable) -> Iterable[bytes]:
-        required = in_scope(environ.get("PATH_INFO", "")) and self.required(environ)
+        route = guarded_route(environ)
+        required = route is not None and self.required(environ, route)
         environ[AUTH_REQUIRED_KEY] = required
         if not required:
             return self.app(environ, start_response)
         if not self.policy.tokens:
             return _reject(environ, start_response, 503, "no_token_configured",
                            "Gateway auth required but no token configured")
-        ip = self.policy.client_ip(environ)
+        ip = client_ip(environ)
         if not self.valid(_bearer(environ)):
             lock_s = self.tracker.failure(ip)
             if int(lock_s) > 0:
@@ -8244,56 +8299,22 @@ class AuthMiddleware(_Middleware):
         return self.app(environ, start_response)
 
 
-class BodyTooLarge(GatewayError):
-    status, code = 413, "too_large"
-
-
-class _CappedInput:
-    """A `wsgi.input` that refuses to hand out more than `cap` bytes, whatever the headers said."""
-
-    def __init__(self, stream: Any, cap: int) -> None:
-        self._stream = stream
-        self._cap = cap
-        self._read = 0
-
-    def _count(self, data: bytes) -> bytes:
-        self._read += len(data)
-        if self._read > self._cap:
-            raise BodyTooLarge(f"Payload Too Large (more than {self._cap} bytes)")
-        return data
-
-    def read(self, size: int = -1) -> bytes:
-        limit = self._cap + 1 - self._read
-        return self._count(self._stream.read(limit if size is None or size < 0 else min(size, limit)))
-
-    def readline(self, size: int = -1) -> bytes:
-        limit = self._cap + 1 - self._read
-        return self._count(self._stream.readline(limit if size is None or size < 0 else min(size, limit)))
-
-    def __iter__(self) -> Iterator[bytes]:
-        while True:
-            line = self.readline()
-            if not line:
-                return
-            yield line
-
-
 class BodyLimitMiddleware(_Middleware):
-    """413 for write bodies over the cap: by Content-Length up front, and by counting while reading."""
+    """413 for a body over its route's cap: by Content-Length up front, and while reading, since a
+    chunked body has no length to check (werkzeug's LimitedStream raises 413 when a read passes it)."""
 
     def __call__(self, environ: Dict[str, Any], start_response: Callable) -> Iterable[bytes]:
-        path = environ.get("PATH_INFO", "")
-        if environ.get("REQUEST_METHOD", "").upper() in _WRITE_METHODS and in_scope(path):
-            cap = self.policy.body_cap(path)
-            if cap:
-                try:
-                    declared = int(environ.get("CONTENT_LENGTH") or -1)
-                except ValueError:
-                    declared = -1
-                if declared > cap:
-                    return _reject(environ, start_response, 413, "too_large",
-                                   f"Payload Too Large ({declared} bytes > {cap} bytes)")
-                environ["wsgi.input"] = _CappedInput(environ["wsgi.input"], cap)
+        from werkzeug.wsgi import LimitedStream, get_content_length
+
+        route = guarded_route(environ)
+        cap = self.policy.body_cap(route) if route is not None else 0
+        if cap:
+            declared = get_content_length(environ)
+            if declared is not None and declared > cap:
+                return _reject(environ, start_response, 413, "too_large",
+                               f"Payload Too Large ({declared} bytes > {cap} bytes)")
+            # cap + 1: the read that finds the end of a body of exactly `cap` bytes is not past the cap
+            environ["wsgi.input"] = LimitedStream(environ["wsgi.input"], cap + 1, is_max=True)
         return self.app(environ, start_response)
 
 
@@ -8306,15 +8327,17 @@ class ConcurrencyMiddleware(_Middleware):
         self.streams = threading.BoundedSemaphore(policy.max_sse)
 
     def __call__(self, environ: Dict[str, Any], start_response: Callable) -> Iterable[bytes]:
-        path = environ.get("PATH_INFO", "")
-        if not in_scope(path) or environ.get("REQUEST_METHOD", "").upper() == "OPTIONS":
+        from werkzeug.wsgi import ClosingIterator
+
+        route = guarded_route(environ)
+        if route is None or environ.get("REQUEST_METHOD", "").upper() == "OPTIONS":
             return self.app(environ, start_response)
-        pool = self.streams if path.rstrip("/").endswith("/ledger/stream") else self.requests
+        pool = self.streams if route.stream else self.requests
         if not pool.acquire(timeout=0.01):
             return _reject(environ, start_response, 429, "concurrency_limit", "Too Many Requests (concurrency limit)",
                            {"Retry-After": "1"})
         try:
-            return _Finally(self.app(environ, start_response), pool.release)
+            return ClosingIterator(self.app(environ, start_response), pool.release)
         except BaseException:
             pool.release()
             raise
@@ -8332,7 +8355,12 @@ def secure_app(app: Callable, policy: SecurityPolicy, audit: Optional[AuditStore
     inner = OriginMiddleware(inner, policy)
     if audit is not None:
         inner = AuditMiddleware(inner, policy, audit)
-    return CORSMiddleware(RequestIdMiddleware(inner, policy), policy)
+    outer = CORSMiddleware(RequestIdMiddleware(inner, policy), policy)
+    if policy.trust_proxy:  # the client is the address the trusted proxy appended (the ones before are the client's)
+        from werkzeug.middleware.proxy_fix import ProxyFix
+
+        outer = ProxyFix(outer, x_for=1, x_proto=0)
+    return outer
 
 
 def build_wsgi(gateway: Gateway, runner: Optional[Runner] = None) -> Tuple[Callable, GatewayApp, SecurityPolicy]:

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import functools
 import io
 import itertools
 import json
 import os
+import re
 import signal
 import socket
 import stat
@@ -146,7 +148,9 @@ def test_lockout_table_is_bounded():
     assert len(tracker._entries) == 100
 
 
-def test_lockout_over_http_with_retry_after(tmp_path):
+def test_lockout_over_http_with_retry_after(tmp_path, monkeypatch):
+    now = [1000.0]  # the server's lockout clock: the test moves it instead of waiting the lock out
+    monkeypatch.setattr(gw, "LockoutTracker", functools.partial(gw.LockoutTracker, clock=lambda: now[0]))
     server = LiveServer(tmp_path / "d", lockout_base_s="2")
     try:
         codes = [server.get(f"{API}/runs", token="nope-nope-nope-nope")[0] for _ in range(4)]
@@ -154,8 +158,11 @@ def test_lockout_over_http_with_retry_after(tmp_path):
         status, headers, body = server.get(f"{API}/runs", token="nope-nope-nope-nope")
         assert status == 429 and headers["Retry-After"] == "2" and body["code"] == "auth_lockout"
         status, headers, _ = server.get(f"{API}/runs")  # even the right token waits out the lock
-        assert status == 429 and int(headers["Retry-After"]) in (1, 2)
-        time.sleep(2.1)
+        assert status == 429 and headers["Retry-After"] == "2"
+        now[0] += 1.0
+        status, headers, _ = server.get(f"{API}/runs")
+        assert status == 429 and headers["Retry-After"] == "1"
+        now[0] += 1.0
         assert server.get(f"{API}/runs")[0] == 200  # success clears the counter
         assert server.get(f"{API}/runs", token="nope-nope-nope-nope")[0] == 401
     finally:
@@ -230,9 +237,8 @@ def test_sse_and_request_concurrency_caps(tmp_path):
         slow.sendall((f"POST {API}/commands HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {server.TOKEN}\r\n"
                       "Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{").encode())
         socks.append(slow)
-        time.sleep(0.2)
-        status, headers, body = server.get(f"{API}/runs")
-        assert status == 429 and headers["Retry-After"] == "1"
+        status, headers, body = wait_for(lambda: (reply := server.get(f"{API}/runs"))[0] == 429 and reply)
+        assert headers["Retry-After"] == "1" and body["code"] == "concurrency_limit"
         for s in socks:
             s.close()
         socks.clear()
@@ -276,11 +282,134 @@ def test_connection_cap_answers_503_and_timeout_drops_slow_clients(tmp_path):
             s = socket.create_connection(("127.0.0.1", server.port))
             s.sendall(b"GET /api/health HTTP/1.1\r\nHost: x\r\n")
             held.append(s)
-        time.sleep(0.1)
-        reply = _raw(server, b"GET /api/health HTTP/1.1\r\nHost: x\r\n\r\n", read_timeout=2)
-        assert reply.startswith(b"HTTP/1.1 503")
-        time.sleep(0.8)  # the read timeout frees the slow clients' threads
-        assert server.get("/api/health")[0] == 200
+        # once the server has taken in the three heads, a fourth request is refused
+        probe = b"GET /api/health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+        wait_for(lambda: _raw(server, probe, read_timeout=2).startswith(b"HTTP/1.1 503"))
+        # the read timeout (0.5 s) frees the slow clients' places
+        wait_for(lambda: server.get("/api/health")[0] == 200, timeout=5)
+    finally:
+        for s in held:
+            s.close()
+        server.close()
+
+
+# -- every route's declared policy is the one enforced ----------------------------------------------
+
+
+def _path(route: gw.Route) -> str:
+    """The route's path with every variable set to an id nothing has (the checks come before the 404)."""
+    return re.sub(r"<(?:[a-z]+:)?[a-z_]+>", "nope", route.path)
+
+
+def _reply(server, route: gw.Route, head: str = "", body: bytes = b"", token: bool = True):
+    """(status, JSON body or None) of `route` for a request with extra head lines and a raw body."""
+    auth = f"Authorization: Bearer {server.TOKEN}\r\n" if token else ""
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+        sock.sendall((f"{route.method} {_path(route)} HTTP/1.1\r\nHost: x\r\n{auth}{head}"
+                      "Connection: close\r\n\r\n").encode() + body)
+        reply = b"".join(iter(functools.partial(sock.recv, 1 << 16), b""))  # until the server closes
+    head_bytes, _, payload = reply.partition(b"\r\n\r\n")
+    is_json = b"application/json" in head_bytes.lower()
+    return int(reply.split(b" ", 2)[1]), json.loads(payload) if is_json and payload else None
+
+
+def _status(server, route: gw.Route, head: str = "", body: bytes = b"", token: bool = True) -> int:
+    return _reply(server, route, head, body, token)[0]
+
+
+def _chunked(size: int) -> bytes:
+    """A chunked JSON body of exactly `size` bytes that is not an object (every JSON route answers 422)."""
+    data = b"[" + b" " * (size - 2) + b"]"
+    step = 1 << 16
+    return b"".join(b"%x\r\n%s\r\n" % (len(data[i:i + step]), data[i:i + step])
+                    for i in range(0, len(data), step)) + b"0\r\n\r\n"
+
+
+def test_route_declarations_keep_what_the_settings_promise():
+    """Each upload is capped by its own setting, every event stream counts as a stream, and only the
+    routes outside the API (pages, health, OpenAPI) are public."""
+    assert {r.handler: r.max_body for r in gw.ROUTES if r.multipart is not None} == {
+        "upload_bundle": "max_bundle_bytes", "attachments_upload": "max_attachment_bytes"}
+    assert [r.handler for r in gw.ROUTES if r.stream] == [
+        r.handler for r in gw.ROUTES if r.content_type == "text/event-stream"]
+    assert [r.handler for r in gw.ROUTES if r.auth == "none"] == [r.handler for r in gw.ROUTES if not r.api]
+
+
+def test_every_route_enforces_its_declared_auth_kind(tmp_path):
+    """Without a token: `none` routes answer, `write` ones are 401, `read` ones 401 unless reads are open;
+    an unknown path under the API is held to the same by its method."""
+    fallback = [gw.Route("GET", f"{API}/nope", "", "", ""), gw.Route("POST", f"{API}/nope", "", "", "")]
+    for protect_read in ("1", "0"):
+        server = LiveServer(tmp_path / protect_read, runner=False, protect_read=protect_read, lockout_after="100000")
+        try:
+            for route in (*gw.ROUTES, *fallback):
+                head = "Content-Length: 2\r\nContent-Type: application/json\r\n" if route.method != "GET" else ""
+                status = _status(server, route, head, b"[]" if head else b"", token=False)
+                required = route.auth == "write" or route.auth == "read" and protect_read == "1"
+                assert (status == 401) is required, (protect_read, route.method, route.path, route.auth, status)
+        finally:
+            server.close()
+
+
+def test_every_route_enforces_its_declared_body_cap(tmp_path):
+    """A Content-Length over the cap its route names is refused up front, naming that cap; a JSON body of
+    exactly the cap passes, also chunked (counted while reading), and one byte more is refused. Public
+    routes are not capped."""
+    caps = {"max_body_bytes": 1000, "max_bundle_bytes": 3000, "max_attachment_bytes": 5000}
+    server = LiveServer(tmp_path / "d", runner=False, **{name: str(cap) for name, cap in caps.items()})
+    json_head = "Content-Type: application/json\r\n"
+    try:
+        for route in gw.ROUTES:
+            if not route.api:
+                assert _status(server, route, "Content-Length: 99999999\r\n") != 413, route.path
+                continue
+            cap = caps[route.max_body] + (gw.MULTIPART_OVERHEAD if route.multipart is not None else 0)
+            status, body = _reply(server, route, f"Content-Length: {cap + 1}\r\n")
+            assert status == 413 and body == {"detail": f"Payload Too Large ({cap + 1} bytes > {cap} bytes)",
+                                              "code": "too_large"}, (route.path, status, body)
+            if route.multipart is not None:  # the upload routes' own file caps: tests/test_client_routes.py
+                continue
+            at_cap = b"[" + b" " * (cap - 2) + b"]"
+            assert _status(server, route, f"{json_head}Content-Length: {cap}\r\n", at_cap) != 413, route.path
+            if route.body is not None:  # the routes that read a JSON body
+                chunked = f"{json_head}Transfer-Encoding: chunked\r\n"
+                assert _status(server, route, chunked, _chunked(cap + 1)) == 413, route.path
+                assert _status(server, route, chunked, _chunked(cap)) == 422, route.path
+    finally:
+        server.close()
+
+
+def test_every_route_counts_against_its_declared_pool(tmp_path):
+    """With the one SSE slot taken only stream routes are refused; with every request slot taken only
+    the other API routes are. Public routes are never counted."""
+    server = LiveServer(tmp_path / "d", max_sse="1", max_concurrency="3")
+    held = []
+    try:
+        run_id = server.gateway.start_run(bundle_id="ask")
+        wait_for(lambda: server.gateway.stores.runs.load(run_id).status.value == "waiting")
+        stream = socket.create_connection(("127.0.0.1", server.port))
+        stream.sendall(f"GET {API}/runs/{run_id}/ledger/stream HTTP/1.1\r\nHost: x\r\n"
+                       f"Authorization: Bearer {server.TOKEN}\r\n\r\n".encode())
+        assert stream.recv(20).startswith(b"HTTP/1.1 200")
+        held.append(stream)
+        body = "Content-Length: 2\r\nContent-Type: application/json\r\n"
+        for route in gw.ROUTES:
+            write = route.method != "GET"
+            status = _status(server, route, body if write else "", b"[]" if write else b"")
+            assert (status == 429) is (route.stream and route.api), (route.method, route.path, status)
+        stream.close()
+        held.clear()
+        stream_route = next(r for r in gw.ROUTES if r.stream)
+        wait_for(lambda: _status(server, stream_route) == 404)  # the stream slot is free again
+        for _ in range(3):  # hold every request slot with a body that never arrives
+            slow = socket.create_connection(("127.0.0.1", server.port))
+            slow.sendall((f"POST {API}/commands HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {server.TOKEN}\r\n"
+                          f"{body.replace('2', '100')}\r\n[").encode())
+            held.append(slow)
+        wait_for(lambda: server.get(f"{API}/runs")[0] == 429)
+        for route in gw.ROUTES:
+            status = _status(server, route)
+            assert (status == 429) is (route.api and not route.stream), (route.method, route.path, status)
     finally:
         for s in held:
             s.close()
