@@ -2059,15 +2059,16 @@ class FileRunStore(JsonFileRunStore):
         return [r.run_id for r in self.list_children(parent_run_id=parent_run_id)]
 
     def runnable_ids(self, *, now_iso: str, limit: int) -> List[str]:
-        """RUNNING runs, then due UNTIL waits, not paused."""
-        running = self.list_runs(status=RunStatus.RUNNING, limit=limit)
-        due = self.list_due_wait_until(now_iso=now_iso, limit=limit)
+        """RUNNING runs, then due UNTIL waits, not paused (filtered before `limit` applies, as in SQL)."""
+        everything = sys.maxsize  # the file store reads every run file anyway
+        running = self.list_runs(status=RunStatus.RUNNING, limit=everything)
+        due = self.list_due_wait_until(now_iso=now_iso, limit=everything)
         seen, out = set(), []
         for run in [*running, *due]:
             if run.run_id not in seen and not _is_paused(run):
                 seen.add(run.run_id)
                 out.append(run.run_id)
-        return out
+        return out[:limit]
 
     def list_run_index(
         self,
