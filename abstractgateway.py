@@ -7980,6 +7980,9 @@ def token_fingerprint(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()[:12]
 
 
+_BEARER_TOKEN = re.compile(r"[A-Za-z0-9\-._~+/]+=*")  # RFC 6750's b64token: what `Authorization` accepts
+
+
 def is_weak_token(token: str) -> bool:
     return len(token) < MIN_TOKEN_LENGTH or token.lower() in WEAK_TOKENS
 
@@ -8399,6 +8402,10 @@ def startup_problem(config: Config, policy: SecurityPolicy) -> Optional[str]:
                 "`passthrough` tool mode, or set ABSTRACTGATEWAY_ALLOW_LOCAL_TOOLS_ON_NETWORK=1 if you accept that.")
     if not policy.enabled:
         return None
+    if any(not _BEARER_TOKEN.fullmatch(t) for t in policy.tokens):
+        return ("A configured auth token cannot be sent as a bearer token: RFC 6750 allows letters, digits and "
+                "`-._~+/`, with `=` only at the end, so every request would be refused. Generate one with "
+                "`python -c 'import secrets; print(secrets.token_urlsafe(32))'`.")
     weak = [t for t in policy.tokens if is_weak_token(t)]
     if public and weak:
         return (f"Refusing to bind {config.host}: a weak auth token is configured (shorter than {MIN_TOKEN_LENGTH} "

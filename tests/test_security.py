@@ -520,6 +520,18 @@ def test_public_bind_with_a_weak_token_is_refused(tmp_path):
     assert out.returncode == 2 and "weak auth token" in out.stderr and "token_urlsafe" in out.stderr
 
 
+def test_a_token_no_client_can_send_is_refused_at_start(tmp_path):
+    """A token with `=` inside (or a space) is not an RFC 6750 bearer token: the header parser would never
+    yield it, so every request would get 401. `serve` says so instead of starting."""
+    for token in ("a-long-enough-token=with-an-equals-sign", "a long enough token with spaces"):
+        env = _clean_env(tmp_path, ABSTRACTGATEWAY_AUTH_TOKEN=token)
+        out = subprocess.run([sys.executable, "-m", "abstractgateway", "serve", "--port", "0"],
+                             env=env, capture_output=True, text=True, timeout=30)
+        assert out.returncode == 2 and "cannot be sent as a bearer token" in out.stderr, out.stderr
+    config = gw.Config.load({"ABSTRACTGATEWAY_AUTH_TOKEN": "ends-with-padding=="})
+    assert gw.startup_problem(config, gw.SecurityPolicy.from_config(config)) is None
+
+
 # -- hostile bundles ----------------------------------------------------------------------------------
 
 
