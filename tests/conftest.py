@@ -10,12 +10,18 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
-from typing import Any, Iterator, Optional, Tuple
+from typing import Any, Iterator, List, Optional, Tuple
 
 import pytest
 
 import abstractgateway as gw
 from abstractruntime import Effect, EffectType, StepPlan, WorkflowSpec
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: List[pytest.Item]) -> None:
+    """Run the tests marked `slow` first (keeping the order otherwise): with pytest-xdist (`-n`) they
+    then overlap with the many short tests instead of being the last ones left running."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
 
 
 @pytest.fixture

@@ -300,6 +300,7 @@ def _free_port():
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_sigkill_during_a_slow_call_then_restart_asks_again_without_duplicate_records(data_dir, fake_llm):
     fake_llm.delay_s = 30.0
     port = _free_port()
