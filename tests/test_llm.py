@@ -307,7 +307,8 @@ def test_sigkill_during_a_slow_call_then_restart_asks_again_without_duplicate_re
     env = {k: v for k, v in os.environ.items() if not k.startswith("ABSTRACTGATEWAY_")}
     env.update(ABSTRACTGATEWAY_DATA_DIR=str(data_dir), ABSTRACTGATEWAY_FLOWS_DIR=str(FIXTURE_BUNDLES),
                ABSTRACTGATEWAY_AUTH_TOKEN=LiveServer.TOKEN, ABSTRACTGATEWAY_PORT=str(port),
-               ABSTRACTGATEWAY_PROVIDER="openai", ABSTRACTGATEWAY_MODEL="gpt-5-mini")
+               ABSTRACTGATEWAY_PROVIDER="openai", ABSTRACTGATEWAY_MODEL="gpt-5-mini",
+               ABSTRACTGATEWAY_RUNNER_LEASE_TTL_S="2")  # the restarted runner waits this long for the dead one's lease
     proc = subprocess.Popen([sys.executable, "-m", "abstractgateway", "serve"], env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
     try:
