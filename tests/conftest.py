@@ -252,6 +252,18 @@ def gateway_env(data_dir: Path, token: str, **settings: str) -> dict:
     return env
 
 
+def _all_threads_stopped(pid: int) -> bool:
+    """True when /proc shows every thread of `pid` stopped (state T): a thread still inside a system
+    call (an fsync, say) stops only when that call returns."""
+    states = []
+    for stat in Path(f"/proc/{pid}/task").glob("*/stat"):
+        try:
+            states.append(stat.read_bytes().rsplit(b")", 1)[1].split()[0])
+        except (FileNotFoundError, ProcessLookupError):
+            continue  # a thread that just ended
+    return bool(states) and all(state in (b"T", b"t") for state in states)
+
+
 def stop_outside_a_write(pid: int, db_path: Path, tries: int = 20) -> Optional[float]:
     """SIGSTOP `pid` at a moment it holds no SQLite write lock; return when (monotonic), None if it
     was inside a write transaction at every one of `tries` stops.
@@ -265,6 +277,9 @@ def stop_outside_a_write(pid: int, db_path: Path, tries: int = 20) -> Optional[f
     for _ in range(tries):
         os.kill(pid, signal.SIGSTOP)
         stopped_at = time.monotonic()
+        # kill() returns before the process has stopped: on a busy machine it may still open a write
+        # after the probe below found none. Probe only once the kernel reports it stopped.
+        wait_for(lambda: _all_threads_stopped(pid), timeout=10, interval=0.001)
         probe = apsw.Connection(str(db_path))
         probe.set_busy_timeout(200)
         try:
