@@ -38,9 +38,18 @@ def data_dir(tmp_path: Path) -> Path:
     return d
 
 
+def setting_env(key: str) -> str:
+    """The env var of a setting given by its name (`busy_timeout_s`) or its env var's suffix
+    (`sqlite_busy_timeout_s`); an unknown key is an error, never a value silently ignored."""
+    for setting in gw.SETTINGS:
+        if key == setting.name or f"ABSTRACTGATEWAY_{key.upper()}" == setting.env:
+            return setting.env
+    raise KeyError(f"no setting named {key!r}")
+
+
 def make_config(data_dir: Path, **env: str) -> gw.Config:
     environ = {"ABSTRACTGATEWAY_DATA_DIR": str(data_dir)}
-    environ.update({f"ABSTRACTGATEWAY_{k.upper()}": v for k, v in env.items()})
+    environ.update({setting_env(k): v for k, v in env.items()})
     return gw.Config.load(environ=environ)
 
 
@@ -248,7 +257,7 @@ def gateway_env(data_dir: Path, token: str, **settings: str) -> dict:
     """This process's environment for a gateway process on `data_dir` (settings by name: ttl=...)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("ABSTRACTGATEWAY_")}
     env.update(ABSTRACTGATEWAY_DATA_DIR=str(data_dir), ABSTRACTGATEWAY_AUTH_TOKEN=token,
-               ABSTRACTGATEWAY_POLL_S="0.05", **{f"ABSTRACTGATEWAY_{k.upper()}": v for k, v in settings.items()})
+               ABSTRACTGATEWAY_POLL_S="0.05", **{setting_env(k): v for k, v in settings.items()})
     return env
 
 
