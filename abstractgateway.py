@@ -8712,7 +8712,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"abstractgateway {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     storage_flags = ("data_dir", "db_path", "synchronous")
-    runtime_flags = (*storage_flags, "store_backend", "flows_dir", "workflow_source", "poll_s", "tick_workers")
+    runtime_flags = (*storage_flags, "store_backend", "flows_dir", "workflow_source", "poll_s", "tick_workers",
+                     "provider", "model", "llm_concurrency", "tool_mode")
 
     p = sub.add_parser("serve", help="Serve the HTTP API (and run the runner unless --no-runner).")
     _add_setting_flags(p, (*runtime_flags, "host", "port"))

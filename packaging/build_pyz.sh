@@ -55,14 +55,16 @@ WORK="$(mktemp -d "${TMPDIR:-/tmp}/abstractgateway-pyz.XXXXXX")"
 cleanup() { rm -rf "$WORK"; }
 trap cleanup EXIT
 
-echo "== build venv ($PYTHON) with shiv"
+echo "== build venv ($PYTHON) with shiv and hatchling"
 "$PYTHON" -m venv "$WORK/venv"
 BPY="$WORK/venv/bin/python"
-"$BPY" -m pip install --quiet --disable-pip-version-check shiv
+# hatchling (pyproject's build backend) goes into the build venv too, so the wheel is built there
+# without pip making a second, isolated environment for it.
+"$BPY" -m pip install --quiet --disable-pip-version-check shiv "hatchling>=1.21"
 
 echo "== project wheel"
 # Build from a copy so no build/ or egg-info is left in the work tree.
-"$BPY" -m pip wheel --quiet --disable-pip-version-check --no-deps "$ROOT" -w "$WORK/wheels"
+"$BPY" -m pip wheel --quiet --disable-pip-version-check --no-deps --no-build-isolation "$ROOT" -w "$WORK/wheels"
 PROJECT_WHEEL="$(ls "$WORK"/wheels/abstractgateway-*.whl)"
 echo "   $(basename "$PROJECT_WHEEL")"
 

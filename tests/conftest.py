@@ -6,16 +6,29 @@ import json
 import os
 import signal
 import socket
+import sys
 import time
 import urllib.error
 import urllib.request
 from pathlib import Path
-from typing import Any, Iterator, Optional, Tuple
+from typing import Any, Iterator, List, Optional, Tuple
 
 import pytest
 
 import abstractgateway as gw
 from abstractruntime import Effect, EffectType, StepPlan, WorkflowSpec
+
+# Cache bytecode even where the environment says not to (PYTHONDONTWRITEBYTECODE): the suite starts
+# about a hundred gateway processes, and without a cached .pyc each one compiles the module's
+# 8,000+ lines again (0.2 s of CPU apiece), and each xdist worker re-rewrites every test module.
+sys.dont_write_bytecode = False
+os.environ.pop("PYTHONDONTWRITEBYTECODE", None)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: List[pytest.Item]) -> None:
+    """Run the tests marked `slow` first (keeping the order otherwise): with pytest-xdist (`-n`) they
+    then overlap with the many short tests instead of being the last ones left running."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
 
 
 @pytest.fixture
@@ -25,9 +38,18 @@ def data_dir(tmp_path: Path) -> Path:
     return d
 
 
+def setting_env(key: str) -> str:
+    """The env var of a setting given by its name (`busy_timeout_s`) or its env var's suffix
+    (`sqlite_busy_timeout_s`); an unknown key is an error, never a value silently ignored."""
+    for setting in gw.SETTINGS:
+        if key == setting.name or f"ABSTRACTGATEWAY_{key.upper()}" == setting.env:
+            return setting.env
+    raise KeyError(f"no setting named {key!r}")
+
+
 def make_config(data_dir: Path, **env: str) -> gw.Config:
     environ = {"ABSTRACTGATEWAY_DATA_DIR": str(data_dir)}
-    environ.update({f"ABSTRACTGATEWAY_{k.upper()}": v for k, v in env.items()})
+    environ.update({setting_env(k): v for k, v in env.items()})
     return gw.Config.load(environ=environ)
 
 
@@ -235,8 +257,20 @@ def gateway_env(data_dir: Path, token: str, **settings: str) -> dict:
     """This process's environment for a gateway process on `data_dir` (settings by name: ttl=...)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("ABSTRACTGATEWAY_")}
     env.update(ABSTRACTGATEWAY_DATA_DIR=str(data_dir), ABSTRACTGATEWAY_AUTH_TOKEN=token,
-               ABSTRACTGATEWAY_POLL_S="0.05", **{f"ABSTRACTGATEWAY_{k.upper()}": v for k, v in settings.items()})
+               ABSTRACTGATEWAY_POLL_S="0.05", **{setting_env(k): v for k, v in settings.items()})
     return env
+
+
+def _all_threads_stopped(pid: int) -> bool:
+    """True when /proc shows every thread of `pid` stopped (state T): a thread still inside a system
+    call (an fsync, say) stops only when that call returns."""
+    states = []
+    for stat in Path(f"/proc/{pid}/task").glob("*/stat"):
+        try:
+            states.append(stat.read_bytes().rsplit(b")", 1)[1].split()[0])
+        except (FileNotFoundError, ProcessLookupError):
+            continue  # a thread that just ended
+    return bool(states) and all(state in (b"T", b"t") for state in states)
 
 
 def stop_outside_a_write(pid: int, db_path: Path, tries: int = 20) -> Optional[float]:
@@ -252,6 +286,9 @@ def stop_outside_a_write(pid: int, db_path: Path, tries: int = 20) -> Optional[f
     for _ in range(tries):
         os.kill(pid, signal.SIGSTOP)
         stopped_at = time.monotonic()
+        # kill() returns before the process has stopped: on a busy machine it may still open a write
+        # after the probe below found none. Probe only once the kernel reports it stopped.
+        wait_for(lambda: _all_threads_stopped(pid), timeout=10, interval=0.001)
         probe = apsw.Connection(str(db_path))
         probe.set_busy_timeout(200)
         try:

@@ -32,9 +32,14 @@ def _env(data_dir: Path, **settings: str) -> dict:
     return gateway_env(data_dir, TOKEN, **settings)
 
 
-def _spawn(args, env, **kw) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "abstractgateway", *args], env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True, **kw)
+def _spawn(args, env, *, write_failure_memory_s: float | None = None, **kw) -> subprocess.Popen:
+    """`abstractgateway ARGS` in a new process; `write_failure_memory_s` shortens how long its health
+    keeps reporting a failed write (gw.WRITE_FAILURE_MEMORY_S, 10 s), so a test need not wait that long."""
+    command = [sys.executable, "-m", "abstractgateway", *args]
+    if write_failure_memory_s is not None:
+        command = [sys.executable, "-c", "import sys, abstractgateway as gw; "
+                   f"gw.WRITE_FAILURE_MEMORY_S = {write_failure_memory_s!r}; sys.exit(gw.main(sys.argv[1:]))", *args]
+    return subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, **kw)
 
 
 def _healthy(base: str):
@@ -270,7 +275,9 @@ def test_a_full_disk_is_a_507_and_health_degrades_then_recovers(data_dir):
     base = f"http://127.0.0.1:{port}"
     gw.Database(data_dir / "gateway.sqlite3").close()  # created whole before the limit applies
     limit = (data_dir / "gateway.sqlite3").stat().st_size + 600_000
-    proc = _spawn(["serve", "--port", str(port)], env, preexec_fn=_limit_file_size(limit))
+    memory_s = 3.0  # long enough to see `degraded` right after the 507, short enough not to wait 10 s
+    proc = _spawn(["serve", "--port", str(port)], env, preexec_fn=_limit_file_size(limit),
+                  write_failure_memory_s=memory_s)
     try:
         wait_for(lambda: _healthy(base), timeout=20)
         big = {"message": "x" * 100_000}
@@ -290,7 +297,7 @@ def test_a_full_disk_is_a_507_and_health_degrades_then_recovers(data_dir):
         status, body = _call("POST", f"{base}/api/gateway/runs/start", {"bundle_id": "echo", "input_data": big})
         assert status == 200  # space is back: the next write goes through, no restart needed
         wait_for(lambda: _call("GET", f"{base}/api/health")[1]["status"] == "healthy",
-                 timeout=gw.WRITE_FAILURE_MEMORY_S + 10)
+                 timeout=memory_s + 10)
     finally:
         _stop(proc)
     out = subprocess.run([sys.executable, "-m", "abstractgateway", "check"], env=env, capture_output=True, text=True)

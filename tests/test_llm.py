@@ -300,13 +300,15 @@ def _free_port():
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_sigkill_during_a_slow_call_then_restart_asks_again_without_duplicate_records(data_dir, fake_llm):
     fake_llm.delay_s = 30.0
     port = _free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("ABSTRACTGATEWAY_")}
     env.update(ABSTRACTGATEWAY_DATA_DIR=str(data_dir), ABSTRACTGATEWAY_FLOWS_DIR=str(FIXTURE_BUNDLES),
                ABSTRACTGATEWAY_AUTH_TOKEN=LiveServer.TOKEN, ABSTRACTGATEWAY_PORT=str(port),
-               ABSTRACTGATEWAY_PROVIDER="openai", ABSTRACTGATEWAY_MODEL="gpt-5-mini")
+               ABSTRACTGATEWAY_PROVIDER="openai", ABSTRACTGATEWAY_MODEL="gpt-5-mini",
+               ABSTRACTGATEWAY_RUNNER_LEASE_TTL_S="2")  # the restarted runner waits this long for the dead one's lease
     proc = subprocess.Popen([sys.executable, "-m", "abstractgateway", "serve"], env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
     try:

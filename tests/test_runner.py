@@ -41,38 +41,6 @@ def test_echo_bundle_runs_to_completion(gateway, runner):
     assert ledger[-1]["effect"]["payload"]["name"] == "abstract.status"
 
 
-def test_resolution_rules(gateway):
-    wid = gateway.host.resolve(bundle_id="echo", bundle_version=None, flow_id=None)
-    assert wid == "echo@1.0.0:echo"
-    assert gateway.host.resolve(bundle_id=None, bundle_version=None, flow_id="echo@1.0.0:echo") == wid
-    assert gateway.host.resolve(bundle_id="echo@1.0.0", bundle_version=None, flow_id="echo") == wid
-    with pytest.raises(gw.GatewayError, match="flow_id is required"):
-        gateway.host.resolve(bundle_id=None, bundle_version=None, flow_id=None)  # several bundles loaded
-    with pytest.raises(gw.NotFound):
-        gateway.host.resolve(bundle_id="echo", bundle_version=None, flow_id="nope")
-    with pytest.raises(gw.NotFound):
-        gateway.host.resolve(bundle_id="echo", bundle_version="9.9.9", flow_id=None)
-    with pytest.raises(gw.GatewayError, match="conflicts"):
-        gateway.host.resolve(bundle_id="echo@1.0.0", bundle_version="2.0.0", flow_id=None)
-
-
-def test_latest_version_and_deprecation(data_dir, bundle_builder):
-    flows = data_dir / "flows"
-    pack_bundle(flows, "echo", version="1.2.0")
-    pack_bundle(flows, "echo", version="1.10.0")
-    g = make_gateway(data_dir)
-    try:
-        assert g.host.latest("echo").bundle_version == "1.10.0"  # numeric, not lexicographic
-        g.stores.deprecations.set("echo", "echo", "use v2")
-        g.host.reload()
-        with pytest.raises(gw.Conflict, match="deprecated: use v2"):
-            g.start_run(bundle_id="echo")
-        g.stores.deprecations.clear("echo", "echo")
-        assert g.start_run(bundle_id="echo")
-    finally:
-        g.close()
-
-
 def test_ask_user_resume_with_payload_and_wrong_wait_key(gateway, runner):
     run_id = gateway.start_run(bundle_id="ask")
     state = wait_for(lambda: (s := gateway.stores.runs.load(run_id)).status.value == "waiting" and s)
