@@ -3855,33 +3855,115 @@ class Gateway:
                 "applied_at": outcome["applied_at"] if outcome else None}
 
     def apply_pending_commands(self, lease: Optional[LeaseToken] = None) -> int:
-        """Apply every inbox command after the cursor, in seq order; return how many.
+        """Apply the inbox commands after the cursor, in seq order; return how many were read.
 
-        With `lease`, each command is applied only while that lease is still held.
+        They are applied in batches, each one transaction (one durable commit) with a savepoint
+        per command (see `_apply_batch`). A `compact_memory` command waits on a model first, so it
+        ends the batch before it and is applied in a batch of its own, its model call made outside
+        any lock or transaction. With `lease`, commands are applied only while that lease is held.
         """
-        records, _ = self.stores.commands.list_after(after=self.stores.cursor.load(),
+        pending, _ = self.stores.commands.list_after(after=self.stores.cursor.load(),
                                                      limit=self.config.command_batch_limit)
-        for record in records:
-            self.apply_command(record, lease)
-        return len(records)
+        read = len(pending)
+        while pending:
+            if _is_compaction(pending[0]):
+                applied = self._apply_batch(pending[:1], lease, self._prepare_compaction(pending[0]))
+            else:
+                applied = self._apply_batch(list(itertools.takewhile(lambda r: not _is_compaction(r), pending)), lease)
+            pending = pending[applied:]
+            self.wake_runner()
+        return read
 
     def check_lease(self, lease: Optional[LeaseToken]) -> None:
         """Inside a write transaction: raise `LeaseLost` unless `lease` (if given) is still held."""
         if lease is not None and not self.stores.leases.holds(RUNNER_LEASE, lease):
             raise LeaseLost(f"runner {lease.owner} no longer holds the lease (epoch {lease.epoch})")
 
+    def _apply_batch(self, batch: List[CommandRecord], lease: Optional[LeaseToken],
+                     effect: Optional[Callable[[CommandRecord, List[str]], None]] = None) -> int:
+        """Apply commands exactly once in one transaction; return how many (at least one).
+
+        Each command's effect and outcome are written in a savepoint of their own: a failing command
+        rolls back only its own writes and is recorded as failed in the same transaction. Before each
+        command, inside the transaction, the lease is checked (`LeaseLost`: a runner that stalled past
+        its lease can never apply a command the new holder applies too) and a command that already
+        has an outcome is skipped. `LeaseLost` and storage errors roll the whole batch back: its
+        commands stay pending, not the commands' fault. The cursor advance commits with the batch.
+
+        Locking: the per-run locks of every run the batch may change are taken first, all at once
+        and in stripe order (`_targets_locked`), then the transaction (the database's write turn).
+        Ticks take the same two in the same order, one run's lock then the write turn, and no one
+        takes a run lock while holding the write turn, so there is no cycle to deadlock in. The batch
+        stops after `COMMAND_BATCH_S`, letting writers waiting for the write turn (acknowledgements
+        of new commands, ticks) go between batches.
+        """
+        effect = effect or self._apply_effect
+        applied = 0
+        with self._targets_locked(batch) as targets, self.stores.db.transaction() as tx:
+            started, cursor = time.monotonic(), self.stores.cursor.load()
+            for record in batch:
+                if applied and time.monotonic() - started >= COMMAND_BATCH_S:
+                    break
+                self.check_lease(lease)
+                applied += 1
+                if self.stores.outcomes.exists(record.seq):
+                    continue
+                topics = len(tx.topics)
+                try:
+                    with tx.conn:  # nested in the transaction, apsw makes this a savepoint
+                        effect(record, targets[record.seq])
+                        self.stores.outcomes.record(record, "applied")
+                except (LeaseLost, StorageError):
+                    raise
+                except _STORAGE_FAILURES as exc:
+                    raise storage_error(exc) from exc
+                except Exception as exc:  # noqa: BLE001 - every failure is recorded, none wedges the inbox
+                    if tx.conn.get_autocommit():  # SQLite abandoned the whole transaction: nothing is written
+                        raise StorageError("The transaction was abandoned by the database; nothing was written.") \
+                            from exc
+                    del tx.topics[topics:]
+                    self.stores.outcomes.record(record, "failed", _command_failure(record, exc))
+            self.stores.cursor.save(max(cursor, batch[applied - 1].seq))
+        return applied
+
+    def _prepare_compaction(self, record: CommandRecord) -> Callable[[CommandRecord, List[str]], None]:
+        """Run a `compact_memory` command's model work now, outside any lock or transaction (no writer
+        waits on the model); return the effect that commits it, or re-raises its failure, in the batch."""
+        failure: Optional[Exception] = None
+        compaction = None
+        if not self.stores.outcomes.exists(record.seq):  # applied already: don't pay for the model again
+            try:
+                compaction = self._run_compaction(record)
+            except (LeaseLost, StorageError):
+                raise
+            except _STORAGE_FAILURES as exc:
+                raise storage_error(exc) from exc
+            except Exception as exc:  # noqa: BLE001 - recorded as the command's failure
+                failure = exc
+
+        def commit(command: CommandRecord, _targets: List[str]) -> None:
+            if failure is not None:
+                raise failure
+            self._commit_compaction(command, compaction)
+
+        return commit
+
     @contextmanager
-    def _targets_locked(self, record: CommandRecord) -> Iterator[List[str]]:
-        """Lock the runs a command targets, re-reading them under the locks until the set is stable
-        (a tick may have started a child meanwhile: it must be locked too before it is changed)."""
-        targets = self._command_targets(record)
+    def _targets_locked(self, records: Sequence[CommandRecord]) -> Iterator[Dict[int, List[str]]]:
+        """Lock the runs the commands target; yield each command's targets (by seq), read under the locks.
+
+        They are re-read under the locks until the set is stable (a tick may have started a child
+        meanwhile: it must be locked too before it is changed).
+        """
+        locked: set = set()
+        wanted = {record.seq: self._command_targets(record) for record in records}
         while True:
-            with self.runs_locked(targets):
-                current = self._command_targets(record)
-                if set(current) <= set(targets):
-                    yield current
+            locked |= {run_id for ids in wanted.values() for run_id in ids}
+            with self.runs_locked(locked):
+                wanted = {record.seq: self._command_targets(record) for record in records}
+                if all(locked.issuperset(ids) for ids in wanted.values()):
+                    yield wanted
                     return
-            targets = sorted(set(targets) | set(current))
 
     @contextmanager
     def runs_locked(self, run_ids: Iterable[str]) -> Iterator[None]:
@@ -3915,52 +3997,6 @@ class Gateway:
             except GatewayError:
                 return []
         return self.run_tree_ids(record.run_id)
-
-    def apply_command(self, record: CommandRecord, lease: Optional[LeaseToken] = None) -> None:
-        """Apply one command exactly once: effect + outcome + cursor in one transaction.
-
-        Inside that transaction the command is skipped if it already has an outcome, and refused
-        (`LeaseLost`) if `lease` is no longer held: a runner that stalled past its lease can never
-        apply a command the new holder applies too.
-        """
-        db = self.stores.db
-        try:
-            # A compaction may wait on a model: it runs first, outside any lock or transaction, with its
-            # writes collected; the transaction below only commits them (no writer waits on the model).
-            compaction = None
-            if record.type.lower() == "compact_memory" and not self.stores.outcomes.exists(record.seq):
-                compaction = self._run_compaction(record)
-            with self._targets_locked(record) as targets, db.transaction():
-                if self._already_applied(record, lease):
-                    return
-                if compaction is not None:
-                    self._commit_compaction(record, compaction)
-                else:
-                    self._apply_effect(record, targets)
-                self.stores.outcomes.record(record, "applied")
-                self.stores.cursor.save(record.seq)
-        except (LeaseLost, StorageError):
-            raise  # not the command's fault: it stays pending and is applied once storage answers
-        except _STORAGE_FAILURES as exc:
-            raise storage_error(exc) from exc
-        except Exception as exc:  # noqa: BLE001 - every failure is recorded, none wedges the inbox
-            reason = exc.detail if isinstance(exc, GatewayError) else f"{type(exc).__name__}: {exc}"
-            if not isinstance(exc, (GatewayError, ValueError, KeyError)):
-                _log(f"command {record.command_id} ({record.type}) failed unexpectedly: {reason}")
-            with db.transaction():
-                if self._already_applied(record, lease):
-                    return
-                self.stores.outcomes.record(record, "failed", reason)
-                self.stores.cursor.save(record.seq)
-        self.wake_runner()
-
-    def _already_applied(self, record: CommandRecord, lease: Optional[LeaseToken]) -> bool:
-        """Inside the apply transaction: refuse without the lease; True if an outcome exists."""
-        self.check_lease(lease)
-        if self.stores.outcomes.exists(record.seq):
-            self.stores.cursor.save(max(record.seq, self.stores.cursor.load()))
-            return True
-        return False
 
     def _apply_effect(self, record: CommandRecord, targets: List[str]) -> None:
         payload = record.payload or {}
@@ -4414,6 +4450,22 @@ def _check_tool_answer(run_id: str, details: Dict[str, Any], body: Dict[str, Any
         if answered and str(answered) not in pending:
             raise Conflict(f"Run '{run_id}' has no pending tool call '{answered}': that call was already answered",
                            code="tool_call_not_pending")
+
+
+# A batch of commands holds the database's write turn at most about this long (see `_apply_batch`).
+COMMAND_BATCH_S = 0.05
+
+
+def _is_compaction(record: CommandRecord) -> bool:
+    return record.type.lower() == "compact_memory"
+
+
+def _command_failure(record: CommandRecord, exc: Exception) -> str:
+    """The reason a command failed, as recorded in its outcome (an unexpected failure is also logged)."""
+    reason = exc.detail if isinstance(exc, GatewayError) else f"{type(exc).__name__}: {exc}"
+    if not isinstance(exc, (GatewayError, ValueError, KeyError)):
+        _log(f"command {record.command_id} ({record.type}) failed unexpectedly: {reason}")
+    return reason
 
 
 def _is_paused(run: RunState) -> bool:
