@@ -2827,6 +2827,8 @@ def _is_numeric_version(version: str) -> bool:
     return all(p.isdigit() for p in parts)
 
 
+# -- schedules: a parent run that starts the target flow as child runs on a timetable --------------
+
 SCHEDULE_PREFIX = "scheduled:"
 MAX_SCHEDULE_EXECUTIONS = 10_000
 _INTERVAL_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
@@ -2841,10 +2843,119 @@ def parse_interval(text: str) -> float:
     return float(match.group(1)) * _INTERVAL_UNITS[match.group(2)]
 
 
+def schedule_interval_s(interval: str, floor_s: float) -> float:
+    """Seconds of a schedule `interval`, refused below `floor_s` (`schedule_min_interval_s`: a 1 ms
+    schedule would spawn child runs as fast as the runner can tick)."""
+    seconds = parse_interval(interval)
+    if seconds < floor_s:
+        raise Unprocessable(f"Interval {interval!r} is shorter than the minimum of {floor_s:g}s "
+                            "(ABSTRACTGATEWAY_SCHEDULE_MIN_INTERVAL_S)", code="interval_too_short")
+    return seconds
+
+
 def _iso_after(seconds: float) -> str:
     from datetime import timedelta
 
     return (datetime.now(timezone.utc) + timedelta(seconds=seconds)).isoformat()
+
+
+def _parse_time(text: Optional[str], name: str) -> datetime:
+    try:
+        value = datetime.fromisoformat(str(text).strip().replace("Z", "+00:00"))
+    except ValueError:
+        raise GatewayError(f"{name} must be an ISO-8601 time, got {text!r}", code="invalid_schedule") from None
+    return (value if value.tzinfo else value.replace(tzinfo=timezone.utc)).astimezone(timezone.utc)
+
+
+def schedule_definition(target: str, *, start_at: Optional[str], interval: Optional[str],
+                        repeat_count: Optional[int], repeat_until: Optional[str], share_context: bool,
+                        min_interval_s: float) -> Dict[str, Any]:
+    """The checked definition of a schedule of workflow `target` (kept in the parent run's
+    `vars._meta.schedule`, where `schedule_spec` reads it)."""
+    start = _parse_time(start_at, "start_at") if (start_at or "").strip().lower() not in ("", "now") else None
+    seconds = schedule_interval_s(interval, min_interval_s) if interval else None
+    if repeat_count is not None and repeat_count <= 0:
+        raise GatewayError("repeat_count must be >= 1", code="invalid_schedule")
+    if repeat_count is not None and repeat_count > 1 and seconds is None:
+        raise GatewayError("repeat_count > 1 needs an interval", code="invalid_schedule")
+    if repeat_until:
+        if seconds is None or repeat_count is not None:
+            raise GatewayError("repeat_until needs an interval and excludes repeat_count", code="invalid_schedule")
+        until, begin = _parse_time(repeat_until, "repeat_until"), start or datetime.now(timezone.utc)
+        if until < begin:
+            raise GatewayError("repeat_until is before the start", code="invalid_schedule")
+        repeat_count = 1 + int((until - begin).total_seconds() // seconds)
+    if repeat_count is not None and repeat_count > MAX_SCHEDULE_EXECUTIONS:
+        raise GatewayError(f"schedule would run {repeat_count} times (max {MAX_SCHEDULE_EXECUTIONS})",
+                           code="invalid_schedule")
+    if repeat_count == 1:
+        interval = None
+    target_ref, _, target_flow = target.partition(":")
+    target_bundle, _, target_version = target_ref.partition("@")
+    now = utc_now_iso()
+    return {
+        "kind": "scheduled_run", "target_workflow_id": target, "target_bundle_id": target_bundle,
+        "target_bundle_version": target_version, "target_bundle_ref": target_ref, "target_flow_id": target_flow,
+        "start_at": start.isoformat() if start else None, "interval": interval, "repeat_count": repeat_count,
+        "repeat_until": repeat_until or None, "share_context": bool(share_context), "created_at": now,
+        "updated_at": now,
+    }
+
+
+def schedule_of(run: RunState) -> Optional[Dict[str, Any]]:
+    """The schedule definition of a scheduled parent run, else None."""
+    meta = run.vars.get("_meta") if isinstance(run.vars, dict) else None
+    sched = meta.get("schedule") if isinstance(meta, dict) else None
+    return sched if isinstance(sched, dict) and sched.get("kind") == "scheduled_run" else None
+
+
+def schedule_root(runs: Any, run_id: str) -> RunState:
+    """The scheduled parent run `run_id` belongs to (itself or an ancestor)."""
+    run = runs.load(run_id)
+    if run is None:
+        raise NotFound(f"Run '{run_id}' not found", code="run_not_found")
+    while run is not None and schedule_of(run) is None:
+        run = runs.load(run.parent_run_id) if run.parent_run_id else None
+    if run is None:
+        raise GatewayError(f"Run '{run_id}' is not part of a scheduled run", code="not_scheduled")
+    return run
+
+
+def update_schedule(stores: Stores, record: CommandRecord, min_interval_s: float) -> None:
+    """Apply an `update_schedule` command: a new interval for the schedule `record.run_id` belongs to,
+    taking effect on the wait in progress unless `apply_immediately` is false."""
+    payload = record.payload or {}
+    interval = payload.get("interval") or payload.get("schedule")
+    if not interval:
+        raise GatewayError("update_schedule needs payload.interval", code="invalid_payload")
+    seconds = schedule_interval_s(interval, min_interval_s)
+    root = schedule_root(stores.runs, record.run_id)
+    sched = root.vars["_meta"]["schedule"]
+    if not sched.get("interval"):
+        raise GatewayError(f"Run '{root.run_id}' is a one-shot schedule (no interval to update)",
+                           code="not_recurrent")
+    now = utc_now_iso()
+    sched.update(interval=interval, updated_at=now)
+    waiting = root.waiting
+    if (payload.get("apply_immediately", True) and _enum_value(root.status) == "waiting" and waiting is not None
+            and _enum_value(waiting.reason) == "until" and root.current_node == "wait_interval"):
+        waiting.until = _iso_after(seconds)
+    root.vars.setdefault("_runtime", {})["last_schedule_update"] = {
+        "command_id": record.command_id, "interval": interval, "updated_at": now,
+        "requested_run_id": record.run_id, "scheduled_root_run_id": root.run_id}
+    root.updated_at = now
+    stores.runs.save(root)
+    stores.dynamic_flows.put(root.workflow_id, sched)
+
+
+def fire_schedule_now(runs: Any, run: RunState) -> None:
+    """Resuming a recurrent schedule that waits for its next slot runs the next execution at once."""
+    sched = schedule_of(run)
+    run = runs.load(run.run_id)
+    if sched and sched.get("interval") and run.waiting is not None and _enum_value(run.waiting.reason) == "until":
+        run.waiting.until = utc_now_iso()
+        run.updated_at = utc_now_iso()
+        runs.save(run)
 
 
 def schedule_spec(workflow_id: str) -> Any:
@@ -3583,6 +3694,318 @@ class TripleStoreHandle:
                                             EffectType.MEMORY_KG_RESOLVE)}
 
 
+class CommandInbox:
+    """The durable command inbox: commands appended by clients, applied exactly once by the runner.
+
+    A command's effect, its outcome row and the cursor advance commit together (on SQLite), in
+    batches (`_apply_batch`). Effects go through the gateway's runtime, under the per-run locks
+    that keep a tick and a command on the same run from interleaving (`Gateway.runs_locked`).
+    """
+
+    def __init__(self, gateway: "Gateway") -> None:
+        self.gateway = gateway
+        self.stores, self.config = gateway.stores, gateway.config
+        self.runtime, self.host, self.llm, self.uow = gateway.runtime, gateway.host, gateway.llm, gateway.uow
+
+    def submit(self, *, command_id: str, run_id: str, type: str, payload: Optional[Dict[str, Any]] = None,
+               ts: Optional[str] = None, client_id: Optional[str] = None) -> CommandAppendResult:
+        """Append to the durable inbox (idempotent on `command_id`); application is asynchronous."""
+        if type not in COMMAND_TYPES:
+            raise GatewayError(f"type must be one of {'|'.join(COMMAND_TYPES)}", code="invalid_command_type")
+        if not str(command_id or "").strip():  # a generated id would make every retry a new command
+            raise Unprocessable("Field 'command_id' must be non-empty (it makes retries idempotent)",
+                                code="validation_error")
+        record = CommandRecord(command_id=command_id, run_id=run_id, type=type, payload=dict(payload or {}),
+                               ts=ts or utc_now_iso(), client_id=client_id)
+        try:
+            return self.stores.commands.append(record)
+        except ValueError as exc:
+            raise GatewayError(f"Failed to append command: {exc}", code="invalid_command") from None
+
+    def status(self, command_id: str, record: Optional[CommandRecord] = None) -> Dict[str, Any]:
+        record = record or self.stores.commands.get(command_id)
+        if record is None:
+            raise NotFound(f"Command '{command_id}' not found", code="command_not_found")
+        outcome = self.stores.outcomes.get(command_id)
+        return {"command_id": record.command_id, "seq": record.seq, "run_id": record.run_id, "type": record.type,
+                "ts": record.ts, "status": outcome["status"] if outcome else "pending",
+                "error": outcome["error"] if outcome else None,
+                "applied_at": outcome["applied_at"] if outcome else None}
+
+    def apply_pending(self, lease: Optional[LeaseToken] = None) -> int:
+        """Apply the inbox commands after the cursor, in seq order; return how many were read.
+
+        They are applied in batches, each one transaction (one durable commit) with a savepoint
+        per command (see `_apply_batch`). A `compact_memory` command waits on a model first, so it
+        ends the batch before it and is applied in a batch of its own, its model call made outside
+        any lock or transaction. With `lease`, commands are applied only while that lease is held.
+        """
+        pending, _ = self.stores.commands.list_after(after=self.stores.cursor.load(),
+                                                     limit=self.config.command_batch_limit)
+        read = len(pending)
+        while pending:
+            if _is_compaction(pending[0]):
+                applied = self._apply_batch(pending[:1], lease, self._prepare_compaction(pending[0]))
+            else:
+                applied = self._apply_batch(list(itertools.takewhile(lambda r: not _is_compaction(r), pending)), lease)
+            pending = pending[applied:]
+            self.gateway.wake_runner()
+        return read
+
+    def _apply_batch(self, batch: List[CommandRecord], lease: Optional[LeaseToken],
+                     effect: Optional[Callable[[CommandRecord, List[str]], None]] = None) -> int:
+        """Apply commands exactly once in one transaction; return how many (at least one).
+
+        Each command's effect and outcome are written in a savepoint of their own: a failing command
+        rolls back only its own writes and is recorded as failed in the same transaction. Before each
+        command, inside the transaction, the lease is checked (`LeaseLost`: a runner that stalled past
+        its lease can never apply a command the new holder applies too) and a command that already
+        has an outcome is skipped. `LeaseLost` and storage errors roll the whole batch back: its
+        commands stay pending, not the commands' fault. The cursor advance commits with the batch.
+
+        Locking: the per-run locks of every run the batch may change are taken first, all at once
+        and in stripe order (`_targets_locked`), then the transaction (the database's write turn).
+        Ticks take the same two in the same order, one run's lock then the write turn, and no one
+        takes a run lock while holding the write turn, so there is no cycle to deadlock in. The batch
+        stops after `COMMAND_BATCH_S`, letting writers waiting for the write turn (acknowledgements
+        of new commands, ticks) go between batches.
+        """
+        effect = effect or self._apply_effect
+        applied = 0
+        with self._targets_locked(batch) as targets, self.stores.db.transaction() as tx:
+            started, cursor = time.monotonic(), self.stores.cursor.load()
+            for record in batch:
+                if applied and time.monotonic() - started >= COMMAND_BATCH_S:
+                    break
+                self.gateway.check_lease(lease)
+                applied += 1
+                if self.stores.outcomes.exists(record.seq):
+                    continue
+                topics = len(tx.topics)
+                try:
+                    with tx.conn:  # nested in the transaction, apsw makes this a savepoint
+                        effect(record, targets[record.seq])
+                        self.stores.outcomes.record(record, "applied")
+                except (LeaseLost, StorageError):
+                    raise
+                except _STORAGE_FAILURES as exc:
+                    raise storage_error(exc) from exc
+                except Exception as exc:  # noqa: BLE001 - every failure is recorded, none wedges the inbox
+                    if tx.conn.get_autocommit():  # SQLite abandoned the whole transaction: nothing is written
+                        raise StorageError("The transaction was abandoned by the database; nothing was written.") \
+                            from exc
+                    del tx.topics[topics:]
+                    self.stores.outcomes.record(record, "failed", _command_failure(record, exc))
+            self.stores.cursor.save(max(cursor, batch[applied - 1].seq))
+        return applied
+
+    def _prepare_compaction(self, record: CommandRecord) -> Callable[[CommandRecord, List[str]], None]:
+        """Run a `compact_memory` command's model work now, outside any lock or transaction (no writer
+        waits on the model); return the effect that commits it, or re-raises its failure, in the batch."""
+        failure: Optional[Exception] = None
+        compaction = None
+        if not self.stores.outcomes.exists(record.seq):  # applied already: don't pay for the model again
+            try:
+                compaction = self._run_compaction(record)
+            except (LeaseLost, StorageError):
+                raise
+            except _STORAGE_FAILURES as exc:
+                raise storage_error(exc) from exc
+            except Exception as exc:  # noqa: BLE001 - recorded as the command's failure
+                failure = exc
+
+        def commit(command: CommandRecord, _targets: List[str]) -> None:
+            if failure is not None:
+                raise failure
+            self._commit_compaction(command, compaction)
+
+        return commit
+
+    @contextmanager
+    def _targets_locked(self, records: Sequence[CommandRecord]) -> Iterator[Dict[int, List[str]]]:
+        """Lock the runs the commands target; yield each command's targets (by seq), read under the locks.
+
+        They are re-read under the locks until the set is stable (a tick may have started a child
+        meanwhile: it must be locked too before it is changed).
+        """
+        locked: set = set()
+        wanted = {record.seq: self._command_targets(record) for record in records}
+        while True:
+            locked |= {run_id for ids in wanted.values() for run_id in ids}
+            with self.gateway.runs_locked(locked):
+                wanted = {record.seq: self._command_targets(record) for record in records}
+                if all(locked.issuperset(ids) for ids in wanted.values()):
+                    yield wanted
+                    return
+
+    def _command_targets(self, record: CommandRecord) -> List[str]:
+        """The runs a command may change, known before it is applied (so their locks come first)."""
+        kind = record.type.lower()
+        if kind == "emit_event":
+            try:
+                return self.stores.runs.ids_waiting_on(self._event_wait_key(record))
+            except GatewayError:
+                return []
+        if kind == "update_schedule":
+            try:
+                return [schedule_root(self.stores.runs, record.run_id).run_id]
+            except GatewayError:
+                return []
+        return self.gateway.run_tree_ids(record.run_id)
+
+    def _apply_effect(self, record: CommandRecord, targets: List[str]) -> None:
+        payload = record.payload or {}
+        kind = record.type.lower()
+        if kind == "emit_event":
+            self._emit_event(record, targets)
+            return
+        if kind == "update_schedule":
+            update_schedule(self.stores, record, self.config.schedule_min_interval_s)
+            return
+        tree = [run for run in map(self.stores.runs.load, targets) if run is not None]  # locked, root first
+        if not tree:
+            raise NotFound(f"Run '{record.run_id}' not found", code="run_not_found")
+        if kind == "pause":
+            for run in tree:
+                if _enum_value(run.status) not in TERMINAL_STATUSES:
+                    self.runtime.pause_run(run.run_id, reason=payload.get("reason"))
+        elif kind == "cancel":
+            for run in tree:
+                if _enum_value(run.status) not in TERMINAL_STATUSES:
+                    self.runtime.cancel_run(run.run_id, reason=payload.get("reason") or "Cancelled")
+        elif kind == "resume":
+            self._resume(tree, payload)
+        else:
+            raise GatewayError(f"Unknown command type '{record.type}'", code="invalid_command_type")
+
+    def _resume(self, tree: List[RunState], payload: Dict[str, Any]) -> None:
+        """`resume` with a payload answers the root's wait; without one it unpauses the whole tree."""
+        if "payload" in payload:
+            self._resume_waiting(tree[0], payload)
+            return
+        for run in tree:
+            if _is_paused(run):
+                self.runtime.resume_run(run.run_id)
+        fire_schedule_now(self.stores.runs, tree[0])
+
+    def _run_compaction(self, record: CommandRecord) -> Tuple[StepWrites, str, RunState, str]:
+        """Run the runtime's MEMORY_COMPACT effect for a `compact_memory` command, out of band, on the
+        command's run (or `payload.target_run_id`); return its collected writes, job id, job and target.
+
+        It needs no LLM when there is nothing to compact; otherwise the runtime asks for an LLM call
+        (the workflow default model): without the LLM extra or a model the command fails with that
+        reason. Nothing is written here: `_commit_compaction` commits it with the command's outcome.
+        """
+        from abstractruntime import Effect, EffectType, StepPlan, WorkflowSpec
+
+        p = record.payload or {}
+        target = str(p.get("target_run_id") or p.get("targetRunId") or record.run_id)
+        for run_id in {record.run_id, target}:
+            if not self.stores.runs.exists(run_id):
+                raise NotFound(f"Run '{run_id}' not found", code="run_not_found")
+        mode = str(p.get("compression_mode") or "standard")
+        if mode not in ("light", "standard", "heavy"):
+            raise GatewayError("compression_mode must be light, standard or heavy", code="invalid_payload")
+        effect_payload = {"target_run_id": target, "preserve_recent": int(p.get("preserve_recent", 6)),
+                          "compression_mode": mode, **({"focus": p["focus"]} if p.get("focus") else {})}
+
+        def compact(job: RunState, ctx: Any) -> Any:
+            return StepPlan(node_id="compact", effect=Effect(type=EffectType.MEMORY_COMPACT, payload=effect_payload,
+                                                             result_key="result"), next_node="done")
+
+        def done(job: RunState, ctx: Any) -> Any:
+            return StepPlan(node_id="done", complete_output={"result": job.vars.get("result")})
+
+        spec = WorkflowSpec(workflow_id="__compact_memory__", entry_node="compact",
+                            nodes={"compact": compact, "done": done})
+        with self.uow.collect() as writes:
+            job_id = self.runtime.start(workflow=spec, vars={}, actor_id=ACTOR_ID, parent_run_id=None,
+                                        session_id=target)
+            job = self.runtime.tick(workflow=spec, run_id=job_id, max_steps=5)
+        if _enum_value(job.status) != "completed":
+            needs_llm = self.llm is None and "llm_call" in str(job.error or "")
+            raise Unprocessable(
+                f"compact_memory needs an LLM to summarise; install the '{LLM_EXTRA}' extra" if needs_llm
+                else f"compact_memory failed: {job.error}",
+                code="llm_extra_required" if needs_llm else "compact_failed")
+        return writes, job_id, job, target
+
+    def _commit_compaction(self, record: CommandRecord, compaction: Tuple[StepWrites, str, RunState, str]) -> None:
+        """Inside the command's transaction: commit a compaction unless a run it rewrote changed meanwhile."""
+        writes, job_id, job, target = compaction
+        changed = [rid for rid, text in writes.base.items()
+                   if rid in writes.runs and self.stores.runs.load_json(rid) != text]
+        if changed:
+            raise Conflict(f"Run '{changed[0]}' changed while its memory was being compacted; send the command again",
+                           code="compact_conflict")
+        for run_id, text in writes.ledger:
+            self.stores.ledger.append_json(run_id, text)
+        for row in writes.runs.values():
+            self.stores.runs.save_row(row)
+        state = self.stores.runs.load(target)
+        state.vars.setdefault("_runtime", {})["last_compact_memory"] = {
+            "command_id": record.command_id, "job_run_id": job_id, "at": utc_now_iso(), "result": job.output}
+        self.stores.runs.save(state)
+
+    def _resume_waiting(self, run: RunState, payload: Dict[str, Any]) -> None:
+        body = payload.get("payload")
+        if not isinstance(body, dict):
+            raise GatewayError("resume payload.payload must be an object", code="invalid_payload")
+        if _is_paused(run):
+            raise Conflict(f"Run '{run.run_id}' is paused; resume it first", code="run_paused")
+        if _enum_value(run.status) != "waiting" or run.waiting is None:
+            raise Conflict(f"Run '{run.run_id}' is not waiting (status {_enum_value(run.status)}): nothing to "
+                           "answer, or the wait was already answered", code="not_waiting")
+        wait_key = payload.get("wait_key", payload.get("waitKey"))
+        if wait_key is not None and run.waiting.wait_key is not None and wait_key != run.waiting.wait_key:
+            raise Conflict(f"wait_key mismatch: run waits on '{run.waiting.wait_key}', got '{wait_key}'",
+                           code="wait_key_mismatch")
+        details = run.waiting.details if isinstance(run.waiting.details, dict) else {}
+        if details.get("mode") == "approval_required":
+            _check_tool_answer(run.run_id, details, body)
+        spec = self.host.get(run.workflow_id)
+        if spec is None:
+            raise NotFound(f"Workflow '{run.workflow_id}' is not loaded", code="workflow_not_found")
+        self.runtime.resume(workflow=spec, run_id=run.run_id, wait_key=wait_key, payload=body, max_steps=0)
+
+    @staticmethod
+    def _event_wait_key(record: CommandRecord) -> str:
+        from abstractruntime.core.event_keys import build_event_wait_key
+
+        p = record.payload or {}
+        name = str(p.get("name") or "").strip()
+        if not name:
+            raise GatewayError("emit_event needs payload.name", code="invalid_payload")
+        scope = str(p.get("scope") or "session").strip().lower()
+        if scope not in ("session", "workflow", "run", "global"):
+            raise GatewayError("emit_event scope must be session, workflow, run or global", code="invalid_payload")
+        return build_event_wait_key(scope=scope, name=name,
+                                    session_id=p.get("session_id") or p.get("sessionId") or record.run_id,
+                                    workflow_id=p.get("workflow_id") or p.get("workflowId"),
+                                    run_id=p.get("run_id") or p.get("runId") or record.run_id)
+
+    def _emit_event(self, record: CommandRecord, waiting_run_ids: List[str]) -> None:
+        p = record.payload or {}
+        wait_key = self._event_wait_key(record)
+        name = str(p["name"]).strip()
+        scope = str(p.get("scope") or "session").strip().lower()
+        session_id = p.get("session_id") or p.get("sessionId") or record.run_id
+        body = p.get("payload")
+        envelope = {
+            "event_id": p.get("event_id") or p.get("eventId") or record.command_id, "name": name, "scope": scope,
+            "session_id": session_id, "payload": body if isinstance(body, dict) else {"value": body},
+            "emitted_at": p.get("emitted_at") or p.get("emittedAt") or utc_now_iso(),
+            "emitter": {"source": "external", "client_id": record.client_id},
+        }
+        for run_id in waiting_run_ids:  # the runs found (and locked) before the transaction began
+            run = self.stores.runs.load(run_id)
+            if run is None or run.waiting is None or run.waiting.wait_key != wait_key or _is_paused(run):
+                continue
+            spec = self.host.get(run.workflow_id)
+            if spec is not None:
+                self.runtime.resume(workflow=spec, run_id=run_id, wait_key=wait_key, payload=envelope, max_steps=0)
+
+
 class Gateway:
     """The service every front end drives: start runs, accept and apply commands, tick runs.
 
@@ -3611,6 +4034,7 @@ class Gateway:
         self.host.reload()
         self._last_lazy_reload = 0.0
         self._stripes = [threading.Lock() for _ in range(64)]
+        self.inbox = CommandInbox(self)
 
     def close(self) -> None:
         self.knowledge_graph.close()
@@ -3671,58 +4095,11 @@ class Gateway:
             raise GatewayError("flow_id is required", code="flow_id_required")
         target = self.host.resolve(bundle_id=bundle_id, bundle_version=bundle_version, flow_id=flow_id)
         self.host.startable_spec(target)
-        start = _parse_time(start_at, "start_at") if (start_at or "").strip().lower() not in ("", "now") else None
-        seconds = self._schedule_interval_s(interval) if interval else None
-        if repeat_count is not None and repeat_count <= 0:
-            raise GatewayError("repeat_count must be >= 1", code="invalid_schedule")
-        if repeat_count is not None and repeat_count > 1 and seconds is None:
-            raise GatewayError("repeat_count > 1 needs an interval", code="invalid_schedule")
-        if repeat_until:
-            if seconds is None or repeat_count is not None:
-                raise GatewayError("repeat_until needs an interval and excludes repeat_count", code="invalid_schedule")
-            until, begin = _parse_time(repeat_until, "repeat_until"), start or datetime.now(timezone.utc)
-            if until < begin:
-                raise GatewayError("repeat_until is before the start", code="invalid_schedule")
-            repeat_count = 1 + int((until - begin).total_seconds() // seconds)
-        if repeat_count is not None and repeat_count > MAX_SCHEDULE_EXECUTIONS:
-            raise GatewayError(f"schedule would run {repeat_count} times (max {MAX_SCHEDULE_EXECUTIONS})",
-                               code="invalid_schedule")
-        if repeat_count == 1:
-            interval = None
-        target_ref, _, target_flow = target.partition(":")
-        target_bundle, _, target_version = target_ref.partition("@")
-        now = utc_now_iso()
-        definition = {
-            "kind": "scheduled_run", "target_workflow_id": target, "target_bundle_id": target_bundle,
-            "target_bundle_version": target_version, "target_bundle_ref": target_ref, "target_flow_id": target_flow,
-            "start_at": start.isoformat() if start else None, "interval": interval, "repeat_count": repeat_count,
-            "repeat_until": repeat_until or None, "share_context": bool(share_context), "created_at": now,
-            "updated_at": now,
-        }
-        workflow_id = f"{SCHEDULE_PREFIX}{uuid.uuid4()}"
-        spec = self.host.register_schedule(workflow_id, definition)
+        definition = schedule_definition(target, start_at=start_at, interval=interval, repeat_count=repeat_count,
+                                         repeat_until=repeat_until, share_context=share_context,
+                                         min_interval_s=self.config.schedule_min_interval_s)
+        spec = self.host.register_schedule(f"{SCHEDULE_PREFIX}{uuid.uuid4()}", definition)
         return self._start(spec, {"vars": dict(input_data or {}), "_meta": {"schedule": definition}}, session_id)
-
-    def _schedule_interval_s(self, interval: str) -> float:
-        """Seconds of a schedule `interval`, refused below `schedule_min_interval_s` (a 1 ms schedule
-        would spawn child runs as fast as the runner can tick)."""
-        seconds = parse_interval(interval)
-        floor = self.config.schedule_min_interval_s
-        if seconds < floor:
-            raise Unprocessable(f"Interval {interval!r} is shorter than the minimum of {floor:g}s "
-                                "(ABSTRACTGATEWAY_SCHEDULE_MIN_INTERVAL_S)", code="interval_too_short")
-        return seconds
-
-    def schedule_root(self, run_id: str) -> RunState:
-        """The scheduled parent run `run_id` belongs to (itself or an ancestor)."""
-        run = self.stores.runs.load(run_id)
-        if run is None:
-            raise NotFound(f"Run '{run_id}' not found", code="run_not_found")
-        while run is not None and schedule_of(run) is None:
-            run = self.stores.runs.load(run.parent_run_id) if run.parent_run_id else None
-        if run is None:
-            raise GatewayError(f"Run '{run_id}' is not part of a scheduled run", code="not_scheduled")
-        return run
 
     def load_run(self, run_id: str) -> RunState:
         state = self.stores.runs.load(run_id)
@@ -3831,139 +4208,20 @@ class Gateway:
 
     def submit_command(self, *, command_id: str, run_id: str, type: str, payload: Optional[Dict[str, Any]] = None,
                        ts: Optional[str] = None, client_id: Optional[str] = None) -> CommandAppendResult:
-        """Append to the durable inbox (idempotent on `command_id`); application is asynchronous."""
-        if type not in COMMAND_TYPES:
-            raise GatewayError(f"type must be one of {'|'.join(COMMAND_TYPES)}", code="invalid_command_type")
-        if not str(command_id or "").strip():  # a generated id would make every retry a new command
-            raise Unprocessable("Field 'command_id' must be non-empty (it makes retries idempotent)",
-                                code="validation_error")
-        record = CommandRecord(command_id=command_id, run_id=run_id, type=type, payload=dict(payload or {}),
-                               ts=ts or utc_now_iso(), client_id=client_id)
-        try:
-            return self.stores.commands.append(record)
-        except ValueError as exc:
-            raise GatewayError(f"Failed to append command: {exc}", code="invalid_command") from None
+        """Append to the durable inbox (idempotent on `command_id`); the runner applies it (see `CommandInbox`)."""
+        return self.inbox.submit(command_id=command_id, run_id=run_id, type=type, payload=payload, ts=ts,
+                                 client_id=client_id)
 
     def command_status(self, command_id: str, record: Optional[CommandRecord] = None) -> Dict[str, Any]:
-        record = record or self.stores.commands.get(command_id)
-        if record is None:
-            raise NotFound(f"Command '{command_id}' not found", code="command_not_found")
-        outcome = self.stores.outcomes.get(command_id)
-        return {"command_id": record.command_id, "seq": record.seq, "run_id": record.run_id, "type": record.type,
-                "ts": record.ts, "status": outcome["status"] if outcome else "pending",
-                "error": outcome["error"] if outcome else None,
-                "applied_at": outcome["applied_at"] if outcome else None}
+        return self.inbox.status(command_id, record)
 
     def apply_pending_commands(self, lease: Optional[LeaseToken] = None) -> int:
-        """Apply the inbox commands after the cursor, in seq order; return how many were read.
-
-        They are applied in batches, each one transaction (one durable commit) with a savepoint
-        per command (see `_apply_batch`). A `compact_memory` command waits on a model first, so it
-        ends the batch before it and is applied in a batch of its own, its model call made outside
-        any lock or transaction. With `lease`, commands are applied only while that lease is held.
-        """
-        pending, _ = self.stores.commands.list_after(after=self.stores.cursor.load(),
-                                                     limit=self.config.command_batch_limit)
-        read = len(pending)
-        while pending:
-            if _is_compaction(pending[0]):
-                applied = self._apply_batch(pending[:1], lease, self._prepare_compaction(pending[0]))
-            else:
-                applied = self._apply_batch(list(itertools.takewhile(lambda r: not _is_compaction(r), pending)), lease)
-            pending = pending[applied:]
-            self.wake_runner()
-        return read
+        return self.inbox.apply_pending(lease)
 
     def check_lease(self, lease: Optional[LeaseToken]) -> None:
         """Inside a write transaction: raise `LeaseLost` unless `lease` (if given) is still held."""
         if lease is not None and not self.stores.leases.holds(RUNNER_LEASE, lease):
             raise LeaseLost(f"runner {lease.owner} no longer holds the lease (epoch {lease.epoch})")
-
-    def _apply_batch(self, batch: List[CommandRecord], lease: Optional[LeaseToken],
-                     effect: Optional[Callable[[CommandRecord, List[str]], None]] = None) -> int:
-        """Apply commands exactly once in one transaction; return how many (at least one).
-
-        Each command's effect and outcome are written in a savepoint of their own: a failing command
-        rolls back only its own writes and is recorded as failed in the same transaction. Before each
-        command, inside the transaction, the lease is checked (`LeaseLost`: a runner that stalled past
-        its lease can never apply a command the new holder applies too) and a command that already
-        has an outcome is skipped. `LeaseLost` and storage errors roll the whole batch back: its
-        commands stay pending, not the commands' fault. The cursor advance commits with the batch.
-
-        Locking: the per-run locks of every run the batch may change are taken first, all at once
-        and in stripe order (`_targets_locked`), then the transaction (the database's write turn).
-        Ticks take the same two in the same order, one run's lock then the write turn, and no one
-        takes a run lock while holding the write turn, so there is no cycle to deadlock in. The batch
-        stops after `COMMAND_BATCH_S`, letting writers waiting for the write turn (acknowledgements
-        of new commands, ticks) go between batches.
-        """
-        effect = effect or self._apply_effect
-        applied = 0
-        with self._targets_locked(batch) as targets, self.stores.db.transaction() as tx:
-            started, cursor = time.monotonic(), self.stores.cursor.load()
-            for record in batch:
-                if applied and time.monotonic() - started >= COMMAND_BATCH_S:
-                    break
-                self.check_lease(lease)
-                applied += 1
-                if self.stores.outcomes.exists(record.seq):
-                    continue
-                topics = len(tx.topics)
-                try:
-                    with tx.conn:  # nested in the transaction, apsw makes this a savepoint
-                        effect(record, targets[record.seq])
-                        self.stores.outcomes.record(record, "applied")
-                except (LeaseLost, StorageError):
-                    raise
-                except _STORAGE_FAILURES as exc:
-                    raise storage_error(exc) from exc
-                except Exception as exc:  # noqa: BLE001 - every failure is recorded, none wedges the inbox
-                    if tx.conn.get_autocommit():  # SQLite abandoned the whole transaction: nothing is written
-                        raise StorageError("The transaction was abandoned by the database; nothing was written.") \
-                            from exc
-                    del tx.topics[topics:]
-                    self.stores.outcomes.record(record, "failed", _command_failure(record, exc))
-            self.stores.cursor.save(max(cursor, batch[applied - 1].seq))
-        return applied
-
-    def _prepare_compaction(self, record: CommandRecord) -> Callable[[CommandRecord, List[str]], None]:
-        """Run a `compact_memory` command's model work now, outside any lock or transaction (no writer
-        waits on the model); return the effect that commits it, or re-raises its failure, in the batch."""
-        failure: Optional[Exception] = None
-        compaction = None
-        if not self.stores.outcomes.exists(record.seq):  # applied already: don't pay for the model again
-            try:
-                compaction = self._run_compaction(record)
-            except (LeaseLost, StorageError):
-                raise
-            except _STORAGE_FAILURES as exc:
-                raise storage_error(exc) from exc
-            except Exception as exc:  # noqa: BLE001 - recorded as the command's failure
-                failure = exc
-
-        def commit(command: CommandRecord, _targets: List[str]) -> None:
-            if failure is not None:
-                raise failure
-            self._commit_compaction(command, compaction)
-
-        return commit
-
-    @contextmanager
-    def _targets_locked(self, records: Sequence[CommandRecord]) -> Iterator[Dict[int, List[str]]]:
-        """Lock the runs the commands target; yield each command's targets (by seq), read under the locks.
-
-        They are re-read under the locks until the set is stable (a tick may have started a child
-        meanwhile: it must be locked too before it is changed).
-        """
-        locked: set = set()
-        wanted = {record.seq: self._command_targets(record) for record in records}
-        while True:
-            locked |= {run_id for ids in wanted.values() for run_id in ids}
-            with self.runs_locked(locked):
-                wanted = {record.seq: self._command_targets(record) for record in records}
-                if all(locked.issuperset(ids) for ids in wanted.values()):
-                    yield wanted
-                    return
 
     @contextmanager
     def runs_locked(self, run_ids: Iterable[str]) -> Iterator[None]:
@@ -3982,206 +4240,6 @@ class Gateway:
         finally:
             for index in reversed(stripes):
                 self._stripes[index].release()
-
-    def _command_targets(self, record: CommandRecord) -> List[str]:
-        """The runs a command may change, known before it is applied (so their locks come first)."""
-        kind = record.type.lower()
-        if kind == "emit_event":
-            try:
-                return self.stores.runs.ids_waiting_on(self._event_wait_key(record))
-            except GatewayError:
-                return []
-        if kind == "update_schedule":
-            try:
-                return [self.schedule_root(record.run_id).run_id]
-            except GatewayError:
-                return []
-        return self.run_tree_ids(record.run_id)
-
-    def _apply_effect(self, record: CommandRecord, targets: List[str]) -> None:
-        payload = record.payload or {}
-        kind = record.type.lower()
-        if kind == "emit_event":
-            self._emit_event(record, targets)
-            return
-        if kind == "update_schedule":
-            self._update_schedule(record)
-            return
-        tree = [run for run in map(self.stores.runs.load, targets) if run is not None]  # locked, root first
-        if not tree:
-            raise NotFound(f"Run '{record.run_id}' not found", code="run_not_found")
-        if kind == "pause":
-            for run in tree:
-                if _enum_value(run.status) not in TERMINAL_STATUSES:
-                    self.runtime.pause_run(run.run_id, reason=payload.get("reason"))
-        elif kind == "cancel":
-            for run in tree:
-                if _enum_value(run.status) not in TERMINAL_STATUSES:
-                    self.runtime.cancel_run(run.run_id, reason=payload.get("reason") or "Cancelled")
-        elif kind == "resume":
-            self._resume(tree, payload)
-        else:
-            raise GatewayError(f"Unknown command type '{record.type}'", code="invalid_command_type")
-
-    def _resume(self, tree: List[RunState], payload: Dict[str, Any]) -> None:
-        """`resume` with a payload answers the root's wait; without one it unpauses the whole tree."""
-        if "payload" in payload:
-            self._resume_waiting(tree[0], payload)
-            return
-        for run in tree:
-            if _is_paused(run):
-                self.runtime.resume_run(run.run_id)
-        self._fire_recurrent_schedule_now(tree[0])
-
-    def _fire_recurrent_schedule_now(self, run: RunState) -> None:
-        """Resuming a recurrent schedule that waits for its next slot runs the next execution at once."""
-        sched = schedule_of(run)
-        run = self.stores.runs.load(run.run_id)
-        if sched and sched.get("interval") and run.waiting is not None and _enum_value(run.waiting.reason) == "until":
-            run.waiting.until = utc_now_iso()
-            run.updated_at = utc_now_iso()
-            self.stores.runs.save(run)
-
-    def _run_compaction(self, record: CommandRecord) -> Tuple[StepWrites, str, RunState, str]:
-        """Run the runtime's MEMORY_COMPACT effect for a `compact_memory` command, out of band, on the
-        command's run (or `payload.target_run_id`); return its collected writes, job id, job and target.
-
-        It needs no LLM when there is nothing to compact; otherwise the runtime asks for an LLM call
-        (the workflow default model): without the LLM extra or a model the command fails with that
-        reason. Nothing is written here: `_commit_compaction` commits it with the command's outcome.
-        """
-        from abstractruntime import Effect, EffectType, StepPlan, WorkflowSpec
-
-        p = record.payload or {}
-        target = str(p.get("target_run_id") or p.get("targetRunId") or record.run_id)
-        for run_id in {record.run_id, target}:
-            if not self.stores.runs.exists(run_id):
-                raise NotFound(f"Run '{run_id}' not found", code="run_not_found")
-        mode = str(p.get("compression_mode") or "standard")
-        if mode not in ("light", "standard", "heavy"):
-            raise GatewayError("compression_mode must be light, standard or heavy", code="invalid_payload")
-        effect_payload = {"target_run_id": target, "preserve_recent": int(p.get("preserve_recent", 6)),
-                          "compression_mode": mode, **({"focus": p["focus"]} if p.get("focus") else {})}
-
-        def compact(job: RunState, ctx: Any) -> Any:
-            return StepPlan(node_id="compact", effect=Effect(type=EffectType.MEMORY_COMPACT, payload=effect_payload,
-                                                             result_key="result"), next_node="done")
-
-        def done(job: RunState, ctx: Any) -> Any:
-            return StepPlan(node_id="done", complete_output={"result": job.vars.get("result")})
-
-        spec = WorkflowSpec(workflow_id="__compact_memory__", entry_node="compact",
-                            nodes={"compact": compact, "done": done})
-        with self.uow.collect() as writes:
-            job_id = self.runtime.start(workflow=spec, vars={}, actor_id=ACTOR_ID, parent_run_id=None,
-                                        session_id=target)
-            job = self.runtime.tick(workflow=spec, run_id=job_id, max_steps=5)
-        if _enum_value(job.status) != "completed":
-            needs_llm = self.llm is None and "llm_call" in str(job.error or "")
-            raise Unprocessable(
-                f"compact_memory needs an LLM to summarise; install the '{LLM_EXTRA}' extra" if needs_llm
-                else f"compact_memory failed: {job.error}",
-                code="llm_extra_required" if needs_llm else "compact_failed")
-        return writes, job_id, job, target
-
-    def _commit_compaction(self, record: CommandRecord, compaction: Tuple[StepWrites, str, RunState, str]) -> None:
-        """Inside the command's transaction: commit a compaction unless a run it rewrote changed meanwhile."""
-        writes, job_id, job, target = compaction
-        changed = [rid for rid, text in writes.base.items()
-                   if rid in writes.runs and self.stores.runs.load_json(rid) != text]
-        if changed:
-            raise Conflict(f"Run '{changed[0]}' changed while its memory was being compacted; send the command again",
-                           code="compact_conflict")
-        for run_id, text in writes.ledger:
-            self.stores.ledger.append_json(run_id, text)
-        for row in writes.runs.values():
-            self.stores.runs.save_row(row)
-        state = self.stores.runs.load(target)
-        state.vars.setdefault("_runtime", {})["last_compact_memory"] = {
-            "command_id": record.command_id, "job_run_id": job_id, "at": utc_now_iso(), "result": job.output}
-        self.stores.runs.save(state)
-
-    def _update_schedule(self, record: CommandRecord) -> None:
-        payload = record.payload or {}
-        interval = payload.get("interval") or payload.get("schedule")
-        if not interval:
-            raise GatewayError("update_schedule needs payload.interval", code="invalid_payload")
-        seconds = self._schedule_interval_s(interval)
-        root = self.schedule_root(record.run_id)
-        sched = root.vars["_meta"]["schedule"]
-        if not sched.get("interval"):
-            raise GatewayError(f"Run '{root.run_id}' is a one-shot schedule (no interval to update)",
-                               code="not_recurrent")
-        now = utc_now_iso()
-        sched.update(interval=interval, updated_at=now)
-        waiting = root.waiting
-        if (payload.get("apply_immediately", True) and _enum_value(root.status) == "waiting" and waiting is not None
-                and _enum_value(waiting.reason) == "until" and root.current_node == "wait_interval"):
-            waiting.until = _iso_after(seconds)
-        root.vars.setdefault("_runtime", {})["last_schedule_update"] = {
-            "command_id": record.command_id, "interval": interval, "updated_at": now,
-            "requested_run_id": record.run_id, "scheduled_root_run_id": root.run_id}
-        root.updated_at = now
-        self.stores.runs.save(root)
-        self.stores.dynamic_flows.put(root.workflow_id, sched)
-
-    def _resume_waiting(self, run: RunState, payload: Dict[str, Any]) -> None:
-        body = payload.get("payload")
-        if not isinstance(body, dict):
-            raise GatewayError("resume payload.payload must be an object", code="invalid_payload")
-        if _is_paused(run):
-            raise Conflict(f"Run '{run.run_id}' is paused; resume it first", code="run_paused")
-        if _enum_value(run.status) != "waiting" or run.waiting is None:
-            raise Conflict(f"Run '{run.run_id}' is not waiting (status {_enum_value(run.status)}): nothing to "
-                           "answer, or the wait was already answered", code="not_waiting")
-        wait_key = payload.get("wait_key", payload.get("waitKey"))
-        if wait_key is not None and run.waiting.wait_key is not None and wait_key != run.waiting.wait_key:
-            raise Conflict(f"wait_key mismatch: run waits on '{run.waiting.wait_key}', got '{wait_key}'",
-                           code="wait_key_mismatch")
-        details = run.waiting.details if isinstance(run.waiting.details, dict) else {}
-        if details.get("mode") == "approval_required":
-            _check_tool_answer(run.run_id, details, body)
-        spec = self.host.get(run.workflow_id)
-        if spec is None:
-            raise NotFound(f"Workflow '{run.workflow_id}' is not loaded", code="workflow_not_found")
-        self.runtime.resume(workflow=spec, run_id=run.run_id, wait_key=wait_key, payload=body, max_steps=0)
-
-    @staticmethod
-    def _event_wait_key(record: CommandRecord) -> str:
-        from abstractruntime.core.event_keys import build_event_wait_key
-
-        p = record.payload or {}
-        name = str(p.get("name") or "").strip()
-        if not name:
-            raise GatewayError("emit_event needs payload.name", code="invalid_payload")
-        scope = str(p.get("scope") or "session").strip().lower()
-        if scope not in ("session", "workflow", "run", "global"):
-            raise GatewayError("emit_event scope must be session, workflow, run or global", code="invalid_payload")
-        return build_event_wait_key(scope=scope, name=name,
-                                    session_id=p.get("session_id") or p.get("sessionId") or record.run_id,
-                                    workflow_id=p.get("workflow_id") or p.get("workflowId"),
-                                    run_id=p.get("run_id") or p.get("runId") or record.run_id)
-
-    def _emit_event(self, record: CommandRecord, waiting_run_ids: List[str]) -> None:
-        p = record.payload or {}
-        wait_key = self._event_wait_key(record)
-        name = str(p["name"]).strip()
-        scope = str(p.get("scope") or "session").strip().lower()
-        session_id = p.get("session_id") or p.get("sessionId") or record.run_id
-        body = p.get("payload")
-        envelope = {
-            "event_id": p.get("event_id") or p.get("eventId") or record.command_id, "name": name, "scope": scope,
-            "session_id": session_id, "payload": body if isinstance(body, dict) else {"value": body},
-            "emitted_at": p.get("emitted_at") or p.get("emittedAt") or utc_now_iso(),
-            "emitter": {"source": "external", "client_id": record.client_id},
-        }
-        for run_id in waiting_run_ids:  # the runs found (and locked) before the transaction began
-            run = self.stores.runs.load(run_id)
-            if run is None or run.waiting is None or run.waiting.wait_key != wait_key or _is_paused(run):
-                continue
-            spec = self.host.get(run.workflow_id)
-            if spec is not None:
-                self.runtime.resume(workflow=spec, run_id=run_id, wait_key=wait_key, payload=envelope, max_steps=0)
 
     # -- ticks ------------------------------------------------------------------------------------
 
@@ -4394,21 +4452,6 @@ def _slim_record(record: Dict[str, Any]) -> Dict[str, Any]:
     elif payload or result is not None:
         out["detail"] = _clip(_json_dumps({"payload": payload, "result": result}), 1500)
     return out
-
-
-def schedule_of(run: RunState) -> Optional[Dict[str, Any]]:
-    """The schedule definition of a scheduled parent run, else None."""
-    meta = run.vars.get("_meta") if isinstance(run.vars, dict) else None
-    sched = meta.get("schedule") if isinstance(meta, dict) else None
-    return sched if isinstance(sched, dict) and sched.get("kind") == "scheduled_run" else None
-
-
-def _parse_time(text: Optional[str], name: str) -> datetime:
-    try:
-        value = datetime.fromisoformat(str(text).strip().replace("Z", "+00:00"))
-    except ValueError:
-        raise GatewayError(f"{name} must be an ISO-8601 time, got {text!r}", code="invalid_schedule") from None
-    return (value if value.tzinfo else value.replace(tzinfo=timezone.utc)).astimezone(timezone.utc)
 
 
 # Quick steps (transitions, zero-length waits) are committed together until this much time has passed
@@ -5972,14 +6015,10 @@ class GatewayApp:
         metrics = self.gateway.stores.ledger.metrics_many([r["run_id"] for r in rows]) if include_metrics else {}
         items = []
         for row in rows:
-            item = {"run_id": row["run_id"], "workflow_id": row["workflow_id"], "status": row["status"],
-                    "current_node": None, "created_at": row["created_at"], "updated_at": row["updated_at"],
-                    "actor_id": row["actor_id"], "session_id": row["session_id"], "parent_run_id": row["parent_run_id"],
-                    "error": None, "paused": False, "pause_reason": None, "paused_at": None, "resumed_at": None,
-                    "waiting": ({"reason": row["wait_reason"],
-                                 **({"until": row["wait_until"]} if row["wait_until"] else {})}
-                                if row["wait_reason"] else None),
-                    "is_scheduled": False, "schedule": None, "limits": None}
+            state = self.gateway.stores.runs.load(row["run_id"])
+            if state is None:  # deleted since the page was read
+                continue
+            item = run_summary(state)  # the shape of `GET /runs/{id}`: one summary, not two
             if include_ledger_len:
                 item["ledger_len"] = counts.get(row["run_id"], 0)
             if include_metrics:  # like the original: null for a run with no completed step yet

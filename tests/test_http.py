@@ -158,6 +158,16 @@ def test_start_get_list_input(live_server):
     assert status == 200 and data["root_run_id"] == run_id
 
 
+def test_listed_runs_have_the_shape_and_values_of_a_run_read_alone(live_server):
+    run_id = _start(live_server, bundle_id="wait-key", session_id="shape")
+    _wait_status(live_server, run_id, "waiting")
+    live_server.post(f"{API}/commands", {"command_id": "shape-pause", "run_id": run_id, "type": "pause",
+                                         "payload": {"reason": "lunch"}})
+    alone = wait_for(lambda: (d := live_server.get(f"{API}/runs/{run_id}")[2])["paused"] and d)
+    listed = live_server.get(f"{API}/runs?session_id=shape&include_ledger_len=false")[2]["items"]
+    assert listed == [alone] and alone["pause_reason"] == "lunch" and alone["current_node"]
+
+
 def test_start_errors(live_server):
     status, _, data = live_server.post(f"{API}/runs/start", {})
     assert status == 400 and _is_error(data, "flow_id_required")

@@ -470,9 +470,9 @@ def test_commands_lock_children_that_appear_while_waiting_for_locks(gateway, mon
         calls.append(1)
         return ["parent"] if len(calls) == 1 else ["parent", "child"]
 
-    monkeypatch.setattr(gateway, "_command_targets", growing)
+    monkeypatch.setattr(gateway.inbox, "_command_targets", growing)
     record = gw.CommandRecord(command_id="x", run_id="parent", type="cancel", payload={}, ts="", seq=1)
-    with gateway._targets_locked([record]) as targets:
+    with gateway.inbox._targets_locked([record]) as targets:
         assert targets == {1: ["parent", "child"]}
 
 
