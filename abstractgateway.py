@@ -2568,30 +2568,32 @@ _SAFE_ID = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz012345
 
 
 class GatewayError(Exception):
-    """A request the gateway refuses: carries the HTTP status and a machine-readable code."""
+    """A request the gateway refuses, with a machine-readable `code`.
 
-    status = 400
+    No HTTP status here: the HTTP section maps codes (and these classes) to statuses (`error_status`).
+    """
+
     code = "bad_request"
 
-    def __init__(self, detail: str, *, status: Optional[int] = None, code: Optional[str] = None) -> None:
+    def __init__(self, detail: str, *, code: Optional[str] = None) -> None:
         super().__init__(detail)
         self.detail = detail
-        if status is not None:
-            self.status = status
         if code is not None:
             self.code = code
 
 
 class NotFound(GatewayError):
-    status, code = 404, "not_found"
+    code = "not_found"
 
 
 class Conflict(GatewayError):
-    status, code = 409, "conflict"
+    code = "conflict"
 
 
 class Unprocessable(GatewayError):
-    status, code = 422, "invalid"
+    """Well-formed but unusable input (a value out of range, a missing extra or setting)."""
+
+    code = "invalid"
 
 
 def llm_integration_available() -> bool:
@@ -4163,7 +4165,7 @@ class Gateway:
             return self.llm.generate(provider=provider, model=model, system_prompt=system_prompt, messages=messages)
         except Exception as exc:  # noqa: BLE001 - any provider failure is the provider's, reported as such
             raise GatewayError(f"The model did not answer ({provider}/{model}): {type(exc).__name__}: {exc}",
-                               status=502, code="llm_failed") from None
+                               code="llm_failed") from None
 
     def summarize_run(self, run_id: str, *, provider: Optional[str] = None, model: Optional[str] = None,
                       include_subruns: bool = True) -> Dict[str, Any]:
@@ -4755,28 +4757,28 @@ class Workspace:
             raise GatewayError("path must be valid UTF-8 text without NUL characters", code="invalid_path")
         if not self.mounts:
             raise GatewayError("No workspace mounts are configured on this gateway (ABSTRACTGATEWAY_WORKSPACE_MOUNTS)",
-                               status=403, code="workspace_not_configured")
+                               code="workspace_not_configured")
         text = text.replace("\\", "/")
         try:
             if text.startswith("/"):
                 real = Path(os.path.realpath(text))
                 inside = [(name, root) for name, root in self.mounts.items() if _is_within(real, root)]
                 if not inside:
-                    raise GatewayError("path is outside workspace roots", status=403, code="path_outside_workspace")
+                    raise GatewayError("path is outside workspace roots", code="path_outside_workspace")
                 name, root = max(inside, key=lambda item: len(str(item[1])))
             else:
                 parts = [p for p in text.split("/") if p not in ("", ".")]
                 if ".." in parts:
-                    raise GatewayError("path escapes workspace root", status=403, code="path_escape")
+                    raise GatewayError("path escapes workspace root", code="path_escape")
                 name = parts[0] if parts else ""
                 if name not in self.mounts:
                     raise GatewayError("path must start with a workspace mount name"
                                        f" ({', '.join(sorted(self.mounts))})",
-                                       status=403, code="path_outside_workspace")
+                                       code="path_outside_workspace")
                 root = self.mounts[name]
                 real = Path(os.path.realpath(root.joinpath(*parts[1:])))
                 if not _is_within(real, root):  # a symlink pointing out of the mount
-                    raise GatewayError("path escapes workspace root", status=403, code="path_escape")
+                    raise GatewayError("path escapes workspace root", code="path_escape")
         except (OSError, ValueError):
             raise GatewayError("invalid path", code="invalid_path") from None
         rel = real.relative_to(root).as_posix()
@@ -5021,8 +5023,7 @@ def file_report(stores: Stores, report_type: str, body: Dict[str, Any]) -> Dict[
     if not description.strip():
         raise GatewayError("description is required", code="validation_error")
     if len(description) > REPORT_MAX_DESCRIPTION:
-        raise GatewayError(f"description is too large (max {REPORT_MAX_DESCRIPTION:,} chars)", status=413,
-                           code="too_large")
+        raise GatewayError(f"description is too large (max {REPORT_MAX_DESCRIPTION:,} chars)", code="too_large")
     fields = {name: str(body.get(name) or "").strip() for name in REPORT_FIELDS}
     context = body.get("context") if isinstance(body.get("context"), dict) else {}
     created_at = utc_now_iso()
@@ -5558,7 +5559,7 @@ def _finite_float(text: str) -> float:
 class InvalidText(GatewayError):
     """Text that cannot be stored: invalid UTF-8 or a lone surrogate (e.g. a JSON `\\ud800` escape)."""
 
-    status, code = 422, "invalid_text"
+    code = "invalid_text"
 
 
 def _unencodable_path(value: Any) -> Optional[str]:
@@ -5652,8 +5653,22 @@ def error_response(status: int, code: str, detail: str, headers: Optional[Dict[s
     return json_response({"detail": _safe_text(detail), "code": code, **extra}, status, headers)
 
 
-# What a storage failure answers: busy and I/O trouble may pass (503), a full disk needs the operator (507).
-STORAGE_ERROR_STATUS = {"database_busy": 503, "disk_full": 507, "storage_error": 503}
+# The HTTP status of each error the sections below HTTP raise, which carry a code only: by code first,
+# then by the error's class. Storage: busy and I/O trouble may pass (503), a full disk needs the operator (507).
+ERROR_STATUS = {
+    "database_busy": 503, "disk_full": 507, "storage_error": 503,
+    "workspace_not_configured": 403, "path_outside_workspace": 403, "path_escape": 403, "permission_denied": 403,
+    "request_timeout": 408, "too_large": 413, "invalid_text": 422, "streams_unsupported": 501, "llm_failed": 502,
+}
+_CLASS_STATUS = ((NotFound, 404), (Conflict, 409), (Unprocessable, 422), (GatewayError, 400), (StorageError, 503))
+
+
+def error_status(exc: GatewayError | StorageError) -> int:
+    """The HTTP status that answers `exc`."""
+    status = ERROR_STATUS.get(exc.code)
+    if status is None:
+        status = next(code for cls, code in _CLASS_STATUS if isinstance(exc, cls))
+    return status
 
 
 class GatewayApp:
@@ -5694,10 +5709,10 @@ class GatewayApp:
             response = getattr(self, endpoint)(request, *args.values(), **query,
                                                **({"body": body} if route.body else {}))
         except GatewayError as exc:
-            response = error_response(exc.status, exc.code, exc.detail)
+            response = error_response(error_status(exc), exc.code, exc.detail)
         except (StorageError, *_STORAGE_FAILURES) as exc:  # a passing condition of the disk, not a bug
             err = storage_error(exc)
-            response = error_response(STORAGE_ERROR_STATUS.get(err.code, 503), err.code, err.detail)
+            response = error_response(error_status(err), err.code, err.detail)
             if err.retry_after_s:
                 response.headers["Retry-After"] = str(err.retry_after_s)
         except HTTPException as exc:
@@ -5877,14 +5892,14 @@ class GatewayApp:
         cap = self.gateway.config.max_bundle_bytes
         if request.content_length is not None and request.content_length > cap + MULTIPART_OVERHEAD:
             raise GatewayError(f"Bundle too large ({request.content_length} bytes > {cap} bytes)",
-                               status=413, code="too_large")
+                               code="too_large")
         request.max_content_length = cap + MULTIPART_OVERHEAD
         upload = request.files.get("file")
         if upload is None:
             raise Unprocessable("Field 'file' is required (multipart/form-data)", code="validation_error")
         content = upload.read(cap + 1)
         if len(content) > cap:
-            raise GatewayError(f"Bundle too large (> {cap} bytes)", status=413, code="too_large")
+            raise GatewayError(f"Bundle too large (> {cap} bytes)", code="too_large")
         flags = {name: _parse_param(Param(name, "bool", default), request.form.get(name))
                  for name, default in (("overwrite", False), ("reload", True))}
         bundle = host.install(content, overwrite=flags["overwrite"])
@@ -6177,7 +6192,7 @@ class GatewayApp:
             if not 0 <= after <= MAX_CURSOR:
                 raise Unprocessable("Last-Event-ID must be an integer cursor", code="validation_error")
         if not request.environ.get("abstractgateway.streams"):
-            raise GatewayError("SSE needs the gateway's own server (`abstractgateway serve`)", status=501,
+            raise GatewayError("SSE needs the gateway's own server (`abstractgateway serve`)",
                                code="streams_unsupported")
         # The server hands the connection to its stream writer once the middlewares let this 200 through.
         request.environ["abstractgateway.sse"] = LedgerStream(self.gateway, run_id, after, heartbeat_s, self)
@@ -6242,7 +6257,7 @@ class GatewayApp:
         cap = self.gateway.config.max_attachment_bytes
         if request.content_length is not None and request.content_length > cap + MULTIPART_OVERHEAD:
             raise GatewayError(f"Attachment too large ({request.content_length} bytes > {cap} bytes)",
-                               status=413, code="too_large")
+                               code="too_large")
         request.max_content_length = cap + MULTIPART_OVERHEAD  # also bounds chunked bodies, while parsing
         upload = request.files.get("file")
         if upload is None:
@@ -6254,7 +6269,7 @@ class GatewayApp:
             raise GatewayError("session_id is required", code="validation_error")
         content = upload.read(cap + 1)
         if len(content) > cap:
-            raise GatewayError(f"Attachment too large (more than {cap} bytes)", status=413, code="too_large")
+            raise GatewayError(f"Attachment too large (more than {cap} bytes)", code="too_large")
         filename = (request.form.get("filename") or "").strip() or (upload.filename or "").strip() or "upload.bin"
         content_type = (request.form.get("content_type") or "").strip() or (upload.mimetype or "")
         return json_response(store_attachment(
@@ -6274,13 +6289,13 @@ class GatewayApp:
         try:
             size = real.stat().st_size
             if size > cap:
-                raise GatewayError(f"Attachment too large ({size} bytes > {cap} bytes)", status=413, code="too_large")
+                raise GatewayError(f"Attachment too large ({size} bytes > {cap} bytes)", code="too_large")
             with open(real, "rb") as fh:
                 content = fh.read(cap + 1)
         except PermissionError:
-            raise GatewayError(f"Permission denied reading '{name}'", status=403, code="permission_denied") from None
+            raise GatewayError(f"Permission denied reading '{name}'", code="permission_denied") from None
         if len(content) > cap:  # it grew since the stat
-            raise GatewayError(f"Attachment too large (more than {cap} bytes)", status=413, code="too_large")
+            raise GatewayError(f"Attachment too large (more than {cap} bytes)", code="too_large")
         filename = str(body.get("filename") or "").strip() or real.name
         return json_response(store_attachment(
             self.gateway.stores, session_id=session_id, content=content, filename=filename,
@@ -6716,11 +6731,11 @@ _HEX_DIGITS = frozenset("0123456789abcdefABCDEF")
 
 
 class BadRequestBody(GatewayError):
-    status, code = 400, "bad_request_body"
+    code = "bad_request_body"
 
 
 class RequestTimeout(GatewayError):
-    status, code = 408, "request_timeout"
+    code = "request_timeout"
 
 
 class _Connection:

@@ -64,6 +64,17 @@ def test_route_table_and_openapi_agree(live_server):
     assert documented == dispatched
 
 
+def test_errors_below_http_carry_a_code_and_the_http_section_picks_the_status():
+    assert not hasattr(gw.GatewayError("x"), "status")
+    cases = [(gw.GatewayError("x", code="validation_error"), 400),
+             (gw.Unprocessable("x", code="validation_error"), 422), (gw.NotFound("x", code="run_not_found"), 404),
+             (gw.Conflict("x", code="not_waiting"), 409),
+             (gw.GatewayError("x", code="path_escape"), 403), (gw.GatewayError("x", code="too_large"), 413),
+             (gw.GatewayError("x", code="llm_failed"), 502), (gw.DiskFull("x"), 507), (gw.DatabaseBusy("x"), 503),
+             (gw.StorageError("x"), 503), (gw.RequestTimeout("x"), 408), (gw.InvalidText("x"), 422)]
+    assert [gw.error_status(exc) for exc, _ in cases] == [status for _, status in cases]
+
+
 def test_unknown_paths_and_methods_use_the_error_shape(live_server):
     status, _, data = live_server.get(f"{API}/nope")
     assert status == 404 and _is_error(data, "not_found")

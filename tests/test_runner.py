@@ -369,7 +369,7 @@ def test_schedule_isolated_sessions_and_validation(fast_gateway):
     for kwargs in bad:
         with pytest.raises(gw.GatewayError) as info:
             gateway.schedule_run(bundle_id="echo", flow_id="echo", **kwargs)
-        assert info.value.status == 400, kwargs
+        assert gw.error_status(info.value) == 400, kwargs
     with pytest.raises(gw.NotFound):
         gateway.schedule_run(bundle_id="echo", flow_id="missing")
     with pytest.raises(gw.GatewayError):
