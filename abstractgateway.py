@@ -13,9 +13,10 @@ Contents, in dependency order (each section uses only what stands above it):
 3. Workflows   -- `read_bundle` (hostile-input-safe .flow parsing), `WorkflowHost` (load, compile,
                   resolve, deprecate; also the runtime's workflow registry), `LLMEffects` (LLM,
                   agent and tool effects wired from abstractruntime's AbstractCore integration, the
-                  `llm` extra) and provider discovery.
-4. Runner      -- `Gateway` (start runs, durable commands applied exactly once, ticks, subflow
-                  parents) and `Runner` (lease-held thread pool woken by commits); the services
+                  `llm` extra), schedules (definition, update, wrapper workflow) and provider discovery.
+4. Runner      -- `Gateway` (start runs, ticks, subflow parents), `CommandInbox` (durable commands
+                  applied exactly once, in batches) and `Runner` (lease-held thread pool woken by
+                  commits); the services
                   thin clients call: `Workspace` (confined file reads), session attachments, the
                   reports inbox, `KnowledgeGraph` (AbstractMemory's triple store).
 5. HTTP        -- `ROUTES` (drives dispatch and `openapi_document()`), `GatewayApp` (WSGI),
@@ -33,6 +34,7 @@ The DDL lives in `schema.sql` beside this file (forward-only migrations keyed by
 from __future__ import annotations
 
 import argparse
+import base64
 import errno
 import functools
 import hashlib
@@ -46,11 +48,14 @@ import threading
 import time
 import uuid
 import weakref
+import zlib
 from contextlib import contextmanager
 import dataclasses
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
+from http import HTTPStatus
 from pathlib import Path
+from urllib.parse import unquote_to_bytes
 from typing import TYPE_CHECKING, Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, TypeVar
 
 import apsw
@@ -73,6 +78,7 @@ from abstractruntime.storage.commands import (
 )
 from abstractruntime.storage.json_files import JsonFileRunStore, JsonlLedgerStore
 from abstractruntime.storage.sqlite import _runstate_from_dict as run_from_dict
+from abstractruntime.workflow_bundle.registry import _pick_latest_version
 
 __version__ = "0.1.0"
 
@@ -118,128 +124,139 @@ def _default_data_dir(_values: Dict[str, Any]) -> Path:
 
 
 SETTINGS: Tuple[Setting, ...] = (
-    Setting("data_dir", "ABSTRACTGATEWAY_DATA_DIR", "path", _default_data_dir,
-            "Directory for the database, uploaded flows and run workspaces.", "--data-dir",
+    Setting(name="data_dir", env="ABSTRACTGATEWAY_DATA_DIR", flag="--data-dir", kind="path", default=_default_data_dir,
+            help="Directory for the database, uploaded flows and run workspaces.",
             default_doc="the platform's user data dir (e.g. ~/.local/share/abstractgateway)"),
-    Setting("db_path", "ABSTRACTGATEWAY_DB_PATH", "path", lambda v: v["data_dir"] / "gateway.sqlite3",
-            "The SQLite file that holds all durable state.", "--db-path", default_doc="<data dir>/gateway.sqlite3"),
-    Setting("store_backend", "ABSTRACTGATEWAY_STORE_BACKEND", "choice", "sqlite",
-            "Where runs, ledgers, commands and artifacts live: `sqlite` (one file) or `file` "
-            "(the upstream JSON/JSONL layout under the data dir).", "--store-backend", ("sqlite", "file")),
-    Setting("synchronous", "ABSTRACTGATEWAY_SQLITE_SYNCHRONOUS", "choice", "FULL",
-            "SQLite durability: FULL survives power loss for every acknowledged write; NORMAL is faster "
-            "but may lose the last commits on power loss (never corrupts).", "--synchronous", ("FULL", "NORMAL")),
-    Setting("busy_timeout_s", "ABSTRACTGATEWAY_SQLITE_BUSY_TIMEOUT_S", "float", 5.0,
-            "How long a write waits for another writer (e.g. a stalled process) before it is answered 503 "
-            "`database_busy`.", None, (), 0.05),
-    Setting("flows_dir", "ABSTRACTGATEWAY_FLOWS_DIR", "path", lambda v: v["data_dir"] / "flows",
-            "A directory of `.flow` bundles (or one `.flow` file) loaded next to the uploaded ones.", "--flows-dir",
+    Setting(name="db_path", env="ABSTRACTGATEWAY_DB_PATH", flag="--db-path", kind="path",
+            default=lambda v: v["data_dir"] / "gateway.sqlite3", help="The SQLite file that holds all durable state.",
+            default_doc="<data dir>/gateway.sqlite3"),
+    Setting(name="store_backend", env="ABSTRACTGATEWAY_STORE_BACKEND", flag="--store-backend", kind="choice",
+            default="sqlite", choices=("sqlite", "file"),
+            help="Where runs, ledgers, commands and artifacts live: `sqlite` (one file) or `file` "
+                 "(the upstream JSON/JSONL layout under the data dir)."),
+    Setting(name="synchronous", env="ABSTRACTGATEWAY_SQLITE_SYNCHRONOUS", flag="--synchronous", kind="choice",
+            default="FULL", choices=("FULL", "NORMAL"),
+            help="SQLite durability: FULL survives power loss for every acknowledged write; NORMAL is faster "
+                 "but may lose the last commits on power loss (never corrupts)."),
+    Setting(name="busy_timeout_s", env="ABSTRACTGATEWAY_SQLITE_BUSY_TIMEOUT_S", kind="float", default=5.0, minimum=0.05,
+            help="How long a write waits for another writer (e.g. a stalled process) before it is answered 503 "
+                 "`database_busy`."),
+    Setting(name="flows_dir", env="ABSTRACTGATEWAY_FLOWS_DIR", flag="--flows-dir", kind="path",
+            default=lambda v: v["data_dir"] / "flows",
+            help="A directory of `.flow` bundles (or one `.flow` file) loaded next to the uploaded ones.",
             default_doc="<data dir>/flows"),
-    Setting("workflow_source", "ABSTRACTGATEWAY_WORKFLOW_SOURCE", "choice", "bundle",
-            "`bundle` (.flow bundles) or `visualflow` (a flows dir of VisualFlow `*.json`).", "--workflow-source",
-            ("bundle", "visualflow")),
-    Setting("runner", "ABSTRACTGATEWAY_RUNNER", "bool", True,
-            "Run the runner (command application and ticks) inside `serve`.", None),
-    Setting("poll_s", "ABSTRACTGATEWAY_POLL_S", "float", 0.25,
-            "Fallback poll interval for work written by another process (in-process work wakes the runner at once).",
-            "--poll-s", (), 0.001),
-    Setting("tick_workers", "ABSTRACTGATEWAY_TICK_WORKERS", "int", 4, "Runner threads that tick runs.",
-            "--tick-workers"),
-    Setting("tick_max_steps", "ABSTRACTGATEWAY_TICK_MAX_STEPS", "int", 100, "Nodes executed per tick.", None),
-    Setting("command_batch_limit", "ABSTRACTGATEWAY_COMMAND_BATCH_LIMIT", "int", 200,
-            "Commands applied per runner iteration.", None),
-    Setting("run_scan_limit", "ABSTRACTGATEWAY_RUN_SCAN_LIMIT", "int", 200,
-            "Runs considered for ticking per runner iteration.", None),
-    Setting("schedule_min_interval_s", "ABSTRACTGATEWAY_SCHEDULE_MIN_INTERVAL_S", "float", 1.0,
-            "Shortest interval a schedule may repeat at (a shorter one is refused with 422, so one schedule "
-            "cannot flood the gateway with child runs).", None, (), 0.001),
-    Setting("provider", "ABSTRACTGATEWAY_PROVIDER", "str", "",
-            "Default LLM provider (e.g. `openai`, `lmstudio`, `ollama`) for LLM and agent nodes that pin none. "
-            "Unset: inferred from the loaded flows' pinned nodes. Base URLs and keys come from each provider's own "
-            "env vars (OPENAI_BASE_URL, OPENAI_API_KEY, LMSTUDIO_BASE_URL, OLLAMA_BASE_URL, ...).", "--provider"),
-    Setting("model", "ABSTRACTGATEWAY_MODEL", "str", "",
-            "Default model for LLM and agent nodes that pin none (with ABSTRACTGATEWAY_PROVIDER).", "--model"),
-    Setting("llm_concurrency", "ABSTRACTGATEWAY_LLM_CONCURRENCY", "int", 128,
-            "Model calls in flight at once across all runs (1 for a single local model on a small machine).",
-            "--llm-concurrency"),
-    Setting("tool_mode", "ABSTRACTGATEWAY_TOOL_MODE", "choice", "passthrough",
-            "`passthrough`: a tool call becomes a durable approval wait a client answers; `local`: the gateway runs "
-            "the runtime's default tools itself (shell, files, web: DANGEROUS, see docs/security.md).", "--tool-mode",
-            ("passthrough", "local")),
-    Setting("allow_local_tools_on_network", "ABSTRACTGATEWAY_ALLOW_LOCAL_TOOLS_ON_NETWORK", "bool", False,
-            "Let `serve` bind a non-loopback address with ABSTRACTGATEWAY_TOOL_MODE=local (refused otherwise).", None),
-    Setting("host", "ABSTRACTGATEWAY_HOST", "str", "127.0.0.1", "Address `serve` binds to.", "--host"),
-    Setting("port", "ABSTRACTGATEWAY_PORT", "int", 8080, "Port `serve` listens on (0 picks a free one).", "--port",
-            (), 0),
-    Setting("console", "ABSTRACTGATEWAY_CONSOLE", "bool", True,
-            "Serve the operator console (a web page driving the API with the bearer token) at `/` and `/console`; "
-            "0 turns it off (404).", None),
-    Setting("security", "ABSTRACTGATEWAY_SECURITY", "bool", True,
-            "Enable the security middleware on /api/gateway/* (auth, origins, limits, lockout, audit).", None),
-    Setting("auth_token", "ABSTRACTGATEWAY_AUTH_TOKEN", "str", "",
-            "Bearer token(s), comma-separated. Unset: a strong token is generated on first `serve` and kept in the "
-            "database (`abstractgateway token show`).", None),
-    Setting("auth_tokens", "ABSTRACTGATEWAY_AUTH_TOKENS", "str", "", "More bearer tokens, comma-separated.", None),
-    Setting("protect_read", "ABSTRACTGATEWAY_PROTECT_READ", "bool", True, "Require the token for GET/HEAD.", None),
-    Setting("protect_write", "ABSTRACTGATEWAY_PROTECT_WRITE", "bool", True, "Require the token for writes.", None),
-    Setting("dev_read_no_auth", "ABSTRACTGATEWAY_DEV_READ_NO_AUTH", "bool", False,
-            "Let loopback clients read without a token (development only).", None),
-    Setting("allowed_origins", "ABSTRACTGATEWAY_ALLOWED_ORIGINS", "str", "http://localhost:*,http://127.0.0.1:*",
-            "Browser origins allowed (comma-separated; `*`, `?`, `[` are glob patterns; `*` alone allows all).", None),
-    Setting("max_body_bytes", "ABSTRACTGATEWAY_MAX_BODY_BYTES", "int", 256_000,
-            "Cap on a write request's body (413 above it).", None),
-    Setting("max_upload_body_bytes", "ABSTRACTGATEWAY_MAX_UPLOAD_BODY_BYTES", "int", 0,
-            "Extra cap on upload bodies (0: the endpoint cap plus 2 MiB of multipart overhead).", None, (), 0),
-    Setting("max_attachment_bytes", "ABSTRACTGATEWAY_MAX_ATTACHMENT_BYTES", "int", 26_214_400,
-            "Largest attachment (upload or workspace ingest), in bytes; upload bodies may add 2 MiB of multipart.",
-            None),
-    Setting("workspace_mounts", "ABSTRACTGATEWAY_WORKSPACE_MOUNTS", "mounts", "",
-            "Directories the files routes and attachment ingest may read, as `name=/abs/dir` entries separated by "
-            "newlines or `;` (names `[A-Za-z0-9_-]`, at most 32 chars). None by default: those routes are refused.",
-            None),
-    Setting("max_bundle_bytes", "ABSTRACTGATEWAY_MAX_BUNDLE_BYTES", "int", 78_643_200,
-            "Cap on an uploaded `.flow` bundle.", None),
-    Setting("max_concurrency", "ABSTRACTGATEWAY_MAX_CONCURRENCY", "int", 64,
-            "Concurrent non-SSE API requests (429 above it).", None),
-    Setting("max_sse", "ABSTRACTGATEWAY_MAX_SSE", "int", 32, "Concurrent SSE streams (429 above it).", None),
-    Setting("lockout_after", "ABSTRACTGATEWAY_LOCKOUT_AFTER", "int", 5, "Auth failures before an IP is locked out.",
-            None),
-    Setting("lockout_base_s", "ABSTRACTGATEWAY_LOCKOUT_BASE_S", "float", 1.0,
-            "First lockout length; doubles with each further failure.", None, (), 0),
-    Setting("lockout_max_s", "ABSTRACTGATEWAY_LOCKOUT_MAX_S", "float", 60.0, "Longest lockout (0: uncapped).", None, (),
-            0),
-    Setting("lockout_decay_s", "ABSTRACTGATEWAY_LOCKOUT_DECAY_S", "float", 900.0,
-            "Half-life of an IP's failure count, so old mistakes fade.", None),
-    Setting("trust_proxy", "ABSTRACTGATEWAY_TRUST_PROXY", "bool", False,
-            "Take the client IP from X-Forwarded-For (only behind a proxy that overwrites it).", None),
-    Setting("audit_log", "ABSTRACTGATEWAY_AUDIT_LOG", "bool", True, "Record every write request in the audit log.",
-            None),
-    Setting("audit_log_max_bytes", "ABSTRACTGATEWAY_AUDIT_LOG_MAX_BYTES", "int", 52_428_800,
-            "Audit log size per generation (0: unbounded).", None, (), 0),
-    Setting("audit_log_rotations", "ABSTRACTGATEWAY_AUDIT_LOG_ROTATIONS", "int", 10,
-            "Older generations kept: the log holds about max_bytes x (rotations + 1).", None, (), 0),
-    Setting("audit_log_headers", "ABSTRACTGATEWAY_AUDIT_LOG_HEADERS", "str",
-            "x-client-id,x-client-version,x-forwarded-for",
-            "Request headers copied into audit rows (comma-separated, never Authorization).", None),
-    Setting("request_timeout_s", "ABSTRACTGATEWAY_REQUEST_TIMEOUT_S", "float", 15.0,
-            "A request's headers must arrive within this long of its first byte, and its body must not stall "
-            "this long (408); an SSE client that reads nothing this long while data waits is dropped.",
-            None, (), 0.1),
-    Setting("max_threads", "ABSTRACTGATEWAY_MAX_THREADS", "int", 256,
-            "Requests in progress at once (headers being read or being served); more get an immediate 503. "
-            "Idle connections do not count.", None),
-    Setting("idle_timeout_s", "ABSTRACTGATEWAY_IDLE_TIMEOUT_S", "float", 5.0,
-            "A connection with no request in progress (new, or kept alive after one) is closed after this long.",
-            None, (), 0.1),
-    Setting("http_workers", "ABSTRACTGATEWAY_HTTP_WORKERS", "int", 8,
-            "Worker threads that serve requests (long-lived, each with a warm database connection).", None),
-    Setting("max_connections", "ABSTRACTGATEWAY_MAX_CONNECTIONS", "int", 4096,
-            "Open connections (SSE streams aside); when full, the longest-idle one is closed to admit a new "
-            "client (503 only when none is idle).", None),
-    Setting("sse_max_buffer_bytes", "ABSTRACTGATEWAY_SSE_MAX_BUFFER_BYTES", "int", 1_048_576,
-            "Unsent bytes an SSE stream may hold before it gets no more records until its client reads.", None),
-    Setting("lease_ttl_s", "ABSTRACTGATEWAY_RUNNER_LEASE_TTL_S", "float", 5.0,
-            "Seconds before a silent runner's lease expires and another runner takes over.", None, (), 0.1),
+    Setting(name="workflow_source", env="ABSTRACTGATEWAY_WORKFLOW_SOURCE", flag="--workflow-source", kind="choice",
+            default="bundle", choices=("bundle", "visualflow"),
+            help="`bundle` (.flow bundles) or `visualflow` (a flows dir of VisualFlow `*.json`)."),
+    Setting(name="runner", env="ABSTRACTGATEWAY_RUNNER", kind="bool", default=True,
+            help="Run the runner (command application and ticks) inside `serve`."),
+    Setting(name="poll_s", env="ABSTRACTGATEWAY_POLL_S", flag="--poll-s", kind="float", default=0.25, minimum=0.001,
+            help="Fallback poll interval for work written by another process (in-process work wakes the runner at "
+                 "once)."),
+    Setting(name="tick_workers", env="ABSTRACTGATEWAY_TICK_WORKERS", flag="--tick-workers", kind="int", default=4,
+            help="Runner threads that tick runs."),
+    Setting(name="tick_max_steps", env="ABSTRACTGATEWAY_TICK_MAX_STEPS", kind="int", default=100,
+            help="Nodes executed per tick."),
+    Setting(name="command_batch_limit", env="ABSTRACTGATEWAY_COMMAND_BATCH_LIMIT", kind="int", default=200,
+            help="Commands applied per runner iteration."),
+    Setting(name="run_scan_limit", env="ABSTRACTGATEWAY_RUN_SCAN_LIMIT", kind="int", default=200,
+            help="Runs considered for ticking per runner iteration."),
+    Setting(name="schedule_min_interval_s", env="ABSTRACTGATEWAY_SCHEDULE_MIN_INTERVAL_S", kind="float", default=1.0,
+            minimum=0.001,
+            help="Shortest interval a schedule may repeat at (a shorter one is refused with 422, so one schedule "
+                 "cannot flood the gateway with child runs)."),
+    Setting(name="provider", env="ABSTRACTGATEWAY_PROVIDER", flag="--provider", kind="str", default="",
+            help="Default LLM provider (e.g. `openai`, `lmstudio`, `ollama`) for LLM and agent nodes that pin none. "
+                 "Unset: inferred from the loaded flows' pinned nodes. Base URLs and keys come from each provider's "
+                 "own env vars (OPENAI_BASE_URL, OPENAI_API_KEY, LMSTUDIO_BASE_URL, OLLAMA_BASE_URL, ...)."),
+    Setting(name="model", env="ABSTRACTGATEWAY_MODEL", flag="--model", kind="str", default="",
+            help="Default model for LLM and agent nodes that pin none (with ABSTRACTGATEWAY_PROVIDER)."),
+    Setting(name="llm_concurrency", env="ABSTRACTGATEWAY_LLM_CONCURRENCY", flag="--llm-concurrency", kind="int",
+            default=128,
+            help="Model calls in flight at once across all runs (1 for a single local model on a small machine)."),
+    Setting(name="tool_mode", env="ABSTRACTGATEWAY_TOOL_MODE", flag="--tool-mode", kind="choice", default="passthrough",
+            choices=("passthrough", "local"),
+            help="`passthrough`: a tool call becomes a durable approval wait a client answers; `local`: the gateway "
+                 "runs the runtime's default tools itself (shell, files, web: DANGEROUS, see docs/security.md)."),
+    Setting(name="allow_local_tools_on_network", env="ABSTRACTGATEWAY_ALLOW_LOCAL_TOOLS_ON_NETWORK", kind="bool",
+            default=False,
+            help="Let `serve` bind a non-loopback address with ABSTRACTGATEWAY_TOOL_MODE=local (refused otherwise)."),
+    Setting(name="host", env="ABSTRACTGATEWAY_HOST", flag="--host", kind="str", default="127.0.0.1",
+            help="Address `serve` binds to."),
+    Setting(name="port", env="ABSTRACTGATEWAY_PORT", flag="--port", kind="int", default=8080, minimum=0,
+            help="Port `serve` listens on (0 picks a free one)."),
+    Setting(name="console", env="ABSTRACTGATEWAY_CONSOLE", kind="bool", default=True,
+            help="Serve the operator console (a web page driving the API with the bearer token) at `/` and "
+                 "`/console`; 0 turns it off (404)."),
+    Setting(name="security", env="ABSTRACTGATEWAY_SECURITY", kind="bool", default=True,
+            help="Enable the security middleware on /api/gateway/* (auth, origins, limits, lockout, audit)."),
+    Setting(name="auth_token", env="ABSTRACTGATEWAY_AUTH_TOKEN", kind="str", default="",
+            help="Bearer token(s), comma-separated. Unset: a strong token is generated on first `serve` and kept in "
+                 "the database (`abstractgateway token show`)."),
+    Setting(name="auth_tokens", env="ABSTRACTGATEWAY_AUTH_TOKENS", kind="str", default="",
+            help="More bearer tokens, comma-separated."),
+    Setting(name="protect_read", env="ABSTRACTGATEWAY_PROTECT_READ", kind="bool", default=True,
+            help="Require the token for GET/HEAD."),
+    Setting(name="protect_write", env="ABSTRACTGATEWAY_PROTECT_WRITE", kind="bool", default=True,
+            help="Require the token for writes."),
+    Setting(name="dev_read_no_auth", env="ABSTRACTGATEWAY_DEV_READ_NO_AUTH", kind="bool", default=False,
+            help="Let loopback clients read without a token (development only)."),
+    Setting(name="allowed_origins", env="ABSTRACTGATEWAY_ALLOWED_ORIGINS", kind="str",
+            default="http://localhost:*,http://127.0.0.1:*",
+            help="Browser origins allowed (comma-separated; `*`, `?`, `[` are glob patterns; `*` alone allows all)."),
+    Setting(name="max_body_bytes", env="ABSTRACTGATEWAY_MAX_BODY_BYTES", kind="int", default=256_000,
+            help="Cap on a write request's body (413 above it)."),
+    Setting(name="max_upload_body_bytes", env="ABSTRACTGATEWAY_MAX_UPLOAD_BODY_BYTES", kind="int", default=0, minimum=0,
+            help="Extra cap on upload bodies (0: the endpoint cap plus 2 MiB of multipart overhead)."),
+    Setting(name="max_attachment_bytes", env="ABSTRACTGATEWAY_MAX_ATTACHMENT_BYTES", kind="int", default=26_214_400,
+            help="Largest attachment (upload or workspace ingest), in bytes; upload bodies may add 2 MiB of "
+                 "multipart."),
+    Setting(name="workspace_mounts", env="ABSTRACTGATEWAY_WORKSPACE_MOUNTS", kind="mounts", default="",
+            help="Directories the files routes and attachment ingest may read, as `name=/abs/dir` entries separated "
+                 "by newlines or `;` (names `[A-Za-z0-9_-]`, at most 32 chars). None by default: those routes are "
+                 "refused."),
+    Setting(name="max_bundle_bytes", env="ABSTRACTGATEWAY_MAX_BUNDLE_BYTES", kind="int", default=78_643_200,
+            help="Cap on an uploaded `.flow` bundle."),
+    Setting(name="max_concurrency", env="ABSTRACTGATEWAY_MAX_CONCURRENCY", kind="int", default=64,
+            help="Concurrent non-SSE API requests (429 above it)."),
+    Setting(name="max_sse", env="ABSTRACTGATEWAY_MAX_SSE", kind="int", default=32,
+            help="Concurrent SSE streams (429 above it)."),
+    Setting(name="lockout_after", env="ABSTRACTGATEWAY_LOCKOUT_AFTER", kind="int", default=5,
+            help="Auth failures before an IP is locked out."),
+    Setting(name="lockout_base_s", env="ABSTRACTGATEWAY_LOCKOUT_BASE_S", kind="float", default=1.0, minimum=0,
+            help="First lockout length; doubles with each further failure."),
+    Setting(name="lockout_max_s", env="ABSTRACTGATEWAY_LOCKOUT_MAX_S", kind="float", default=60.0, minimum=0,
+            help="Longest lockout (0: uncapped)."),
+    Setting(name="lockout_decay_s", env="ABSTRACTGATEWAY_LOCKOUT_DECAY_S", kind="float", default=900.0,
+            help="Half-life of an IP's failure count, so old mistakes fade."),
+    Setting(name="trust_proxy", env="ABSTRACTGATEWAY_TRUST_PROXY", kind="bool", default=False,
+            help="Take the client IP from X-Forwarded-For (only behind a proxy that overwrites it)."),
+    Setting(name="audit_log", env="ABSTRACTGATEWAY_AUDIT_LOG", kind="bool", default=True,
+            help="Record every write request in the audit log."),
+    Setting(name="audit_log_max_bytes", env="ABSTRACTGATEWAY_AUDIT_LOG_MAX_BYTES", kind="int", default=52_428_800,
+            minimum=0, help="Audit log size per generation (0: unbounded)."),
+    Setting(name="audit_log_rotations", env="ABSTRACTGATEWAY_AUDIT_LOG_ROTATIONS", kind="int", default=10, minimum=0,
+            help="Older generations kept: the log holds about max_bytes x (rotations + 1)."),
+    Setting(name="audit_log_headers", env="ABSTRACTGATEWAY_AUDIT_LOG_HEADERS", kind="str",
+            default="x-client-id,x-client-version,x-forwarded-for",
+            help="Request headers copied into audit rows (comma-separated, never Authorization)."),
+    Setting(name="request_timeout_s", env="ABSTRACTGATEWAY_REQUEST_TIMEOUT_S", kind="float", default=15.0, minimum=0.1,
+            help="A request's headers must arrive within this long of its first byte, and its body must not stall "
+                 "this long (408); an SSE client that reads nothing this long while data waits is dropped."),
+    Setting(name="max_threads", env="ABSTRACTGATEWAY_MAX_THREADS", kind="int", default=256,
+            help="Requests in progress at once (headers being read or being served); more get an immediate 503. "
+                 "Idle connections do not count."),
+    Setting(name="idle_timeout_s", env="ABSTRACTGATEWAY_IDLE_TIMEOUT_S", kind="float", default=5.0, minimum=0.1,
+            help="A connection with no request in progress (new, or kept alive after one) is closed after this long."),
+    Setting(name="http_workers", env="ABSTRACTGATEWAY_HTTP_WORKERS", kind="int", default=8,
+            help="Worker threads that serve requests (long-lived, each with a warm database connection)."),
+    Setting(name="max_connections", env="ABSTRACTGATEWAY_MAX_CONNECTIONS", kind="int", default=4096,
+            help="Open connections (SSE streams aside); when full, the longest-idle one is closed to admit a new "
+                 "client (503 only when none is idle)."),
+    Setting(name="sse_max_buffer_bytes", env="ABSTRACTGATEWAY_SSE_MAX_BUFFER_BYTES", kind="int", default=1_048_576,
+            help="Unsent bytes an SSE stream may hold before it gets no more records until its client reads."),
+    Setting(name="lease_ttl_s", env="ABSTRACTGATEWAY_RUNNER_LEASE_TTL_S", kind="float", default=5.0, minimum=0.1,
+            help="Seconds before a silent runner's lease expires and another runner takes over."),
 )
 
 
@@ -347,6 +364,14 @@ class Config:
                 raise ConfigError(f"{setting.env}: must be at least {setting.minimum:g}, got {raw!r}")
             sources[setting.name] = source
         return cls(values, sources)
+
+    def replace(self, **changes: Any) -> "Config":
+        """A copy with `changes` (setting name -> value, already parsed) applied."""
+        names = {setting.name for setting in SETTINGS}
+        unknown = sorted(set(changes) - names)
+        if unknown:
+            raise TypeError(f"not settings: {', '.join(unknown)}")
+        return Config({**{name: getattr(self, name) for name in names}, **changes}, self.sources)
 
 
 # =====================================================================================
@@ -2440,13 +2465,8 @@ class _FileLayoutReader:
     def _artifact_store(self) -> Optional[FileArtifactStore]:
         if not (self.base / "artifacts").is_dir():
             return None
-        # FileArtifactStore creates artifacts/blobs and artifacts/refs if missing; read legacy-only dirs as-is.
-        store = FileArtifactStore.__new__(FileArtifactStore)
-        store._base = self.base
-        store._artifacts_dir = self.base / "artifacts"
-        store._blobs_dir = store._artifacts_dir / "blobs"
-        store._refs_dir = store._artifacts_dir / "refs"
-        return store
+        # The store adds empty blobs/ and refs/ dirs to a layout that predates them (legacy v0) and reads both.
+        return FileArtifactStore(self.base)
 
     def artifact_ids(self) -> List[str]:
         root = self.base / "artifacts"
@@ -2685,7 +2705,6 @@ def read_bundle(content: bytes, origin: str) -> LoadedBundle:
     """
     import io
     import zipfile
-    import zlib
 
     if not content:
         raise GatewayError("Bundle content is empty", code="bundle_empty")
@@ -2811,22 +2830,11 @@ def _namespace_flow(flow: Dict[str, Any], bundle: LoadedBundle, flow_id: str,
     for node in flow.get("nodes") or []:
         data = node.get("data") if isinstance(node, dict) else None
         if isinstance(data, dict):
-            for key in ("subflowId", "flowId", "workflowId"):
+            for key in ("subflowId", "flowId", "workflowId", "workflow_id"):  # every key the executor reads
                 ref = data.get(key)
                 if isinstance(ref, str) and ref in local:
                     data[key] = workflow_id_for(bundle.bundle_id, bundle.bundle_version, ref)
     return flow
-
-
-def _version_key(bundle: LoadedBundle, all_numeric: bool) -> Tuple[Any, ...]:
-    if all_numeric:
-        return tuple(int(p) for p in bundle.bundle_version.split("."))
-    return (bundle.created_at, bundle.bundle_version)
-
-
-def _is_numeric_version(version: str) -> bool:
-    parts = version.split(".")
-    return all(p.isdigit() for p in parts)
 
 
 # -- schedules: a parent run that starts the target flow as child runs on a timetable --------------
@@ -3216,9 +3224,7 @@ class WorkflowHost:
         versions = self._catalog.bundles.get(bundle_id)
         if not versions:
             raise NotFound(f"Bundle '{bundle_id}' not found", code="bundle_not_found")
-        candidates = list(versions.values())
-        numeric = all(_is_numeric_version(b.bundle_version) for b in candidates)
-        return max(candidates, key=lambda b: _version_key(b, numeric))
+        return versions[_pick_latest_version(versions)]  # abstractruntime's bundle registry rule
 
     def bundle(self, bundle_id: str, version: Optional[str] = None) -> LoadedBundle:
         """Look up `bundle_id` (which may embed `@version`) at `version` or the latest."""
@@ -3867,14 +3873,12 @@ class CommandInbox:
         tree = [run for run in map(self.stores.runs.load, targets) if run is not None]  # locked, root first
         if not tree:
             raise NotFound(f"Run '{record.run_id}' not found", code="run_not_found")
-        if kind == "pause":
+        if kind == "pause":  # the runtime leaves finished and already-paused runs as they are
             for run in tree:
-                if _enum_value(run.status) not in TERMINAL_STATUSES:
-                    self.runtime.pause_run(run.run_id, reason=payload.get("reason"))
-        elif kind == "cancel":
+                self.runtime.pause_run(run.run_id, reason=payload.get("reason"))
+        elif kind == "cancel":  # ...and finished runs, here
             for run in tree:
-                if _enum_value(run.status) not in TERMINAL_STATUSES:
-                    self.runtime.cancel_run(run.run_id, reason=payload.get("reason") or "Cancelled")
+                self.runtime.cancel_run(run.run_id, reason=payload.get("reason") or "Cancelled")
         elif kind == "resume":
             self._resume(tree, payload)
         else:
@@ -3885,9 +3889,8 @@ class CommandInbox:
         if "payload" in payload:
             self._resume_waiting(tree[0], payload)
             return
-        for run in tree:
-            if _is_paused(run):
-                self.runtime.resume_run(run.run_id)
+        for run in tree:  # the runtime leaves finished and unpaused runs as they are
+            self.runtime.resume_run(run.run_id)
         fire_schedule_now(self.stores.runs, tree[0])
 
     def _run_compaction(self, record: CommandRecord) -> Tuple[StepWrites, str, RunState, str]:
@@ -4232,8 +4235,6 @@ class Gateway:
         A tick and a command on the same run never interleave, so a tick cannot overwrite the
         cancel or pause that was applied while it ran. Take these before any transaction.
         """
-        import zlib
-
         stripes = sorted({zlib.crc32(rid.encode()) % len(self._stripes) for rid in run_ids})
         for index in stripes:
             self._stripes[index].acquire()
@@ -5594,8 +5595,6 @@ def _check_request_text(environ: Dict[str, Any]) -> None:
     """Refuse a path or query string that is not valid UTF-8. Checked on the raw request target:
     werkzeug's server has already turned invalid bytes in PATH_INFO into U+FFFD, so the id a client
     sent and the one the gateway would store or report would silently differ."""
-    from urllib.parse import unquote_to_bytes
-
     target = environ.get("REQUEST_URI") or environ.get("RAW_URI")
     if target:
         raw = target.encode("latin-1", "replace")
@@ -5630,8 +5629,6 @@ class JsonResponse:
         self.headers = dict(headers or {})
 
     def __call__(self, environ: Dict[str, Any], start_response: Callable) -> Iterable[bytes]:
-        from http import HTTPStatus
-
         try:
             reason = HTTPStatus(self.status_code).phrase
         except ValueError:
@@ -6399,14 +6396,10 @@ def _start_pins(flow: Dict[str, Any]) -> List[Dict[str, Any]]:
 
 
 def _encode_cursor(updated_at: str, run_id: str) -> str:
-    import base64
-
     return base64.urlsafe_b64encode(f"{updated_at}\n{run_id}".encode()).decode().rstrip("=")
 
 
 def _decode_cursor(cursor: str) -> Tuple[str, str]:
-    import base64
-
     try:
         updated_at, run_id = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode().split("\n", 1)
     except (ValueError, UnicodeDecodeError):
@@ -8341,7 +8334,7 @@ def _config_from_args(args: argparse.Namespace) -> Config:
 
 def _cmd_migrate(args: argparse.Namespace) -> int:
     config = _config_from_args(args)
-    stores = open_stores(Config({**config.__dict__, "store_backend": "sqlite"}, config.sources))
+    stores = open_stores(config.replace(store_backend="sqlite"))
     try:
         report = migrate(args.source, stores, data_dir=config.data_dir, source_db=args.source_db)
     except (FileNotFoundError, ValueError) as exc:

@@ -11,6 +11,7 @@ import sys
 import urllib.request
 from pathlib import Path
 
+import pytest
 
 import abstractgateway as gw
 from conftest import TEST_BUNDLES, make_config, pack_bundle, wait_for
@@ -134,6 +135,15 @@ def test_docs_settings_table_matches_the_code():
     help_text = subprocess.run([sys.executable, "-m", "abstractgateway", "--help"], capture_output=True,
                                text=True).stdout
     assert all(s.env in help_text for s in gw.SETTINGS)
+
+
+def test_config_replace_changes_only_the_settings_it_names(data_dir):
+    config = make_config(data_dir, poll_s="0.5")
+    changed = config.replace(store_backend="file")
+    assert (changed.store_backend, config.store_backend) == ("file", "sqlite")
+    assert changed.poll_s == 0.5 and changed.data_dir == config.data_dir and changed.sources == config.sources
+    with pytest.raises(TypeError, match="no_such_setting"):
+        config.replace(no_such_setting=1)
 
 
 def test_doctor_reports_config_sources_and_problems(tmp_path):
