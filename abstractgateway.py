@@ -16,9 +16,9 @@ Contents, in dependency order (each section uses only what stands above it):
                   `llm` extra), schedules (definition, update, wrapper workflow) and provider discovery.
 4. Runner      -- `Gateway` (start runs, ticks, subflow parents), `CommandInbox` (durable commands
                   applied exactly once, in batches) and `Runner` (lease-held thread pool woken by
-                  commits); the services
-                  thin clients call: `Workspace` (confined file reads), session attachments, the
-                  reports inbox, `KnowledgeGraph` (AbstractMemory's triple store).
+                  commits); the services thin clients call: `Workspace` (confined file reads),
+                  session attachments, the reports inbox, `KnowledgeGraph` (AbstractMemory's
+                  triple store).
 5. HTTP        -- `ROUTES` (drives dispatch and `openapi_document()`), `GatewayApp` (WSGI),
                   `LedgerStream` (push-based SSE with resume), the offline `/docs` page, the operator
                   console (files beside this module, served with a strict CSP), `HttpServer`
