@@ -2958,10 +2958,10 @@ def update_schedule(stores: Stores, record: CommandRecord, min_interval_s: float
     stores.dynamic_flows.put(root.workflow_id, sched)
 
 
-def fire_schedule_now(runs: Any, run: RunState) -> None:
+def fire_schedule_now(runs: Any, run_id: str) -> None:
     """Resuming a recurrent schedule that waits for its next slot runs the next execution at once."""
+    run = runs.load(run_id)
     sched = schedule_of(run)
-    run = runs.load(run.run_id)
     if sched and sched.get("interval") and run.waiting is not None and _enum_value(run.waiting.reason) == "until":
         run.waiting.until = utc_now_iso()
         run.updated_at = utc_now_iso()
@@ -3765,11 +3765,12 @@ class CommandInbox:
         """Apply commands exactly once in one transaction; return how many (at least one).
 
         Each command's effect and outcome are written in a savepoint of their own: a failing command
-        rolls back only its own writes and is recorded as failed in the same transaction. Before each
-        command, inside the transaction, the lease is checked (`LeaseLost`: a runner that stalled past
-        its lease can never apply a command the new holder applies too) and a command that already
-        has an outcome is skipped. `LeaseLost` and storage errors roll the whole batch back: its
-        commands stay pending, not the commands' fault. The cursor advance commits with the batch.
+        rolls back only its own writes and is recorded as failed in the same transaction. A command
+        that already has an outcome is skipped. The lease is checked once, inside the transaction
+        (`LeaseLost`: a runner that stalled past its lease can never apply a command the new holder
+        applies too); that holds for the whole batch, as taking the lease over is a write, which
+        waits for this transaction to end. `LeaseLost` and storage errors roll the whole batch back:
+        its commands stay pending, not the commands' fault. The cursor advance commits with the batch.
 
         Locking: the per-run locks of every run the batch may change are taken first, all at once
         and in stripe order (`_targets_locked`), then the transaction (the database's write turn).
@@ -3781,11 +3782,11 @@ class CommandInbox:
         effect = effect or self._apply_effect
         applied = 0
         with self._targets_locked(batch) as targets, self.stores.db.transaction() as tx:
+            self.gateway.check_lease(lease)
             started, cursor = time.monotonic(), self.stores.cursor.load()
             for record in batch:
                 if applied and time.monotonic() - started >= COMMAND_BATCH_S:
                     break
-                self.gateway.check_lease(lease)
                 applied += 1
                 if self.stores.outcomes.exists(record.seq):
                     continue
@@ -3833,11 +3834,12 @@ class CommandInbox:
     def _targets_locked(self, records: Sequence[CommandRecord]) -> Iterator[Dict[int, List[str]]]:
         """Lock the runs the commands target; yield each command's targets (by seq), read under the locks.
 
-        They are re-read under the locks until the set is stable (a tick may have started a child
-        meanwhile: it must be locked too before it is changed).
+        The first guess is each command's own run; the targets are read under the locks taken so far
+        until no new one turns up (a tick may have started a child meanwhile: it must be locked too
+        before it is changed).
         """
         locked: set = set()
-        wanted = {record.seq: self._command_targets(record) for record in records}
+        wanted = {record.seq: [record.run_id] for record in records}
         while True:
             locked |= {run_id for ids in wanted.values() for run_id in ids}
             with self.gateway.runs_locked(locked):
@@ -3870,27 +3872,26 @@ class CommandInbox:
         if kind == "update_schedule":
             update_schedule(self.stores, record, self.config.schedule_min_interval_s)
             return
-        tree = [run for run in map(self.stores.runs.load, targets) if run is not None]  # locked, root first
-        if not tree:
+        if not targets:  # the run tree, root first (locked), is empty: the command's run does not exist
             raise NotFound(f"Run '{record.run_id}' not found", code="run_not_found")
         if kind == "pause":  # the runtime leaves finished and already-paused runs as they are
-            for run in tree:
-                self.runtime.pause_run(run.run_id, reason=payload.get("reason"))
+            for run_id in targets:
+                self.runtime.pause_run(run_id, reason=payload.get("reason"))
         elif kind == "cancel":  # ...and finished runs, here
-            for run in tree:
-                self.runtime.cancel_run(run.run_id, reason=payload.get("reason") or "Cancelled")
+            for run_id in targets:
+                self.runtime.cancel_run(run_id, reason=payload.get("reason") or "Cancelled")
         elif kind == "resume":
-            self._resume(tree, payload)
+            self._resume(targets, payload)
         else:
             raise GatewayError(f"Unknown command type '{record.type}'", code="invalid_command_type")
 
-    def _resume(self, tree: List[RunState], payload: Dict[str, Any]) -> None:
+    def _resume(self, tree: List[str], payload: Dict[str, Any]) -> None:
         """`resume` with a payload answers the root's wait; without one it unpauses the whole tree."""
         if "payload" in payload:
-            self._resume_waiting(tree[0], payload)
+            self._resume_waiting(self.runtime.get_state(tree[0]), payload)
             return
-        for run in tree:  # the runtime leaves finished and unpaused runs as they are
-            self.runtime.resume_run(run.run_id)
+        for run_id in tree:  # the runtime leaves finished and unpaused runs as they are
+            self.runtime.resume_run(run_id)
         fire_schedule_now(self.stores.runs, tree[0])
 
     def _run_compaction(self, record: CommandRecord) -> Tuple[StepWrites, str, RunState, str]:

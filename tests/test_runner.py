@@ -464,16 +464,19 @@ def _compact_memory_without_llm(gateway):
 
 
 def test_commands_lock_children_that_appear_while_waiting_for_locks(gateway, monkeypatch):
-    calls = []
+    locked = []
+    real_lock = gateway.runs_locked
 
-    def growing(record):
-        calls.append(1)
-        return ["parent"] if len(calls) == 1 else ["parent", "child"]
+    def recording(run_ids):
+        locked.append(sorted(run_ids))
+        return real_lock(run_ids)
 
-    monkeypatch.setattr(gateway.inbox, "_command_targets", growing)
+    monkeypatch.setattr(gateway, "runs_locked", recording)
+    monkeypatch.setattr(gateway.inbox, "_command_targets", lambda record: ["parent", "child"])  # a child appeared
     record = gw.CommandRecord(command_id="x", run_id="parent", type="cancel", payload={}, ts="", seq=1)
     with gateway.inbox._targets_locked([record]) as targets:
         assert targets == {1: ["parent", "child"]}
+    assert locked == [["parent"], ["child", "parent"]]  # read under the parent's lock, then both locked
 
 
 def test_a_runner_without_the_lease_applies_nothing_and_outcomes_are_never_doubled(gateway):
