@@ -3747,6 +3747,7 @@ class CommandInbox:
         per command (see `_apply_batch`). A `compact_memory` command waits on a model first, so it
         ends the batch before it and is applied in a batch of its own, its model call made outside
         any lock or transaction. With `lease`, commands are applied only while that lease is held.
+        No wake-up signal: the runner's loop looks for runnable runs right after calling this.
         """
         pending, _ = self.stores.commands.list_after(after=self.stores.cursor.load(),
                                                      limit=self.config.command_batch_limit)
@@ -3757,7 +3758,6 @@ class CommandInbox:
             else:
                 applied = self._apply_batch(list(itertools.takewhile(lambda r: not _is_compaction(r), pending)), lease)
             pending = pending[applied:]
-            self.gateway.wake_runner()
         return read
 
     def _apply_batch(self, batch: List[CommandRecord], lease: Optional[LeaseToken],
