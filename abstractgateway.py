@@ -14,11 +14,11 @@ Contents, in dependency order (each section uses only what stands above it):
                   resolve, deprecate; also the runtime's workflow registry), `LLMEffects` (LLM,
                   agent and tool effects wired from abstractruntime's AbstractCore integration, the
                   `llm` extra), schedules (definition, update, wrapper workflow) and provider discovery.
-4. Runner      -- `Gateway` (start runs, ticks, subflow parents), `CommandInbox` (durable commands
-                  applied exactly once, in batches) and `Runner` (lease-held thread pool woken by
-                  commits); the services thin clients call: `Workspace` (confined file reads),
-                  session attachments, the reports inbox, `KnowledgeGraph` (AbstractMemory's
-                  triple store).
+4. Runner      -- `Gateway` (start runs, ticks, subflow parents), `CommandInbox` (durable
+                  commands applied exactly once, in batches), `Runner` (lease-held thread
+                  pool woken by commits), and the services
+                  thin clients call: `Workspace` (confined file reads), session attachments, the
+                  reports inbox, `KnowledgeGraph` (AbstractMemory's triple store).
 5. HTTP        -- `ROUTES` (drives dispatch and `openapi_document()`), `GatewayApp` (WSGI),
                   `LedgerStream` (push-based SSE with resume), the offline `/docs` page, the operator
                   console (files beside this module, served with a strict CSP), `HttpServer`
@@ -46,6 +46,7 @@ import re
 import sys
 import threading
 import time
+import urllib.parse
 import uuid
 import weakref
 import zlib
@@ -55,7 +56,6 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from http import HTTPStatus
 from pathlib import Path
-from urllib.parse import unquote_to_bytes
 from typing import TYPE_CHECKING, Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, TypeVar
 
 import apsw
@@ -3702,6 +3702,22 @@ class TripleStoreHandle:
                                             EffectType.MEMORY_KG_RESOLVE)}
 
 
+# A batch of commands holds the database's write turn at most about this long (see `_apply_batch`).
+COMMAND_BATCH_S = 0.05
+
+
+def _is_compaction(record: CommandRecord) -> bool:
+    return record.type.lower() == "compact_memory"
+
+
+def _command_failure(record: CommandRecord, exc: Exception) -> str:
+    """The reason a command failed, as recorded in its outcome (an unexpected failure is also logged)."""
+    reason = exc.detail if isinstance(exc, GatewayError) else f"{type(exc).__name__}: {exc}"
+    if not isinstance(exc, (GatewayError, ValueError, KeyError)):
+        _log(f"command {record.command_id} ({record.type}) failed unexpectedly: {reason}")
+    return reason
+
+
 class CommandInbox:
     """The durable command inbox: commands appended by clients, applied exactly once by the runner.
 
@@ -4497,22 +4513,6 @@ def _check_tool_answer(run_id: str, details: Dict[str, Any], body: Dict[str, Any
         if answered and str(answered) not in pending:
             raise Conflict(f"Run '{run_id}' has no pending tool call '{answered}': that call was already answered",
                            code="tool_call_not_pending")
-
-
-# A batch of commands holds the database's write turn at most about this long (see `_apply_batch`).
-COMMAND_BATCH_S = 0.05
-
-
-def _is_compaction(record: CommandRecord) -> bool:
-    return record.type.lower() == "compact_memory"
-
-
-def _command_failure(record: CommandRecord, exc: Exception) -> str:
-    """The reason a command failed, as recorded in its outcome (an unexpected failure is also logged)."""
-    reason = exc.detail if isinstance(exc, GatewayError) else f"{type(exc).__name__}: {exc}"
-    if not isinstance(exc, (GatewayError, ValueError, KeyError)):
-        _log(f"command {record.command_id} ({record.type}) failed unexpectedly: {reason}")
-    return reason
 
 
 def _is_paused(run: RunState) -> bool:
@@ -5609,7 +5609,7 @@ def _check_request_text(environ: Dict[str, Any]) -> None:
         query = environ.get("QUERY_STRING", "").encode("latin-1", "replace")
     for name, data in (("path", path), ("query string", query.replace(b"+", b" "))):
         try:
-            unquote_to_bytes(data).decode("utf-8")
+            urllib.parse.unquote_to_bytes(data).decode("utf-8")
         except UnicodeError:
             raise InvalidText(f"The request {name} is not valid UTF-8 text") from None
 

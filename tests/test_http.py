@@ -64,6 +64,15 @@ def test_route_table_and_openapi_agree(live_server):
     assert documented == dispatched
 
 
+def test_unknown_paths_and_methods_use_the_error_shape(live_server):
+    status, _, data = live_server.get(f"{API}/nope")
+    assert status == 404 and _is_error(data, "not_found")
+    status, _, data = live_server.request("DELETE", f"{API}/runs/start")
+    assert status == 405 and _is_error(data, "method_not_allowed")
+    status, _, data = live_server.get("/api/gatewayX/bundles")
+    assert status == 404 and _is_error(data)
+
+
 def test_errors_below_http_carry_a_code_and_the_http_section_picks_the_status():
     assert not hasattr(gw.GatewayError("x"), "status")
     cases = [(gw.GatewayError("x", code="validation_error"), 400),
@@ -73,15 +82,6 @@ def test_errors_below_http_carry_a_code_and_the_http_section_picks_the_status():
              (gw.GatewayError("x", code="llm_failed"), 502), (gw.DiskFull("x"), 507), (gw.DatabaseBusy("x"), 503),
              (gw.StorageError("x"), 503), (gw.RequestTimeout("x"), 408), (gw.InvalidText("x"), 422)]
     assert [gw.error_status(exc) for exc, _ in cases] == [status for _, status in cases]
-
-
-def test_unknown_paths_and_methods_use_the_error_shape(live_server):
-    status, _, data = live_server.get(f"{API}/nope")
-    assert status == 404 and _is_error(data, "not_found")
-    status, _, data = live_server.request("DELETE", f"{API}/runs/start")
-    assert status == 405 and _is_error(data, "method_not_allowed")
-    status, _, data = live_server.get("/api/gatewayX/bundles")
-    assert status == 404 and _is_error(data)
 
 
 # -- bundles ----------------------------------------------------------------------------------------
