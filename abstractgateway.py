@@ -15,9 +15,10 @@ Contents, in dependency order (each section uses only what stands above it):
 3. Workflows   -- `read_bundle` (hostile-input-safe .flow parsing), `WorkflowHost` (load, compile,
                   resolve, deprecate; also the runtime's workflow registry), `LLMEffects` (LLM,
                   agent and tool effects wired from abstractruntime's AbstractCore integration, the
-                  `llm` extra) and provider discovery.
-4. Runner      -- `Gateway` (start runs, durable commands applied exactly once, ticks, subflow
-                  parents) and `Runner` (lease-held thread pool woken by commits); the services
+                  `llm` extra), schedules (definition, update, wrapper workflow) and provider discovery.
+4. Runner      -- `Gateway` (start runs, ticks, subflow parents), `CommandInbox` (durable
+                  commands applied exactly once, in batches), `Runner` (lease-held thread
+                  pool woken by commits), and the services
                   thin clients call: `Workspace` (confined file reads), session attachments, the
                   reports inbox, `KnowledgeGraph` (AbstractMemory's triple store).
 5. HTTP        -- `ROUTES` (drives dispatch, `openapi_document()` and each route's security and
@@ -36,6 +37,7 @@ The DDL lives in `schema.sql` beside this file (forward-only migrations keyed by
 from __future__ import annotations
 
 import argparse
+import base64
 import errno
 import functools
 import hashlib
@@ -47,12 +49,15 @@ import re
 import sys
 import threading
 import time
+import urllib.parse
 import uuid
 import weakref
+import zlib
 from contextlib import contextmanager
 import dataclasses
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
+from http import HTTPStatus
 from pathlib import Path
 from typing import (TYPE_CHECKING, Any, Callable, Dict, Iterable, Iterator, List, Optional, Protocol, Sequence, Tuple,
                     TypeVar, runtime_checkable)
@@ -77,6 +82,7 @@ from abstractruntime.storage.commands import (
 )
 from abstractruntime.storage.json_files import JsonFileRunStore, JsonlLedgerStore
 from abstractruntime.storage.sqlite import _runstate_from_dict as run_from_dict
+from abstractruntime.workflow_bundle.registry import _pick_latest_version
 
 __version__ = "0.1.0"
 
@@ -122,128 +128,139 @@ def _default_data_dir(_values: Dict[str, Any]) -> Path:
 
 
 SETTINGS: Tuple[Setting, ...] = (
-    Setting("data_dir", "ABSTRACTGATEWAY_DATA_DIR", "path", _default_data_dir,
-            "Directory for the database, uploaded flows and run workspaces.", "--data-dir",
+    Setting(name="data_dir", env="ABSTRACTGATEWAY_DATA_DIR", flag="--data-dir", kind="path", default=_default_data_dir,
+            help="Directory for the database, uploaded flows and run workspaces.",
             default_doc="the platform's user data dir (e.g. ~/.local/share/abstractgateway)"),
-    Setting("db_path", "ABSTRACTGATEWAY_DB_PATH", "path", lambda v: v["data_dir"] / "gateway.sqlite3",
-            "The SQLite file that holds all durable state.", "--db-path", default_doc="<data dir>/gateway.sqlite3"),
-    Setting("store_backend", "ABSTRACTGATEWAY_STORE_BACKEND", "choice", "sqlite",
-            "Where runs, ledgers, commands and artifacts live: `sqlite` (one file) or `file` "
-            "(the upstream JSON/JSONL layout under the data dir).", "--store-backend", ("sqlite", "file")),
-    Setting("synchronous", "ABSTRACTGATEWAY_SQLITE_SYNCHRONOUS", "choice", "FULL",
-            "SQLite durability: FULL survives power loss for every acknowledged write; NORMAL is faster "
-            "but may lose the last commits on power loss (never corrupts).", "--synchronous", ("FULL", "NORMAL")),
-    Setting("busy_timeout_s", "ABSTRACTGATEWAY_SQLITE_BUSY_TIMEOUT_S", "float", 5.0,
-            "How long a write waits for another writer (e.g. a stalled process) before it is answered 503 "
-            "`database_busy`.", None, (), 0.05),
-    Setting("flows_dir", "ABSTRACTGATEWAY_FLOWS_DIR", "path", lambda v: v["data_dir"] / "flows",
-            "A directory of `.flow` bundles (or one `.flow` file) loaded next to the uploaded ones.", "--flows-dir",
+    Setting(name="db_path", env="ABSTRACTGATEWAY_DB_PATH", flag="--db-path", kind="path",
+            default=lambda v: v["data_dir"] / "gateway.sqlite3", help="The SQLite file that holds all durable state.",
+            default_doc="<data dir>/gateway.sqlite3"),
+    Setting(name="store_backend", env="ABSTRACTGATEWAY_STORE_BACKEND", flag="--store-backend", kind="choice",
+            default="sqlite", choices=("sqlite", "file"),
+            help="Where runs, ledgers, commands and artifacts live: `sqlite` (one file) or `file` "
+                 "(the upstream JSON/JSONL layout under the data dir)."),
+    Setting(name="synchronous", env="ABSTRACTGATEWAY_SQLITE_SYNCHRONOUS", flag="--synchronous", kind="choice",
+            default="FULL", choices=("FULL", "NORMAL"),
+            help="SQLite durability: FULL survives power loss for every acknowledged write; NORMAL is faster "
+                 "but may lose the last commits on power loss (never corrupts)."),
+    Setting(name="busy_timeout_s", env="ABSTRACTGATEWAY_SQLITE_BUSY_TIMEOUT_S", kind="float", default=5.0, minimum=0.05,
+            help="How long a write waits for another writer (e.g. a stalled process) before it is answered 503 "
+                 "`database_busy`."),
+    Setting(name="flows_dir", env="ABSTRACTGATEWAY_FLOWS_DIR", flag="--flows-dir", kind="path",
+            default=lambda v: v["data_dir"] / "flows",
+            help="A directory of `.flow` bundles (or one `.flow` file) loaded next to the uploaded ones.",
             default_doc="<data dir>/flows"),
-    Setting("workflow_source", "ABSTRACTGATEWAY_WORKFLOW_SOURCE", "choice", "bundle",
-            "`bundle` (.flow bundles) or `visualflow` (a flows dir of VisualFlow `*.json`).", "--workflow-source",
-            ("bundle", "visualflow")),
-    Setting("runner", "ABSTRACTGATEWAY_RUNNER", "bool", True,
-            "Run the runner (command application and ticks) inside `serve`.", None),
-    Setting("poll_s", "ABSTRACTGATEWAY_POLL_S", "float", 0.25,
-            "Fallback poll interval for work written by another process (in-process work wakes the runner at once).",
-            "--poll-s", (), 0.001),
-    Setting("tick_workers", "ABSTRACTGATEWAY_TICK_WORKERS", "int", 4, "Runner threads that tick runs.",
-            "--tick-workers"),
-    Setting("tick_max_steps", "ABSTRACTGATEWAY_TICK_MAX_STEPS", "int", 100, "Nodes executed per tick.", None),
-    Setting("command_batch_limit", "ABSTRACTGATEWAY_COMMAND_BATCH_LIMIT", "int", 200,
-            "Commands applied per runner iteration.", None),
-    Setting("run_scan_limit", "ABSTRACTGATEWAY_RUN_SCAN_LIMIT", "int", 200,
-            "Runs considered for ticking per runner iteration.", None),
-    Setting("schedule_min_interval_s", "ABSTRACTGATEWAY_SCHEDULE_MIN_INTERVAL_S", "float", 1.0,
-            "Shortest interval a schedule may repeat at (a shorter one is refused with 422, so one schedule "
-            "cannot flood the gateway with child runs).", None, (), 0.001),
-    Setting("provider", "ABSTRACTGATEWAY_PROVIDER", "str", "",
-            "Default LLM provider (e.g. `openai`, `lmstudio`, `ollama`) for LLM and agent nodes that pin none. "
-            "Unset: inferred from the loaded flows' pinned nodes. Base URLs and keys come from each provider's own "
-            "env vars (OPENAI_BASE_URL, OPENAI_API_KEY, LMSTUDIO_BASE_URL, OLLAMA_BASE_URL, ...).", "--provider"),
-    Setting("model", "ABSTRACTGATEWAY_MODEL", "str", "",
-            "Default model for LLM and agent nodes that pin none (with ABSTRACTGATEWAY_PROVIDER).", "--model"),
-    Setting("llm_concurrency", "ABSTRACTGATEWAY_LLM_CONCURRENCY", "int", 128,
-            "Model calls in flight at once across all runs (1 for a single local model on a small machine).",
-            "--llm-concurrency"),
-    Setting("tool_mode", "ABSTRACTGATEWAY_TOOL_MODE", "choice", "passthrough",
-            "`passthrough`: a tool call becomes a durable approval wait a client answers; `local`: the gateway runs "
-            "the runtime's default tools itself (shell, files, web: DANGEROUS, see docs/security.md).", "--tool-mode",
-            ("passthrough", "local")),
-    Setting("allow_local_tools_on_network", "ABSTRACTGATEWAY_ALLOW_LOCAL_TOOLS_ON_NETWORK", "bool", False,
-            "Let `serve` bind a non-loopback address with ABSTRACTGATEWAY_TOOL_MODE=local (refused otherwise).", None),
-    Setting("host", "ABSTRACTGATEWAY_HOST", "str", "127.0.0.1", "Address `serve` binds to.", "--host"),
-    Setting("port", "ABSTRACTGATEWAY_PORT", "int", 8080, "Port `serve` listens on (0 picks a free one).", "--port",
-            (), 0),
-    Setting("console", "ABSTRACTGATEWAY_CONSOLE", "bool", True,
-            "Serve the operator console (a web page driving the API with the bearer token) at `/` and `/console`; "
-            "0 turns it off (404).", None),
-    Setting("security", "ABSTRACTGATEWAY_SECURITY", "bool", True,
-            "Enable the security middleware on /api/gateway/* (auth, origins, limits, lockout, audit).", None),
-    Setting("auth_token", "ABSTRACTGATEWAY_AUTH_TOKEN", "str", "",
-            "Bearer token(s), comma-separated. Unset: a strong token is generated on first `serve` and kept in the "
-            "database (`abstractgateway token show`).", None),
-    Setting("auth_tokens", "ABSTRACTGATEWAY_AUTH_TOKENS", "str", "", "More bearer tokens, comma-separated.", None),
-    Setting("protect_read", "ABSTRACTGATEWAY_PROTECT_READ", "bool", True, "Require the token for GET/HEAD.", None),
-    Setting("protect_write", "ABSTRACTGATEWAY_PROTECT_WRITE", "bool", True, "Require the token for writes.", None),
-    Setting("dev_read_no_auth", "ABSTRACTGATEWAY_DEV_READ_NO_AUTH", "bool", False,
-            "Let loopback clients read without a token (development only).", None),
-    Setting("allowed_origins", "ABSTRACTGATEWAY_ALLOWED_ORIGINS", "str", "http://localhost:*,http://127.0.0.1:*",
-            "Browser origins allowed (comma-separated; `*`, `?`, `[` are glob patterns; `*` alone allows all).", None),
-    Setting("max_body_bytes", "ABSTRACTGATEWAY_MAX_BODY_BYTES", "int", 256_000,
-            "Cap on a write request's body (413 above it).", None),
-    Setting("max_upload_body_bytes", "ABSTRACTGATEWAY_MAX_UPLOAD_BODY_BYTES", "int", 0,
-            "Extra cap on upload bodies (0: the endpoint cap plus 2 MiB of multipart overhead).", None, (), 0),
-    Setting("max_attachment_bytes", "ABSTRACTGATEWAY_MAX_ATTACHMENT_BYTES", "int", 26_214_400,
-            "Largest attachment (upload or workspace ingest), in bytes; upload bodies may add 2 MiB of multipart.",
-            None),
-    Setting("workspace_mounts", "ABSTRACTGATEWAY_WORKSPACE_MOUNTS", "mounts", "",
-            "Directories the files routes and attachment ingest may read, as `name=/abs/dir` entries separated by "
-            "newlines or `;` (names `[A-Za-z0-9_-]`, at most 32 chars). None by default: those routes are refused.",
-            None),
-    Setting("max_bundle_bytes", "ABSTRACTGATEWAY_MAX_BUNDLE_BYTES", "int", 78_643_200,
-            "Cap on an uploaded `.flow` bundle.", None),
-    Setting("max_concurrency", "ABSTRACTGATEWAY_MAX_CONCURRENCY", "int", 64,
-            "Concurrent non-SSE API requests (429 above it).", None),
-    Setting("max_sse", "ABSTRACTGATEWAY_MAX_SSE", "int", 32, "Concurrent SSE streams (429 above it).", None),
-    Setting("lockout_after", "ABSTRACTGATEWAY_LOCKOUT_AFTER", "int", 5, "Auth failures before an IP is locked out.",
-            None),
-    Setting("lockout_base_s", "ABSTRACTGATEWAY_LOCKOUT_BASE_S", "float", 1.0,
-            "First lockout length; doubles with each further failure.", None, (), 0),
-    Setting("lockout_max_s", "ABSTRACTGATEWAY_LOCKOUT_MAX_S", "float", 60.0, "Longest lockout (0: uncapped).", None, (),
-            0),
-    Setting("lockout_decay_s", "ABSTRACTGATEWAY_LOCKOUT_DECAY_S", "float", 900.0,
-            "Half-life of an IP's failure count, so old mistakes fade.", None),
-    Setting("trust_proxy", "ABSTRACTGATEWAY_TRUST_PROXY", "bool", False,
-            "Take the client IP from X-Forwarded-For (only behind a proxy that overwrites it).", None),
-    Setting("audit_log", "ABSTRACTGATEWAY_AUDIT_LOG", "bool", True, "Record every write request in the audit log.",
-            None),
-    Setting("audit_log_max_bytes", "ABSTRACTGATEWAY_AUDIT_LOG_MAX_BYTES", "int", 52_428_800,
-            "Audit log size per generation (0: unbounded).", None, (), 0),
-    Setting("audit_log_rotations", "ABSTRACTGATEWAY_AUDIT_LOG_ROTATIONS", "int", 10,
-            "Older generations kept: the log holds about max_bytes x (rotations + 1).", None, (), 0),
-    Setting("audit_log_headers", "ABSTRACTGATEWAY_AUDIT_LOG_HEADERS", "str",
-            "x-client-id,x-client-version,x-forwarded-for",
-            "Request headers copied into audit rows (comma-separated, never Authorization).", None),
-    Setting("request_timeout_s", "ABSTRACTGATEWAY_REQUEST_TIMEOUT_S", "float", 15.0,
-            "A request's headers must arrive within this long of its first byte, and its body must not stall "
-            "this long (408); an SSE client that reads nothing this long while data waits is dropped.",
-            None, (), 0.1),
-    Setting("max_threads", "ABSTRACTGATEWAY_MAX_THREADS", "int", 256,
-            "Requests in progress at once (headers being read or being served); more get an immediate 503. "
-            "Idle connections do not count.", None),
-    Setting("idle_timeout_s", "ABSTRACTGATEWAY_IDLE_TIMEOUT_S", "float", 5.0,
-            "A connection with no request in progress (new, or kept alive after one) is closed after this long.",
-            None, (), 0.1),
-    Setting("http_workers", "ABSTRACTGATEWAY_HTTP_WORKERS", "int", 8,
-            "Worker threads that serve requests (long-lived, each with a warm database connection).", None),
-    Setting("max_connections", "ABSTRACTGATEWAY_MAX_CONNECTIONS", "int", 4096,
-            "Open connections (SSE streams aside); when full, the longest-idle one is closed to admit a new "
-            "client (503 only when none is idle).", None),
-    Setting("sse_max_buffer_bytes", "ABSTRACTGATEWAY_SSE_MAX_BUFFER_BYTES", "int", 1_048_576,
-            "Unsent bytes an SSE stream may hold before it gets no more records until its client reads.", None),
-    Setting("lease_ttl_s", "ABSTRACTGATEWAY_RUNNER_LEASE_TTL_S", "float", 5.0,
-            "Seconds before a silent runner's lease expires and another runner takes over.", None, (), 0.1),
+    Setting(name="workflow_source", env="ABSTRACTGATEWAY_WORKFLOW_SOURCE", flag="--workflow-source", kind="choice",
+            default="bundle", choices=("bundle", "visualflow"),
+            help="`bundle` (.flow bundles) or `visualflow` (a flows dir of VisualFlow `*.json`)."),
+    Setting(name="runner", env="ABSTRACTGATEWAY_RUNNER", kind="bool", default=True,
+            help="Run the runner (command application and ticks) inside `serve`."),
+    Setting(name="poll_s", env="ABSTRACTGATEWAY_POLL_S", flag="--poll-s", kind="float", default=0.25, minimum=0.001,
+            help="Fallback poll interval for work written by another process (in-process work wakes the runner at "
+                 "once)."),
+    Setting(name="tick_workers", env="ABSTRACTGATEWAY_TICK_WORKERS", flag="--tick-workers", kind="int", default=4,
+            help="Runner threads that tick runs."),
+    Setting(name="tick_max_steps", env="ABSTRACTGATEWAY_TICK_MAX_STEPS", kind="int", default=100,
+            help="Nodes executed per tick."),
+    Setting(name="command_batch_limit", env="ABSTRACTGATEWAY_COMMAND_BATCH_LIMIT", kind="int", default=200,
+            help="Commands applied per runner iteration."),
+    Setting(name="run_scan_limit", env="ABSTRACTGATEWAY_RUN_SCAN_LIMIT", kind="int", default=200,
+            help="Runs considered for ticking per runner iteration."),
+    Setting(name="schedule_min_interval_s", env="ABSTRACTGATEWAY_SCHEDULE_MIN_INTERVAL_S", kind="float", default=1.0,
+            minimum=0.001,
+            help="Shortest interval a schedule may repeat at (a shorter one is refused with 422, so one schedule "
+                 "cannot flood the gateway with child runs)."),
+    Setting(name="provider", env="ABSTRACTGATEWAY_PROVIDER", flag="--provider", kind="str", default="",
+            help="Default LLM provider (e.g. `openai`, `lmstudio`, `ollama`) for LLM and agent nodes that pin none. "
+                 "Unset: inferred from the loaded flows' pinned nodes. Base URLs and keys come from each provider's "
+                 "own env vars (OPENAI_BASE_URL, OPENAI_API_KEY, LMSTUDIO_BASE_URL, OLLAMA_BASE_URL, ...)."),
+    Setting(name="model", env="ABSTRACTGATEWAY_MODEL", flag="--model", kind="str", default="",
+            help="Default model for LLM and agent nodes that pin none (with ABSTRACTGATEWAY_PROVIDER)."),
+    Setting(name="llm_concurrency", env="ABSTRACTGATEWAY_LLM_CONCURRENCY", flag="--llm-concurrency", kind="int",
+            default=128,
+            help="Model calls in flight at once across all runs (1 for a single local model on a small machine)."),
+    Setting(name="tool_mode", env="ABSTRACTGATEWAY_TOOL_MODE", flag="--tool-mode", kind="choice", default="passthrough",
+            choices=("passthrough", "local"),
+            help="`passthrough`: a tool call becomes a durable approval wait a client answers; `local`: the gateway "
+                 "runs the runtime's default tools itself (shell, files, web: DANGEROUS, see docs/security.md)."),
+    Setting(name="allow_local_tools_on_network", env="ABSTRACTGATEWAY_ALLOW_LOCAL_TOOLS_ON_NETWORK", kind="bool",
+            default=False,
+            help="Let `serve` bind a non-loopback address with ABSTRACTGATEWAY_TOOL_MODE=local (refused otherwise)."),
+    Setting(name="host", env="ABSTRACTGATEWAY_HOST", flag="--host", kind="str", default="127.0.0.1",
+            help="Address `serve` binds to."),
+    Setting(name="port", env="ABSTRACTGATEWAY_PORT", flag="--port", kind="int", default=8080, minimum=0,
+            help="Port `serve` listens on (0 picks a free one)."),
+    Setting(name="console", env="ABSTRACTGATEWAY_CONSOLE", kind="bool", default=True,
+            help="Serve the operator console (a web page driving the API with the bearer token) at `/` and "
+                 "`/console`; 0 turns it off (404)."),
+    Setting(name="security", env="ABSTRACTGATEWAY_SECURITY", kind="bool", default=True,
+            help="Enable the security middleware on /api/gateway/* (auth, origins, limits, lockout, audit)."),
+    Setting(name="auth_token", env="ABSTRACTGATEWAY_AUTH_TOKEN", kind="str", default="",
+            help="Bearer token(s), comma-separated. Unset: a strong token is generated on first `serve` and kept in "
+                 "the database (`abstractgateway token show`)."),
+    Setting(name="auth_tokens", env="ABSTRACTGATEWAY_AUTH_TOKENS", kind="str", default="",
+            help="More bearer tokens, comma-separated."),
+    Setting(name="protect_read", env="ABSTRACTGATEWAY_PROTECT_READ", kind="bool", default=True,
+            help="Require the token for GET/HEAD."),
+    Setting(name="protect_write", env="ABSTRACTGATEWAY_PROTECT_WRITE", kind="bool", default=True,
+            help="Require the token for writes."),
+    Setting(name="dev_read_no_auth", env="ABSTRACTGATEWAY_DEV_READ_NO_AUTH", kind="bool", default=False,
+            help="Let loopback clients read without a token (development only)."),
+    Setting(name="allowed_origins", env="ABSTRACTGATEWAY_ALLOWED_ORIGINS", kind="str",
+            default="http://localhost:*,http://127.0.0.1:*",
+            help="Browser origins allowed (comma-separated; `*`, `?`, `[` are glob patterns; `*` alone allows all)."),
+    Setting(name="max_body_bytes", env="ABSTRACTGATEWAY_MAX_BODY_BYTES", kind="int", default=256_000,
+            help="Cap on a write request's body (413 above it)."),
+    Setting(name="max_upload_body_bytes", env="ABSTRACTGATEWAY_MAX_UPLOAD_BODY_BYTES", kind="int", default=0, minimum=0,
+            help="Extra cap on upload bodies (0: the endpoint cap plus 2 MiB of multipart overhead)."),
+    Setting(name="max_attachment_bytes", env="ABSTRACTGATEWAY_MAX_ATTACHMENT_BYTES", kind="int", default=26_214_400,
+            help="Largest attachment (upload or workspace ingest), in bytes; upload bodies may add 2 MiB of "
+                 "multipart."),
+    Setting(name="workspace_mounts", env="ABSTRACTGATEWAY_WORKSPACE_MOUNTS", kind="mounts", default="",
+            help="Directories the files routes and attachment ingest may read, as `name=/abs/dir` entries separated "
+                 "by newlines or `;` (names `[A-Za-z0-9_-]`, at most 32 chars). None by default: those routes are "
+                 "refused."),
+    Setting(name="max_bundle_bytes", env="ABSTRACTGATEWAY_MAX_BUNDLE_BYTES", kind="int", default=78_643_200,
+            help="Cap on an uploaded `.flow` bundle."),
+    Setting(name="max_concurrency", env="ABSTRACTGATEWAY_MAX_CONCURRENCY", kind="int", default=64,
+            help="Concurrent non-SSE API requests (429 above it)."),
+    Setting(name="max_sse", env="ABSTRACTGATEWAY_MAX_SSE", kind="int", default=32,
+            help="Concurrent SSE streams (429 above it)."),
+    Setting(name="lockout_after", env="ABSTRACTGATEWAY_LOCKOUT_AFTER", kind="int", default=5,
+            help="Auth failures before an IP is locked out."),
+    Setting(name="lockout_base_s", env="ABSTRACTGATEWAY_LOCKOUT_BASE_S", kind="float", default=1.0, minimum=0,
+            help="First lockout length; doubles with each further failure."),
+    Setting(name="lockout_max_s", env="ABSTRACTGATEWAY_LOCKOUT_MAX_S", kind="float", default=60.0, minimum=0,
+            help="Longest lockout (0: uncapped)."),
+    Setting(name="lockout_decay_s", env="ABSTRACTGATEWAY_LOCKOUT_DECAY_S", kind="float", default=900.0,
+            help="Half-life of an IP's failure count, so old mistakes fade."),
+    Setting(name="trust_proxy", env="ABSTRACTGATEWAY_TRUST_PROXY", kind="bool", default=False,
+            help="Take the client IP from X-Forwarded-For (only behind a proxy that overwrites it)."),
+    Setting(name="audit_log", env="ABSTRACTGATEWAY_AUDIT_LOG", kind="bool", default=True,
+            help="Record every write request in the audit log."),
+    Setting(name="audit_log_max_bytes", env="ABSTRACTGATEWAY_AUDIT_LOG_MAX_BYTES", kind="int", default=52_428_800,
+            minimum=0, help="Audit log size per generation (0: unbounded)."),
+    Setting(name="audit_log_rotations", env="ABSTRACTGATEWAY_AUDIT_LOG_ROTATIONS", kind="int", default=10, minimum=0,
+            help="Older generations kept: the log holds about max_bytes x (rotations + 1)."),
+    Setting(name="audit_log_headers", env="ABSTRACTGATEWAY_AUDIT_LOG_HEADERS", kind="str",
+            default="x-client-id,x-client-version,x-forwarded-for",
+            help="Request headers copied into audit rows (comma-separated, never Authorization)."),
+    Setting(name="request_timeout_s", env="ABSTRACTGATEWAY_REQUEST_TIMEOUT_S", kind="float", default=15.0, minimum=0.1,
+            help="A request's headers must arrive within this long of its first byte, and its body must not stall "
+                 "this long (408); an SSE client that reads nothing this long while data waits is dropped."),
+    Setting(name="max_threads", env="ABSTRACTGATEWAY_MAX_THREADS", kind="int", default=256,
+            help="Requests in progress at once (headers being read or being served); more get an immediate 503. "
+                 "Idle connections do not count."),
+    Setting(name="idle_timeout_s", env="ABSTRACTGATEWAY_IDLE_TIMEOUT_S", kind="float", default=5.0, minimum=0.1,
+            help="A connection with no request in progress (new, or kept alive after one) is closed after this long."),
+    Setting(name="http_workers", env="ABSTRACTGATEWAY_HTTP_WORKERS", kind="int", default=8,
+            help="Worker threads that serve requests (long-lived, each with a warm database connection)."),
+    Setting(name="max_connections", env="ABSTRACTGATEWAY_MAX_CONNECTIONS", kind="int", default=4096,
+            help="Open connections (SSE streams aside); when full, the longest-idle one is closed to admit a new "
+                 "client (503 only when none is idle)."),
+    Setting(name="sse_max_buffer_bytes", env="ABSTRACTGATEWAY_SSE_MAX_BUFFER_BYTES", kind="int", default=1_048_576,
+            help="Unsent bytes an SSE stream may hold before it gets no more records until its client reads."),
+    Setting(name="lease_ttl_s", env="ABSTRACTGATEWAY_RUNNER_LEASE_TTL_S", kind="float", default=5.0, minimum=0.1,
+            help="Seconds before a silent runner's lease expires and another runner takes over."),
 )
 
 
@@ -351,6 +368,14 @@ class Config:
                 raise ConfigError(f"{setting.env}: must be at least {setting.minimum:g}, got {raw!r}")
             sources[setting.name] = source
         return cls(values, sources)
+
+    def replace(self, **changes: Any) -> "Config":
+        """A copy with `changes` (setting name -> value, already parsed) applied."""
+        names = {setting.name for setting in SETTINGS}
+        unknown = sorted(set(changes) - names)
+        if unknown:
+            raise TypeError(f"not settings: {', '.join(unknown)}")
+        return Config({**{name: getattr(self, name) for name in names}, **changes}, self.sources)
 
 
 # =====================================================================================
@@ -2637,13 +2662,8 @@ class _FileLayoutReader:
     def _artifact_store(self) -> Optional[FileArtifactStore]:
         if not (self.base / "artifacts").is_dir():
             return None
-        # FileArtifactStore creates artifacts/blobs and artifacts/refs if missing; read legacy-only dirs as-is.
-        store = FileArtifactStore.__new__(FileArtifactStore)
-        store._base = self.base
-        store._artifacts_dir = self.base / "artifacts"
-        store._blobs_dir = store._artifacts_dir / "blobs"
-        store._refs_dir = store._artifacts_dir / "refs"
-        return store
+        # The store adds empty blobs/ and refs/ dirs to a layout that predates them (legacy v0) and reads both.
+        return FileArtifactStore(self.base)
 
     def artifact_ids(self) -> List[str]:
         root = self.base / "artifacts"
@@ -2765,30 +2785,32 @@ _SAFE_ID = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz012345
 
 
 class GatewayError(Exception):
-    """A request the gateway refuses: carries the HTTP status and a machine-readable code."""
+    """A request the gateway refuses, with a machine-readable `code`.
 
-    status = 400
+    No HTTP status here: the HTTP section maps codes (and these classes) to statuses (`error_status`).
+    """
+
     code = "bad_request"
 
-    def __init__(self, detail: str, *, status: Optional[int] = None, code: Optional[str] = None) -> None:
+    def __init__(self, detail: str, *, code: Optional[str] = None) -> None:
         super().__init__(detail)
         self.detail = detail
-        if status is not None:
-            self.status = status
         if code is not None:
             self.code = code
 
 
 class NotFound(GatewayError):
-    status, code = 404, "not_found"
+    code = "not_found"
 
 
 class Conflict(GatewayError):
-    status, code = 409, "conflict"
+    code = "conflict"
 
 
 class Unprocessable(GatewayError):
-    status, code = 422, "invalid"
+    """Well-formed but unusable input (a value out of range, a missing extra or setting)."""
+
+    code = "invalid"
 
 
 def llm_integration_available() -> bool:
@@ -2880,7 +2902,6 @@ def read_bundle(content: bytes, origin: str) -> LoadedBundle:
     """
     import io
     import zipfile
-    import zlib
 
     if not content:
         raise GatewayError("Bundle content is empty", code="bundle_empty")
@@ -3006,23 +3027,14 @@ def _namespace_flow(flow: Dict[str, Any], bundle: LoadedBundle, flow_id: str,
     for node in flow.get("nodes") or []:
         data = node.get("data") if isinstance(node, dict) else None
         if isinstance(data, dict):
-            for key in ("subflowId", "flowId", "workflowId"):
+            for key in ("subflowId", "flowId", "workflowId", "workflow_id"):  # every key the executor reads
                 ref = data.get(key)
                 if isinstance(ref, str) and ref in local:
                     data[key] = workflow_id_for(bundle.bundle_id, bundle.bundle_version, ref)
     return flow
 
 
-def _version_key(bundle: LoadedBundle, all_numeric: bool) -> Tuple[Any, ...]:
-    if all_numeric:
-        return tuple(int(p) for p in bundle.bundle_version.split("."))
-    return (bundle.created_at, bundle.bundle_version)
-
-
-def _is_numeric_version(version: str) -> bool:
-    parts = version.split(".")
-    return all(p.isdigit() for p in parts)
-
+# -- schedules: a parent run that starts the target flow as child runs on a timetable --------------
 
 SCHEDULE_PREFIX = "scheduled:"
 MAX_SCHEDULE_EXECUTIONS = 10_000
@@ -3038,10 +3050,119 @@ def parse_interval(text: str) -> float:
     return float(match.group(1)) * _INTERVAL_UNITS[match.group(2)]
 
 
+def schedule_interval_s(interval: str, floor_s: float) -> float:
+    """Seconds of a schedule `interval`, refused below `floor_s` (`schedule_min_interval_s`: a 1 ms
+    schedule would spawn child runs as fast as the runner can tick)."""
+    seconds = parse_interval(interval)
+    if seconds < floor_s:
+        raise Unprocessable(f"Interval {interval!r} is shorter than the minimum of {floor_s:g}s "
+                            "(ABSTRACTGATEWAY_SCHEDULE_MIN_INTERVAL_S)", code="interval_too_short")
+    return seconds
+
+
 def _iso_after(seconds: float) -> str:
     from datetime import timedelta
 
     return (datetime.now(timezone.utc) + timedelta(seconds=seconds)).isoformat()
+
+
+def _parse_time(text: Optional[str], name: str) -> datetime:
+    try:
+        value = datetime.fromisoformat(str(text).strip().replace("Z", "+00:00"))
+    except ValueError:
+        raise GatewayError(f"{name} must be an ISO-8601 time, got {text!r}", code="invalid_schedule") from None
+    return (value if value.tzinfo else value.replace(tzinfo=timezone.utc)).astimezone(timezone.utc)
+
+
+def schedule_definition(target: str, *, start_at: Optional[str], interval: Optional[str],
+                        repeat_count: Optional[int], repeat_until: Optional[str], share_context: bool,
+                        min_interval_s: float) -> Dict[str, Any]:
+    """The checked definition of a schedule of workflow `target` (kept in the parent run's
+    `vars._meta.schedule`, where `schedule_spec` reads it)."""
+    start = _parse_time(start_at, "start_at") if (start_at or "").strip().lower() not in ("", "now") else None
+    seconds = schedule_interval_s(interval, min_interval_s) if interval else None
+    if repeat_count is not None and repeat_count <= 0:
+        raise GatewayError("repeat_count must be >= 1", code="invalid_schedule")
+    if repeat_count is not None and repeat_count > 1 and seconds is None:
+        raise GatewayError("repeat_count > 1 needs an interval", code="invalid_schedule")
+    if repeat_until:
+        if seconds is None or repeat_count is not None:
+            raise GatewayError("repeat_until needs an interval and excludes repeat_count", code="invalid_schedule")
+        until, begin = _parse_time(repeat_until, "repeat_until"), start or datetime.now(timezone.utc)
+        if until < begin:
+            raise GatewayError("repeat_until is before the start", code="invalid_schedule")
+        repeat_count = 1 + int((until - begin).total_seconds() // seconds)
+    if repeat_count is not None and repeat_count > MAX_SCHEDULE_EXECUTIONS:
+        raise GatewayError(f"schedule would run {repeat_count} times (max {MAX_SCHEDULE_EXECUTIONS})",
+                           code="invalid_schedule")
+    if repeat_count == 1:
+        interval = None
+    target_ref, _, target_flow = target.partition(":")
+    target_bundle, _, target_version = target_ref.partition("@")
+    now = utc_now_iso()
+    return {
+        "kind": "scheduled_run", "target_workflow_id": target, "target_bundle_id": target_bundle,
+        "target_bundle_version": target_version, "target_bundle_ref": target_ref, "target_flow_id": target_flow,
+        "start_at": start.isoformat() if start else None, "interval": interval, "repeat_count": repeat_count,
+        "repeat_until": repeat_until or None, "share_context": bool(share_context), "created_at": now,
+        "updated_at": now,
+    }
+
+
+def schedule_of(run: RunState) -> Optional[Dict[str, Any]]:
+    """The schedule definition of a scheduled parent run, else None."""
+    meta = run.vars.get("_meta") if isinstance(run.vars, dict) else None
+    sched = meta.get("schedule") if isinstance(meta, dict) else None
+    return sched if isinstance(sched, dict) and sched.get("kind") == "scheduled_run" else None
+
+
+def schedule_root(runs: Any, run_id: str) -> RunState:
+    """The scheduled parent run `run_id` belongs to (itself or an ancestor)."""
+    run = runs.load(run_id)
+    if run is None:
+        raise NotFound(f"Run '{run_id}' not found", code="run_not_found")
+    while run is not None and schedule_of(run) is None:
+        run = runs.load(run.parent_run_id) if run.parent_run_id else None
+    if run is None:
+        raise GatewayError(f"Run '{run_id}' is not part of a scheduled run", code="not_scheduled")
+    return run
+
+
+def update_schedule(stores: Stores, record: CommandRecord, min_interval_s: float) -> None:
+    """Apply an `update_schedule` command: a new interval for the schedule `record.run_id` belongs to,
+    taking effect on the wait in progress unless `apply_immediately` is false."""
+    payload = record.payload or {}
+    interval = payload.get("interval") or payload.get("schedule")
+    if not interval:
+        raise GatewayError("update_schedule needs payload.interval", code="invalid_payload")
+    seconds = schedule_interval_s(interval, min_interval_s)
+    root = schedule_root(stores.runs, record.run_id)
+    sched = root.vars["_meta"]["schedule"]
+    if not sched.get("interval"):
+        raise GatewayError(f"Run '{root.run_id}' is a one-shot schedule (no interval to update)",
+                           code="not_recurrent")
+    now = utc_now_iso()
+    sched.update(interval=interval, updated_at=now)
+    waiting = root.waiting
+    if (payload.get("apply_immediately", True) and _enum_value(root.status) == "waiting" and waiting is not None
+            and _enum_value(waiting.reason) == "until" and root.current_node == "wait_interval"):
+        waiting.until = _iso_after(seconds)
+    root.vars.setdefault("_runtime", {})["last_schedule_update"] = {
+        "command_id": record.command_id, "interval": interval, "updated_at": now,
+        "requested_run_id": record.run_id, "scheduled_root_run_id": root.run_id}
+    root.updated_at = now
+    stores.runs.save(root)
+    stores.dynamic_flows.put(root.workflow_id, sched)
+
+
+def fire_schedule_now(runs: Any, run_id: str) -> None:
+    """Resuming a recurrent schedule that waits for its next slot runs the next execution at once."""
+    run = runs.load(run_id)
+    sched = schedule_of(run)
+    if sched and sched.get("interval") and run.waiting is not None and _enum_value(run.waiting.reason) == "until":
+        run.waiting.until = utc_now_iso()
+        run.updated_at = utc_now_iso()
+        runs.save(run)
 
 
 def schedule_spec(workflow_id: str) -> Any:
@@ -3300,9 +3421,7 @@ class WorkflowHost:
         versions = self._catalog.bundles.get(bundle_id)
         if not versions:
             raise NotFound(f"Bundle '{bundle_id}' not found", code="bundle_not_found")
-        candidates = list(versions.values())
-        numeric = all(_is_numeric_version(b.bundle_version) for b in candidates)
-        return max(candidates, key=lambda b: _version_key(b, numeric))
+        return versions[_pick_latest_version(versions)]  # abstractruntime's bundle registry rule
 
     def bundle(self, bundle_id: str, version: Optional[str] = None) -> LoadedBundle:
         """Look up `bundle_id` (which may embed `@version`) at `version` or the latest."""
@@ -3780,6 +3899,332 @@ class TripleStoreHandle:
                                             EffectType.MEMORY_KG_RESOLVE)}
 
 
+# A batch of commands holds the database's write turn at most about this long (see `_apply_batch`).
+COMMAND_BATCH_S = 0.05
+
+
+def _is_compaction(record: CommandRecord) -> bool:
+    return record.type.lower() == "compact_memory"
+
+
+def _command_failure(record: CommandRecord, exc: Exception) -> str:
+    """The reason a command failed, as recorded in its outcome (an unexpected failure is also logged)."""
+    reason = exc.detail if isinstance(exc, GatewayError) else f"{type(exc).__name__}: {exc}"
+    if not isinstance(exc, (GatewayError, ValueError, KeyError)):
+        _log(f"command {record.command_id} ({record.type}) failed unexpectedly: {reason}")
+    return reason
+
+
+class CommandInbox:
+    """The durable command inbox: commands appended by clients, applied exactly once by the runner.
+
+    A command's effect, its outcome row and the cursor advance commit together (on SQLite), in
+    batches (`_apply_batch`). Effects go through the gateway's runtime, under the per-run locks
+    that keep a tick and a command on the same run from interleaving (`Gateway.runs_locked`).
+    """
+
+    def __init__(self, gateway: "Gateway") -> None:
+        self.gateway = gateway
+        self.stores, self.config = gateway.stores, gateway.config
+        self.runtime, self.host, self.llm, self.uow = gateway.runtime, gateway.host, gateway.llm, gateway.uow
+
+    def submit(self, *, command_id: str, run_id: str, type: str, payload: Optional[Dict[str, Any]] = None,
+               ts: Optional[str] = None, client_id: Optional[str] = None) -> CommandAppendResult:
+        """Append to the durable inbox (idempotent on `command_id`); application is asynchronous."""
+        if type not in COMMAND_TYPES:
+            raise GatewayError(f"type must be one of {'|'.join(COMMAND_TYPES)}", code="invalid_command_type")
+        if not str(command_id or "").strip():  # a generated id would make every retry a new command
+            raise Unprocessable("Field 'command_id' must be non-empty (it makes retries idempotent)",
+                                code="validation_error")
+        record = CommandRecord(command_id=command_id, run_id=run_id, type=type, payload=dict(payload or {}),
+                               ts=ts or utc_now_iso(), client_id=client_id)
+        try:
+            return self.stores.commands.append(record)
+        except ValueError as exc:
+            raise GatewayError(f"Failed to append command: {exc}", code="invalid_command") from None
+
+    def status(self, command_id: str, record: Optional[CommandRecord] = None) -> Dict[str, Any]:
+        record = record or self.stores.commands.get(command_id)
+        if record is None:
+            raise NotFound(f"Command '{command_id}' not found", code="command_not_found")
+        outcome = self.stores.outcomes.get(command_id)
+        return {"command_id": record.command_id, "seq": record.seq, "run_id": record.run_id, "type": record.type,
+                "ts": record.ts, "status": outcome["status"] if outcome else "pending",
+                "error": outcome["error"] if outcome else None,
+                "applied_at": outcome["applied_at"] if outcome else None}
+
+    def apply_pending(self, lease: Optional[LeaseToken] = None) -> int:
+        """Apply the inbox commands after the cursor, in seq order; return how many were read.
+
+        They are applied in batches, each one transaction (one durable commit) with a savepoint
+        per command (see `_apply_batch`). A `compact_memory` command waits on a model first, so it
+        ends the batch before it and is applied in a batch of its own, its model call made outside
+        any lock or transaction. With `lease`, commands are applied only while that lease is held.
+        No wake-up signal: the runner's loop looks for runnable runs right after calling this.
+        """
+        pending, _ = self.stores.commands.list_after(after=self.stores.cursor.load(),
+                                                     limit=self.config.command_batch_limit)
+        read = len(pending)
+        while pending:
+            if _is_compaction(pending[0]):
+                applied = self._apply_batch(pending[:1], lease, self._prepare_compaction(pending[0]))
+            else:
+                applied = self._apply_batch(list(itertools.takewhile(lambda r: not _is_compaction(r), pending)), lease)
+            pending = pending[applied:]
+        return read
+
+    def _apply_batch(self, batch: List[CommandRecord], lease: Optional[LeaseToken],
+                     effect: Optional[Callable[[CommandRecord, List[str]], None]] = None) -> int:
+        """Apply commands exactly once in one transaction; return how many (at least one).
+
+        Each command's effect and outcome are written in a savepoint of their own: a failing command
+        rolls back only its own writes and is recorded as failed in the same transaction. A command
+        that already has an outcome is skipped. The lease is checked once, inside the transaction
+        (`LeaseLost`: a runner that stalled past its lease can never apply a command the new holder
+        applies too); that holds for the whole batch, as taking the lease over is a write, which
+        waits for this transaction to end. `LeaseLost` and storage errors roll the whole batch back:
+        its commands stay pending, not the commands' fault. The cursor advance commits with the batch.
+
+        Locking: the per-run locks of every run the batch may change are taken first, all at once
+        and in stripe order (`_targets_locked`), then the transaction (the database's write turn).
+        Ticks take the same two in the same order, one run's lock then the write turn, and no one
+        takes a run lock while holding the write turn, so there is no cycle to deadlock in. The batch
+        stops after `COMMAND_BATCH_S`, letting writers waiting for the write turn (acknowledgements
+        of new commands, ticks) go between batches.
+        """
+        effect = effect or self._apply_effect
+        applied = 0
+        with self._targets_locked(batch) as targets, self.stores.db.transaction() as tx:
+            self.gateway.check_lease(lease)
+            started, cursor = time.monotonic(), self.stores.cursor.load()
+            for record in batch:
+                if applied and time.monotonic() - started >= COMMAND_BATCH_S:
+                    break
+                applied += 1
+                if self.stores.outcomes.exists(record.seq):
+                    continue
+                topics = len(tx.topics)
+                try:
+                    with tx.conn:  # nested in the transaction, apsw makes this a savepoint
+                        effect(record, targets[record.seq])
+                        self.stores.outcomes.record(record, "applied")
+                except (LeaseLost, StorageError):
+                    raise
+                except _STORAGE_FAILURES as exc:
+                    raise storage_error(exc) from exc
+                except Exception as exc:  # noqa: BLE001 - every failure is recorded, none wedges the inbox
+                    if tx.conn.get_autocommit():  # SQLite abandoned the whole transaction: nothing is written
+                        raise StorageError("The transaction was abandoned by the database; nothing was written.") \
+                            from exc
+                    del tx.topics[topics:]
+                    self.stores.outcomes.record(record, "failed", _command_failure(record, exc))
+            self.stores.cursor.save(max(cursor, batch[applied - 1].seq))
+        return applied
+
+    def _prepare_compaction(self, record: CommandRecord) -> Callable[[CommandRecord, List[str]], None]:
+        """Run a `compact_memory` command's model work now, outside any lock or transaction (no writer
+        waits on the model); return the effect that commits it, or re-raises its failure, in the batch."""
+        failure: Optional[Exception] = None
+        compaction = None
+        if not self.stores.outcomes.exists(record.seq):  # applied already: don't pay for the model again
+            try:
+                compaction = self._run_compaction(record)
+            except (LeaseLost, StorageError):
+                raise
+            except _STORAGE_FAILURES as exc:
+                raise storage_error(exc) from exc
+            except Exception as exc:  # noqa: BLE001 - recorded as the command's failure
+                failure = exc
+
+        def commit(command: CommandRecord, _targets: List[str]) -> None:
+            if failure is not None:
+                raise failure
+            self._commit_compaction(command, compaction)
+
+        return commit
+
+    @contextmanager
+    def _targets_locked(self, records: Sequence[CommandRecord]) -> Iterator[Dict[int, List[str]]]:
+        """Lock the runs the commands target; yield each command's targets (by seq), read under the locks.
+
+        The first guess is each command's own run; the targets are read under the locks taken so far
+        until no new one turns up (a tick may have started a child meanwhile: it must be locked too
+        before it is changed).
+        """
+        locked: set = set()
+        wanted = {record.seq: [record.run_id] for record in records}
+        while True:
+            locked |= {run_id for ids in wanted.values() for run_id in ids}
+            with self.gateway.runs_locked(locked):
+                wanted = {record.seq: self._command_targets(record) for record in records}
+                if all(locked.issuperset(ids) for ids in wanted.values()):
+                    yield wanted
+                    return
+
+    def _command_targets(self, record: CommandRecord) -> List[str]:
+        """The runs a command may change, known before it is applied (so their locks come first)."""
+        kind = record.type.lower()
+        if kind == "emit_event":
+            try:
+                return self.stores.runs.ids_waiting_on(self._event_wait_key(record))
+            except GatewayError:
+                return []
+        if kind == "update_schedule":
+            try:
+                return [schedule_root(self.stores.runs, record.run_id).run_id]
+            except GatewayError:
+                return []
+        return self.gateway.run_tree_ids(record.run_id)
+
+    def _apply_effect(self, record: CommandRecord, targets: List[str]) -> None:
+        payload = record.payload or {}
+        kind = record.type.lower()
+        if kind == "emit_event":
+            self._emit_event(record, targets)
+            return
+        if kind == "update_schedule":
+            update_schedule(self.stores, record, self.config.schedule_min_interval_s)
+            return
+        if not targets:  # the run tree, root first (locked), is empty: the command's run does not exist
+            raise NotFound(f"Run '{record.run_id}' not found", code="run_not_found")
+        if kind == "pause":  # the runtime leaves finished and already-paused runs as they are
+            for run_id in targets:
+                self.runtime.pause_run(run_id, reason=payload.get("reason"))
+        elif kind == "cancel":  # ...and finished runs, here
+            for run_id in targets:
+                self.runtime.cancel_run(run_id, reason=payload.get("reason") or "Cancelled")
+        elif kind == "resume":
+            self._resume(targets, payload)
+        else:
+            raise GatewayError(f"Unknown command type '{record.type}'", code="invalid_command_type")
+
+    def _resume(self, tree: List[str], payload: Dict[str, Any]) -> None:
+        """`resume` with a payload answers the root's wait; without one it unpauses the whole tree."""
+        if "payload" in payload:
+            self._resume_waiting(self.runtime.get_state(tree[0]), payload)
+            return
+        for run_id in tree:  # the runtime leaves finished and unpaused runs as they are
+            self.runtime.resume_run(run_id)
+        fire_schedule_now(self.stores.runs, tree[0])
+
+    def _run_compaction(self, record: CommandRecord) -> Tuple[StepWrites, str, RunState, str]:
+        """Run the runtime's MEMORY_COMPACT effect for a `compact_memory` command, out of band, on the
+        command's run (or `payload.target_run_id`); return its collected writes, job id, job and target.
+
+        It needs no LLM when there is nothing to compact; otherwise the runtime asks for an LLM call
+        (the workflow default model): without the LLM extra or a model the command fails with that
+        reason. Nothing is written here: `_commit_compaction` commits it with the command's outcome.
+        """
+        from abstractruntime import Effect, EffectType, StepPlan, WorkflowSpec
+
+        p = record.payload or {}
+        target = str(p.get("target_run_id") or p.get("targetRunId") or record.run_id)
+        for run_id in {record.run_id, target}:
+            if not self.stores.runs.exists(run_id):
+                raise NotFound(f"Run '{run_id}' not found", code="run_not_found")
+        mode = str(p.get("compression_mode") or "standard")
+        if mode not in ("light", "standard", "heavy"):
+            raise GatewayError("compression_mode must be light, standard or heavy", code="invalid_payload")
+        effect_payload = {"target_run_id": target, "preserve_recent": int(p.get("preserve_recent", 6)),
+                          "compression_mode": mode, **({"focus": p["focus"]} if p.get("focus") else {})}
+
+        def compact(job: RunState, ctx: Any) -> Any:
+            return StepPlan(node_id="compact", effect=Effect(type=EffectType.MEMORY_COMPACT, payload=effect_payload,
+                                                             result_key="result"), next_node="done")
+
+        def done(job: RunState, ctx: Any) -> Any:
+            return StepPlan(node_id="done", complete_output={"result": job.vars.get("result")})
+
+        spec = WorkflowSpec(workflow_id="__compact_memory__", entry_node="compact",
+                            nodes={"compact": compact, "done": done})
+        with self.uow.collect() as writes:
+            job_id = self.runtime.start(workflow=spec, vars={}, actor_id=ACTOR_ID, parent_run_id=None,
+                                        session_id=target)
+            job = self.runtime.tick(workflow=spec, run_id=job_id, max_steps=5)
+        if _enum_value(job.status) != "completed":
+            needs_llm = self.llm is None and "llm_call" in str(job.error or "")
+            raise Unprocessable(
+                f"compact_memory needs an LLM to summarise; install the '{LLM_EXTRA}' extra" if needs_llm
+                else f"compact_memory failed: {job.error}",
+                code="llm_extra_required" if needs_llm else "compact_failed")
+        return writes, job_id, job, target
+
+    def _commit_compaction(self, record: CommandRecord, compaction: Tuple[StepWrites, str, RunState, str]) -> None:
+        """Inside the command's transaction: commit a compaction unless a run it rewrote changed meanwhile."""
+        writes, job_id, job, target = compaction
+        changed = [rid for rid, text in writes.base.items()
+                   if rid in writes.runs and self.stores.runs.load_json(rid) != text]
+        if changed:
+            raise Conflict(f"Run '{changed[0]}' changed while its memory was being compacted; send the command again",
+                           code="compact_conflict")
+        for run_id, text in writes.ledger:
+            self.stores.ledger.append_json(run_id, text)
+        for row in writes.runs.values():
+            self.stores.runs.save_row(row)
+        state = self.stores.runs.load(target)
+        state.vars.setdefault("_runtime", {})["last_compact_memory"] = {
+            "command_id": record.command_id, "job_run_id": job_id, "at": utc_now_iso(), "result": job.output}
+        self.stores.runs.save(state)
+
+    def _resume_waiting(self, run: RunState, payload: Dict[str, Any]) -> None:
+        body = payload.get("payload")
+        if not isinstance(body, dict):
+            raise GatewayError("resume payload.payload must be an object", code="invalid_payload")
+        if _is_paused(run):
+            raise Conflict(f"Run '{run.run_id}' is paused; resume it first", code="run_paused")
+        if _enum_value(run.status) != "waiting" or run.waiting is None:
+            raise Conflict(f"Run '{run.run_id}' is not waiting (status {_enum_value(run.status)}): nothing to "
+                           "answer, or the wait was already answered", code="not_waiting")
+        wait_key = payload.get("wait_key", payload.get("waitKey"))
+        if wait_key is not None and run.waiting.wait_key is not None and wait_key != run.waiting.wait_key:
+            raise Conflict(f"wait_key mismatch: run waits on '{run.waiting.wait_key}', got '{wait_key}'",
+                           code="wait_key_mismatch")
+        details = run.waiting.details if isinstance(run.waiting.details, dict) else {}
+        if details.get("mode") == "approval_required":
+            _check_tool_answer(run.run_id, details, body)
+        spec = self.host.get(run.workflow_id)
+        if spec is None:
+            raise NotFound(f"Workflow '{run.workflow_id}' is not loaded", code="workflow_not_found")
+        self.runtime.resume(workflow=spec, run_id=run.run_id, wait_key=wait_key, payload=body, max_steps=0)
+
+    @staticmethod
+    def _event_wait_key(record: CommandRecord) -> str:
+        from abstractruntime.core.event_keys import build_event_wait_key
+
+        p = record.payload or {}
+        name = str(p.get("name") or "").strip()
+        if not name:
+            raise GatewayError("emit_event needs payload.name", code="invalid_payload")
+        scope = str(p.get("scope") or "session").strip().lower()
+        if scope not in ("session", "workflow", "run", "global"):
+            raise GatewayError("emit_event scope must be session, workflow, run or global", code="invalid_payload")
+        return build_event_wait_key(scope=scope, name=name,
+                                    session_id=p.get("session_id") or p.get("sessionId") or record.run_id,
+                                    workflow_id=p.get("workflow_id") or p.get("workflowId"),
+                                    run_id=p.get("run_id") or p.get("runId") or record.run_id)
+
+    def _emit_event(self, record: CommandRecord, waiting_run_ids: List[str]) -> None:
+        p = record.payload or {}
+        wait_key = self._event_wait_key(record)
+        name = str(p["name"]).strip()
+        scope = str(p.get("scope") or "session").strip().lower()
+        session_id = p.get("session_id") or p.get("sessionId") or record.run_id
+        body = p.get("payload")
+        envelope = {
+            "event_id": p.get("event_id") or p.get("eventId") or record.command_id, "name": name, "scope": scope,
+            "session_id": session_id, "payload": body if isinstance(body, dict) else {"value": body},
+            "emitted_at": p.get("emitted_at") or p.get("emittedAt") or utc_now_iso(),
+            "emitter": {"source": "external", "client_id": record.client_id},
+        }
+        for run_id in waiting_run_ids:  # the runs found (and locked) before the transaction began
+            run = self.stores.runs.load(run_id)
+            if run is None or run.waiting is None or run.waiting.wait_key != wait_key or _is_paused(run):
+                continue
+            spec = self.host.get(run.workflow_id)
+            if spec is not None:
+                self.runtime.resume(workflow=spec, run_id=run_id, wait_key=wait_key, payload=envelope, max_steps=0)
+
+
 class Gateway:
     """The service every front end drives: start runs, accept and apply commands, tick runs.
 
@@ -3808,6 +4253,7 @@ class Gateway:
         self.host.reload()
         self._last_lazy_reload = 0.0
         self._stripes = [threading.Lock() for _ in range(64)]
+        self.inbox = CommandInbox(self)
 
     def close(self) -> None:
         self.knowledge_graph.close()
@@ -3868,58 +4314,11 @@ class Gateway:
             raise GatewayError("flow_id is required", code="flow_id_required")
         target = self.host.resolve(bundle_id=bundle_id, bundle_version=bundle_version, flow_id=flow_id)
         self.host.startable_spec(target)
-        start = _parse_time(start_at, "start_at") if (start_at or "").strip().lower() not in ("", "now") else None
-        seconds = self._schedule_interval_s(interval) if interval else None
-        if repeat_count is not None and repeat_count <= 0:
-            raise GatewayError("repeat_count must be >= 1", code="invalid_schedule")
-        if repeat_count is not None and repeat_count > 1 and seconds is None:
-            raise GatewayError("repeat_count > 1 needs an interval", code="invalid_schedule")
-        if repeat_until:
-            if seconds is None or repeat_count is not None:
-                raise GatewayError("repeat_until needs an interval and excludes repeat_count", code="invalid_schedule")
-            until, begin = _parse_time(repeat_until, "repeat_until"), start or datetime.now(timezone.utc)
-            if until < begin:
-                raise GatewayError("repeat_until is before the start", code="invalid_schedule")
-            repeat_count = 1 + int((until - begin).total_seconds() // seconds)
-        if repeat_count is not None and repeat_count > MAX_SCHEDULE_EXECUTIONS:
-            raise GatewayError(f"schedule would run {repeat_count} times (max {MAX_SCHEDULE_EXECUTIONS})",
-                               code="invalid_schedule")
-        if repeat_count == 1:
-            interval = None
-        target_ref, _, target_flow = target.partition(":")
-        target_bundle, _, target_version = target_ref.partition("@")
-        now = utc_now_iso()
-        definition = {
-            "kind": "scheduled_run", "target_workflow_id": target, "target_bundle_id": target_bundle,
-            "target_bundle_version": target_version, "target_bundle_ref": target_ref, "target_flow_id": target_flow,
-            "start_at": start.isoformat() if start else None, "interval": interval, "repeat_count": repeat_count,
-            "repeat_until": repeat_until or None, "share_context": bool(share_context), "created_at": now,
-            "updated_at": now,
-        }
-        workflow_id = f"{SCHEDULE_PREFIX}{uuid.uuid4()}"
-        spec = self.host.register_schedule(workflow_id, definition)
+        definition = schedule_definition(target, start_at=start_at, interval=interval, repeat_count=repeat_count,
+                                         repeat_until=repeat_until, share_context=share_context,
+                                         min_interval_s=self.config.schedule_min_interval_s)
+        spec = self.host.register_schedule(f"{SCHEDULE_PREFIX}{uuid.uuid4()}", definition)
         return self._start(spec, {"vars": dict(input_data or {}), "_meta": {"schedule": definition}}, session_id)
-
-    def _schedule_interval_s(self, interval: str) -> float:
-        """Seconds of a schedule `interval`, refused below `schedule_min_interval_s` (a 1 ms schedule
-        would spawn child runs as fast as the runner can tick)."""
-        seconds = parse_interval(interval)
-        floor = self.config.schedule_min_interval_s
-        if seconds < floor:
-            raise Unprocessable(f"Interval {interval!r} is shorter than the minimum of {floor:g}s "
-                                "(ABSTRACTGATEWAY_SCHEDULE_MIN_INTERVAL_S)", code="interval_too_short")
-        return seconds
-
-    def schedule_root(self, run_id: str) -> RunState:
-        """The scheduled parent run `run_id` belongs to (itself or an ancestor)."""
-        run = self.stores.runs.load(run_id)
-        if run is None:
-            raise NotFound(f"Run '{run_id}' not found", code="run_not_found")
-        while run is not None and schedule_of(run) is None:
-            run = self.stores.runs.load(run.parent_run_id) if run.parent_run_id else None
-        if run is None:
-            raise GatewayError(f"Run '{run_id}' is not part of a scheduled run", code="not_scheduled")
-        return run
 
     def load_run(self, run_id: str) -> RunState:
         state = self.stores.runs.load(run_id)
@@ -3983,7 +4382,7 @@ class Gateway:
             return self.llm.generate(provider=provider, model=model, system_prompt=system_prompt, messages=messages)
         except Exception as exc:  # noqa: BLE001 - any provider failure is the provider's, reported as such
             raise GatewayError(f"The model did not answer ({provider}/{model}): {type(exc).__name__}: {exc}",
-                               status=502, code="llm_failed") from None
+                               code="llm_failed") from None
 
     def summarize_run(self, run_id: str, *, provider: Optional[str] = None, model: Optional[str] = None,
                       include_subruns: bool = True) -> Dict[str, Any]:
@@ -4028,57 +4427,20 @@ class Gateway:
 
     def submit_command(self, *, command_id: str, run_id: str, type: str, payload: Optional[Dict[str, Any]] = None,
                        ts: Optional[str] = None, client_id: Optional[str] = None) -> CommandAppendResult:
-        """Append to the durable inbox (idempotent on `command_id`); application is asynchronous."""
-        if type not in COMMAND_TYPES:
-            raise GatewayError(f"type must be one of {'|'.join(COMMAND_TYPES)}", code="invalid_command_type")
-        if not str(command_id or "").strip():  # a generated id would make every retry a new command
-            raise Unprocessable("Field 'command_id' must be non-empty (it makes retries idempotent)",
-                                code="validation_error")
-        record = CommandRecord(command_id=command_id, run_id=run_id, type=type, payload=dict(payload or {}),
-                               ts=ts or utc_now_iso(), client_id=client_id)
-        try:
-            return self.stores.commands.append(record)
-        except ValueError as exc:
-            raise GatewayError(f"Failed to append command: {exc}", code="invalid_command") from None
+        """Append to the durable inbox (idempotent on `command_id`); the runner applies it (see `CommandInbox`)."""
+        return self.inbox.submit(command_id=command_id, run_id=run_id, type=type, payload=payload, ts=ts,
+                                 client_id=client_id)
 
     def command_status(self, command_id: str, record: Optional[CommandRecord] = None) -> Dict[str, Any]:
-        record = record or self.stores.commands.get(command_id)
-        if record is None:
-            raise NotFound(f"Command '{command_id}' not found", code="command_not_found")
-        outcome = self.stores.outcomes.get(command_id)
-        return {"command_id": record.command_id, "seq": record.seq, "run_id": record.run_id, "type": record.type,
-                "ts": record.ts, "status": outcome["status"] if outcome else "pending",
-                "error": outcome["error"] if outcome else None,
-                "applied_at": outcome["applied_at"] if outcome else None}
+        return self.inbox.status(command_id, record)
 
     def apply_pending_commands(self, lease: Optional[LeaseToken] = None) -> int:
-        """Apply every inbox command after the cursor, in seq order; return how many.
-
-        With `lease`, each command is applied only while that lease is still held.
-        """
-        records, _ = self.stores.commands.list_after(after=self.stores.cursor.load(),
-                                                     limit=self.config.command_batch_limit)
-        for record in records:
-            self.apply_command(record, lease)
-        return len(records)
+        return self.inbox.apply_pending(lease)
 
     def check_lease(self, lease: Optional[LeaseToken]) -> None:
         """Inside a write transaction: raise `LeaseLost` unless `lease` (if given) is still held."""
         if lease is not None and not self.stores.leases.holds(RUNNER_LEASE, lease):
             raise LeaseLost(f"runner {lease.owner} no longer holds the lease (epoch {lease.epoch})")
-
-    @contextmanager
-    def _targets_locked(self, record: CommandRecord) -> Iterator[List[str]]:
-        """Lock the runs a command targets, re-reading them under the locks until the set is stable
-        (a tick may have started a child meanwhile: it must be locked too before it is changed)."""
-        targets = self._command_targets(record)
-        while True:
-            with self.runs_locked(targets):
-                current = self._command_targets(record)
-                if set(current) <= set(targets):
-                    yield current
-                    return
-            targets = sorted(set(targets) | set(current))
 
     @contextmanager
     def runs_locked(self, run_ids: Iterable[str]) -> Iterator[None]:
@@ -4087,8 +4449,6 @@ class Gateway:
         A tick and a command on the same run never interleave, so a tick cannot overwrite the
         cancel or pause that was applied while it ran. Take these before any transaction.
         """
-        import zlib
-
         stripes = sorted({zlib.crc32(rid.encode()) % len(self._stripes) for rid in run_ids})
         for index in stripes:
             self._stripes[index].acquire()
@@ -4097,252 +4457,6 @@ class Gateway:
         finally:
             for index in reversed(stripes):
                 self._stripes[index].release()
-
-    def _command_targets(self, record: CommandRecord) -> List[str]:
-        """The runs a command may change, known before it is applied (so their locks come first)."""
-        kind = record.type.lower()
-        if kind == "emit_event":
-            try:
-                return self.stores.runs.ids_waiting_on(self._event_wait_key(record))
-            except GatewayError:
-                return []
-        if kind == "update_schedule":
-            try:
-                return [self.schedule_root(record.run_id).run_id]
-            except GatewayError:
-                return []
-        return self.run_tree_ids(record.run_id)
-
-    def apply_command(self, record: CommandRecord, lease: Optional[LeaseToken] = None) -> None:
-        """Apply one command exactly once: effect + outcome + cursor in one transaction.
-
-        Inside that transaction the command is skipped if it already has an outcome, and refused
-        (`LeaseLost`) if `lease` is no longer held: a runner that stalled past its lease can never
-        apply a command the new holder applies too.
-        """
-        db = self.stores.db
-        try:
-            # A compaction may wait on a model: it runs first, outside any lock or transaction, with its
-            # writes collected; the transaction below only commits them (no writer waits on the model).
-            compaction = None
-            if record.type.lower() == "compact_memory" and not self.stores.outcomes.exists(record.seq):
-                compaction = self._run_compaction(record)
-            with self._targets_locked(record) as targets, db.transaction():
-                if self._already_applied(record, lease):
-                    return
-                if compaction is not None:
-                    self._commit_compaction(record, compaction)
-                else:
-                    self._apply_effect(record, targets)
-                self.stores.outcomes.record(record, "applied")
-                self.stores.cursor.save(record.seq)
-        except (LeaseLost, StorageError):
-            raise  # not the command's fault: it stays pending and is applied once storage answers
-        except _STORAGE_FAILURES as exc:
-            raise storage_error(exc) from exc
-        except Exception as exc:  # noqa: BLE001 - every failure is recorded, none wedges the inbox
-            reason = exc.detail if isinstance(exc, GatewayError) else f"{type(exc).__name__}: {exc}"
-            if not isinstance(exc, (GatewayError, ValueError, KeyError)):
-                _log(f"command {record.command_id} ({record.type}) failed unexpectedly: {reason}")
-            with db.transaction():
-                if self._already_applied(record, lease):
-                    return
-                self.stores.outcomes.record(record, "failed", reason)
-                self.stores.cursor.save(record.seq)
-        self.wake_runner()
-
-    def _already_applied(self, record: CommandRecord, lease: Optional[LeaseToken]) -> bool:
-        """Inside the apply transaction: refuse without the lease; True if an outcome exists."""
-        self.check_lease(lease)
-        if self.stores.outcomes.exists(record.seq):
-            self.stores.cursor.save(max(record.seq, self.stores.cursor.load()))
-            return True
-        return False
-
-    def _apply_effect(self, record: CommandRecord, targets: List[str]) -> None:
-        payload = record.payload or {}
-        kind = record.type.lower()
-        if kind == "emit_event":
-            self._emit_event(record, targets)
-            return
-        if kind == "update_schedule":
-            self._update_schedule(record)
-            return
-        tree = [run for run in map(self.stores.runs.load, targets) if run is not None]  # locked, root first
-        if not tree:
-            raise NotFound(f"Run '{record.run_id}' not found", code="run_not_found")
-        if kind == "pause":
-            for run in tree:
-                if _enum_value(run.status) not in TERMINAL_STATUSES:
-                    self.runtime.pause_run(run.run_id, reason=payload.get("reason"))
-        elif kind == "cancel":
-            for run in tree:
-                if _enum_value(run.status) not in TERMINAL_STATUSES:
-                    self.runtime.cancel_run(run.run_id, reason=payload.get("reason") or "Cancelled")
-        elif kind == "resume":
-            self._resume(tree, payload)
-        else:
-            raise GatewayError(f"Unknown command type '{record.type}'", code="invalid_command_type")
-
-    def _resume(self, tree: List[RunState], payload: Dict[str, Any]) -> None:
-        """`resume` with a payload answers the root's wait; without one it unpauses the whole tree."""
-        if "payload" in payload:
-            self._resume_waiting(tree[0], payload)
-            return
-        for run in tree:
-            if _is_paused(run):
-                self.runtime.resume_run(run.run_id)
-        self._fire_recurrent_schedule_now(tree[0])
-
-    def _fire_recurrent_schedule_now(self, run: RunState) -> None:
-        """Resuming a recurrent schedule that waits for its next slot runs the next execution at once."""
-        sched = schedule_of(run)
-        run = self.stores.runs.load(run.run_id)
-        if sched and sched.get("interval") and run.waiting is not None and _enum_value(run.waiting.reason) == "until":
-            run.waiting.until = utc_now_iso()
-            run.updated_at = utc_now_iso()
-            self.stores.runs.save(run)
-
-    def _run_compaction(self, record: CommandRecord) -> Tuple[StepWrites, str, RunState, str]:
-        """Run the runtime's MEMORY_COMPACT effect for a `compact_memory` command, out of band, on the
-        command's run (or `payload.target_run_id`); return its collected writes, job id, job and target.
-
-        It needs no LLM when there is nothing to compact; otherwise the runtime asks for an LLM call
-        (the workflow default model): without the LLM extra or a model the command fails with that
-        reason. Nothing is written here: `_commit_compaction` commits it with the command's outcome.
-        """
-        from abstractruntime import Effect, EffectType, StepPlan, WorkflowSpec
-
-        p = record.payload or {}
-        target = str(p.get("target_run_id") or p.get("targetRunId") or record.run_id)
-        for run_id in {record.run_id, target}:
-            if not self.stores.runs.exists(run_id):
-                raise NotFound(f"Run '{run_id}' not found", code="run_not_found")
-        mode = str(p.get("compression_mode") or "standard")
-        if mode not in ("light", "standard", "heavy"):
-            raise GatewayError("compression_mode must be light, standard or heavy", code="invalid_payload")
-        effect_payload = {"target_run_id": target, "preserve_recent": int(p.get("preserve_recent", 6)),
-                          "compression_mode": mode, **({"focus": p["focus"]} if p.get("focus") else {})}
-
-        def compact(job: RunState, ctx: Any) -> Any:
-            return StepPlan(node_id="compact", effect=Effect(type=EffectType.MEMORY_COMPACT, payload=effect_payload,
-                                                             result_key="result"), next_node="done")
-
-        def done(job: RunState, ctx: Any) -> Any:
-            return StepPlan(node_id="done", complete_output={"result": job.vars.get("result")})
-
-        spec = WorkflowSpec(workflow_id="__compact_memory__", entry_node="compact",
-                            nodes={"compact": compact, "done": done})
-        with self.uow.collect() as writes:
-            job_id = self.runtime.start(workflow=spec, vars={}, actor_id=ACTOR_ID, parent_run_id=None,
-                                        session_id=target)
-            job = self.runtime.tick(workflow=spec, run_id=job_id, max_steps=5)
-        if _enum_value(job.status) != "completed":
-            needs_llm = self.llm is None and "llm_call" in str(job.error or "")
-            raise Unprocessable(
-                f"compact_memory needs an LLM to summarise; install the '{LLM_EXTRA}' extra" if needs_llm
-                else f"compact_memory failed: {job.error}",
-                code="llm_extra_required" if needs_llm else "compact_failed")
-        return writes, job_id, job, target
-
-    def _commit_compaction(self, record: CommandRecord, compaction: Tuple[StepWrites, str, RunState, str]) -> None:
-        """Inside the command's transaction: commit a compaction unless a run it rewrote changed meanwhile."""
-        writes, job_id, job, target = compaction
-        changed = [rid for rid, text in writes.base.items()
-                   if rid in writes.runs and self.stores.runs.load_json(rid) != text]
-        if changed:
-            raise Conflict(f"Run '{changed[0]}' changed while its memory was being compacted; send the command again",
-                           code="compact_conflict")
-        for run_id, text in writes.ledger:
-            self.stores.ledger.append_json(run_id, text)
-        for row in writes.runs.values():
-            self.stores.runs.save_row(row)
-        state = self.stores.runs.load(target)
-        state.vars.setdefault("_runtime", {})["last_compact_memory"] = {
-            "command_id": record.command_id, "job_run_id": job_id, "at": utc_now_iso(), "result": job.output}
-        self.stores.runs.save(state)
-
-    def _update_schedule(self, record: CommandRecord) -> None:
-        payload = record.payload or {}
-        interval = payload.get("interval") or payload.get("schedule")
-        if not interval:
-            raise GatewayError("update_schedule needs payload.interval", code="invalid_payload")
-        seconds = self._schedule_interval_s(interval)
-        root = self.schedule_root(record.run_id)
-        sched = root.vars["_meta"]["schedule"]
-        if not sched.get("interval"):
-            raise GatewayError(f"Run '{root.run_id}' is a one-shot schedule (no interval to update)",
-                               code="not_recurrent")
-        now = utc_now_iso()
-        sched.update(interval=interval, updated_at=now)
-        waiting = root.waiting
-        if (payload.get("apply_immediately", True) and _enum_value(root.status) == "waiting" and waiting is not None
-                and _enum_value(waiting.reason) == "until" and root.current_node == "wait_interval"):
-            waiting.until = _iso_after(seconds)
-        root.vars.setdefault("_runtime", {})["last_schedule_update"] = {
-            "command_id": record.command_id, "interval": interval, "updated_at": now,
-            "requested_run_id": record.run_id, "scheduled_root_run_id": root.run_id}
-        root.updated_at = now
-        self.stores.runs.save(root)
-        self.stores.dynamic_flows.put(root.workflow_id, sched)
-
-    def _resume_waiting(self, run: RunState, payload: Dict[str, Any]) -> None:
-        body = payload.get("payload")
-        if not isinstance(body, dict):
-            raise GatewayError("resume payload.payload must be an object", code="invalid_payload")
-        if _is_paused(run):
-            raise Conflict(f"Run '{run.run_id}' is paused; resume it first", code="run_paused")
-        if _enum_value(run.status) != "waiting" or run.waiting is None:
-            raise Conflict(f"Run '{run.run_id}' is not waiting (status {_enum_value(run.status)}): nothing to "
-                           "answer, or the wait was already answered", code="not_waiting")
-        wait_key = payload.get("wait_key", payload.get("waitKey"))
-        if wait_key is not None and run.waiting.wait_key is not None and wait_key != run.waiting.wait_key:
-            raise Conflict(f"wait_key mismatch: run waits on '{run.waiting.wait_key}', got '{wait_key}'",
-                           code="wait_key_mismatch")
-        details = run.waiting.details if isinstance(run.waiting.details, dict) else {}
-        if details.get("mode") == "approval_required":
-            _check_tool_answer(run.run_id, details, body)
-        spec = self.host.get(run.workflow_id)
-        if spec is None:
-            raise NotFound(f"Workflow '{run.workflow_id}' is not loaded", code="workflow_not_found")
-        self.runtime.resume(workflow=spec, run_id=run.run_id, wait_key=wait_key, payload=body, max_steps=0)
-
-    @staticmethod
-    def _event_wait_key(record: CommandRecord) -> str:
-        from abstractruntime.core.event_keys import build_event_wait_key
-
-        p = record.payload or {}
-        name = str(p.get("name") or "").strip()
-        if not name:
-            raise GatewayError("emit_event needs payload.name", code="invalid_payload")
-        scope = str(p.get("scope") or "session").strip().lower()
-        if scope not in ("session", "workflow", "run", "global"):
-            raise GatewayError("emit_event scope must be session, workflow, run or global", code="invalid_payload")
-        return build_event_wait_key(scope=scope, name=name,
-                                    session_id=p.get("session_id") or p.get("sessionId") or record.run_id,
-                                    workflow_id=p.get("workflow_id") or p.get("workflowId"),
-                                    run_id=p.get("run_id") or p.get("runId") or record.run_id)
-
-    def _emit_event(self, record: CommandRecord, waiting_run_ids: List[str]) -> None:
-        p = record.payload or {}
-        wait_key = self._event_wait_key(record)
-        name = str(p["name"]).strip()
-        scope = str(p.get("scope") or "session").strip().lower()
-        session_id = p.get("session_id") or p.get("sessionId") or record.run_id
-        body = p.get("payload")
-        envelope = {
-            "event_id": p.get("event_id") or p.get("eventId") or record.command_id, "name": name, "scope": scope,
-            "session_id": session_id, "payload": body if isinstance(body, dict) else {"value": body},
-            "emitted_at": p.get("emitted_at") or p.get("emittedAt") or utc_now_iso(),
-            "emitter": {"source": "external", "client_id": record.client_id},
-        }
-        for run_id in waiting_run_ids:  # the runs found (and locked) before the transaction began
-            run = self.stores.runs.load(run_id)
-            if run is None or run.waiting is None or run.waiting.wait_key != wait_key or _is_paused(run):
-                continue
-            spec = self.host.get(run.workflow_id)
-            if spec is not None:
-                self.runtime.resume(workflow=spec, run_id=run_id, wait_key=wait_key, payload=envelope, max_steps=0)
 
     # -- ticks ------------------------------------------------------------------------------------
 
@@ -4545,21 +4659,6 @@ def _slim_record(record: Dict[str, Any]) -> Dict[str, Any]:
     elif payload or result is not None:
         out["detail"] = _clip(_json_dumps({"payload": payload, "result": result}), 1500)
     return out
-
-
-def schedule_of(run: RunState) -> Optional[Dict[str, Any]]:
-    """The schedule definition of a scheduled parent run, else None."""
-    meta = run.vars.get("_meta") if isinstance(run.vars, dict) else None
-    sched = meta.get("schedule") if isinstance(meta, dict) else None
-    return sched if isinstance(sched, dict) and sched.get("kind") == "scheduled_run" else None
-
-
-def _parse_time(text: Optional[str], name: str) -> datetime:
-    try:
-        value = datetime.fromisoformat(str(text).strip().replace("Z", "+00:00"))
-    except ValueError:
-        raise GatewayError(f"{name} must be an ISO-8601 time, got {text!r}", code="invalid_schedule") from None
-    return (value if value.tzinfo else value.replace(tzinfo=timezone.utc)).astimezone(timezone.utc)
 
 
 # Quick steps (transitions, zero-length waits) are committed together until this much time has passed
@@ -4841,28 +4940,28 @@ class Workspace:
             raise GatewayError("path must be valid UTF-8 text without NUL characters", code="invalid_path")
         if not self.mounts:
             raise GatewayError("No workspace mounts are configured on this gateway (ABSTRACTGATEWAY_WORKSPACE_MOUNTS)",
-                               status=403, code="workspace_not_configured")
+                               code="workspace_not_configured")
         text = text.replace("\\", "/")
         try:
             if text.startswith("/"):
                 real = Path(os.path.realpath(text))
                 inside = [(name, root) for name, root in self.mounts.items() if _is_within(real, root)]
                 if not inside:
-                    raise GatewayError("path is outside workspace roots", status=403, code="path_outside_workspace")
+                    raise GatewayError("path is outside workspace roots", code="path_outside_workspace")
                 name, root = max(inside, key=lambda item: len(str(item[1])))
             else:
                 parts = [p for p in text.split("/") if p not in ("", ".")]
                 if ".." in parts:
-                    raise GatewayError("path escapes workspace root", status=403, code="path_escape")
+                    raise GatewayError("path escapes workspace root", code="path_escape")
                 name = parts[0] if parts else ""
                 if name not in self.mounts:
                     raise GatewayError("path must start with a workspace mount name"
                                        f" ({', '.join(sorted(self.mounts))})",
-                                       status=403, code="path_outside_workspace")
+                                       code="path_outside_workspace")
                 root = self.mounts[name]
                 real = Path(os.path.realpath(root.joinpath(*parts[1:])))
                 if not _is_within(real, root):  # a symlink pointing out of the mount
-                    raise GatewayError("path escapes workspace root", status=403, code="path_escape")
+                    raise GatewayError("path escapes workspace root", code="path_escape")
         except (OSError, ValueError):
             raise GatewayError("invalid path", code="invalid_path") from None
         rel = real.relative_to(root).as_posix()
@@ -5107,8 +5206,7 @@ def file_report(stores: Stores, report_type: str, body: Dict[str, Any]) -> Dict[
     if not description.strip():
         raise GatewayError("description is required", code="validation_error")
     if len(description) > REPORT_MAX_DESCRIPTION:
-        raise GatewayError(f"description is too large (max {REPORT_MAX_DESCRIPTION:,} chars)", status=413,
-                           code="too_large")
+        raise GatewayError(f"description is too large (max {REPORT_MAX_DESCRIPTION:,} chars)", code="too_large")
     fields = {name: str(body.get(name) or "").strip() for name in REPORT_FIELDS}
     context = body.get("context") if isinstance(body.get("context"), dict) else {}
     created_at = utc_now_iso()
@@ -5711,7 +5809,7 @@ def _finite_float(text: str) -> float:
 class InvalidText(GatewayError):
     """Text that cannot be stored: invalid UTF-8 or a lone surrogate (e.g. a JSON `\\ud800` escape)."""
 
-    status, code = 422, "invalid_text"
+    code = "invalid_text"
 
 
 def _unencodable_path(value: Any) -> Optional[str]:
@@ -5746,8 +5844,6 @@ def _check_request_text(environ: Dict[str, Any]) -> None:
     """Refuse a path or query string that is not valid UTF-8. Checked on the raw request target:
     werkzeug's server has already turned invalid bytes in PATH_INFO into U+FFFD, so the id a client
     sent and the one the gateway would store or report would silently differ."""
-    from urllib.parse import unquote_to_bytes
-
     target = environ.get("REQUEST_URI") or environ.get("RAW_URI")
     if target:
         raw = target.encode("latin-1", "replace")
@@ -5761,7 +5857,7 @@ def _check_request_text(environ: Dict[str, Any]) -> None:
         query = environ.get("QUERY_STRING", "").encode("latin-1", "replace")
     for name, data in (("path", path), ("query string", query.replace(b"+", b" "))):
         try:
-            unquote_to_bytes(data).decode("utf-8")
+            urllib.parse.unquote_to_bytes(data).decode("utf-8")
         except UnicodeError:
             raise InvalidText(f"The request {name} is not valid UTF-8 text") from None
 
@@ -5782,8 +5878,6 @@ class JsonResponse:
         self.headers = dict(headers or {})
 
     def __call__(self, environ: Dict[str, Any], start_response: Callable) -> Iterable[bytes]:
-        from http import HTTPStatus
-
         try:
             reason = HTTPStatus(self.status_code).phrase
         except ValueError:
@@ -5805,8 +5899,22 @@ def error_response(status: int, code: str, detail: str, headers: Optional[Dict[s
     return json_response({"detail": _safe_text(detail), "code": code, **extra}, status, headers)
 
 
-# What a storage failure answers: busy and I/O trouble may pass (503), a full disk needs the operator (507).
-STORAGE_ERROR_STATUS = {"database_busy": 503, "disk_full": 507, "storage_error": 503}
+# The HTTP status of each error the sections below HTTP raise, which carry a code only: by code first,
+# then by the error's class. Storage: busy and I/O trouble may pass (503), a full disk needs the operator (507).
+ERROR_STATUS = {
+    "database_busy": 503, "disk_full": 507, "storage_error": 503,
+    "workspace_not_configured": 403, "path_outside_workspace": 403, "path_escape": 403, "permission_denied": 403,
+    "request_timeout": 408, "too_large": 413, "invalid_text": 422, "streams_unsupported": 501, "llm_failed": 502,
+}
+_CLASS_STATUS = ((NotFound, 404), (Conflict, 409), (Unprocessable, 422), (GatewayError, 400), (StorageError, 503))
+
+
+def error_status(exc: GatewayError | StorageError) -> int:
+    """The HTTP status that answers `exc`."""
+    status = ERROR_STATUS.get(exc.code)
+    if status is None:
+        status = next(code for cls, code in _CLASS_STATUS if isinstance(exc, cls))
+    return status
 
 
 class GatewayApp:
@@ -5841,10 +5949,10 @@ class GatewayApp:
             response = getattr(self, route.handler)(request, *match.args.values(), **query,
                                                     **({"body": body} if route.body else {}))
         except GatewayError as exc:
-            response = error_response(exc.status, exc.code, exc.detail)
+            response = error_response(error_status(exc), exc.code, exc.detail)
         except (StorageError, *_STORAGE_FAILURES) as exc:  # a passing condition of the disk, not a bug
             err = storage_error(exc)
-            response = error_response(STORAGE_ERROR_STATUS.get(err.code, 503), err.code, err.detail)
+            response = error_response(error_status(err), err.code, err.detail)
             if err.retry_after_s:
                 response.headers["Retry-After"] = str(err.retry_after_s)
         except HTTPException as exc:
@@ -6023,14 +6131,14 @@ class GatewayApp:
         cap = self.gateway.config.max_bundle_bytes
         if request.content_length is not None and request.content_length > cap + MULTIPART_OVERHEAD:
             raise GatewayError(f"Bundle too large ({request.content_length} bytes > {cap} bytes)",
-                               status=413, code="too_large")
+                               code="too_large")
         request.max_content_length = cap + MULTIPART_OVERHEAD
         upload = request.files.get("file")
         if upload is None:
             raise Unprocessable("Field 'file' is required (multipart/form-data)", code="validation_error")
         content = upload.read(cap + 1)
         if len(content) > cap:
-            raise GatewayError(f"Bundle too large (> {cap} bytes)", status=413, code="too_large")
+            raise GatewayError(f"Bundle too large (> {cap} bytes)", code="too_large")
         flags = {name: _parse_param(Param(name, "bool", default), request.form.get(name))
                  for name, default in (("overwrite", False), ("reload", True))}
         bundle = host.install(content, overwrite=flags["overwrite"])
@@ -6157,14 +6265,10 @@ class GatewayApp:
         metrics = self.gateway.stores.ledger.metrics_many([r["run_id"] for r in rows]) if include_metrics else {}
         items = []
         for row in rows:
-            item = {"run_id": row["run_id"], "workflow_id": row["workflow_id"], "status": row["status"],
-                    "current_node": None, "created_at": row["created_at"], "updated_at": row["updated_at"],
-                    "actor_id": row["actor_id"], "session_id": row["session_id"], "parent_run_id": row["parent_run_id"],
-                    "error": None, "paused": False, "pause_reason": None, "paused_at": None, "resumed_at": None,
-                    "waiting": ({"reason": row["wait_reason"],
-                                 **({"until": row["wait_until"]} if row["wait_until"] else {})}
-                                if row["wait_reason"] else None),
-                    "is_scheduled": False, "schedule": None, "limits": None}
+            state = self.gateway.stores.runs.load(row["run_id"])
+            if state is None:  # deleted since the page was read
+                continue
+            item = run_summary(state)  # the shape of `GET /runs/{id}`: one summary, not two
             if include_ledger_len:
                 item["ledger_len"] = counts.get(row["run_id"], 0)
             if include_metrics:  # like the original: null for a run with no completed step yet
@@ -6317,7 +6421,7 @@ class GatewayApp:
             if not 0 <= after <= MAX_CURSOR:
                 raise Unprocessable("Last-Event-ID must be an integer cursor", code="validation_error")
         if not request.environ.get("abstractgateway.streams"):
-            raise GatewayError("SSE needs the gateway's own server (`abstractgateway serve`)", status=501,
+            raise GatewayError("SSE needs the gateway's own server (`abstractgateway serve`)",
                                code="streams_unsupported")
         # The server hands the connection to its stream writer once the middlewares let this 200 through.
         request.environ["abstractgateway.sse"] = LedgerStream(self.gateway, run_id, after, heartbeat_s, self)
@@ -6382,7 +6486,7 @@ class GatewayApp:
         cap = self.gateway.config.max_attachment_bytes
         if request.content_length is not None and request.content_length > cap + MULTIPART_OVERHEAD:
             raise GatewayError(f"Attachment too large ({request.content_length} bytes > {cap} bytes)",
-                               status=413, code="too_large")
+                               code="too_large")
         request.max_content_length = cap + MULTIPART_OVERHEAD  # also bounds chunked bodies, while parsing
         upload = request.files.get("file")
         if upload is None:
@@ -6394,7 +6498,7 @@ class GatewayApp:
             raise GatewayError("session_id is required", code="validation_error")
         content = upload.read(cap + 1)
         if len(content) > cap:
-            raise GatewayError(f"Attachment too large (more than {cap} bytes)", status=413, code="too_large")
+            raise GatewayError(f"Attachment too large (more than {cap} bytes)", code="too_large")
         filename = (request.form.get("filename") or "").strip() or (upload.filename or "").strip() or "upload.bin"
         content_type = (request.form.get("content_type") or "").strip() or (upload.mimetype or "")
         return json_response(store_attachment(
@@ -6414,13 +6518,13 @@ class GatewayApp:
         try:
             size = real.stat().st_size
             if size > cap:
-                raise GatewayError(f"Attachment too large ({size} bytes > {cap} bytes)", status=413, code="too_large")
+                raise GatewayError(f"Attachment too large ({size} bytes > {cap} bytes)", code="too_large")
             with open(real, "rb") as fh:
                 content = fh.read(cap + 1)
         except PermissionError:
-            raise GatewayError(f"Permission denied reading '{name}'", status=403, code="permission_denied") from None
+            raise GatewayError(f"Permission denied reading '{name}'", code="permission_denied") from None
         if len(content) > cap:  # it grew since the stat
-            raise GatewayError(f"Attachment too large (more than {cap} bytes)", status=413, code="too_large")
+            raise GatewayError(f"Attachment too large (more than {cap} bytes)", code="too_large")
         filename = str(body.get("filename") or "").strip() or real.name
         return json_response(store_attachment(
             self.gateway.stores, session_id=session_id, content=content, filename=filename,
@@ -6524,14 +6628,10 @@ def _start_pins(flow: Dict[str, Any]) -> List[Dict[str, Any]]:
 
 
 def _encode_cursor(updated_at: str, run_id: str) -> str:
-    import base64
-
     return base64.urlsafe_b64encode(f"{updated_at}\n{run_id}".encode()).decode().rstrip("=")
 
 
 def _decode_cursor(cursor: str) -> Tuple[str, str]:
-    import base64
-
     try:
         updated_at, run_id = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode().split("\n", 1)
     except (ValueError, UnicodeDecodeError):
@@ -6856,11 +6956,11 @@ _HEX_DIGITS = frozenset("0123456789abcdefABCDEF")
 
 
 class BadRequestBody(GatewayError):
-    status, code = 400, "bad_request_body"
+    code = "bad_request_body"
 
 
 class RequestTimeout(GatewayError):
-    status, code = 408, "request_timeout"
+    code = "request_timeout"
 
 
 class _Connection:
@@ -8437,7 +8537,7 @@ def _config_from_args(args: argparse.Namespace) -> Config:
 
 def _cmd_migrate(args: argparse.Namespace) -> int:
     config = _config_from_args(args)
-    stores = open_stores(Config({**config.__dict__, "store_backend": "sqlite"}, config.sources))
+    stores = open_stores(config.replace(store_backend="sqlite"))
     try:
         report = migrate(args.source, stores, data_dir=config.data_dir, source_db=args.source_db)
     except (FileNotFoundError, ValueError) as exc:

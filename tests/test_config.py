@@ -66,6 +66,15 @@ def test_a_flag_wins_over_the_env_which_wins_over_the_default(tmp_path):
     assert (config.port, config.sources["port"]) == (8080, "default")
 
 
+def test_config_replace_changes_only_the_settings_it_names(tmp_path):
+    config = gw.Config.load(environ={"ABSTRACTGATEWAY_DATA_DIR": str(tmp_path), "ABSTRACTGATEWAY_POLL_S": "0.5"})
+    changed = config.replace(store_backend="file")
+    assert (changed.store_backend, config.store_backend) == ("file", "sqlite")
+    assert changed.poll_s == 0.5 and changed.data_dir == config.data_dir and changed.sources == config.sources
+    with pytest.raises(TypeError, match="no_such_setting"):
+        config.replace(no_such_setting=1)
+
+
 def test_a_flag_for_data_dir_moves_the_computed_paths_too(tmp_path):
     config = gw.Config.load(environ={"ABSTRACTGATEWAY_DATA_DIR": str(tmp_path / "env")},
                             overrides={"data_dir": str(tmp_path / "flag")})

@@ -62,6 +62,17 @@ def test_unknown_paths_and_methods_use_the_error_shape(live_server):
     assert status == 404 and _is_error(data)
 
 
+def test_errors_below_http_carry_a_code_and_the_http_section_picks_the_status():
+    assert not hasattr(gw.GatewayError("x"), "status")
+    cases = [(gw.GatewayError("x", code="validation_error"), 400),
+             (gw.Unprocessable("x", code="validation_error"), 422), (gw.NotFound("x", code="run_not_found"), 404),
+             (gw.Conflict("x", code="not_waiting"), 409),
+             (gw.GatewayError("x", code="path_escape"), 403), (gw.GatewayError("x", code="too_large"), 413),
+             (gw.GatewayError("x", code="llm_failed"), 502), (gw.DiskFull("x"), 507), (gw.DatabaseBusy("x"), 503),
+             (gw.StorageError("x"), 503), (gw.RequestTimeout("x"), 408), (gw.InvalidText("x"), 422)]
+    assert [gw.error_status(exc) for exc, _ in cases] == [status for _, status in cases]
+
+
 # -- bundles ----------------------------------------------------------------------------------------
 
 
@@ -145,6 +156,16 @@ def test_start_get_list_input(live_server):
     assert status == 422 and "limit" in data["detail"]
     status, _, data = live_server.get(f"{API}/runs/{run_id}/history_bundle")
     assert status == 200 and data["root_run_id"] == run_id
+
+
+def test_listed_runs_have_the_shape_and_values_of_a_run_read_alone(live_server):
+    run_id = _start(live_server, bundle_id="wait-key", session_id="shape")
+    _wait_status(live_server, run_id, "waiting")
+    live_server.post(f"{API}/commands", {"command_id": "shape-pause", "run_id": run_id, "type": "pause",
+                                         "payload": {"reason": "lunch"}})
+    alone = wait_for(lambda: (d := live_server.get(f"{API}/runs/{run_id}")[2])["paused"] and d)
+    listed = live_server.get(f"{API}/runs?session_id=shape&include_ledger_len=false")[2]["items"]
+    assert listed == [alone] and alone["pause_reason"] == "lunch" and alone["current_node"]
 
 
 def test_start_errors(live_server):

@@ -337,7 +337,7 @@ def test_schedule_isolated_sessions_and_validation(fast_gateway):
     for kwargs in bad:
         with pytest.raises(gw.GatewayError) as info:
             gateway.schedule_run(bundle_id="echo", flow_id="echo", **kwargs)
-        assert info.value.status == 400, kwargs
+        assert gw.error_status(info.value) == 400, kwargs
     with pytest.raises(gw.NotFound):
         gateway.schedule_run(bundle_id="echo", flow_id="missing")
     with pytest.raises(gw.GatewayError):
@@ -432,16 +432,19 @@ def _compact_memory_without_llm(gateway):
 
 
 def test_commands_lock_children_that_appear_while_waiting_for_locks(gateway, monkeypatch):
-    calls = []
+    locked = []
+    real_lock = gateway.runs_locked
 
-    def growing(record):
-        calls.append(1)
-        return ["parent"] if len(calls) == 1 else ["parent", "child"]
+    def recording(run_ids):
+        locked.append(sorted(run_ids))
+        return real_lock(run_ids)
 
-    monkeypatch.setattr(gateway, "_command_targets", growing)
+    monkeypatch.setattr(gateway, "runs_locked", recording)
+    monkeypatch.setattr(gateway.inbox, "_command_targets", lambda record: ["parent", "child"])  # a child appeared
     record = gw.CommandRecord(command_id="x", run_id="parent", type="cancel", payload={}, ts="", seq=1)
-    with gateway._targets_locked(record) as targets:
-        assert targets == ["parent", "child"]
+    with gateway.inbox._targets_locked([record]) as targets:
+        assert targets == {1: ["parent", "child"]}
+    assert locked == [["parent"], ["child", "parent"]]  # read under the parent's lock, then both locked
 
 
 def test_a_runner_without_the_lease_applies_nothing_and_outcomes_are_never_doubled(gateway):
@@ -460,6 +463,80 @@ def test_a_runner_without_the_lease_applies_nothing_and_outcomes_are_never_doubl
     gateway.stores.cursor.save(0)  # a stale cursor (e.g. another runner's late write) must not re-apply
     gateway.apply_pending_commands(mine)
     assert gateway.stores.outcomes.get("c1") == first and gateway.stores.cursor.load() >= 1
+
+
+def _waiting_runs(gateway, n):
+    run_ids = [gateway.start_run(bundle_id="wait-key") for _ in range(n)]
+    for run_id in run_ids:
+        assert gateway.tick(run_id).status.value == "waiting"
+    return run_ids
+
+
+def _count_transactions(gateway, monkeypatch):
+    opened = []
+    real = gateway.stores.db.transaction
+
+    def counting():
+        opened.append(1)
+        return real()
+
+    monkeypatch.setattr(gateway.stores.db, "transaction", counting)
+    return opened
+
+
+def test_a_batch_of_commands_commits_once_and_a_failing_one_undoes_only_its_own_writes(gateway, monkeypatch):
+    a, b, c = _waiting_runs(gateway, 3)
+    real_cancel = gateway.runtime.cancel_run
+
+    def cancel_then_fail(run_id, reason=None):
+        real_cancel(run_id, reason=reason)  # written inside the command's savepoint...
+        raise RuntimeError("boom after writing")  # ...then undone with it
+
+    monkeypatch.setattr(gateway.runtime, "cancel_run", cancel_then_fail)
+    for command_id, run_id, kind in (("p-a", a, "pause"), ("x-b", b, "cancel"), ("p-c", c, "pause")):
+        gateway.submit_command(command_id=command_id, run_id=run_id, type=kind)
+    opened = _count_transactions(gateway, monkeypatch)
+    assert gateway.apply_pending_commands() == 3
+    assert len(opened) == 1  # one transaction, one durable commit, for the whole batch
+    assert [gateway.command_status(c)["status"] for c in ("p-a", "x-b", "p-c")] == ["applied", "failed", "applied"]
+    assert "boom after writing" in gateway.command_status("x-b")["error"]
+    assert gw._is_paused(gateway.stores.runs.load(a)) and gw._is_paused(gateway.stores.runs.load(c))
+    assert _status(gateway, b) == "waiting" and not gw._is_paused(gateway.stores.runs.load(b))
+    assert gateway.stores.cursor.load() == gateway.stores.commands.get_last_seq()
+
+
+def test_a_storage_error_mid_batch_leaves_every_command_of_the_batch_pending(gateway, monkeypatch):
+    a, b = _waiting_runs(gateway, 2)
+    gateway.submit_command(command_id="p-a", run_id=a, type="pause")
+    gateway.submit_command(command_id="p-b", run_id=b, type="pause")
+    real_record = gateway.stores.outcomes.record
+
+    def busy_on_b(command, status, error=None):
+        if command.command_id == "p-b":
+            raise gw.DatabaseBusy("busy")
+        real_record(command, status, error)
+
+    monkeypatch.setattr(gateway.stores.outcomes, "record", busy_on_b)
+    with pytest.raises(gw.DatabaseBusy):
+        gateway.apply_pending_commands()
+    assert gateway.stores.cursor.load() == 0 and gateway.stores.outcomes.get("p-a") is None
+    assert not gw._is_paused(gateway.stores.runs.load(a))  # rolled back with the batch: nothing half-applied
+    monkeypatch.setattr(gateway.stores.outcomes, "record", real_record)
+    assert gateway.apply_pending_commands() == 2
+    assert [gateway.command_status(c)["status"] for c in ("p-a", "p-b")] == ["applied", "applied"]
+    assert gateway.apply_pending_commands() == 0
+
+
+def test_a_compaction_ends_the_batch_and_is_applied_on_its_own(gateway, monkeypatch):
+    a, b = _waiting_runs(gateway, 2)
+    gateway.submit_command(command_id="p-a", run_id=a, type="pause")
+    gateway.submit_command(command_id="cm", run_id=b, type="compact_memory")
+    gateway.submit_command(command_id="p-b", run_id=b, type="pause")
+    opened = _count_transactions(gateway, monkeypatch)
+    assert gateway.apply_pending_commands() == 3
+    assert len(opened) == 3  # [pause a] [compaction] [pause b]
+    assert [gateway.command_status(c)["status"] for c in ("p-a", "cm", "p-b")] == ["applied"] * 3
+    assert gateway.stores.runs.load(b).vars["_runtime"]["last_compact_memory"]["command_id"] == "cm"
 
 
 def test_a_stale_lease_token_is_fenced_even_when_the_same_owner_holds_again(gateway):
