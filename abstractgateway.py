@@ -1152,6 +1152,11 @@ class RunStorage(Protocol):
                        before: Optional[Tuple[str, str]] = None, exclude_internal: bool = False
                        ) -> List[Dict[str, Any]]: ...
 
+    def list_run_page(self, *, status: Optional[RunStatus] = None, workflow_id: Optional[str] = None,
+                      session_id: Optional[str] = None, root_only: bool = False, limit: int = 100,
+                      before: Optional[Tuple[str, str]] = None, exclude_internal: bool = False
+                      ) -> List[RunState]: ...
+
 
 @runtime_checkable
 class LedgerStorage(Protocol):
@@ -1395,20 +1400,8 @@ class SqliteRunStore(RunStore):
         `before=(updated_at, run_id)` continues after the last row of a previous page (keyset
         pagination); `exclude_internal` drops bookkeeping runs whose workflow id starts with `__`.
         """
-        where, params = _where(status=_enum_value(status), workflow_id=workflow_id, session_id=session_id)
-        clauses = [where[len("WHERE "):]] if where else []
-        if root_only:
-            clauses.append("(parent_run_id IS NULL OR parent_run_id = '')")
-        if exclude_internal:
-            clauses.append("workflow_id NOT LIKE '\\_\\_%' ESCAPE '\\'")
-        if before is not None:
-            clauses.append("(updated_at < ? OR (updated_at = ? AND run_id < ?))")
-            params = [*params, before[0], before[0], before[1]]
-        sql_where = ("WHERE " + " AND ".join(clauses)) if clauses else ""
-        rows = self.db.query(
-            f"SELECT {self._INDEX_COLUMNS} FROM runs {sql_where} ORDER BY updated_at DESC, run_id DESC LIMIT ?",
-            (*params, max(1, int(limit or 100))),
-        )
+        rows = self._page(self._INDEX_COLUMNS, status=status, workflow_id=workflow_id, session_id=session_id,
+                          root_only=root_only, limit=limit, before=before, exclude_internal=exclude_internal)
         out = []
         for (rid, wid, st, reason, until, parent, actor, sid, created, updated, payload) in rows:
             try:
@@ -1422,6 +1415,32 @@ class SqliteRunStore(RunStore):
                 **run_lifecycle_index_fields(run_vars),
             })
         return out
+
+    def list_run_page(self, *, status: Optional[RunStatus] = None, workflow_id: Optional[str] = None,
+                      session_id: Optional[str] = None, root_only: bool = False, limit: int = 100,
+                      before: Optional[Tuple[str, str]] = None, exclude_internal: bool = False) -> List[RunState]:
+        """The runs of `list_run_index`'s page (same filters, order and keyset), read in one query."""
+        return _run_rows_to_states(self._page("run_json", status=status, workflow_id=workflow_id,
+                                              session_id=session_id, root_only=root_only, limit=limit,
+                                              before=before, exclude_internal=exclude_internal))
+
+    def _page(self, columns: str, *, status: Optional[RunStatus] = None, workflow_id: Optional[str] = None,
+              session_id: Optional[str] = None, root_only: bool = False, limit: int = 100,
+              before: Optional[Tuple[str, str]] = None, exclude_internal: bool = False) -> List[Tuple[Any, ...]]:
+        where, params = _where(status=_enum_value(status), workflow_id=workflow_id, session_id=session_id)
+        clauses = [where[len("WHERE "):]] if where else []
+        if root_only:
+            clauses.append("(parent_run_id IS NULL OR parent_run_id = '')")
+        if exclude_internal:
+            clauses.append("workflow_id NOT LIKE '\\_\\_%' ESCAPE '\\'")
+        if before is not None:
+            clauses.append("(updated_at < ? OR (updated_at = ? AND run_id < ?))")
+            params = [*params, before[0], before[0], before[1]]
+        sql_where = ("WHERE " + " AND ".join(clauses)) if clauses else ""
+        return self.db.query(
+            f"SELECT {columns} FROM runs {sql_where} ORDER BY updated_at DESC, run_id DESC LIMIT ?",
+            (*params, max(1, int(limit or 100))),
+        )
 
 
 def _where(**filters: Any) -> Tuple[str, List[Any]]:
@@ -2113,6 +2132,15 @@ class FileRunStore(JsonFileRunStore):
                 and (before is None or ((r["updated_at"] or ""), r["run_id"]) < before)]
         rows.sort(key=lambda r: ((r["updated_at"] or ""), r["run_id"]), reverse=True)
         return rows[:max(1, int(limit or 100))]
+
+    def list_run_page(self, *, status: Optional[RunStatus] = None, workflow_id: Optional[str] = None,
+                      session_id: Optional[str] = None, root_only: bool = False, limit: int = 100,
+                      before: Optional[Tuple[str, str]] = None, exclude_internal: bool = False) -> List[RunState]:
+        """The runs of `list_run_index`'s page, each loaded from its file."""
+        rows = self.list_run_index(status=status, workflow_id=workflow_id, session_id=session_id, root_only=root_only,
+                                   limit=limit, before=before, exclude_internal=exclude_internal)
+        runs = (self.load(row["run_id"]) for row in rows)
+        return [run for run in runs if run is not None]
 
 
 class FileLedgerStore(JsonlLedgerStore):
@@ -6256,26 +6284,24 @@ class GatewayApp:
                   session_id: Optional[str], root_only: bool, include_ledger_len: bool, cursor: Optional[str],
                   include_metrics: bool) -> Response:
         before = _decode_cursor(cursor) if cursor else None
-        rows = self.gateway.stores.runs.list_run_index(
+        runs = self.gateway.stores.runs.list_run_page(
             status=RunStatus(status) if status else None, workflow_id=workflow_id, session_id=session_id,
             root_only=root_only, limit=limit + 1, before=before, exclude_internal=workflow_id is None)
-        more = len(rows) > limit
-        rows = rows[:limit]
-        counts = self.gateway.stores.ledger.count_many([r["run_id"] for r in rows]) if include_ledger_len else {}
-        metrics = self.gateway.stores.ledger.metrics_many([r["run_id"] for r in rows]) if include_metrics else {}
+        more = len(runs) > limit
+        runs = runs[:limit]
+        ids = [run.run_id for run in runs]
+        counts = self.gateway.stores.ledger.count_many(ids) if include_ledger_len else {}
+        metrics = self.gateway.stores.ledger.metrics_many(ids) if include_metrics else {}
         items = []
-        for row in rows:
-            state = self.gateway.stores.runs.load(row["run_id"])
-            if state is None:  # deleted since the page was read
-                continue
-            item = run_summary(state)  # the shape of `GET /runs/{id}`: one summary, not two
+        for run in runs:
+            item = run_summary(run)  # the shape of `GET /runs/{id}`: one summary, not two
             if include_ledger_len:
-                item["ledger_len"] = counts.get(row["run_id"], 0)
+                item["ledger_len"] = counts.get(run.run_id, 0)
             if include_metrics:  # like the original: null for a run with no completed step yet
-                item.update(metrics.get(row["run_id"]) or dict.fromkeys(("steps", "llm_calls", "tool_calls",
-                                                                         "tokens_total")))
+                item.update(metrics.get(run.run_id) or dict.fromkeys(("steps", "llm_calls", "tool_calls",
+                                                                     "tokens_total")))
             items.append(item)
-        next_cursor = _encode_cursor(rows[-1]["updated_at"] or "", rows[-1]["run_id"]) if more and rows else None
+        next_cursor = _encode_cursor(runs[-1].updated_at or "", runs[-1].run_id) if more and runs else None
         return json_response({"items": items, "next_cursor": next_cursor})
 
     def get_run(self, request: Request, run_id: str) -> Response:
