@@ -1182,8 +1182,13 @@ class ArtifactStorage(Protocol):
 # -- 2.3 SQLite stores (the runtime's stores, in the gateway's database) ---------------------------
 
 
+# One encoder each, made once: `json.dumps` with options builds a new encoder per call (a third of
+# the cost of a small body). Encoders keep no state between calls, so threads share them.
+_JSON_ENCODER = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))
+
+
 def _json_dumps(value: Any) -> str:
-    return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+    return _JSON_ENCODER.encode(value)
 
 
 _FIELD_NAMES: Dict[type, Tuple[str, ...]] = {}
@@ -1198,10 +1203,13 @@ def _dataclass_fields(value: Any) -> Dict[str, Any]:
     return {name: getattr(value, name) for name in names}
 
 
+_DATACLASS_ENCODER = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), default=_dataclass_fields)
+
+
 def dataclass_json(value: Any) -> str:
     """JSON of a (nested) dataclass, same text as `json.dumps(asdict(value))` without asdict's
     deep copy (6x cheaper on a typical ledger record: the hot path of every append)."""
-    return json.dumps(value, ensure_ascii=False, separators=(",", ":"), default=_dataclass_fields)
+    return _DATACLASS_ENCODER.encode(value)
 
 
 def _enum_value(value: Any) -> Optional[str]:
@@ -4606,9 +4614,11 @@ def _check_tool_answer(run_id: str, details: Dict[str, Any], body: Dict[str, Any
 class Runner:
     """Applies commands and ticks runs on a thread pool, while it holds the runner lease.
 
-    Wakes at once on in-process work (new command, new run, tick result), at the due time of
-    the earliest timer wait it knows (a heap, no scanning), and polls every `poll_s` for work
-    written by another process. Only the lease holder ticks, and every write it makes is
+    Wakes at once on in-process work (new command, new run), at the due time of the earliest
+    timer wait it knows (a heap, no scanning), and polls every `poll_s` for work written by
+    another process. A tick that ends with its run able to go on (steps ran out, a due wait),
+    or that was asked for again while it ran, is resubmitted directly: a tick's end never
+    costs a scan. Only the lease holder ticks, and every write it makes is
     fenced by its lease token, so a holder that stalled past its lease writes nothing after
     another runner took over; it stands down when it notices.
     """
@@ -4624,6 +4634,7 @@ class Runner:
         self._pool = ThreadPoolExecutor(max_workers=self.config.tick_workers + self.config.llm_concurrency,
                                         thread_name_prefix="tick")  # a tick blocked on a model holds a thread
         self._in_flight: set = set()
+        self._again: set = set()  # in-flight runs submitted again meanwhile: ticked once more after
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._threads: List[threading.Thread] = []
@@ -4736,28 +4747,51 @@ class Runner:
             due = _parse_time(str(waiting.until), "until").timestamp()
         except GatewayError:
             return
-        with self._lock:  # the loop, woken when this tick ends, sleeps no longer than this
+        with self._lock:
             heapq.heappush(self._timers, (due, state.run_id))
+            earliest = self._timers[0][1] == state.run_id
+        if earliest:  # the loop sleeps until the timer it knew of: wake it to sleep no longer than this
+            self.gateway.wake_runner()
 
     def _submit(self, run_id: str, lease: LeaseToken) -> None:
         with self._lock:
-            if run_id in self._in_flight or self._stop.is_set():
+            if self._stop.is_set():
+                return
+            if run_id in self._in_flight:
+                self._again.add(run_id)  # its tick may have read the run before what asked for this
                 return
             self._in_flight.add(run_id)
         self._pool.submit(self._tick, run_id, lease)
 
     def _tick(self, run_id: str, lease: LeaseToken) -> None:
+        goes_on = False
         try:
             if self.lease == lease and not self._stop.is_set():
-                self._note_timer(self.gateway.tick(run_id, lease))
+                state = self.gateway.tick(run_id, lease)
+                goes_on = state is not None and _continues(state) and not _is_paused(state)
+                if not goes_on:
+                    self._note_timer(state)
         except LeaseLost as exc:
             self._stand_down(lease, exc)
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:  # noqa: BLE001 - the run is found again by the next poll
             _log(f"tick of {run_id} failed: {type(exc).__name__}: {exc}")
         finally:
             with self._lock:
                 self._in_flight.discard(run_id)
-            self.gateway.wake_runner()
+                again = run_id in self._again
+                self._again.discard(run_id)
+            if again and not goes_on:
+                goes_on = self._still_runnable(run_id)
+            if goes_on and self.lease == lease:
+                self._submit(run_id, lease)
+
+    def _still_runnable(self, run_id: str) -> bool:
+        """Whether a run asked for during its tick can go on now (read, not ticked: most have ended)."""
+        try:
+            state = self.gateway.stores.runs.load(run_id)
+        except (apsw.Error, StorageError):
+            return True  # the tick finds out (and reports) what is wrong
+        return state is not None and _continues(state) and not _is_paused(state)
 
 
 # -- thin-client services: workspace files, session attachments, reports, knowledge graph ----------
@@ -5771,6 +5805,17 @@ def _safe_text(text: str) -> str:
     return text if _is_utf8_text(text) else "".join("\ufffd" if 0xD800 <= ord(c) <= 0xDFFF else c for c in text)
 
 
+@functools.lru_cache(maxsize=None)
+def _status_line(status: int) -> str:
+    """WSGI status line of a code ("200 OK"), looked up once per code."""
+    from http import HTTPStatus
+
+    try:
+        return f"{status} {HTTPStatus(status).phrase}"
+    except ValueError:
+        return f"{status} Unknown"
+
+
 class JsonResponse:
     """A JSON body as a minimal WSGI response: werkzeug's `Response` costs more than most bodies."""
 
@@ -5782,13 +5827,7 @@ class JsonResponse:
         self.headers = dict(headers or {})
 
     def __call__(self, environ: Dict[str, Any], start_response: Callable) -> Iterable[bytes]:
-        from http import HTTPStatus
-
-        try:
-            reason = HTTPStatus(self.status_code).phrase
-        except ValueError:
-            reason = "Unknown"
-        start_response(f"{self.status_code} {reason}", [("Content-Type", "application/json"),
+        start_response(_status_line(self.status_code), [("Content-Type", "application/json"),
                                                          ("Content-Length", str(len(self.body))),
                                                          *self.headers.items()])
         return [] if environ.get("REQUEST_METHOD") == "HEAD" else [self.body]
@@ -6878,10 +6917,12 @@ class _Connection:
 
     def head_end(self) -> int:
         """Offset just past the request head in `buf` (0 while it is incomplete)."""
-        while self.buf[:2] == b"\r\n" or self.buf[:1] == b"\n":  # blank lines between requests are allowed
-            del self.buf[:2 if self.buf[:1] == b"\r" else 1]
-        ends = [i + n for i, n in ((self.buf.find(b"\n\r\n"), 3), (self.buf.find(b"\n\n"), 2)) if i >= 0]
-        return min(ends) if ends else 0
+        buf = self.buf
+        while buf and (buf[0] == 10 or (buf[0] == 13 and buf[1:2] == b"\n")):  # blank lines between requests
+            del buf[:1 if buf[0] == 10 else 2]
+        crlf = buf.find(b"\n\r\n")
+        lf = buf.find(b"\n\n", 0, crlf + 2 if crlf >= 0 else len(buf))  # only one that ends earlier
+        return lf + 2 if lf >= 0 else crlf + 3 if crlf >= 0 else 0
 
 
 class _BodyReader:
@@ -7044,7 +7085,7 @@ def _error_head(status: int, reason: str, code: str, detail: str) -> bytes:
             b"%sDate: %s\r\n\r\n%s" % (status, reason.encode(), len(body), retry, _http_date(), body))
 
 
-def _preread_length(head: bytes) -> int:
+def _preread_length(head: bytes | bytearray) -> int:
     """How many body bytes the selector thread waits for when workers run short: a Content-Length
     body up to `_PREREAD_LIMIT` (not chunked ones, nor an `Expect: 100-continue` body, which the
     client sends only once a worker has answered)."""
@@ -7054,6 +7095,15 @@ def _preread_length(head: bytes) -> int:
         return 0
     value = lower[start + 16:lower.find(b"\n", start + 1)].strip()
     return int(value) if value.isdigit() and int(value) <= _PREREAD_LIMIT else 0
+
+
+def _unquote_path(path: str) -> str:
+    """PATH_INFO of a request target's path: percent-decoded UTF-8 bytes as latin-1 text (WSGI)."""
+    if "%" not in path:
+        return path  # the request line is ASCII
+    from urllib.parse import unquote
+
+    return unquote(path).encode().decode("latin-1")
 
 
 class _BadRequest(Exception):
@@ -7508,7 +7558,10 @@ class HttpServer:
         self._selector.register(self.socket, selectors.EVENT_READ, "accept")
         self._accept_paused_until = 0.0
         self._lock = threading.Lock()
-        self._returned: List[_Connection] = []
+        # Held by the selector thread while it handles events, and by a worker putting a kept-alive
+        # connection back into the selector itself (no wake-up of the selector thread per request).
+        self._select_lock = threading.Lock()
+        self._selector_closed = False
         self._ready: "queue.SimpleQueue[Optional[_Connection]]" = queue.SimpleQueue()
         self._idle: "OrderedDict[int, _Connection]" = OrderedDict()  # in the selector, nothing read; oldest first
         self._partial: "OrderedDict[int, _Connection]" = OrderedDict()  # in the selector, request arriving
@@ -7530,14 +7583,16 @@ class HttpServer:
         try:
             while not self._stop.is_set():
                 try:
-                    for key, _mask in self._selector.select(0.25):
-                        if key.data == "accept":
-                            self._accept()
-                        elif key.data == "wake":
-                            self._adopt_returned()
-                        else:
-                            self._on_readable(key.data)
-                    self._sweep(time.monotonic())
+                    events = self._selector.select(0.25)
+                    with self._select_lock:
+                        for key, _mask in events:
+                            if key.data == "accept":
+                                self._accept()
+                            elif key.data == "wake":
+                                self._drain_wake()
+                            else:
+                                self._on_readable(key.data)
+                        self._sweep(time.monotonic())
                 except Exception as exc:  # noqa: BLE001 - one bad connection must not stop the server
                     _log(f"http selector: {type(exc).__name__}: {exc}")
                     time.sleep(0.01)
@@ -7597,16 +7652,25 @@ class HttpServer:
             conn.since = time.monotonic()
             self._idle[conn.sock.fileno()] = conn
 
-    def _adopt_returned(self) -> None:
+    def _drain_wake(self) -> None:
         try:
             while self._wake_r.recv(4096):
                 pass
         except OSError:
             pass
+
+    def _give_back(self, conn: _Connection) -> None:
+        """A worker puts a kept-alive connection back into the selector (or closes it when the
+        selector is gone)."""
+        conn.sock.setblocking(False)
+        conn.started = 0.0
+        with self._select_lock:
+            if not self._selector_closed:
+                self._watch(conn)
+                return
+        conn.sock.close()
         with self._lock:
-            returned, self._returned = self._returned, []
-        for conn in returned:
-            self._watch(conn)
+            self._open -= 1
 
     def _on_readable(self, conn: _Connection) -> None:
         try:
@@ -7650,7 +7714,7 @@ class HttpServer:
         end = conn.head_end()
         if end:
             short = self._idle_workers - self._ready.qsize() <= max(1, self.workers // 4)
-            if short and len(conn.buf) < end + _preread_length(bytes(conn.buf[:end])):
+            if short and len(conn.buf) < end + _preread_length(conn.buf[:end]):
                 return
             self._partial.pop(fd, None)
             self._selector.unregister(conn.sock)
@@ -7709,13 +7773,11 @@ class HttpServer:
             self._selector.register(self.socket, self._selectors.EVENT_READ, "accept")
 
     def _close_all(self) -> None:
-        for conn in list(self._idle.values()) + list(self._partial.values()):
-            self._forget(conn)
-        with self._lock:
-            returned, self._returned = self._returned, []
-        for conn in returned:
-            conn.sock.close()
-        self._selector.close()
+        with self._select_lock:
+            for conn in list(self._idle.values()) + list(self._partial.values()):
+                self._forget(conn)
+            self._selector_closed = True
+            self._selector.close()
         self.socket.close()
 
     def shutdown(self) -> None:
@@ -7772,11 +7834,7 @@ class HttpServer:
                 outcome = "close"
             self._end_request()
             if outcome == "keep" and not self._stop.is_set():
-                conn.sock.setblocking(False)
-                conn.started = 0.0
-                with self._lock:
-                    self._returned.append(conn)
-                self._wake()
+                self._give_back(conn)
                 continue
             if outcome != "stream":
                 conn.sock.close()
@@ -7899,8 +7957,6 @@ class HttpServer:
 
     def _environ(self, conn: _Connection, head: bytes) -> Tuple[Dict[str, Any], _BodyReader, bool]:
         """The WSGI environ of a request head (400/431/501/505 for what cannot be served)."""
-        from urllib.parse import unquote
-
         lines = head.decode("latin-1").split("\n")
         method, target, version = self._request_line(lines[0])
         headers = self._header_fields(lines[1:])
@@ -7914,7 +7970,7 @@ class HttpServer:
             "wsgi.multithread": True, "wsgi.multiprocess": False, "wsgi.run_once": False,
             "wsgi.input_terminated": True, "abstractgateway.streams": True,
             "SERVER_SOFTWARE": "abstractgateway", "REQUEST_METHOD": method, "SCRIPT_NAME": "",
-            "PATH_INFO": unquote(path).encode().decode("latin-1"), "QUERY_STRING": query,
+            "PATH_INFO": _unquote_path(path), "QUERY_STRING": query,
             "REQUEST_URI": target, "RAW_URI": target, "REMOTE_ADDR": str(conn.addr[0]),
             "REMOTE_PORT": conn.addr[1], "SERVER_NAME": str(self.server_address[0]),
             "SERVER_PORT": str(self.server_port), "SERVER_PROTOCOL": version,
