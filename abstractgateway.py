@@ -7534,7 +7534,7 @@ class HttpServer:
         import queue
         import selectors
         import socket
-        from collections import OrderedDict
+        from collections import OrderedDict, deque
 
         self.app = app
         self.workers = workers
@@ -7558,9 +7558,9 @@ class HttpServer:
         self._selector.register(self.socket, selectors.EVENT_READ, "accept")
         self._accept_paused_until = 0.0
         self._lock = threading.Lock()
-        # Held by the selector thread while it handles events, and by a worker putting a kept-alive
-        # connection back into the selector itself (no wake-up of the selector thread per request).
-        self._select_lock = threading.Lock()
+        # Kept-alive connections a worker put back in the selector itself (no wake-up of the selector
+        # thread per request); the selector thread takes up their bookkeeping before its next events.
+        self._returned: "deque[_Connection]" = deque()
         self._selector_closed = False
         self._ready: "queue.SimpleQueue[Optional[_Connection]]" = queue.SimpleQueue()
         self._idle: "OrderedDict[int, _Connection]" = OrderedDict()  # in the selector, nothing read; oldest first
@@ -7584,15 +7584,15 @@ class HttpServer:
             while not self._stop.is_set():
                 try:
                     events = self._selector.select(0.25)
-                    with self._select_lock:
-                        for key, _mask in events:
-                            if key.data == "accept":
-                                self._accept()
-                            elif key.data == "wake":
-                                self._drain_wake()
-                            else:
-                                self._on_readable(key.data)
-                        self._sweep(time.monotonic())
+                    self._adopt_returned()  # before their events: a returned connection is idle
+                    for key, _mask in events:
+                        if key.data == "accept":
+                            self._accept()
+                        elif key.data == "wake":
+                            self._drain_wake()
+                        else:
+                            self._on_readable(key.data)
+                    self._sweep(time.monotonic())
                 except Exception as exc:  # noqa: BLE001 - one bad connection must not stop the server
                     _log(f"http selector: {type(exc).__name__}: {exc}")
                     time.sleep(0.01)
@@ -7643,14 +7643,9 @@ class HttpServer:
             sock.close()
 
     def _watch(self, conn: _Connection) -> None:
-        """Put a connection in the selector: idle, or (bytes already buffered) reading a head."""
+        """Put a new connection in the selector, idle until its first request arrives."""
         self._selector.register(conn.sock, self._selectors.EVENT_READ, conn)
-        if conn.head_end() or conn.buf:
-            self._begin(conn, capped=False)
-            self._check_head(conn)
-        else:
-            conn.since = time.monotonic()
-            self._idle[conn.sock.fileno()] = conn
+        self._idle[conn.sock.fileno()] = conn
 
     def _drain_wake(self) -> None:
         try:
@@ -7661,16 +7656,30 @@ class HttpServer:
 
     def _give_back(self, conn: _Connection) -> None:
         """A worker puts a kept-alive connection back into the selector (or closes it when the
-        selector is gone)."""
+        selector is gone). Queued before it is registered, so the selector thread, which takes up
+        the queue after each `select`, has it on its books before it sees any event of it."""
         conn.sock.setblocking(False)
         conn.started = 0.0
-        with self._select_lock:
+        conn.since = time.monotonic()
+        with self._lock:
             if not self._selector_closed:
-                self._watch(conn)
+                self._returned.append(conn)
+                self._selector.register(conn.sock, self._selectors.EVENT_READ, conn)
+                if conn.buf:
+                    self._wake()  # part of the next request is here already: its head deadline runs
                 return
         conn.sock.close()
         with self._lock:
             self._open -= 1
+
+    def _adopt_returned(self) -> None:
+        while self._returned:
+            conn = self._returned.popleft()
+            if conn.buf:
+                self._begin(conn, capped=False)
+                self._check_head(conn)
+            else:
+                self._idle[conn.sock.fileno()] = conn
 
     def _on_readable(self, conn: _Connection) -> None:
         try:
@@ -7773,11 +7782,12 @@ class HttpServer:
             self._selector.register(self.socket, self._selectors.EVENT_READ, "accept")
 
     def _close_all(self) -> None:
-        with self._select_lock:
-            for conn in list(self._idle.values()) + list(self._partial.values()):
-                self._forget(conn)
+        with self._lock:
             self._selector_closed = True
-            self._selector.close()
+        self._adopt_returned()
+        for conn in list(self._idle.values()) + list(self._partial.values()):
+            self._forget(conn)
+        self._selector.close()
         self.socket.close()
 
     def shutdown(self) -> None:
