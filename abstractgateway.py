@@ -7664,7 +7664,10 @@ class HttpServer:
         with self._lock:
             if not self._selector_closed:
                 self._returned.append(conn)
-                self._selector.register(conn.sock, self._selectors.EVENT_READ, conn)
+                try:
+                    self._selector.register(conn.sock, self._selectors.EVENT_READ, conn)
+                except (OSError, ValueError, KeyError):
+                    return  # a broken socket: on the books as idle, it is closed by the idle sweep
                 if conn.buf:
                     self._wake()  # part of the next request is here already: its head deadline runs
                 return
