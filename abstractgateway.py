@@ -1212,8 +1212,13 @@ class ArtifactStorage(Protocol):
 # -- 2.3 SQLite stores (the runtime's stores, in the gateway's database) ---------------------------
 
 
+# One encoder each, made once: `json.dumps` with options builds a new encoder per call (a third of
+# the cost of a small body). Encoders keep no state between calls, so threads share them.
+_JSON_ENCODER = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))
+
+
 def _json_dumps(value: Any) -> str:
-    return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+    return _JSON_ENCODER.encode(value)
 
 
 _FIELD_NAMES: Dict[type, Tuple[str, ...]] = {}
@@ -1228,10 +1233,13 @@ def _dataclass_fields(value: Any) -> Dict[str, Any]:
     return {name: getattr(value, name) for name in names}
 
 
+_DATACLASS_ENCODER = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), default=_dataclass_fields)
+
+
 def dataclass_json(value: Any) -> str:
     """JSON of a (nested) dataclass, same text as `json.dumps(asdict(value))` without asdict's
     deep copy (6x cheaper on a typical ledger record: the hot path of every append)."""
-    return json.dumps(value, ensure_ascii=False, separators=(",", ":"), default=_dataclass_fields)
+    return _DATACLASS_ENCODER.encode(value)
 
 
 def _enum_value(value: Any) -> Optional[str]:
@@ -4733,9 +4741,11 @@ def _check_tool_answer(run_id: str, details: Dict[str, Any], body: Dict[str, Any
 class Runner:
     """Applies commands and ticks runs on a thread pool, while it holds the runner lease.
 
-    Wakes at once on in-process work (new command, new run, tick result), at the due time of
-    the earliest timer wait it knows (a heap, no scanning), and polls every `poll_s` for work
-    written by another process. Only the lease holder ticks, and every write it makes is
+    Wakes at once on in-process work (new command, new run), at the due time of the earliest
+    timer wait it knows (a heap, no scanning), and polls every `poll_s` for work written by
+    another process. A tick that ends with its run able to go on (steps ran out, a due wait),
+    or that was asked for again while it ran, is resubmitted directly: a tick's end never
+    costs a scan. Only the lease holder ticks, and every write it makes is
     fenced by its lease token, so a holder that stalled past its lease writes nothing after
     another runner took over; it stands down when it notices.
     """
@@ -4751,6 +4761,7 @@ class Runner:
         self._pool = ThreadPoolExecutor(max_workers=self.config.tick_workers + self.config.llm_concurrency,
                                         thread_name_prefix="tick")  # a tick blocked on a model holds a thread
         self._in_flight: set = set()
+        self._again: set = set()  # in-flight runs submitted again meanwhile: ticked once more after
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._threads: List[threading.Thread] = []
@@ -4863,28 +4874,51 @@ class Runner:
             due = _parse_time(str(waiting.until), "until").timestamp()
         except GatewayError:
             return
-        with self._lock:  # the loop, woken when this tick ends, sleeps no longer than this
+        with self._lock:
             heapq.heappush(self._timers, (due, state.run_id))
+            earliest = self._timers[0][1] == state.run_id
+        if earliest:  # the loop sleeps until the timer it knew of: wake it to sleep no longer than this
+            self.gateway.wake_runner()
 
     def _submit(self, run_id: str, lease: LeaseToken) -> None:
         with self._lock:
-            if run_id in self._in_flight or self._stop.is_set():
+            if self._stop.is_set():
+                return
+            if run_id in self._in_flight:
+                self._again.add(run_id)  # its tick may have read the run before what asked for this
                 return
             self._in_flight.add(run_id)
         self._pool.submit(self._tick, run_id, lease)
 
     def _tick(self, run_id: str, lease: LeaseToken) -> None:
+        goes_on = False
         try:
             if self.lease == lease and not self._stop.is_set():
-                self._note_timer(self.gateway.tick(run_id, lease))
+                state = self.gateway.tick(run_id, lease)
+                goes_on = state is not None and _continues(state) and not _is_paused(state)
+                if not goes_on:
+                    self._note_timer(state)
         except LeaseLost as exc:
             self._stand_down(lease, exc)
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:  # noqa: BLE001 - the run is found again by the next poll
             _log(f"tick of {run_id} failed: {type(exc).__name__}: {exc}")
         finally:
             with self._lock:
                 self._in_flight.discard(run_id)
-            self.gateway.wake_runner()
+                again = run_id in self._again
+                self._again.discard(run_id)
+            if again and not goes_on:
+                goes_on = self._still_runnable(run_id)
+            if goes_on and self.lease == lease:
+                self._submit(run_id, lease)
+
+    def _still_runnable(self, run_id: str) -> bool:
+        """Whether a run asked for during its tick can go on now (read, not ticked: most have ended)."""
+        try:
+            state = self.gateway.stores.runs.load(run_id)
+        except (apsw.Error, StorageError):
+            return True  # the tick finds out (and reports) what is wrong
+        return state is not None and _continues(state) and not _is_paused(state)
 
 
 # -- thin-client services: workspace files, session attachments, reports, knowledge graph ----------
@@ -5895,6 +5929,15 @@ def _safe_text(text: str) -> str:
     return text if _is_utf8_text(text) else "".join("\ufffd" if 0xD800 <= ord(c) <= 0xDFFF else c for c in text)
 
 
+@functools.lru_cache(maxsize=None)
+def _status_line(status: int) -> str:
+    """WSGI status line of a code ("200 OK"), looked up once per code."""
+    try:
+        return f"{status} {HTTPStatus(status).phrase}"
+    except ValueError:
+        return f"{status} Unknown"
+
+
 class JsonResponse:
     """A JSON body as a minimal WSGI response: werkzeug's `Response` costs more than most bodies."""
 
@@ -5906,11 +5949,7 @@ class JsonResponse:
         self.headers = dict(headers or {})
 
     def __call__(self, environ: Dict[str, Any], start_response: Callable) -> Iterable[bytes]:
-        try:
-            reason = HTTPStatus(self.status_code).phrase
-        except ValueError:
-            reason = "Unknown"
-        start_response(f"{self.status_code} {reason}", [("Content-Type", "application/json"),
+        start_response(_status_line(self.status_code), [("Content-Type", "application/json"),
                                                          ("Content-Length", str(len(self.body))),
                                                          *self.headers.items()])
         return [] if environ.get("REQUEST_METHOD") == "HEAD" else [self.body]
@@ -7004,10 +7043,12 @@ class _Connection:
 
     def head_end(self) -> int:
         """Offset just past the request head in `buf` (0 while it is incomplete)."""
-        while self.buf[:2] == b"\r\n" or self.buf[:1] == b"\n":  # blank lines between requests are allowed
-            del self.buf[:2 if self.buf[:1] == b"\r" else 1]
-        ends = [i + n for i, n in ((self.buf.find(b"\n\r\n"), 3), (self.buf.find(b"\n\n"), 2)) if i >= 0]
-        return min(ends) if ends else 0
+        buf = self.buf
+        while buf and (buf[0] == 10 or (buf[0] == 13 and buf[1:2] == b"\n")):  # blank lines between requests
+            del buf[:1 if buf[0] == 10 else 2]
+        crlf = buf.find(b"\n\r\n")
+        lf = buf.find(b"\n\n", 0, crlf + 2 if crlf >= 0 else len(buf))  # only one that ends earlier
+        return lf + 2 if lf >= 0 else crlf + 3 if crlf >= 0 else 0
 
 
 class _BodyReader:
@@ -7170,7 +7211,7 @@ def _error_head(status: int, reason: str, code: str, detail: str) -> bytes:
             b"%sDate: %s\r\n\r\n%s" % (status, reason.encode(), len(body), retry, _http_date(), body))
 
 
-def _preread_length(head: bytes) -> int:
+def _preread_length(head: bytes | bytearray) -> int:
     """How many body bytes the selector thread waits for when workers run short: a Content-Length
     body up to `_PREREAD_LIMIT` (not chunked ones, nor an `Expect: 100-continue` body, which the
     client sends only once a worker has answered)."""
@@ -7180,6 +7221,15 @@ def _preread_length(head: bytes) -> int:
         return 0
     value = lower[start + 16:lower.find(b"\n", start + 1)].strip()
     return int(value) if value.isdigit() and int(value) <= _PREREAD_LIMIT else 0
+
+
+def _unquote_path(path: str) -> str:
+    """PATH_INFO of a request target's path: percent-decoded UTF-8 bytes as latin-1 text (WSGI)."""
+    if "%" not in path:
+        return path  # the request line is ASCII
+    from urllib.parse import unquote
+
+    return unquote(path).encode().decode("latin-1")
 
 
 class _BadRequest(Exception):
@@ -7610,7 +7660,7 @@ class HttpServer:
         import queue
         import selectors
         import socket
-        from collections import OrderedDict
+        from collections import OrderedDict, deque
 
         self.app = app
         self.workers = workers
@@ -7634,7 +7684,10 @@ class HttpServer:
         self._selector.register(self.socket, selectors.EVENT_READ, "accept")
         self._accept_paused_until = 0.0
         self._lock = threading.Lock()
-        self._returned: List[_Connection] = []
+        # Kept-alive connections a worker put back in the selector itself (no wake-up of the selector
+        # thread per request); the selector thread takes up their bookkeeping before its next events.
+        self._returned: "deque[_Connection]" = deque()
+        self._selector_closed = False
         self._ready: "queue.SimpleQueue[Optional[_Connection]]" = queue.SimpleQueue()
         self._idle: "OrderedDict[int, _Connection]" = OrderedDict()  # in the selector, nothing read; oldest first
         self._partial: "OrderedDict[int, _Connection]" = OrderedDict()  # in the selector, request arriving
@@ -7656,11 +7709,13 @@ class HttpServer:
         try:
             while not self._stop.is_set():
                 try:
-                    for key, _mask in self._selector.select(0.25):
+                    events = self._selector.select(0.25)
+                    self._adopt_returned()  # before their events: a returned connection is idle
+                    for key, _mask in events:
                         if key.data == "accept":
                             self._accept()
                         elif key.data == "wake":
-                            self._adopt_returned()
+                            self._drain_wake()
                         else:
                             self._on_readable(key.data)
                     self._sweep(time.monotonic())
@@ -7714,25 +7769,46 @@ class HttpServer:
             sock.close()
 
     def _watch(self, conn: _Connection) -> None:
-        """Put a connection in the selector: idle, or (bytes already buffered) reading a head."""
+        """Put a new connection in the selector, idle until its first request arrives."""
         self._selector.register(conn.sock, self._selectors.EVENT_READ, conn)
-        if conn.head_end() or conn.buf:
-            self._begin(conn, capped=False)
-            self._check_head(conn)
-        else:
-            conn.since = time.monotonic()
-            self._idle[conn.sock.fileno()] = conn
+        self._idle[conn.sock.fileno()] = conn
 
-    def _adopt_returned(self) -> None:
+    def _drain_wake(self) -> None:
         try:
             while self._wake_r.recv(4096):
                 pass
         except OSError:
             pass
+
+    def _give_back(self, conn: _Connection) -> None:
+        """A worker puts a kept-alive connection back into the selector (or closes it when the
+        selector is gone). Queued before it is registered, so the selector thread, which takes up
+        the queue after each `select`, has it on its books before it sees any event of it."""
+        conn.sock.setblocking(False)
+        conn.started = 0.0
+        conn.since = time.monotonic()
         with self._lock:
-            returned, self._returned = self._returned, []
-        for conn in returned:
-            self._watch(conn)
+            if not self._selector_closed:
+                self._returned.append(conn)
+                try:
+                    self._selector.register(conn.sock, self._selectors.EVENT_READ, conn)
+                except (OSError, ValueError, KeyError):
+                    return  # a broken socket: on the books as idle, it is closed by the idle sweep
+                if conn.buf:
+                    self._wake()  # part of the next request is here already: its head deadline runs
+                return
+        conn.sock.close()
+        with self._lock:
+            self._open -= 1
+
+    def _adopt_returned(self) -> None:
+        while self._returned:
+            conn = self._returned.popleft()
+            if conn.buf:
+                self._begin(conn, capped=False)
+                self._check_head(conn)
+            else:
+                self._idle[conn.sock.fileno()] = conn
 
     def _on_readable(self, conn: _Connection) -> None:
         try:
@@ -7776,7 +7852,7 @@ class HttpServer:
         end = conn.head_end()
         if end:
             short = self._idle_workers - self._ready.qsize() <= max(1, self.workers // 4)
-            if short and len(conn.buf) < end + _preread_length(bytes(conn.buf[:end])):
+            if short and len(conn.buf) < end + _preread_length(conn.buf[:end]):
                 return
             self._partial.pop(fd, None)
             self._selector.unregister(conn.sock)
@@ -7835,12 +7911,11 @@ class HttpServer:
             self._selector.register(self.socket, self._selectors.EVENT_READ, "accept")
 
     def _close_all(self) -> None:
+        with self._lock:
+            self._selector_closed = True
+        self._adopt_returned()
         for conn in list(self._idle.values()) + list(self._partial.values()):
             self._forget(conn)
-        with self._lock:
-            returned, self._returned = self._returned, []
-        for conn in returned:
-            conn.sock.close()
         self._selector.close()
         self.socket.close()
 
@@ -7898,11 +7973,7 @@ class HttpServer:
                 outcome = "close"
             self._end_request()
             if outcome == "keep" and not self._stop.is_set():
-                conn.sock.setblocking(False)
-                conn.started = 0.0
-                with self._lock:
-                    self._returned.append(conn)
-                self._wake()
+                self._give_back(conn)
                 continue
             if outcome != "stream":
                 conn.sock.close()
@@ -8025,8 +8096,6 @@ class HttpServer:
 
     def _environ(self, conn: _Connection, head: bytes) -> Tuple[Dict[str, Any], _BodyReader, bool]:
         """The WSGI environ of a request head (400/431/501/505 for what cannot be served)."""
-        from urllib.parse import unquote
-
         lines = head.decode("latin-1").split("\n")
         method, target, version = self._request_line(lines[0])
         headers = self._header_fields(lines[1:])
@@ -8040,7 +8109,7 @@ class HttpServer:
             "wsgi.multithread": True, "wsgi.multiprocess": False, "wsgi.run_once": False,
             "wsgi.input_terminated": True, "abstractgateway.streams": True,
             "SERVER_SOFTWARE": "abstractgateway", "REQUEST_METHOD": method, "SCRIPT_NAME": "",
-            "PATH_INFO": unquote(path).encode().decode("latin-1"), "QUERY_STRING": query,
+            "PATH_INFO": _unquote_path(path), "QUERY_STRING": query,
             "REQUEST_URI": target, "RAW_URI": target, "REMOTE_ADDR": str(conn.addr[0]),
             "REMOTE_PORT": conn.addr[1], "SERVER_NAME": str(self.server_address[0]),
             "SERVER_PORT": str(self.server_port), "SERVER_PROTOCOL": version,

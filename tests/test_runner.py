@@ -7,6 +7,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -692,6 +693,55 @@ def test_a_timer_wait_wakes_the_runner_at_its_due_time(gateway, runner):
     wait_for(lambda: _status(gateway, run_id) == "completed", timeout=10)
     due = [r for r in gateway.stores.ledger.list(run_id) if (r.get("effect") or {}).get("type") == "wait_until"]
     assert len(due) >= 2 and runner._timers == []
+
+
+def test_a_ticks_end_costs_no_scan(data_dir, monkeypatch):
+    """Only new work wakes the loop to scan (here: each start, once); a tick that ends does not."""
+    gateway = make_gateway(data_dir, poll_s="30")
+    scans = []
+    real = gateway.runnable_run_ids
+    monkeypatch.setattr(gateway, "runnable_run_ids", lambda: scans.append(1) or real())
+    runner = gw.Runner(gateway).start()
+    try:
+        wait_for(lambda: scans)  # the scan on taking the lease
+        before = len(scans)
+        for i in range(3):
+            run_id = gateway.start_run(bundle_id="echo", input_data={"message": str(i)})
+            wait_for(lambda run_id=run_id: _status(gateway, run_id) == "completed")
+        assert len(scans) - before == 3
+    finally:
+        runner.stop()
+        gateway.close()
+
+
+def test_a_run_asked_for_during_its_tick_is_ticked_again(data_dir, monkeypatch):
+    """Work for a run that arrives while its tick runs is not lost until the next poll."""
+    gateway = make_gateway(data_dir, poll_s="30")
+    entered, release, calls = threading.Event(), threading.Event(), []
+    real = gateway.tick
+
+    def tick(run_id, lease=None):
+        calls.append(run_id)
+        if len(calls) == 1:  # a tick that read the run before the news, and did nothing
+            entered.set()
+            release.wait(10)
+            return None
+        return real(run_id, lease)
+
+    monkeypatch.setattr(gateway, "tick", tick)
+    runner = gw.Runner(gateway).start()
+    try:
+        run_id = gateway.start_run(bundle_id="echo", input_data={"message": "x"})
+        assert entered.wait(10)
+        gateway.wake_runner()  # the loop finds the run RUNNING while its tick is in flight
+        wait_for(lambda: run_id in runner._again)  # the loop asked for it again
+        release.set()
+        wait_for(lambda: _status(gateway, run_id) == "completed", timeout=5)
+        assert calls == [run_id, run_id]
+    finally:
+        release.set()
+        runner.stop()
+        gateway.close()
 
 
 def test_only_model_and_tool_results_outlive_a_dropped_step():
