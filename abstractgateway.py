@@ -16,11 +16,11 @@ Contents, in dependency order (each section uses only what stands above it):
                   resolve, deprecate; also the runtime's workflow registry), `LLMEffects` (LLM,
                   agent and tool effects wired from abstractruntime's AbstractCore integration, the
                   `llm` extra), schedules (definition, update, wrapper workflow) and provider discovery.
-4. Runner      -- `Gateway` (start runs, ticks, subflow parents), `CommandInbox` (durable
-                  commands applied exactly once, in batches), `Runner` (lease-held thread
-                  pool woken by commits), and the services
-                  thin clients call: `Workspace` (confined file reads), session attachments, the
-                  reports inbox, `KnowledgeGraph` (AbstractMemory's triple store).
+4. Runner      -- `Gateway` (start runs, ticks, subflow parents), `CommandInbox` (durable commands
+                  applied exactly once, in batches), `Runner` (lease-held thread pool woken by
+                  commits), and the services thin clients call: `Workspace` (confined file reads),
+                  session attachments, the reports inbox, `KnowledgeGraph` (AbstractMemory's triple
+                  store).
 5. HTTP        -- `ROUTES` (drives dispatch, `openapi_document()` and each route's security and
                   limits; `route_match` matches a request once), `GatewayApp` (WSGI),
                   `LedgerStream` (push-based SSE with resume), the offline `/docs` page, the operator
