@@ -4702,6 +4702,19 @@ def _slim_record(record: Dict[str, Any]) -> Dict[str, Any]:
 STEP_BATCH_S = 0.02
 
 
+def _unblocked_by(run: RunState) -> List[str]:
+    """Runs a tick that left `run` waiting on a child, or ended it, may have made runnable: its new child
+    run, or its parent (resumed by `resume_parent_of`). The runner ticks them at once instead of at its
+    next poll."""
+    if _enum_value(run.status) in TERMINAL_STATUSES:
+        return [run.parent_run_id] if run.parent_run_id else []
+    waiting = run.waiting
+    if waiting is not None and _enum_value(waiting.reason) == "subworkflow":
+        child = (waiting.details or {}).get("sub_run_id") if isinstance(waiting.details, dict) else None
+        return [str(child)] if child else []
+    return []
+
+
 def _continues(run: RunState) -> bool:
     """True when the run can take its next step right away (running, or a wait that is already due)."""
     status = _enum_value(run.status)
@@ -4892,6 +4905,7 @@ class Runner:
 
     def _tick(self, run_id: str, lease: LeaseToken) -> None:
         goes_on = False
+        state: Optional[RunState] = None
         try:
             if self.lease == lease and not self._stop.is_set():
                 state = self.gateway.tick(run_id, lease)
@@ -4911,6 +4925,10 @@ class Runner:
                 goes_on = self._still_runnable(run_id)
             if goes_on and self.lease == lease:
                 self._submit(run_id, lease)
+            elif state is not None and self.lease == lease:
+                for other in _unblocked_by(state):  # the child it started, or the parent it ended for
+                    if self._still_runnable(other):
+                        self._submit(other, lease)
 
     def _still_runnable(self, run_id: str) -> bool:
         """Whether a run asked for during its tick can go on now (read, not ticked: most have ended)."""

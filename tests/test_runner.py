@@ -141,6 +141,20 @@ def test_subflow_completes_parent(gateway, runner):
     assert len(gateway.stores.runs.list_children(parent_run_id=run_id)) == 1
 
 
+def test_a_child_run_and_its_parent_go_on_without_waiting_for_a_poll(data_dir):
+    """A tick that starts a child submits it, and the child's last tick submits its resumed parent: with a
+    poll interval far longer than the wait, the tree still completes (nothing waits to be found by a scan)."""
+    g = make_gateway(data_dir, poll_s="60")
+    r = gw.Runner(g).start()
+    try:
+        run_id = g.start_run(bundle_id="parent", input_data={"text": "ab"})
+        wait_for(lambda: _status(g, run_id) == "completed", timeout=20)
+        assert g.stores.runs.load(run_id).output["child_out"] == "ab ab"
+    finally:
+        r.stop()
+        g.close()
+
+
 def test_cancel_cancels_the_whole_tree(data_dir, tmp_path):
     pack_bundle(data_dir / "flows", "asker", flows_dir=_parent_of_ask(tmp_path))
     g = make_gateway(data_dir)
