@@ -8164,7 +8164,7 @@ def server_options(config: Config) -> Dict[str, Any]:
 # =====================================================================================
 #
 # Each middleware is a small WSGI class with one job. `secure_app()` stacks them, outermost
-# first: (ProxyFix, behind a trusted proxy) -> CORS (so even rejections carry CORS headers) ->
+# first: (the trusted-proxy address, when configured) -> CORS (so even rejections carry CORS headers) ->
 # request id and response hardening -> audit (so rejected writes are audited too) -> origin ->
 # lockout -> auth -> body limit -> concurrency/SSE caps -> the app. Each one reads what applies
 # from the request's matched route (`route_match`): its auth kind, body cap and whether it is a
@@ -8184,16 +8184,13 @@ def guarded_route(environ: Dict[str, Any]) -> Optional[Route]:
 
 
 def client_ip(environ: Dict[str, Any]) -> str:
-    """The client's address: the socket peer, or behind a trusted proxy the one ProxyFix took from X-Forwarded-For."""
+    """The client's address: the socket peer, or behind a trusted proxy the one it appended to X-Forwarded-For."""
     return environ.get("REMOTE_ADDR") or "unknown"
 
 
 def token_fingerprint(token: str) -> str:
     """First 12 hex chars of the token's SHA-256: identifies a token in logs without revealing it."""
     return hashlib.sha256(token.encode()).hexdigest()[:12]
-
-
-_BEARER_TOKEN = re.compile(r"[A-Za-z0-9\-._~+/]+=*")  # RFC 6750's b64token: what `Authorization` accepts
 
 
 def is_weak_token(token: str) -> bool:
@@ -8270,6 +8267,21 @@ class _Middleware:
     def __init__(self, app: Callable, policy: SecurityPolicy) -> None:
         self.app = app
         self.policy = policy
+
+
+class TrustedProxyMiddleware(_Middleware):
+    """Behind a trusted proxy: the client is the last X-Forwarded-For entry, the one the proxy appended.
+
+    Not werkzeug's ProxyFix: it parses the header as a quoted list, and a client-sent unbalanced quote
+    makes the whole header unparseable, so the request would keep the proxy's own (loopback) address
+    and pass for a local client.
+    """
+
+    def __call__(self, environ: Dict[str, Any], start_response: Callable) -> Iterable[bytes]:
+        forwarded = environ.get("HTTP_X_FORWARDED_FOR", "").rsplit(",", 1)[-1].strip()
+        if forwarded:
+            environ["REMOTE_ADDR"] = forwarded
+        return self.app(environ, start_response)
 
 
 class CORSMiddleware(_Middleware):
@@ -8573,10 +8585,8 @@ def secure_app(app: Callable, policy: SecurityPolicy, audit: Optional[AuditStore
     if audit is not None:
         inner = AuditMiddleware(inner, policy, audit)
     outer = CORSMiddleware(RequestIdMiddleware(inner, policy), policy)
-    if policy.trust_proxy:  # the client is the address the trusted proxy appended (the ones before are the client's)
-        from werkzeug.middleware.proxy_fix import ProxyFix
-
-        outer = ProxyFix(outer, x_for=1, x_proto=0)
+    if policy.trust_proxy:
+        outer = TrustedProxyMiddleware(outer, policy)
     return outer
 
 
@@ -8615,9 +8625,9 @@ def startup_problem(config: Config, policy: SecurityPolicy) -> Optional[str]:
                 "`passthrough` tool mode, or set ABSTRACTGATEWAY_ALLOW_LOCAL_TOOLS_ON_NETWORK=1 if you accept that.")
     if not policy.enabled:
         return None
-    if any(not _BEARER_TOKEN.fullmatch(t) for t in policy.tokens):
-        return ("A configured auth token cannot be sent as a bearer token: RFC 6750 allows letters, digits and "
-                "`-._~+/`, with `=` only at the end, so every request would be refused. Generate one with "
+    if any(_bearer({"HTTP_AUTHORIZATION": f"Bearer {t}"}) != t for t in policy.tokens):
+        return ("A configured auth token cannot be sent in an `Authorization: Bearer` header (it has an `=` "
+                "before its end), so every request would be refused. Generate one with "
                 "`python -c 'import secrets; print(secrets.token_urlsafe(32))'`.")
     weak = [t for t in policy.tokens if is_weak_token(t)]
     if public and weak:
