@@ -59,8 +59,8 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from http import HTTPStatus
 from pathlib import Path
-from typing import (TYPE_CHECKING, Any, Callable, Dict, Iterable, Iterator, List, Optional, Protocol, Sequence, Tuple,
-                    TypeVar, runtime_checkable)
+from typing import (TYPE_CHECKING, Any, Callable, Dict, Iterable, Iterator, List, NamedTuple, Optional, Protocol,
+                    Sequence, Tuple, TypeVar, runtime_checkable)
 
 import apsw
 from abstractruntime.core.models import EffectType, RunState, RunStatus, StepRecord, WaitReason
@@ -1122,6 +1122,14 @@ class LeaseStore:
 # -- 2.2 Store interfaces: what the gateway needs from each store, whatever the backend ------------
 
 
+class RunPage(NamedTuple):
+    """One page of the run list: its runs (a row that no longer reads is left out), and the keyset
+    position `(updated_at, run_id)` the next page starts after, or None on the last page."""
+
+    runs: List[RunState]
+    next_before: Optional[Tuple[str, str]]
+
+
 @runtime_checkable
 class RunStorage(Protocol):
     """What the gateway needs from a run store (`SqliteRunStore`, or `FileRunStore` on the file backend).
@@ -1155,7 +1163,7 @@ class RunStorage(Protocol):
     def list_run_page(self, *, status: Optional[RunStatus] = None, workflow_id: Optional[str] = None,
                       session_id: Optional[str] = None, root_only: bool = False, limit: int = 100,
                       before: Optional[Tuple[str, str]] = None, exclude_internal: bool = False
-                      ) -> List[RunState]: ...
+                      ) -> "RunPage": ...
 
 
 @runtime_checkable
@@ -1426,11 +1434,14 @@ class SqliteRunStore(RunStore):
 
     def list_run_page(self, *, status: Optional[RunStatus] = None, workflow_id: Optional[str] = None,
                       session_id: Optional[str] = None, root_only: bool = False, limit: int = 100,
-                      before: Optional[Tuple[str, str]] = None, exclude_internal: bool = False) -> List[RunState]:
+                      before: Optional[Tuple[str, str]] = None, exclude_internal: bool = False) -> RunPage:
         """The runs of `list_run_index`'s page (same filters, order and keyset), read in one query."""
-        return _run_rows_to_states(self._page("run_json", status=status, workflow_id=workflow_id,
-                                              session_id=session_id, root_only=root_only, limit=limit,
-                                              before=before, exclude_internal=exclude_internal))
+        rows = self._page("updated_at, run_id, run_json", status=status, workflow_id=workflow_id,
+                          session_id=session_id, root_only=root_only, limit=limit + 1, before=before,
+                          exclude_internal=exclude_internal)
+        page = rows[:limit]
+        more = (page[-1][0], page[-1][1]) if len(rows) > limit and page else None
+        return RunPage(_run_rows_to_states((payload,) for _, _, payload in page), more)
 
     def _page(self, columns: str, *, status: Optional[RunStatus] = None, workflow_id: Optional[str] = None,
               session_id: Optional[str] = None, root_only: bool = False, limit: int = 100,
@@ -2143,12 +2154,14 @@ class FileRunStore(JsonFileRunStore):
 
     def list_run_page(self, *, status: Optional[RunStatus] = None, workflow_id: Optional[str] = None,
                       session_id: Optional[str] = None, root_only: bool = False, limit: int = 100,
-                      before: Optional[Tuple[str, str]] = None, exclude_internal: bool = False) -> List[RunState]:
+                      before: Optional[Tuple[str, str]] = None, exclude_internal: bool = False) -> RunPage:
         """The runs of `list_run_index`'s page, each loaded from its file."""
         rows = self.list_run_index(status=status, workflow_id=workflow_id, session_id=session_id, root_only=root_only,
-                                   limit=limit, before=before, exclude_internal=exclude_internal)
-        runs = (self.load(row["run_id"]) for row in rows)
-        return [run for run in runs if run is not None]
+                                   limit=limit + 1, before=before, exclude_internal=exclude_internal)
+        page = rows[:limit]
+        more = ((page[-1]["updated_at"] or ""), page[-1]["run_id"]) if len(rows) > limit and page else None
+        runs = (self.load(row["run_id"]) for row in page)
+        return RunPage([run for run in runs if run is not None], more)
 
 
 class FileLedgerStore(JsonlLedgerStore):
@@ -6341,11 +6354,9 @@ class GatewayApp:
                   session_id: Optional[str], root_only: bool, include_ledger_len: bool, cursor: Optional[str],
                   include_metrics: bool) -> Response:
         before = _decode_cursor(cursor) if cursor else None
-        runs = self.gateway.stores.runs.list_run_page(
+        runs, next_before = self.gateway.stores.runs.list_run_page(
             status=RunStatus(status) if status else None, workflow_id=workflow_id, session_id=session_id,
-            root_only=root_only, limit=limit + 1, before=before, exclude_internal=workflow_id is None)
-        more = len(runs) > limit
-        runs = runs[:limit]
+            root_only=root_only, limit=limit, before=before, exclude_internal=workflow_id is None)
         ids = [run.run_id for run in runs]
         counts = self.gateway.stores.ledger.count_many(ids) if include_ledger_len else {}
         metrics = self.gateway.stores.ledger.metrics_many(ids) if include_metrics else {}
@@ -6358,7 +6369,7 @@ class GatewayApp:
                 item.update(metrics.get(run.run_id) or dict.fromkeys(("steps", "llm_calls", "tool_calls",
                                                                      "tokens_total")))
             items.append(item)
-        next_cursor = _encode_cursor(runs[-1].updated_at or "", runs[-1].run_id) if more and runs else None
+        next_cursor = _encode_cursor(*next_before) if next_before else None
         return json_response({"items": items, "next_cursor": next_cursor})
 
     def get_run(self, request: Request, run_id: str) -> Response:

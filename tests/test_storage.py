@@ -722,6 +722,40 @@ def test_run_index_pages_alike_on_both_backends(any_stores):
     assert len(runs.list_run_index(limit=100)) == 10
 
 
+def test_run_pages_walk_every_run_on_both_backends(any_stores):
+    """`list_run_page` follows `list_run_index`'s order and keyset, and says where the next page starts."""
+    runs = any_stores.runs
+    saved = [_run(updated_at=f"2024-01-0{1 + n // 2}T00:00:00+00:00") for n in range(5)]
+    for run in saved:
+        runs.save(run)
+    seen, before = [], None
+    while True:
+        page = runs.list_run_page(limit=2, before=before)
+        seen.extend(run.run_id for run in page.runs)
+        if page.next_before is None:
+            break
+        before = page.next_before
+    assert seen == [r.run_id for r in sorted(saved, key=lambda r: (r.updated_at, r.run_id), reverse=True)]
+
+
+def test_a_run_row_that_no_longer_reads_does_not_end_the_run_list(stores):
+    """An unreadable row is left out of its page, and the pages after it are still reached."""
+    saved = [_run(updated_at=f"2024-01-0{n + 1}T00:00:00+00:00") for n in range(3)]
+    for run in saved:
+        stores.runs.save(run)
+    stores.db.write(lambda conn: conn.execute("UPDATE runs SET run_json = '{\"run_id\": 1}' WHERE run_id = ?",
+                                              (saved[1].run_id,)))
+    seen, before, pages = [], None, 0
+    while True:
+        page = stores.runs.list_run_page(limit=1, before=before)
+        pages += 1
+        seen.extend(run.run_id for run in page.runs)
+        if page.next_before is None:
+            break
+        before = page.next_before
+    assert pages == 3 and seen == [saved[2].run_id, saved[0].run_id]
+
+
 def test_ledger_on_both_backends(any_stores):
     ledger = any_stores.ledger
     for n in range(1, 6):
