@@ -2295,6 +2295,9 @@ class Stores:
     settings: SettingsStore
     audit: AuditStore
     reports: ReportStore
+    # Whether one `db` transaction also covers runs, ledgers and the inbox cursor (SQLite). With the file
+    # backend their files are written at once: work that must stay all-or-nothing goes one piece at a time.
+    atomic: bool = True
 
     def describe(self) -> Dict[str, str]:
         """Which backend holds the runs, and where (health and ping tell operators)."""
@@ -2313,7 +2316,7 @@ def open_stores(config: Config, *, inspect_only: bool = False) -> Stores:
     if config.store_backend == "file":
         base = Path(config.data_dir)
         return Stores(
-            backend="file", location=base, db=db, runs=FileRunStore(base),
+            backend="file", atomic=False, location=base, db=db, runs=FileRunStore(base),
             ledger=FileLedgerStore(base, db.signals), commands=FileCommandStore(base, db.signals),
             cursor=JsonFileCommandCursorStore(base / "commands_cursor.json"),
             artifacts=RangedFileArtifactStore(base), **_gateway_stores(db),
@@ -4018,7 +4021,9 @@ class CommandInbox:
             if _is_compaction(pending[0]):
                 applied = self._apply_batch(pending[:1], lease, self._prepare_compaction(pending[0]))
             else:
-                applied = self._apply_batch(list(itertools.takewhile(lambda r: not _is_compaction(r), pending)), lease)
+                batch = list(itertools.takewhile(lambda r: not _is_compaction(r), pending))
+                # one at a time where a rolled-back batch would leave its earlier commands' files written
+                applied = self._apply_batch(batch if self.stores.atomic else batch[:1], lease)
             pending = pending[applied:]
         return read
 

@@ -542,6 +542,33 @@ def test_a_storage_error_mid_batch_leaves_every_command_of_the_batch_pending(gat
     assert gateway.apply_pending_commands() == 0
 
 
+def test_on_the_file_backend_a_storage_error_leaves_no_earlier_command_half_applied(data_dir, monkeypatch):
+    """Run files are written at once, outside the database transaction: the file backend applies commands
+    one per transaction, so a storage error never rolls back an outcome whose run file stays written."""
+    gateway = make_gateway(data_dir, store_backend="file")
+    try:
+        a, b = _waiting_runs(gateway, 2)
+        gateway.submit_command(command_id="p-a", run_id=a, type="pause")
+        gateway.submit_command(command_id="p-b", run_id=b, type="pause")
+        real_record = gateway.stores.outcomes.record
+
+        def busy_on_b(command, status, error=None):
+            if command.command_id == "p-b":
+                raise gw.DatabaseBusy("busy")
+            real_record(command, status, error)
+
+        monkeypatch.setattr(gateway.stores.outcomes, "record", busy_on_b)
+        with pytest.raises(gw.DatabaseBusy):
+            gateway.apply_pending_commands()
+        assert gateway.command_status("p-a")["status"] == "applied"  # its own transaction, committed
+        assert gw._is_paused(gateway.stores.runs.load(a))
+        monkeypatch.setattr(gateway.stores.outcomes, "record", real_record)
+        assert gateway.apply_pending_commands() == 1
+        assert [gateway.command_status(c)["status"] for c in ("p-a", "p-b")] == ["applied", "applied"]
+    finally:
+        gateway.close()
+
+
 def test_a_compaction_ends_the_batch_and_is_applied_on_its_own(gateway, monkeypatch):
     a, b = _waiting_runs(gateway, 2)
     gateway.submit_command(command_id="p-a", run_id=a, type="pause")
