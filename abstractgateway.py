@@ -7827,7 +7827,8 @@ class HttpServer:
                 try:
                     self._selector.register(conn.sock, self._selectors.EVENT_READ, conn)
                 except (OSError, ValueError, KeyError):
-                    return  # a broken socket: on the books as idle, it is closed by the idle sweep
+                    conn.buf.clear()  # a broken socket: on the books as idle (never begun), closed by the idle sweep
+                    return
                 if conn.buf:
                     self._wake()  # part of the next request is here already: its head deadline runs
                 return
