@@ -520,7 +520,8 @@ def test_a_batch_of_commands_commits_once_and_a_failing_one_undoes_only_its_own_
     assert gateway.stores.cursor.load() == gateway.stores.commands.get_last_seq()
 
 
-def test_a_storage_error_mid_batch_leaves_every_command_of_the_batch_pending(gateway, monkeypatch):
+def _two_pauses_the_second_failing_with_busy(gateway, monkeypatch):
+    """Pause two waiting runs; recording the second outcome fails with `database_busy` until `heal()`."""
     a, b = _waiting_runs(gateway, 2)
     gateway.submit_command(command_id="p-a", run_id=a, type="pause")
     gateway.submit_command(command_id="p-b", run_id=b, type="pause")
@@ -532,11 +533,16 @@ def test_a_storage_error_mid_batch_leaves_every_command_of_the_batch_pending(gat
         real_record(command, status, error)
 
     monkeypatch.setattr(gateway.stores.outcomes, "record", busy_on_b)
+    return a, lambda: monkeypatch.setattr(gateway.stores.outcomes, "record", real_record)
+
+
+def test_a_storage_error_mid_batch_leaves_every_command_of_the_batch_pending(gateway, monkeypatch):
+    a, heal = _two_pauses_the_second_failing_with_busy(gateway, monkeypatch)
     with pytest.raises(gw.DatabaseBusy):
         gateway.apply_pending_commands()
     assert gateway.stores.cursor.load() == 0 and gateway.stores.outcomes.get("p-a") is None
     assert not gw._is_paused(gateway.stores.runs.load(a))  # rolled back with the batch: nothing half-applied
-    monkeypatch.setattr(gateway.stores.outcomes, "record", real_record)
+    heal()
     assert gateway.apply_pending_commands() == 2
     assert [gateway.command_status(c)["status"] for c in ("p-a", "p-b")] == ["applied", "applied"]
     assert gateway.apply_pending_commands() == 0
@@ -547,22 +553,12 @@ def test_on_the_file_backend_a_storage_error_leaves_no_earlier_command_half_appl
     one per transaction, so a storage error never rolls back an outcome whose run file stays written."""
     gateway = make_gateway(data_dir, store_backend="file")
     try:
-        a, b = _waiting_runs(gateway, 2)
-        gateway.submit_command(command_id="p-a", run_id=a, type="pause")
-        gateway.submit_command(command_id="p-b", run_id=b, type="pause")
-        real_record = gateway.stores.outcomes.record
-
-        def busy_on_b(command, status, error=None):
-            if command.command_id == "p-b":
-                raise gw.DatabaseBusy("busy")
-            real_record(command, status, error)
-
-        monkeypatch.setattr(gateway.stores.outcomes, "record", busy_on_b)
+        a, heal = _two_pauses_the_second_failing_with_busy(gateway, monkeypatch)
         with pytest.raises(gw.DatabaseBusy):
             gateway.apply_pending_commands()
         assert gateway.command_status("p-a")["status"] == "applied"  # its own transaction, committed
         assert gw._is_paused(gateway.stores.runs.load(a))
-        monkeypatch.setattr(gateway.stores.outcomes, "record", real_record)
+        heal()
         assert gateway.apply_pending_commands() == 1
         assert [gateway.command_status(c)["status"] for c in ("p-a", "p-b")] == ["applied", "applied"]
     finally:
