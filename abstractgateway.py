@@ -4760,12 +4760,15 @@ def _check_tool_answer(run_id: str, details: Dict[str, Any], body: Dict[str, Any
 
     A tool step's wait key is reused by the agent's next tool step, so a late duplicate answer would
     otherwise be applied to a wait it was never meant for; `runtime_call_id` names one step's call.
+    A bare `{"approved": ...}` answer names the calls it decides in `runtime_call_ids`, for the same reason.
     """
     pending = {str(tc.get("runtime_call_id")) for tc in details.get("tool_calls") or [] if isinstance(tc, dict)}
-    for result in body.get("results") or []:
-        answered = result.get("runtime_call_id") if isinstance(result, dict) else None
-        if answered and str(answered) not in pending:
-            raise Conflict(f"Run '{run_id}' has no pending tool call '{answered}': that call was already answered",
+    results = body.get("results") if isinstance(body.get("results"), list) else []
+    named = body.get("runtime_call_ids") if isinstance(body.get("runtime_call_ids"), list) else []
+    answered = [r.get("runtime_call_id") for r in results if isinstance(r, dict)] + named
+    for call in answered:
+        if call and str(call) not in pending:
+            raise Conflict(f"Run '{run_id}' has no pending tool call '{call}': that call was already answered",
                            code="tool_call_not_pending")
 
 

@@ -731,16 +731,20 @@ function approvalForm(s, w) {
       h('label', {for: id, text: 'Result to return (optional)'}), area);
   });
   const reason = h('input', {type: 'text', id: 'deny-reason'});
+  // Named in every answer: the agent reuses this wait key for its next tool step, so a late answer
+  // (a second tab, a double click) must not be taken for an answer to calls it never saw.
+  const callIds = calls.map((c) => c.runtime_call_id).filter(Boolean);
   const approve = () => {
     const given = results.some((a) => a.value.trim());
     const payload = given
       ? {mode: 'executed', results: calls.map((c, i) => ({call_id: c.call_id, runtime_call_id: c.runtime_call_id,
                                                            name: c.name, success: true, output: results[i].value, error: null}))}
-      : {approved: true};
+      : {approved: true, runtime_call_ids: callIds};
     sendCommand(s.run_id, 'resume', {wait_key: w.wait_key, payload}, given ? 'Approval with results' : 'Approval', note);
   };
   const deny = () => sendCommand(s.run_id, 'resume', {wait_key: w.wait_key,
-    payload: {approved: false, reason: reason.value.trim() || 'Denied by the operator'}}, 'Denial', note);
+    payload: {approved: false, reason: reason.value.trim() || 'Denied by the operator', runtime_call_ids: callIds}},
+    'Denial', note);
   // What "Approve" without a result does depends on the gateway's tool mode: only `local` runs tools.
   const mode = h('p', {class: 'muted', id: 'approval-mode'});
   toolMode().then((m) => {

@@ -368,7 +368,7 @@ def test_tool_approval_shows_the_call_and_sends_the_decision(console, server, de
     expect(page.locator("#approval pre.args")).to_contain_text('"command": "ls -la /tmp"')
     if decision == "approve":
         page.get_by_role("button", name="Approve").click()
-        expected = {"approved": True}
+        expected = {"approved": True, "runtime_call_ids": ["rtcall_1"]}
     elif decision == "approve_with_result":
         page.get_by_label("Result to return (optional)").fill("total 0")
         page.get_by_role("button", name="Approve").click()
@@ -378,7 +378,7 @@ def test_tool_approval_shows_the_call_and_sends_the_decision(console, server, de
     else:
         page.get_by_label("Reason if denied (optional)").fill("not on this machine")
         page.get_by_role("button", name="Deny").click()
-        expected = {"approved": False, "reason": "not on this machine"}
+        expected = {"approved": False, "reason": "not on this machine", "runtime_call_ids": ["rtcall_1"]}
     expect(page.locator("#run-status")).to_have_text("completed")  # the runtime took the resume
     (command,) = server.gateway.stores.commands.for_run(run_id, limit=10)
     assert command.type == "resume" and command.payload == {"wait_key": wait_key, "payload": expected}
@@ -449,7 +449,9 @@ def test_a_descendant_s_tool_approval_is_answered_from_the_root_run(browser, llm
         expect(page.locator("#run-status")).to_have_text("completed", timeout=60_000)  # the root went on too
         expect(page.locator("#run-wait")).to_be_hidden()
         (command,) = server.gateway.stores.commands.for_run(child, limit=10)
-        assert command.payload["payload"] == {"approved": False, "reason": "not from the root page"}
+        payload = command.payload["payload"]
+        assert payload["approved"] is False and payload["reason"] == "not from the root page"
+        assert len(payload["runtime_call_ids"]) == 1 and payload["runtime_call_ids"][0].startswith("rtcall")
         assert server.gateway.stores.commands.for_run(root, limit=10) == []
     finally:
         console.close()

@@ -61,6 +61,30 @@ def test_ask_user_resume_with_payload_and_wrong_wait_key(gateway, runner):
     assert gateway.stores.runs.load(run_id).output["answer"] == "Ada"
 
 
+def test_an_answer_naming_a_tool_call_the_wait_does_not_have_is_refused(gateway, runner):
+    """An agent reuses its wait key for its next tool step: results (`runtime_call_id`) and bare approvals
+    or denials (`runtime_call_ids`) that name another step's call are refused, not applied to this wait."""
+    run_id = gateway.start_run(bundle_id="ask")
+    wait_for(lambda: _status(gateway, run_id) == "waiting")
+    with gateway.runs_locked([run_id]):  # the wait the runtime's passthrough tool executor writes
+        run = gateway.stores.runs.load(run_id)
+        run.waiting.details = {"mode": "approval_required", "tool_calls": [
+            {"name": "execute_command", "arguments": {}, "call_id": "call_1", "runtime_call_id": "rtcall_2"}]}
+        gateway.stores.runs.save(run)
+    key = run.waiting.wait_key
+    stale = [{"approved": False, "runtime_call_ids": ["rtcall_1"]},
+             {"mode": "executed", "results": [{"call_id": "call_1", "runtime_call_id": "rtcall_1", "output": "x"}]}]
+    for n, answer in enumerate(stale):
+        gateway.submit_command(command_id=f"stale-{n}", run_id=run_id, type="resume",
+                               payload={"wait_key": key, "payload": answer})
+        outcome = _outcome(gateway, f"stale-{n}")
+        assert outcome["status"] == "failed" and "no pending tool call 'rtcall_1'" in outcome["error"]
+    assert _status(gateway, run_id) == "waiting"
+    gateway.submit_command(command_id="current", run_id=run_id, type="resume",
+                           payload={"wait_key": key, "payload": {"approved": False, "runtime_call_ids": ["rtcall_2"]}})
+    assert _outcome(gateway, "current")["status"] == "applied"
+
+
 def test_bad_commands_are_recorded_not_swallowed(gateway, runner):
     gateway.submit_command(command_id="ghost", run_id="no-such-run", type="pause")
     assert "not found" in _outcome(gateway, "ghost")["error"]
