@@ -8548,12 +8548,25 @@ class AuthMiddleware(_Middleware):
         return self.app(environ, start_response)
 
 
+@functools.lru_cache(maxsize=None)
+def _capped_body_type() -> type:
+    """werkzeug's `LimitedStream`, whose 413 says what the cap is (built once, werkzeug imported lazily)."""
+    from werkzeug.exceptions import RequestEntityTooLarge
+    from werkzeug.wsgi import LimitedStream
+
+    class CappedBody(LimitedStream):
+        def on_exhausted(self) -> None:
+            raise RequestEntityTooLarge(f"Payload Too Large (more than {self.limit - 1} bytes)")
+
+    return CappedBody
+
+
 class BodyLimitMiddleware(_Middleware):
     """413 for a body over its route's cap: by Content-Length up front, and while reading, since a
     chunked body has no length to check (werkzeug's LimitedStream raises 413 when a read passes it)."""
 
     def __call__(self, environ: Dict[str, Any], start_response: Callable) -> Iterable[bytes]:
-        from werkzeug.wsgi import LimitedStream, get_content_length
+        from werkzeug.wsgi import get_content_length
 
         route = guarded_route(environ)
         cap = self.policy.body_cap(route) if route is not None else 0
@@ -8563,7 +8576,7 @@ class BodyLimitMiddleware(_Middleware):
                 return _reject(environ, start_response, 413, "too_large",
                                f"Payload Too Large ({declared} bytes > {cap} bytes)")
             # cap + 1: the read that finds the end of a body of exactly `cap` bytes is not past the cap
-            environ["wsgi.input"] = LimitedStream(environ["wsgi.input"], cap + 1, is_max=True)
+            environ["wsgi.input"] = _capped_body_type()(environ["wsgi.input"], cap + 1, is_max=True)
         return self.app(environ, start_response)
 
 
