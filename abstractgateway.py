@@ -4661,8 +4661,8 @@ class Gateway:
         repaired = 0
         for parent in self.stores.runs.list_runs(status=RunStatus.WAITING, wait_reason=WaitReason.SUBWORKFLOW,
                                                  limit=limit):
-            key = parent.waiting.wait_key or ""
-            child = self.stores.runs.load(key.split(":", 1)[1]) if key.startswith("subworkflow:") else None
+            child_id = _awaited_child_id(parent)
+            child = self.stores.runs.load(child_id) if child_id else None
             if child is not None and _enum_value(child.status) in TERMINAL_STATUSES:
                 self.resume_parent_of(child, lease)
                 repaired += 1
@@ -4726,11 +4726,14 @@ def _unblocked_by(run: RunState) -> List[str]:
     next poll."""
     if _enum_value(run.status) in TERMINAL_STATUSES:
         return [run.parent_run_id] if run.parent_run_id else []
-    waiting = run.waiting
-    if waiting is not None and _enum_value(waiting.reason) == "subworkflow":
-        child = (waiting.details or {}).get("sub_run_id") if isinstance(waiting.details, dict) else None
-        return [str(child)] if child else []
-    return []
+    child_id = _awaited_child_id(run)
+    return [child_id] if child_id else []
+
+
+def _awaited_child_id(run: RunState) -> Optional[str]:
+    """The child run `run` waits on (its wait key is `subworkflow:<child id>`), if it waits on one."""
+    key = (run.waiting.wait_key or "") if run.waiting is not None else ""
+    return key.split(":", 1)[1] or None if key.startswith("subworkflow:") else None
 
 
 def _continues(run: RunState) -> bool:
@@ -4768,8 +4771,8 @@ def _check_tool_answer(run_id: str, details: Dict[str, Any], body: Dict[str, Any
     answered = [r.get("runtime_call_id") for r in results if isinstance(r, dict)] + named
     for call in answered:
         if call and str(call) not in pending:
-            raise Conflict(f"Run '{run_id}' has no pending tool call '{call}': that call was already answered",
-                           code="tool_call_not_pending")
+            raise Conflict(f"Run '{run_id}' has no pending tool call '{str(call)[:200]}': that call was already "
+                           "answered", code="tool_call_not_pending")
 
 
 class Runner:
