@@ -620,11 +620,12 @@ class _PendingWrite:
 
 
 class _Transaction:
-    __slots__ = ("conn", "topics")
+    __slots__ = ("conn", "topics", "isolated")
 
-    def __init__(self, conn: apsw.Connection) -> None:
+    def __init__(self, conn: apsw.Connection, isolated: bool = False) -> None:
         self.conn = conn
         self.topics: List[str] = []
+        self.isolated = isolated  # each write joining it runs in a savepoint of its own (see `transaction`)
 
 
 _SQLITE_HEADER = b"SQLite format 3\x00"
@@ -837,7 +838,11 @@ class Database:
         if tx is not None:
             if tx.conn.get_autocommit():  # SQLite rolled the transaction back (an error somebody caught):
                 raise StorageError("The transaction was abandoned by the database; nothing was written.")
-            result = fn(tx.conn)
+            if tx.isolated and not single_statement:
+                with tx.conn:  # nested in the transaction, apsw makes this a savepoint
+                    result = fn(tx.conn)
+            else:
+                result = fn(tx.conn)
             tx.topics.extend(topics)
             return result
         item = _PendingWrite(fn, topics, single_statement)
@@ -981,8 +986,13 @@ class Database:
                 del tx.topics[nested_topics:]
 
     @contextmanager
-    def transaction(self) -> Iterator[_Transaction]:
-        """An explicit write transaction on this thread; store writes inside it join it."""
+    def transaction(self, *, isolate_writes: bool = False) -> Iterator[_Transaction]:
+        """An explicit write transaction on this thread; store writes inside it join it.
+
+        `isolate_writes=True` keeps each joining `write` all-or-nothing, as in a group commit: one
+        that fails undoes only its own statements and the transaction goes on (independent requests
+        sharing one commit, see `HttpServer`). Otherwise a failure is meant to end the transaction.
+        """
         tx: Optional[_Transaction] = getattr(self._local, "tx", None)
         if tx is not None:
             yield tx
@@ -995,7 +1005,7 @@ class Database:
             except _STORAGE_FAILURES as exc:
                 self._note_failure(exc, conn)
                 raise storage_error(exc) from exc
-            tx = self._local.tx = _Transaction(conn)
+            tx = self._local.tx = _Transaction(conn, isolate_writes)
             try:
                 yield tx
                 if conn.get_autocommit():  # rolled back under a caught error: its writes are gone, say so
@@ -2855,6 +2865,10 @@ class NotFound(GatewayError):
     code = "not_found"
 
 
+def run_not_found(run_id: str) -> NotFound:
+    return NotFound(f"Run '{run_id}' not found", code="run_not_found")
+
+
 class Conflict(GatewayError):
     code = "conflict"
 
@@ -3172,7 +3186,7 @@ def schedule_root(runs: Any, run_id: str) -> RunState:
     """The scheduled parent run `run_id` belongs to (itself or an ancestor)."""
     run = runs.load(run_id)
     if run is None:
-        raise NotFound(f"Run '{run_id}' not found", code="run_not_found")
+        raise run_not_found(run_id)
     while run is not None and schedule_of(run) is None:
         run = runs.load(run.parent_run_id) if run.parent_run_id else None
     if run is None:
@@ -3953,6 +3967,9 @@ class TripleStoreHandle:
 
 # A batch of commands holds the database's write turn at most about this long (see `_apply_batch`).
 COMMAND_BATCH_S = 0.05
+# While commands arrive faster than they are applied, the runner waits this long before the next batch:
+# each batch costs a transaction, a durable commit and the inbox queries, whatever its size.
+COMMAND_GATHER_S = 0.004
 
 
 def _is_compaction(record: CommandRecord) -> bool:
@@ -4140,7 +4157,7 @@ class CommandInbox:
             update_schedule(self.stores, record, self.config.schedule_min_interval_s)
             return
         if not targets:  # the run tree, root first (locked), is empty: the command's run does not exist
-            raise NotFound(f"Run '{record.run_id}' not found", code="run_not_found")
+            raise run_not_found(record.run_id)
         if kind == "pause":  # the runtime leaves finished and already-paused runs as they are
             for run_id in targets:
                 self.runtime.pause_run(run_id, reason=payload.get("reason"))
@@ -4175,7 +4192,7 @@ class CommandInbox:
         target = str(p.get("target_run_id") or p.get("targetRunId") or record.run_id)
         for run_id in {record.run_id, target}:
             if not self.stores.runs.exists(run_id):
-                raise NotFound(f"Run '{run_id}' not found", code="run_not_found")
+                raise run_not_found(run_id)
         mode = str(p.get("compression_mode") or "standard")
         if mode not in ("light", "standard", "heavy"):
             raise GatewayError("compression_mode must be light, standard or heavy", code="invalid_payload")
@@ -4377,7 +4394,7 @@ class Gateway:
     def load_run(self, run_id: str) -> RunState:
         state = self.stores.runs.load(run_id)
         if state is None:
-            raise NotFound(f"Run '{run_id}' not found", code="run_not_found")
+            raise run_not_found(run_id)
         return state
 
     def run_tree_ids(self, run_id: str) -> List[str]:
@@ -4867,8 +4884,7 @@ class Runner:
                 lease = self.lease
                 try:
                     if lease is not None:
-                        while self.gateway.apply_pending_commands(lease) and not self._stop.is_set():
-                            pass
+                        self._apply_commands(lease, work)
                         if time.monotonic() - last_repair > 5.0:
                             self.gateway.repair_subworkflow_parents(lease)
                             last_repair = time.monotonic()
@@ -4882,6 +4898,16 @@ class Runner:
                     self.last_error = f"{type(exc).__name__}: {exc}"
                     _log(f"runner loop error: {self.last_error}")
                 work.wait(seen, self._next_wait())
+
+    def _apply_commands(self, lease: LeaseToken, work: Any) -> None:
+        """Apply pending commands until none is left. While more arrive during a batch, wait
+        `COMMAND_GATHER_S` before the next, so that one transaction applies several."""
+        while not self._stop.is_set():
+            before = work.version
+            if not self.gateway.apply_pending_commands(lease):
+                return
+            if work.version != before:
+                self._stop.wait(COMMAND_GATHER_S)
 
     def _next_wait(self) -> float:
         """Sleep until the poll interval passes or the earliest known timer is due."""
@@ -5380,7 +5406,7 @@ class KnowledgeGraph:
     def _run(self, run_id: str) -> RunState:
         run = self.runs.load(run_id)
         if run is None:
-            raise NotFound(f"Run '{run_id}' not found", code="run_not_found")
+            raise run_not_found(run_id)
         return run
 
     def _owners(self, body: Dict[str, Any], scope: str,
@@ -5538,12 +5564,22 @@ class Route:
     auth: str = ""  # one of AUTH_KINDS; "" takes it from the method: GET reads, anything else writes
     max_body: str = "max_body_bytes"  # the setting (one of BODY_CAPS) that caps the request body
     stream: bool = False  # an SSE stream: counted against ABSTRACTGATEWAY_MAX_SSE, not MAX_CONCURRENCY
+    # A GET whose cost is small and bounded (a row or two, never a network call nor a large page): the
+    # server answers it on its selector thread, without the hand-off to a worker.
+    quick: bool = False
+    # A write whose few small writes all happen on the request's thread, answered only once they commit:
+    # the server may run several such requests in one transaction and acknowledge them with one commit.
+    shared_commit: bool = False
 
     def __post_init__(self) -> None:
         if not self.auth:
             object.__setattr__(self, "auth", "read" if self.method == "GET" else "write")
         if self.auth not in AUTH_KINDS or self.max_body not in BODY_CAPS:
             raise ValueError(f"{self.method} {self.path}: auth is one of {AUTH_KINDS}, max_body one of {BODY_CAPS}")
+        if self.quick and (self.method != "GET" or self.stream):
+            raise ValueError(f"{self.method} {self.path}: only a GET that is not a stream can be quick")
+        if self.shared_commit and self.method != "POST":
+            raise ValueError(f"{self.method} {self.path}: only a POST can share a commit")
 
     @property
     def api(self) -> bool:
@@ -5609,7 +5645,7 @@ ROUTES: Tuple[Route, ...] = (
     Route("GET", "/console/console.css", "console_style", "The console's style sheet.", "console",
           content_type="text/css", response={"type": "string"}, errors=(404,), auth="none"),
     Route("GET", f"{API}/ping", "ping", "Authenticated connectivity probe (with the store backend and database path).",
-          "meta", response=_obj(("ok",), ok=_B, status=_S, service=_S, time=_S, backend=_S, db_path=_S)),
+          "meta", response=_obj(("ok",), ok=_B, status=_S, service=_S, time=_S, backend=_S, db_path=_S), quick=True),
     # bundles
     Route("GET", f"{API}/bundles", "list_bundles", "List bundles (latest version of each by default).", "bundles",
           query=(Param("all_versions", "bool", False), Param("include_deprecated", "bool", False)),
@@ -5660,7 +5696,8 @@ ROUTES: Tuple[Route, ...] = (
                  Param("include_metrics", "bool", False,
                        description="add steps, llm_calls, tool_calls, tokens_total per run (from indexed counters)")),
           response=_obj(("items",), items={"type": "array", "items": _RUN}, next_cursor=_NS)),
-    Route("GET", f"{API}/runs/<run_id>", "get_run", "Run summary.", "runs", response=_RUN, errors=(404,)),
+    Route("GET", f"{API}/runs/<run_id>", "get_run", "Run summary.", "runs", response=_RUN, errors=(404,),
+          quick=True),
     Route("GET", f"{API}/runs/<run_id>/input_data", "get_run_input", "The inputs a run was started with.", "runs",
           response=_obj(("run_id", "input_data"), run_id=_S, workflow_id=_S, bundle_id=_NS, bundle_version=_NS,
                         flow_id=_NS, pin_ids={"type": "array", "items": _S}, input_data=_O), errors=(404,)),
@@ -5710,7 +5747,7 @@ ROUTES: Tuple[Route, ...] = (
           "commands", body=_obj(("command_id", "run_id", "type"), command_id=_S, run_id=_S,
                                 type={"type": "string", "enum": list(COMMAND_TYPES)}, payload=_O, ts=_NS,
                                 client_id=_NS),
-          response=_obj(("accepted", "duplicate", "seq"), accepted=_B, duplicate=_B, seq=_I)),
+          response=_obj(("accepted", "duplicate", "seq"), accepted=_B, duplicate=_B, seq=_I), shared_commit=True),
     Route("GET", f"{API}/audit/tail", "audit_tail",
           "The audit log of write requests: its newest JSONL lines within `max_bytes` (the original's shape), "
           "plus the newest `limit` rows as objects, newest first.", "meta",
@@ -5722,7 +5759,7 @@ ROUTES: Tuple[Route, ...] = (
                                                               origin=_NS, user_agent=_NS,
                                                               bytes_in={"type": ["integer", "null"]}, error=_NS)})),
     Route("GET", f"{API}/commands/<command_id>", "get_command", "A command's outcome: pending, applied or failed.",
-          "commands", response=_COMMAND_STATUS, errors=(404,)),
+          "commands", response=_COMMAND_STATUS, errors=(404,), quick=True),
     # thin clients: workspace files, attachments, knowledge graph, reports inbox
     Route("GET", f"{API}/workspace/policy", "workspace_policy",
           "The operator's workspace policy: mount names (never server paths) and the attachment cap.", "workspace",
@@ -5803,7 +5840,7 @@ class RouteMatch:
     and, when no route has this path and method, the 404 or 405 to answer."""
 
     route: Optional[Route]
-    args: Dict[str, Any]
+    args: Dict[str, Any]  # shared by every request of the same path: read, never changed
     error: Optional[Exception]
 
 
@@ -5824,6 +5861,13 @@ def _route_urls() -> Any:
     return url_map.bind("gateway")
 
 
+@functools.lru_cache(maxsize=1024)
+def _matched_route(method: str, path: str) -> RouteMatch:
+    """werkzeug's match of a path that has a route, remembered: clients poll the same few paths."""
+    index, args = _route_urls().match(path, method)
+    return RouteMatch(ROUTES[index], args, None)
+
+
 def route_match(environ: Dict[str, Any]) -> RouteMatch:
     """The request's route, matched once per request and kept in the environ under `ROUTE_KEY`: every
     security middleware reads its policy from it, and `GatewayApp` dispatches to its handler."""
@@ -5834,13 +5878,38 @@ def route_match(environ: Dict[str, Any]) -> RouteMatch:
         method = environ.get("REQUEST_METHOD", "GET")
         path = environ.get("PATH_INFO", "").encode("latin-1", "replace").decode("utf-8", "replace")
         try:
-            index, args = _route_urls().match(path, method)
-            match = RouteMatch(ROUTES[index], args, None)
-        except HTTPException as exc:
+            match = _matched_route(method, path)
+        except HTTPException as exc:  # not remembered: each request gets its own 404 or 405
             api = path == API or path.startswith(API + "/")
             match = RouteMatch(_API_FALLBACK[_FALLBACK_KIND.get(method, "none")] if api else None, {}, exc)
         environ[ROUTE_KEY] = match
     return match
+
+
+def is_quick_request(environ: Dict[str, Any]) -> bool:
+    """Whether the request's route is `quick` (the server may answer it on its selector thread)."""
+    match = route_match(environ)
+    return match.error is None and match.route is not None and match.route.quick
+
+
+class CommitGroup(NamedTuple):
+    """POSTs that may share one transaction (`accepts(path, content_length)`) and the transaction they
+    share, whose exit commits it or raises: then no request of the group was stored, and each is told why."""
+
+    accepts: Callable[[str, int], bool]
+    transaction: Callable[[], Any]
+
+
+def commit_group(config: Config, transaction: Callable[[], Any]) -> CommitGroup:
+    """The POSTs of `shared_commit` routes whose body is within their route's cap (a larger one is
+    refused up front by its Content-Length, on the usual path)."""
+    def accepts(path: str, length: int) -> bool:
+        match = route_match({"REQUEST_METHOD": "POST", "PATH_INFO": path})
+        route = match.route
+        return (match.error is None and route is not None and route.shared_commit
+                and length <= getattr(config, route.max_body))
+
+    return CommitGroup(accepts, transaction)
 
 
 def _parse_param(param: Param, raw: Optional[str]) -> Any:
@@ -6044,7 +6113,7 @@ class GatewayApp:
         from werkzeug.wrappers import Request
 
         request = Request(environ)
-        request_id = environ.get("abstractgateway.request_id") or uuid.uuid4().hex[:16]
+        request_id = environ.get("abstractgateway.request_id") or os.urandom(8).hex()
         try:
             _check_request_text(environ)
             match = route_match(environ)
@@ -6384,7 +6453,12 @@ class GatewayApp:
         return json_response({"items": items, "next_cursor": next_cursor})
 
     def get_run(self, request: Request, run_id: str) -> Response:
-        return json_response(run_summary(self.gateway.load_run(run_id)))
+        text = self.gateway.stores.runs.load_json(run_id)
+        summarize = _summary_body if text is None or len(text) > _SUMMARY_TEXT_MAX else _cached_summary_body
+        body = None if text is None else summarize(text)
+        if body is None:
+            raise run_not_found(run_id)
+        return JsonResponse(body)
 
     def get_run_input(self, request: Request, run_id: str) -> Response:
         state = self.gateway.load_run(run_id)
@@ -6475,7 +6549,7 @@ class GatewayApp:
 
     def _require_run(self, run_id: str) -> None:
         if not self.gateway.stores.runs.exists(run_id):
-            raise NotFound(f"Run '{run_id}' not found", code="run_not_found")
+            raise run_not_found(run_id)
 
     def summarize_run(self, request: Request, run_id: str, body: Dict[str, Any]) -> Response:
         return json_response(self.gateway.summarize_run(run_id, provider=body.get("provider"), model=body.get("model"),
@@ -6771,6 +6845,18 @@ def run_summary(state: RunState) -> Dict[str, Any]:
     }
 
 
+def _summary_body(run_json: str) -> Optional[bytes]:
+    """`GET /runs/{id}`'s body from the run's stored JSON (None when it cannot be read as a run)."""
+    states = _run_rows_to_states([(run_json,)])
+    return _json_dumps(run_summary(states[0])).encode("utf-8") if states else None
+
+
+# A run polled while unchanged is answered from its stored text without parsing it again; only
+# checkpoints up to _SUMMARY_TEXT_MAX characters are remembered, so the cache stays a few MB at most.
+_SUMMARY_TEXT_MAX = 16_384
+_cached_summary_body = functools.lru_cache(maxsize=256)(_summary_body)
+
+
 class LedgerStream:
     """One SSE subscription to a run's ledger: its cursor, its frames and when it is finished.
 
@@ -6981,7 +7067,7 @@ class JsonErrors:
     def _internal_error(environ: Dict[str, Any], start_response: Callable, exc_info: Any) -> Iterable[bytes]:
         import traceback
 
-        request_id = environ.get("abstractgateway.request_id") or uuid.uuid4().hex[:16]
+        request_id = environ.get("abstractgateway.request_id") or os.urandom(8).hex()
         _log(f"500 on {environ.get('REQUEST_METHOD')} {environ.get('PATH_INFO')} request_id={request_id}: "
              + "".join(traceback.format_exception(*exc_info)))
         body = error_response(500, "internal_error", f"Internal error (request id {request_id})",
@@ -7071,7 +7157,7 @@ class RequestTimeout(GatewayError):
 class _Connection:
     """One client socket and the bytes read from it but not yet consumed."""
 
-    __slots__ = ("sock", "addr", "buf", "since", "started", "keep_alive")
+    __slots__ = ("sock", "addr", "buf", "since", "started", "keep_alive", "parsed", "unsent")
 
     def __init__(self, sock: Any, addr: Any) -> None:
         self.sock = sock
@@ -7080,6 +7166,8 @@ class _Connection:
         self.since = time.monotonic()  # idle since (no request in progress)
         self.started = 0.0  # first byte of the request being read (0: none yet)
         self.keep_alive = True
+        self.parsed: Optional[Tuple[Dict[str, Any], "_BodyReader", bool]] = None  # head parsed by the selector
+        self.unsent = b""  # the rest of a response the selector thread could not send without waiting
 
     def head_end(self) -> int:
         """Offset just past the request head in `buf` (0 while it is incomplete)."""
@@ -7251,6 +7339,16 @@ def _error_head(status: int, reason: str, code: str, detail: str) -> bytes:
             b"%sDate: %s\r\n\r\n%s" % (status, reason.encode(), len(body), retry, _http_date(), body))
 
 
+def _group_failure(exc: BaseException) -> bytes:
+    """The response of every request in a `CommitGroup` whose transaction did not commit."""
+    if not isinstance(exc, (StorageError, *_STORAGE_FAILURES)):
+        _log(f"shared commit failed: {type(exc).__name__}: {exc}")
+        return _error_head(500, "Internal Server Error", "internal_error", "Internal error")
+    err = storage_error(exc)
+    status = error_status(err)
+    return _error_head(status, HTTPStatus(status).phrase, err.code, err.detail)
+
+
 def _preread_length(head: bytes | bytearray) -> int:
     """How many body bytes the selector thread waits for when workers run short: a Content-Length
     body up to `_PREREAD_LIMIT` (not chunked ones, nor an `Expect: 100-continue` body, which the
@@ -7288,8 +7386,10 @@ class _ResponseWriter:
     """`start_response` and the socket writes of one response: Content-Length when the app gives
     one, else chunked (HTTP/1.1) or close-delimited (HTTP/1.0). Head and first data go out in one send."""
 
-    def __init__(self, conn: _Connection, body: _BodyReader, head_only: bool, http10: bool) -> None:
+    def __init__(self, conn: _Connection, body: _BodyReader, head_only: bool, http10: bool,
+                 send: Optional[Callable[[bytes], Any]] = None) -> None:
         self.conn = conn
+        self._send = send or conn.sock.sendall
         self.body = body
         self.head_only = head_only
         self.http10 = http10
@@ -7368,13 +7468,13 @@ class _ResponseWriter:
             self.conn.keep_alive = False
         self.sent += len(data)
         if head or data:
-            self.conn.sock.sendall(head + data)
+            self._send(head + data)
 
     def finish(self) -> None:
         if not self.head_sent:
-            self.conn.sock.sendall(self.head(empty=True))
+            self._send(self.head(empty=True))
         elif self.chunked and not self.head_only:
-            self.conn.sock.sendall(b"0\r\n\r\n")
+            self._send(b"0\r\n\r\n")
         elif self.length is not None and self.sent < self.length and not self.head_only:
             self.conn.keep_alive = False  # the app sent less than it announced: the framing is broken
 
@@ -7676,6 +7776,9 @@ class _StreamWriter:
             sub.stream.app.stream_ended()
 
 
+_GROUP_TURN = object()  # in a worker's queue: serve the requests waiting for a shared transaction
+
+
 class HttpServer:
     """The gateway's HTTP/1.1 server: werkzeug's WSGI stack on a standard-library core.
 
@@ -7685,6 +7788,14 @@ class HttpServer:
     - A fixed pool of long-lived workers runs the WSGI app (each keeps its SQLite connection warm),
       drains or refuses the body the app left unread, serves pipelined requests already buffered,
       and hands the connection back to the selector for the next request.
+    - A bodiless GET that `quick(environ)` accepts (a route whose cost is small and bounded) is
+      answered by the selector thread itself: under the GIL, handing it to a worker costs more
+      (thread switches, selector re-registration) than serving it. A response the socket cannot
+      take at once is finished by a worker, so a client that does not read cannot stall the loop.
+    - Requests that `group.accepts` (small writes, bodies read whole by the selector) queue for one
+      worker, which serves those waiting in one transaction and answers them after its one commit.
+      While it commits, the next arrivals queue: the group commit of an event loop, with one thread
+      in the app instead of one per request contending for the GIL.
     - SSE streams move to one `_StreamWriter` thread after their head.
 
     Limits: a connection with no request in progress closes after `idle_timeout_s`; a head must
@@ -7696,13 +7807,17 @@ class HttpServer:
 
     def __init__(self, app: Callable, host: str, port: int, *, workers: int = 8, request_timeout_s: float = 15.0,
                  idle_timeout_s: float = 5.0, max_requests: int = 256, max_connections: int = 4096,
-                 sse_max_buffer_bytes: int = 1 << 20) -> None:
+                 sse_max_buffer_bytes: int = 1 << 20,
+                 quick: Optional[Callable[[Dict[str, Any]], bool]] = None,
+                 group: Optional[CommitGroup] = None) -> None:
         import queue
         import selectors
         import socket
         from collections import OrderedDict, deque
 
         self.app = app
+        self.quick = quick
+        self.group = group
         self.workers = workers
         self.request_timeout_s = request_timeout_s
         self.idle_timeout_s = idle_timeout_s
@@ -7728,7 +7843,9 @@ class HttpServer:
         # thread per request); the selector thread takes up their bookkeeping before its next events.
         self._returned: "deque[_Connection]" = deque()
         self._selector_closed = False
-        self._ready: "queue.SimpleQueue[Optional[_Connection]]" = queue.SimpleQueue()
+        self._ready: "queue.SimpleQueue[Any]" = queue.SimpleQueue()  # a connection, _GROUP_TURN or None (stop)
+        self._grouped: List[_Connection] = []  # requests waiting for the next shared transaction
+        self._group_busy = False  # a worker is serving groups (it takes the next one when done)
         self._idle: "OrderedDict[int, _Connection]" = OrderedDict()  # in the selector, nothing read; oldest first
         self._partial: "OrderedDict[int, _Connection]" = OrderedDict()  # in the selector, request arriving
         self._in_progress = 0  # partial heads + connections at workers
@@ -7892,6 +8009,10 @@ class HttpServer:
         fd = conn.sock.fileno()
         end = conn.head_end()
         if end:
+            if self.quick is not None and self._serve_here(conn, end):
+                return
+            if self.group is not None and self._join_group(conn, end):
+                return
             short = self._idle_workers - self._ready.qsize() <= max(1, self.workers // 4)
             if short and len(conn.buf) < end + _preread_length(conn.buf[:end]):
                 return
@@ -7903,6 +8024,100 @@ class HttpServer:
             self._end_request()
             self._forget(conn, _error_head(431, "Request Header Fields Too Large", "headers_too_large",
                                            "Request header fields too large"))
+
+    def _to_worker(self, conn: _Connection) -> None:
+        self._partial.pop(conn.sock.fileno(), None)
+        self._selector.unregister(conn.sock)
+        self._ready.put(conn)
+
+    def _serve_here(self, conn: _Connection, end: int) -> bool:
+        """Answer a quick request on this thread; False leaves the connection to the usual path.
+
+        Only a bodiless GET or HEAD is parsed here; one the `quick` predicate refuses goes to a
+        worker with its parsed head. The response is built in memory and sent without blocking.
+        """
+        buf = conn.buf
+        if not (buf.startswith(b"GET ") or buf.startswith(b"HEAD ")):
+            return False
+        head = bytes(buf[:end])
+        lower = head.lower()
+        if b"\ncontent-length:" in lower or b"\ntransfer-encoding:" in lower:
+            return False
+        del buf[:end]
+        try:
+            conn.parsed = self._environ(conn, head)
+        except _BadRequest as exc:
+            self._forget(conn, exc.response)
+            return True
+        if not self.quick(conn.parsed[0]):
+            self._to_worker(conn)
+            return True
+        (environ, body, http10), conn.parsed = conn.parsed, None
+        out: List[bytes] = []
+        response = _ResponseWriter(conn, body, environ["REQUEST_METHOD"] == "HEAD", http10, out.append)
+        try:
+            self._write_out(response, self.app(environ, response.start_response))
+        except Exception as exc:  # noqa: BLE001 - the app's own errors are JSON already; this is a last resort
+            _log(f"500 from the WSGI stack: {type(exc).__name__}: {exc}")
+            out = [_error_head(500, "Internal Server Error", "internal_error", "Internal error")]
+            conn.keep_alive = False
+        self._send_here(conn, b"".join(out))
+        return True
+
+    def _join_group(self, conn: _Connection, end: int) -> bool:
+        """Queue a POST for the next shared transaction if `group.accepts` its path and body length;
+        False leaves the connection to the usual path. Its small body is awaited here, under the head's
+        deadline: the app must never wait for a client while others' writes wait on its transaction."""
+        buf = conn.buf
+        if not buf.startswith(b"POST "):
+            return False
+        length = _preread_length(buf[:end])
+        target = bytes(buf[5:buf.find(b" ", 5)]).decode("latin-1").partition("?")[0]
+        if not length or not self.group.accepts(_unquote_path(target), length):
+            return False
+        if len(buf) < end + length:
+            return True
+        head = bytes(buf[:end])
+        del buf[:end]
+        try:
+            conn.parsed = self._environ(conn, head)
+        except _BadRequest as exc:
+            self._forget(conn, exc.response)
+            return True
+        self._partial.pop(conn.sock.fileno(), None)
+        self._selector.unregister(conn.sock)
+        with self._lock:
+            self._grouped.append(conn)
+            start, self._group_busy = not self._group_busy, True
+        if start:
+            self._ready.put(_GROUP_TURN)
+        return True
+
+    def _send_here(self, conn: _Connection, data: bytes) -> None:
+        """Send a response built on the selector thread and put the connection back among the idle."""
+        buf = conn.buf
+        try:
+            sent = conn.sock.send(data)
+        except BlockingIOError:
+            sent = 0
+        except OSError:
+            self._forget(conn)
+            return
+        if sent < len(data):
+            conn.unsent = data[sent:]
+            self._to_worker(conn)
+            return
+        if not conn.keep_alive:
+            self._forget(conn)
+            return
+        self._partial.pop(conn.sock.fileno(), None)
+        self._end_request()
+        conn.started = 0.0
+        conn.since = time.monotonic()
+        if not buf:
+            self._idle[conn.sock.fileno()] = conn
+        elif self._begin(conn, capped=False) and conn.head_end():
+            self._to_worker(conn)  # pipelined requests: a worker serves them in turn
 
     def _forget(self, conn: _Connection, last_words: bytes = b"") -> None:
         """Close a connection the selector holds."""
@@ -7999,15 +8214,21 @@ class HttpServer:
                 self._idle_workers -= 1
             if conn is None:
                 return
+            if conn is _GROUP_TURN:
+                self._serve_groups()
+                continue
             outcome = "close"
             try:
                 conn.sock.settimeout(self.request_timeout_s)
-                while True:
+                if conn.unsent:  # the end of a response the selector thread began
+                    conn.sock.sendall(conn.unsent)
+                    conn.unsent = b""
+                    outcome = "keep" if conn.keep_alive else "close"
+                else:
                     outcome = self._serve_one(conn)
-                    if outcome != "keep" or self._stop.is_set():
-                        break
-                    if not conn.head_end() and not (self._ready.empty() and self._linger(poller, conn)):
-                        break  # else: the next request is already here (pipelined, or sent right away)
+                while outcome == "keep" and not self._stop.is_set() and (
+                        conn.head_end() or (self._ready.empty() and self._linger(poller, conn))):
+                    outcome = self._serve_one(conn)  # pipelined, or sent right away
             except Exception as exc:  # noqa: BLE001 - a broken connection never kills a worker
                 if not isinstance(exc, OSError):
                     _log(f"http worker: {type(exc).__name__}: {exc}")
@@ -8020,6 +8241,51 @@ class HttpServer:
                 conn.sock.close()
             with self._lock:
                 self._open -= 1
+
+    def _serve_groups(self) -> None:
+        """Serve the queued `group` requests, a transaction at a time, until none is waiting."""
+        while True:
+            with self._lock:
+                conns, self._grouped = self._grouped, []
+                if not conns:
+                    self._group_busy = False
+                    return
+            replies: List[bytes] = []
+            try:
+                with self.group.transaction():
+                    for conn in conns:
+                        replies.append(self._reply_in_group(conn))
+            except Exception as exc:  # noqa: BLE001 - not committed: every request of the group is told so
+                replies = [_group_failure(exc)] * len(conns)
+                for conn in conns:
+                    conn.keep_alive = False
+            for conn, data in zip(conns, replies, strict=True):
+                self._send_and_release(conn, data)
+
+    def _reply_in_group(self, conn: _Connection) -> bytes:
+        """Run one request of a group through the app; its response, held until the commit."""
+        (environ, body, http10), conn.parsed = conn.parsed, None
+        out: List[bytes] = []
+        response = _ResponseWriter(conn, body, False, http10, out.append)
+        self._write_out(response, self.app(environ, response.start_response))
+        if not body.drain():
+            conn.keep_alive = False
+        return b"".join(out)
+
+    def _send_and_release(self, conn: _Connection, data: bytes) -> None:
+        """Send a group's reply, then hand the connection back to the selector (or close it)."""
+        try:
+            conn.sock.settimeout(self.request_timeout_s)
+            conn.sock.sendall(data)
+        except OSError:
+            conn.keep_alive = False
+        self._end_request()
+        if conn.keep_alive and not self._stop.is_set():
+            self._give_back(conn)
+            return
+        conn.sock.close()
+        with self._lock:
+            self._open -= 1
 
     def _linger(self, poller: Any, conn: _Connection) -> bool:
         """Wait briefly for the connection's next request head: a client that sends requests back to
@@ -8038,15 +8304,19 @@ class HttpServer:
         return bool(conn.head_end())
 
     def _serve_one(self, conn: _Connection) -> str:
-        """Serve the request whose head is buffered: "keep", "close" or "stream" (handed to the writer)."""
-        end = conn.head_end()
-        head = bytes(conn.buf[:end])
-        del conn.buf[:end]
-        try:
-            environ, body, http10 = self._environ(conn, head)
-        except _BadRequest as exc:
-            conn.sock.sendall(exc.response)
-            return "close"
+        """Serve the request whose head is buffered (or parsed already): "keep", "close" or "stream"
+        (handed to the writer)."""
+        if conn.parsed is not None:
+            (environ, body, http10), conn.parsed = conn.parsed, None
+        else:
+            end = conn.head_end()
+            head = bytes(conn.buf[:end])
+            del conn.buf[:end]
+            try:
+                environ, body, http10 = self._environ(conn, head)
+            except _BadRequest as exc:
+                conn.sock.sendall(exc.response)
+                return "close"
         if environ.get("HTTP_EXPECT", "").lower() == "100-continue" and not body.done and not http10:
             conn.sock.sendall(b"HTTP/1.1 100 Continue\r\n\r\n")
         response = _ResponseWriter(conn, body, environ["REQUEST_METHOD"] == "HEAD", http10)
@@ -8062,6 +8332,14 @@ class HttpServer:
         if stream is not None and response.status_code == 200 and environ["REQUEST_METHOD"] == "GET":
             self.streams.add(conn.sock, stream, result, response.head(stream=True))
             return "stream"
+        self._write_out(response, result)
+        if not conn.keep_alive or not body.drain():
+            return "close"
+        return "keep"
+
+    @staticmethod
+    def _write_out(response: _ResponseWriter, result: Iterable[bytes]) -> None:
+        """Write the app's response body, then close its iterable (WSGI's `close`), whatever happens."""
         try:
             for data in result:
                 if data:
@@ -8071,9 +8349,6 @@ class HttpServer:
             close = getattr(result, "close", None)
             if close is not None:
                 close()
-        if not conn.keep_alive or not body.drain():
-            return "close"
-        return "keep"
 
     @staticmethod
     def _request_line(line: str) -> Tuple[str, str, str]:
@@ -8175,11 +8450,16 @@ class HttpServer:
         return environ, body, http10
 
 
-def server_options(config: Config) -> Dict[str, Any]:
-    """`HttpServer` keyword arguments from the settings."""
+def server_options(gateway: Gateway) -> Dict[str, Any]:
+    """`HttpServer` keyword arguments for `gateway`: its settings, and what the route table lets the
+    server do itself (quick reads; commands acknowledged by one shared commit where stores are atomic)."""
+    config, stores = gateway.config, gateway.stores
+    group = (commit_group(config, functools.partial(stores.db.transaction, isolate_writes=True))
+             if stores.atomic else None)
     return {"workers": config.http_workers, "request_timeout_s": config.request_timeout_s,
             "idle_timeout_s": config.idle_timeout_s, "max_requests": config.max_threads,
-            "max_connections": config.max_connections, "sse_max_buffer_bytes": config.sse_max_buffer_bytes}
+            "max_connections": config.max_connections, "sse_max_buffer_bytes": config.sse_max_buffer_bytes,
+            "quick": is_quick_request, "group": group}
 
 
 # =====================================================================================
@@ -8335,7 +8615,7 @@ class RequestIdMiddleware(_Middleware):
 
     def __call__(self, environ: Dict[str, Any], start_response: Callable) -> Iterable[bytes]:
         incoming = environ.get("HTTP_X_REQUEST_ID", "").strip()
-        request_id = incoming if incoming and len(incoming) <= 64 and incoming.isprintable() else uuid.uuid4().hex
+        request_id = incoming if incoming and len(incoming) <= 64 and incoming.isprintable() else os.urandom(16).hex()
         environ["abstractgateway.request_id"] = request_id
         api = guarded_route(environ) is not None
 
@@ -8783,7 +9063,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         gateway.close()
         return 2
     try:
-        server = HttpServer(wsgi, config.host, config.port, **server_options(config))
+        server = HttpServer(wsgi, config.host, config.port, **server_options(gateway))
     except OSError as exc:
         print(f"serve: cannot listen on {config.host}:{config.port}: {exc}", file=sys.stderr)
         gateway.close()

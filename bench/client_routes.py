@@ -91,7 +91,7 @@ def main() -> int:
                                    owner_id="session_memory_bench") for i in range(triples)])
         store.close()
         wsgi, _app, _policy = gw.build_wsgi(gateway)
-        server = gw.HttpServer(wsgi, "127.0.0.1", 0, **gw.server_options(gateway.config))
+        server = gw.HttpServer(wsgi, "127.0.0.1", 0, **gw.server_options(gateway))
         threading.Thread(target=server.serve_forever, daemon=True).start()
         conn = http.client.HTTPConnection("127.0.0.1", server.server_port, timeout=120)
         api = "/api/gateway"

@@ -163,8 +163,7 @@ class Server:
         else:
             self.wsgi, self.app, _policy = gw.build_wsgi(self.gateway, self.runner)
             self.stack = "build_wsgi (security middlewares on, audit on)"
-        cfg = self.gateway.config
-        self.server = gw.HttpServer(self.wsgi, "127.0.0.1", 0, **gw.server_options(cfg))
+        self.server = gw.HttpServer(self.wsgi, "127.0.0.1", 0, **gw.server_options(self.gateway))
         self.port = self.server.server_port
         self._thread = threading.Thread(target=self.server.serve_forever, name="http", daemon=True)
         self._thread.start()

@@ -163,7 +163,7 @@ class LiveServer:
         self.gateway = make_gateway(data_dir, port="0", **env)
         self.runner = gw.Runner(self.gateway).start() if runner else None
         self.wsgi, self.app, self.policy = gw.build_wsgi(self.gateway, self.runner)
-        self.server = gw.HttpServer(self.wsgi, "127.0.0.1", 0, **gw.server_options(self.gateway.config))
+        self.server = gw.HttpServer(self.wsgi, "127.0.0.1", 0, **gw.server_options(self.gateway))
         self.port = self.server.server_port
         self.base = f"http://127.0.0.1:{self.port}"
         self._thread = threading.Thread(target=self.server.serve_forever, daemon=True)

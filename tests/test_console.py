@@ -635,7 +635,7 @@ def _serve_on(data_dir: Path, port: int):
     gateway = make_gateway(data_dir, port="0", auth_token=LiveServer.TOKEN)
     runner = gw.Runner(gateway).start()
     wsgi, app, _ = gw.build_wsgi(gateway, runner)
-    http = gw.HttpServer(wsgi, "127.0.0.1", port, **gw.server_options(gateway.config))
+    http = gw.HttpServer(wsgi, "127.0.0.1", port, **gw.server_options(gateway))
     threading.Thread(target=http.serve_forever, daemon=True).start()
     return gateway, runner, app, http
 

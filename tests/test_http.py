@@ -168,6 +168,21 @@ def test_listed_runs_have_the_shape_and_values_of_a_run_read_alone(live_server):
     assert listed == [alone] and alone["pause_reason"] == "lunch" and alone["current_node"]
 
 
+def test_a_run_read_again_after_it_changes_shows_the_change_large_or_small(live_server):
+    """GET /runs/{id} may answer an unchanged run from its stored text; any change shows at once,
+    and a run too large to remember is read in full each time."""
+    for size in (10, 40_000):
+        run_id = _start(live_server, bundle_id="ask", input_data={"pad": "x" * size})
+        waiting = _wait_status(live_server, run_id, "waiting")
+        assert live_server.get(f"{API}/runs/{run_id}")[2] == waiting  # the same answer, unchanged run
+        live_server.post(f"{API}/commands", {"command_id": f"a{size}", "run_id": run_id, "type": "resume", "payload": {
+            "wait_key": waiting["waiting"]["wait_key"], "payload": {"response": "yes"}}})
+        done = _wait_status(live_server, run_id, "completed")
+        assert done["waiting"] is None and done["updated_at"] > waiting["updated_at"]
+    status, _, data = live_server.get(f"{API}/runs/nope")
+    assert status == 404 and _is_error(data, "run_not_found")
+
+
 def test_start_errors(live_server):
     status, _, data = live_server.post(f"{API}/runs/start", {})
     assert status == 400 and _is_error(data, "flow_id_required")

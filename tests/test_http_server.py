@@ -5,12 +5,15 @@ Every test talks raw HTTP/1.1 over loopback sockets to a real server on a real S
 
 from __future__ import annotations
 
+import contextlib
 import json
 import resource
 import selectors
 import socket
+import threading
 import time
 
+import apsw
 import pytest
 
 import abstractgateway as gw
@@ -396,17 +399,23 @@ def test_a_slow_reader_is_dropped_without_stalling_the_others(tmp_path):
 
 def test_a_command_and_its_audit_row_commit_together_and_a_run_is_its_own_session(live_server):
     db = live_server.gateway.stores.db
-    commits = []
-    original = db._commit_batch
-    db._commit_batch = lambda batch: (commits.append(len(batch)), original(batch))[1]
+    commits = []  # (how, thread) of each write transaction
+    group_commit, shared = db._commit_batch, live_server.server.group
+    def note(how):
+        commits.append((how, threading.current_thread().name))
+
+    db._commit_batch = lambda batch: (note("group"), group_commit(batch))[1]
+    live_server.server.group = shared._replace(transaction=lambda: (note("tx"), shared.transaction())[1])
     try:
         status, _, body = live_server.post(f"{API}/commands", {"command_id": "one", "run_id": "r", "type": "pause"})
         assert status == 200 and body["accepted"] is True
         row = live_server.gateway.stores.audit.tail(1)[0]  # committed before the answer was sent
         assert (row["path"], row["status"]) == (f"{API}/commands", 200)
-        assert commits[:1] == [1]  # the command's own commit carried the audit row: no second one for it
+        # the command's own commit (its route shares commits) carried the audit row: no second one for it
+        assert [how for how, thread in commits if thread.startswith("http")] == ["tx"]
     finally:
-        db._commit_batch = original
+        del db._commit_batch
+        live_server.server.group = shared
     status, _, body = live_server.post(f"{API}/runs/start", {"bundle_id": "echo"})
     run_id = body["run_id"]
     status, _, listed = live_server.get(f"{API}/runs?session_id={run_id}")
@@ -446,6 +455,127 @@ def test_the_stream_writer_outlives_a_failing_read(live_server):
     finally:
         ledger.page_json = real_page
         stream.close()
+
+
+# -- quick reads on the selector thread; commands that share one commit ------------------------------
+
+
+def _serve_in_thread(server: gw.HttpServer, name: str) -> threading.Thread:
+    thread = threading.Thread(target=server.serve_forever, name=name, daemon=True)
+    thread.start()
+    return thread
+
+
+def _read_response(sock: socket.socket) -> tuple[bytes, bytes]:
+    """(head, body) of one Content-Length response read off a raw socket."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        data += sock.recv(65536) or _eof()
+    head, _, body = data.partition(b"\r\n\r\n")
+    lengths = [line.split(b":")[1] for line in head.split(b"\r\n") if line.lower().startswith(b"content-length")]
+    length = int(lengths[0])
+    while len(body) < length:
+        body += sock.recv(1 << 20) or _eof()
+    return head, body
+
+
+def _eof() -> bytes:
+    raise ConnectionError("the server closed the connection mid-response")
+
+
+def test_a_quick_read_is_answered_on_the_selector_thread_and_a_stalled_reader_never_blocks_it():
+    big = bytes(range(256)) * (1 << 16)  # 16 MB: more than a socket takes while its client reads nothing
+    served_by = []
+
+    def app(environ, start_response):
+        served_by.append(threading.current_thread().name)
+        body = big if environ["PATH_INFO"] == "/big" else b"small"
+        start_response("200 OK", [("Content-Type", "application/octet-stream"), ("Content-Length", str(len(body)))])
+        return [body]
+
+    server = gw.HttpServer(app, "127.0.0.1", 0, workers=2, quick=lambda environ: True)
+    _serve_in_thread(server, "selector")
+    stalled = socket.socket()
+    try:
+        stalled.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
+        stalled.connect(("127.0.0.1", server.server_port))
+        stalled.sendall(b"GET /big HTTP/1.1\r\nHost: x\r\n\r\n")
+        wait_for(lambda: served_by)
+        for _ in range(3):  # the loop answers others at once while the big answer waits for its reader
+            with socket.create_connection(("127.0.0.1", server.server_port), timeout=5) as other:
+                other.sendall(b"GET /small HTTP/1.1\r\nHost: x\r\n\r\n")
+                assert _read_response(other)[1] == b"small"
+        assert served_by == ["selector"] * 4  # every app call ran on the selector thread, none on a worker
+        wait_for(lambda: server._in_progress == 1)  # the big answer's rest is at a worker, waiting for its reader
+        stalled.settimeout(30)
+        head, body = _read_response(stalled)  # a worker sends the rest once the client reads
+        assert head.startswith(b"HTTP/1.1 200") and body == big
+    finally:
+        stalled.close()
+        server.shutdown()
+        server.server_close()
+
+
+def test_a_route_declares_quick_or_shared_commit_only_where_it_can_hold():
+    with pytest.raises(ValueError):
+        gw.Route("POST", f"{API}/x", "x", "x", "x", quick=True)
+    with pytest.raises(ValueError):
+        gw.Route("GET", f"{API}/x", "x", "x", "x", stream=True, quick=True)
+    with pytest.raises(ValueError):
+        gw.Route("GET", f"{API}/x", "x", "x", "x", shared_commit=True)
+
+
+def test_commands_that_arrive_together_share_one_transaction(live_server, client):
+    server, shared, entered = live_server.server, live_server.server.group, []
+    release = threading.Event()
+
+    def first_waits():
+        entered.append(threading.current_thread().name)
+        if len(entered) == 1:
+            release.wait(10)  # the first group holds on until the others have queued behind it
+        return shared.transaction()
+
+    server.group = shared._replace(transaction=first_waits)
+    try:
+        conns = [client() for _ in range(8)]
+        conns[0].send(conns[0].request_bytes("POST", f"{API}/commands", _command("g0")))
+        wait_for(lambda: entered)
+        for i, conn in enumerate(conns[1:], 1):
+            conn.send(conn.request_bytes("POST", f"{API}/commands", _command(f"g{i}")))
+        wait_for(lambda: len(server._grouped) == 7)
+        release.set()
+        replies = [conn.response() for conn in conns]
+    finally:
+        release.set()
+        server.group = shared
+    assert [(status, json.loads(body)["accepted"]) for status, _, body in replies] == [(200, True)] * 8
+    assert len(entered) == 2  # the first alone, then the seven that queued meanwhile in one transaction
+    assert all(live_server.gateway.stores.commands.get(f"g{i}") is not None for i in range(8))
+    assert {row["status"] for row in live_server.gateway.stores.audit.tail(8)} == {200}
+
+
+def test_a_shared_transaction_that_cannot_commit_stores_nothing_and_tells_each_request(live_server, client):
+    server, shared = live_server.server, live_server.server.group
+
+    @contextlib.contextmanager
+    def full_disk():
+        with shared.transaction():
+            yield
+            raise apsw.FullError("database or disk is full")
+
+    server.group = shared._replace(transaction=full_disk)
+    try:
+        conns = [client() for _ in range(3)]
+        for i, conn in enumerate(conns):
+            conn.send(conn.request_bytes("POST", f"{API}/commands", _command(f"lost{i}")))
+        replies = [conn.response() for conn in conns]
+    finally:
+        server.group = shared
+    for status, headers, body in replies:
+        assert status == 507 and json.loads(body)["code"] == "disk_full" and headers["connection"] == "close"
+    assert all(live_server.gateway.stores.commands.get(f"lost{i}") is None for i in range(3))
+    status, _, body = live_server.post(f"{API}/commands", {"command_id": "lost0", "run_id": "r", "type": "pause"})
+    assert status == 200 and body["accepted"] is True  # nothing of the failed group stands in its way
 
 
 def test_bodies_that_stall_hold_no_worker(tmp_path):

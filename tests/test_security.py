@@ -234,9 +234,10 @@ def test_sse_and_request_concurrency_caps(tmp_path):
             socks.append(s)
         status, headers, body = server.get(f"{API}/runs/{run_id}/ledger/stream")
         assert status == 429 and headers["Retry-After"] == "1" and body["code"] == "concurrency_limit"
-        # hold the single request slot with a body that never arrives
+        # hold the single request slot with a body that never arrives (not a command: a command's small
+        # body is awaited before it takes a slot, as its route shares commits)
         slow = socket.create_connection(("127.0.0.1", server.port))
-        slow.sendall((f"POST {API}/commands HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {server.TOKEN}\r\n"
+        slow.sendall((f"POST {API}/runs/start HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {server.TOKEN}\r\n"
                       "Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{").encode())
         socks.append(slow)
         status, headers, body = wait_for(lambda: (reply := server.get(f"{API}/runs"))[0] == 429 and reply)
@@ -404,9 +405,9 @@ def test_every_route_counts_against_its_declared_pool(tmp_path):
         held.clear()
         stream_route = next(r for r in gw.ROUTES if r.stream)
         wait_for(lambda: _status(server, stream_route) == 404)  # the stream slot is free again
-        for _ in range(3):  # hold every request slot with a body that never arrives
+        for _ in range(3):  # hold every request slot with a body that never arrives (see above: not a command)
             slow = socket.create_connection(("127.0.0.1", server.port))
-            slow.sendall((f"POST {API}/commands HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {server.TOKEN}\r\n"
+            slow.sendall((f"POST {API}/runs/start HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {server.TOKEN}\r\n"
                           f"{body.replace('2', '100')}\r\n[").encode())
             held.append(slow)
         wait_for(lambda: server.get(f"{API}/runs")[0] == 429)

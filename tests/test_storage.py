@@ -203,6 +203,19 @@ def test_transaction_groups_writes_atomically(stores):
     assert stores.ledger.count("tx") == 1 and stores.cursor.load() == 42
 
 
+def test_an_isolating_transaction_undoes_only_the_write_that_failed(stores):
+    """Independent requests sharing one commit: a write failing after its first statement leaves
+    nothing of itself, its neighbours commit, and its caller gets the error."""
+    db = stores.db
+    insert = "INSERT INTO leases VALUES (?, 'o', 0, 0, 0, 0)"
+    with db.transaction(isolate_writes=True):
+        db.write(lambda c: c.execute(insert, ("before",)))
+        with pytest.raises(apsw.SQLError):
+            db.write(lambda c: (c.execute(insert, ("half",)), c.execute("INSERT INTO nope VALUES (1)")))
+        db.write(lambda c: c.execute(insert, ("after",)))
+    assert {r[0] for r in db.query("SELECT name FROM leases")} == {"before", "after"}
+
+
 def test_concurrent_appenders_lose_and_duplicate_nothing(stores):
     per_thread = 150
     errors = []
