@@ -995,7 +995,11 @@ class Database:
         """
         tx: Optional[_Transaction] = getattr(self._local, "tx", None)
         if tx is not None:
-            yield tx
+            if tx.isolated:  # all-or-nothing within the shared transaction, as a write is
+                with tx.conn:
+                    yield tx
+            else:
+                yield tx
             return
         conn = self.connection()
         self._acquire_write_mutex()
@@ -2308,6 +2312,9 @@ class Stores:
     # Whether one `db` transaction also covers runs, ledgers and the inbox cursor (SQLite). With the file
     # backend their files are written at once: work that must stay all-or-nothing goes one piece at a time.
     atomic: bool = True
+    # Whether a run or a command is read by its key in about constant time (SQLite's indexes); the file
+    # backend finds a command by scanning its inbox file.
+    keyed_reads: bool = True
 
     def describe(self) -> Dict[str, str]:
         """Which backend holds the runs, and where (health and ping tell operators)."""
@@ -2326,7 +2333,7 @@ def open_stores(config: Config, *, inspect_only: bool = False) -> Stores:
     if config.store_backend == "file":
         base = Path(config.data_dir)
         return Stores(
-            backend="file", atomic=False, location=base, db=db, runs=FileRunStore(base),
+            backend="file", atomic=False, keyed_reads=False, location=base, db=db, runs=FileRunStore(base),
             ledger=FileLedgerStore(base, db.signals), commands=FileCommandStore(base, db.signals),
             cursor=JsonFileCommandCursorStore(base / "commands_cursor.json"),
             artifacts=RangedFileArtifactStore(base), **_gateway_stores(db),
@@ -4900,8 +4907,9 @@ class Runner:
                 work.wait(seen, self._next_wait())
 
     def _apply_commands(self, lease: LeaseToken, work: Any) -> None:
-        """Apply pending commands until none is left. While more arrive during a batch, wait
-        `COMMAND_GATHER_S` before the next, so that one transaction applies several."""
+        """Apply pending commands until none is left. When the inbox was signalled during a batch
+        (new commands, mostly), wait `COMMAND_GATHER_S` before the next, so one transaction applies
+        several; a command that comes alone is applied at once."""
         while not self._stop.is_set():
             before = work.version
             if not self.gateway.apply_pending_commands(lease):
@@ -5832,6 +5840,8 @@ ROUTES: Tuple[Route, ...] = (
 )
 
 ROUTE_KEY = "abstractgateway.route"  # environ: the request's RouteMatch, set by the first layer that asks
+# environ: why the shared transaction holding this request's writes did not commit (the app answers it)
+FAILED_COMMIT_KEY = "abstractgateway.failed_commit"
 
 
 @dataclass(frozen=True)
@@ -5861,6 +5871,9 @@ def _route_urls() -> Any:
     return url_map.bind("gateway")
 
 
+_REMEMBERED_PATH_MAX = 200  # longer paths are matched afresh: a client cannot pin memory with long ones
+
+
 @functools.lru_cache(maxsize=1024)
 def _matched_route(method: str, path: str) -> RouteMatch:
     """werkzeug's match of a path that has a route, remembered: clients poll the same few paths."""
@@ -5878,7 +5891,7 @@ def route_match(environ: Dict[str, Any]) -> RouteMatch:
         method = environ.get("REQUEST_METHOD", "GET")
         path = environ.get("PATH_INFO", "").encode("latin-1", "replace").decode("utf-8", "replace")
         try:
-            match = _matched_route(method, path)
+            match = (_matched_route if len(path) <= _REMEMBERED_PATH_MAX else _matched_route.__wrapped__)(method, path)
         except HTTPException as exc:  # not remembered: each request gets its own 404 or 405
             api = path == API or path.startswith(API + "/")
             match = RouteMatch(_API_FALLBACK[_FALLBACK_KIND.get(method, "none")] if api else None, {}, exc)
@@ -5901,13 +5914,14 @@ class CommitGroup(NamedTuple):
 
 
 def commit_group(config: Config, transaction: Callable[[], Any]) -> CommitGroup:
-    """The POSTs of `shared_commit` routes whose body is within their route's cap (a larger one is
-    refused up front by its Content-Length, on the usual path)."""
+    """The POSTs of `shared_commit` routes whose body is within their route's cap setting (0: none);
+    a larger one is refused up front by its Content-Length, on the usual path."""
     def accepts(path: str, length: int) -> bool:
         match = route_match({"REQUEST_METHOD": "POST", "PATH_INFO": path})
         route = match.route
+        cap = getattr(config, route.max_body) if route is not None else 0
         return (match.error is None and route is not None and route.shared_commit
-                and length <= getattr(config, route.max_body))
+                and (cap <= 0 or length <= cap))
 
     return CommitGroup(accepts, transaction)
 
@@ -6115,6 +6129,9 @@ class GatewayApp:
         request = Request(environ)
         request_id = environ.get("abstractgateway.request_id") or os.urandom(8).hex()
         try:
+            failed_commit = environ.get(FAILED_COMMIT_KEY)
+            if failed_commit is not None:  # its writes were rolled back with a shared transaction (HttpServer)
+                raise failed_commit
             _check_request_text(environ)
             match = route_match(environ)
             if match.error is not None:
@@ -7157,7 +7174,7 @@ class RequestTimeout(GatewayError):
 class _Connection:
     """One client socket and the bytes read from it but not yet consumed."""
 
-    __slots__ = ("sock", "addr", "buf", "since", "started", "keep_alive", "parsed", "unsent")
+    __slots__ = ("sock", "addr", "buf", "since", "started", "keep_alive", "parsed", "unsent", "request")
 
     def __init__(self, sock: Any, addr: Any) -> None:
         self.sock = sock
@@ -7168,6 +7185,7 @@ class _Connection:
         self.keep_alive = True
         self.parsed: Optional[Tuple[Dict[str, Any], "_BodyReader", bool]] = None  # head parsed by the selector
         self.unsent = b""  # the rest of a response the selector thread could not send without waiting
+        self.request: Optional[Tuple[bytes, bytes]] = None  # head and body of a request in a shared transaction
 
     def head_end(self) -> int:
         """Offset just past the request head in `buf` (0 while it is incomplete)."""
@@ -7337,16 +7355,6 @@ def _error_head(status: int, reason: str, code: str, detail: str) -> bytes:
     retry = b"Retry-After: 1\r\n" if status == 503 else b""
     return (b"HTTP/1.1 %d %s\r\nContent-Type: application/json\r\nContent-Length: %d\r\nConnection: close\r\n"
             b"%sDate: %s\r\n\r\n%s" % (status, reason.encode(), len(body), retry, _http_date(), body))
-
-
-def _group_failure(exc: BaseException) -> bytes:
-    """The response of every request in a `CommitGroup` whose transaction did not commit."""
-    if not isinstance(exc, (StorageError, *_STORAGE_FAILURES)):
-        _log(f"shared commit failed: {type(exc).__name__}: {exc}")
-        return _error_head(500, "Internal Server Error", "internal_error", "Internal error")
-    err = storage_error(exc)
-    status = error_status(err)
-    return _error_head(status, HTTPStatus(status).phrase, err.code, err.detail)
 
 
 def _preread_length(head: bytes | bytearray) -> int:
@@ -7831,6 +7839,7 @@ class HttpServer:
         self.server_address = self.socket.getsockname()[:2]
         self.server_port: int = self.server_address[1]
         self.streams = _StreamWriter(sse_max_buffer_bytes, request_timeout_s)
+        self._slow_paths: "OrderedDict[str, None]" = OrderedDict()  # quick-route paths found costly (selector's)
         self._selector = selectors.DefaultSelector()
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
@@ -7941,11 +7950,11 @@ class HttpServer:
         """A worker puts a kept-alive connection back into the selector (or closes it when the
         selector is gone). Queued before it is registered, so the selector thread, which takes up
         the queue after each `select`, has it on its books before it sees any event of it."""
-        conn.sock.setblocking(False)
         conn.started = 0.0
         conn.since = time.monotonic()
         with self._lock:
-            if not self._selector_closed:
+            if not self._selector_closed and conn.sock.fileno() >= 0:
+                conn.sock.setblocking(False)
                 self._returned.append(conn)
                 try:
                     self._selector.register(conn.sock, self._selectors.EVENT_READ, conn)
@@ -7969,6 +7978,9 @@ class HttpServer:
                 self._idle[conn.sock.fileno()] = conn
 
     def _on_readable(self, conn: _Connection) -> None:
+        fd = conn.sock.fileno()
+        if self._idle.get(fd) is not conn and self._partial.get(fd) is not conn:
+            return  # an event of this `select` for a connection handed to a worker meanwhile
         try:
             data = conn.sock.recv(65536)
         except BlockingIOError:
@@ -8003,9 +8015,10 @@ class HttpServer:
         return True
 
     def _check_head(self, conn: _Connection) -> None:
-        """Queue the connection for a worker once its head is complete. When workers run short, a
-        small Content-Length body must have arrived too, so clients that stall mid-body cannot take
-        the last workers (the head's deadline covers the wait)."""
+        """Once the head is complete: answer a quick read here, queue a command for the next shared
+        transaction, or queue the connection for a worker. When workers run short, a small
+        Content-Length body must have arrived too, so clients that stall mid-body cannot take the
+        last workers (the head's deadline covers the wait)."""
         fd = conn.sock.fileno()
         end = conn.head_end()
         if end:
@@ -8026,6 +8039,7 @@ class HttpServer:
                                            "Request header fields too large"))
 
     def _to_worker(self, conn: _Connection) -> None:
+        """Hand a connection with a request in progress from the selector to a worker."""
         self._partial.pop(conn.sock.fileno(), None)
         self._selector.unregister(conn.sock)
         self._ready.put(conn)
@@ -8049,20 +8063,34 @@ class HttpServer:
         except _BadRequest as exc:
             self._forget(conn, exc.response)
             return True
-        if not self.quick(conn.parsed[0]):
+        path = conn.parsed[0]["PATH_INFO"]
+        if path in self._slow_paths or not self.quick(conn.parsed[0]):
             self._to_worker(conn)
             return True
         (environ, body, http10), conn.parsed = conn.parsed, None
+        started = time.perf_counter()
+        data = self._respond_in_memory(conn, environ, body, http10)
+        if time.perf_counter() - started > self.QUICK_BUDGET_S:  # e.g. a run grown large: its reads go to workers
+            self._slow_paths[path] = None
+            if len(self._slow_paths) > 1024:
+                self._slow_paths.popitem(last=False)
+        self._send_here(conn, data)
+        return True
+
+    def _respond_in_memory(self, conn: _Connection, environ: Dict[str, Any], body: _BodyReader,
+                           http10: bool) -> bytes:
+        """Run one request through the app; its whole response, for the caller to send."""
         out: List[bytes] = []
         response = _ResponseWriter(conn, body, environ["REQUEST_METHOD"] == "HEAD", http10, out.append)
         try:
             self._write_out(response, self.app(environ, response.start_response))
         except Exception as exc:  # noqa: BLE001 - the app's own errors are JSON already; this is a last resort
             _log(f"500 from the WSGI stack: {type(exc).__name__}: {exc}")
-            out = [_error_head(500, "Internal Server Error", "internal_error", "Internal error")]
             conn.keep_alive = False
-        self._send_here(conn, b"".join(out))
-        return True
+            return _error_head(500, "Internal Server Error", "internal_error", "Internal error")
+        if not body.drain():
+            conn.keep_alive = False
+        return b"".join(out)
 
     def _join_group(self, conn: _Connection, end: int) -> bool:
         """Queue a POST for the next shared transaction if `group.accepts` its path and body length;
@@ -8078,6 +8106,7 @@ class HttpServer:
         if len(buf) < end + length:
             return True
         head = bytes(buf[:end])
+        conn.request = (head, bytes(buf[end:end + length]))  # to answer again should the commit fail
         del buf[:end]
         try:
             conn.parsed = self._environ(conn, head)
@@ -8190,6 +8219,10 @@ class HttpServer:
         deadline = time.monotonic() + 5.0
         for thread in self._threads:
             thread.join(max(0.0, deadline - time.monotonic()))
+        with self._lock:
+            left, self._grouped = self._grouped, []
+        for conn in left:  # queued for a shared transaction after the workers stopped: never begun
+            conn.sock.close()
 
     def server_close(self) -> None:
         """End the streams still open (after `shutdown` and `GatewayApp.drain`) and free the sockets."""
@@ -8201,6 +8234,7 @@ class HttpServer:
     # -- workers ---------------------------------------------------------------------------------
 
     LINGER_S = 0.002  # a free worker waits this long for a client's next request before handing it back
+    QUICK_BUDGET_S = 0.02  # a quick read that took longer on the selector thread: its path goes to workers
 
     def _work(self) -> None:
         import select
@@ -8250,35 +8284,59 @@ class HttpServer:
                 if not conns:
                     self._group_busy = False
                     return
-            replies: List[bytes] = []
             try:
-                with self.group.transaction():
-                    for conn in conns:
-                        replies.append(self._reply_in_group(conn))
-            except Exception as exc:  # noqa: BLE001 - not committed: every request of the group is told so
-                replies = [_group_failure(exc)] * len(conns)
+                replies = self._replies_of_group(conns)
+            except Exception as exc:  # noqa: BLE001 - a bug here must not stop every later command
+                _log(f"http group: {type(exc).__name__}: {exc}")
+                replies = [_error_head(500, "Internal Server Error", "internal_error", "Internal error")] * len(conns)
                 for conn in conns:
                     conn.keep_alive = False
             for conn, data in zip(conns, replies, strict=True):
-                self._send_and_release(conn, data)
+                self._release_from_group(conn, data)
 
-    def _reply_in_group(self, conn: _Connection) -> bytes:
-        """Run one request of a group through the app; its response, held until the commit."""
-        (environ, body, http10), conn.parsed = conn.parsed, None
-        out: List[bytes] = []
-        response = _ResponseWriter(conn, body, False, http10, out.append)
-        self._write_out(response, self.app(environ, response.start_response))
-        if not body.drain():
-            conn.keep_alive = False
-        return b"".join(out)
+    def _replies_of_group(self, conns: List[_Connection]) -> List[bytes]:
+        """Run the group's requests in one transaction; their responses, to send once it committed.
 
-    def _send_and_release(self, conn: _Connection, data: bytes) -> None:
-        """Send a group's reply, then hand the connection back to the selector (or close it)."""
+        If it does not commit, none of their writes stands: each request is run through the app
+        again with the reason (`FAILED_COMMIT_KEY`), so its error answer is the app's usual one
+        (status, error shape, request id, CORS and audit), and its connection closes."""
         try:
-            conn.sock.settimeout(self.request_timeout_s)
-            conn.sock.sendall(data)
-        except OSError:
+            with self.group.transaction():
+                return [self._respond_in_memory(conn, *self._take_parsed(conn)) for conn in conns]
+        except Exception as exc:  # noqa: BLE001 - answered below, request by request
+            failure = exc
+        replies = []
+        for conn in conns:
+            if conn.parsed is not None:  # not run yet
+                environ, reader, http10 = self._take_parsed(conn)
+            else:  # run: read its body again
+                head, body = conn.request
+                conn.buf[:0] = body
+                environ, reader, http10 = self._environ(conn, head)
+            environ[FAILED_COMMIT_KEY] = failure
             conn.keep_alive = False
+            replies.append(self._respond_in_memory(conn, environ, reader, http10))
+        return replies
+
+    @staticmethod
+    def _take_parsed(conn: _Connection) -> Tuple[Dict[str, Any], _BodyReader, bool]:
+        parsed, conn.parsed = conn.parsed, None
+        return parsed
+
+    def _release_from_group(self, conn: _Connection, data: bytes) -> None:
+        """Send a group's reply without waiting (a worker finishes what the socket does not take),
+        then hand the connection back to the selector, or close it."""
+        conn.request = None
+        try:
+            sent = conn.sock.send(data)
+        except BlockingIOError:
+            sent = 0
+        except OSError:
+            sent, conn.keep_alive = len(data), False
+        if sent < len(data):
+            conn.unsent = data[sent:]
+            self._ready.put(conn)
+            return
         self._end_request()
         if conn.keep_alive and not self._stop.is_set():
             self._give_back(conn)
@@ -8452,14 +8510,15 @@ class HttpServer:
 
 def server_options(gateway: Gateway) -> Dict[str, Any]:
     """`HttpServer` keyword arguments for `gateway`: its settings, and what the route table lets the
-    server do itself (quick reads; commands acknowledged by one shared commit where stores are atomic)."""
+    server do itself: quick reads where stores read by key, commands acknowledged by one shared
+    commit where one transaction covers the stores (SQLite)."""
     config, stores = gateway.config, gateway.stores
     group = (commit_group(config, functools.partial(stores.db.transaction, isolate_writes=True))
              if stores.atomic else None)
     return {"workers": config.http_workers, "request_timeout_s": config.request_timeout_s,
             "idle_timeout_s": config.idle_timeout_s, "max_requests": config.max_threads,
             "max_connections": config.max_connections, "sse_max_buffer_bytes": config.sse_max_buffer_bytes,
-            "quick": is_quick_request, "group": group}
+            "quick": is_quick_request if stores.keyed_reads else None, "group": group}
 
 
 # =====================================================================================

@@ -516,6 +516,30 @@ def test_a_quick_read_is_answered_on_the_selector_thread_and_a_stalled_reader_ne
         server.server_close()
 
 
+def test_a_quick_path_that_proved_costly_is_served_by_workers_from_then_on():
+    served_by = []
+
+    def app(environ, start_response):
+        served_by.append(threading.current_thread().name)
+        if environ["PATH_INFO"] == "/slow":
+            time.sleep(gw.HttpServer.QUICK_BUDGET_S * 2)  # e.g. a run that has grown large
+        start_response("200 OK", [("Content-Type", "text/plain"), ("Content-Length", "2")])
+        return [b"ok"]
+
+    server = gw.HttpServer(app, "127.0.0.1", 0, workers=2, quick=lambda environ: True)
+    _serve_in_thread(server, "selector")
+    try:
+        for path in ("/slow", "/slow", "/fast", "/slow"):
+            with socket.create_connection(("127.0.0.1", server.server_port), timeout=5) as sock:
+                sock.sendall(f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+                assert _read_response(sock)[1] == b"ok"
+        assert served_by[0] == "selector" and served_by[2] == "selector"
+        assert served_by[1].startswith("http-worker") and served_by[3].startswith("http-worker")
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
 def test_a_route_declares_quick_or_shared_commit_only_where_it_can_hold():
     with pytest.raises(ValueError):
         gw.Route("POST", f"{API}/x", "x", "x", "x", quick=True)
@@ -571,11 +595,61 @@ def test_a_shared_transaction_that_cannot_commit_stores_nothing_and_tells_each_r
         replies = [conn.response() for conn in conns]
     finally:
         server.group = shared
-    for status, headers, body in replies:
+    for status, headers, body in replies:  # the app's own error answer: shape, retry hint, request id
         assert status == 507 and json.loads(body)["code"] == "disk_full" and headers["connection"] == "close"
+        assert headers["retry-after"] == "5" and headers["x-request-id"]
+    rows = live_server.gateway.stores.audit.tail(3)  # each failed request is audited after all
+    assert [row["status"] for row in rows] == [507] * 3
     assert all(live_server.gateway.stores.commands.get(f"lost{i}") is None for i in range(3))
     status, _, body = live_server.post(f"{API}/commands", {"command_id": "lost0", "run_id": "r", "type": "pause"})
     assert status == 200 and body["accepted"] is True  # nothing of the failed group stands in its way
+
+
+def test_pipelined_commands_then_a_half_close_get_every_reply(live_server):
+    """The group gives a connection back with the next command buffered: that command is queued
+    again, and the selector must not act on the connection meanwhile (a stale event of its select)."""
+    for round_ in range(10):
+        with socket.create_connection(("127.0.0.1", live_server.port), timeout=5) as sock:
+            requests = b"".join(
+                (f"POST {API}/commands HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {live_server.TOKEN}\r\n"
+                 f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n").encode() + body
+                for body in (_command(f"a{round_}"), _command(f"b{round_}")))
+            sock.sendall(requests)
+            sock.shutdown(socket.SHUT_WR)  # as `printf ... | nc` does
+            data = b""
+            while chunk := sock.recv(65536):
+                data += chunk
+        assert data.count(b"HTTP/1.1 200 OK") == 2, data
+    wait_for(lambda: live_server.server._open == 0 and live_server.server._in_progress == 0)
+
+
+def test_a_client_that_reads_no_reply_never_holds_up_other_commands(tmp_path):
+    server = LiveServer(tmp_path / "d", request_timeout_s="10")
+    greedy = socket.socket()
+    try:
+        greedy.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1024)
+        greedy.connect(("127.0.0.1", server.port))
+        body = _command("x")
+        origin = "http://" + "a" * 15_000  # echoed by the 403's CORS header: about 15 KB a reply
+        request = (f"POST {API}/commands HTTP/1.1\r\nHost: x\r\nOrigin: {origin}\r\n"
+                   f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n").encode() + body
+        greedy.setblocking(False)
+        sent = 0
+        for _ in range(400):  # one at a time, never reading: until its socket takes no more
+            try:
+                greedy.send(request)
+            except BlockingIOError:
+                break
+            sent += 1
+            wait_for(lambda: not server.server._group_busy)
+        assert sent > 20
+        for i in range(3):
+            started = time.monotonic()
+            status = server.post(f"{API}/commands", {"command_id": f"ok{i}", "run_id": "r", "type": "pause"})[0]
+            assert status == 200 and time.monotonic() - started < 2
+    finally:
+        greedy.close()
+        server.close()
 
 
 def test_bodies_that_stall_hold_no_worker(tmp_path):
