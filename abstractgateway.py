@@ -21,11 +21,13 @@ Contents, in dependency order (each section uses only what stands above it):
                   commits), and the services thin clients call: `Workspace` (confined file reads),
                   session attachments, the reports inbox, `KnowledgeGraph` (AbstractMemory's triple
                   store).
-5. HTTP        -- `ROUTES` (drives dispatch, `openapi_document()` and each route's security and
-                  limits; `route_match` matches a request once), `GatewayApp` (WSGI),
+5. HTTP        -- `ROUTES` (drives dispatch, `openapi_document()`, each route's security and
+                  limits, and what the server may do cheaper: quick reads, shared commits;
+                  `route_match` matches a request once), `GatewayApp` (WSGI),
                   `LedgerStream` (push-based SSE with resume), the offline `/docs` page, the operator
                   console (files beside this module, served with a strict CSP), `HttpServer`
-                  (keep-alive, selector + worker pool, one SSE stream-writer thread).
+                  (keep-alive, selector + worker pool, quick reads on the selector, commands
+                  acknowledged by one shared commit, one SSE stream-writer thread).
 6. Security    -- WSGI middlewares (CORS, request id, audit, origin, lockout, auth, body limit,
                   concurrency), `SecurityPolicy`, `secure_app`/`build_wsgi`, token bootstrap.
 7. CLI         -- `main()`: `serve`, `runner`, `doctor`, `token`, `audit`, `migrate`, `backup`, `check`.
@@ -5572,8 +5574,8 @@ class Route:
     auth: str = ""  # one of AUTH_KINDS; "" takes it from the method: GET reads, anything else writes
     max_body: str = "max_body_bytes"  # the setting (one of BODY_CAPS) that caps the request body
     stream: bool = False  # an SSE stream: counted against ABSTRACTGATEWAY_MAX_SSE, not MAX_CONCURRENCY
-    # A GET whose cost is small and bounded (a row or two, never a network call nor a large page): the
-    # server answers it on its selector thread, without the hand-off to a worker.
+    # A GET that reads by key (never a network call nor a page): the server answers it on its selector
+    # thread, without the hand-off to a worker (a path whose answer proves costly goes to workers after).
     quick: bool = False
     # A write whose few small writes all happen on the request's thread, answered only once they commit:
     # the server may run several such requests in one transaction and acknowledge them with one commit.
@@ -8057,11 +8059,7 @@ class HttpServer:
         lower = head.lower()
         if b"\ncontent-length:" in lower or b"\ntransfer-encoding:" in lower:
             return False
-        del buf[:end]
-        try:
-            conn.parsed = self._environ(conn, head)
-        except _BadRequest as exc:
-            self._forget(conn, exc.response)
+        if not self._parse_here(conn, head):
             return True
         path = conn.parsed[0]["PATH_INFO"]
         if path in self._slow_paths or not self.quick(conn.parsed[0]):
@@ -8075,6 +8073,17 @@ class HttpServer:
             if len(self._slow_paths) > 1024:
                 self._slow_paths.popitem(last=False)
         self._send_here(conn, data)
+        return True
+
+    def _parse_here(self, conn: _Connection, head: bytes) -> bool:
+        """Take the head off the buffer and parse it into `conn.parsed`; False when it is refused
+        (answered with its 4xx and closed)."""
+        del conn.buf[:len(head)]
+        try:
+            conn.parsed = self._environ(conn, head)
+        except _BadRequest as exc:
+            self._forget(conn, exc.response)
+            return False
         return True
 
     def _respond_in_memory(self, conn: _Connection, environ: Dict[str, Any], body: _BodyReader,
@@ -8107,11 +8116,7 @@ class HttpServer:
             return True
         head = bytes(buf[:end])
         conn.request = (head, bytes(buf[end:end + length]))  # to answer again should the commit fail
-        del buf[:end]
-        try:
-            conn.parsed = self._environ(conn, head)
-        except _BadRequest as exc:
-            self._forget(conn, exc.response)
+        if not self._parse_here(conn, head):
             return True
         self._partial.pop(conn.sock.fileno(), None)
         self._selector.unregister(conn.sock)
