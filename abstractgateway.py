@@ -8256,23 +8256,7 @@ class HttpServer:
             if conn is _GROUP_TURN:
                 self._serve_groups()
                 continue
-            outcome = "close"
-            try:
-                conn.sock.settimeout(self.request_timeout_s)
-                if conn.unsent:  # the end of a response the selector thread began
-                    conn.sock.sendall(conn.unsent)
-                    conn.unsent = b""
-                    outcome = "keep" if conn.keep_alive else "close"
-                else:
-                    outcome = self._serve_one(conn)
-                while outcome == "keep" and not self._stop.is_set() and (
-                        conn.head_end() or (self._ready.empty() and self._linger(poller, conn))):
-                    outcome = self._serve_one(conn)  # pipelined, or sent right away
-            except Exception as exc:  # noqa: BLE001 - a broken connection never kills a worker
-                if not isinstance(exc, OSError):
-                    _log(f"http worker: {type(exc).__name__}: {exc}")
-                outcome = "close"
-            self._end_request()
+            outcome = self._serve_connection(conn, poller)
             if outcome == "keep" and not self._stop.is_set():
                 self._give_back(conn)
                 continue
@@ -8280,6 +8264,36 @@ class HttpServer:
                 conn.sock.close()
             with self._lock:
                 self._open -= 1
+
+    def _serve_connection(self, conn: _Connection, poller: Any) -> str:
+        """Serve the request handed over (or finish its unsent response), then those that follow at
+        once: "keep", "close" or "stream". A request counts in `_in_progress` only while it is served:
+        a worker lingering for the next one holds none, so lingering workers never fill `max_requests`."""
+        counted = True  # the selector counted the request it handed over
+        try:
+            conn.sock.settimeout(self.request_timeout_s)
+            if conn.unsent:  # the end of a response the selector thread began
+                conn.sock.sendall(conn.unsent)
+                conn.unsent = b""
+                outcome = "keep" if conn.keep_alive else "close"
+            else:
+                outcome = self._serve_one(conn)
+            while outcome == "keep" and not self._stop.is_set():
+                self._end_request()
+                counted = False
+                if not (conn.head_end() or (self._ready.empty() and self._linger(poller, conn))):
+                    break
+                with self._lock:
+                    self._in_progress += 1
+                counted = True
+                outcome = self._serve_one(conn)  # pipelined, or sent right away
+        except Exception as exc:  # noqa: BLE001 - a broken connection never kills a worker
+            if not isinstance(exc, OSError):
+                _log(f"http worker: {type(exc).__name__}: {exc}")
+            outcome = "close"
+        if counted:
+            self._end_request()
+        return outcome
 
     def _serve_groups(self) -> None:
         """Serve the queued `group` requests, a transaction at a time, until none is waiting."""

@@ -289,6 +289,21 @@ def test_300_idle_sockets_do_not_lock_new_clients_out(tmp_path):
         server.close()
 
 
+def test_workers_waiting_for_a_client_s_next_request_hold_no_request_slot(tmp_path):
+    server = LiveServer(tmp_path / "d", max_threads="2")
+    server.server.LINGER_S = 0.5  # each worker waits long for its client's next request
+    conns = []
+    try:
+        for _ in range(4):  # more kept-alive clients than request slots, one after the other
+            conns.append(RawClient(server))
+            conns[-1].send(conns[-1].request_bytes("GET", "/api/health"))
+            assert conns[-1].response()[0] == 200
+    finally:
+        for c in conns:
+            c.close()
+        server.close()
+
+
 # -- SSE fan-out on the stream writer ----------------------------------------------------------------
 
 
