@@ -8066,9 +8066,9 @@ class HttpServer:
             self._to_worker(conn)
             return True
         (environ, body, http10), conn.parsed = conn.parsed, None
-        started = time.perf_counter()
+        started = time.thread_time()  # CPU time: waiting for the GIL or the disk is no proof of a costly path
         data = self._respond_in_memory(conn, environ, body, http10)
-        if time.perf_counter() - started > self.QUICK_BUDGET_S:  # e.g. a run grown large: its reads go to workers
+        if time.thread_time() - started > self.QUICK_BUDGET_S:  # e.g. a run grown large: its reads go to workers
             self._slow_paths[path] = None
             if len(self._slow_paths) > 1024:
                 self._slow_paths.popitem(last=False)
@@ -8239,7 +8239,7 @@ class HttpServer:
     # -- workers ---------------------------------------------------------------------------------
 
     LINGER_S = 0.002  # a free worker waits this long for a client's next request before handing it back
-    QUICK_BUDGET_S = 0.02  # a quick read that took longer on the selector thread: its path goes to workers
+    QUICK_BUDGET_S = 0.02  # a quick read that took more CPU on the selector thread: its path goes to workers
 
     def _work(self) -> None:
         import select
