@@ -7841,7 +7841,7 @@ class HttpServer:
         self.server_address = self.socket.getsockname()[:2]
         self.server_port: int = self.server_address[1]
         self.streams = _StreamWriter(sse_max_buffer_bytes, request_timeout_s)
-        self._slow_paths: "OrderedDict[str, None]" = OrderedDict()  # quick-route paths found costly (selector's)
+        self._costly: "OrderedDict[str, int]" = OrderedDict()  # quick-route path -> answers over budget in a row
         self._selector = selectors.DefaultSelector()
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
@@ -8062,18 +8062,27 @@ class HttpServer:
         if not self._parse_here(conn, head):
             return True
         path = conn.parsed[0]["PATH_INFO"]
-        if path in self._slow_paths or not self.quick(conn.parsed[0]):
+        if self._costly.get(path, 0) >= 2 or not self.quick(conn.parsed[0]):
             self._to_worker(conn)
             return True
         (environ, body, http10), conn.parsed = conn.parsed, None
-        started = time.thread_time()  # CPU time: waiting for the GIL or the disk is no proof of a costly path
+        started = time.thread_time()  # CPU, as waiting for the GIL or the disk is no proof of a costly path
         data = self._respond_in_memory(conn, environ, body, http10)
-        if time.thread_time() - started > self.QUICK_BUDGET_S:  # e.g. a run grown large: its reads go to workers
-            self._slow_paths[path] = None
-            if len(self._slow_paths) > 1024:
-                self._slow_paths.popitem(last=False)
+        self._note_cost(path, time.thread_time() - started)
         self._send_here(conn, data)
         return True
+
+    def _note_cost(self, path: str, spent: float) -> None:
+        """Send a quick path to workers once two answers in a row took over `QUICK_BUDGET_S` of CPU
+        (a run grown to megabytes); one alone may be a garbage collection that fell on it."""
+        if spent <= self.QUICK_BUDGET_S:
+            self._costly.pop(path, None)
+            return
+        self._costly[path] = self._costly.get(path, 0) + 1
+        if self._costly[path] == 2:
+            _log(f"http: {path[:200]} took {spent * 1000:.0f} ms of CPU on the selector thread; workers serve it now")
+        if len(self._costly) > 1024:
+            self._costly.popitem(last=False)
 
     def _parse_here(self, conn: _Connection, head: bytes) -> bool:
         """Take the head off the buffer and parse it into `conn.parsed`; False when it is refused

@@ -546,12 +546,13 @@ def test_a_quick_path_that_proved_costly_is_served_by_workers_from_then_on():
     server = gw.HttpServer(app, "127.0.0.1", 0, workers=2, quick=lambda environ: True)
     _serve_in_thread(server, "selector")
     try:
-        for path in ("/slow", "/slow", "/fast", "/slow"):
+        for path in ("/slow", "/slow", "/slow", "/fast", "/slow"):
             with socket.create_connection(("127.0.0.1", server.server_port), timeout=5) as sock:
                 sock.sendall(f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
                 assert _read_response(sock)[1] == b"ok"
-        assert served_by[0] == "selector" and served_by[2] == "selector"
-        assert served_by[1].startswith("http-worker") and served_by[3].startswith("http-worker")
+        # twice over budget in a row (once could be a garbage collection): workers serve it from then on
+        assert served_by[:2] == ["selector"] * 2 and served_by[3] == "selector"
+        assert served_by[2].startswith("http-worker") and served_by[4].startswith("http-worker")
     finally:
         server.shutdown()
         server.server_close()
