@@ -3978,7 +3978,7 @@ class TripleStoreHandle:
 COMMAND_BATCH_S = 0.05
 # While commands arrive faster than they are applied, the runner waits this long before the next batch:
 # each batch costs a transaction, a durable commit and the inbox queries, whatever its size.
-COMMAND_GATHER_S = 0.004
+COMMAND_GATHER_S = 0.01
 
 
 def _is_compaction(record: CommandRecord) -> bool:
@@ -5995,6 +5995,10 @@ def _finite_float(text: str) -> float:
     return value
 
 
+# Request bodies: strict JSON (no NaN or Infinity, no number out of float range), one decoder for all.
+_BODY_DECODER = json.JSONDecoder(parse_constant=_reject_json_constant, parse_float=_finite_float)
+
+
 class InvalidText(GatewayError):
     """Text that cannot be stored: invalid UTF-8 or a lone surrogate (e.g. a JSON `\\ud800` escape)."""
 
@@ -6191,7 +6195,7 @@ class GatewayApp:
         if not raw.strip():
             return {}
         try:
-            body = json.loads(raw, parse_constant=_reject_json_constant, parse_float=_finite_float)
+            body = _BODY_DECODER.decode(raw.decode(json.detect_encoding(raw), "surrogatepass"))  # as json.loads
         except (ValueError, RecursionError) as exc:
             raise GatewayError(f"Request body is not valid JSON: {exc}", code="invalid_json") from None
         where = _unencodable_path(body)
