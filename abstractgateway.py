@@ -7790,6 +7790,110 @@ class _StreamWriter:
             sub.stream.app.stream_ended()
 
 
+# -- request heads, parsed into a WSGI environ (by the selector thread or a worker) ------------------
+
+
+def _request_line(line: str) -> Tuple[str, str, str]:
+    """Method, target and version of a request line (400/505 when malformed or not HTTP/1.x)."""
+    parts = line.rstrip("\r").split(" ")
+    if len(parts) != 3:
+        raise _BadRequest(400, "Bad Request", "bad_request", "Malformed request line")
+    method, target, version = parts
+    if version not in ("HTTP/1.1", "HTTP/1.0"):
+        if version.startswith("HTTP/"):
+            raise _BadRequest(505, "HTTP Version Not Supported", "http_version", "HTTP version not supported")
+        raise _BadRequest(400, "Bad Request", "bad_request", "Malformed request line")
+    if (not method or not set(method) <= _TOKEN_CHARS or not target
+            or not (target.isascii() and target.isprintable())):
+        raise _BadRequest(400, "Bad Request", "bad_request", "Malformed request line")
+    return method, target, version
+
+
+def _header_fields(lines: List[str]) -> List[Tuple[str, str]]:
+    """(name, value) of each header line (400 for folded or malformed lines, 431 past MAX_HEADER_BYTES)."""
+    headers: List[Tuple[str, str]] = []
+    size = 0
+    for line in lines:
+        line = line.rstrip("\r")
+        if not line:
+            continue
+        if line[0] in " \t":
+            raise _BadRequest(400, "Bad Request", "bad_request", "Folded header lines are not accepted")
+        name, sep, value = line.partition(":")
+        if not sep or not name or not set(name) <= _TOKEN_CHARS:
+            raise _BadRequest(400, "Bad Request", "bad_request", "Malformed header line")
+        headers.append((name, value.strip(" \t")))
+        size += len(name) + len(value) + 4
+    if size > MAX_HEADER_BYTES:
+        raise _BadRequest(431, "Request Header Fields Too Large", "headers_too_large",
+                          "Request header fields too large")
+    return headers
+
+
+def _body_framing(environ: Dict[str, Any], lengths: List[str], http10: bool) -> Tuple[bool, int]:
+    """(chunked, length) of the request body from its Transfer-Encoding or Content-Length headers.
+
+    Ambiguous framing (both headers, chunked on HTTP/1.0, differing lengths) is refused with a 400
+    rather than guessed, and other transfer codings with a 501."""
+    chunked, length = False, 0
+    if "HTTP_TRANSFER_ENCODING" in environ:
+        codings = [c.strip().lower() for c in environ["HTTP_TRANSFER_ENCODING"].split(",") if c.strip()]
+        if lengths or http10:
+            raise _BadRequest(400, "Bad Request", "bad_request",
+                              "Transfer-Encoding with Content-Length (or on HTTP/1.0) is refused")
+        if codings != ["chunked"]:
+            raise _BadRequest(501, "Not Implemented", "unsupported_transfer_encoding",
+                              "Only the chunked transfer coding is supported")
+        chunked = True
+    elif lengths:
+        if len(set(lengths)) != 1 or not lengths[0].isdigit() or len(lengths[0]) > 18:
+            raise _BadRequest(400, "Bad Request", "bad_request", "Bad Content-Length header")
+        length = int(lengths[0])
+        environ["CONTENT_LENGTH"] = str(length)
+    return chunked, length
+
+
+def _wsgi_environ(conn: _Connection, head: bytes, server_address: Tuple[Any, ...], timeout_s: float
+                  ) -> Tuple[Dict[str, Any], _BodyReader, bool]:
+    """The WSGI environ of a request head (400/431/501/505 for what cannot be served)."""
+    lines = head.decode("latin-1").split("\n")
+    method, target, version = _request_line(lines[0])
+    headers = _header_fields(lines[1:])
+    if target.startswith(("http://", "https://")):  # absolute form: the authority is the Host
+        authority, slash, rest = target.split("://", 1)[1].partition("/")
+        target = slash + rest
+        headers.append(("Host", authority))
+    path, _, query = target.partition("?")
+    environ: Dict[str, Any] = {
+        "wsgi.version": (1, 0), "wsgi.url_scheme": "http", "wsgi.errors": sys.stderr,
+        "wsgi.multithread": True, "wsgi.multiprocess": False, "wsgi.run_once": False,
+        "wsgi.input_terminated": True, "abstractgateway.streams": True,
+        "SERVER_SOFTWARE": "abstractgateway", "REQUEST_METHOD": method, "SCRIPT_NAME": "",
+        "PATH_INFO": _unquote_path(path), "QUERY_STRING": query,
+        "REQUEST_URI": target, "RAW_URI": target, "REMOTE_ADDR": str(conn.addr[0]),
+        "REMOTE_PORT": conn.addr[1], "SERVER_NAME": str(server_address[0]),
+        "SERVER_PORT": str(server_address[1]), "SERVER_PROTOCOL": version,
+    }
+    lengths: List[str] = []
+    for name, value in headers:
+        if "_" in name:
+            continue  # would collide with a dash-spelled header in the environ
+        key = name.upper().replace("-", "_")
+        if key == "CONTENT_LENGTH":
+            lengths.extend(v.strip() for v in value.split(","))
+            continue
+        if key != "CONTENT_TYPE":
+            key = "HTTP_" + key
+        environ[key] = f"{environ[key]},{value}" if key in environ else value
+    http10 = version == "HTTP/1.0"
+    tokens = {t.strip().lower() for t in environ.get("HTTP_CONNECTION", "").split(",")}
+    conn.keep_alive = ("keep-alive" in tokens) if http10 else ("close" not in tokens)
+    chunked, length = _body_framing(environ, lengths, http10)
+    body = _BodyReader(conn, length, chunked, timeout_s)
+    environ["wsgi.input"] = body
+    return environ, body, http10
+
+
 _GROUP_TURN = object()  # in a worker's queue: serve the requests waiting for a shared transaction
 
 
@@ -8440,104 +8544,8 @@ class HttpServer:
             if close is not None:
                 close()
 
-    @staticmethod
-    def _request_line(line: str) -> Tuple[str, str, str]:
-        """Method, target and version of a request line (400/505 when malformed or not HTTP/1.x)."""
-        parts = line.rstrip("\r").split(" ")
-        if len(parts) != 3:
-            raise _BadRequest(400, "Bad Request", "bad_request", "Malformed request line")
-        method, target, version = parts
-        if version not in ("HTTP/1.1", "HTTP/1.0"):
-            if version.startswith("HTTP/"):
-                raise _BadRequest(505, "HTTP Version Not Supported", "http_version", "HTTP version not supported")
-            raise _BadRequest(400, "Bad Request", "bad_request", "Malformed request line")
-        if (not method or not set(method) <= _TOKEN_CHARS or not target
-                or not (target.isascii() and target.isprintable())):
-            raise _BadRequest(400, "Bad Request", "bad_request", "Malformed request line")
-        return method, target, version
-
-    @staticmethod
-    def _header_fields(lines: List[str]) -> List[Tuple[str, str]]:
-        """(name, value) of each header line (400 for folded or malformed lines, 431 past MAX_HEADER_BYTES)."""
-        headers: List[Tuple[str, str]] = []
-        size = 0
-        for line in lines:
-            line = line.rstrip("\r")
-            if not line:
-                continue
-            if line[0] in " \t":
-                raise _BadRequest(400, "Bad Request", "bad_request", "Folded header lines are not accepted")
-            name, sep, value = line.partition(":")
-            if not sep or not name or not set(name) <= _TOKEN_CHARS:
-                raise _BadRequest(400, "Bad Request", "bad_request", "Malformed header line")
-            headers.append((name, value.strip(" \t")))
-            size += len(name) + len(value) + 4
-        if size > MAX_HEADER_BYTES:
-            raise _BadRequest(431, "Request Header Fields Too Large", "headers_too_large",
-                              "Request header fields too large")
-        return headers
-
-    @staticmethod
-    def _body_framing(environ: Dict[str, Any], lengths: List[str], http10: bool) -> Tuple[bool, int]:
-        """(chunked, length) of the request body from its Transfer-Encoding or Content-Length headers.
-
-        Ambiguous framing (both headers, chunked on HTTP/1.0, differing lengths) is refused with a 400
-        rather than guessed, and other transfer codings with a 501."""
-        chunked, length = False, 0
-        if "HTTP_TRANSFER_ENCODING" in environ:
-            codings = [c.strip().lower() for c in environ["HTTP_TRANSFER_ENCODING"].split(",") if c.strip()]
-            if lengths or http10:
-                raise _BadRequest(400, "Bad Request", "bad_request",
-                                  "Transfer-Encoding with Content-Length (or on HTTP/1.0) is refused")
-            if codings != ["chunked"]:
-                raise _BadRequest(501, "Not Implemented", "unsupported_transfer_encoding",
-                                  "Only the chunked transfer coding is supported")
-            chunked = True
-        elif lengths:
-            if len(set(lengths)) != 1 or not lengths[0].isdigit() or len(lengths[0]) > 18:
-                raise _BadRequest(400, "Bad Request", "bad_request", "Bad Content-Length header")
-            length = int(lengths[0])
-            environ["CONTENT_LENGTH"] = str(length)
-        return chunked, length
-
     def _environ(self, conn: _Connection, head: bytes) -> Tuple[Dict[str, Any], _BodyReader, bool]:
-        """The WSGI environ of a request head (400/431/501/505 for what cannot be served)."""
-        lines = head.decode("latin-1").split("\n")
-        method, target, version = self._request_line(lines[0])
-        headers = self._header_fields(lines[1:])
-        if target.startswith(("http://", "https://")):  # absolute form: the authority is the Host
-            authority, slash, rest = target.split("://", 1)[1].partition("/")
-            target = slash + rest
-            headers.append(("Host", authority))
-        path, _, query = target.partition("?")
-        environ: Dict[str, Any] = {
-            "wsgi.version": (1, 0), "wsgi.url_scheme": "http", "wsgi.errors": sys.stderr,
-            "wsgi.multithread": True, "wsgi.multiprocess": False, "wsgi.run_once": False,
-            "wsgi.input_terminated": True, "abstractgateway.streams": True,
-            "SERVER_SOFTWARE": "abstractgateway", "REQUEST_METHOD": method, "SCRIPT_NAME": "",
-            "PATH_INFO": _unquote_path(path), "QUERY_STRING": query,
-            "REQUEST_URI": target, "RAW_URI": target, "REMOTE_ADDR": str(conn.addr[0]),
-            "REMOTE_PORT": conn.addr[1], "SERVER_NAME": str(self.server_address[0]),
-            "SERVER_PORT": str(self.server_port), "SERVER_PROTOCOL": version,
-        }
-        lengths: List[str] = []
-        for name, value in headers:
-            if "_" in name:
-                continue  # would collide with a dash-spelled header in the environ
-            key = name.upper().replace("-", "_")
-            if key == "CONTENT_LENGTH":
-                lengths.extend(v.strip() for v in value.split(","))
-                continue
-            if key != "CONTENT_TYPE":
-                key = "HTTP_" + key
-            environ[key] = f"{environ[key]},{value}" if key in environ else value
-        http10 = version == "HTTP/1.0"
-        tokens = {t.strip().lower() for t in environ.get("HTTP_CONNECTION", "").split(",")}
-        conn.keep_alive = ("keep-alive" in tokens) if http10 else ("close" not in tokens)
-        chunked, length = self._body_framing(environ, lengths, http10)
-        body = _BodyReader(conn, length, chunked, self.request_timeout_s)
-        environ["wsgi.input"] = body
-        return environ, body, http10
+        return _wsgi_environ(conn, head, self.server_address, self.request_timeout_s)
 
 
 def server_options(gateway: Gateway) -> Dict[str, Any]:
