@@ -5844,6 +5844,9 @@ ROUTES: Tuple[Route, ...] = (
 ROUTE_KEY = "abstractgateway.route"  # environ: the request's RouteMatch, set by the first layer that asks
 # environ: why the shared transaction holding this request's writes did not commit (the app answers it)
 FAILED_COMMIT_KEY = "abstractgateway.failed_commit"
+# environ, with it: writes to make once the replies are sent, together, best effort (the audit rows: the
+# database just refused a commit, so one blocking write per request could hold every reply back)
+DEFERRED_WRITES_KEY = "abstractgateway.deferred_writes"
 
 
 @dataclass(frozen=True)
@@ -8176,15 +8179,17 @@ class HttpServer:
         (environ, body, http10), conn.parsed = conn.parsed, None
         started = time.thread_time()  # CPU, as waiting for the GIL or the disk is no proof of a costly path
         data = self._respond_in_memory(conn, environ, body, http10)
-        self._note_cost(path, time.thread_time() - started)
+        self._note_cost(path, time.thread_time() - started, data.startswith(b"HTTP/1.1 2"))
         self._send_here(conn, data)
         return True
 
-    def _note_cost(self, path: str, spent: float) -> None:
-        """Send a quick path to workers once two answers in a row took over `QUICK_BUDGET_S` of CPU
-        (a run grown to megabytes); one alone may be a garbage collection that fell on it."""
+    def _note_cost(self, path: str, spent: float, served: bool) -> None:
+        """Send a quick path to workers once two of its answers in a row took over `QUICK_BUDGET_S` of
+        CPU (a run grown to megabytes); one alone may be a garbage collection that fell on it. Only a
+        cheap successful answer clears the count (a cheap refusal, e.g. a 401, proves nothing)."""
         if spent <= self.QUICK_BUDGET_S:
-            self._costly.pop(path, None)
+            if served:
+                self._costly.pop(path, None)
             return
         self._costly[path] = self._costly.get(path, 0) + 1
         if self._costly[path] == 2:
@@ -8342,9 +8347,13 @@ class HttpServer:
         for thread in self._threads:
             thread.join(max(0.0, deadline - time.monotonic()))
         with self._lock:
-            left, self._grouped = self._grouped, []
-        for conn in left:  # queued for a shared transaction after the workers stopped: never begun
-            conn.sock.close()
+            left: List[Any] = self._grouped
+            self._grouped = []
+        while not self._ready.empty():  # queued after the workers' stop: an unsent rest, a group's turn
+            left.append(self._ready.get())
+        for conn in left:  # never to be served: closed, not left open
+            if isinstance(conn, _Connection):
+                conn.sock.close()
 
     def server_close(self) -> None:
         """End the streams still open (after `shutdown` and `GatewayApp.drain`) and free the sockets."""
@@ -8420,8 +8429,9 @@ class HttpServer:
                 if not conns:
                     self._group_busy = False
                     return
+            deferred: List[Callable[[], Any]] = []
             try:
-                replies = self._replies_of_group(conns)
+                replies, deferred = self._replies_of_group(conns)
             except Exception as exc:  # noqa: BLE001 - a bug here must not stop every later command
                 _log(f"http group: {type(exc).__name__}: {exc}")
                 replies = [_error_head(500, "Internal Server Error", "internal_error", "Internal error")] * len(conns)
@@ -8429,19 +8439,22 @@ class HttpServer:
                     conn.keep_alive = False
             for conn, data in zip(conns, replies, strict=True):
                 self._release_from_group(conn, data)
+            if deferred:
+                self._write_deferred(deferred)
 
-    def _replies_of_group(self, conns: List[_Connection]) -> List[bytes]:
+    def _replies_of_group(self, conns: List[_Connection]) -> Tuple[List[bytes], List[Callable[[], Any]]]:
         """Run the group's requests in one transaction; their responses, to send once it committed.
 
         If it does not commit, none of their writes stands: each request is run through the app
         again with the reason (`FAILED_COMMIT_KEY`), so its error answer is the app's usual one
-        (status, error shape, request id, CORS and audit), and its connection closes."""
+        (status, error shape, request id, CORS), and its connection closes. The writes those runs
+        defer (their audit rows) are returned, to be made after the replies are sent."""
         try:
             with self.group.transaction():
-                return [self._respond_in_memory(conn, *self._take_parsed(conn)) for conn in conns]
+                return [self._respond_in_memory(conn, *self._take_parsed(conn)) for conn in conns], []
         except Exception as exc:  # noqa: BLE001 - answered below, request by request
             failure = exc
-        replies = []
+        replies, deferred = [], []
         for conn in conns:
             if conn.parsed is not None:  # not run yet
                 environ, reader, http10 = self._take_parsed(conn)
@@ -8449,10 +8462,19 @@ class HttpServer:
                 head, body = conn.request
                 conn.buf[:0] = body
                 environ, reader, http10 = self._environ(conn, head)
-            environ[FAILED_COMMIT_KEY] = failure
+            environ[FAILED_COMMIT_KEY], environ[DEFERRED_WRITES_KEY] = failure, deferred
             conn.keep_alive = False
             replies.append(self._respond_in_memory(conn, environ, reader, http10))
-        return replies
+        return replies, deferred
+
+    def _write_deferred(self, deferred: List[Callable[[], Any]]) -> None:
+        """The writes a failed group's requests deferred (`DEFERRED_WRITES_KEY`), in one transaction."""
+        try:
+            with self.group.transaction():
+                for write in deferred:
+                    write()
+        except Exception as exc:  # noqa: BLE001 - best effort: the database refused the group's commit already
+            _log(f"http: {len(deferred)} write(s) of a failed shared commit not made: {type(exc).__name__}: {exc}")
 
     @staticmethod
     def _take_parsed(conn: _Connection) -> Tuple[Dict[str, Any], _BodyReader, bool]:
@@ -8776,9 +8798,13 @@ class AuditMiddleware(_Middleware):
 
         # The row rides on the request's first database write (written as a success, the usual end of
         # a request that writes); `settle` fixes it in the rare case the request ends otherwise.
-        box = self.store.append_with_next_write(lambda: _row(200))
+        deferred = environ.get(DEFERRED_WRITES_KEY)
+        box = self.store.append_with_next_write(lambda: _row(200)) if deferred is None else []
 
         def _record(error: Optional[str] = None) -> None:
+            if deferred is not None:  # answered again after a failed shared commit: the server writes it later
+                deferred.append(functools.partial(self.store.append, _row(status_box[0] or 500, error)))
+                return
             try:
                 self.store.settle(box, _row(status_box[0] or 500, error), 200)
             except Exception as exc:  # noqa: BLE001 - auditing never breaks a request
@@ -8920,7 +8946,8 @@ class AuthMiddleware(_Middleware):
                            "Gateway auth required but no token configured")
         ip = client_ip(environ)
         if not self.valid(_bearer(environ)):
-            lock_s = self.tracker.failure(ip)
+            # a request answered again after a failed shared commit was counted the first time
+            lock_s = self.tracker.remaining(ip) if FAILED_COMMIT_KEY in environ else self.tracker.failure(ip)
             if int(lock_s) > 0:
                 return _reject(environ, start_response, 429, "auth_lockout", "Too Many Requests (auth lockout)",
                                {"Retry-After": str(int(lock_s))})
