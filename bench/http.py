@@ -36,8 +36,10 @@ e. Concurrent SSE streams held: opens up to 1,000 streams (10 per `ask` run over
 clients in this process: this checkout, `--before DIR` (an earlier checkout, e.g.
 `git archive main abstractgateway.py schema.sql | tar -x -C DIR`) and `--original EXE` (the
 original gateway's `abstractgateway` executable, FastAPI on uvicorn, sqlite backend, its default
-durability). Per server: `GET runs/{id}` req/s with 1 and 16 keep-alive client threads;
-acknowledged `POST commands`/s with 8 threads (ours at synchronous=FULL); the server's RSS with
+durability). All servers run at once. Per server: `GET runs/{id}` req/s with 1 and 16 keep-alive
+client threads and acknowledged `POST commands`/s with 8 threads (ours at synchronous=FULL), taken
+in turns server after server for `--rounds` rounds (median reported, so a machine whose speed drifts
+skews every server alike); then, one server at a time, the 10-timer loop flow; the server's RSS with
 1,000 SSE streams open (10 on each of 100 WAITING `ask` runs); and, with those streams open,
 resume command -> first new record on each of the run's streams, p50/p99 over all streams.
 
@@ -967,20 +969,35 @@ def _timer_loop_rate(port: int, runs: int, clients: int = 4) -> float:
     return runs / (time.perf_counter() - started)
 
 
-def _measure_server(label: str, proc: Any, port: int, seconds: float, streams: int) -> Dict[str, Any]:
+def _completed_echo_run(port: int) -> str:
     client = Client(port)
-    out: Dict[str, Any] = {"label": label}
     run_id = checked(client.call("POST", f"{API}/runs/start", {"bundle_id": "echo", "input_data": {}}),
                      "start")["run_id"]
     _wait_run(client, run_id, "completed")
+    client.close()
+    return run_id
+
+
+def _measure_requests(proc: Any, port: int, run_id: str, seconds: float) -> Dict[str, float]:
+    """One round of the request-rate phases on one server: GET with 1 and 16 threads (with the server's
+    CPU per request), acknowledged POST commands with 8."""
+    out: Dict[str, float] = {}
     for threads in (1, 16):
         cpu = _cpu_s(proc.pid)
         out[f"get{threads}"] = _rate(port, threads, seconds, lambda c, t, i: c.call("GET", f"{API}/runs/{run_id}"))
         out[f"get{threads}_cpu"] = (_cpu_s(proc.pid) - cpu) * 1000 / max(1.0, out[f"get{threads}"] * seconds)
-    out["timer_runs_s"] = _timer_loop_rate(port, runs=12 if seconds < 2 else 30)
     tag = uuid.uuid4().hex[:8]
+    cpu = _cpu_s(proc.pid)
     out["post8"] = _rate(port, 8, seconds, lambda c, t, i: c.call("POST", f"{API}/commands", {
         "command_id": f"{tag}-{t}-{i}", "run_id": run_id, "type": "pause"}))
+    out["post8_cpu"] = (_cpu_s(proc.pid) - cpu) * 1000 / max(1.0, out["post8"] * seconds)
+    return out
+
+
+def _measure_flows(proc: Any, port: int, seconds: float, streams: int) -> Dict[str, Any]:
+    """The timer-loop flow and the SSE phase on one server."""
+    client = Client(port)
+    out: Dict[str, Any] = {"timer_runs_s": _timer_loop_rate(port, runs=12 if seconds < 2 else 30)}
     out.update(_measure_sse(client, proc, port, streams))
     client.close()
     return out
@@ -1086,29 +1103,47 @@ def compare(args: argparse.Namespace) -> int:
     if args.original:
         targets.append(("original 0.2.1 (uvicorn)", [args.original, "serve"],
                         {"ABSTRACTGATEWAY_STORE_BACKEND": "sqlite"}))
-    results = []
+    results: List[Dict[str, Any]] = []
+    servers: List[Tuple[str, Any, int]] = []
     try:
         for i, (label, command, env) in enumerate(targets):
             proc, port = _spawn_server(label, command, tmp / f"s{i}", env)
+            servers.append((label, proc, port))
+        # The request rates take turns, server after server, round after round, and the median of each
+        # figure is reported: a machine whose speed drifts (a shared host) then skews every server alike.
+        run_ids = [_completed_echo_run(port) for _label, _proc, port in servers]
+        rounds: List[List[Dict[str, float]]] = [[] for _ in servers]
+        for n in range(args.rounds):
+            for i, (label, proc, port) in enumerate(servers):
+                print(f"round {n + 1}/{args.rounds}: requests on {label} ...", flush=True)
+                rounds[i].append(_measure_requests(proc, port, run_ids[i], seconds))
+                time.sleep(1.0)  # its work after the acknowledgements (applying the commands) ends off the clock
+        for i, (label, proc, port) in enumerate(servers):
+            print(f"flows and streams on {label} ...", flush=True)
+            out: Dict[str, Any] = {"label": label}
+            out.update({key: statistics.median(r[key] for r in rounds[i]) for key in rounds[i][0]})
             try:
-                print(f"measuring {label} ...", flush=True)
-                results.append(_measure_server(label, proc, port, seconds, streams))
+                out.update(_measure_flows(proc, port, seconds, streams))
             except Exception as exc:  # noqa: BLE001 - one server failing still prints the others
                 print(f"   {label}: {type(exc).__name__}: {exc}")
-            finally:
-                proc.terminate()
-                try:
-                    proc.wait(10)
-                except Exception:  # noqa: BLE001
-                    proc.kill()
+                continue
+            results.append(out)
     finally:
+        for _label, proc, _port in servers:
+            proc.terminate()
+            try:
+                proc.wait(10)
+            except Exception:  # noqa: BLE001
+                proc.kill()
         shutil.rmtree(tmp, ignore_errors=True)
     print(f"\nSame run, same machine ({os.cpu_count()} cores); clients are threads of this process; "
-          f"ours at synchronous=FULL, the original at its own default.")
+          f"ours at synchronous=FULL, the original at its own default. Request rates: median of "
+          f"{args.rounds} rounds taken in turns.")
     cols = [("GET runs/{id} 1 thr (req/s)", "get1", "{:,.0f}"), ("GET runs/{id} 16 thr (req/s)", "get16", "{:,.0f}"),
             ("  server CPU per GET, 1 thr (ms)", "get1_cpu", "{:.3f}"),
             ("  server CPU per GET, 16 thr (ms)", "get16_cpu", "{:.3f}"),
             ("POST commands 8 thr (acked/s)", "post8", "{:,.0f}"),
+            ("  server CPU per command (ms)", "post8_cpu", "{:.3f}"),
             ("10-timer loop flow (runs/s)", "timer_runs_s", "{:.1f}"), ("SSE streams open", "streams_open", "{:,}"),
             ("RSS with those streams (MB)", "rss_streams_mb", "{:,.0f}"),
             ("resume->SSE record p50 (ms)", "sse_p50", "{:.1f}"), ("resume->SSE record p99 (ms)", "sse_p99", "{:.1f}")]
@@ -1171,6 +1206,8 @@ def main(argv: Optional[List[str]] = None) -> int:
                         help="compare server processes instead: this checkout, --before and --original")
     parser.add_argument("--before", help="with --compare: a directory holding an earlier abstractgateway.py")
     parser.add_argument("--original", help="with --compare: the original gateway's `abstractgateway` executable")
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="with --compare: rounds of the request-rate phases, taken server after server")
     args = parser.parse_args(argv)
     if args.console:
         return console_main(records=10_000, loads=5 if args.quick else 15, screenshots=args.console_screenshots)
