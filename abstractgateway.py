@@ -8142,9 +8142,7 @@ class HttpServer:
             short = self._idle_workers - self._ready.qsize() <= max(1, self.workers // 4)
             if short and len(conn.buf) < end + _preread_length(conn.buf[:end]):
                 return
-            self._partial.pop(fd, None)
-            self._selector.unregister(conn.sock)
-            self._ready.put(conn)
+            self._to_worker(conn)
         elif len(conn.buf) > MAX_HEADER_BYTES + 8192:
             self._partial.pop(fd, None)
             self._end_request()
