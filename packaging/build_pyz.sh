@@ -8,7 +8,8 @@
 # Options:
 #   --platform host|aarch64   target (default: host)
 #   --python-version X.Y      target CPython for --platform aarch64 (default: 3.11, Raspberry Pi OS bookworm)
-#   --python PATH             interpreter for the throwaway build venv (default: python3)
+#   --python PATH             interpreter to build with (default: python3); unless it has shiv and
+#                             hatchling already, a throwaway venv of it gets them
 #   --out PATH                output file (default: dist/abstractgateway.pyz or dist/abstractgateway-aarch64.pyz)
 #   --no-verify               do not run the built host .pyz
 #
@@ -55,12 +56,18 @@ WORK="$(mktemp -d "${TMPDIR:-/tmp}/abstractgateway-pyz.XXXXXX")"
 cleanup() { rm -rf "$WORK"; }
 trap cleanup EXIT
 
-echo "== build venv ($PYTHON) with shiv and hatchling"
-"$PYTHON" -m venv "$WORK/venv"
-BPY="$WORK/venv/bin/python"
-# hatchling (pyproject's build backend) goes into the build venv too, so the wheel is built there
-# without pip making a second, isolated environment for it.
-"$BPY" -m pip install --quiet --disable-pip-version-check shiv "hatchling>=1.21"
+if "$PYTHON" -c 'import shiv, hatchling' >/dev/null 2>&1; then
+  # The interpreter has the build tools already (the test extra installs them): no throwaway venv.
+  echo "== build tools from $PYTHON"
+  BPY="$PYTHON"
+else
+  echo "== build venv ($PYTHON) with shiv and hatchling"
+  "$PYTHON" -m venv "$WORK/venv"
+  BPY="$WORK/venv/bin/python"
+  # hatchling (pyproject's build backend) goes into the build venv too, so the wheel is built there
+  # without pip making a second, isolated environment for it.
+  "$BPY" -m pip install --quiet --disable-pip-version-check shiv "hatchling>=1.21"
+fi
 
 echo "== project wheel"
 # Build from a copy so no build/ or egg-info is left in the work tree.
@@ -78,7 +85,7 @@ if [ "$PLATFORM" = host ]; then
   echo "== shiv -> $OUT"
   # --reproducible: fixed timestamps; --compressed: deflate the zip. Arguments that are not
   # shiv's own (--quiet, --no-index, ...) go to shiv's `pip install --target`.
-  "$WORK/venv/bin/shiv" --quiet -e abstractgateway:main -p "$SHEBANG" -o "$OUT" \
+  "$BPY" -m shiv --quiet -e abstractgateway:main -p "$SHEBANG" -o "$OUT" \
     --reproducible --compressed \
     --no-index --find-links "$WORK/wheels" --only-binary=:all: abstractgateway
 else
@@ -100,7 +107,7 @@ else
   fi
   echo "== shiv -> $OUT"
   # No pip arguments at all here (not even --quiet): shiv then packs --site-packages as is.
-  "$WORK/venv/bin/shiv" -e abstractgateway:main -p "$SHEBANG" -o "$OUT" \
+  "$BPY" -m shiv -e abstractgateway:main -p "$SHEBANG" -o "$OUT" \
     --reproducible --compressed --site-packages "$WORK/site"
   echo "== extension modules in the .pyz"
   "$BPY" - "$OUT" <<'EOF'
