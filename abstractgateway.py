@@ -3635,8 +3635,8 @@ class WorkflowHost:
         bundle = read_bundle(content, "upload")
         try:
             self.stores.bundles.put(bundle.bundle_id, bundle.bundle_version, content, overwrite=overwrite)
-        except FileExistsError as exc:
-            raise Conflict(str(exc), code="bundle_exists") from None
+        except FileExistsError as exc:  # 400, as the original's registry errors
+            raise GatewayError(str(exc), code="bundle_exists") from None
         return bundle
 
     def remove(self, bundle_id: str, version: Optional[str] = None) -> int:
@@ -4008,12 +4008,11 @@ class CommandInbox:
 
     def submit(self, *, command_id: str, run_id: str, type: str, payload: Optional[Dict[str, Any]] = None,
                ts: Optional[str] = None, client_id: Optional[str] = None) -> CommandAppendResult:
-        """Append to the durable inbox (idempotent on `command_id`); application is asynchronous."""
+        """Append to the durable inbox (idempotent on `command_id`); application is asynchronous.
+
+        A blank `command_id` gets a generated one, as on the original: that command has no idempotency."""
         if type not in COMMAND_TYPES:
             raise GatewayError(f"type must be one of {'|'.join(COMMAND_TYPES)}", code="invalid_command_type")
-        if not str(command_id or "").strip():  # a generated id would make every retry a new command
-            raise Unprocessable("Field 'command_id' must be non-empty (it makes retries idempotent)",
-                                code="validation_error")
         record = CommandRecord(command_id=command_id, run_id=run_id, type=type, payload=dict(payload or {}),
                                ts=ts or utc_now_iso(), client_id=client_id)
         try:
@@ -4377,6 +4376,10 @@ class Gateway:
         if flow is None or workflow_id.startswith(SCHEDULE_PREFIX):
             return
         ref, _, flow_id = workflow_id.rpartition(":")
+        bundle_id, _, version = ref.partition("@")
+        bundle = self.host.catalog.bundles.get(bundle_id, {}).get(version)
+        if bundle is not None:  # the copy that ran, as the original keeps it: ids namespaced like the run's
+            flow = _namespace_flow(flow, bundle, flow_id, bundle.flows)
         persist_workflow_snapshot(run_store=self.stores.runs, artifact_store=self.stores.artifacts, run_id=run_id,
                                   workflow_id=workflow_id, format="visualflow_json",
                                   snapshot={"kind": "visualflow_json", "bundle_ref": ref or None,
@@ -5549,6 +5552,7 @@ class Param:
     description: str = ""
     choices: Tuple[str, ...] = ()
     required: bool = False  # absent: 422; present but empty: passed on as ""
+    exclusive_minimum: bool = False  # `minimum` itself is out of range
 
 
 AUTH_KINDS = ("none", "read", "write")  # a route's token check: none, or by ABSTRACTGATEWAY_PROTECT_READ/_WRITE
@@ -5735,7 +5739,7 @@ ROUTES: Tuple[Route, ...] = (
                         summary=_S), errors=(404, 422, 502)),
     Route("POST", f"{API}/runs/<run_id>/chat", "chat_about_run",
           "Read-only chat about the run, grounded on its ledger (persist: append an `abstract.chat` record).",
-          "runs", body=_obj(("messages",), messages={"type": "array", "items": _obj(("role", "content"), role=_S,
+          "runs", body=_obj((), messages={"type": "array", "items": _obj(("role", "content"), role=_S,
                                                                                     content=_S)},
                             provider=_NS, model=_NS, include_subruns=_B, persist=_B),
           response=_obj(("ok", "run_id", "answer"), ok=_B, run_id=_S, provider=_S, model=_S, generated_at=_S,
@@ -5745,12 +5749,13 @@ ROUTES: Tuple[Route, ...] = (
           query=(Param("after", "int", 0, 0, MAX_CURSOR), Param("limit", "int", 200, 1, 2000)), response=_LEDGER_PAGE,
           errors=(404,)),
     Route("POST", f"{API}/runs/ledger/batch", "ledger_batch", "Replay several ledgers at once.", "ledger",
-          body=_obj(("runs",), runs={"type": "array", "items": _obj(("run_id",), run_id=_S, after=_I)},
+          body=_obj((), runs={"type": "array", "items": _obj(("run_id",), run_id=_S, after=_I)},
                     limit={"type": "integer", "minimum": 1, "maximum": 2000}),
           response=_obj(("runs",), runs={"type": "object", "additionalProperties": _LEDGER_PAGE})),
     Route("GET", f"{API}/runs/<run_id>/ledger/stream", "stream_ledger",
           "Server-Sent Events: `step` per record, `done` when terminal; resumes from Last-Event-ID or `after`.",
-          "ledger", query=(Param("after", "int", 0, 0, MAX_CURSOR), Param("heartbeat_s", "float", 5.0, 0.1, 60.0)),
+          "ledger", query=(Param("after", "int", 0, 0, MAX_CURSOR), Param("heartbeat_s", "float", 5.0, 0.1, 60.0,
+                                                                                exclusive_minimum=True)),
           content_type="text/event-stream", response={"type": "string"}, errors=(404,), stream=True),
     # commands
     Route("POST", f"{API}/commands", "submit_command", "Append a command to the durable inbox (idempotent).",
@@ -5936,7 +5941,7 @@ def _parse_param(param: Param, raw: Optional[str]) -> Any:
         raise Unprocessable(f"Query parameter '{param.name}' is required", code="validation_error")
     if param.required and raw == "":
         return raw
-    if raw is None or raw == "":
+    if raw is None or (raw == "" and param.kind == "str"):  # an empty number or flag is a 422, as on the original
         return param.default
     try:
         if param.kind == "int":
@@ -5951,9 +5956,12 @@ def _parse_param(param: Param, raw: Optional[str]) -> Any:
         raise Unprocessable(f"Query parameter '{param.name}' must be a {param.kind}", code="validation_error") from None
     if param.kind == "float" and not math.isfinite(value):
         raise Unprocessable(f"Query parameter '{param.name}' must be a finite number", code="validation_error")
-    if param.minimum is not None and value < param.minimum or param.maximum is not None and value > param.maximum:
-        raise Unprocessable(f"Query parameter '{param.name}' must be between {param.minimum} and {param.maximum}",
-                            code="validation_error")
+    low = param.minimum is not None and (value <= param.minimum if param.exclusive_minimum else value < param.minimum)
+    if low or param.maximum is not None and value > param.maximum:
+        floor = "above" if param.exclusive_minimum else "at least"
+        bounds = [f"{floor} {param.minimum}"] if param.minimum is not None else []
+        bounds += [f"at most {param.maximum}"] if param.maximum is not None else []
+        raise Unprocessable(f"Query parameter '{param.name}' must be {' and '.join(bounds)}", code="validation_error")
     if param.choices and value not in param.choices:
         raise GatewayError(f"Invalid {param.name} (expected: {', '.join(param.choices)})", code="validation_error")
     return value
@@ -6195,12 +6203,12 @@ class GatewayApp:
         # Read until the stream says it ended: a capped stream (BodyLimitMiddleware) raises 413 on the
         # read past its cap, where one `read()` would stop at the cap and hand back a truncated body.
         raw = b"".join(iter(functools.partial(request.stream.read, 1 << 16), b""))
-        if not raw.strip():
-            return {}
+        if not raw.strip():  # as the original (a required body model): even a route whose fields are all optional
+            raise Unprocessable("Request body is required (a JSON object)", code="validation_error")
         try:
             body = _BODY_DECODER.decode(raw.decode(json.detect_encoding(raw), "surrogatepass"))  # as json.loads
         except (ValueError, RecursionError) as exc:
-            raise GatewayError(f"Request body is not valid JSON: {exc}", code="invalid_json") from None
+            raise Unprocessable(f"Request body is not valid JSON: {exc}", code="invalid_json") from None
         where = _unencodable_path(body)
         if where is not None:
             raise InvalidText(f"Field '{_safe_text(where)}' holds text that cannot be stored "
@@ -6386,9 +6394,15 @@ class GatewayApp:
                               "reason": body.get("reason")})
 
     def undeprecate_bundle(self, request: Request, bundle_id: str, body: Dict[str, Any]) -> Response:
-        bundle, flow_id = self._deprecation_target(bundle_id, body)
-        removed = self.gateway.stores.deprecations.clear(bundle.bundle_id, flow_id)
-        return json_response({"ok": True, "bundle_id": bundle.bundle_id, "flow_id": flow_id, "removed": removed})
+        """Clear a deprecation. The bundle need not be installed (as on the original): a deprecation left
+        by a removed bundle can be cleared, and making sure one is gone never fails."""
+        self.gateway.host.require_bundle_source()
+        bundle_id = bundle_id.strip()
+        if not bundle_id:
+            raise GatewayError("bundle_id is required", code="validation_error")
+        flow_id = (body.get("flow_id") or "").strip() or "*"
+        removed = self.gateway.stores.deprecations.clear(bundle_id, flow_id)
+        return json_response({"ok": True, "bundle_id": bundle_id, "flow_id": flow_id, "removed": removed})
 
     def _deprecation_target(self, bundle_id: str, body: Dict[str, Any]) -> Tuple[LoadedBundle, str]:
         self.gateway.host.require_bundle_source()
@@ -6491,7 +6505,7 @@ class GatewayApp:
         run_vars = state.vars if isinstance(state.vars, dict) else {}
         workflow_id = state.workflow_id
         sched = schedule_of(state)
-        if sched is not None:  # a scheduled parent: describe its target and the payload it passes on
+        if sched is not None:  # a scheduled parent: its target and the payload it passes on (its own workflow_id)
             workflow_id, run_vars = sched["target_workflow_id"], run_vars.get("vars") or {}
         flow = self.gateway.host.catalog.flows.get(workflow_id)
         bundle_id = bundle_version = flow_id = None
@@ -6504,7 +6518,7 @@ class GatewayApp:
         else:
             pins = [k for k in run_vars if not k.startswith("_")]
             data = {k: run_vars[k] for k in pins}
-        return json_response({"run_id": state.run_id, "workflow_id": workflow_id, "bundle_id": bundle_id,
+        return json_response({"run_id": state.run_id, "workflow_id": state.workflow_id, "bundle_id": bundle_id,
                               "bundle_version": bundle_version or None, "flow_id": flow_id, "pin_ids": pins,
                               "input_data": data})
 
@@ -6583,48 +6597,49 @@ class GatewayApp:
 
     def chat_about_run(self, request: Request, run_id: str, body: Dict[str, Any]) -> Response:
         return json_response(self.gateway.chat_about_run(
-            run_id, body["messages"], provider=body.get("provider"), model=body.get("model"),
+            run_id, body.get("messages") or [], provider=body.get("provider"), model=body.get("model"),
             include_subruns=body.get("include_subruns", True), persist=body.get("persist", False)))
 
     def get_ledger(self, request: Request, run_id: str, after: int, limit: int) -> Response:
-        self._require_run(run_id)
+        """A page of the ledger; an unknown run's is empty, as on the original (a replay loop may start
+        before the run is visible to it)."""
         rows = self.gateway.stores.ledger.page_json(run_id, after, limit)
         body = '{"items":[' + ",".join(rows) + '],"next_after":' + str(after + len(rows)) + "}"
         return _response(body, content_type="application/json")
 
     def ledger_batch(self, request: Request, body: Dict[str, Any]) -> Response:
+        """Pages of several ledgers, as on the original: blank run ids are skipped, an unknown run's page is
+        empty, a run asked for twice is answered once (its last entry)."""
         limit = 200 if body.get("limit") is None else body["limit"]
         if not 1 <= limit <= 2000:
             raise Unprocessable("Field 'limit' must be between 1 and 2000", code="validation_error")
-        parts = []
-        for entry in body["runs"]:
+        pages: Dict[str, str] = {}
+        for entry in body.get("runs") or []:
             if not isinstance(entry, dict):
                 raise Unprocessable("Field 'runs' must be a list of {run_id, after}", code="validation_error")
             run_id = entry.get("run_id")
-            if not isinstance(run_id, str) or not run_id.strip():
-                raise Unprocessable("Field 'runs[].run_id' must be a non-empty string", code="validation_error")
+            if not isinstance(run_id, str):
+                raise Unprocessable("Field 'runs[].run_id' must be a string", code="validation_error")
             run_id = run_id.strip()
+            if not run_id:
+                continue
             after = entry.get("after") or 0
             if not isinstance(after, int) or isinstance(after, bool) or not 0 <= after <= MAX_CURSOR:
                 raise Unprocessable("Field 'runs[].after' must be an integer between 0 and 2^63-1",
                                     code="validation_error")
-            if not self.gateway.stores.runs.exists(run_id):
-                continue
             rows = self.gateway.stores.ledger.page_json(run_id, after, limit)
-            parts.append(_json_dumps(run_id) + ':{"items":[' + ",".join(rows) + '],"next_after":'
-                         + str(after + len(rows)) + "}")
+            pages[run_id] = '{"items":[' + ",".join(rows) + '],"next_after":' + str(after + len(rows)) + "}"
+        parts = (_json_dumps(run_id) + ":" + page for run_id, page in pages.items())
         return _response('{"runs":{' + ",".join(parts) + "}}", content_type="application/json")
 
     def stream_ledger(self, request: Request, run_id: str, after: int, heartbeat_s: float) -> Response:
         self._require_run(run_id)
+        # A browser EventSource reconnects to the same URL with the last id it saw: the cursor, when the
+        # URL gives none. An explicit `after` wins, and a header that is no cursor is ignored.
         last_event_id = request.headers.get("Last-Event-ID", "").strip()
-        if last_event_id:
-            try:
-                after = int(last_event_id)
-            except ValueError:
-                after = -1
-            if not 0 <= after <= MAX_CURSOR:
-                raise Unprocessable("Last-Event-ID must be an integer cursor", code="validation_error")
+        if "after" not in request.args and len(last_event_id) <= 18 and last_event_id.isascii() \
+                and last_event_id.isdigit():  # 18 digits: always within MAX_CURSOR
+            after = int(last_event_id)
         if not request.environ.get("abstractgateway.streams"):
             raise GatewayError("SSE needs the gateway's own server (`abstractgateway serve`)",
                                code="streams_unsupported")
@@ -6636,8 +6651,6 @@ class GatewayApp:
     # -- commands -------------------------------------------------------------------------------------
 
     def submit_command(self, request: Request, body: Dict[str, Any]) -> Response:
-        if not str(body["run_id"]).strip():
-            raise Unprocessable("Field 'run_id' must be non-empty", code="validation_error")
         result = self.gateway.submit_command(command_id=body["command_id"], run_id=body["run_id"], type=body["type"],
                                              payload=body.get("payload") or {}, ts=body.get("ts"),
                                              client_id=body.get("client_id"))
@@ -6865,10 +6878,26 @@ def run_summary(state: RunState) -> Dict[str, Any]:
         "paused_at": control.get("paused_at"), "resumed_at": control.get("resumed_at"), "waiting": waiting,
         "is_scheduled": sched is not None,
         "schedule": {k: v for k, v in sched.items() if k != "target_bundle_id"} if sched else None,
-        "limits": {"tokens": {"estimated_used": None, "max_tokens": limits.get("max_tokens"),
-                              "max_input_tokens": limits.get("max_input_tokens"), "pct": None,
+        "limits": {"tokens": {"estimated_used": limits.get("estimated_tokens_used"),
+                              "max_tokens": limits.get("max_tokens"),
+                              "max_input_tokens": limits.get("max_input_tokens"), "pct": _token_share(limits),
                               "warn_tokens_pct": limits.get("warn_tokens_pct")}},
     }
+
+
+def _token_share(limits: Dict[str, Any]) -> Optional[float]:
+    """The run's estimated tokens as a fraction (not a percentage) of its input budget, else of
+    `max_tokens`, as the original reports it; None when either is not a number."""
+    used = limits.get("estimated_tokens_used")
+    budget = limits.get("max_input_tokens")
+    budget = limits.get("max_tokens") if budget is None else budget
+    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (used, budget)):
+        return None
+    try:
+        share = int(used) / int(budget)
+    except (ValueError, OverflowError, ZeroDivisionError):  # nan, inf, a number too large, no budget
+        return None
+    return share if int(budget) > 0 else None
 
 
 def _summary_body(run_json: str) -> Optional[bytes]:
@@ -6940,8 +6969,12 @@ class LedgerStream:
         return runner is None or not runner.has_lease
 
     def done_frame(self, status: str) -> bytes:
-        return (b"event: done\ndata: {\"run_id\": %s, \"cursor\": %d, \"status\": \"%s\"}\n\n"
-                % (json.dumps(self.run_id).encode(), self.cursor, status.encode()))
+        """The last frame: `done` when the run is terminal. A gateway that stops ends a live run's stream
+        with an event of another name, `server_stopping`: a client that takes `done` to mean the run
+        finished (as the original only sends it then) must not stop following a run that goes on."""
+        event = b"done" if status == "terminal" else status.encode()
+        return (b"event: %s\ndata: {\"run_id\": %s, \"cursor\": %d, \"status\": \"%s\"}\n\n"
+                % (event, json.dumps(self.run_id).encode(), self.cursor, status.encode()))
 
 
 def openapi_document() -> Dict[str, Any]:
@@ -6959,7 +6992,7 @@ def openapi_document() -> Dict[str, Any]:
             if p.default is not None:
                 schema["default"] = p.default
             if p.minimum is not None:
-                schema["minimum"] = p.minimum
+                schema["exclusiveMinimum" if p.exclusive_minimum else "minimum"] = p.minimum
             if p.maximum is not None:
                 schema["maximum"] = p.maximum
             if p.choices:
@@ -8717,11 +8750,11 @@ class CORSMiddleware(_Middleware):
                 ("Access-Control-Expose-Headers", "X-Request-Id, Retry-After, Content-Range"), ("Vary", "Origin")]
         if environ.get("REQUEST_METHOD") == "OPTIONS" and environ.get("HTTP_ACCESS_CONTROL_REQUEST_METHOD"):
             requested = environ.get("HTTP_ACCESS_CONTROL_REQUEST_HEADERS", "Authorization, Content-Type")
-            start_response("204 No Content", cors + [
+            start_response("200 OK", cors + [  # as the original (Starlette): 200, "OK"
                 ("Access-Control-Allow-Methods", "GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS"),
                 ("Access-Control-Allow-Headers", requested), ("Access-Control-Max-Age", "600"),
-                ("Content-Length", "0")])
-            return [b""]
+                ("Content-Type", "text/plain; charset=utf-8"), ("Content-Length", "2")])
+            return [b"OK"]
 
         def _start(status: str, headers: List[Tuple[str, str]], exc_info: Any = None) -> Callable:
             return start_response(status, headers + cors, exc_info)

@@ -872,16 +872,12 @@ async function streamLedger(run) {
 
 // Returns true when the stream is over for good (the run is terminal).
 function onStreamEvent(run, event) {
-  if (event.event === 'done') {
-    const data = JSON.parse(event.data.join('\n') || '{}');
-    if (data.status === 'terminal') {
-      $('ledger-state').textContent = '· complete';
-      refreshRun(run);
-      return true;
-    }
-    return false;  // server_stopping: reconnect and resume from our cursor
+  if (event.event === 'done') {  // only ever sent once the run is terminal
+    $('ledger-state').textContent = '· complete';
+    refreshRun(run);
+    return true;
   }
-  if (event.event !== 'step') return false;
+  if (event.event !== 'step') return false;  // server_stopping: the stream ends, we reconnect from our cursor
   const data = JSON.parse(event.data.join('\n'));
   if (data.cursor <= run.cursor) return false;  // already shown
   run.cursor = data.cursor;

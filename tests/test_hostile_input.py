@@ -118,14 +118,21 @@ def test_non_finite_numbers_are_not_json(live_server):
 # -- other input flaws --------------------------------------------------------------------------------
 
 
-def test_blank_command_id_is_422_and_a_real_one_stays_idempotent(live_server):
+def test_a_blank_command_id_gets_a_generated_one_and_a_real_one_stays_idempotent(live_server):
+    """As on the original: a blank `command_id` is replaced by a generated one (no idempotency);
+    a blank `run_id` is the store's 400."""
     run_id = _start(live_server, bundle_id="ask")
+    seqs = []
     for blank in ("", " ", "\t\n"):
-        status, headers, data = live_server.post(f"{API}/commands", {"command_id": blank, "run_id": run_id,
-                                                                     "type": "pause"})
-        _assert_json_4xx(status, headers, data, "validation_error")
-        assert status == 422 and "command_id" in data["detail"]
-    assert live_server.get(f"{API}/runs/{run_id}/commands")[2]["items"] == []  # nothing reached the inbox
+        status, _, data = live_server.post(f"{API}/commands", {"command_id": blank, "run_id": run_id, "type": "pause"})
+        assert status == 200 and data["accepted"] is True and data["duplicate"] is False, data
+        seqs.append(data["seq"])
+    assert len(set(seqs)) == 3  # three commands, each with its own generated id
+    ids = [c["command_id"] for c in live_server.get(f"{API}/runs/{run_id}/commands")[2]["items"]]
+    assert len(ids) == 3 and all(len(i) == 32 and i.strip() == i for i in ids), ids
+    status, headers, data = live_server.post(f"{API}/commands", {"command_id": "c", "run_id": " ", "type": "pause"})
+    _assert_json_4xx(status, headers, data, "invalid_command")
+    assert status == 400 and "run_id" in data["detail"]
     body = {"command_id": "retry-me", "run_id": run_id, "type": "pause"}
     first, second = live_server.post(f"{API}/commands", body)[2], live_server.post(f"{API}/commands", body)[2]
     assert first["accepted"] and second == {"accepted": False, "duplicate": True, "seq": first["seq"]}
@@ -138,14 +145,20 @@ def test_ledger_batch_validates_limit_and_run_entries(live_server):
                                                                               "limit": limit})
         _assert_json_4xx(status, headers, data)
         assert status == 422 and "limit" in data["detail"], (limit, data)
-    for entry in ({}, {"after": 0}, {"run_id": ""}, {"run_id": "  "}, {"run_id": 5}, {"run_id": None}, "x"):
+    for entry in ({}, {"after": 0}, {"run_id": 5}, {"run_id": None}, "x", {"run_id": run_id, "after": -1}):
         status, headers, data = live_server.post(f"{API}/runs/ledger/batch", {"runs": [entry]})
         _assert_json_4xx(status, headers, data)
         assert status == 422 and "runs" in data["detail"], (entry, data)
+    # as on the original: blank ids are skipped, no `runs` is no pages, an unknown run's page is empty
+    for body in ({"runs": [{"run_id": ""}, {"run_id": "  "}]}, {}, {"limit": 5}):
+        status, _, data = live_server.post(f"{API}/runs/ledger/batch", body)
+        assert (status, data) == (200, {"runs": {}}), body
     wait_for(lambda: live_server.gateway.stores.ledger.count(run_id) > 0)
-    status, _, data = live_server.post(f"{API}/runs/ledger/batch", {"runs": [{"run_id": run_id}, {"run_id": "gone"}],
+    status, _, data = live_server.post(f"{API}/runs/ledger/batch", {"runs": [{"run_id": run_id}, {"run_id": "gone",
+                                                                                                 "after": 3}],
                                                                    "limit": 1})
-    assert status == 200 and list(data["runs"]) == [run_id] and len(data["runs"][run_id]["items"]) == 1
+    assert status == 200 and list(data["runs"]) == [run_id, "gone"] and len(data["runs"][run_id]["items"]) == 1
+    assert data["runs"]["gone"] == {"items": [], "next_after": 3}
 
 
 def test_405_lists_the_allowed_methods(live_server):

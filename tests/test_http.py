@@ -116,7 +116,7 @@ def test_upload_then_run_after_restart(data_dir, bundle_builder):
         status, _, data = server.request("POST", f"{API}/bundles/upload", raw=body, headers={"Content-Type": ctype})
         assert status == 200 and data["bundle_ref"] == "uploaded@2.0.0" and data["gateway_reloaded"] is True
         status, _, data = server.request("POST", f"{API}/bundles/upload", raw=body, headers={"Content-Type": ctype})
-        assert status == 409 and _is_error(data, "bundle_exists")
+        assert status == 400 and _is_error(data, "bundle_exists")  # as the original's registry errors
         bad, ctype2 = multipart({}, {"file": ("x.flow", b"this is no zip")})
         status, _, data = server.request("POST", f"{API}/bundles/upload", raw=bad, headers={"Content-Type": ctype2})
         assert status == 400 and _is_error(data, "bundle_invalid")
@@ -192,7 +192,11 @@ def test_start_errors(live_server):
     assert status == 422 and "input_data" in data["detail"]
     status, _, data = live_server.request("POST", f"{API}/runs/start", raw=b"{not json",
                                           headers={"Content-Type": "application/json"})
-    assert status == 400 and _is_error(data, "invalid_json")
+    assert status == 422 and _is_error(data, "invalid_json")  # as the original (FastAPI)
+    for empty in (b"", b"  \r\n"):  # a body is required, as by the original's request model
+        status, _, data = live_server.request("POST", f"{API}/runs/start", raw=empty,
+                                              headers={"Content-Type": "application/json"})
+        assert status == 422 and _is_error(data, "validation_error") and "body" in data["detail"]
 
 
 def test_runs_pagination_cursor_walks_everything_once(live_server):
@@ -264,13 +268,15 @@ def test_ledger_pagination_invariants(live_server):
         assert pages == full
     status, _, data = live_server.get(f"{API}/runs/{run_id}/ledger?after=10000")
     assert data == {"items": [], "next_after": 10000}
-    assert live_server.get(f"{API}/runs/nope/ledger")[0] == 404
+    assert live_server.get(f"{API}/runs/nope/ledger?after=3")[2] == {"items": [], "next_after": 3}  # as the original
+    assert live_server.get(f"{API}/runs/{run_id}/ledger?after=")[0] == 422  # an empty number, as the original
     assert live_server.get(f"{API}/runs/{run_id}/ledger?limit=2001")[0] == 422
     assert live_server.get(f"{API}/runs/{run_id}/ledger?after=-1")[0] == 422
     status, _, data = live_server.post(f"{API}/runs/ledger/batch", {"runs": [{"run_id": run_id, "after": 5},
                                                                             {"run_id": "unknown"}], "limit": 3})
-    assert status == 200 and list(data["runs"]) == [run_id]
+    assert status == 200 and list(data["runs"]) == [run_id, "unknown"]
     assert data["runs"][run_id] == {"items": full[5:8], "next_after": 8}
+    assert data["runs"]["unknown"] == {"items": [], "next_after": 0}
     assert live_server.post(f"{API}/runs/ledger/batch", {"runs": "x"})[0] == 422
 
 
@@ -365,7 +371,8 @@ def test_sse_resume_with_last_event_id_has_no_gap_or_duplicate(live_server):
     got = [e for e in (next(events) for _ in range(9)) if e.get("event") == "step"]
     stream.close()
     last_id = got[-1]["id"]
-    stream = SSE(live_server, f"{API}/runs/{run_id}/ledger/stream?after=0", headers={"Last-Event-ID": last_id})
+    # a browser EventSource reconnects to the same URL (no `after`) with the last id it saw
+    stream = SSE(live_server, f"{API}/runs/{run_id}/ledger/stream", headers={"Last-Event-ID": last_id})
     events = stream.events()
     more = []
     while len(got) + len(more) < total:
@@ -374,6 +381,12 @@ def test_sse_resume_with_last_event_id_has_no_gap_or_duplicate(live_server):
             more.append(e)
     stream.close()
     assert [int(e["id"]) for e in got + more] == list(range(1, total + 1))
+    # an explicit `after` wins over the header, and a header that is no cursor is ignored (as the original)
+    for query, header, first in (("?after=3", "7", 4), ("", "x7", 1), ("", str(10**30), 1), ("", "", 1)):
+        stream = SSE(live_server, f"{API}/runs/{run_id}/ledger/stream{query}", headers={"Last-Event-ID": header})
+        step = next(e for e in stream.events() if e.get("event") == "step")
+        stream.close()
+        assert int(step["id"]) == first, (query, header)
 
 
 def test_sse_keepalive_when_idle_and_unknown_run(live_server):
@@ -414,7 +427,8 @@ def test_schedule_route(live_server):
     status, _, flow = live_server.get(f"{API}/workflows/{run['workflow_id']}/flow")
     assert status == 200 and flow["source"] == "dynamic"
     status, _, inputs = live_server.get(f"{API}/runs/{run['run_id']}/input_data")
-    assert inputs["workflow_id"] == "echo@1.0.0:echo" and inputs["pin_ids"] == ["message"]
+    assert inputs["workflow_id"] == run["workflow_id"] and inputs["workflow_id"].startswith("scheduled:")
+    assert (inputs["bundle_id"], inputs["flow_id"], inputs["pin_ids"]) == ("echo", "echo", ["message"])
     status, _, data = live_server.post(f"{API}/runs/schedule", {"bundle_id": "echo"})
     assert status == 422 and "flow_id" in data["detail"]
     status, _, data = live_server.post(f"{API}/runs/schedule",
@@ -452,18 +466,17 @@ def test_sse_works_on_file_descriptors_above_1024(live_server):
 def test_hostile_values_get_4xx_not_500(live_server):
     run_id = _start(live_server, bundle_id="echo")
     assert live_server.get(f"{API}/runs/{run_id}/ledger?after={10**30}")[0] == 422
-    assert live_server.get(f"{API}/runs/{run_id}/ledger/stream", headers={"Last-Event-ID": str(10**30)})[0] == 422
     assert live_server.get(f"{API}/runs/{run_id}/ledger/stream?heartbeat_s=nan")[0] == 422
     status, _, data = live_server.post(f"{API}/runs/ledger/batch", {"runs": [{"run_id": run_id, "after": 10**30}]})
     assert status == 422
     deep = b"[" * 50_000 + b"]" * 50_000
     status, _, data = live_server.request("POST", f"{API}/runs/ledger/batch", raw=deep[:200_000],
                                           headers={"Content-Type": "application/json"})
-    assert status == 400 and data["code"] == "invalid_json"
+    assert status == 422 and data["code"] == "invalid_json"
     status, _, data = live_server.request("POST", f"{API}/runs/start",
                                           raw=b'{"bundle_id": "echo", "input_data": {"a": NaN}}',
                                           headers={"Content-Type": "application/json"})
-    assert status == 400 and data["code"] == "invalid_json"
+    assert status == 422 and data["code"] == "invalid_json"
 
 
 def test_a_writer_blocked_by_another_process_gets_503_database_busy(data_dir):

@@ -291,13 +291,16 @@ def test_300_idle_sockets_do_not_lock_new_clients_out(tmp_path):
 
 def test_workers_waiting_for_a_client_s_next_request_hold_no_request_slot(tmp_path):
     server = LiveServer(tmp_path / "d", max_threads="2")
-    server.server.LINGER_S = 0.5  # each worker waits long for its client's next request
+    server.server.LINGER_S = 5.0  # each worker waits long for its client's next request
     conns = []
     try:
         for _ in range(4):  # more kept-alive clients than request slots, one after the other
             conns.append(RawClient(server))
             conns[-1].send(conns[-1].request_bytes("GET", "/api/health"))
             assert conns[-1].response()[0] == 200
+            # its worker lingers for seconds yet holds no slot (it is freed once the reply is sent, not
+            # before: hence the wait, not a race with the next client)
+            wait_for(lambda: server.server._in_progress == 0, timeout=2)
     finally:
         for c in conns:
             c.close()
@@ -437,8 +440,8 @@ def test_a_command_and_its_audit_row_commit_together_and_a_run_is_its_own_sessio
     assert [r["run_id"] for r in listed["items"]] == [run_id]
     assert live_server.gateway.stores.runs.load(run_id).session_id == run_id
     rejected = live_server.post(f"{API}/commands", {"command_id": "", "run_id": " ", "type": "pause"})[0]
-    assert rejected == 422  # no write happened: the audit row is written on its own, after the response
-    wait_for(lambda: live_server.gateway.stores.audit.tail(1)[0]["status"] == 422)
+    assert rejected == 400  # no write happened: the audit row is written on its own, after the response
+    wait_for(lambda: live_server.gateway.stores.audit.tail(1)[0]["status"] == 400)
 
 
 def test_the_stream_writer_outlives_a_failing_read(live_server):

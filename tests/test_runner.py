@@ -276,7 +276,7 @@ def test_uploaded_bundle_lives_in_the_database(data_dir, bundle_builder, tmp_pat
     g = gw.Gateway(make_config(data_dir))
     try:
         g.host.install(bundle_builder("echo", version="3.0.0").read_bytes())
-        with pytest.raises(gw.Conflict):
+        with pytest.raises(gw.GatewayError, match="already installed"):
             g.host.install(bundle_builder("echo", version="3.0.0").read_bytes())
         g.host.reload()
         assert g.host.latest("echo").origin == "upload"
