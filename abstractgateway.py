@@ -48,6 +48,7 @@ import json
 import math
 import os
 import re
+import stat
 import sys
 import threading
 import time
@@ -149,7 +150,8 @@ SETTINGS: Tuple[Setting, ...] = (
                  "`database_busy`."),
     Setting(name="flows_dir", env="ABSTRACTGATEWAY_FLOWS_DIR", flag="--flows-dir", kind="path",
             default=lambda v: v["data_dir"] / "flows",
-            help="A directory of `.flow` bundles (or one `.flow` file) loaded next to the uploaded ones.",
+            help="A directory of `.flow` bundles (or one `.flow` file) loaded next to the uploaded ones. A `.flow` "
+                 "there that is not a regular file of at most 200 MiB (a FIFO, a device) is a load error, never read.",
             default_doc="<data dir>/flows"),
     Setting(name="workflow_source", env="ABSTRACTGATEWAY_WORKFLOW_SOURCE", flag="--workflow-source", kind="choice",
             default="bundle", choices=("bundle", "visualflow"),
@@ -806,9 +808,14 @@ class Database:
                 pass
         self._local = threading.local()
 
-    def checkpoint(self) -> None:
-        """Fold the WAL back into the database file and truncate it."""
-        self.connection().execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
+    def checkpoint(self) -> Optional[str]:
+        """Fold the WAL back into the database file and truncate it; the reason when it could not (a
+        full disk, a read-only file): the WAL then stays, and SQLite folds it in on the next open."""
+        try:
+            self.connection().execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
+        except apsw.Error as exc:
+            return f"{type(exc).__name__}: {exc}"
+        return None
 
     # -- reads ---------------------------------------------------------------------------
 
@@ -2969,6 +2976,25 @@ class LoadedBundle:
         return self.manifest.default_entrypoint if self.manifest is not None else None
 
 
+def read_flow_file(path: Path, limit: int = MAX_BUNDLE_UNCOMPRESSED) -> bytes:
+    """The bytes of a file found in the flows dir, if it is a regular file of at most `limit` bytes.
+
+    Anything else is an `OSError` (reported as that file's load error): a FIFO (whose open would
+    block), a device such as a symlink to /dev/zero (endless), or a huge file never hangs a reload
+    or exhausts memory."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    with os.fdopen(fd, "rb") as file:
+        info = os.fstat(file.fileno())
+        if not stat.S_ISREG(info.st_mode):
+            raise OSError(errno.EINVAL, "not a regular file")
+        if info.st_size > limit:
+            raise OSError(errno.EFBIG, f"larger than {limit} bytes")
+        data = file.read(limit + 1)
+    if len(data) > limit:  # it grew while read
+        raise OSError(errno.EFBIG, f"larger than {limit} bytes")
+    return data
+
+
 def read_bundle(content: bytes, origin: str) -> LoadedBundle:
     """Parse `.flow` bytes into a LoadedBundle (flows as authored); raise GatewayError if unusable.
 
@@ -3114,15 +3140,17 @@ def _namespace_flow(flow: Dict[str, Any], bundle: LoadedBundle, flow_id: str,
 SCHEDULE_PREFIX = "scheduled:"
 MAX_SCHEDULE_EXECUTIONS = 10_000
 _INTERVAL_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+MAX_INTERVAL_S = 100 * 365 * 86400.0
 
 
 def parse_interval(text: str) -> float:
     """Seconds in a relative duration such as `500ms`, `30s`, `15m`, `1.5h`, `1d`."""
-    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)\s*", str(text or ""))
-    if not match or float(match.group(1)) <= 0:
-        raise GatewayError(f"Invalid interval {text!r} (expected e.g. 500ms, 30s, 15m, 1h, 1d)",
-                           code="invalid_interval")
-    return float(match.group(1)) * _INTERVAL_UNITS[match.group(2)]
+    match = re.fullmatch(r"\s*(\d{1,15}(?:\.\d{1,15})?)\s*(ms|s|m|h|d)\s*", str(text or ""))
+    seconds = float(match.group(1)) * _INTERVAL_UNITS[match.group(2)] if match else 0.0
+    if not 0 < seconds <= MAX_INTERVAL_S:  # past the bound, dates overflow (year 9999)
+        raise GatewayError(f"Invalid interval {str(text)[:80]!r} (expected e.g. 500ms, 30s, 15m, 1h, 1d; "
+                           "at most 100 years)", code="invalid_interval")
+    return seconds
 
 
 def schedule_interval_s(interval: str, floor_s: float) -> float:
@@ -3414,7 +3442,7 @@ class WorkflowHost:
             paths = sorted(self.flows_dir.glob("*.flow"))
         for path in paths:
             try:
-                yield str(path), path.read_bytes()
+                yield str(path), read_flow_file(path)
             except OSError as exc:
                 catalog.errors.append(f"{path}: {exc}")
         for stored in self.stores.bundles.list():
@@ -3474,7 +3502,7 @@ class WorkflowHost:
 
         for path in sorted(self.flows_dir.glob("*.json")) if self.flows_dir.is_dir() else []:
             try:
-                flow = json.loads(path.read_text(encoding="utf-8"))
+                flow = json.loads(read_flow_file(path).decode("utf-8"))
                 spec = compile_visualflow(flow)
             except Exception as exc:  # noqa: BLE001 - report and keep loading the others
                 catalog.errors.append(f"{path}: {type(exc).__name__}: {exc}")
@@ -3651,10 +3679,8 @@ class WorkflowHost:
         removed = self.stores.bundles.delete(bundle_id, version)
         paths = sorted(self.flows_dir.glob("*.flow")) if self.flows_dir.is_dir() else []
         for path in paths:
-            if not path.is_file():
-                continue
             try:
-                found = read_bundle(path.read_bytes(), str(path))
+                found = read_bundle(read_flow_file(path), str(path))
             except (GatewayError, OSError):
                 continue  # not a readable bundle: never ours to delete
             if found.bundle_id != bundle_id or (version is not None and found.bundle_version != version):
@@ -6193,7 +6219,7 @@ class GatewayApp:
             self._streams_changed.notify_all()
 
     def drain(self, timeout: float) -> bool:
-        """Tell streams to finish (each sends a final `done`) and wait for them; True if all ended."""
+        """Tell streams to finish (each sends a final `server_stopping` event) and wait for them; True if all ended."""
         self.stopping.set()
         with self._streams_changed:
             return self._streams_changed.wait_for(lambda: self._streams == 0, timeout)
@@ -7955,9 +7981,14 @@ class HttpServer:
     Limits: a connection with no request in progress closes after `idle_timeout_s`; a head must
     arrive within `request_timeout_s` of its first byte (slowloris), and a body must keep coming
     (408 otherwise); at most `max_requests` requests are in progress (heads being read and requests
-    at workers; more get an immediate 503); at most `max_connections` sockets are open, and when
-    full the longest-idle one is closed to admit a new client.
+    at workers; more get an immediate 503); at most `max_connections` sockets are open. When either
+    is full, the longest-idle connection (for sockets), else the request that has been arriving for
+    over `SLOW_HEAD_S`, is closed to admit a new client: trickling sockets never lock others out.
     """
+
+    SLOW_HEAD_S = 1.0
+    CLOSE_LINGER_S = 2.0
+    CLOSE_LINGER_BYTES = 1 << 20
 
     def __init__(self, app: Callable, host: str, port: int, *, workers: int = 8, request_timeout_s: float = 15.0,
                  idle_timeout_s: float = 5.0, max_requests: int = 256, max_connections: int = 4096,
@@ -7997,6 +8028,8 @@ class HttpServer:
         # Kept-alive connections a worker put back in the selector itself (no wake-up of the selector
         # thread per request); the selector thread takes up their bookkeeping before its next events.
         self._returned: "deque[_Connection]" = deque()
+        self._to_close: "deque[Any]" = deque()  # sockets a worker is done with, to close gently
+        self._closing: "OrderedDict[int, Tuple[Any, float, int]]" = OrderedDict()  # fd: socket, deadline, bytes left
         self._selector_closed = False
         self._ready: "queue.SimpleQueue[Any]" = queue.SimpleQueue()  # a connection, _GROUP_TURN or None (stop)
         self._grouped: List[_Connection] = []  # requests waiting for the next shared transaction
@@ -8028,6 +8061,8 @@ class HttpServer:
                             self._accept()
                         elif key.data == "wake":
                             self._drain_wake()
+                        elif key.data == "closing":
+                            self._drain_closing(key.fileobj)
                         else:
                             self._on_readable(key.data)
                     self._sweep(time.monotonic())
@@ -8059,7 +8094,8 @@ class HttpServer:
                 self._selector.unregister(self.socket)
                 self._accept_paused_until = time.monotonic() + 0.1
                 return
-            if self._open >= self.max_connections and not self._evict_idle():
+            if self._open >= self.max_connections and not (self._evict_idle() or self._evict_closing()
+                                                           or self._evict_slow_head()):
                 self._refuse(sock, 503, "Service Unavailable", "busy", "Server busy (connection limit)")
                 continue
             sock.setblocking(False)
@@ -8072,13 +8108,60 @@ class HttpServer:
             self._watch(_Connection(sock, addr))
 
     def _refuse(self, sock: Any, status: int, reason: str, code: str, detail: str) -> None:
+        """Answer a connection not taken on (the connection limit) and close it."""
+        self._send_last_words(sock, _error_head(status, reason, code, detail))
+        sock.close()
+
+    @staticmethod
+    def _send_last_words(sock: Any, data: bytes) -> None:
         try:
             sock.setblocking(False)
-            sock.send(_error_head(status, reason, code, detail))
+            sock.send(data)
         except OSError:
             pass
-        finally:
-            sock.close()
+
+    def _close_gently(self, sock: Any) -> None:
+        """Close a connection (counted in `_open`) without losing the answer just sent to it.
+
+        Closing a socket with unread input makes the kernel reset the connection, and the peer's
+        kernel then drops the answer it has not read yet (a 413 sent before a large body, a 431).
+        So the write side is shut (FIN after the answer) and input is read and dropped until the
+        peer closes, for at most `CLOSE_LINGER_S` and `CLOSE_LINGER_BYTES`, on this thread."""
+        try:
+            sock.setblocking(False)
+            sock.shutdown(self._socket_mod.SHUT_WR)
+            self._selector.register(sock, self._selectors.EVENT_READ, "closing")
+        except (OSError, ValueError, KeyError):
+            self._end_closing(sock)
+            return
+        self._closing[sock.fileno()] = (sock, time.monotonic() + self.CLOSE_LINGER_S, self.CLOSE_LINGER_BYTES)
+
+    def _drain_closing(self, sock: Any) -> None:
+        entry = self._closing.get(sock.fileno())
+        if entry is None:
+            return
+        try:
+            data = sock.recv(65536)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        left = entry[2] - len(data)
+        if not data or left <= 0:
+            self._end_closing(sock)
+        else:
+            self._closing[sock.fileno()] = (sock, entry[1], left)
+
+    def _end_closing(self, sock: Any) -> None:
+        fd = sock.fileno()
+        if self._closing.pop(fd, None) is not None:
+            try:
+                self._selector.unregister(sock)
+            except (KeyError, ValueError):
+                pass
+        sock.close()
+        with self._lock:
+            self._open -= 1
 
     def _watch(self, conn: _Connection) -> None:
         """Put a new connection in the selector, idle until its first request arrives."""
@@ -8115,6 +8198,8 @@ class HttpServer:
             self._open -= 1
 
     def _adopt_returned(self) -> None:
+        while self._to_close:
+            self._close_gently(self._to_close.popleft())
         while self._returned:
             conn = self._returned.popleft()
             if conn.buf:
@@ -8148,13 +8233,16 @@ class HttpServer:
         """A request starts arriving: count it against `max_requests` (503 when full)."""
         with self._lock:
             full = capped and self._in_progress >= self.max_requests
-            if not full:
-                self._in_progress += 1
-        if full:
-            self._selector.unregister(conn.sock)
-            self._refuse(conn.sock, 503, "Service Unavailable", "busy", "Server busy (request limit)")
+        if full and self._evict_slow_head():
+            full = False
+        if not full:
             with self._lock:
-                self._open -= 1
+                self._in_progress += 1
+        else:
+            self._selector.unregister(conn.sock)
+            self._send_last_words(conn.sock, _error_head(503, "Service Unavailable", "busy",
+                                                         "Server busy (request limit)"))
+            self._close_gently(conn.sock)
             return False
         conn.started = time.monotonic()
         self._partial[conn.sock.fileno()] = conn
@@ -8317,10 +8405,9 @@ class HttpServer:
         except (KeyError, ValueError):
             pass
         if last_words:
-            try:
-                conn.sock.send(last_words)
-            except OSError:
-                pass
+            self._send_last_words(conn.sock, last_words)
+            self._close_gently(conn.sock)
+            return
         conn.sock.close()
         with self._lock:
             self._open -= 1
@@ -8337,6 +8424,25 @@ class HttpServer:
         self._forget(conn)
         return True
 
+    def _evict_closing(self) -> bool:
+        """Close the connection that has been closing longest, at once, to make room; False when none is."""
+        if not self._closing:
+            return False
+        self._end_closing(next(iter(self._closing.values()))[0])
+        return True
+
+    def _evict_slow_head(self) -> bool:
+        """Close the request that has been arriving longest, if for over `SLOW_HEAD_S`, to make room;
+        False when none is that slow. A client sends its head at once: one that trickles it (slowloris)
+        never keeps a new client out, however many such sockets it holds and however it reconnects."""
+        if not self._partial:
+            return False
+        conn = next(iter(self._partial.values()))
+        if time.monotonic() - conn.started < self.SLOW_HEAD_S:
+            return False
+        self._forget(conn, _error_head(408, "Request Timeout", "request_timeout", "Request too slow to arrive"))
+        return True
+
     def _sweep(self, now: float) -> None:
         while self._idle:
             conn = next(iter(self._idle.values()))
@@ -8349,6 +8455,11 @@ class HttpServer:
                 break
             self._forget(conn, _error_head(408, "Request Timeout", "request_timeout",
                                            "Request not received in time"))
+        while self._closing:
+            sock, deadline, _left = next(iter(self._closing.values()))
+            if now < deadline:
+                break
+            self._end_closing(sock)
         if self._accept_paused_until and now >= self._accept_paused_until:
             self._accept_paused_until = 0.0
             self._selector.register(self.socket, self._selectors.EVENT_READ, "accept")
@@ -8359,13 +8470,19 @@ class HttpServer:
         self._adopt_returned()
         for conn in list(self._idle.values()) + list(self._partial.values()):
             self._forget(conn)
+        for sock in list(self._to_close) + [entry[0] for entry in self._closing.values()]:
+            sock.close()
+            with self._lock:
+                self._open -= 1
+        self._to_close.clear()
+        self._closing.clear()
         self._selector.close()
         self.socket.close()
 
     def shutdown(self) -> None:
         """Stop accepting, close idle connections and let workers finish what they serve.
 
-        Open SSE streams are left to `GatewayApp.drain` (each gets a final `done`); `server_close`
+        Open SSE streams are left to `GatewayApp.drain` (each gets a final event); `server_close`
         ends whatever is left.
         """
         self._stop.set()
@@ -8417,7 +8534,12 @@ class HttpServer:
             if outcome == "keep" and not self._stop.is_set():
                 self._give_back(conn)
                 continue
-            if outcome != "stream":
+            if outcome == "close":
+                with self._lock:
+                    if not self._selector_closed:  # the selector closes it gently (and counts it closed)
+                        self._to_close.append(conn.sock)
+                        self._wake()
+                        continue
                 conn.sock.close()
             with self._lock:
                 self._open -= 1
@@ -9206,6 +9328,15 @@ def _ignore_file_size_signal() -> None:
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
 
 
+def _close_gateway(gateway: Gateway) -> None:
+    """The end of a clean stop: the WAL folded into the file (or a line saying why not), then closed."""
+    problem = gateway.stores.db.checkpoint()
+    if problem:
+        print(f"abstractgateway: the WAL stays (checkpoint failed: {problem}); it is folded in on the next start",
+              file=sys.stderr, flush=True)
+    gateway.close()
+
+
 def _cmd_serve(args: argparse.Namespace) -> int:
     config = _config_from_args(args)
     _ignore_file_size_signal()
@@ -9253,12 +9384,11 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     stop.wait()
     print("abstractgateway: stopping (draining streams and ticks)", file=sys.stderr, flush=True)
     server.shutdown()  # stop accepting; requests in progress finish
-    app.drain(timeout=5.0)  # open streams send a final `done` and end
+    app.drain(timeout=5.0)  # open streams send a final event and end
     server.server_close()
     if runner is not None:
         runner.stop()
-    gateway.stores.db.checkpoint()
-    gateway.close()
+    _close_gateway(gateway)
     return 0
 
 
@@ -9394,8 +9524,7 @@ def _cmd_runner(args: argparse.Namespace) -> int:
     _wait_for_signal(stop)
     stop.wait()
     runner.stop()
-    gateway.stores.db.checkpoint()
-    gateway.close()
+    _close_gateway(gateway)
     return 0
 
 

@@ -304,6 +304,34 @@ def test_a_full_disk_is_a_507_and_health_degrades_then_recovers(data_dir):
     assert out.returncode == 0, out.stderr  # nothing half-written
 
 
+def test_a_clean_stop_on_a_full_disk_says_why_the_wal_stays_and_exits_0(data_dir):
+    """SIGTERM while the database file cannot grow: the final checkpoint fails, which is one line
+    (the WAL is folded in on the next start), not a traceback and exit 1."""
+    _pack_test_bundles(data_dir)
+    env = _env(data_dir)
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    db_file = data_dir / "gateway.sqlite3"
+    proc = _spawn(["serve", "--port", str(port)], env)
+    try:
+        wait_for(lambda: _healthy(base), timeout=20)
+        run_ids = [_call("POST", f"{base}/api/gateway/runs/start",
+                         {"bundle_id": "echo", "input_data": {"message": "x" * 50_000 + str(i)}})[1]["run_id"]
+                   for i in range(10)]  # pages in the WAL that the file does not hold yet
+        resource.prlimit(proc.pid, resource.RLIMIT_FSIZE, (db_file.stat().st_size, resource.RLIM_INFINITY))
+        proc.send_signal(signal.SIGTERM)
+        _, stderr = proc.communicate(timeout=30)
+    finally:
+        _stop(proc)
+    assert proc.returncode == 0 and "Traceback" not in stderr, stderr
+    assert "the WAL stays (checkpoint failed" in stderr, stderr
+    stores = gw.open_stores(make_config(data_dir))  # the next start folds the WAL in: nothing was lost
+    try:
+        assert all(stores.runs.load(run_id) is not None for run_id in run_ids)
+    finally:
+        stores.close()
+
+
 def _populated_database(data_dir: Path) -> Path:
     _pack_test_bundles(data_dir)
     g = gw.Gateway(make_config(data_dir))

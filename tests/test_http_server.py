@@ -6,6 +6,7 @@ Every test talks raw HTTP/1.1 over loopback sockets to a real server on a real S
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import resource
 import selectors
@@ -287,6 +288,76 @@ def test_300_idle_sockets_do_not_lock_new_clients_out(tmp_path):
         for s in idle:
             s.close()
         server.close()
+
+
+def test_sockets_that_trickle_their_heads_never_lock_new_clients_out(tmp_path):
+    """Slowloris: more trickling heads than request slots, reconnecting when cut.
+    When full, the head that has been arriving longest (over SLOW_HEAD_S) makes room: a 408 for it,
+    an answer for the client that sends its request at once."""
+    server = LiveServer(tmp_path / "d", max_threads="4")
+    http = server.server
+    http.SLOW_HEAD_S = 0.2
+    slow: list = []
+
+    def trickle() -> socket.socket:
+        s = socket.create_connection(("127.0.0.1", server.port), timeout=10)
+        s.sendall(b"GET /api/health HTTP/1.1\r\nX-Slow: ")  # and never the rest
+        slow.append(s)
+        return s
+
+    def slots_held_long_by(socks: list) -> bool:
+        arriving = list(http._partial.values())
+        return ({c.addr[1] for c in arriving} == {s.getsockname()[1] for s in socks}
+                and all(time.monotonic() - c.started > http.SLOW_HEAD_S for c in arriving))
+
+    try:
+        for round_ in range(3):
+            latest = [trickle() for _ in range(4)]  # the attacker (re)connects
+            wait_for(functools.partial(slots_held_long_by, latest))  # every slot: a head trickling for long
+            assert server.get("/api/health")[0] == 200, round_
+            wait_for(lambda: http._in_progress == len(http._partial))  # its slot is free again (not a race)
+        evicted = []
+        for s in slow:
+            s.settimeout(0.05)
+            try:
+                evicted.append(s.recv(65536))
+            except OSError:
+                pass
+        assert [r for r in evicted if r.startswith(b"HTTP/1.1 408")], evicted  # the cut ones were told why
+    finally:
+        for s in slow:
+            s.close()
+        server.close()
+
+
+@pytest.mark.parametrize("oversized", ["body", "head"])
+def test_a_refused_request_s_answer_is_not_lost_to_a_reset(live_server, oversized):
+    """A 413 (declared body over the cap) or 431 (headers too large) is sent while the client is still
+    sending: the connection is shut for writing and its input drained, not closed with input unread
+    (the kernel's reset would make the client's kernel drop the answer it has not read yet)."""
+    for _ in range(5):
+        sock = socket.create_connection(("127.0.0.1", live_server.port), timeout=10)
+        try:
+            if oversized == "body":
+                sock.sendall((f"POST {API}/commands HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {live_server.TOKEN}"
+                              "\r\nContent-Type: application/json\r\nContent-Length: 50000000\r\n\r\n").encode())
+            else:
+                sock.sendall(b"GET /api/health HTTP/1.1\r\nHost: x\r\n")
+            sock.setblocking(False)
+            sent = 0
+            try:
+                while sent < 512_000:  # keep sending (less than the server drains) while it answers
+                    sent += sock.send(b"X-Pad: " + b"a" * 65_000 + b"\r\n")
+            except BlockingIOError:
+                pass
+            sock.settimeout(10)
+            reply = b""
+            while chunk := sock.recv(65536):
+                reply += chunk
+        finally:
+            sock.close()
+        expected = b"HTTP/1.1 413" if oversized == "body" else b"HTTP/1.1 431"
+        assert reply.startswith(expected) and b'"code":' in reply, reply[:200]
 
 
 def test_workers_waiting_for_a_client_s_next_request_hold_no_request_slot(tmp_path):

@@ -372,7 +372,8 @@ def test_schedule_isolated_sessions_and_validation(fast_gateway):
     bad = [dict(repeat_count=0), dict(repeat_count=2), dict(interval="5 parsecs"),
            dict(repeat_until="2999-01-01T00:00:00Z"),
            dict(interval="1s", repeat_count=2, repeat_until="2999-01-01T00:00:00Z"),
-           dict(interval="10ms", repeat_until="2999-01-01T00:00:00Z"), dict(start_at="yesterday")]
+           dict(interval="10ms", repeat_until="2999-01-01T00:00:00Z"), dict(start_at="yesterday"),
+           dict(interval="99999999999999999999d"), dict(interval="9" * 400 + "s"), dict(interval="36501d")]  # overflow
     for kwargs in bad:
         with pytest.raises(gw.GatewayError) as info:
             gateway.schedule_run(bundle_id="echo", flow_id="echo", **kwargs)

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import stat
+import threading
 import zipfile
 from pathlib import Path
 
@@ -155,6 +157,29 @@ def test_flows_dir_and_uploads_load_and_a_broken_bundle_does_not_stop_the_others
     assert host.get("echo@1.0.0:echo") is catalog.specs["echo@1.0.0:echo"]
     with pytest.raises(KeyError):
         host.get_or_raise("nope@1:nope")
+
+
+def test_special_files_named_flow_are_load_errors_never_a_hang_or_a_flood(stores, tmp_path):
+    """A FIFO (whose open would block), a symlink to an endless device, an oversized file: each is
+    reported as that file's load error; the good bundle loads, and a reload never hangs."""
+    flows = tmp_path / "flows"
+    pack_bundle(flows, "echo")
+    os.mkfifo(flows / "fifo@1.0.0.flow")
+    (flows / "zero@1.0.0.flow").symlink_to("/dev/zero")
+    with open(flows / "huge@1.0.0.flow", "wb") as huge:  # sparse: no disk used, never read
+        huge.truncate(gw.MAX_BUNDLE_UNCOMPRESSED + 1)
+    outcome: dict = {}
+    loader = threading.Thread(target=lambda: outcome.setdefault("host", _host(stores, flows)), daemon=True)
+    loader.start()
+    loader.join(10)
+    assert "host" in outcome, "the reload hung"
+    catalog = outcome["host"].catalog
+    assert set(catalog.bundles) == {"echo"}
+    errors = "\n".join(catalog.errors)
+    assert "fifo@1.0.0.flow: [Errno 22] not a regular file" in errors
+    assert "zero@1.0.0.flow: [Errno 22] not a regular file" in errors
+    assert f"huge@1.0.0.flow: [Errno 27] larger than {gw.MAX_BUNDLE_UNCOMPRESSED} bytes" in errors
+    assert outcome["host"].remove("fifo") == 0 and (flows / "fifo@1.0.0.flow").exists()  # never read, never ours
 
 
 def test_an_upload_of_the_same_version_wins_over_the_flows_dir_copy(stores, tmp_path):
