@@ -48,7 +48,9 @@ import json
 import math
 import os
 import re
+import shutil
 import stat
+import struct
 import sys
 import threading
 import time
@@ -686,6 +688,83 @@ def _create_database(path: Path, synchronous: str) -> None:
             leftover.unlink(missing_ok=True)
 
 
+_WAL_MAGIC = (0x377F0682, 0x377F0683)  # the low bit: checksums over big-endian words
+_WAL_CHECK_MAX_BYTES = 64 << 20  # a WAL this large is not walked (its check would delay the start)
+
+
+def _wal_checksum(data: bytes, big_endian: bool, s0: int, s1: int) -> Tuple[int, int]:
+    """SQLite's WAL checksum over `data` (a multiple of 8 bytes), continuing from (s0, s1)."""
+    words = struct.unpack(f"{'>' if big_endian else '<'}{len(data) // 4}I", data)
+    for i in range(0, len(words), 2):
+        s0 = (s0 + words[i] + s1) & 0xFFFFFFFF
+        s1 = (s1 + words[i + 1] + s0) & 0xFFFFFFFF
+    return s0, s1
+
+
+def wal_damage(path: Path) -> Optional[str]:
+    """Why the database's WAL holds committed transactions SQLite will not read, or None.
+
+    SQLite reads a WAL up to its first frame whose salt or checksum does not match and silently
+    drops the rest. After a crash that is only the tail of a transaction that never committed
+    (frames are written in order, its commit frame last). A commit frame of this WAL beyond that
+    point, or a header that does not check out in front of frames, means the file was damaged:
+    acknowledged writes are gone once SQLite opens it (and its next write reuses the file).
+    Another process may be writing the WAL meanwhile (restarting it under our read): damage is
+    only reported if a second read, a moment later, finds it too."""
+    first = _wal_damage_now(path)
+    if first is None:
+        return None
+    time.sleep(0.05)
+    return _wal_damage_now(path)
+
+
+def _wal_damage_now(path: Path) -> Optional[str]:
+    wal = Path(f"{path}-wal")
+    try:
+        size = wal.stat().st_size
+        if size <= 32 or size > _WAL_CHECK_MAX_BYTES or not stat.S_ISREG(wal.stat().st_mode):
+            return None
+        data = wal.read_bytes()
+    except OSError:
+        return None
+    magic, version, page_size, _seq, salt1, salt2, c0, c1 = struct.unpack(">8I", data[:32])
+    big_endian = magic & 1 == 1
+    frame_size = 24 + page_size
+    frames = (len(data) - 32) // frame_size if page_size else 0
+    if (magic not in _WAL_MAGIC or version != 3007000 or page_size < 512 or page_size & (page_size - 1)
+            or _wal_checksum(data[:24], big_endian, 0, 0) != (c0, c1)):
+        return f"its header is damaged: SQLite will ignore all of it ({size} bytes)" if frames else None
+    s0, s1 = c0, c1
+    read = 0  # frames SQLite reads (up to the first that does not check out)
+    for index in range(frames):
+        at = 32 + index * frame_size
+        _page, _commit, f_salt1, f_salt2, f_c0, f_c1 = struct.unpack_from(">6I", data, at)
+        if (f_salt1, f_salt2) != (salt1, salt2):
+            break
+        s0, s1 = _wal_checksum(data[at:at + 8], big_endian, s0, s1)
+        s0, s1 = _wal_checksum(data[at + 24:at + frame_size], big_endian, s0, s1)
+        if (s0, s1) != (f_c0, f_c1):
+            break
+        read = index + 1
+    commits_after = 0  # commit frames of this WAL (its salts) that SQLite will not reach
+    for index in range(read, frames):
+        _page, commit, f_salt1, f_salt2 = struct.unpack_from(">4I", data, 32 + index * frame_size)
+        commits_after += bool(commit) and (f_salt1, f_salt2) == (salt1, salt2)
+    if commits_after:
+        return f"frame {read + 1} of {frames} does not check out, and {commits_after} commit(s) after it cannot be read"
+    return None
+
+
+def _keep_a_copy(path: Path) -> Optional[str]:
+    """Copy `path` aside (`<name>.damaged-<UTC time>`) for a later rescue; its path, or None if it can't be."""
+    copy = path.with_name(f"{path.name}.damaged-{datetime.now(timezone.utc).strftime('%Y%m%dT%H%M%SZ')}")
+    try:
+        shutil.copy2(path, copy)
+    except OSError:
+        return None
+    return str(copy)
+
+
 def _refuse_damaged(path: Path, conn: apsw.Connection) -> None:
     """`PRAGMA quick_check` on open: a damaged file is refused with a clear message, not served."""
     try:
@@ -752,7 +831,11 @@ class Database:
         self._leader_busy = False
         self._last_failure: Optional[Dict[str, Any]] = None
         self._failed_at = self._succeeded_at = 0.0  # monotonic times of the last failed / good commit
+        self.wal_damage: Optional[Dict[str, Any]] = None  # found on open: what, and where a copy was kept
         if migrate:
+            damage = wal_damage(self.path)
+            if damage is not None:  # SQLite drops what it cannot read, and its next write reuses the file
+                self.wal_damage = {"detail": damage, "copy": _keep_a_copy(Path(f"{self.path}-wal"))}
             try:
                 conn = self.connection()
                 _refuse_damaged(self.path, conn)
@@ -2819,6 +2902,9 @@ def check_database(db: Database) -> Tuple[Dict[str, Any], List[str]]:
             problems.append(f"{what}: {type(exc).__name__}: {exc}")
             return None
 
+    damage = wal_damage(db.path)
+    if damage is not None:
+        problems.append(f"the WAL ({db.path}-wal) is damaged: {damage}")
     problems.extend(_checked("integrity_check", lambda: integrity_problems(db.connection())) or [])
     version = _checked("schema version", lambda: db.query_one("PRAGMA user_version")[0])
     facts["schema_version"] = version
@@ -6256,6 +6342,8 @@ class GatewayApp:
         failure = db.write_failure
         if failure is not None:
             store.update(ok=False, write_failure=failure)
+        if db.wal_damage is not None:  # found when the file was opened: an operator must look, once
+            store["wal_damage"] = db.wal_damage
         runner: Dict[str, Any] = {"enabled": self.runner is not None}
         holder = None
         try:
@@ -9314,10 +9402,16 @@ def _open_gateway(config: Config, command: str) -> Optional[Gateway]:
     """The gateway on the configured database, or None after saying why it can't be opened
     (damaged, foreign or too new a file, a store that does not answer)."""
     try:
-        return Gateway(config)
+        gateway = Gateway(config)
     except (SchemaError, StorageError, apsw.Error) as exc:
         print(f"{command}: {exc}", file=sys.stderr)
         return None
+    damage = gateway.stores.db.wal_damage
+    if damage is not None:
+        kept = f"a copy is kept at {damage['copy']}" if damage["copy"] else "no copy could be kept"
+        print(f"{command}: WARNING: the WAL was damaged, {damage['detail']}: the writes in it are lost ({kept}; "
+              f"`abstractgateway check` lists the damage, a backup has them)", file=sys.stderr, flush=True)
+    return gateway
 
 
 def _ignore_file_size_signal() -> None:
