@@ -5949,8 +5949,7 @@ ROUTES: Tuple[Route, ...] = (
                         configured={"type": "array", "items": _S}, error=_S)),
     Route("GET", f"{API}/discovery/providers/<provider_name>/models", "discovery_provider_models",
           "The models a provider lists right now.", "discovery",
-          response=_obj(("provider", "models"), provider=_S, models={"type": "array", "items": _S}, error=_S),
-          errors=(404,)),
+          response=_obj(("provider", "models"), provider=_S, models={"type": "array", "items": _S}, error=_S)),
     Route("GET", f"{API}/discovery/tools", "discovery_tools", "The tools agents are offered (and `local` mode runs).",
           "discovery", response=_obj(("items",), items={"type": "array", "items": _O}, tool_mode=_S, error=_S)),
     Route("GET", f"{API}/discovery/capabilities", "discovery_capabilities",
@@ -6922,9 +6921,9 @@ class GatewayApp:
                                   "error": f"the LLM integration is not installed ({LLM_EXTRA})"})
         from abstractcore.providers.registry import list_available_providers
 
-        if provider_name not in list_available_providers():
-            raise NotFound(f"Provider '{provider_name}' is not known (GET {API}/discovery/providers lists them)",
-                           code="provider_not_found")
+        if provider_name not in list_available_providers():  # an answer, as the original gives (no models)
+            return json_response({"provider": provider_name, "models": [], "error": (
+                f"Provider '{provider_name}' is not known (GET {API}/discovery/providers lists them)")})
         try:
             return json_response({"provider": provider_name, "models": provider_models(provider_name)})
         except Exception as exc:  # noqa: BLE001 - unknown provider, no answer, timeout: say which
