@@ -689,7 +689,7 @@ def _create_database(path: Path, synchronous: str) -> None:
 
 
 _WAL_MAGIC = (0x377F0682, 0x377F0683)  # the low bit: checksums over big-endian words
-_WAL_CHECK_MAX_BYTES = 64 << 20  # a WAL this large is not walked (its check would delay the start)
+_WAL_CHECK_MAX_BYTES = 16 << 20  # a WAL this large is not walked (about 0.5 s: it would delay the start)
 
 
 def _wal_checksum(data: bytes, big_endian: bool, s0: int, s1: int) -> Tuple[int, int]:
@@ -729,11 +729,11 @@ def _wal_damage_now(path: Path) -> Optional[str]:
         return None
     magic, version, page_size, _seq, salt1, salt2, c0, c1 = struct.unpack(">8I", data[:32])
     big_endian = magic & 1 == 1
+    if (magic not in _WAL_MAGIC or version != 3007000 or not 512 <= page_size <= 65536
+            or page_size & (page_size - 1) or _wal_checksum(data[:24], big_endian, 0, 0) != (c0, c1)):
+        return f"its header is damaged: SQLite will ignore all of it ({size} bytes)"  # one write: never torn
     frame_size = 24 + page_size
-    frames = (len(data) - 32) // frame_size if page_size else 0
-    if (magic not in _WAL_MAGIC or version != 3007000 or page_size < 512 or page_size & (page_size - 1)
-            or _wal_checksum(data[:24], big_endian, 0, 0) != (c0, c1)):
-        return f"its header is damaged: SQLite will ignore all of it ({size} bytes)" if frames else None
+    frames = (len(data) - 32) // frame_size
     s0, s1 = c0, c1
     read = 0  # frames SQLite reads (up to the first that does not check out)
     for index in range(frames):
@@ -746,8 +746,10 @@ def _wal_damage_now(path: Path) -> Optional[str]:
         if (s0, s1) != (f_c0, f_c1):
             break
         read = index + 1
-    commits_after = 0  # commit frames of this WAL (its salts) that SQLite will not reach
-    for index in range(read, frames):
+    # Commit frames of this WAL (its salts) past the one that does not check out: that one may be a
+    # crash's (its header written, not yet its page), but nothing after it was written after a crash.
+    commits_after = 0
+    for index in range(read + 1, frames):
         _page, commit, f_salt1, f_salt2 = struct.unpack_from(">4I", data, 32 + index * frame_size)
         commits_after += bool(commit) and (f_salt1, f_salt2) == (salt1, salt2)
     if commits_after:
@@ -7001,16 +7003,25 @@ def run_summary(state: RunState) -> Dict[str, Any]:
 def _token_share(limits: Dict[str, Any]) -> Optional[float]:
     """The run's estimated tokens as a fraction (not a percentage) of its input budget, else of
     `max_tokens`, as the original reports it; None when either is not a number."""
-    used = limits.get("estimated_tokens_used")
     budget = limits.get("max_input_tokens")
-    budget = limits.get("max_tokens") if budget is None else budget
-    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (used, budget)):
+    used, budget = _whole_number(limits.get("estimated_tokens_used")), _whole_number(
+        limits.get("max_tokens") if budget is None else budget)
+    if used is None or budget is None or budget <= 0:
         return None
     try:
-        share = int(used) / int(budget)
-    except (ValueError, OverflowError, ZeroDivisionError):  # nan, inf, a number too large, no budget
+        return used / budget
+    except OverflowError:
         return None
-    return share if int(budget) > 0 else None
+
+
+def _whole_number(value: Any) -> Optional[int]:
+    """`int(value)` as the original takes it (a number, or digits as text), else None."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        return None
+    try:
+        return int(value[:40] if isinstance(value, str) else value)
+    except (ValueError, OverflowError):  # not a number, nan, inf
+        return None
 
 
 def _summary_body(run_json: str) -> Optional[bytes]:
@@ -8076,6 +8087,7 @@ class HttpServer:
     SLOW_HEAD_S = 1.0
     CLOSE_LINGER_S = 2.0
     CLOSE_LINGER_BYTES = 1 << 20
+    CLOSE_LINGER_MAX = 128
 
     def __init__(self, app: Callable, host: str, port: int, *, workers: int = 8, request_timeout_s: float = 15.0,
                  idle_timeout_s: float = 5.0, max_requests: int = 256, max_connections: int = 4096,
@@ -8175,14 +8187,14 @@ class HttpServer:
             except BlockingIOError:
                 return
             except OSError as exc:
-                if exc.errno in (errno.EMFILE, errno.ENFILE) and self._evict_idle():
+                if exc.errno in (errno.EMFILE, errno.ENFILE) and (self._evict_closing() or self._evict_idle()):
                     continue
                 # out of descriptors and nothing idle to free: stop accepting for a moment
                 self._selector.unregister(self.socket)
                 self._accept_paused_until = time.monotonic() + 0.1
                 return
             if self._open >= self.max_connections and not (self._evict_idle() or self._evict_closing()
-                                                           or self._evict_slow_head()):
+                                                           or self._evict_slow_head(gently=False)):
                 self._refuse(sock, 503, "Service Unavailable", "busy", "Server busy (connection limit)")
                 continue
             sock.setblocking(False)
@@ -8214,6 +8226,8 @@ class HttpServer:
         kernel then drops the answer it has not read yet (a 413 sent before a large body, a 431).
         So the write side is shut (FIN after the answer) and input is read and dropped until the
         peer closes, for at most `CLOSE_LINGER_S` and `CLOSE_LINGER_BYTES`, on this thread."""
+        if len(self._closing) >= self.CLOSE_LINGER_MAX:  # bounded: closing sockets hold descriptors
+            self._evict_closing()
         try:
             sock.setblocking(False)
             sock.shutdown(self._socket_mod.SHUT_WR)
@@ -8320,7 +8334,7 @@ class HttpServer:
         """A request starts arriving: count it against `max_requests` (503 when full)."""
         with self._lock:
             full = capped and self._in_progress >= self.max_requests
-        if full and self._evict_slow_head():
+        if full and self._evict_slow_head(whole_head=bool(conn.head_end())):
             full = False
         if not full:
             with self._lock:
@@ -8481,8 +8495,8 @@ class HttpServer:
         elif self._begin(conn, capped=False) and conn.head_end():
             self._to_worker(conn)  # pipelined requests: a worker serves them in turn
 
-    def _forget(self, conn: _Connection, last_words: bytes = b"") -> None:
-        """Close a connection the selector holds."""
+    def _forget(self, conn: _Connection, last_words: bytes = b"", gently: bool = True) -> None:
+        """Close a connection the selector holds (after `last_words`, `gently`: see `_close_gently`)."""
         fd = conn.sock.fileno()
         self._idle.pop(fd, None)
         if self._partial.pop(fd, None) is not None:
@@ -8493,8 +8507,9 @@ class HttpServer:
             pass
         if last_words:
             self._send_last_words(conn.sock, last_words)
-            self._close_gently(conn.sock)
-            return
+            if gently:
+                self._close_gently(conn.sock)
+                return
         conn.sock.close()
         with self._lock:
             self._open -= 1
@@ -8518,17 +8533,25 @@ class HttpServer:
         self._end_closing(next(iter(self._closing.values()))[0])
         return True
 
-    def _evict_slow_head(self) -> bool:
-        """Close the request that has been arriving longest, if for over `SLOW_HEAD_S`, to make room;
-        False when none is that slow. A client sends its head at once: one that trickles it (slowloris)
-        never keeps a new client out, however many such sockets it holds and however it reconnects."""
-        if not self._partial:
-            return False
-        conn = next(iter(self._partial.values()))
-        if time.monotonic() - conn.started < self.SLOW_HEAD_S:
-            return False
-        self._forget(conn, _error_head(408, "Request Timeout", "request_timeout", "Request too slow to arrive"))
-        return True
+    def _evict_slow_head(self, whole_head: bool = False, gently: bool = True) -> bool:
+        """Close the request whose head has been arriving longest to make room; False when none may go.
+
+        A client sends its head at once; one that trickles it holds a slot for nothing (slowloris). So
+        a newcomer whose head is whole takes the slot of a head incomplete for over a twentieth of
+        `SLOW_HEAD_S`, and any newcomer that of one incomplete for over `SLOW_HEAD_S`: trickling
+        sockets, however many and however often they reconnect, never keep out a client that sends
+        its request. A request whose head is whole and whose body is arriving keeps its slot. Not
+        `gently` (making room for a socket), the evicted one is closed at once, so the socket count
+        never overshoots."""
+        oldest = time.monotonic() - (self.SLOW_HEAD_S / 20 if whole_head else self.SLOW_HEAD_S)
+        for conn in itertools.islice(self._partial.values(), 256):
+            if conn.started > oldest:
+                return False  # the oldest come first: none is slow enough
+            if not conn.head_end():
+                self._forget(conn, _error_head(408, "Request Timeout", "request_timeout",
+                                               "Request too slow to arrive"), gently=gently)
+                return True
+        return False
 
     def _sweep(self, now: float) -> None:
         while self._idle:
@@ -8621,15 +8644,22 @@ class HttpServer:
             if outcome == "keep" and not self._stop.is_set():
                 self._give_back(conn)
                 continue
-            if outcome == "close":
-                with self._lock:
-                    if not self._selector_closed:  # the selector closes it gently (and counts it closed)
-                        self._to_close.append(conn.sock)
-                        self._wake()
-                        continue
+            if outcome == "close" and self._hand_over_to_close(conn.sock):
+                continue
+            if outcome != "stream":
                 conn.sock.close()
             with self._lock:
                 self._open -= 1
+
+    def _hand_over_to_close(self, sock: Any) -> bool:
+        """Queue a socket a worker is done with for the selector to close gently (and count closed);
+        False once the selector is gone."""
+        with self._lock:
+            if self._selector_closed:
+                return False
+            self._to_close.append(sock)
+        self._wake()
+        return True
 
     def _serve_connection(self, conn: _Connection, poller: Any) -> str:
         """Serve the request handed over (or finish its unsent response), then those that follow at

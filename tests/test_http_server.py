@@ -330,6 +330,55 @@ def test_sockets_that_trickle_their_heads_never_lock_new_clients_out(tmp_path):
         server.close()
 
 
+def test_a_whole_head_takes_the_slot_of_a_trickling_one_however_fast_they_rotate(tmp_path):
+    """Trickling sockets reconnecting faster than SLOW_HEAD_S still never keep out a client that
+    sends its whole head: it takes the slot of the oldest incomplete head."""
+    server = LiveServer(tmp_path / "d", max_threads="4")
+    http = server.server
+    slow: list = []
+
+    def held_by(ports: set) -> bool:  # the request slots hold exactly these sockets' heads
+        return {c.addr[1] for c in list(http._partial.values())} == ports
+
+    try:
+        for round_ in range(5):
+            for s in slow:
+                s.close()  # the attacker rotates its sockets well within SLOW_HEAD_S (1 s)
+            slow = [socket.create_connection(("127.0.0.1", server.port), timeout=10) for _ in range(4)]
+            for s in slow:
+                s.sendall(b"GET /api/health HTTP/1.1\r\nX-Slow: ")
+            wait_for(functools.partial(held_by, {s.getsockname()[1] for s in slow}))
+            wait_for(lambda: time.monotonic() - min(c.started for c in list(http._partial.values()))
+                     > http.SLOW_HEAD_S / 20)
+            assert server.get("/api/health")[0] == 200, round_
+            wait_for(lambda: http._in_progress == len(http._partial))
+    finally:
+        for s in slow:
+            s.close()
+        server.close()
+
+
+def test_closing_sockets_are_bounded(tmp_path):
+    """Refused requests whose clients neither read nor close wait in `_closing` (a descriptor each):
+    never more than CLOSE_LINGER_MAX of them; the oldest is closed at once to make room."""
+    server = LiveServer(tmp_path / "d")
+    http = server.server
+    http.CLOSE_LINGER_MAX = 4
+    rude = []
+    try:
+        for _ in range(12):
+            s = socket.create_connection(("127.0.0.1", server.port), timeout=10)
+            s.sendall(b"GET /api/health HTTP/1.1\r\n" + b"X-Pad: " + b"a" * 40_000 + b"\r\n")  # a 431
+            rude.append(s)
+        wait_for(lambda: all(s.recv(12, socket.MSG_PEEK) for s in rude[-4:]))  # the last four were answered
+        assert len(http._closing) <= 4
+        assert server.get("/api/health")[0] == 200
+    finally:
+        for s in rude:
+            s.close()
+        server.close()
+
+
 @pytest.mark.parametrize("oversized", ["body", "head"])
 def test_a_refused_request_s_answer_is_not_lost_to_a_reset(live_server, oversized):
     """A 413 (declared body over the cap) or 431 (headers too large) is sent while the client is still
