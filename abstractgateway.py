@@ -5797,8 +5797,7 @@ ROUTES: Tuple[Route, ...] = (
           "bundles", body=_obj((), flow_id=_NS, reason=_NS),
           response=_obj(("ok",), ok=_B, bundle_id=_S, flow_id=_S, deprecated_at=_S, reason=_NS), errors=(404,)),
     Route("POST", f"{API}/bundles/<bundle_id>/undeprecate", "undeprecate_bundle", "Lift a deprecation.", "bundles",
-          body=_obj((), flow_id=_NS), response=_obj(("ok",), ok=_B, bundle_id=_S, flow_id=_S, removed=_B),
-          errors=(404,)),
+          body=_obj((), flow_id=_NS), response=_obj(("ok",), ok=_B, bundle_id=_S, flow_id=_S, removed=_B)),
     Route("GET", f"{API}/bundles/<bundle_id>/flows/<flow_id>", "get_bundle_flow", "One flow's VisualFlow JSON.",
           "bundles", query=(Param("bundle_version", "str"),),
           response=_obj(("flow",), bundle_id=_S, bundle_version=_S, bundle_ref=_S, flow_id=_S, workflow_id=_S, flow=_O),
@@ -5860,8 +5859,7 @@ ROUTES: Tuple[Route, ...] = (
                         answer=_S), errors=(400, 404, 422, 502)),
     # ledger
     Route("GET", f"{API}/runs/<run_id>/ledger", "get_ledger", "Replay the ledger: records after `after`.", "ledger",
-          query=(Param("after", "int", 0, 0, MAX_CURSOR), Param("limit", "int", 200, 1, 2000)), response=_LEDGER_PAGE,
-          errors=(404,)),
+          query=(Param("after", "int", 0, 0, MAX_CURSOR), Param("limit", "int", 200, 1, 2000)), response=_LEDGER_PAGE),
     Route("POST", f"{API}/runs/ledger/batch", "ledger_batch", "Replay several ledgers at once.", "ledger",
           body=_obj((), runs={"type": "array", "items": _obj(("run_id",), run_id=_S, after=_I)},
                     limit={"type": "integer", "minimum": 1, "maximum": 2000}),
@@ -8080,8 +8078,9 @@ class HttpServer:
     arrive within `request_timeout_s` of its first byte (slowloris), and a body must keep coming
     (408 otherwise); at most `max_requests` requests are in progress (heads being read and requests
     at workers; more get an immediate 503); at most `max_connections` sockets are open. When either
-    is full, the longest-idle connection (for sockets), else the request that has been arriving for
-    over `SLOW_HEAD_S`, is closed to admit a new client: trickling sockets never lock others out.
+    is full, the longest-idle connection (for sockets), else a request whose head is still arriving
+    (`_evict_slow_head`), is closed to admit a new client: trickling sockets never lock others out.
+    An answer sent before closing is not lost to a reset (`_close_gently`).
     """
 
     SLOW_HEAD_S = 1.0
