@@ -14,6 +14,7 @@ from typing import Iterator, List
 
 import pytest
 from playwright.sync_api import Browser, Page, expect, sync_playwright
+from playwright.sync_api import TimeoutError as PlaywrightTimeoutError
 
 import abstractgateway as gw
 from conftest import LiveServer, make_gateway, pack_bundle, wait_for
@@ -581,8 +582,13 @@ def test_artifacts_download_with_the_token(console, server):
     page = console.signed_in(f"/#/run/{run_id}")
     link = page.locator(f"#run-artifacts a[data-artifact='{meta.artifact_id}']")
     expect(link).to_be_visible()
-    with page.expect_download() as info:
-        link.click()
+    answers: List[str] = []
+    page.on("response", lambda r: answers.append(f"{r.status} {r.url}") if "/artifacts/" in r.url else None)
+    try:
+        with page.expect_download(timeout=20_000) as info:
+            link.click()
+    except PlaywrightTimeoutError:  # say what the page saw instead of a bare timeout
+        pytest.fail(f"no download; toast: {page.locator('#toast').inner_text()!r}; artifact answers: {answers}")
     assert Path(info.value.path()).read_bytes() == b'{"report": 42}'
 
 
