@@ -8339,10 +8339,7 @@ class HttpServer:
             with self._lock:
                 self._in_progress += 1
         else:
-            self._selector.unregister(conn.sock)
-            self._send_last_words(conn.sock, _error_head(503, "Service Unavailable", "busy",
-                                                         "Server busy (request limit)"))
-            self._close_gently(conn.sock)
+            self._forget(conn, _error_head(503, "Service Unavailable", "busy", "Server busy (request limit)"))
             return False
         conn.started = time.monotonic()
         self._partial[conn.sock.fileno()] = conn

@@ -358,6 +358,29 @@ def test_a_whole_head_takes_the_slot_of_a_trickling_one_however_fast_they_rotate
         server.close()
 
 
+def test_a_full_request_cap_is_a_503_that_reaches_the_client(tmp_path):
+    """With every slot held by a head too young to evict, a new request gets the JSON 503 with
+    Retry-After, whole (its connection is closed gently), and is counted nowhere afterwards."""
+    server = LiveServer(tmp_path / "d", max_threads="2")
+    http = server.server
+    http.SLOW_HEAD_S = 1000.0  # no head is ever slow enough to make room
+    slow = []
+    try:
+        for _ in range(2):
+            s = socket.create_connection(("127.0.0.1", server.port), timeout=10)
+            s.sendall(b"GET /api/health HTTP/1.1\r\nX-Slow: ")
+            slow.append(s)
+        wait_for(lambda: http._in_progress == 2)
+        status, headers, body = server.get("/api/health")
+        assert (status, body["code"], headers["Retry-After"]) == (503, "busy", "1")
+        assert http._in_progress == 2  # the refused request took no slot
+    finally:
+        for s in slow:
+            s.close()
+        server.close()
+    assert http._open == 0
+
+
 def test_closing_sockets_are_bounded(tmp_path):
     """Refused requests whose clients neither read nor close wait in `_closing` (a descriptor each):
     never more than CLOSE_LINGER_MAX of them; the oldest is closed at once to make room."""
