@@ -830,6 +830,44 @@ def test_buffered_run_store_passes_the_runtimes_protocol_check_statically(gatewa
         inspect.getattr_static(gateway.uow.runs, name)
 
 
+def test_a_step_decodes_its_run_once_yet_sees_a_pause_stored_while_its_node_ran(gateway, monkeypatch):
+    """The runtime loads a run three times a step (to work on it, then twice to look for a pause or
+    cancel). An unchanged run is decoded once; a pause another thread stored meanwhile is still seen."""
+    from abstractruntime import StepPlan, WorkflowSpec
+
+    decodes = []
+    real_from_dict = gw.run_from_dict
+    monkeypatch.setattr(gw, "run_from_dict", lambda data: decodes.append(threading.get_ident()) or real_from_dict(data))
+    paused_meanwhile = []
+
+    def start(run, ctx):
+        if run.vars.get("pause_meanwhile"):  # a command, stored by another thread while this node runs
+            other = threading.Thread(target=lambda: gateway.runtime.pause_run(run.run_id, reason="operator"))
+            other.start()
+            other.join()
+            paused_meanwhile.append(run.run_id)
+        return StepPlan(node_id="start", next_node="done")
+
+    def done(run, ctx):
+        return StepPlan(node_id="done", complete_output={"ok": True})
+
+    spec = WorkflowSpec(workflow_id="test:two_nodes", entry_node="start", nodes={"start": start, "done": done})
+    for pause_meanwhile in (False, True):
+        run_id = gateway.runtime.start(workflow=spec, vars={"pause_meanwhile": pause_meanwhile})
+        decodes.clear()
+        with gateway.uow.collect() as writes:
+            writes.mark()
+            state = gateway.runtime.tick(workflow=spec, run_id=run_id, max_steps=1)
+        mine = [ident for ident in decodes if ident == threading.get_ident()]  # not the pausing thread's
+        if not pause_meanwhile:
+            assert len(mine) == 1 and state.current_node == "done" and run_id in writes.runs
+        else:
+            assert paused_meanwhile == [run_id]
+            assert len(mine) == 2  # the second look found new text: decoded afresh
+            assert state.vars["_runtime"]["control"]["paused"] is True and state.current_node == "start"
+            assert run_id not in writes.runs  # the runtime saw the pause and stopped without saving
+
+
 def test_a_storage_error_mid_batch_keeps_the_steps_before_it(gateway, monkeypatch):
     """Quick steps share a commit; a busy disk on a later one must not throw the finished ones away."""
     run_id = gateway.start_run(bundle_id="timer-loop", input_data={"n": 3, "delay": 0})
