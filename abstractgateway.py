@@ -68,7 +68,7 @@ from typing import (TYPE_CHECKING, Any, Callable, Dict, Iterable, Iterator, List
                     Sequence, Tuple, TypeVar, runtime_checkable)
 
 import apsw
-from abstractruntime.core.models import EffectType, RunState, RunStatus, StepRecord, WaitReason
+from abstractruntime.core.models import EffectType, RunState, RunStatus, StepRecord, StepStatus, WaitReason
 from abstractruntime.core.run_lifecycle import run_lifecycle_index_fields
 from abstractruntime.storage.artifacts import (
     Artifact,
@@ -1283,6 +1283,7 @@ class LedgerStorage(Protocol):
     def list(self, run_id: str) -> List[Dict[str, Any]]: ...
     def page(self, run_id: str, after: int, limit: int) -> List[Dict[str, Any]]: ...
     def page_json(self, run_id: str, after: int, limit: int) -> List[str]: ...
+    def completed_record(self, run_id: str, idempotency_key: str) -> Optional[Dict[str, Any]]: ...
     def count(self, run_id: str) -> int: ...
     def count_many(self, run_ids: Sequence[str]) -> Dict[str, int]: ...
     def metrics_many(self, run_ids: Sequence[str]) -> Dict[str, Dict[str, int]]: ...
@@ -1606,6 +1607,14 @@ def step_counts(status: Any, effect: Any, result: Any) -> Optional[Tuple[int, in
     return 0, 0, 0
 
 
+def _first_completed(records: Iterable[Dict[str, Any]], idempotency_key: str) -> Optional[Dict[str, Any]]:
+    """The first completed record with `idempotency_key` (the runtime's rule for reusing a result)."""
+    for record in records:
+        if record.get("idempotency_key") == idempotency_key and record.get("status") == StepStatus.COMPLETED.value:
+            return record
+    return None
+
+
 def _step_counts_of_json(record_json: str) -> Optional[Tuple[int, int, int]]:
     if '"completed"' not in record_json:  # most records that are not completed steps skip the parse
         return None
@@ -1624,6 +1633,10 @@ class SqliteLedgerStore(LedgerStore):
                " SELECT ?1, COALESCE(MAX(seq), 0) + 1, ?2 FROM ledger WHERE run_id = ?1 RETURNING seq")
     _INSERT = "INSERT INTO ledger (run_id, seq, record_json) VALUES (?, ?, ?)"
     _PAGE = "SELECT record_json FROM ledger WHERE run_id = ? AND seq > ? ORDER BY seq LIMIT ?"
+    _COMPLETED = ("SELECT record_json FROM ledger INDEXED BY ledger_completed_by_key"
+                  " WHERE run_id = ? AND json_extract(record_json, '$.idempotency_key') = ?"
+                  " AND json_valid(record_json, 2) AND json_extract(record_json, '$.status') = 'completed'"
+                  " ORDER BY seq LIMIT 1")
     _COUNT = ("INSERT INTO run_metrics (run_id, steps, llm_calls, tool_calls, tokens_total) VALUES (?, 1, ?, ?, ?)"
               " ON CONFLICT(run_id) DO UPDATE SET steps = steps + 1, llm_calls = llm_calls + excluded.llm_calls,"
               " tool_calls = tool_calls + excluded.tool_calls, tokens_total = tokens_total + excluded.tokens_total")
@@ -1668,6 +1681,12 @@ class SqliteLedgerStore(LedgerStore):
         """Like `page` but the records' stored JSON text, unparsed (for streaming to clients)."""
         rows = self.db.query(self._PAGE, (str(run_id), max(0, int(after)), max(1, int(limit))))
         return [r[0] for r in rows]
+
+    def completed_record(self, run_id: str, idempotency_key: str) -> Optional[Dict[str, Any]]:
+        """The run's first completed record with `idempotency_key`, by the index schema.sql keeps for
+        it: one record read, however long the ledger."""
+        row = self.db.query_one(self._COMPLETED, (str(run_id), str(idempotency_key)))
+        return _first_completed([json.loads(row[0])], idempotency_key) if row else None
 
     def count(self, run_id: str) -> int:
         return self.db.query_one("SELECT COALESCE(MAX(seq), 0) FROM ledger WHERE run_id = ?", (str(run_id),))[0]
@@ -2296,6 +2315,9 @@ class FileLedgerStore(JsonlLedgerStore):
     def page_json(self, run_id: str, after: int, limit: int) -> List[str]:
         return [_json_dumps(r) for r in self.page(run_id, after, limit)]
 
+    def completed_record(self, run_id: str, idempotency_key: str) -> Optional[Dict[str, Any]]:
+        return _first_completed(self.list(run_id), idempotency_key)
+
     def count_many(self, run_ids: Sequence[str]) -> Dict[str, int]:
         """Record counts of the runs that have any (like the SQLite store)."""
         counts = {rid: self.count(rid) for rid in run_ids if rid}
@@ -2580,6 +2602,15 @@ class _BufferedLedgerStore:
         if writes is not None:
             records.extend(json.loads(text) for rid, text in writes.ledger if rid == run_id)
         return records
+
+    def completed_record(self, run_id: str, idempotency_key: str) -> Optional[Dict[str, Any]]:
+        """As stored, else among this thread's buffered appends (which come after the stored ones)."""
+        record = self._inner.completed_record(run_id, idempotency_key)
+        writes: Optional[StepWrites] = getattr(self._local, "writes", None)
+        if record is not None or writes is None:
+            return record
+        return _first_completed((json.loads(text) for rid, text in writes.ledger if rid == run_id),
+                                idempotency_key)
 
 
 # -- 2.7 Migrator and check ------------------------------------------------------------------------
@@ -4438,6 +4469,25 @@ class CommandInbox:
                 self.runtime.resume(workflow=spec, run_id=run_id, wait_key=wait_key, payload=envelope, max_steps=0)
 
 
+@functools.lru_cache(maxsize=None)
+def _runtime_type() -> type:
+    """abstractruntime's `Runtime`, asking the ledger for a step's reusable result by its index.
+
+    Before each effect the runtime looks for a completed record with the effect's idempotency key,
+    by reading and decoding the run's whole ledger: a cost that grows with every step of a long-lived
+    run (5,000 records: 120 ms a step, holding the GIL). The ledger store answers the same question
+    with one indexed read (`completed_record`). Built once, as the runtime is imported lazily.
+    """
+    from abstractruntime import Runtime
+
+    class GatewayRuntime(Runtime):
+        def _find_prior_completed_result(self, run_id: str, idempotency_key: str) -> Optional[Dict[str, Any]]:
+            record = self._ledger_store.completed_record(run_id, idempotency_key)
+            return record.get("result") if record is not None else None
+
+    return GatewayRuntime
+
+
 class Gateway:
     """The service every front end drives: start runs, accept and apply commands, tick runs.
 
@@ -4446,8 +4496,6 @@ class Gateway:
     """
 
     def __init__(self, config: Config, stores: Optional[Stores] = None) -> None:
-        from abstractruntime import Runtime
-
         self.config = config
         self.stores = stores or open_stores(config)
         self.host = WorkflowHost(self.stores, flows_dir=config.flows_dir, source=config.workflow_source,
@@ -4457,10 +4505,10 @@ class Gateway:
         self.knowledge_graph = TripleStoreHandle(Path(config.data_dir) / "abstractmemory" / "kg.sqlite3")
         self.llm = (LLMEffects(config, self.host, artifact_store=self.stores.artifacts, run_store=self.uow.runs)
                     if self.host.llm_available else None)
-        self.runtime = Runtime(run_store=self.uow.runs, ledger_store=self.uow.ledger,
-                               artifact_store=self.stores.artifacts, workflow_registry=self.host,
-                               effect_handlers={**self.knowledge_graph.effect_handlers(self.uow.runs),
-                                                **(self.llm.handlers if self.llm else {})})
+        self.runtime = _runtime_type()(run_store=self.uow.runs, ledger_store=self.uow.ledger,
+                                       artifact_store=self.stores.artifacts, workflow_registry=self.host,
+                                       effect_handlers={**self.knowledge_graph.effect_handlers(self.uow.runs),
+                                                        **(self.llm.handlers if self.llm else {})})
         if self.llm is not None:
             self.runtime.set_tool_executor_for_resume(self.llm.resume_tools)
         self.host.reload()

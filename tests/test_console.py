@@ -1,8 +1,8 @@
 """The operator console, end to end in a real browser.
 
-Debian's Chromium (`/usr/bin/chromium-headless-shell`, else `/usr/bin/chromium`) driven by Playwright for Python, against a live gateway
-on a loopback port over a real SQLite file. The assertions are about what is on screen; every
-request the page makes is recorded and must stay on the gateway's own origin.
+Debian's Chromium (`/usr/bin/chromium-headless-shell`, else `/usr/bin/chromium`) driven by Playwright
+for Python, against a live gateway on a loopback port over a real SQLite file. The assertions are about
+what is on screen; every request the page makes is recorded and must stay on the gateway's own origin.
 """
 
 from __future__ import annotations

@@ -868,6 +868,22 @@ def test_a_step_decodes_its_run_once_yet_sees_a_pause_stored_while_its_node_ran(
             assert run_id not in writes.runs  # the runtime saw the pause and stopped without saving
 
 
+def test_a_step_finds_a_reusable_result_without_reading_the_whole_ledger(gateway, monkeypatch):
+    """Before each effect the runtime looks for a completed record with the effect's key; the gateway
+    answers from the ledger's index, so a long-lived run's steps don't slow down as its ledger grows."""
+    run_id = gateway.start_run(bundle_id="timer-loop", input_data={"n": 5, "delay": 0})
+    lookups = []
+    real_lookup = gw.SqliteLedgerStore.completed_record
+    monkeypatch.setattr(gw.SqliteLedgerStore, "completed_record",
+                        lambda self, rid, key: lookups.append(key) or real_lookup(self, rid, key))
+    monkeypatch.setattr(gw.SqliteLedgerStore, "list", lambda self, rid: pytest.fail("read the whole ledger"))
+    for _ in range(50):
+        if gateway.tick(run_id).status.value == "completed":
+            break
+    assert gateway.stores.runs.load(run_id).status.value == "completed"
+    assert len(lookups) >= 5  # one per timer at least
+
+
 def test_a_storage_error_mid_batch_keeps_the_steps_before_it(gateway, monkeypatch):
     """Quick steps share a commit; a busy disk on a later one must not throw the finished ones away."""
     run_id = gateway.start_run(bundle_id="timer-loop", input_data={"n": 3, "delay": 0})

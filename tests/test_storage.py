@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import inspect
 import json
+import math
 import signal
 import subprocess
 import sys
@@ -341,6 +342,7 @@ def test_v1_database_is_upgraded_in_place(tmp_path):
     conn = apsw.Connection(str(path))
     assert gw.apply_schema(conn, target=1) == 1
     conn.execute("INSERT INTO ledger VALUES ('r', 1, '{\"a\":1}')")
+    conn.execute("INSERT INTO ledger VALUES ('damaged', 1, 'not json')")  # no later migration trips on it
     conn.close()
     db = gw.Database(path)
     try:
@@ -348,6 +350,7 @@ def test_v1_database_is_upgraded_in_place(tmp_path):
         assert db.query_one("PRAGMA user_version")[0] == gw.SCHEMA_VERSION
         assert gw.SqliteLedgerStore(db).list("r") == [{"a": 1}]
         assert db.query_one("SELECT COUNT(*) FROM command_outcomes")[0] == 0
+        assert gw.SqliteLedgerStore(db).completed_record("r", "k") is None  # its index was built
     finally:
         db.close()
 
@@ -850,6 +853,36 @@ def test_ledger_on_both_backends(any_stores):
     assert ledger.metrics_many(["r1", "r2"]) == {"r1": {"steps": 7, "llm_calls": 1, "tool_calls": 2,
                                                        "tokens_total": 42}}
     assert ledger.delete("r1") == 7 and ledger.count("r1") == 0
+
+
+def test_a_completed_record_is_found_by_its_idempotency_key_on_both_backends(any_stores):
+    """The runtime's rule: the first record with the key whose status is completed; any other is skipped."""
+    ledger = any_stores.ledger
+
+    def record(key, status, result):
+        return json.dumps({"run_id": "r1", "idempotency_key": key, "status": status, "result": result})
+
+    ledger.append_json("r1", record("k1", "started", None))
+    ledger.append_json("r1", record("k1", "completed", {"n": 1}))
+    ledger.append_json("r1", record("k1", "completed", {"n": 2}))
+    ledger.append_json("r1", record("k2", "failed", {"n": 3}))
+    ledger.append_json("r2", record("k3", "completed", {"n": 4}))
+    assert ledger.completed_record("r1", "k1")["result"] == {"n": 1}
+    assert ledger.completed_record("r1", "k2") is None  # failed: the effect runs again
+    assert ledger.completed_record("r1", "k3") is None and ledger.completed_record("r2", "k3")["result"] == {"n": 4}
+    assert ledger.completed_record("nope", "k1") is None
+
+
+def test_a_completed_record_lookup_reads_one_record_and_survives_one_that_is_not_json(stores):
+    """The lookup is an indexed search (not a read of the whole ledger), and the index leaves out a
+    damaged record instead of failing its insert."""
+    conn = stores.db.connection()
+    plan = " ".join(str(row) for row in conn.execute("EXPLAIN QUERY PLAN " + gw.SqliteLedgerStore._COMPLETED,
+                                                     ("r1", "k")))
+    assert "USING INDEX ledger_completed_by_key" in plan and "SCAN" not in plan
+    stores.db.write(lambda c: c.execute("INSERT INTO ledger VALUES ('r1', 1, 'not json {')"))
+    stores.ledger.append_json("r1", json.dumps({"idempotency_key": "k", "status": "completed", "result": float("nan")}))
+    assert math.isnan(stores.ledger.completed_record("r1", "k")["result"])  # as Python wrote it (JSON5 NaN)
 
 
 def test_commands_and_cursor_on_both_backends(any_stores):
