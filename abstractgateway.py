@@ -110,7 +110,7 @@ class Setting:
 
     name: str
     env: str
-    kind: str  # str | int | float | bool | path | choice | mounts
+    kind: str  # str | int | float | bool | path | dir | choice | mounts
     default: Any
     help: str
     flag: Optional[str] = None
@@ -171,7 +171,7 @@ SETTINGS: Tuple[Setting, ...] = (
             help="Commands applied per runner iteration."),
     Setting(name="run_scan_limit", env="ABSTRACTGATEWAY_RUN_SCAN_LIMIT", kind="int", default=200,
             help="Runs considered for ticking per runner iteration."),
-    Setting(name="schedule_min_interval_s", env="ABSTRACTGATEWAY_SCHEDULE_MIN_INTERVAL_S", kind="float", default=1.0,
+    Setting(name="schedule_min_interval_s", env="ABSTRACTGATEWAY_SCHEDULE_MIN_INTERVAL_S", kind="float", default=0.1,
             minimum=0.001,
             help="Shortest interval a schedule may repeat at (a shorter one is refused with 422, so one schedule "
                  "cannot flood the gateway with child runs)."),
@@ -221,10 +221,13 @@ SETTINGS: Tuple[Setting, ...] = (
     Setting(name="max_attachment_bytes", env="ABSTRACTGATEWAY_MAX_ATTACHMENT_BYTES", kind="int", default=26_214_400,
             help="Largest attachment (upload or workspace ingest), in bytes; upload bodies may add 2 MiB of "
                  "multipart."),
+    Setting(name="workspace_dir", env="ABSTRACTGATEWAY_WORKSPACE_DIR", kind="dir", default="",
+            help="The workspace root the files routes and attachment ingest read: a client names its files by "
+                 "paths relative to it (as on the original). None by default (not the working directory): with "
+                 "no root and no mount, those routes are refused."),
     Setting(name="workspace_mounts", env="ABSTRACTGATEWAY_WORKSPACE_MOUNTS", kind="mounts", default="",
-            help="Directories the files routes and attachment ingest may read, as `name=/abs/dir` entries separated "
-                 "by newlines or `;` (names `[A-Za-z0-9_-]`, at most 32 chars). None by default: those routes are "
-                 "refused."),
+            help="More directories the files routes and attachment ingest may read, named `mount/...` by clients: "
+                 "`name=/abs/dir` entries separated by newlines or `;` (names `[A-Za-z0-9_-]`, at most 32 chars)."),
     Setting(name="max_bundle_bytes", env="ABSTRACTGATEWAY_MAX_BUNDLE_BYTES", kind="int", default=78_643_200,
             help="Cap on an uploaded `.flow` bundle."),
     Setting(name="max_concurrency", env="ABSTRACTGATEWAY_MAX_CONCURRENCY", kind="int", default=64,
@@ -285,31 +288,35 @@ class ConfigError(ValueError):
     """A setting has a value that cannot be used."""
 
 
+def _setting_flag(raw: Any) -> bool:
+    if isinstance(raw, bool):
+        return raw
+    text = str(raw).strip().lower()
+    if text in ("1", "true", "yes", "on"):
+        return True
+    if text in ("0", "false", "no", "off", ""):
+        return False
+    raise ValueError(f"expected a boolean, got {raw!r}")
+
+
+def _existing_dir(raw: Any) -> str:
+    """An existing directory, resolved; unset stays "" (never the working directory)."""
+    text = str(raw or "").strip()
+    if text and not Path(text).expanduser().is_dir():
+        raise ValueError(f"{text!r} is not a directory")
+    return os.path.realpath(Path(text).expanduser()) if text else ""
+
+
 def _parse_setting(setting: Setting, raw: Any) -> Any:
-    if setting.kind == "mounts":
-        return parse_workspace_mounts(raw)
-    if setting.kind == "path":
-        return Path(str(raw)).expanduser()
-    if setting.kind == "int":
-        return int(raw)
-    if setting.kind == "float":
-        return float(raw)
-    if setting.kind == "bool":
-        if isinstance(raw, bool):
-            return raw
-        text = str(raw).strip().lower()
-        if text in ("1", "true", "yes", "on"):
-            return True
-        if text in ("0", "false", "no", "off", ""):
-            return False
-        raise ValueError(f"expected a boolean, got {raw!r}")
     if setting.kind == "choice":
         text = str(raw).strip()
         for choice in setting.choices:
             if text.lower() == choice.lower():
                 return choice
         raise ValueError(f"expected one of {', '.join(setting.choices)}, got {raw!r}")
-    return str(raw)
+    parse = {"mounts": parse_workspace_mounts, "dir": _existing_dir, "path": lambda r: Path(str(r)).expanduser(),
+             "int": int, "float": float, "bool": _setting_flag}.get(setting.kind, str)
+    return parse(raw)
 
 
 def parse_workspace_mounts(raw: Any) -> Dict[str, Path]:
@@ -3283,9 +3290,9 @@ MAX_INTERVAL_S = 100 * 365 * 86400.0
 
 
 def parse_interval(text: str) -> float:
-    """Seconds in a relative duration such as `500ms`, `30s`, `15m`, `1.5h`, `1d`."""
-    match = re.fullmatch(r"\s*(\d{1,15}(?:\.\d{1,15})?)\s*(ms|s|m|h|d)\s*", str(text or ""))
-    seconds = float(match.group(1)) * _INTERVAL_UNITS[match.group(2)] if match else 0.0
+    """Seconds in a relative duration such as `500ms`, `30s`, `15m`, `1.5h`, `1d` (units in any case)."""
+    match = re.fullmatch(r"\s*(\d{1,15}(?:\.\d{1,15})?)\s*(ms|s|m|h|d)\s*", str(text or ""), re.IGNORECASE)
+    seconds = float(match.group(1)) * _INTERVAL_UNITS[match.group(2).lower()] if match else 0.0
     if not 0 < seconds <= MAX_INTERVAL_S:  # past the bound, dates overflow (year 9999)
         raise GatewayError(f"Invalid interval {str(text)[:80]!r} (expected e.g. 500ms, 30s, 15m, 1h, 1d; "
                            "at most 100 years)", code="invalid_interval")
@@ -3320,8 +3327,18 @@ def schedule_definition(target: str, *, start_at: Optional[str], interval: Optio
                         repeat_count: Optional[int], repeat_until: Optional[str], share_context: bool,
                         min_interval_s: float) -> Dict[str, Any]:
     """The checked definition of a schedule of workflow `target` (kept in the parent run's
-    `vars._meta.schedule`, where `schedule_spec` reads it)."""
-    start = _parse_time(start_at, "start_at") if (start_at or "").strip().lower() not in ("", "now") else None
+    `vars._meta.schedule`, where `schedule_spec` reads it).
+
+    `start_at` is a time or a duration from now (`10s`), kept as given, as on the original; the
+    wait reads `start_at_utc`, the time it names. A blank interval is none (a one-shot schedule).
+    """
+    start_at = str(start_at or "").strip() or None
+    start = None
+    if start_at is not None and start_at.lower() != "now":
+        relative = re.fullmatch(r"\d[\d.]*\s*[a-zA-Z]{1,2}", start_at)
+        start = (datetime.fromisoformat(_iso_after(parse_interval(start_at))) if relative
+                 else _parse_time(start_at, "start_at"))
+    interval = str(interval or "").strip() or None
     seconds = schedule_interval_s(interval, min_interval_s) if interval else None
     if repeat_count is not None and repeat_count <= 0:
         raise GatewayError("repeat_count must be >= 1", code="invalid_schedule")
@@ -3345,7 +3362,8 @@ def schedule_definition(target: str, *, start_at: Optional[str], interval: Optio
     return {
         "kind": "scheduled_run", "target_workflow_id": target, "target_bundle_id": target_bundle,
         "target_bundle_version": target_version, "target_bundle_ref": target_ref, "target_flow_id": target_flow,
-        "start_at": start.isoformat() if start else None, "interval": interval, "repeat_count": repeat_count,
+        "start_at": start_at if start else None, "start_at_utc": start.isoformat() if start else None,
+        "interval": interval, "repeat_count": repeat_count,
         "repeat_until": repeat_until or None, "share_context": bool(share_context), "created_at": now,
         "updated_at": now,
     }
@@ -3374,7 +3392,7 @@ def update_schedule(stores: Stores, record: CommandRecord, min_interval_s: float
     """Apply an `update_schedule` command: a new interval for the schedule `record.run_id` belongs to,
     taking effect on the wait in progress unless `apply_immediately` is false."""
     payload = record.payload or {}
-    interval = payload.get("interval") or payload.get("schedule")
+    interval = str(payload.get("interval") or payload.get("schedule") or "").strip()
     if not interval:
         raise GatewayError("update_schedule needs payload.interval", code="invalid_payload")
     seconds = schedule_interval_s(interval, min_interval_s)
@@ -3424,7 +3442,8 @@ def schedule_spec(workflow_id: str) -> Any:
         return StepPlan(node_id="start", next_node="wait_start")
 
     def wait_start(run: RunState, ctx: Any) -> Any:
-        until = definition(run).get("start_at") or utc_now_iso()
+        sched = definition(run)  # (schedules made before start_at_utc kept their start normalised in start_at)
+        until = sched.get("start_at_utc") or sched.get("start_at") or utc_now_iso()
         return StepPlan(node_id="wait_start", effect=Effect(type=EffectType.WAIT_UNTIL, payload={"until": until}),
                         next_node="run_target")
 
@@ -4176,6 +4195,7 @@ class CommandInbox:
         """Append to the durable inbox (idempotent on `command_id`); application is asynchronous.
 
         A blank `command_id` gets a generated one, as on the original: that command has no idempotency."""
+        type = str(type or "").strip()  # " pause " is a pause, as on the original
         if type not in COMMAND_TYPES:
             raise GatewayError(f"type must be one of {'|'.join(COMMAND_TYPES)}", code="invalid_command_type")
         record = CommandRecord(command_id=command_id, run_id=run_id, type=type, payload=dict(payload or {}),
@@ -5240,19 +5260,29 @@ class _LineScanner:
             yield raw.rstrip(b"\r\n"), cut
 
 
-class Workspace:
-    """Read-only access to the operator's workspace mounts; every path is confined to one mount.
+def _joined(folder: str, name: str) -> str:
+    return f"{folder}/{name}" if folder else name
 
-    A client names a file `mount/rel/path`, or by an absolute path inside a mount. The path is
-    resolved with symlinks followed and must still lie inside its mount afterwards, so neither
-    `..`, an absolute path elsewhere, nor a symlink pointing out of the mount reaches another file.
-    Like the original, a file that is missing or binary is reported inside `content`, not as an error.
+
+class Workspace:
+    """Read-only access to the operator's workspace: its root and mounts; every path is confined to one.
+
+    A client names a file `rel/path` under the root (`ABSTRACTGATEWAY_WORKSPACE_DIR`), `mount/rel/path`
+    in a mount, or by an absolute path inside either. The path is resolved with symlinks followed and
+    must still lie inside the same directory afterwards, so neither `..`, an absolute path elsewhere,
+    nor a symlink pointing out reaches another file. Like the original, a file that is missing or
+    binary is reported inside `content`, not as an error.
     """
 
-    def __init__(self, mounts: Dict[str, Path]) -> None:
-        self.mounts = {name: Path(os.path.realpath(root)) for name, root in mounts.items()}
+    def __init__(self, mounts: Dict[str, Path], root: str = "") -> None:
+        self.mounts = {name: Path(os.path.realpath(path)) for name, path in mounts.items()}
+        self.root = Path(os.path.realpath(Path(root).expanduser())) if str(root or "").strip() else None
         self._index_lock = threading.Lock()
         self._indexed: Optional[Tuple[float, List[Tuple[str, str, str, str]]]] = None
+
+    def _places(self) -> List[Tuple[str, Path]]:
+        """(name, directory) of the mounts, then the root (named "": its files need no prefix)."""
+        return [*self.mounts.items(), *([("", self.root)] if self.root is not None else [])]
 
     def resolve(self, raw_path: str) -> Tuple[Path, str]:
         """(real path, `mount/rel` name) of a client-supplied path; a 4xx GatewayError if it may not be read."""
@@ -5263,34 +5293,36 @@ class Workspace:
             raise GatewayError("path is required", code="validation_error")
         if "\x00" in text or not _is_utf8(text):
             raise GatewayError("path must be valid UTF-8 text without NUL characters", code="invalid_path")
-        if not self.mounts:
-            raise GatewayError("No workspace mounts are configured on this gateway (ABSTRACTGATEWAY_WORKSPACE_MOUNTS)",
-                               code="workspace_not_configured")
+        if not self.mounts and self.root is None:
+            raise GatewayError("No workspace is configured on this gateway (ABSTRACTGATEWAY_WORKSPACE_DIR, "
+                               "ABSTRACTGATEWAY_WORKSPACE_MOUNTS)", code="workspace_not_configured")
         text = text.replace("\\", "/")
         try:
             if text.startswith("/"):
                 real = Path(os.path.realpath(text))
-                inside = [(name, root) for name, root in self.mounts.items() if _is_within(real, root)]
+                inside = [(name, place) for name, place in self._places() if _is_within(real, place)]
                 if not inside:
                     raise GatewayError("path is outside workspace roots", code="path_outside_workspace")
-                name, root = max(inside, key=lambda item: len(str(item[1])))
+                name, place = max(inside, key=lambda item: len(str(item[1])))
             else:
                 parts = [p for p in text.split("/") if p not in ("", ".")]
                 if ".." in parts:
                     raise GatewayError("path escapes workspace root", code="path_escape")
-                name = parts[0] if parts else ""
-                if name not in self.mounts:
+                if parts and parts[0] in self.mounts:
+                    name, place, parts = parts[0], self.mounts[parts[0]], parts[1:]
+                elif self.root is not None:
+                    name, place = "", self.root
+                else:
                     raise GatewayError("path must start with a workspace mount name"
                                        f" ({', '.join(sorted(self.mounts))})",
                                        code="path_outside_workspace")
-                root = self.mounts[name]
-                real = Path(os.path.realpath(root.joinpath(*parts[1:])))
-                if not _is_within(real, root):  # a symlink pointing out of the mount
+                real = Path(os.path.realpath(place.joinpath(*parts)))
+                if not _is_within(real, place):  # a symlink pointing out of its directory
                     raise GatewayError("path escapes workspace root", code="path_escape")
         except (OSError, ValueError):
             raise GatewayError("invalid path", code="invalid_path") from None
-        rel = real.relative_to(root).as_posix()
-        return real, name if rel == "." else f"{name}/{rel}"
+        rel = real.relative_to(place).as_posix()
+        return real, "/".join(part for part in (name, "" if rel == "." else rel) if part) or "."
 
     def search(self, query: str, limit: int) -> List[Dict[str, Any]]:
         """Files whose path contains `query` (case-insensitive): name-prefix hits first, then shorter paths."""
@@ -5312,7 +5344,7 @@ class Workspace:
         scored.sort()
         items = []
         for _score, _length, virtual, name, full in scored[:limit]:
-            item: Dict[str, Any] = {"path": virtual, "mount": name}
+            item: Dict[str, Any] = {"path": virtual, **({"mount": name} if name else {})}
             try:
                 item["size_bytes"] = os.stat(full).st_size
             except OSError:  # removed since the walk
@@ -5332,32 +5364,39 @@ class Workspace:
         return files
 
     def _walk(self) -> Iterator[Tuple[str, str, str, str]]:
-        for name in sorted(self.mounts):
-            root = self.mounts[name]
+        for name, root in self._places():
             pending = [(str(root), name)]
             while pending:
                 folder, virtual_dir = pending.pop()
-                try:
-                    entries = sorted(os.scandir(folder), key=lambda e: e.name)
-                except OSError:
-                    continue
-                subdirs = []
-                for entry in entries:
-                    if not _is_utf8(entry.name):
-                        continue  # a non-UTF-8 name cannot be named in a URL
-                    try:
-                        if entry.is_symlink():  # kept only if it stays inside the mount (never descended)
-                            target = Path(os.path.realpath(entry.path))
-                            if _is_within(target, root) and target.is_file():
-                                yield f"{virtual_dir}/{entry.name}", entry.name, name, entry.path
-                        elif entry.is_dir():
-                            if not entry.name.startswith(".") and entry.name not in _SKIPPED_DIRS:
-                                subdirs.append((entry.path, f"{virtual_dir}/{entry.name}"))
-                        elif entry.is_file():
-                            yield f"{virtual_dir}/{entry.name}", entry.name, name, entry.path
-                    except OSError:
-                        continue
+                subdirs: List[Tuple[str, str]] = []
+                yield from self._files_in(folder, virtual_dir, name, root, subdirs)
                 pending.extend(reversed(subdirs))
+
+    def _files_in(self, folder: str, virtual_dir: str, name: str, root: Path,
+                  subdirs: List[Tuple[str, str]]) -> Iterator[Tuple[str, str, str, str]]:
+        """The files of one folder (symlinks only when they stay inside `root`, never descended); its
+        subfolders to walk next are added to `subdirs` (hidden and skipped ones left out)."""
+        try:
+            entries = sorted(os.scandir(folder), key=lambda e: e.name)
+        except OSError:
+            return
+        for entry in entries:
+            if not _is_utf8(entry.name):
+                continue  # a non-UTF-8 name cannot be named in a URL
+            if not virtual_dir and entry.name in self.mounts:
+                continue  # the root's own `name/...` files: that name reads the mount instead
+            try:
+                if entry.is_symlink():
+                    target = Path(os.path.realpath(entry.path))
+                    if _is_within(target, root) and target.is_file():
+                        yield _joined(virtual_dir, entry.name), entry.name, name, entry.path
+                elif entry.is_dir():
+                    if not entry.name.startswith(".") and entry.name not in _SKIPPED_DIRS:
+                        subdirs.append((entry.path, _joined(virtual_dir, entry.name)))
+                elif entry.is_file():
+                    yield _joined(virtual_dir, entry.name), entry.name, name, entry.path
+            except OSError:
+                continue
 
     @staticmethod
     def _problem(real: Path, name: str) -> Optional[str]:
@@ -6115,20 +6154,48 @@ def commit_group(config: Config, transaction: Callable[[], Any]) -> CommitGroup:
     return CommitGroup(accepts, transaction)
 
 
+# The words pydantic takes for a boolean (as the original parses its query flags and JSON fields).
+_TRUE_WORDS = frozenset(("1", "true", "t", "yes", "y", "on"))
+_FALSE_WORDS = frozenset(("0", "false", "f", "no", "n", "off"))
+
+
+def _parse_flag(text: str) -> bool:
+    word = text.strip().lower()
+    if word in _TRUE_WORDS or word in _FALSE_WORDS:
+        return word in _TRUE_WORDS
+    raise ValueError(f"expected a boolean, got {text!r}")
+
+
+def _parse_whole_number(text: str) -> int:
+    """An integer, also written as an integral decimal (`2.0`), as pydantic's lax mode reads it."""
+    try:
+        return int(text)
+    except ValueError:
+        number = float(text)
+        if not (math.isfinite(number) and number.is_integer()):
+            raise
+        return int(number)
+
+
 def _parse_param(param: Param, raw: Optional[str]) -> Any:
+    """One query value, read as the original reads it: a flag or number must be well-formed (an empty
+    one is a 422), a choice is matched ignoring case and surrounding space, and an optional text
+    filter is trimmed (blank: absent)."""
     if param.required and raw is None:
         raise Unprocessable(f"Query parameter '{param.name}' is required", code="validation_error")
     if param.required and raw == "":
         return raw
-    if raw is None or (raw == "" and param.kind == "str"):  # an empty number or flag is a 422, as on the original
+    if raw is not None and param.kind == "str" and not param.required:
+        raw = raw.strip().lower() if param.choices else raw.strip()
+    if raw is None or (raw == "" and param.kind == "str"):
         return param.default
     try:
         if param.kind == "int":
-            value: Any = int(raw)
+            value: Any = _parse_whole_number(raw)
         elif param.kind == "float":
             value = float(raw)
         elif param.kind == "bool":
-            value = _parse_setting(Setting(param.name, "", "bool", None, ""), raw)
+            value = _parse_flag(raw)
         else:
             value = raw
     except ValueError:
@@ -6150,8 +6217,29 @@ _JSON_TYPES = {"string": str, "integer": int, "boolean": bool, "object": dict, "
                "null": type(None)}
 
 
+def _lax_scalar(value: Any, json_type: str) -> Any:
+    """`value` read as `json_type` the way pydantic's lax mode reads a request field: a number or flag
+    may come as its text (`"2"`, `"yes"`), a whole number as `2.0`, a flag as 0 or 1. ValueError if not."""
+    if json_type == "boolean":
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, (int, float)) and value in (0, 1):
+            return bool(value)
+        if isinstance(value, str):
+            return _parse_flag(value)
+    elif json_type in ("integer", "number"):
+        if isinstance(value, bool):
+            return int(value)
+        if isinstance(value, (int, float)) or (isinstance(value, str) and len(value) <= 64):
+            number = _parse_whole_number(str(value)) if json_type == "integer" else float(value)
+            if math.isfinite(number):
+                return number
+    raise ValueError(f"not a {json_type}")
+
+
 def _check_body(schema: Dict[str, Any], body: Any) -> Dict[str, Any]:
-    """Validate a JSON body against a route's (flat) schema; 422 naming the field on mismatch."""
+    """Validate a JSON body against a route's (flat) schema, reading numbers and flags as the original
+    does (`_lax_scalar`, written back); 422 naming the field on mismatch."""
     if not isinstance(body, dict):
         raise Unprocessable("Request body must be a JSON object", code="validation_error")
     for name in schema.get("required", ()):
@@ -6165,8 +6253,18 @@ def _check_body(schema: Dict[str, Any], body: Any) -> Dict[str, Any]:
         value = body[name]
         ok = any(isinstance(value, _JSON_TYPES[t]) and not (t in ("integer", "number") and isinstance(value, bool))
                  for t in types)
+        for json_type in types if not ok else ():
+            if json_type in ("boolean", "integer", "number"):
+                try:
+                    value = body[name] = _lax_scalar(value, json_type)
+                    ok = True
+                    break
+                except (ValueError, OverflowError):
+                    continue
         if not ok:
             raise Unprocessable(f"Field '{name}' must be {' or '.join(types)}", code="validation_error")
+        if "enum" in prop and isinstance(value, str):
+            value = body[name] = value.strip()  # `" pause "` is `pause`, as the original reads it
         if "enum" in prop and value not in prop["enum"]:
             raise GatewayError(f"{name} must be one of {'|'.join(prop['enum'])}", code="validation_error")
     return body
@@ -6305,6 +6403,12 @@ def error_status(exc: GatewayError | StorageError) -> int:
     return status
 
 
+def _require_boundary(request: Request) -> None:
+    """400 for a multipart body whose Content-Type names no boundary (it cannot be split into parts)."""
+    if request.mimetype == "multipart/form-data" and not request.mimetype_params.get("boundary"):
+        raise GatewayError("Missing boundary in multipart.", code="invalid_multipart")
+
+
 class GatewayApp:
     """The WSGI application: dispatches `ROUTES` to handler methods."""
 
@@ -6315,7 +6419,7 @@ class GatewayApp:
         self._streams = 0
         self._streams_changed = threading.Condition()
         self._openapi: Optional[bytes] = None
-        self.workspace = Workspace(gateway.config.workspace_mounts)
+        self.workspace = Workspace(gateway.config.workspace_mounts, gateway.config.workspace_dir)
         self.knowledge_graph = KnowledgeGraph(gateway.knowledge_graph, gateway.stores.runs)
 
     def __call__(self, environ: Dict[str, Any], start_response: Callable) -> Iterable[bytes]:
@@ -6333,7 +6437,8 @@ class GatewayApp:
             if match.error is not None:
                 raise match.error
             route = match.route
-            query = {p.name: _parse_param(p, request.args.get(p.name)) for p in route.query}
+            # a repeated parameter: the last value counts, as on the original
+            query = {p.name: _parse_param(p, (request.args.getlist(p.name) or [None])[-1]) for p in route.query}
             body = None
             if route.body is not None:
                 body = _check_body(route.body, self._json_body(request))
@@ -6526,13 +6631,15 @@ class GatewayApp:
             raise GatewayError(f"Bundle too large ({request.content_length} bytes > {cap} bytes)",
                                code="too_large")
         request.max_content_length = cap + MULTIPART_OVERHEAD
-        upload = request.files.get("file")
-        if upload is None:
+        _require_boundary(request)
+        uploads = request.files.getlist("file")
+        if not uploads:
             raise Unprocessable("Field 'file' is required (multipart/form-data)", code="validation_error")
-        content = upload.read(cap + 1)
+        content = uploads[-1].read(cap + 1)  # a repeated field: the last one counts, as on the original
         if len(content) > cap:
             raise GatewayError(f"Bundle too large (> {cap} bytes)", code="too_large")
-        flags = {name: _parse_param(Param(name, "bool", default), request.form.get(name))
+        # an empty form flag is its default (as FastAPI reads forms)
+        flags = {name: _parse_param(Param(name, "bool", default), (request.form.getlist(name) or [""])[-1] or None)
                  for name, default in (("overwrite", False), ("reload", True))}
         bundle = host.install(content, overwrite=flags["overwrite"])
         reloaded, reload_error = self._reload(flags["reload"])
@@ -6570,9 +6677,10 @@ class GatewayApp:
 
     def deprecate_bundle(self, request: Request, bundle_id: str, body: Dict[str, Any]) -> Response:
         bundle, flow_id = self._deprecation_target(bundle_id, body)
-        at = self.gateway.stores.deprecations.set(bundle.bundle_id, flow_id, body.get("reason"))
+        reason = str(body.get("reason") or "").strip() or None
+        at = self.gateway.stores.deprecations.set(bundle.bundle_id, flow_id, reason)
         return json_response({"ok": True, "bundle_id": bundle.bundle_id, "flow_id": flow_id, "deprecated_at": at,
-                              "reason": body.get("reason")})
+                              "reason": reason})
 
     def undeprecate_bundle(self, request: Request, bundle_id: str, body: Dict[str, Any]) -> Response:
         """Clear a deprecation. The bundle need not be installed (as on the original): a deprecation left
@@ -6586,7 +6694,10 @@ class GatewayApp:
         return json_response({"ok": True, "bundle_id": bundle_id, "flow_id": flow_id, "removed": removed})
 
     def _deprecation_target(self, bundle_id: str, body: Dict[str, Any]) -> Tuple[LoadedBundle, str]:
+        """A deprecation names a bundle id (every version of it): `id@version` is no bundle id (404)."""
         self.gateway.host.require_bundle_source()
+        if "@" in bundle_id:
+            raise NotFound(f"Bundle '{bundle_id.strip()}' not found", code="bundle_not_found")
         bundle = self.gateway.host.bundle(bundle_id)
         flow_id = (body.get("flow_id") or "").strip() or "*"
         if flow_id != "*" and flow_id not in {e.flow_id for e in bundle.entrypoints}:
@@ -6763,8 +6874,11 @@ class GatewayApp:
         headers = {"Accept-Ranges": "bytes", "Content-Length": str(end - start)}
         if status == 206:
             headers["Content-Range"] = f"bytes {start}-{end - 1}/{size}"
-        return _response(chunks(), status=status, headers=headers,
-                        content_type=meta.content_type or "application/octet-stream", direct_passthrough=True)
+        content_type = meta.content_type or "application/octet-stream"
+        if content_type.startswith("text/") and "charset" not in content_type:
+            content_type += "; charset=utf-8"  # as the original (Starlette) labels text
+        return _response(chunks(), status=status, headers=headers, content_type=content_type,
+                         direct_passthrough=True)
 
     # -- ledger ---------------------------------------------------------------------------------------
 
@@ -6804,11 +6918,13 @@ class GatewayApp:
             run_id = run_id.strip()
             if not run_id:
                 continue
-            after = entry.get("after") or 0
-            if not isinstance(after, int) or isinstance(after, bool) or not 0 <= after <= MAX_CURSOR:
-                raise Unprocessable("Field 'runs[].after' must be an integer between 0 and 2^63-1",
-                                    code="validation_error")
-            rows = self.gateway.stores.ledger.page_json(run_id, after, limit)
+            try:  # read as the original reads it ("3", 3.0 and true are numbers); past any cursor, a last page
+                after = _lax_scalar(entry.get("after") or 0, "integer")
+            except (ValueError, OverflowError):
+                after = -1
+            if after < 0:
+                raise Unprocessable("Field 'runs[].after' must be a non-negative integer", code="validation_error")
+            rows = self.gateway.stores.ledger.page_json(run_id, min(after, MAX_CURSOR), limit)
             pages[run_id] = '{"items":[' + ",".join(rows) + '],"next_after":' + str(after + len(rows)) + "}"
         parts = (_json_dumps(run_id) + ":" + page for run_id, page in pages.items())
         return _response('{"runs":{' + ",".join(parts) + "}}", content_type="application/json")
@@ -6887,9 +7003,11 @@ class GatewayApp:
             raise GatewayError(f"Attachment too large ({request.content_length} bytes > {cap} bytes)",
                                code="too_large")
         request.max_content_length = cap + MULTIPART_OVERHEAD  # also bounds chunked bodies, while parsing
-        upload = request.files.get("file")
-        if upload is None:
+        _require_boundary(request)
+        uploads = request.files.getlist("file")
+        if not uploads:
             raise Unprocessable("Field 'file' is required (multipart/form-data)", code="validation_error")
+        upload = uploads[-1]
         session_id = request.form.get("session_id")
         if session_id is None:
             raise Unprocessable("Field 'session_id' is required", code="validation_error")

@@ -139,6 +139,36 @@ def test_hostile_paths_never_leave_the_mount(server, workspace, path):
     assert _attachments(server, "s1") == []
 
 
+def test_a_workspace_root_serves_plain_paths_and_keeps_its_confinement(data_dir, workspace, tmp_path):
+    """ABSTRACTGATEWAY_WORKSPACE_DIR, as on the original: files named relative to it (or absolute inside
+    it), next to the mounts, which win for their own names; nothing outside it is reached."""
+    other = tmp_path / "other-docs"
+    other.mkdir()
+    (other / "guide.md").write_text("mounted guide\n")
+    server = LiveServer(data_dir, workspace_dir=str(workspace), workspace_mounts=f"docs={other}")
+    try:
+        for path in ("hello.txt", "./hello.txt", "@hello.txt", str(workspace / "hello.txt")):
+            status, _, data = server.get(f"{API}/files/read?path={quote(path)}&end_line=2")
+            assert status == 200 and data["path"] == "hello.txt", (path, data)
+            assert data["content"].startswith("File: hello.txt (2 lines)") and str(workspace) not in data["content"]
+        status, _, data = server.get(f"{API}/files/read?path=docs/guide.md")  # the mount named `docs`
+        assert status == 200 and "mounted guide" in data["content"] and data["path"] == "docs/guide.md"
+        for path in ("../secret.txt", "link_out.txt", "linkdir/deep.txt", str(workspace.parent / "secret.txt"),
+                     f"{workspace}/../secret.txt", "/etc/passwd"):
+            status, _, data = server.get(f"{API}/files/read?path={quote(path)}")
+            assert status == 403 and SECRET not in repr(data), (path, data)
+        items = server.get(f"{API}/files/search?query=hello")[2]["items"]
+        assert {"path": "hello.txt", "size_bytes": 71} in items and all("mount" not in i for i in items)
+        assert {i["path"]: i.get("mount") for i in server.get(f"{API}/files/search?query=guide")[2]["items"]} == {
+            "docs/guide.md": "docs"}  # the mount's; the root's own docs/ folder is hidden behind it
+        status, _, data = server.post(f"{API}/attachments/ingest", {"session_id": "s1", "path": "hello.txt"})
+        assert status == 200, data
+    finally:
+        server.close()
+    with pytest.raises(gw.ConfigError, match="not a directory"):
+        gw.Config.load(environ={"ABSTRACTGATEWAY_WORKSPACE_DIR": str(tmp_path / "missing")})
+
+
 def test_encoded_and_malformed_paths(server):
     # %2e%2e is decoded once by the server, then refused like `..`
     for raw in ("proj/%2e%2e/secret.txt", "proj%2F..%2Fsecret.txt", "proj/%2E%2E%2Fsecret.txt"):

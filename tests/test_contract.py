@@ -289,3 +289,97 @@ def test_audit_rows_of_an_older_database_still_read(data_dir):
                                                   "duration_ms": 2, "auth_required": False}
     finally:
         db.close()
+
+
+# -- 6. reading values as the original's pydantic models and FastAPI read them --------------------------
+
+
+def test_query_values_are_read_as_the_original_reads_them(live_server):
+    """Choices ignore case and surrounding space, text filters are trimmed, flags take pydantic's words,
+    a whole number may be written `1.0`, and a repeated parameter takes its last value."""
+    run_id = live_server.post(f"{API}/runs/start", {"bundle_id": "echo", "input_data": {}})[2]["run_id"]
+    _wait_status(live_server, run_id, "completed")
+    for query in ("status=COMPLETED", "status=%20completed%20", "workflow_id=%20echo@1.0.0:echo%20",
+                  "root_only=y", "root_only=T", "limit=1.0", "status=waiting&status=completed"):
+        status, _, data = live_server.get(f"{API}/runs?{query}")
+        assert status == 200 and [r["run_id"] for r in data["items"]] == [run_id], (query, data)
+    assert live_server.get(f"{API}/runs?status=completed&status=waiting")[2]["items"] == []
+    for query in ("root_only=", "root_only=maybe", "limit=1.5"):
+        assert live_server.get(f"{API}/runs?{query}")[0] == 422, query
+    assert live_server.get(f"{API}/runs/{run_id}/ledger?after=1&after=0")[2] == live_server.get(
+        f"{API}/runs/{run_id}/ledger?after=0")[2]
+    assert live_server.get(f"{API}/runs/{run_id}/history_bundle?ledger_mode=%20FULL%20")[0] == 200
+
+
+def test_json_numbers_and_flags_are_read_as_pydantic_reads_them(live_server):
+    status, _, data = live_server.post(f"{API}/runs/schedule", {"bundle_id": "echo", "flow_id": "echo",
+                                                                "interval": "1H", "repeat_count": "2",
+                                                                "share_context": "no"})
+    assert status == 200, data
+    sched = live_server.get(f"{API}/runs/{data['run_id']}")[2]["schedule"]
+    assert sched["repeat_count"] == 2 and sched["share_context"] is False and sched["interval"] == "1H"
+    for bad in ({"repeat_count": "two"}, {"repeat_count": 1.5}, {"share_context": "maybe"}, {"share_context": 2}):
+        status, _, data = live_server.post(f"{API}/runs/schedule", {"bundle_id": "echo", "flow_id": "echo", **bad})
+        assert status == 422, (bad, data)
+
+
+def test_schedule_start_and_interval_forms_the_original_takes(live_server):
+    status, _, data = live_server.post(f"{API}/runs/schedule", {"bundle_id": "echo", "flow_id": "echo",
+                                                                "start_at": " 1h ", "interval": " 500ms "})
+    assert status == 200, data
+    root = live_server.get(f"{API}/runs/{data['run_id']}")[2]
+    sched = root["schedule"]
+    assert sched["start_at"] == "1h" and sched["interval"] == "500ms"  # kept as given, trimmed
+    wait_for(lambda: live_server.get(f"{API}/runs/{data['run_id']}")[2]["status"] == "waiting")
+    until = gw.datetime.fromisoformat(sched["start_at_utc"])
+    assert 3500 < (until - gw.datetime.now(gw.timezone.utc)).total_seconds() <= 3600
+    status, _, data = live_server.post(f"{API}/runs/schedule", {"bundle_id": "echo", "flow_id": "echo",
+                                                                "start_at": "2020-01-01T00:00:00Z", "interval": ""})
+    assert status == 200, data
+    sched = live_server.get(f"{API}/runs/{data['run_id']}")[2]["schedule"]
+    assert sched["start_at"] == "2020-01-01T00:00:00Z" and sched["interval"] is None
+    assert sched["start_at_utc"] == "2020-01-01T00:00:00+00:00"
+    _wait_status(live_server, data["run_id"], "completed")  # a start in the past runs at once, once
+
+
+def test_a_command_type_with_surrounding_space_is_that_command(live_server):
+    run_id = live_server.post(f"{API}/runs/start", {"bundle_id": "ask"})[2]["run_id"]
+    _wait_status(live_server, run_id, "waiting")
+    status, _, data = live_server.post(f"{API}/commands", {"command_id": "spaced", "run_id": run_id,
+                                                           "type": " pause "})
+    assert status == 200 and data["accepted"], data
+    assert wait_for(lambda: live_server.get(f"{API}/commands/spaced")[2]["status"] == "applied")
+
+
+def test_an_upload_s_last_file_part_counts_and_a_missing_boundary_is_a_400(live_server, bundle_builder):
+    first, second = bundle_builder("echo", bundle_id="first"), bundle_builder("echo", bundle_id="second")
+    boundary = "b0undary"
+    body = b"".join(f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="{p.name}"\r\n'
+                    f"Content-Type: application/octet-stream\r\n\r\n".encode() + p.read_bytes() + b"\r\n"
+                    for p in (first, second)) + f"--{boundary}--\r\n".encode()
+    status, _, data = live_server.request("POST", f"{API}/bundles/upload", raw=body,
+                                          headers={"Content-Type": f"multipart/form-data; boundary={boundary}"})
+    assert status == 200 and data["bundle_id"] == "second", data
+    status, _, data = live_server.request("POST", f"{API}/bundles/upload", raw=body,
+                                          headers={"Content-Type": "multipart/form-data"})
+    assert status == 400 and data["code"] == "invalid_multipart", data
+
+
+def test_deprecation_names_a_bundle_id_and_keeps_a_trimmed_reason(live_server):
+    status, _, data = live_server.post(f"{API}/bundles/echo/deprecate", {"flow_id": "echo", "reason": "  old  "})
+    assert status == 200 and data["reason"] == "old", data
+    status, _, data = live_server.post(f"{API}/bundles/echo/deprecate", {"reason": "   "})
+    assert status == 200 and data["reason"] is None, data
+    status, _, data = live_server.post(f"{API}/bundles/echo@1.0.0/deprecate", {})  # a ref is no bundle id
+    assert status == 404 and data["code"] == "bundle_not_found", data
+
+
+def test_a_text_artifact_is_served_as_utf8_text(live_server):
+    run_id = live_server.post(f"{API}/runs/start", {"bundle_id": "echo", "input_data": {}})[2]["run_id"]
+    artifacts = live_server.gateway.stores.artifacts
+    text = artifacts.store("héllo".encode(), content_type="text/plain", run_id=run_id).artifact_id
+    data = artifacts.store(b"\x00\x01", content_type="application/octet-stream", run_id=run_id).artifact_id
+    status, headers, body = live_server.get(f"{API}/runs/{run_id}/artifacts/{text}/content")
+    assert status == 200 and headers["Content-Type"] == "text/plain; charset=utf-8" and body == "héllo".encode()
+    status, headers, _ = live_server.get(f"{API}/runs/{run_id}/artifacts/{data}/content")
+    assert status == 200 and headers["Content-Type"] == "application/octet-stream"

@@ -140,12 +140,19 @@ def test_a_blank_command_id_gets_a_generated_one_and_a_real_one_stays_idempotent
 
 def test_ledger_batch_validates_limit_and_run_entries(live_server):
     run_id = _start(live_server, bundle_id="echo")
-    for limit in (0, -1, 2001, 1.5, "5", True):
+    for limit in (0, -1, 2001, 1.5, "x", "5.5", "1e999"):
         status, headers, data = live_server.post(f"{API}/runs/ledger/batch", {"runs": [{"run_id": run_id}],
                                                                               "limit": limit})
         _assert_json_4xx(status, headers, data)
         assert status == 422 and "limit" in data["detail"], (limit, data)
-    for entry in ({}, {"after": 0}, {"run_id": 5}, {"run_id": None}, "x", {"run_id": run_id, "after": -1}):
+    for limit in ("5", 2.0, True):  # read as pydantic reads them on the original: 5, 2 and 1
+        status, _, data = live_server.post(f"{API}/runs/ledger/batch", {"runs": [{"run_id": run_id}], "limit": limit})
+        assert status == 200, (limit, data)
+    for after in (True, "3", 2.0, 10**30):  # as the original reads them; past every cursor: an empty page
+        status, _, data = live_server.post(f"{API}/runs/ledger/batch", {"runs": [{"run_id": run_id, "after": after}]})
+        assert status == 200 and data["runs"][run_id]["next_after"] >= int(after), (after, data)
+    for entry in ({}, {"after": 0}, {"run_id": 5}, {"run_id": None}, "x", {"run_id": run_id, "after": -1},
+                  {"run_id": run_id, "after": "x"}, {"run_id": run_id, "after": 1.5}):
         status, headers, data = live_server.post(f"{API}/runs/ledger/batch", {"runs": [entry]})
         _assert_json_4xx(status, headers, data)
         assert status == 422 and "runs" in data["detail"], (entry, data)
@@ -175,7 +182,7 @@ def test_405_lists_the_allowed_methods(live_server):
 
 
 def test_schedule_interval_below_the_minimum_is_refused(live_server):
-    for interval in ("1ms", "500ms", "0.5s"):
+    for interval in ("1ms", "50ms", "0.05s"):  # the minimum is 0.1 s unless set otherwise
         status, headers, data = live_server.post(f"{API}/runs/schedule", {"bundle_id": "echo", "flow_id": "echo",
                                                                          "interval": interval})
         _assert_json_4xx(status, headers, data, "interval_too_short")
@@ -193,7 +200,7 @@ def test_schedule_interval_below_the_minimum_is_refused(live_server):
 
 
 def test_schedule_minimum_is_a_setting(data_dir):
-    assert gw.Config.load(environ={"ABSTRACTGATEWAY_DATA_DIR": str(data_dir)}).schedule_min_interval_s == 1.0
+    assert gw.Config.load(environ={"ABSTRACTGATEWAY_DATA_DIR": str(data_dir)}).schedule_min_interval_s == 0.1
     server = LiveServer(data_dir, schedule_min_interval_s="0.05")
     try:
         status, _, data = server.post(f"{API}/runs/schedule", {"bundle_id": "echo", "flow_id": "echo",
