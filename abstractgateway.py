@@ -184,6 +184,10 @@ SETTINGS: Tuple[Setting, ...] = (
     Setting(name="llm_concurrency", env="ABSTRACTGATEWAY_LLM_CONCURRENCY", flag="--llm-concurrency", kind="int",
             default=128,
             help="Model calls in flight at once across all runs (1 for a single local model on a small machine)."),
+    Setting(name="llm_timeout_s", env="ABSTRACTGATEWAY_LLM_TIMEOUT_S", kind="float", default=600.0,
+            help="A model call not answered after this long fails its step (the run fails, saying why) and frees "
+                 "its slot; it is also the provider's request timeout. A call whose run is cancelled meanwhile is "
+                 "let go at once."),
     Setting(name="tool_mode", env="ABSTRACTGATEWAY_TOOL_MODE", flag="--tool-mode", kind="choice", default="passthrough",
             choices=("passthrough", "local"),
             help="`passthrough`: a tool call becomes a durable approval wait a client answers; `local`: the gateway "
@@ -2521,6 +2525,7 @@ class UnitOfWork:
         self.runs = _BufferedRunStore(runs, self._local)
         self.ledger = _BufferedLedgerStore(ledger, self._local)
 
+
     @contextmanager
     def collect(self, writes: Optional[StepWrites] = None) -> Iterator[StepWrites]:
         """Buffer this thread's run saves and ledger appends into `writes` (a new one by default)."""
@@ -3940,17 +3945,57 @@ def capabilities() -> Dict[str, Dict[str, Any]]:
     return caps
 
 
+class LLMCallAbandoned(RuntimeError):
+    """A model call the gateway stopped waiting for (too slow, or its run was cancelled meanwhile)."""
+
+
+LLM_WATCH_S = 0.5  # how often a step waiting on a model looks whether its run was cancelled
+
+
+def _answer_within(call: Callable[[], Any], timeout_s: float, abandoned: Callable[[], bool]) -> Any:
+    """`call()`, made on a thread of its own while this one watches: past `timeout_s`, or once
+    `abandoned()` says so, the caller is told (`LLMCallAbandoned`) and the call is left to finish
+    unheard (the provider's own timeout ends it). The waiting step then frees its model slot at once."""
+    box: Dict[str, Any] = {}
+    done = threading.Event()
+
+    def work() -> None:
+        try:
+            box["result"] = call()
+        except BaseException as exc:  # noqa: BLE001 - handed to the waiting thread as it is
+            box["error"] = exc
+        finally:
+            done.set()
+
+    threading.Thread(target=work, name="llm-call", daemon=True).start()
+    deadline = time.monotonic() + timeout_s
+    while not done.wait(min(LLM_WATCH_S, max(0.0, deadline - time.monotonic()))):
+        if time.monotonic() >= deadline:
+            raise LLMCallAbandoned(f"the model did not answer within {timeout_s:g}s "
+                                   "(ABSTRACTGATEWAY_LLM_TIMEOUT_S)")
+        if abandoned():
+            raise LLMCallAbandoned("the run was cancelled while its model call ran; the answer is not used")
+    if "error" in box:
+        raise box["error"]
+    return box["result"]
+
+
 class _LazyLLMClient:
-    """abstractruntime's MultiLocalAbstractCoreLLMClient, built on first use.
+    """abstractruntime's MultiLocalAbstractCoreLLMClient, built on first use, its calls guarded.
 
     Building it loads the default provider, which may contact the provider: a gateway must start
-    (and run workflows without LLM nodes) while no model server is up.
+    (and run workflows without LLM nodes) while no model server is up. `generate` (the one method
+    the runtime's handlers call) goes through `guard`, which bounds how long a step waits.
     """
 
-    def __init__(self, build: Callable[[], Any]) -> None:
+    def __init__(self, build: Callable[[], Any], guard: Callable[[Callable[[], Any]], Any]) -> None:
         self._build = build
+        self._guard = guard
         self._client: Any = None
         self._lock = threading.Lock()
+
+    def generate(self, **kwargs: Any) -> Any:
+        return self._guard(lambda: self._get().generate(**kwargs))
 
     def _get(self) -> Any:
         if self._client is None:
@@ -3976,16 +4021,20 @@ class LLMEffects:
     object is also the runtime's executor for `{"approved": true}` resumes.
     """
 
-    def __init__(self, config: Config, host: WorkflowHost, *, artifact_store: Any, run_store: Any) -> None:
+    def __init__(self, config: Config, host: WorkflowHost, *, artifact_store: Any, run_store: Any,
+                 run_cancelled: Callable[[str], bool] = lambda _run_id: False) -> None:
         self.host = host
         self.tool_mode = config.tool_mode
+        self.timeout_s = config.llm_timeout_s
         self.slots = threading.BoundedSemaphore(config.llm_concurrency)
+        self._run_cancelled = run_cancelled
+        self._calling = threading.local()  # the run whose model call this thread makes
         self._artifact_store, self._run_store = artifact_store, run_store
         self._data_dir = Path(config.data_dir)
         self._built: Dict[Any, Any] = {}
         self._tools: Any = None
         self._lock = threading.Lock()
-        self.client = _LazyLLMClient(self._build_client)
+        self.client = _LazyLLMClient(self._build_client, self._guarded)
         self.handlers = {EffectType.LLM_CALL: self._llm_call, EffectType.MODEL_RESIDENCY: self._model_residency,
                          EffectType.TOOL_CALLS: self._tool_calls}
         self.resume_tools = self if self.tool_mode == "local" else None
@@ -4016,8 +4065,17 @@ class LLMEffects:
             raise RuntimeError(f"no LLM provider or model is configured: {LLM_SETTINGS_HINT}")
         return MultiLocalAbstractCoreLLMClient(
             provider=provider, model=model, artifact_store=self._artifact_store,
+            llm_kwargs={"timeout": self.timeout_s},  # abstractcore's own default is two hours
             bloc_root_dir=self._data_dir / "llm" / "blocs",
             prompt_cache_export_root_dir=self._data_dir / "llm" / "prompt_cache")
+
+    def _guarded(self, call: Callable[[], Any]) -> Any:
+        """A model call bounded by `llm_timeout_s`, and let go once its run is cancelled: the run will
+        never use the answer, and its slot is better given to a run that goes on. (A paused run's call
+        is waited for: its answer is recorded and reused when the run is resumed.)"""
+        run_id = getattr(self._calling, "run_id", None)
+        return _answer_within(call, self.timeout_s,
+                              (lambda: self._run_cancelled(run_id)) if run_id else (lambda: False))
 
     def _llm_call(self, run: RunState, effect: Any, default_next_node: Optional[str]) -> Any:
         payload = dict(effect.payload or {})
@@ -4029,7 +4087,11 @@ class LLMEffects:
                 effect = dataclasses.replace(effect, payload=payload)
         handler = self._integration()[EffectType.LLM_CALL]
         with self.slots:
-            return handler(run, effect, default_next_node)
+            self._calling.run_id = run.run_id
+            try:
+                return handler(run, effect, default_next_node)
+            finally:
+                self._calling.run_id = None
 
     def _model_residency(self, run: RunState, effect: Any, default_next_node: Optional[str]) -> Any:
         return self._integration()[EffectType.MODEL_RESIDENCY](run, effect, default_next_node)
@@ -4489,21 +4551,39 @@ class CommandInbox:
                 self.runtime.resume(workflow=spec, run_id=run_id, wait_key=wait_key, payload=envelope, max_steps=0)
 
 
+MAX_SUBFLOW_DEPTH = 64  # runs nested in runs: far past any real flow, reached at once by one that calls itself
+
+
 @functools.lru_cache(maxsize=None)
 def _runtime_type() -> type:
-    """abstractruntime's `Runtime`, asking the ledger for a step's reusable result by its index.
+    """abstractruntime's `Runtime`, with two guards a long-lived gateway needs. Built once, as the
+    runtime is imported lazily.
 
-    Before each effect the runtime looks for a completed record with the effect's idempotency key,
-    by reading and decoding the run's whole ledger: a cost that grows with every step of a long-lived
-    run (5,000 records: 120 ms a step, holding the GIL). The ledger store answers the same question
-    with one indexed read (`completed_record`). Built once, as the runtime is imported lazily.
+    - Before each effect the runtime looks for a completed record with the effect's idempotency key,
+      by reading and decoding the run's whole ledger: a cost that grows with every step of a
+      long-lived run (5,000 records: 120 ms a step, holding the GIL). The ledger store answers the
+      same question with one indexed read (`completed_record`).
+    - A flow that starts itself as a subflow (or A -> B -> A) would start child runs without end (200
+      a second, until the disk is full); a subflow nested `MAX_SUBFLOW_DEPTH` runs deep fails instead,
+      and with it each run above it.
     """
     from abstractruntime import Runtime
+    from abstractruntime.core.runtime import EffectOutcome
 
     class GatewayRuntime(Runtime):
         def _find_prior_completed_result(self, run_id: str, idempotency_key: str) -> Optional[Dict[str, Any]]:
             record = self._ledger_store.completed_record(run_id, idempotency_key)
             return record.get("result") if record is not None else None
+
+        def _handle_start_subworkflow(self, run: RunState, effect: Any, default_next_node: Optional[str]) -> Any:
+            depth, parent_id = 1, run.parent_run_id
+            while parent_id and depth < MAX_SUBFLOW_DEPTH:
+                parent = self._run_store.load(parent_id)
+                depth, parent_id = depth + 1, parent.parent_run_id if parent is not None else None
+            if depth >= MAX_SUBFLOW_DEPTH:
+                return EffectOutcome.failed(f"subflows are nested {MAX_SUBFLOW_DEPTH} runs deep: does a flow "
+                                            "start itself (directly or through another flow)?")
+            return super()._handle_start_subworkflow(run, effect, default_next_node)
 
     return GatewayRuntime
 
@@ -4523,7 +4603,8 @@ class Gateway:
         # The runtime writes through a unit of work, so each step's writes commit together (see `tick`).
         self.uow = UnitOfWork(self.stores.runs, self.stores.ledger)
         self.knowledge_graph = TripleStoreHandle(Path(config.data_dir) / "abstractmemory" / "kg.sqlite3")
-        self.llm = (LLMEffects(config, self.host, artifact_store=self.stores.artifacts, run_store=self.uow.runs)
+        self.llm = (LLMEffects(config, self.host, artifact_store=self.stores.artifacts, run_store=self.uow.runs,
+                               run_cancelled=lambda run_id: self.stores.runs.status_of(run_id) == "cancelled")
                     if self.host.llm_available else None)
         self.runtime = _runtime_type()(run_store=self.uow.runs, ledger_store=self.uow.ledger,
                                        artifact_store=self.stores.artifacts, workflow_registry=self.host,
@@ -5031,6 +5112,7 @@ class Runner:
         self._in_flight: set = set()
         self._again: set = set()  # in-flight runs submitted again meanwhile: ticked once more after
         self._lock = threading.Lock()
+        self._idle = threading.Condition(self._lock)  # notified as ticks end (`stop` waits for none in flight)
         self._stop = threading.Event()
         self._threads: List[threading.Thread] = []
         self._timers: List[Tuple[float, str]] = []  # heap of (due epoch seconds, run_id)
@@ -5053,19 +5135,30 @@ class Runner:
     def alive(self) -> bool:
         return bool(self._threads) and all(t.is_alive() for t in self._threads)
 
-    def stop(self, timeout: float = 10.0) -> None:
-        """Stop taking work, let in-flight ticks finish (each is bounded by max steps), release the lease."""
+    def stop(self, timeout: float = 5.0) -> int:
+        """Stop taking work, let in-flight ticks finish for up to `timeout`, release the lease; return
+        how many ticks are still running then (each waiting on a model, bounded only by
+        `llm_timeout_s`). Those are left behind: without the lease they can commit nothing, and
+        their steps run again on the next start, as after a crash. The caller may exit at once."""
         self._stop.set()
         self.gateway.wake_runner()
+        deadline = time.monotonic() + timeout
         for thread in self._threads:
-            thread.join(timeout)
-        self._pool.shutdown(wait=True)
+            thread.join(max(0.0, deadline - time.monotonic()))
+        self._pool.shutdown(wait=False, cancel_futures=True)
+        with self._idle:
+            self._idle.wait_for(lambda: not self._in_flight, max(0.0, deadline - time.monotonic()))
+            left = len(self._in_flight)
+        if left:
+            _log(f"runner {self.owner}: stopping with {left} tick(s) still waiting on a model; "
+                 "their steps are not committed and run again on the next start")
         if self.lease is not None:
             try:
                 self.gateway.stores.leases.release(self.LEASE, self.owner)
             except StorageError as exc:
                 _log(f"lease release failed: {exc.detail}")
             self.lease = None
+        return left
 
     def _renew_lease(self) -> None:
         try:
@@ -5186,6 +5279,7 @@ class Runner:
                 self._in_flight.discard(run_id)
                 again = run_id in self._again
                 self._again.discard(run_id)
+                self._idle.notify_all()
             if again and not goes_on:
                 goes_on = self._still_runnable(run_id)
             if goes_on and self.lease == lease:
@@ -9633,6 +9727,14 @@ def _ignore_file_size_signal() -> None:
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
 
 
+def _exit_leaving_model_calls() -> None:
+    """End the process now, after a clean stop that left ticks waiting on a model: the interpreter's
+    own exit would wait for those threads (a stalled model server: up to `llm_timeout_s`)."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
 def _close_gateway(gateway: Gateway) -> None:
     """The end of a clean stop: the WAL folded into the file (or a line saying why not), then closed."""
     problem = gateway.stores.db.checkpoint()
@@ -9691,9 +9793,10 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     server.shutdown()  # stop accepting; requests in progress finish
     app.drain(timeout=5.0)  # open streams send a final event and end
     server.server_close()
-    if runner is not None:
-        runner.stop()
+    left = runner.stop() if runner is not None else 0
     _close_gateway(gateway)
+    if left:
+        _exit_leaving_model_calls()
     return 0
 
 
@@ -9828,8 +9931,10 @@ def _cmd_runner(args: argparse.Namespace) -> int:
     stop = threading.Event()
     _wait_for_signal(stop)
     stop.wait()
-    runner.stop()
+    left = runner.stop()
     _close_gateway(gateway)
+    if left:
+        _exit_leaving_model_calls()
     return 0
 
 

@@ -165,6 +165,34 @@ def test_subflow_completes_parent(gateway, runner):
     assert len(gateway.stores.runs.list_children(parent_run_id=run_id)) == 1
 
 
+def test_a_flow_that_starts_itself_stops_at_the_subflow_depth_limit(gateway, runner):
+    """`parent` rewired to start itself as its subflow: one start would nest child runs without end.
+    The run `MAX_SUBFLOW_DEPTH` deep fails saying why, and no run is started past it."""
+    import io
+    import zipfile
+
+    loop = json.loads((FLOWS / "parent.json").read_text())
+    loop["id"] = "loop"
+    for node in loop["nodes"]:
+        if node["type"] == "subflow":
+            node["data"]["subflowId"] = "loop"
+    manifest = {"bundle_format_version": "1", "bundle_id": "selfrec", "bundle_version": "1.0.0",
+                "created_at": "2026-01-01T00:00:00Z", "entrypoints": [{"flow_id": "loop", "name": "loop"}],
+                "default_entrypoint": "loop", "flows": {"loop": "flows/loop.json"}}
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as archive:
+        archive.writestr("manifest.json", json.dumps(manifest))
+        archive.writestr("flows/loop.json", json.dumps(loop))
+    gateway.host.install(buf.getvalue())
+    gateway.host.reload()
+    root = gateway.start_run(bundle_id="selfrec")
+    wait_for(lambda: _status(gateway, root) in ("completed", "failed"), timeout=30)
+    runs = gateway.stores.runs.list_runs(limit=1000)
+    assert len(runs) == gw.MAX_SUBFLOW_DEPTH
+    deepest = [r for r in runs if r.status.value == "failed"]
+    assert len(deepest) == 1 and "does a flow start itself" in deepest[0].error
+
+
 def test_a_child_run_and_its_parent_go_on_without_waiting_for_a_poll(data_dir):
     """A tick that starts a child submits it, and the child's last tick submits its resumed parent: with a
     poll interval far longer than the wait, the tree still completes (nothing waits to be found by a scan)."""
