@@ -28,6 +28,12 @@ What it measures:
    default settings: 100 runs in <= 2.5 s (the original gateway: 40 runs in 10.9 s, because its
    4 tick workers serialize the model calls).
 
+3. Memory after big answers: a `serve` process (the CLI, with its allocator setting) and N runs
+   (default 5) one after the other whose model answers 3 MB each; its RSS after each run. The same
+   again with MALLOC_MMAP_THRESHOLD_=32 MiB and MALLOC_TRIM_THRESHOLD_=64 MiB, where glibc's own
+   dynamic thresholds go once multi-megabyte blocks have been freed: the baseline the gateway's
+   setting is measured against.
+
 How to run (from the repository root, with `pip install -e '.[llm]'`):
 
     python bench/llm.py            # full run (about half a minute on 2 cores)
@@ -120,11 +126,12 @@ def main() -> int:
     parser.add_argument("--sequential", type=int, default=30)
     parser.add_argument("--concurrent", type=int, default=100)
     parser.add_argument("--delay", type=float, default=1.0, help="seconds the slow model takes per answer")
+    parser.add_argument("--big-answers", type=int, default=5, help="runs with a 3 MB answer (phase 3)")
     parser.add_argument("--synchronous", choices=("FULL", "NORMAL"), default="FULL",
                         help="SQLite durability (default FULL, the gateway's default)")
     args = parser.parse_args()
     if args.quick:
-        args.sequential, args.concurrent = 10, 40
+        args.sequential, args.concurrent, args.big_answers = 10, 40, 3
 
     fake = FakeModel()
     os.environ.update(OPENAI_BASE_URL=fake.base_url, OPENAI_API_KEY="sk-fake-not-a-key")
@@ -174,12 +181,69 @@ def main() -> int:
               f"(goal for 100: <= 2.5 s)\n"
               f"   timeline: all {args.concurrent} starts durable at {started:.2f} s; model calls began from "
               f"{calls[0]:.2f} s to {calls[-1]:.2f} s (median {statistics.median(calls):.2f} s)")
+        fake.control(delay_s=0, answer_bytes=3 * 2**20)
+        for label, extra in (("the gateway's setting", {}),
+                             ("glibc's thresholds after one big free", {"MALLOC_MMAP_THRESHOLD_": str(32 * 2**20),
+                                                                       "MALLOC_TRIM_THRESHOLD_": str(64 * 2**20)})):
+            rss = _serve_big_answers(fake, tmp / f"serve-{len(extra)}", flows, args.big_answers, extra)
+            print(f"3. RSS of `serve` after each of {args.big_answers} runs with a 3 MB answer, {label}: "
+                  + ", ".join(f"{mb:.0f}" for mb in rss) + " MB")
     finally:
         runner.stop()
         gateway.close()
         fake.close()
         shutil.rmtree(tmp, ignore_errors=True)
     return 0
+
+
+def _serve_big_answers(fake: "FakeModel", data_dir: Path, flows: Path, runs: int, extra_env: dict) -> list:
+    """RSS (MB) of a `serve` process after each of `runs` runs of basic-llm-test, one after the other."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    token = "bench-token-0123456789abcdef"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("ABSTRACTGATEWAY_", "MALLOC_"))}
+    env.update(ABSTRACTGATEWAY_DATA_DIR=str(data_dir), ABSTRACTGATEWAY_FLOWS_DIR=str(flows),
+               ABSTRACTGATEWAY_PORT=str(port), ABSTRACTGATEWAY_AUTH_TOKEN=token, ABSTRACTGATEWAY_PROVIDER="openai",
+               ABSTRACTGATEWAY_MODEL="gpt-5-mini", **extra_env)
+    proc = subprocess.Popen([sys.executable, str(ROOT / "abstractgateway.py"), "serve"], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    base = f"http://127.0.0.1:{port}/api/gateway"
+
+    def call(method: str, path: str, body: object = None) -> dict:
+        request = urllib.request.Request(base + path, method=method,
+                                         data=json.dumps(body).encode() if body is not None else None,
+                                         headers={"Authorization": f"Bearer {token}",
+                                                  "Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=60) as resp:
+            return json.loads(resp.read())
+
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                call("GET", "/ping")
+                break
+            except OSError:
+                if time.monotonic() > deadline or proc.poll() is not None:
+                    raise SystemExit("serve did not start") from None
+                time.sleep(0.05)
+        rss = []
+        for i in range(runs):
+            run_id = call("POST", "/runs/start", {"bundle_id": "basic-llm-test", "input_data": {"prompt": f"big {i}"}})[
+                "run_id"]
+            while (status := call("GET", f"/runs/{run_id}")["status"]) not in ("completed", "failed", "cancelled"):
+                time.sleep(0.05)
+            if status != "completed":
+                raise SystemExit(f"run {run_id} ended {status}")
+            with open(f"/proc/{proc.pid}/status") as f:
+                rss.append(next(int(line.split()[1]) for line in f if line.startswith("VmRSS")) / 1024)
+        return rss
+    finally:
+        proc.terminate()
+        proc.wait(30)
 
 
 if __name__ == "__main__":

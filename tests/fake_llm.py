@@ -6,6 +6,7 @@
   conversation yet, it answers with a call of that tool (so a test chooses which agents call tools);
 - `delay_s` makes every completion take that long (settable at run time: `POST /_control {"delay_s": 1}`);
 - `fail_status` makes every completion answer that HTTP error status;
+- `answer_bytes` pads every plain answer to that many characters (`POST /_control {"answer_bytes": N}`);
 - `GET /_stats` says how many completions were asked for, how many ran at once at most, how much
   time they spent inside the server (`served_s`) and when each began (`began`, epoch seconds);
   `POST /_control {"reset_max_in_flight": true}` restarts the high-water mark.
@@ -59,6 +60,7 @@ class _FakeLLMHandler(BaseHTTPRequestHandler):
         if path == "/_control":
             with fake._lock:
                 fake.delay_s = float(body.get("delay_s", fake.delay_s))
+                fake.answer_bytes = int(body.get("answer_bytes", fake.answer_bytes))
                 if body.get("reset_max_in_flight"):
                     fake.max_in_flight = fake.in_flight
             self._json({"delay_s": fake.delay_s})
@@ -107,6 +109,8 @@ class _FakeLLMHandler(BaseHTTPRequestHandler):
                        fake.fail_status)
             return
         message = reply_to(body)
+        if fake.answer_bytes and not message.get("tool_calls"):
+            message["content"] = message["content"].ljust(fake.answer_bytes, ".")
         model = str(body.get("model") or "fake-model")
         cid = f"chatcmpl-{uuid.uuid4().hex[:12]}"
         finish = "tool_calls" if message.get("tool_calls") else "stop"
@@ -137,6 +141,7 @@ class FakeLLM:
     def __init__(self, port: int = 0, delay_s: float = 0.0) -> None:
         self.delay_s = delay_s
         self.fail_status = 0  # when set, completions answer this HTTP error status
+        self.answer_bytes = 0  # when set, plain answers are padded to this many characters
         self.calls = 0
         self.in_flight = 0
         self.max_in_flight = 0
