@@ -186,8 +186,8 @@ SETTINGS: Tuple[Setting, ...] = (
             help="Model calls in flight at once across all runs (1 for a single local model on a small machine)."),
     Setting(name="llm_timeout_s", env="ABSTRACTGATEWAY_LLM_TIMEOUT_S", kind="float", default=600.0,
             help="A model call not answered after this long fails its step (the run fails, saying why) and frees "
-                 "its slot; it is also the provider's request timeout. A call whose run is cancelled meanwhile is "
-                 "let go at once."),
+                 "its slot (the model server is taken for stalled); it is also the provider's request timeout and "
+                 "retry budget."),
     Setting(name="tool_mode", env="ABSTRACTGATEWAY_TOOL_MODE", flag="--tool-mode", kind="choice", default="passthrough",
             choices=("passthrough", "local"),
             help="`passthrough`: a tool call becomes a durable approval wait a client answers; `local`: the gateway "
@@ -304,11 +304,14 @@ def _setting_flag(raw: Any) -> bool:
 
 
 def _existing_dir(raw: Any) -> str:
-    """An existing directory, resolved; unset stays "" (never the working directory)."""
+    """An existing directory other than `/`, resolved; unset stays "" (never the working directory)."""
     text = str(raw or "").strip()
     if text and not Path(text).expanduser().is_dir():
         raise ValueError(f"{text!r} is not a directory")
-    return os.path.realpath(Path(text).expanduser()) if text else ""
+    real = os.path.realpath(Path(text).expanduser()) if text else ""
+    if real == os.path.sep:
+        raise ValueError("the filesystem root would expose /proc, /etc and every user's files")
+    return real
 
 
 def _parse_setting(setting: Setting, raw: Any) -> Any:
@@ -346,6 +349,8 @@ def parse_workspace_mounts(raw: Any) -> Dict[str, Path]:
             raise ValueError(f"mount {name!r}: the path must be absolute, got {path_text!r}")
         if not path.is_dir():
             raise ValueError(f"mount {name!r}: {path_text!r} is not a directory")
+        if os.path.realpath(path) == os.path.sep:
+            raise ValueError(f"mount {name!r}: the filesystem root would expose /proc, /etc and every user's files")
         if name in mounts:
             raise ValueError(f"mount {name!r} is given twice")
         mounts[name] = Path(os.path.realpath(path))
@@ -381,6 +386,8 @@ class Config:
                 values[setting.name] = _parse_setting(setting, raw)
             except ValueError as exc:
                 raise ConfigError(f"{setting.env}: {exc}") from None
+            if setting.kind == "float" and not math.isfinite(values[setting.name]):
+                raise ConfigError(f"{setting.env}: must be a finite number, got {raw!r}")
             if setting.kind in ("int", "float") and values[setting.name] < setting.minimum:
                 raise ConfigError(f"{setting.env}: must be at least {setting.minimum:g}, got {raw!r}")
             sources[setting.name] = source
@@ -788,10 +795,11 @@ def _refuse_damaged(path: Path, conn: apsw.Connection) -> None:
         raise SchemaError(f"{path} is damaged ({'; '.join(rows[:3])}). {_RESTORE_HINT}")
 
 
-def _missing_tables(conn: apsw.Connection) -> List[str]:
-    """Tables schema.sql creates that the file lacks (a file from another program, or mangled)."""
-    expected = set(re.findall(r"CREATE TABLE (\w+)", _read_schema_text()))
-    present = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+def _missing_tables(conn: apsw.Connection, kind: str = "table") -> List[str]:
+    """Tables (or indexes) schema.sql creates that the file lacks (a file from another program, or mangled)."""
+    pattern = r"CREATE TABLE (\w+)" if kind == "table" else r"CREATE (?:UNIQUE )?INDEX (\w+)"
+    expected = set(re.findall(pattern, _read_schema_text()))
+    present = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = ?", (kind,))}
     return sorted(expected - present)
 
 
@@ -1644,10 +1652,13 @@ class SqliteLedgerStore(LedgerStore):
                " SELECT ?1, COALESCE(MAX(seq), 0) + 1, ?2 FROM ledger WHERE run_id = ?1 RETURNING seq")
     _INSERT = "INSERT INTO ledger (run_id, seq, record_json) VALUES (?, ?, ?)"
     _PAGE = "SELECT record_json FROM ledger WHERE run_id = ? AND seq > ? ORDER BY seq LIMIT ?"
-    _COMPLETED = ("SELECT record_json FROM ledger INDEXED BY ledger_completed_by_key"
-                  " WHERE run_id = ? AND json_extract(record_json, '$.idempotency_key') = ?"
-                  " AND json_valid(record_json, 2) AND json_extract(record_json, '$.status') = 'completed'"
-                  " ORDER BY seq LIMIT 1")
+    # By the partial index `ledger_completed_by_key` (schema.sql; the planner, left alone, walks the run's
+    # records by primary key instead). Validity first, so a damaged record is skipped, not an error,
+    # in the scan that stands in when the index is missing (which `check` reports).
+    _COMPLETED_SCAN = ("SELECT record_json FROM ledger WHERE run_id = ?2 AND json_valid(record_json, 2)"
+                       " AND json_extract(record_json, '$.status') = 'completed'"
+                       " AND json_extract(record_json, '$.idempotency_key') = ?1 ORDER BY seq LIMIT 1")
+    _COMPLETED = _COMPLETED_SCAN.replace("FROM ledger", "FROM ledger INDEXED BY ledger_completed_by_key")
     _COUNT = ("INSERT INTO run_metrics (run_id, steps, llm_calls, tool_calls, tokens_total) VALUES (?, 1, ?, ?, ?)"
               " ON CONFLICT(run_id) DO UPDATE SET steps = steps + 1, llm_calls = llm_calls + excluded.llm_calls,"
               " tool_calls = tool_calls + excluded.tool_calls, tokens_total = tokens_total + excluded.tokens_total")
@@ -1695,8 +1706,14 @@ class SqliteLedgerStore(LedgerStore):
 
     def completed_record(self, run_id: str, idempotency_key: str) -> Optional[Dict[str, Any]]:
         """The run's first completed record with `idempotency_key`, by the index schema.sql keeps for
-        it: one record read, however long the ledger."""
-        row = self.db.query_one(self._COMPLETED, (str(run_id), str(idempotency_key)))
+        it: one record read, however long the ledger (without the index, a scan of the run's records)."""
+        params = (str(idempotency_key), str(run_id))
+        try:
+            row = self.db.query_one(self._COMPLETED, params)
+        except apsw.SQLError as exc:
+            if "no such index" not in str(exc):
+                raise
+            row = self.db.query_one(self._COMPLETED_SCAN, params)
         return _first_completed([json.loads(row[0])], idempotency_key) if row else None
 
     def count(self, run_id: str) -> int:
@@ -2493,7 +2510,7 @@ class StepWrites:
     runs: Dict[str, Tuple[Any, ...]] = field(default_factory=dict)
     ledger: List[Tuple[str, str]] = field(default_factory=list)
     base: Dict[str, Optional[str]] = field(default_factory=dict)
-    loaded: Dict[str, Tuple[str, RunState]] = field(default_factory=dict)
+    loaded: Dict[str, Tuple[str, Optional[RunState]]] = field(default_factory=dict)  # see _BufferedRunStore.load
     _saved: List[Dict[str, Tuple[Any, ...]]] = field(default_factory=list)
 
     def mark(self) -> Tuple[int, int]:
@@ -2524,7 +2541,6 @@ class UnitOfWork:
         self._local = threading.local()
         self.runs = _BufferedRunStore(runs, self._local)
         self.ledger = _BufferedLedgerStore(ledger, self._local)
-
 
     @contextmanager
     def collect(self, writes: Optional[StepWrites] = None) -> Iterator[StepWrites]:
@@ -2566,10 +2582,10 @@ class _BufferedRunStore:
         """Inside `collect()`: the run as this thread's step left it, else as stored.
 
         The runtime loads a run three times per step: once to work on, then twice more before
-        committing, to see whether a pause or cancel was stored meanwhile. When the stored text
-        is still the one the step first decoded, those checks get that same object back instead
-        of a fresh decode (a third of a step's cost on a large run): nothing but a command sets
-        the status or pause flag they look at, and a command changes the text.
+        committing, to see whether a pause or cancel was stored meanwhile. The two checks share
+        one decode while the stored text is unchanged (a third of a step's cost on a large run).
+        They get their own object, never the first one, which the runtime changes as the step
+        goes: they must see the run as stored.
         """
         writes: Optional[StepWrites] = getattr(self._local, "writes", None)
         if writes is None:
@@ -2582,12 +2598,13 @@ class _BufferedRunStore:
         if text is None:
             return None
         seen = writes.loaded.get(key)
-        if seen is not None and seen[0] == text:
+        if seen is not None and seen[0] == text and seen[1] is not None:
             return seen[1]
         states = _run_rows_to_states([(text,)])
-        if states:
-            writes.loaded[key] = (text, states[0])
-        return states[0] if states else None
+        state = states[0] if states else None
+        # the step's first load is the runtime's to change: only a later one is kept for sharing
+        writes.loaded[key] = (text, state if seen is not None and seen[0] == text else None)
+        return state
 
 
 class _BufferedLedgerStore:
@@ -2977,6 +2994,8 @@ def check_database(db: Database) -> Tuple[Dict[str, Any], List[str]]:
         problems.append(f"schema version {version}, expected {SCHEMA_VERSION}")
     missing = _checked("tables", lambda: _missing_tables(db.connection())) or []
     problems.extend(f"table {name} is missing" for name in missing)
+    problems.extend(f"index {name} is missing (queries that use it are slow)"
+                    for name in _checked("indexes", lambda: _missing_tables(db.connection(), "index")) or [])
     if "ledger" not in missing:
         gaps = _checked("ledger gaps", lambda: db.query(
             "SELECT run_id, COUNT(*), MAX(seq) FROM ledger GROUP BY run_id HAVING COUNT(*) != MAX(seq)")) or []
@@ -3323,9 +3342,10 @@ def _iso_after(seconds: float) -> str:
 def _parse_time(text: Optional[str], name: str) -> datetime:
     try:
         value = datetime.fromisoformat(str(text).strip().replace("Z", "+00:00"))
-    except ValueError:
-        raise GatewayError(f"{name} must be an ISO-8601 time, got {text!r}", code="invalid_schedule") from None
-    return (value if value.tzinfo else value.replace(tzinfo=timezone.utc)).astimezone(timezone.utc)
+        return (value if value.tzinfo else value.replace(tzinfo=timezone.utc)).astimezone(timezone.utc)
+    except (ValueError, OverflowError):  # not a time, or one whose UTC falls outside years 1-9999
+        raise GatewayError(f"{name} must be an ISO-8601 time, got {str(text)[:80]!r}",
+                           code="invalid_schedule") from None
 
 
 def schedule_definition(target: str, *, start_at: Optional[str], interval: Optional[str],
@@ -3946,35 +3966,46 @@ def capabilities() -> Dict[str, Dict[str, Any]]:
 
 
 class LLMCallAbandoned(RuntimeError):
-    """A model call the gateway stopped waiting for (too slow, or its run was cancelled meanwhile)."""
+    """A model call the gateway stopped waiting for: it did not answer within `llm_timeout_s`."""
 
 
-LLM_WATCH_S = 0.5  # how often a step waiting on a model looks whether its run was cancelled
+def _answer_within(call: Callable[..., Any], kwargs: Dict[str, Any], timeout_s: float) -> Any:
+    """`call(**kwargs)` made on a thread of its own while this one waits, at most `timeout_s`.
 
+    Past that the model server is taken for stalled (a server that accepts a request and never
+    answers, or trickles bytes, passes any per-read timeout): the caller gets `LLMCallAbandoned`
+    and the call is left to end unheard. The call's progress events (`params["on_progress"]`,
+    which append ledger records) are handed back and run here, on the step's own thread: its
+    writes stay in the step, and none come from an abandoned call.
+    """
+    import queue
 
-def _answer_within(call: Callable[[], Any], timeout_s: float, abandoned: Callable[[], bool]) -> Any:
-    """`call()`, made on a thread of its own while this one watches: past `timeout_s`, or once
-    `abandoned()` says so, the caller is told (`LLMCallAbandoned`) and the call is left to finish
-    unheard (the provider's own timeout ends it). The waiting step then frees its model slot at once."""
     box: Dict[str, Any] = {}
-    done = threading.Event()
+    events: "queue.SimpleQueue[Optional[Tuple[tuple, dict]]]" = queue.SimpleQueue()
+    params = kwargs.get("params")
+    on_progress = params.get("on_progress") if isinstance(params, dict) else None
+    if callable(on_progress):
+        kwargs = {**kwargs, "params": {**params, "on_progress": lambda *a, **kw: events.put((a, kw))}}
 
     def work() -> None:
         try:
-            box["result"] = call()
+            box["result"] = call(**kwargs)
         except BaseException as exc:  # noqa: BLE001 - handed to the waiting thread as it is
             box["error"] = exc
         finally:
-            done.set()
+            events.put(None)
 
     threading.Thread(target=work, name="llm-call", daemon=True).start()
     deadline = time.monotonic() + timeout_s
-    while not done.wait(min(LLM_WATCH_S, max(0.0, deadline - time.monotonic()))):
-        if time.monotonic() >= deadline:
+    while True:
+        try:
+            event = events.get(timeout=max(0.0, deadline - time.monotonic()))
+        except queue.Empty:
             raise LLMCallAbandoned(f"the model did not answer within {timeout_s:g}s "
-                                   "(ABSTRACTGATEWAY_LLM_TIMEOUT_S)")
-        if abandoned():
-            raise LLMCallAbandoned("the run was cancelled while its model call ran; the answer is not used")
+                                   "(ABSTRACTGATEWAY_LLM_TIMEOUT_S)") from None
+        if event is None:
+            break
+        on_progress(*event[0], **event[1])
     if "error" in box:
         raise box["error"]
     return box["result"]
@@ -3988,14 +4019,14 @@ class _LazyLLMClient:
     the runtime's handlers call) goes through `guard`, which bounds how long a step waits.
     """
 
-    def __init__(self, build: Callable[[], Any], guard: Callable[[Callable[[], Any]], Any]) -> None:
+    def __init__(self, build: Callable[[], Any], guard: Callable[[Callable[..., Any], Dict[str, Any]], Any]) -> None:
         self._build = build
         self._guard = guard
         self._client: Any = None
         self._lock = threading.Lock()
 
     def generate(self, **kwargs: Any) -> Any:
-        return self._guard(lambda: self._get().generate(**kwargs))
+        return self._guard(lambda **kw: self._get().generate(**kw), kwargs)
 
     def _get(self) -> Any:
         if self._client is None:
@@ -4021,14 +4052,13 @@ class LLMEffects:
     object is also the runtime's executor for `{"approved": true}` resumes.
     """
 
-    def __init__(self, config: Config, host: WorkflowHost, *, artifact_store: Any, run_store: Any,
-                 run_cancelled: Callable[[str], bool] = lambda _run_id: False) -> None:
+    def __init__(self, config: Config, host: WorkflowHost, *, artifact_store: Any, run_store: Any) -> None:
         self.host = host
         self.tool_mode = config.tool_mode
         self.timeout_s = config.llm_timeout_s
         self.slots = threading.BoundedSemaphore(config.llm_concurrency)
-        self._run_cancelled = run_cancelled
-        self._calling = threading.local()  # the run whose model call this thread makes
+        self.waiting = 0  # steps waiting on a model now (a clean stop need not wait for those)
+        self._waiting_lock = threading.Lock()
         self._artifact_store, self._run_store = artifact_store, run_store
         self._data_dir = Path(config.data_dir)
         self._built: Dict[Any, Any] = {}
@@ -4065,20 +4095,32 @@ class LLMEffects:
             raise RuntimeError(f"no LLM provider or model is configured: {LLM_SETTINGS_HINT}")
         return MultiLocalAbstractCoreLLMClient(
             provider=provider, model=model, artifact_store=self._artifact_store,
-            # abstractcore's own timeout default is two hours. Its trace ring (the last 50 requests and
-            # answers of each provider, whole) serves no route here and held 300 MB after a few 3 MB
-            # answers: kept empty (answers still carry their trace ids).
-            llm_kwargs={"timeout": self.timeout_s, "max_traces": 0},
+            llm_kwargs=self._provider_options(),
             bloc_root_dir=self._data_dir / "llm" / "blocs",
             prompt_cache_export_root_dir=self._data_dir / "llm" / "prompt_cache")
 
-    def _guarded(self, call: Callable[[], Any]) -> Any:
-        """A model call bounded by `llm_timeout_s`, and let go once its run is cancelled: the run will
-        never use the answer, and its slot is better given to a run that goes on. (A paused run's call
-        is waited for: its answer is recorded and reused when the run is resumed.)"""
-        run_id = getattr(self._calling, "run_id", None)
-        return _answer_within(call, self.timeout_s,
-                              (lambda: self._run_cancelled(run_id)) if run_id else (lambda: False))
+    def _provider_options(self) -> Dict[str, Any]:
+        """abstractcore provider settings: its request timeout (its own default is two hours) and, where
+        it has one, a wall-clock budget for its retries, both `llm_timeout_s`, so a call the gateway
+        stopped waiting for ends soon after. Its trace ring (the last 50 requests and answers of each
+        provider, whole) serves no route here and held 300 MB after a few 3 MB answers: kept empty
+        (answers still carry their trace ids)."""
+        from abstractcore.core.retry import RetryConfig
+
+        options: Dict[str, Any] = {"timeout": self.timeout_s, "max_traces": 0}
+        if "max_total_wall_clock_s" in {f.name for f in dataclasses.fields(RetryConfig)}:
+            options["retry_wall_clock_budget_s"] = self.timeout_s
+        return options
+
+    def _guarded(self, call: Callable[..., Any], kwargs: Dict[str, Any]) -> Any:
+        """A model call, waited for at most `llm_timeout_s` (see `_answer_within`)."""
+        with self._waiting_lock:
+            self.waiting += 1
+        try:
+            return _answer_within(call, kwargs, self.timeout_s)
+        finally:
+            with self._waiting_lock:
+                self.waiting -= 1
 
     def _llm_call(self, run: RunState, effect: Any, default_next_node: Optional[str]) -> Any:
         payload = dict(effect.payload or {})
@@ -4090,11 +4132,7 @@ class LLMEffects:
                 effect = dataclasses.replace(effect, payload=payload)
         handler = self._integration()[EffectType.LLM_CALL]
         with self.slots:
-            self._calling.run_id = run.run_id
-            try:
-                return handler(run, effect, default_next_node)
-            finally:
-                self._calling.run_id = None
+            return handler(run, effect, default_next_node)
 
     def _model_residency(self, run: RunState, effect: Any, default_next_node: Optional[str]) -> Any:
         return self._integration()[EffectType.MODEL_RESIDENCY](run, effect, default_next_node)
@@ -4606,8 +4644,7 @@ class Gateway:
         # The runtime writes through a unit of work, so each step's writes commit together (see `tick`).
         self.uow = UnitOfWork(self.stores.runs, self.stores.ledger)
         self.knowledge_graph = TripleStoreHandle(Path(config.data_dir) / "abstractmemory" / "kg.sqlite3")
-        self.llm = (LLMEffects(config, self.host, artifact_store=self.stores.artifacts, run_store=self.uow.runs,
-                               run_cancelled=lambda run_id: self.stores.runs.status_of(run_id) == "cancelled")
+        self.llm = (LLMEffects(config, self.host, artifact_store=self.stores.artifacts, run_store=self.uow.runs)
                     if self.host.llm_available else None)
         self.runtime = _runtime_type()(run_store=self.uow.runs, ledger_store=self.uow.ledger,
                                        artifact_store=self.stores.artifacts, workflow_registry=self.host,
@@ -5139,29 +5176,35 @@ class Runner:
         return bool(self._threads) and all(t.is_alive() for t in self._threads)
 
     def stop(self, timeout: float = 5.0) -> int:
-        """Stop taking work, let in-flight ticks finish for up to `timeout`, release the lease; return
-        how many ticks are still running then (each waiting on a model, bounded only by
-        `llm_timeout_s`). Those are left behind: without the lease they can commit nothing, and
-        their steps run again on the next start, as after a crash. The caller may exit at once."""
+        """Stop taking work, let in-flight ticks and commands finish, release the lease; return how
+        many are left behind waiting on a model.
+
+        Work in flight is waited for as long as it takes (a tool, a subflow), except a step waiting
+        on a model (bounded only by `llm_timeout_s`): once `timeout` has passed and all that is left
+        waits on a model, it is left behind. Without the lease it can commit nothing; its step runs
+        again on the next start, as after a crash, and the caller may exit at once.
+        """
         self._stop.set()
         self.gateway.wake_runner()
         deadline = time.monotonic() + timeout
-        for thread in self._threads:
-            thread.join(max(0.0, deadline - time.monotonic()))
-        self._pool.shutdown(wait=False, cancel_futures=True)
-        with self._idle:
-            self._idle.wait_for(lambda: not self._in_flight, max(0.0, deadline - time.monotonic()))
-            left = len(self._in_flight)
-        if left:
-            _log(f"runner {self.owner}: stopping with {left} tick(s) still waiting on a model; "
-                 "their steps are not committed and run again on the next start")
+        self._pool.shutdown(wait=False, cancel_futures=True)  # queued ticks never start (see `_submit`)
+        while True:
+            with self._idle:
+                self._idle.wait_for(lambda: not self._in_flight, 0.1)
+                busy = len(self._in_flight) + sum(t.is_alive() for t in self._threads)
+            waiting = self.gateway.llm.waiting if self.gateway.llm is not None else 0
+            if not busy or (time.monotonic() >= deadline and busy <= waiting):
+                break
+        if busy:
+            _log(f"runner {self.owner}: stopping with {busy} step(s) still waiting on a model; "
+                 "they are not committed and run again on the next start")
         if self.lease is not None:
             try:
                 self.gateway.stores.leases.release(self.LEASE, self.owner)
             except StorageError as exc:
                 _log(f"lease release failed: {exc.detail}")
             self.lease = None
-        return left
+        return busy
 
     def _renew_lease(self) -> None:
         try:
@@ -5262,7 +5305,19 @@ class Runner:
                 self._again.add(run_id)  # its tick may have read the run before what asked for this
                 return
             self._in_flight.add(run_id)
-        self._pool.submit(self._tick, run_id, lease)
+        try:
+            future = self._pool.submit(self._tick, run_id, lease)
+        except RuntimeError:  # the pool was shut down meanwhile (stopping)
+            self._settled(run_id)
+            return
+        future.add_done_callback(lambda f: self._settled(run_id) if f.cancelled() else None)
+
+    def _settled(self, run_id: str) -> None:
+        """A tick that will not run (cancelled in the queue by `stop`) is in flight no more."""
+        with self._lock:
+            self._in_flight.discard(run_id)
+            self._again.discard(run_id)
+            self._idle.notify_all()
 
     def _tick(self, run_id: str, lease: LeaseToken) -> None:
         goes_on = False
@@ -5371,9 +5426,10 @@ class Workspace:
     binary is reported inside `content`, not as an error.
     """
 
-    def __init__(self, mounts: Dict[str, Path], root: str = "") -> None:
+    def __init__(self, mounts: Dict[str, Path], root: str = "", private: Sequence[Path] = ()) -> None:
         self.mounts = {name: Path(os.path.realpath(path)) for name, path in mounts.items()}
         self.root = Path(os.path.realpath(Path(root).expanduser())) if str(root or "").strip() else None
+        self.private = [Path(os.path.realpath(path)) for path in private]  # never read (the gateway's data)
         self._index_lock = threading.Lock()
         self._indexed: Optional[Tuple[float, List[Tuple[str, str, str, str]]]] = None
 
@@ -5395,31 +5451,42 @@ class Workspace:
                                "ABSTRACTGATEWAY_WORKSPACE_MOUNTS)", code="workspace_not_configured")
         text = text.replace("\\", "/")
         try:
-            if text.startswith("/"):
-                real = Path(os.path.realpath(text))
-                inside = [(name, place) for name, place in self._places() if _is_within(real, place)]
-                if not inside:
-                    raise GatewayError("path is outside workspace roots", code="path_outside_workspace")
-                name, place = max(inside, key=lambda item: len(str(item[1])))
-            else:
-                parts = [p for p in text.split("/") if p not in ("", ".")]
-                if ".." in parts:
-                    raise GatewayError("path escapes workspace root", code="path_escape")
-                if parts and parts[0] in self.mounts:
-                    name, place, parts = parts[0], self.mounts[parts[0]], parts[1:]
-                elif self.root is not None:
-                    name, place = "", self.root
-                else:
-                    raise GatewayError("path must start with a workspace mount name"
-                                       f" ({', '.join(sorted(self.mounts))})",
-                                       code="path_outside_workspace")
-                real = Path(os.path.realpath(place.joinpath(*parts)))
-                if not _is_within(real, place):  # a symlink pointing out of its directory
-                    raise GatewayError("path escapes workspace root", code="path_escape")
+            name, place, real = self._absolute(text) if text.startswith("/") else self._relative(text)
         except (OSError, ValueError):
             raise GatewayError("invalid path", code="invalid_path") from None
+        if any(_is_within(real, private) for private in self.private):
+            raise GatewayError("path is inside the gateway's own data directory", code="path_outside_workspace")
         rel = real.relative_to(place).as_posix()
         return real, "/".join(part for part in (name, "" if rel == "." else rel) if part) or "."
+
+    def _absolute(self, text: str) -> Tuple[str, Path, Path]:
+        """(name, directory, real path) of an absolute path: it must lie inside the root or a mount."""
+        real = Path(os.path.realpath(text))
+        inside = [(name, place) for name, place in self._places() if _is_within(real, place)]
+        if not inside:
+            raise GatewayError("path is outside workspace roots", code="path_outside_workspace")
+        name, place = max(inside, key=lambda item: len(str(item[1])))
+        if not name and real.relative_to(place).parts[:1] and real.relative_to(place).parts[0] in self.mounts:
+            raise GatewayError("path is under the workspace root where a mount of the same name is read instead",
+                               code="path_outside_workspace")
+        return name, place, real
+
+    def _relative(self, text: str) -> Tuple[str, Path, Path]:
+        """(name, directory, real path) of `mount/rel` or (with a root) `rel`, confined to its directory."""
+        parts = [p for p in text.split("/") if p not in ("", ".")]
+        if ".." in parts:
+            raise GatewayError("path escapes workspace root", code="path_escape")
+        if parts and parts[0] in self.mounts:
+            name, place, parts = parts[0], self.mounts[parts[0]], parts[1:]
+        elif self.root is not None:
+            name, place = "", self.root
+        else:
+            raise GatewayError(f"path must start with a workspace mount name ({', '.join(sorted(self.mounts))})",
+                               code="path_outside_workspace")
+        real = Path(os.path.realpath(place.joinpath(*parts)))
+        if not _is_within(real, place):  # a symlink pointing out of its directory
+            raise GatewayError("path escapes workspace root", code="path_escape")
+        return name, place, real
 
     def search(self, query: str, limit: int) -> List[Dict[str, Any]]:
         """Files whose path contains `query` (case-insensitive): name-prefix hits first, then shorter paths."""
@@ -6257,21 +6324,29 @@ _FALSE_WORDS = frozenset(("0", "false", "f", "no", "n", "off"))
 
 
 def _parse_flag(text: str) -> bool:
-    word = text.strip().lower()
+    word = text.lower()
     if word in _TRUE_WORDS or word in _FALSE_WORDS:
         return word in _TRUE_WORDS
     raise ValueError(f"expected a boolean, got {text!r}")
 
 
+_WHOLE_NUMBER = re.compile(r"\s*([+-]?\d+)(?:\.0*)?\s*", re.ASCII)
+_DECIMAL = re.compile(r"\s*[+-]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][+-]?\d+)?\s*", re.ASCII)
+
+
 def _parse_whole_number(text: str) -> int:
-    """An integer, also written as an integral decimal (`2.0`), as pydantic's lax mode reads it."""
-    try:
-        return int(text)
-    except ValueError:
-        number = float(text)
-        if not (math.isfinite(number) and number.is_integer()):
-            raise
-        return int(number)
+    """An integer in ASCII digits, also written as an integral decimal (`2.0`), as pydantic's lax mode
+    reads one (not `1e3`, nor other scripts' digits)."""
+    match = _WHOLE_NUMBER.fullmatch(text)
+    if match is None:
+        raise ValueError(f"not an integer: {text[:80]!r}")
+    return int(match.group(1))
+
+
+def _parse_decimal(text: str) -> float:
+    if _DECIMAL.fullmatch(text) is None:
+        raise ValueError(f"not a number: {text[:80]!r}")
+    return float(text)
 
 
 def _parse_param(param: Param, raw: Optional[str]) -> Any:
@@ -6290,7 +6365,7 @@ def _parse_param(param: Param, raw: Optional[str]) -> Any:
         if param.kind == "int":
             value: Any = _parse_whole_number(raw)
         elif param.kind == "float":
-            value = float(raw)
+            value = _parse_decimal(raw)
         elif param.kind == "bool":
             value = _parse_flag(raw)
         else:
@@ -6324,13 +6399,18 @@ def _lax_scalar(value: Any, json_type: str) -> Any:
             return bool(value)
         if isinstance(value, str):
             return _parse_flag(value)
-    elif json_type in ("integer", "number"):
+    elif json_type == "integer":
+        if isinstance(value, float) and value.is_integer() and abs(value) < 2 ** 63:
+            return int(value)
+        if isinstance(value, str) and len(value) <= 64:
+            return _parse_whole_number(value)
         if isinstance(value, bool):
             return int(value)
-        if isinstance(value, (int, float)) or (isinstance(value, str) and len(value) <= 64):
-            number = _parse_whole_number(str(value)) if json_type == "integer" else float(value)
-            if math.isfinite(number):
-                return number
+    elif json_type == "number":
+        if isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str) and len(value) <= 64 and math.isfinite(number := _parse_decimal(value)):
+            return number
     raise ValueError(f"not a {json_type}")
 
 
@@ -6516,7 +6596,9 @@ class GatewayApp:
         self._streams = 0
         self._streams_changed = threading.Condition()
         self._openapi: Optional[bytes] = None
-        self.workspace = Workspace(gateway.config.workspace_mounts, gateway.config.workspace_dir)
+        config = gateway.config
+        private = (Path(config.data_dir), *(Path(f"{config.db_path}{end}") for end in ("", "-wal", "-shm")))
+        self.workspace = Workspace(config.workspace_mounts, config.workspace_dir, private=private)
         self.knowledge_graph = KnowledgeGraph(gateway.knowledge_graph, gateway.stores.runs)
 
     def __call__(self, environ: Dict[str, Any], start_response: Callable) -> Iterable[bytes]:
@@ -6972,7 +7054,7 @@ class GatewayApp:
         if status == 206:
             headers["Content-Range"] = f"bytes {start}-{end - 1}/{size}"
         content_type = meta.content_type or "application/octet-stream"
-        if content_type.startswith("text/") and "charset" not in content_type:
+        if content_type.lower().startswith("text/") and "charset" not in content_type.lower():
             content_type += "; charset=utf-8"  # as the original (Starlette) labels text
         return _response(chunks(), status=status, headers=headers, content_type=content_type,
                          direct_passthrough=True)
@@ -7015,9 +7097,10 @@ class GatewayApp:
             run_id = run_id.strip()
             if not run_id:
                 continue
+            after = entry.get("after") or 0
             try:  # read as the original reads it ("3", 3.0 and true are numbers); past any cursor, a last page
-                after = _lax_scalar(entry.get("after") or 0, "integer")
-            except (ValueError, OverflowError):
+                after = after if type(after) is int else _lax_scalar(after, "integer")
+            except ValueError:
                 after = -1
             if after < 0:
                 raise Unprocessable("Field 'runs[].after' must be a non-negative integer", code="validation_error")

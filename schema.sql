@@ -205,7 +205,7 @@ CREATE INDEX reports_by_created ON reports(report_type, created_at DESC);
 
 -- migrate: 6
 -- Before each effect the runtime looks for a completed step with the same idempotency key, to reuse
--- its result instead of doing the effect again (`SqliteLedgerStore.completed_result`). This index
+-- its result instead of doing the effect again (`SqliteLedgerStore.completed_record`). This index
 -- finds it without reading the run's whole ledger, which made a long-lived run (a schedule firing
 -- for months) slower with every step. Records that are not JSON are left out, so they can't fail.
 CREATE INDEX ledger_completed_by_key ON ledger (run_id, json_extract(record_json, '$.idempotency_key'))

@@ -153,6 +153,9 @@ def test_a_workspace_root_serves_plain_paths_and_keeps_its_confinement(data_dir,
             assert data["content"].startswith("File: hello.txt (2 lines)") and str(workspace) not in data["content"]
         status, _, data = server.get(f"{API}/files/read?path=docs/guide.md")  # the mount named `docs`
         assert status == 200 and "mounted guide" in data["content"] and data["path"] == "docs/guide.md"
+        # the root's own docs/ by absolute path: its name would read the mount, so it is not served
+        status, _, data = server.get(f"{API}/files/read?path={quote(str(workspace / 'docs' / 'guide.md'))}")
+        assert status == 403 and data["code"] == "path_outside_workspace", data
         for path in ("../secret.txt", "link_out.txt", "linkdir/deep.txt", str(workspace.parent / "secret.txt"),
                      f"{workspace}/../secret.txt", "/etc/passwd"):
             status, _, data = server.get(f"{API}/files/read?path={quote(path)}")
@@ -167,6 +170,23 @@ def test_a_workspace_root_serves_plain_paths_and_keeps_its_confinement(data_dir,
         server.close()
     with pytest.raises(gw.ConfigError, match="not a directory"):
         gw.Config.load(environ={"ABSTRACTGATEWAY_WORKSPACE_DIR": str(tmp_path / "missing")})
+    for setting in ("ABSTRACTGATEWAY_WORKSPACE_DIR", "ABSTRACTGATEWAY_WORKSPACE_MOUNTS"):
+        with pytest.raises(gw.ConfigError, match="filesystem root"):
+            gw.Config.load(environ={setting: "/" if setting.endswith("DIR") else "all=/"})
+
+
+def test_a_workspace_root_around_the_data_dir_never_serves_the_gateway_s_own_files(data_dir):
+    """A root such as the home directory holds the data dir (the database, its WAL): those stay unread."""
+    server = LiveServer(data_dir, workspace_dir=str(data_dir.parent))
+    try:
+        (data_dir / "notes.txt").write_text("inside the data dir\n")
+        (data_dir.parent / "mine.txt").write_text("the user's\n")
+        assert server.get(f"{API}/files/read?path=mine.txt")[0] == 200
+        for path in (f"{data_dir.name}/notes.txt", f"{data_dir.name}/gateway.sqlite3", str(data_dir / "notes.txt")):
+            status, _, data = server.get(f"{API}/files/read?path={quote(path)}")
+            assert status == 403 and data["code"] == "path_outside_workspace", (path, data)
+    finally:
+        server.close()
 
 
 def test_encoded_and_malformed_paths(server):

@@ -267,26 +267,46 @@ def test_concurrent_model_calls_are_bounded_by_the_setting(data_dir, fake_llm):
         server.close()
 
 
-def test_cancel_during_a_slow_call_lets_the_call_go_and_its_slot_serves_the_next_run(data_dir, fake_llm):
-    """A cancelled run never uses its answer: its call is let go at once (nothing recorded, the run
-    never advances), and with a single model slot the next run is served while that call is still
-    inside the model server."""
-    fake_llm.delay_s = 30.0
-    server = LiveServer(data_dir, flows_dir=str(FIXTURE_BUNDLES), llm_concurrency="1", provider="openai",
-                        model="gpt-5-mini")
-    try:
-        first = _start(server, "basic-llm-test")
-        fake_llm.wait_for_call(1)
-        fake_llm.delay_s = 0
-        assert _outcome(server, _command(server, first, "cancel"))["status"] == "applied"
-        second = _start(server, "basic-llm-test")
-        assert _wait_status(server, second, "completed", "failed")["status"] == "completed"
-        assert fake_llm.in_flight == 1  # the cancelled run's call, still unanswered
-        assert _run(server, first)["status"] == "cancelled"
-        assert not _llm_calls(_ledger(server, first)) and not [r for r in _ledger(server, first)
-                                                               if r["node_id"] == "end"]
-    finally:
-        server.close()
+def test_cancel_during_a_slow_call_records_the_answer_and_does_not_advance(llm_server, fake_llm):
+    """The cancel wins at once; the call in flight is waited for (the model server is still busy with it,
+    which `llm_concurrency` counts), its answer recorded, and the run goes no further."""
+    fake_llm.delay_s = 2.0
+    run_id = _start(llm_server, "basic-llm-test")
+    fake_llm.wait_for_call(1)
+    assert _outcome(llm_server, _command(llm_server, run_id, "cancel"))["status"] == "applied"
+    assert _run(llm_server, run_id)["status"] == "cancelled"
+    wait_for(lambda: _llm_calls(_ledger(llm_server, run_id)), 10)  # the answer is recorded
+    wait_for(lambda: not llm_server.runner._in_flight, 10)  # and that step is over: nothing more comes
+    assert _run(llm_server, run_id)["status"] == "cancelled"
+    assert not [r for r in _ledger(llm_server, run_id) if r["node_id"] == "end"]
+
+
+def test_a_model_call_s_progress_events_run_on_the_step_s_thread_and_none_once_it_is_let_go():
+    """The call runs on a thread of its own, but its progress events (which append ledger records) are
+    run by the waiting step, so their writes stay in the step; a call let go past its timeout adds none."""
+    import threading
+
+    seen, late_sent, release = [], threading.Event(), threading.Event()
+    on_progress = lambda *args, **kwargs: seen.append((threading.get_ident(), args, kwargs))  # noqa: E731
+
+    def answers(**kwargs):
+        kwargs["params"]["on_progress"]("started", n=1)
+        kwargs["params"]["on_progress"]("half")
+        return {"content": "ok"}
+
+    def stalls(**kwargs):
+        release.wait(10)
+        kwargs["params"]["on_progress"]("late")
+        late_sent.set()
+        return {"content": "too late"}
+
+    assert gw._answer_within(answers, {"params": {"on_progress": on_progress}}, 5) == {"content": "ok"}
+    assert seen == [(threading.get_ident(), ("started",), {"n": 1}), (threading.get_ident(), ("half",), {})]
+    seen.clear()
+    with pytest.raises(gw.LLMCallAbandoned, match="did not answer within 0.2s"):
+        gw._answer_within(stalls, {"params": {"on_progress": on_progress}}, 0.2)
+    release.set()
+    assert late_sent.wait(10) and seen == []
 
 
 def test_a_model_that_does_not_answer_in_time_fails_the_run_saying_why(data_dir, fake_llm):

@@ -459,6 +459,58 @@ def test_update_schedule_then_cancel_stops_it(fast_gateway):
     assert "not part of a scheduled run" in _outcome(gateway, "ns")["error"]
 
 
+def test_a_schedule_stored_before_start_at_utc_waits_for_its_start_at():
+    """Schedules made before `start_at_utc` existed kept their start, normalised, in `start_at`."""
+    from types import SimpleNamespace
+
+    wait_start = gw.schedule_spec("scheduled:old").get_node("wait_start")
+    old = SimpleNamespace(vars={"_meta": {"schedule": {"kind": "scheduled_run",
+                                                       "start_at": "2030-01-01T00:00:00+00:00"}}})
+    assert wait_start(old, None).effect.payload["until"] == "2030-01-01T00:00:00+00:00"
+    new = SimpleNamespace(vars={"_meta": {"schedule": {"kind": "scheduled_run", "start_at": "10s",
+                                                       "start_at_utc": "2031-01-01T00:00:00+00:00"}}})
+    assert wait_start(new, None).effect.payload["until"] == "2031-01-01T00:00:00+00:00"
+
+
+def test_times_past_the_calendar_s_ends_are_refused_not_a_500(fast_gateway):
+    for field in ("start_at", "repeat_until"):
+        for value in ("9999-12-31T23:00:00-05:00", "0001-01-01T00:30:00+05:00"):
+            extra = {"interval": "1h"} if field == "repeat_until" else {}
+            with pytest.raises(gw.GatewayError) as refused:
+                fast_gateway.schedule_run(bundle_id="echo", flow_id="echo", **{field: value}, **extra)
+            assert refused.value.code == "invalid_schedule" and field in refused.value.detail
+
+
+def test_stopping_with_ticks_queued_waits_only_for_the_running_ones(data_dir, monkeypatch):
+    """Queued ticks never start once the runner stops, and are not counted as left behind."""
+    gateway = make_gateway(data_dir, tick_workers="1", llm_concurrency="1")
+    entered, release, real = threading.Semaphore(0), threading.Event(), gateway.tick
+
+    def slow_tick(run_id, lease=None):
+        entered.release()
+        release.wait(10)
+        return real(run_id, lease)
+
+    monkeypatch.setattr(gateway, "tick", slow_tick)
+    runner = gw.Runner(gateway).start()
+    try:
+        for i in range(6):
+            gateway.start_run(bundle_id="echo", input_data={"message": str(i)})
+        for _ in range(2):  # both pool threads are in a tick; four more are queued
+            assert entered.acquire(timeout=10)
+        wait_for(lambda: len(runner._in_flight) == 6)
+        stopped = []
+        stopper = threading.Thread(target=lambda: stopped.append(runner.stop(timeout=30)))
+        stopper.start()
+        wait_for(lambda: runner._stop.is_set())
+        release.set()
+        stopper.join(20)
+        assert stopped == [0] and not runner._in_flight
+    finally:
+        release.set()
+        gateway.close()
+
+
 def test_resuming_a_paused_recurrent_schedule_fires_the_next_execution_at_once(gateway, runner):
     run_id = gateway.schedule_run(bundle_id="echo", flow_id="echo", interval="1h")
     _wait_next_slot(gateway, run_id, executions=1)
@@ -860,7 +912,8 @@ def test_buffered_run_store_passes_the_runtimes_protocol_check_statically(gatewa
 
 def test_a_step_decodes_its_run_once_yet_sees_a_pause_stored_while_its_node_ran(gateway, monkeypatch):
     """The runtime loads a run three times a step (to work on it, then twice to look for a pause or
-    cancel). An unchanged run is decoded once; a pause another thread stored meanwhile is still seen."""
+    cancel). An unchanged run is decoded twice (the checks share one object, never the one the step
+    changes); a pause another thread stored meanwhile is still seen."""
     from abstractruntime import StepPlan, WorkflowSpec
 
     decodes = []
@@ -888,10 +941,10 @@ def test_a_step_decodes_its_run_once_yet_sees_a_pause_stored_while_its_node_ran(
             state = gateway.runtime.tick(workflow=spec, run_id=run_id, max_steps=1)
         mine = [ident for ident in decodes if ident == threading.get_ident()]  # not the pausing thread's
         if not pause_meanwhile:
-            assert len(mine) == 1 and state.current_node == "done" and run_id in writes.runs
+            assert len(mine) == 2 and state.current_node == "done" and run_id in writes.runs
         else:
             assert paused_meanwhile == [run_id]
-            assert len(mine) == 2  # the second look found new text: decoded afresh
+            assert len(mine) == 3  # the first look decoded its own; the second found new text: afresh
             assert state.vars["_runtime"]["control"]["paused"] is True and state.current_node == "start"
             assert run_id not in writes.runs  # the runtime saw the pause and stopped without saving
 

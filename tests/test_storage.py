@@ -883,6 +883,12 @@ def test_a_completed_record_lookup_reads_one_record_and_survives_one_that_is_not
     stores.db.write(lambda c: c.execute("INSERT INTO ledger VALUES ('r1', 1, 'not json {')"))
     stores.ledger.append_json("r1", json.dumps({"idempotency_key": "k", "status": "completed", "result": float("nan")}))
     assert math.isnan(stores.ledger.completed_record("r1", "k")["result"])  # as Python wrote it (JSON5 NaN)
+    # a file whose index was dropped: the same answer by a scan (damaged record skipped), and `check` says so
+    stores.db.write(lambda c: c.execute("DROP INDEX ledger_completed_by_key"))
+    assert math.isnan(stores.ledger.completed_record("r1", "k")["result"])
+    assert stores.ledger.completed_record("r1", "other") is None
+    _facts, problems = gw.check_database(stores.db)
+    assert any("index ledger_completed_by_key is missing" in p for p in problems), problems
 
 
 def test_commands_and_cursor_on_both_backends(any_stores):
