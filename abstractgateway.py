@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import contextvars
 import errno
 import functools
 import hashlib
@@ -3987,9 +3988,11 @@ def _answer_within(call: Callable[..., Any], kwargs: Dict[str, Any], timeout_s: 
     if callable(on_progress):
         kwargs = {**kwargs, "params": {**params, "on_progress": lambda *a, **kw: events.put((a, kw))}}
 
+    context = contextvars.copy_context()  # the call sees the step thread's context variables, as it would there
+
     def work() -> None:
         try:
-            box["result"] = call(**kwargs)
+            box["result"] = context.run(call, **kwargs)
         except BaseException as exc:  # noqa: BLE001 - handed to the waiting thread as it is
             box["error"] = exc
         finally:

@@ -419,10 +419,15 @@ def _go(page: Page, fragment: str) -> None:
     page.evaluate("h => { location.hash = h; }", fragment)
 
 
-def _open_the_approval(page: Page) -> str:
+def _open_the_approval(page: Page, server: LiveServer) -> str:
     """Wait for the tool approval (shown on the root run's page too), then open the run it answers."""
     approval = page.locator("#approval")
-    expect(approval).to_be_visible(timeout=60_000)
+    try:
+        expect(approval).to_be_visible(timeout=60_000)
+    except AssertionError as exc:  # say why: the runs that failed meanwhile, with their errors
+        failed = [(r.run_id, r.workflow_id, r.error) for r in server.gateway.stores.runs.list_runs(limit=100)
+                  if r.status.value == "failed"]
+        raise AssertionError(f"no tool approval appeared; failed runs: {failed}") from exc
     target = approval.get_attribute("data-run")
     if target != page.locator("#run-id").inner_text():
         _go(page, f"#/run/{target}")
@@ -470,7 +475,7 @@ def test_a_real_tool_call_is_approved_with_a_result_and_another_denied(browser, 
     try:
         page = console.signed_in()
         root = _start_from_the_form(page, "test", "Please use execute_command to run echo hello")
-        child = _open_the_approval(page)
+        child = _open_the_approval(page, server)
         assert child != root
         approval = page.locator("#approval")
         expect(approval).to_contain_text("The run asks to call this tool:")
@@ -495,7 +500,7 @@ def test_a_real_tool_call_is_approved_with_a_result_and_another_denied(browser, 
 
         calls, first = fake.calls, (root, child)
         root = _start_from_the_form(page, "test", "Please use execute_command to run echo again")
-        child = _open_the_approval(page)
+        child = _open_the_approval(page, server)
         assert root not in first and child not in first
         expect(page.locator("#approval pre.args")).to_contain_text('"command": "echo hello"')
         page.get_by_label("Reason if denied (optional)").fill("not on this machine")
@@ -524,7 +529,7 @@ def test_approving_without_a_result_in_passthrough_mode_does_what_the_page_says(
     try:
         page = console.signed_in()
         root = _start_from_the_form(page, "test", "Please use execute_command to run echo hello")
-        _open_the_approval(page)
+        _open_the_approval(page, server)
         expect(page.locator("#approval-mode")).to_contain_text("approving without one answers the agent with an error")
         page.get_by_role("button", name="Approve").click()
         expect(page.locator("#approval .note")).to_have_text("Approval: applied.")
