@@ -1711,9 +1711,7 @@ class SqliteLedgerStore(LedgerStore):
         params = (str(idempotency_key), str(run_id))
         try:
             row = self.db.query_one(self._COMPLETED, params)
-        except apsw.SQLError as exc:
-            if "no such index" not in str(exc):
-                raise
+        except apsw.SQLError:  # no such index, or one of that name that cannot serve it (`check` says so)
             row = self.db.query_one(self._COMPLETED_SCAN, params)
         return _first_completed([json.loads(row[0])], idempotency_key) if row else None
 
@@ -2580,14 +2578,19 @@ class _BufferedRunStore:
             writes.runs[str(run.run_id)] = run_row(run)
 
     def load(self, run_id: str) -> Optional[RunState]:
-        """Inside `collect()`: the run as this thread's step left it, else as stored.
+        """Inside `collect()`: the run as this thread's step left it, else as stored (a fresh object)."""
+        return self._load(run_id, shared=False)
 
-        The runtime loads a run three times per step: once to work on, then twice more before
-        committing, to see whether a pause or cancel was stored meanwhile. The two checks share
-        one decode while the stored text is unchanged (a third of a step's cost on a large run).
-        They get their own object, never the first one, which the runtime changes as the step
-        goes: they must see the run as stored.
-        """
+    def load_shared(self, run_id: str) -> Optional[RunState]:
+        """`load` for the runtime's `get_state`, which loads a run three times per step: once to work
+        on, then twice more before committing, to see whether a pause or cancel was stored meanwhile.
+        The two checks share one decode while the stored text is unchanged (a third of a step's cost
+        on a large run). They get their own object, never the first one, which the runtime changes as
+        the step goes: they must see the run as stored. (Other loads, such as a memory effect's of the
+        run it writes to, take no part: each gets a fresh object.)"""
+        return self._load(run_id, shared=True)
+
+    def _load(self, run_id: str, shared: bool) -> Optional[RunState]:
         writes: Optional[StepWrites] = getattr(self._local, "writes", None)
         if writes is None:
             return self._inner.load(run_id)
@@ -2598,13 +2601,13 @@ class _BufferedRunStore:
             writes.base.setdefault(key, text)
         if text is None:
             return None
-        seen = writes.loaded.get(key)
+        seen = writes.loaded.get(key) if shared else None
         if seen is not None and seen[0] == text and seen[1] is not None:
             return seen[1]
         states = _run_rows_to_states([(text,)])
         state = states[0] if states else None
-        # the step's first load is the runtime's to change: only a later one is kept for sharing
-        writes.loaded[key] = (text, state if seen is not None and seen[0] == text else None)
+        if shared:  # the step's first load is the runtime's to change: only a later one is kept for sharing
+            writes.loaded[key] = (text, state if seen is not None and seen[0] == text else None)
         return state
 
 
@@ -4002,7 +4005,7 @@ def _answer_within(call: Callable[..., Any], kwargs: Dict[str, Any], timeout_s: 
     deadline = time.monotonic() + timeout_s
     while True:
         try:
-            event = events.get(timeout=max(0.0, deadline - time.monotonic()))
+            event = events.get(timeout=min(max(0.0, deadline - time.monotonic()), threading.TIMEOUT_MAX))
         except queue.Empty:
             raise LLMCallAbandoned(f"the model did not answer within {timeout_s:g}s "
                                    "(ABSTRACTGATEWAY_LLM_TIMEOUT_S)") from None
@@ -4060,8 +4063,9 @@ class LLMEffects:
         self.tool_mode = config.tool_mode
         self.timeout_s = config.llm_timeout_s
         self.slots = threading.BoundedSemaphore(config.llm_concurrency)
-        self.waiting = 0  # steps waiting on a model now (a clean stop need not wait for those)
+        self.waiting = 0  # threads waiting on a model now, for its slot or its answer (a stop need not wait)
         self._waiting_lock = threading.Lock()
+        self._counted = threading.local()
         self._artifact_store, self._run_store = artifact_store, run_store
         self._data_dir = Path(config.data_dir)
         self._built: Dict[Any, Any] = {}
@@ -4108,22 +4112,35 @@ class LLMEffects:
         stopped waiting for ends soon after. Its trace ring (the last 50 requests and answers of each
         provider, whole) serves no route here and held 300 MB after a few 3 MB answers: kept empty
         (answers still carry their trace ids)."""
-        from abstractcore.core.retry import RetryConfig
-
         options: Dict[str, Any] = {"timeout": self.timeout_s, "max_traces": 0}
+        try:
+            from abstractcore.core.retry import RetryConfig
+        except ImportError:  # another abstractcore layout: its own retries, unbudgeted
+            return options
         if "max_total_wall_clock_s" in {f.name for f in dataclasses.fields(RetryConfig)}:
             options["retry_wall_clock_budget_s"] = self.timeout_s
         return options
 
     def _guarded(self, call: Callable[..., Any], kwargs: Dict[str, Any]) -> Any:
         """A model call, waited for at most `llm_timeout_s` (see `_answer_within`)."""
-        with self._waiting_lock:
-            self.waiting += 1
-        try:
+        with self._waiting_for_a_model():
             return _answer_within(call, kwargs, self.timeout_s)
-        finally:
+
+    @contextmanager
+    def _waiting_for_a_model(self) -> Iterator[None]:
+        """Count this thread among those waiting on a model (`waiting`), once however deeply nested."""
+        nested = getattr(self._counted, "yes", False)
+        if not nested:
+            self._counted.yes = True
             with self._waiting_lock:
-                self.waiting -= 1
+                self.waiting += 1
+        try:
+            yield
+        finally:
+            if not nested:
+                self._counted.yes = False
+                with self._waiting_lock:
+                    self.waiting -= 1
 
     def _llm_call(self, run: RunState, effect: Any, default_next_node: Optional[str]) -> Any:
         payload = dict(effect.payload or {})
@@ -4134,8 +4151,9 @@ class LLMEffects:
                 payload["provider"], payload["model"] = default[0], payload.get("model") or default[1]
                 effect = dataclasses.replace(effect, payload=payload)
         handler = self._integration()[EffectType.LLM_CALL]
-        with self.slots:
-            return handler(run, effect, default_next_node)
+        with self._waiting_for_a_model():  # from before the slot: one queued behind a stalled call waits on it too
+            with self.slots:
+                return handler(run, effect, default_next_node)
 
     def _model_residency(self, run: RunState, effect: Any, default_next_node: Optional[str]) -> Any:
         return self._integration()[EffectType.MODEL_RESIDENCY](run, effect, default_next_node)
@@ -4610,11 +4628,19 @@ def _runtime_type() -> type:
     - A flow that starts itself as a subflow (or A -> B -> A) would start child runs without end (200
       a second, until the disk is full); a subflow nested `MAX_SUBFLOW_DEPTH` runs deep fails instead,
       and with it each run above it.
+
+    (And `get_state` loads through `load_shared`: see `_BufferedRunStore.load_shared`.)
     """
     from abstractruntime import Runtime
     from abstractruntime.core.runtime import EffectOutcome
 
     class GatewayRuntime(Runtime):
+        def get_state(self, run_id: str) -> RunState:
+            run = self._run_store.load_shared(run_id)
+            if run is None:
+                raise KeyError(f"Unknown run_id: {run_id}")
+            return run
+
         def _find_prior_completed_result(self, run_id: str, idempotency_key: str) -> Optional[Dict[str, Any]]:
             record = self._ledger_store.completed_record(run_id, idempotency_key)
             return record.get("result") if record is not None else None
@@ -5157,6 +5183,7 @@ class Runner:
         self._lock = threading.Lock()
         self._idle = threading.Condition(self._lock)  # notified as ticks end (`stop` waits for none in flight)
         self._stop = threading.Event()
+        self._heartbeat_stop = threading.Event()
         self._threads: List[threading.Thread] = []
         self._timers: List[Tuple[float, str]] = []  # heap of (due epoch seconds, run_id)
         self.lease: Optional[LeaseToken] = None
@@ -5178,36 +5205,49 @@ class Runner:
     def alive(self) -> bool:
         return bool(self._threads) and all(t.is_alive() for t in self._threads)
 
+    STOP_LIMIT_S = 60.0  # the longest a stop waits for work that is not a model wait (a tool, a subflow)
+
     def stop(self, timeout: float = 5.0) -> int:
         """Stop taking work, let in-flight ticks and commands finish, release the lease; return how
-        many are left behind waiting on a model.
+        many are left behind.
 
-        Work in flight is waited for as long as it takes (a tool, a subflow), except a step waiting
-        on a model (bounded only by `llm_timeout_s`): once `timeout` has passed and all that is left
-        waits on a model, it is left behind. Without the lease it can commit nothing; its step runs
+        The lease is renewed while they finish, so none loses its commit and no other runner takes
+        over meanwhile. A step waiting on a model (bounded only by `llm_timeout_s`) is left behind
+        once `timeout` has passed and only such steps are left; anything else is waited for up to
+        `STOP_LIMIT_S`. What is left behind commits nothing once the lease is released: its step runs
         again on the next start, as after a crash, and the caller may exit at once.
         """
         self._stop.set()
         self.gateway.wake_runner()
-        deadline = time.monotonic() + timeout
+        started = time.monotonic()
         self._pool.shutdown(wait=False, cancel_futures=True)  # queued ticks never start (see `_submit`)
+        loop = [t for t in self._threads if t.name == "runner"]
+
+        def busy() -> int:
+            return len(self._in_flight) + sum(t.is_alive() for t in loop)
+
         while True:
             with self._idle:
-                self._idle.wait_for(lambda: not self._in_flight, 0.1)
-                busy = len(self._in_flight) + sum(t.is_alive() for t in self._threads)
+                self._idle.wait_for(lambda: not busy(), 0.1)
+                left = busy()
             waiting = self.gateway.llm.waiting if self.gateway.llm is not None else 0
-            if not busy or (time.monotonic() >= deadline and busy <= waiting):
+            spent = time.monotonic() - started
+            if not left or (spent >= timeout and left <= waiting) or spent >= self.STOP_LIMIT_S:
                 break
-        if busy:
-            _log(f"runner {self.owner}: stopping with {busy} step(s) still waiting on a model; "
-                 "they are not committed and run again on the next start")
+        self._heartbeat_stop.set()
+        for thread in self._threads:
+            if thread not in loop:
+                thread.join(1.0)
+        if left:
+            _log(f"runner {self.owner}: stopping with {left} step(s) unfinished ({min(left, waiting)} waiting on "
+                 "a model); they are not committed and run again on the next start")
         if self.lease is not None:
             try:
                 self.gateway.stores.leases.release(self.LEASE, self.owner)
             except StorageError as exc:
                 _log(f"lease release failed: {exc.detail}")
             self.lease = None
-        return busy
+        return left
 
     def _renew_lease(self) -> None:
         try:
@@ -5227,8 +5267,9 @@ class Runner:
                 _log(f"runner {self.owner}: {exc}; standing by")
 
     def _heartbeat(self) -> None:
-        """Renew the lease on its own thread, so a long tick or command never lets it lapse."""
-        while not self._stop.wait(self.config.lease_ttl_s / 3):
+        """Renew the lease on its own thread, so a long tick or command never lets it lapse (nor the
+        ones a stop lets finish: it has its own stop, set once they have)."""
+        while not self._heartbeat_stop.wait(self.config.lease_ttl_s / 3):
             self._renew_lease()
 
     def _loop(self) -> None:
@@ -5436,6 +5477,9 @@ class Workspace:
         self._index_lock = threading.Lock()
         self._indexed: Optional[Tuple[float, List[Tuple[str, str, str, str]]]] = None
 
+    def _private(self, path: Path) -> bool:
+        return any(_is_within(path, private) for private in self.private)
+
     def _places(self) -> List[Tuple[str, Path]]:
         """(name, directory) of the mounts, then the root (named "": its files need no prefix)."""
         return [*self.mounts.items(), *([("", self.root)] if self.root is not None else [])]
@@ -5457,8 +5501,12 @@ class Workspace:
             name, place, real = self._absolute(text) if text.startswith("/") else self._relative(text)
         except (OSError, ValueError):
             raise GatewayError("invalid path", code="invalid_path") from None
-        if any(_is_within(real, private) for private in self.private):
+        if self._private(real):
             raise GatewayError("path is inside the gateway's own data directory", code="path_outside_workspace")
+        rel_parts = real.relative_to(place).parts
+        if not name and rel_parts and rel_parts[0] in self.mounts:  # its name would read the mount instead
+            raise GatewayError("path is under the workspace root where a mount of the same name is read instead",
+                               code="path_outside_workspace")
         rel = real.relative_to(place).as_posix()
         return real, "/".join(part for part in (name, "" if rel == "." else rel) if part) or "."
 
@@ -5469,9 +5517,6 @@ class Workspace:
         if not inside:
             raise GatewayError("path is outside workspace roots", code="path_outside_workspace")
         name, place = max(inside, key=lambda item: len(str(item[1])))
-        if not name and real.relative_to(place).parts[:1] and real.relative_to(place).parts[0] in self.mounts:
-            raise GatewayError("path is under the workspace root where a mount of the same name is read instead",
-                               code="path_outside_workspace")
         return name, place, real
 
     def _relative(self, text: str) -> Tuple[str, Path, Path]:
@@ -5552,10 +5597,12 @@ class Workspace:
                 continue  # a non-UTF-8 name cannot be named in a URL
             if not virtual_dir and entry.name in self.mounts:
                 continue  # the root's own `name/...` files: that name reads the mount instead
+            if self._private(Path(entry.path)):
+                continue  # the gateway's own data (never read, so never listed)
             try:
                 if entry.is_symlink():
                     target = Path(os.path.realpath(entry.path))
-                    if _is_within(target, root) and target.is_file():
+                    if _is_within(target, root) and target.is_file() and not self._private(target):
                         yield _joined(virtual_dir, entry.name), entry.name, name, entry.path
                 elif entry.is_dir():
                     if not entry.name.startswith(".") and entry.name not in _SKIPPED_DIRS:
@@ -6333,7 +6380,7 @@ def _parse_flag(text: str) -> bool:
     raise ValueError(f"expected a boolean, got {text!r}")
 
 
-_WHOLE_NUMBER = re.compile(r"\s*([+-]?\d+)(?:\.0*)?\s*", re.ASCII)
+_WHOLE_NUMBER = re.compile(r"\s*([+-]?\d+)(?:\.0+)?\s*", re.ASCII)
 _DECIMAL = re.compile(r"\s*[+-]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][+-]?\d+)?\s*", re.ASCII)
 
 
@@ -9786,6 +9833,9 @@ def _wait_for_signal(stop: threading.Event) -> None:
     import signal
 
     def _handle(signum: int, _frame: Any) -> None:
+        if stop.is_set():  # a second signal while stopping: no more waiting (nothing acknowledged is lost)
+            print("abstractgateway: stopping now (second signal)", file=sys.stderr, flush=True)
+            os._exit(1)
         stop.set()
 
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -153,9 +153,11 @@ def test_a_workspace_root_serves_plain_paths_and_keeps_its_confinement(data_dir,
             assert data["content"].startswith("File: hello.txt (2 lines)") and str(workspace) not in data["content"]
         status, _, data = server.get(f"{API}/files/read?path=docs/guide.md")  # the mount named `docs`
         assert status == 200 and "mounted guide" in data["content"] and data["path"] == "docs/guide.md"
-        # the root's own docs/ by absolute path: its name would read the mount, so it is not served
-        status, _, data = server.get(f"{API}/files/read?path={quote(str(workspace / 'docs' / 'guide.md'))}")
-        assert status == 403 and data["code"] == "path_outside_workspace", data
+        # the root's own docs/, by absolute path or through a symlink: its name would read the mount instead
+        os.symlink(workspace / "docs", workspace / "alias")
+        for path in (str(workspace / "docs" / "guide.md"), "alias/guide.md"):
+            status, _, data = server.get(f"{API}/files/read?path={quote(path)}")
+            assert status == 403 and data["code"] == "path_outside_workspace", (path, data)
         for path in ("../secret.txt", "link_out.txt", "linkdir/deep.txt", str(workspace.parent / "secret.txt"),
                      f"{workspace}/../secret.txt", "/etc/passwd"):
             status, _, data = server.get(f"{API}/files/read?path={quote(path)}")
@@ -185,6 +187,9 @@ def test_a_workspace_root_around_the_data_dir_never_serves_the_gateway_s_own_fil
         for path in (f"{data_dir.name}/notes.txt", f"{data_dir.name}/gateway.sqlite3", str(data_dir / "notes.txt")):
             status, _, data = server.get(f"{API}/files/read?path={quote(path)}")
             assert status == 403 and data["code"] == "path_outside_workspace", (path, data)
+        for query in ("sqlite", "notes", "mine"):  # nor listed
+            found = [item["path"] for item in server.get(f"{API}/files/search?query={query}")[2]["items"]]
+            assert found == (["mine.txt"] if query == "mine" else []), (query, found)
     finally:
         server.close()
 

@@ -318,7 +318,8 @@ def test_json_numbers_and_flags_are_read_as_pydantic_reads_them(live_server):
     assert status == 200, data
     sched = live_server.get(f"{API}/runs/{data['run_id']}")[2]["schedule"]
     assert sched["repeat_count"] == 2 and sched["share_context"] is False and sched["interval"] == "1H"
-    for bad in ({"repeat_count": "two"}, {"repeat_count": 1.5}, {"share_context": "maybe"}, {"share_context": 2}):
+    for bad in ({"repeat_count": "two"}, {"repeat_count": 1.5}, {"repeat_count": "2."}, {"repeat_count": "1e3"},
+                {"share_context": "maybe"}, {"share_context": 2}, {"share_context": " yes "}):
         status, _, data = live_server.post(f"{API}/runs/schedule", {"bundle_id": "echo", "flow_id": "echo", **bad})
         assert status == 422, (bad, data)
 

@@ -301,12 +301,31 @@ def test_a_model_call_s_progress_events_run_on_the_step_s_thread_and_none_once_i
         return {"content": "too late"}
 
     assert gw._answer_within(answers, {"params": {"on_progress": on_progress}}, 5) == {"content": "ok"}
+    assert gw._answer_within(lambda **_: "fine", {}, 1e10) == "fine"  # a timeout past what a wait can take
     assert seen == [(threading.get_ident(), ("started",), {"n": 1}), (threading.get_ident(), ("half",), {})]
     seen.clear()
     with pytest.raises(gw.LLMCallAbandoned, match="did not answer within 0.2s"):
         gw._answer_within(stalls, {"params": {"on_progress": on_progress}}, 0.2)
     release.set()
     assert late_sent.wait(10) and seen == []
+
+
+def test_a_stop_leaves_steps_waiting_on_a_model_for_its_answer_or_its_slot(data_dir, fake_llm):
+    """With one model slot and a model that takes long, one step waits for the answer and another for the
+    slot: a stop leaves both behind after its bound, instead of waiting for the model."""
+    fake_llm.delay_s = 30.0
+    server = LiveServer(data_dir, flows_dir=str(FIXTURE_BUNDLES), llm_concurrency="1", provider="openai",
+                        model="gpt-5-mini")
+    try:
+        for _ in range(2):
+            _start(server, "basic-llm-test")
+        fake_llm.wait_for_call(1)
+        wait_for(lambda: server.gateway.llm.waiting == 2)
+        assert server.runner.stop(timeout=0.2) == 2
+        assert fake_llm.calls == 1 and fake_llm.in_flight == 1  # stopped while the model still worked
+    finally:
+        server.runner = None  # stopped already
+        server.close()
 
 
 def test_a_model_that_does_not_answer_in_time_fails_the_run_saying_why(data_dir, fake_llm):

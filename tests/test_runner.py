@@ -481,6 +481,40 @@ def test_times_past_the_calendar_s_ends_are_refused_not_a_500(fast_gateway):
             assert refused.value.code == "invalid_schedule" and field in refused.value.detail
 
 
+def test_a_stop_keeps_the_lease_while_a_long_tick_finishes_so_it_commits(data_dir, monkeypatch):
+    """A tick longer than the lease's TTL (a slow tool) during a stop: the lease is still renewed, so the
+    tick commits and no other runner takes over meanwhile."""
+    gateway = make_gateway(data_dir, runner_lease_ttl_s="0.3")
+    entered, release, real = threading.Event(), threading.Event(), gateway.tick
+
+    def slow_tick(run_id, lease=None):
+        entered.set()
+        release.wait(10)
+        return real(run_id, lease)
+
+    monkeypatch.setattr(gateway, "tick", slow_tick)
+    runner = gw.Runner(gateway).start()
+    try:
+        run_id = gateway.start_run(bundle_id="echo", input_data={"message": "slow"})
+        assert entered.wait(10)
+        stopped, stop_began = [], time.time()
+        stopper = threading.Thread(target=lambda: stopped.append(runner.stop(timeout=0.1)))
+        stopper.start()
+        holder = lambda: gateway.stores.leases.holder(gw.RUNNER_LEASE)  # noqa: E731
+        epoch = holder()["epoch"]
+        wait_for(lambda: holder()["heartbeat_at"] > stop_began + 0.6)  # renewed twice the TTL into the stop
+        other = gw.Runner(gateway)
+        other._renew_lease()
+        assert other.lease is None and holder()["live"]  # no one else may take over while the tick runs
+        release.set()
+        stopper.join(20)
+        assert stopped == [0] and _status(gateway, run_id) == "completed"
+        assert holder()["epoch"] == epoch and not holder()["live"]  # then released
+    finally:
+        release.set()
+        gateway.close()
+
+
 def test_stopping_with_ticks_queued_waits_only_for_the_running_ones(data_dir, monkeypatch):
     """Queued ticks never start once the runner stops, and are not counted as left behind."""
     gateway = make_gateway(data_dir, tick_workers="1", llm_concurrency="1")
@@ -933,14 +967,20 @@ def test_a_step_decodes_its_run_once_yet_sees_a_pause_stored_while_its_node_ran(
         return StepPlan(node_id="done", complete_output={"ok": True})
 
     spec = WorkflowSpec(workflow_id="test:two_nodes", entry_node="start", nodes={"start": start, "done": done})
+    loads = []
+    real_load_shared = gateway.uow.runs.load_shared
+    monkeypatch.setattr(gateway.uow.runs, "load_shared", lambda rid: loads.append(real_load_shared(rid)) or loads[-1])
     for pause_meanwhile in (False, True):
         run_id = gateway.runtime.start(workflow=spec, vars={"pause_meanwhile": pause_meanwhile})
         decodes.clear()
+        loads.clear()
         with gateway.uow.collect() as writes:
             writes.mark()
             state = gateway.runtime.tick(workflow=spec, run_id=run_id, max_steps=1)
+        assert loads[0] is not loads[1]  # the checks never see the object the step changes
         mine = [ident for ident in decodes if ident == threading.get_ident()]  # not the pausing thread's
         if not pause_meanwhile:
+            assert len(loads) == 3 and loads[1] is loads[2]  # ...and share one decode while the text is unchanged
             assert len(mine) == 2 and state.current_node == "done" and run_id in writes.runs
         else:
             assert paused_meanwhile == [run_id]
