@@ -313,7 +313,7 @@ def test_a_model_call_s_progress_events_run_on_the_step_s_thread_and_none_once_i
 def test_a_stop_leaves_steps_waiting_on_a_model_for_its_answer_or_its_slot(data_dir, fake_llm):
     """With one model slot and a model that takes long, one step waits for the answer and another for the
     slot: a stop leaves both behind after its bound, instead of waiting for the model."""
-    fake_llm.delay_s = 30.0
+    fake_llm.delay_s = 5.0
     server = LiveServer(data_dir, flows_dir=str(FIXTURE_BUNDLES), llm_concurrency="1", provider="openai",
                         model="gpt-5-mini")
     try:
