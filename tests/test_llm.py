@@ -35,6 +35,11 @@ def llm_server(data_dir, fake_llm):
     server.close()
 
 
+def _openai_gateway(data_dir, **settings):
+    """A live gateway on the fixtures' bundles whose default model is the fake's `openai` gpt-5-mini."""
+    return LiveServer(data_dir, flows_dir=str(FIXTURE_BUNDLES), provider="openai", model="gpt-5-mini", **settings)
+
+
 def _start(server, bundle_id, prompt="Say hi", expect=200):
     status, _, data = server.post(f"{API}/runs/start", {"bundle_id": bundle_id, "input_data": {"prompt": prompt}})
     assert status == expect, data
@@ -256,8 +261,7 @@ def test_without_the_extra_llm_bundles_are_refused_with_llm_extra_required(data_
 
 def test_concurrent_model_calls_are_bounded_by_the_setting(data_dir, fake_llm):
     fake_llm.delay_s = 0.3
-    server = LiveServer(data_dir, flows_dir=str(FIXTURE_BUNDLES), llm_concurrency="2", provider="openai",
-                        model="gpt-5-mini")
+    server = _openai_gateway(data_dir, llm_concurrency="2")
     try:
         runs = [_start(server, "basic-llm-test") for _ in range(6)]
         for run_id in runs:
@@ -314,8 +318,7 @@ def test_a_stop_leaves_steps_waiting_on_a_model_for_its_answer_or_its_slot(data_
     """With one model slot and a model that takes long, one step waits for the answer and another for the
     slot: a stop leaves both behind after its bound, instead of waiting for the model."""
     fake_llm.delay_s = 5.0
-    server = LiveServer(data_dir, flows_dir=str(FIXTURE_BUNDLES), llm_concurrency="1", provider="openai",
-                        model="gpt-5-mini")
+    server = _openai_gateway(data_dir, llm_concurrency="1")
     try:
         for _ in range(2):
             _start(server, "basic-llm-test")
@@ -330,8 +333,7 @@ def test_a_stop_leaves_steps_waiting_on_a_model_for_its_answer_or_its_slot(data_
 
 def test_a_model_that_does_not_answer_in_time_fails_the_run_saying_why(data_dir, fake_llm):
     fake_llm.delay_s = 30.0
-    server = LiveServer(data_dir, flows_dir=str(FIXTURE_BUNDLES), llm_timeout_s="1", provider="openai",
-                        model="gpt-5-mini")
+    server = _openai_gateway(data_dir, llm_timeout_s="1")
     try:
         data = _wait_status(server, _start(server, "basic-llm-test"), "failed", "completed")
         assert data["status"] == "failed" and "did not answer within 1s" in data["error"], data
@@ -389,7 +391,7 @@ def test_a_stop_during_a_slow_call_then_restart_asks_again_without_duplicate_rec
         assert stores.runs.load(run_id).status.value == "running"
     finally:
         stores.close()
-    server = LiveServer(data_dir, flows_dir=str(FIXTURE_BUNDLES), provider="openai", model="gpt-5-mini")
+    server = _openai_gateway(data_dir)
     try:
         assert _wait_status(server, run_id, "completed", "failed")["status"] == "completed"
         assert fake_llm.calls == 2  # the step ran again: the model was asked once more

@@ -481,22 +481,28 @@ def test_times_past_the_calendar_s_ends_are_refused_not_a_500(fast_gateway):
             assert refused.value.code == "invalid_schedule" and field in refused.value.detail
 
 
+def _hold_ticks(gateway, monkeypatch):
+    """Make each of `gateway`'s ticks wait for `release`: (a semaphore released as each begins, release)."""
+    entered, release, real = threading.Semaphore(0), threading.Event(), gateway.tick
+
+    def held_tick(run_id, lease=None):
+        entered.release()
+        release.wait(10)
+        return real(run_id, lease)
+
+    monkeypatch.setattr(gateway, "tick", held_tick)
+    return entered, release
+
+
 def test_a_stop_keeps_the_lease_while_a_long_tick_finishes_so_it_commits(data_dir, monkeypatch):
     """A tick longer than the lease's TTL (a slow tool) during a stop: the lease is still renewed, so the
     tick commits and no other runner takes over meanwhile."""
     gateway = make_gateway(data_dir, runner_lease_ttl_s="0.3")
-    entered, release, real = threading.Event(), threading.Event(), gateway.tick
-
-    def slow_tick(run_id, lease=None):
-        entered.set()
-        release.wait(10)
-        return real(run_id, lease)
-
-    monkeypatch.setattr(gateway, "tick", slow_tick)
+    entered, release = _hold_ticks(gateway, monkeypatch)
     runner = gw.Runner(gateway).start()
     try:
         run_id = gateway.start_run(bundle_id="echo", input_data={"message": "slow"})
-        assert entered.wait(10)
+        assert entered.acquire(timeout=10)
         stopped, stop_began = [], time.time()
         stopper = threading.Thread(target=lambda: stopped.append(runner.stop(timeout=0.1)))
         stopper.start()
@@ -518,14 +524,7 @@ def test_a_stop_keeps_the_lease_while_a_long_tick_finishes_so_it_commits(data_di
 def test_stopping_with_ticks_queued_waits_only_for_the_running_ones(data_dir, monkeypatch):
     """Queued ticks never start once the runner stops, and are not counted as left behind."""
     gateway = make_gateway(data_dir, tick_workers="1", llm_concurrency="1")
-    entered, release, real = threading.Semaphore(0), threading.Event(), gateway.tick
-
-    def slow_tick(run_id, lease=None):
-        entered.release()
-        release.wait(10)
-        return real(run_id, lease)
-
-    monkeypatch.setattr(gateway, "tick", slow_tick)
+    entered, release = _hold_ticks(gateway, monkeypatch)
     runner = gw.Runner(gateway).start()
     try:
         for i in range(6):
