@@ -2642,7 +2642,8 @@ class _BufferedLedgerStore:
         writes: Optional[StepWrites] = getattr(self._local, "writes", None)
         if record is not None or writes is None:
             return record
-        return _first_completed((json.loads(text) for rid, text in writes.ledger if rid == run_id),
+        quoted = _json_dumps(idempotency_key)  # as the record's text holds it (one encoder): decode only those
+        return _first_completed((json.loads(text) for rid, text in writes.ledger if rid == run_id and quoted in text),
                                 idempotency_key)
 
 

@@ -873,6 +873,26 @@ def test_a_completed_record_is_found_by_its_idempotency_key_on_both_backends(any
     assert ledger.completed_record("nope", "k1") is None
 
 
+def test_a_step_s_own_completed_records_are_found_after_the_stored_ones(stores):
+    """Inside a step, appends are buffered: the lookup sees them too, after the stored ones, whatever the
+    key holds (quotes, backslashes, non-ASCII)."""
+    from abstractruntime.core.models import StepRecord as Record
+
+    uow = gw.UnitOfWork(stores.runs, stores.ledger)
+    key = 'k "1" \\ é'
+    stored = Record(run_id="r1", step_id="s0", node_id="n", status="completed", idempotency_key="other",
+                    result={"n": 0})
+    stores.ledger.append(stored)
+    with uow.collect():
+        for n, status in enumerate(("started", "completed", "completed"), start=1):
+            uow.ledger.append(Record(run_id="r1", step_id=f"s{n}", node_id="n", status=status, idempotency_key=key,
+                                     result={"n": n}))
+        assert uow.ledger.completed_record("r1", key)["result"] == {"n": 2}
+        assert uow.ledger.completed_record("r1", "other")["result"] == {"n": 0}  # the stored one
+        assert uow.ledger.completed_record("r1", 'k "1"') is None and uow.ledger.completed_record("r2", key) is None
+    assert stores.ledger.completed_record("r1", key) is None  # nothing of the step was stored
+
+
 def test_a_completed_record_lookup_reads_one_record_and_survives_one_that_is_not_json(stores):
     """The lookup is an indexed search (not a read of the whole ledger), and the index leaves out a
     damaged record instead of failing its insert."""
