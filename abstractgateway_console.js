@@ -1056,6 +1056,10 @@ let startInputsSeq = 0;
 
 async function loadStartInputs() {
   const seq = ++startInputsSeq;
+  // The last form's fields go at once: typed into while this entrypoint's load is out, their text would be
+  // lost when the new fields replace them (or, worse, a run would start without it). Nothing to submit meanwhile.
+  $('start-inputs').replaceChildren(h('legend', {text: 'Inputs'}), h('p', {class: 'muted', text: 'Loading the inputs…'}));
+  $('start-submit').disabled = true;
   const [bundleId, flowId] = $('start-entry').value.split('\n');
   const bundle = await api('/bundles/' + enc(bundleId));
   if (seq !== startInputsSeq) return;  // the entrypoint changed meanwhile: the later load wins
@@ -1064,6 +1068,7 @@ async function loadStartInputs() {
   const fields = (entry.inputs || []).map(pinField);
   $('start-inputs').replaceChildren(h('legend', {text: 'Inputs'}),
     ...(fields.length ? fields : [h('p', {class: 'muted', text: 'This entrypoint takes no input.'})]));
+  $('start-submit').disabled = false;
 }
 
 function pinField(pin) {

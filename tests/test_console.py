@@ -244,6 +244,32 @@ def test_drag_and_drop_upload_then_deprecate_undeprecate_and_remove(console, ser
     assert server.get(f"{API}/bundles/dropped")[0] == 404
 
 
+def test_a_start_form_shown_again_takes_no_typing_until_its_inputs_are_loaded(console, server):
+    """Back on the start form of an entrypoint shown before, its old fields go at once and the button waits
+    for the new ones: text typed meanwhile can't be wiped when they arrive (the run would start without it)."""
+    page = console.signed_in()
+
+    def open_start_form():
+        page.get_by_role("link", name="Bundles").click()
+        page.locator("[data-bundle=ask]").get_by_role("link", name="Start").first.click()
+
+    open_start_form()
+    expect(page.get_by_label("question")).to_have_value("Your name?")
+    held = []
+    details = re.compile(r".*/api/gateway/bundles/ask$")
+    page.route(details, lambda route: held.append(route))  # the entrypoint's inputs do not arrive until released
+    open_start_form()
+    expect(page.locator("#start-inputs")).to_contain_text("Loading the inputs")
+    expect(page.get_by_label("question")).to_have_count(0)
+    expect(page.get_by_role("button", name="Start run")).to_be_disabled()
+    assert len(held) == 1
+    held[0].continue_()
+    page.unroute(details)
+    page.get_by_label("question").fill("Typed after the inputs came?")
+    page.get_by_role("button", name="Start run").click()
+    expect(page.locator("#wait-prompt")).to_have_text("Typed after the inputs came?")
+
+
 def test_bundles_show_needs_and_load_errors_and_a_refused_start_says_why(browser, data_dir):
     import shutil
 
