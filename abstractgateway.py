@@ -293,15 +293,24 @@ class ConfigError(ValueError):
     """A setting has a value that cannot be used."""
 
 
+# The words pydantic takes for a boolean (as the original parses its query flags and JSON fields).
+_TRUE_WORDS = frozenset(("1", "true", "t", "yes", "y", "on"))
+_FALSE_WORDS = frozenset(("0", "false", "f", "no", "n", "off"))
+
+
+def _parse_flag(text: str) -> bool:
+    word = text.lower()
+    if word in _TRUE_WORDS or word in _FALSE_WORDS:
+        return word in _TRUE_WORDS
+    raise ValueError(f"expected a boolean, got {text!r}")
+
+
 def _setting_flag(raw: Any) -> bool:
+    """A flag setting: the words a request flag takes (`_parse_flag`), around spaces; empty is off."""
     if isinstance(raw, bool):
         return raw
-    text = str(raw).strip().lower()
-    if text in ("1", "true", "yes", "on"):
-        return True
-    if text in ("0", "false", "no", "off", ""):
-        return False
-    raise ValueError(f"expected a boolean, got {raw!r}")
+    text = str(raw).strip()
+    return bool(text) and _parse_flag(text)
 
 
 def _existing_dir(raw: Any) -> str:
@@ -740,8 +749,9 @@ def wal_damage(path: Path) -> Optional[str]:
 def _wal_damage_now(path: Path) -> Optional[str]:
     wal = Path(f"{path}-wal")
     try:
-        size = wal.stat().st_size
-        if size <= 32 or size > _WAL_CHECK_MAX_BYTES or not stat.S_ISREG(wal.stat().st_mode):
+        info = wal.stat()
+        size = info.st_size
+        if size <= 32 or size > _WAL_CHECK_MAX_BYTES or not stat.S_ISREG(info.st_mode):
             return None
         data = wal.read_bytes()
     except OSError:
@@ -796,7 +806,7 @@ def _refuse_damaged(path: Path, conn: apsw.Connection) -> None:
         raise SchemaError(f"{path} is damaged ({'; '.join(rows[:3])}). {_RESTORE_HINT}")
 
 
-def _missing_tables(conn: apsw.Connection, kind: str = "table") -> List[str]:
+def _missing_from_schema(conn: apsw.Connection, kind: str = "table") -> List[str]:
     """Tables (or indexes) schema.sql creates that the file lacks (a file from another program, or mangled)."""
     pattern = r"CREATE TABLE (\w+)" if kind == "table" else r"CREATE (?:UNIQUE )?INDEX (\w+)"
     expected = set(re.findall(pattern, _read_schema_text()))
@@ -862,7 +872,7 @@ class Database:
                 conn = self.connection()
                 _refuse_damaged(self.path, conn)
                 self.schema_version = apply_schema(conn)
-                missing = _missing_tables(conn)
+                missing = _missing_from_schema(conn)
             except (apsw.CorruptError, apsw.NotADBError, apsw.IOError) as exc:
                 self.close()
                 raise SchemaError(f"{self.path} is damaged ({exc}). {_RESTORE_HINT}") from None
@@ -2997,10 +3007,10 @@ def check_database(db: Database) -> Tuple[Dict[str, Any], List[str]]:
     facts["schema_version"] = version
     if version is not None and version != SCHEMA_VERSION:
         problems.append(f"schema version {version}, expected {SCHEMA_VERSION}")
-    missing = _checked("tables", lambda: _missing_tables(db.connection())) or []
+    missing = _checked("tables", lambda: _missing_from_schema(db.connection())) or []
     problems.extend(f"table {name} is missing" for name in missing)
     problems.extend(f"index {name} is missing (queries that use it are slow)"
-                    for name in _checked("indexes", lambda: _missing_tables(db.connection(), "index")) or [])
+                    for name in _checked("indexes", lambda: _missing_from_schema(db.connection(), "index")) or [])
     if "ledger" not in missing:
         gaps = _checked("ledger gaps", lambda: db.query(
             "SELECT run_id, COUNT(*), MAX(seq) FROM ledger GROUP BY run_id HAVING COUNT(*) != MAX(seq)")) or []
@@ -6369,18 +6379,6 @@ def commit_group(config: Config, transaction: Callable[[], Any]) -> CommitGroup:
     return CommitGroup(accepts, transaction)
 
 
-# The words pydantic takes for a boolean (as the original parses its query flags and JSON fields).
-_TRUE_WORDS = frozenset(("1", "true", "t", "yes", "y", "on"))
-_FALSE_WORDS = frozenset(("0", "false", "f", "no", "n", "off"))
-
-
-def _parse_flag(text: str) -> bool:
-    word = text.lower()
-    if word in _TRUE_WORDS or word in _FALSE_WORDS:
-        return word in _TRUE_WORDS
-    raise ValueError(f"expected a boolean, got {text!r}")
-
-
 _WHOLE_NUMBER = re.compile(r"\s*([+-]?\d+)(?:\.0+)?\s*", re.ASCII)
 _DECIMAL = re.compile(r"\s*[+-]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][+-]?\d+)?\s*", re.ASCII)
 
@@ -6496,8 +6494,6 @@ def _check_body(schema: Dict[str, Any], body: Any) -> Dict[str, Any]:
         if "enum" in prop and value not in prop["enum"]:
             raise GatewayError(f"{name} must be one of {'|'.join(prop['enum'])}", code="validation_error")
     return body
-
-
 
 
 def _reject_json_constant(name: str) -> Any:
