@@ -5194,6 +5194,7 @@ class Runner:
         self._lock = threading.Lock()
         self._idle = threading.Condition(self._lock)  # notified as ticks end (`stop` waits for none in flight)
         self._stop = threading.Event()
+        self._loop_ended = threading.Event()  # set (and `_idle` notified) as `_loop` returns: `stop` waits on it
         self._heartbeat_stop = threading.Event()
         self._threads: List[threading.Thread] = []
         self._timers: List[Tuple[float, str]] = []  # heap of (due epoch seconds, run_id)
@@ -5235,7 +5236,7 @@ class Runner:
         loop = [t for t in self._threads if t.name == "runner"]
 
         def busy() -> int:
-            return len(self._in_flight) + sum(t.is_alive() for t in loop)
+            return len(self._in_flight) + len([t for t in loop if not self._loop_ended.is_set()])
 
         while True:
             with self._idle:
@@ -5284,6 +5285,14 @@ class Runner:
             self._renew_lease()
 
     def _loop(self) -> None:
+        try:
+            self._loop_until_stopped()
+        finally:
+            with self._idle:
+                self._loop_ended.set()
+                self._idle.notify_all()
+
+    def _loop_until_stopped(self) -> None:
         signals = self.gateway.stores.db.signals
         last_repair = 0.0
         with signals.subscribe(COMMANDS_TOPIC) as work:
