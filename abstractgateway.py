@@ -7042,9 +7042,8 @@ class GatewayApp:
         if flow is not None:
             pins = [p["id"] for p in _start_pins(flow)]
             data = {k: run_vars[k] for k in pins if k in run_vars}
-        else:
-            pins = [k for k in run_vars if not k.startswith("_")]
-            data = {k: run_vars[k] for k in pins}
+        else:  # the flow is gone (its bundle removed): its pins are unknown, its public vars are all there is
+            pins, data = [], {k: v for k, v in run_vars.items() if not k.startswith("_")}
         return json_response({"run_id": state.run_id, "workflow_id": state.workflow_id, "bundle_id": bundle_id,
                               "bundle_version": bundle_version or None, "flow_id": flow_id, "pin_ids": pins,
                               "input_data": data})
@@ -8076,13 +8075,14 @@ class _ResponseWriter:
 class _Subscriber:
     """An SSE stream held by the stream writer: its socket and the bytes not yet sent."""
 
-    __slots__ = ("sock", "stream", "app_iter", "out", "out_bytes", "offset", "last_sent", "progress_at",
+    __slots__ = ("sock", "stream", "app_iter", "chunked", "out", "out_bytes", "offset", "last_sent", "progress_at",
                  "finished", "writing", "topic")
 
-    def __init__(self, sock: Any, stream: "LedgerStream", app_iter: Any) -> None:
+    def __init__(self, sock: Any, stream: "LedgerStream", app_iter: Any, chunked: bool) -> None:
         from collections import deque
 
         self.sock = sock
+        self.chunked = chunked  # HTTP/1.1; an HTTP/1.0 stream is close-delimited, its frames sent as they are
         self.stream = stream
         self.app_iter = app_iter
         self.out: "deque[bytes]" = deque()
@@ -8100,8 +8100,12 @@ class _Subscriber:
         self.out_bytes += len(data)
         self.last_sent = now
 
+    def framed(self, data: bytes) -> bytes:
+        """`data` as this stream's body carries it."""
+        return _chunk(data) if self.chunked else data
+
     def finish(self, frame: bytes, now: float) -> None:
-        self.queue(_chunk(frame) + b"0\r\n\r\n", now)
+        self.queue((_chunk(frame) + b"0\r\n\r\n") if self.chunked else frame, now)
         self.finished = True
 
 
@@ -8145,11 +8149,12 @@ class _StreamWriter:
     def __len__(self) -> int:
         return len(self._subs)
 
-    def add(self, sock: Any, stream: "LedgerStream", app_iter: Any, head: bytes) -> None:
-        """Take over a stream whose response head is `head`; the socket is the writer's from now on."""
+    def add(self, sock: Any, stream: "LedgerStream", app_iter: Any, head: bytes, chunked: bool) -> None:
+        """Take over a stream whose response head is `head` (`chunked`: the body framing it set); the
+        socket is the writer's from now on."""
         sock.setblocking(False)
-        sub = _Subscriber(sock, stream, app_iter)
-        sub.queue(head + _chunk(stream.opening()), time.monotonic())
+        sub = _Subscriber(sock, stream, app_iter, chunked)
+        sub.queue(head + sub.framed(stream.opening()), time.monotonic())
         stream.app.stream_started()
         with self._lock:
             self._incoming.append(sub)
@@ -8272,9 +8277,11 @@ class _StreamWriter:
         for (run_id, cursor), subs in groups.items():
             stores = subs[0].stream.gateway.stores
             rows = stores.ledger.page_json(run_id, cursor, SSE_BATCH)
-            data = _chunk(LedgerStream.step_frames(cursor, rows)) if rows else b""
+            frames = LedgerStream.step_frames(cursor, rows) if rows else b""
+            chunk = _chunk(frames) if rows else b""
             for sub in subs:
                 if rows:
+                    data = chunk if sub.chunked else frames
                     if sub.out_bytes and sub.out_bytes + len(data) > self.max_buffer_bytes:
                         continue  # stays pending: fetched again once its client has read more
                     sub.stream.advance(rows)
@@ -8302,7 +8309,7 @@ class _StreamWriter:
             elif stream.terminal_seen is not None:
                 self._pending.add(sub)  # the closing record's grace period: look again
             elif not sub.out and now - sub.last_sent >= stream.heartbeat_s:
-                sub.queue(_chunk(b": keep-alive\n\n"), now)
+                sub.queue(sub.framed(b": keep-alive\n\n"), now)
                 self._to_flush.add(sub)
             if sub.out and now - sub.progress_at > self.stall_s:
                 self._drop(sub)  # its client stopped reading: it reconnects with Last-Event-ID
@@ -9234,7 +9241,7 @@ class HttpServer:
             conn.sock.settimeout(self.request_timeout_s)  # reading the body may have shortened it
         stream = environ.get("abstractgateway.sse")
         if stream is not None and response.status_code == 200 and environ["REQUEST_METHOD"] == "GET":
-            self.streams.add(conn.sock, stream, result, response.head(stream=True))
+            self.streams.add(conn.sock, stream, result, response.head(stream=True), response.chunked)
             return "stream"
         self._write_out(response, result)
         if not conn.keep_alive or not body.drain():

@@ -132,6 +132,10 @@ def test_upload_then_run_after_restart(data_dir, bundle_builder):
         assert status == 200 and data["removed"] == 1
         assert server.request("DELETE", f"{API}/bundles/uploaded")[0] == 404
         assert server.post(f"{API}/bundles/reload")[2]["ok"] is True
+        status, _, data = server.get(f"{API}/runs/{run_id}/input_data")  # its flow is gone: its pins are unknown
+        assert status == 200 and data["pin_ids"] == [] and data["input_data"]["message"] == "from the db"
+        assert set(data["input_data"]) == {"message", "workspace_root"}  # every public var, as on the original
+        assert (data["bundle_id"], data["bundle_version"], data["flow_id"]) == ("uploaded", "2.0.0", "echo")
     finally:
         server.close()
 

@@ -157,6 +157,33 @@ def test_http10_closes_unless_keep_alive_is_asked_for(live_server, client):
     assert status == 200 and headers["connection"] == "close" and c.closed_by_server()
 
 
+def test_an_http10_stream_is_close_delimited_without_chunk_framing(live_server, client):
+    """HTTP/1.0 has no chunked encoding (nginx speaks it to its upstreams by default): the stream's
+    frames go out as they are and the end of the connection ends the body."""
+    run_id = live_server.gateway.start_run(bundle_id="ask")
+    wait_for(lambda: live_server.gateway.stores.runs.status_of(run_id) == "waiting")
+    c = client()
+    c.send(f"GET {API}/runs/{run_id}/ledger/stream?heartbeat_s=0.2 HTTP/1.0\r\n"
+           f"Authorization: Bearer {live_server.TOKEN}\r\n\r\n".encode())
+    head = c.file.readline()
+    assert head.startswith(b"HTTP/1.1 200"), head
+    headers = {}
+    while (line := c.file.readline().rstrip(b"\r\n")):
+        name, _, value = line.decode().partition(":")
+        headers[name.strip().lower()] = value.strip()
+    assert "transfer-encoding" not in headers and headers["connection"] == "close"
+    assert headers["content-type"].startswith("text/event-stream")
+    wait_for(lambda: b"keep-alive" in c.sock.recv(65536, socket.MSG_PEEK), timeout=5)  # a heartbeat came
+    state = live_server.gateway.stores.runs.load(run_id)
+    live_server.gateway.submit_command(command_id="http10-answer", run_id=run_id, type="resume",
+                                       payload={"wait_key": state.waiting.wait_key, "payload": {"response": "hi"}})
+    body = c.file.read()  # to the close: the stream ends with the run
+    events = [block for block in body.decode().split("\n\n") if block]
+    assert all(line.startswith(("id:", "event:", "data:", ":", "retry:"))
+               for e in events for line in e.split("\n")), body
+    assert events[-1].startswith("event: done") and any(e.startswith("id:") for e in events)
+
+
 def test_expect_continue_head_requests_and_refused_heads(live_server, client):
     c = client()
     body = _command("expect-1")
