@@ -2519,12 +2519,12 @@ class StepWrites:
     runs: Dict[str, Tuple[Any, ...]] = field(default_factory=dict)
     ledger: List[Tuple[str, str]] = field(default_factory=list)
     base: Dict[str, Optional[str]] = field(default_factory=dict)
-    loaded: Dict[str, Tuple[str, Optional[RunState]]] = field(default_factory=dict)  # see _BufferedRunStore.load
+    loaded: Dict[str, Optional[str]] = field(default_factory=dict)  # see _BufferedRunStore.stored_as_first_loaded
     _saved: List[Dict[str, Tuple[Any, ...]]] = field(default_factory=list)
 
     def mark(self) -> Tuple[int, int]:
-        """A point to `rollback` to (the writes of the steps before it stay); a new step's first
-        load of a run decodes it afresh (see `_BufferedRunStore.load`)."""
+        """A point to `rollback` to (the writes of the steps before it stay), where a new step starts
+        (see `_BufferedRunStore.stored_as_first_loaded`)."""
         self._saved.append(dict(self.runs))
         self.loaded.clear()
         return len(self.ledger), len(self._saved) - 1
@@ -2589,36 +2589,33 @@ class _BufferedRunStore:
 
     def load(self, run_id: str) -> Optional[RunState]:
         """Inside `collect()`: the run as this thread's step left it, else as stored (a fresh object)."""
-        return self._load(run_id, shared=False)
-
-    def load_shared(self, run_id: str) -> Optional[RunState]:
-        """`load` for the runtime's `get_state`, which loads a run three times per step: once to work
-        on, then twice more before committing, to see whether a pause or cancel was stored meanwhile.
-        The two checks share one decode while the stored text is unchanged (a third of a step's cost
-        on a large run). They get their own object, never the first one, which the runtime changes as
-        the step goes: they must see the run as stored. (Other loads, such as a memory effect's of the
-        run it writes to, take no part: each gets a fresh object.)"""
-        return self._load(run_id, shared=True)
-
-    def _load(self, run_id: str, shared: bool) -> Optional[RunState]:
         writes: Optional[StepWrites] = getattr(self._local, "writes", None)
         if writes is None:
             return self._inner.load(run_id)
         key = str(run_id)
-        row = writes.runs.get(key)
-        text = row[-1] if row is not None else self._inner.load_json(run_id)
-        if row is None:
-            writes.base.setdefault(key, text)
+        text = self._text(writes, key)
+        writes.loaded.setdefault(key, text)
         if text is None:
             return None
-        seen = writes.loaded.get(key) if shared else None
-        if seen is not None and seen[0] == text and seen[1] is not None:
-            return seen[1]
         states = _run_rows_to_states([(text,)])
-        state = states[0] if states else None
-        if shared:  # the step's first load is the runtime's to change: only a later one is kept for sharing
-            writes.loaded[key] = (text, state if seen is not None and seen[0] == text else None)
-        return state
+        return states[0] if states else None
+
+    def stored_as_first_loaded(self, run_id: str) -> bool:
+        """Inside `collect()`: whether the run is stored (or buffered) exactly as this step first
+        loaded it (see `_runtime_type`'s `get_state`)."""
+        writes: Optional[StepWrites] = getattr(self._local, "writes", None)
+        key = str(run_id)
+        if writes is None or writes.loaded.get(key) is None:
+            return False
+        return self._text(writes, key) == writes.loaded[key]
+
+    def _text(self, writes: StepWrites, key: str) -> Optional[str]:
+        row = writes.runs.get(key)
+        if row is not None:
+            return row[-1]
+        text = self._inner.load_json(key)
+        writes.base.setdefault(key, text)
+        return text
 
 
 class _BufferedLedgerStore:
@@ -4627,6 +4624,13 @@ class CommandInbox:
 MAX_SUBFLOW_DEPTH = 64  # runs nested in runs: far past any real flow, reached at once by one that calls itself
 
 
+def _pause_probe_code(runtime_type: type) -> Optional[Any]:
+    """The code of `Runtime.tick`'s pause probe (a closure that only calls `get_state`); None if this
+    runtime has none by that name (then every probe loads the run)."""
+    return next((const for const in runtime_type.tick.__code__.co_consts
+                 if getattr(const, "co_name", None) == "_abort_if_externally_controlled"), None)
+
+
 @functools.lru_cache(maxsize=None)
 def _runtime_type() -> type:
     """abstractruntime's `Runtime`, with two guards a long-lived gateway needs. Built once, as the
@@ -4640,14 +4644,22 @@ def _runtime_type() -> type:
       a second, until the disk is full); a subflow nested `MAX_SUBFLOW_DEPTH` runs deep fails instead,
       and with it each run above it.
 
-    (And `get_state` loads through `load_shared`: see `_BufferedRunStore.load_shared`.)
+    - A step loads its run three times: once to work on, then twice more (`tick`'s pause probe) to see
+      whether a pause or cancel was stored while its node ran. A probe of a run still stored as the
+      step first loaded it is answered without decoding it again (a quarter of a timer step's CPU):
+      `tick` went on from that load, so it was neither paused nor cancelled, and the probe reads
+      nothing else. A run stored anew is decoded, and the probe sees the pause.
     """
     from abstractruntime import Runtime
     from abstractruntime.core.runtime import EffectOutcome
 
+    pause_probe = _pause_probe_code(Runtime)
+
     class GatewayRuntime(Runtime):
         def get_state(self, run_id: str) -> RunState:
-            run = self._run_store.load_shared(run_id)
+            if sys._getframe(1).f_code is pause_probe and self._run_store.stored_as_first_loaded(run_id):
+                return RunState(run_id=run_id, workflow_id="", status=RunStatus.RUNNING, current_node="")
+            run = self._run_store.load(run_id)
             if run is None:
                 raise KeyError(f"Unknown run_id: {run_id}")
             return run

@@ -944,11 +944,12 @@ def test_buffered_run_store_passes_the_runtimes_protocol_check_statically(gatewa
 
 
 def test_a_step_decodes_its_run_once_yet_sees_a_pause_stored_while_its_node_ran(gateway, monkeypatch):
-    """The runtime loads a run three times a step (to work on it, then twice to look for a pause or
-    cancel). An unchanged run is decoded twice (the checks share one object, never the one the step
-    changes); a pause another thread stored meanwhile is still seen."""
-    from abstractruntime import StepPlan, WorkflowSpec
+    """The runtime loads a run three times a step: to work on it, then twice in its pause probe (for a
+    pause or cancel stored meanwhile). An unchanged run is decoded once; the probes are answered
+    without a decode. A pause another thread stored meanwhile is decoded, seen, and wins."""
+    from abstractruntime import Runtime, StepPlan, WorkflowSpec
 
+    assert gw._pause_probe_code(Runtime) is not None  # this runtime's probe is known: else every probe decodes
     decodes = []
     real_from_dict = gw.run_from_dict
     monkeypatch.setattr(gw, "run_from_dict", lambda data: decodes.append(threading.get_ident()) or real_from_dict(data))
@@ -966,24 +967,24 @@ def test_a_step_decodes_its_run_once_yet_sees_a_pause_stored_while_its_node_ran(
         return StepPlan(node_id="done", complete_output={"ok": True})
 
     spec = WorkflowSpec(workflow_id="test:two_nodes", entry_node="start", nodes={"start": start, "done": done})
-    loads = []
-    real_load_shared = gateway.uow.runs.load_shared
-    monkeypatch.setattr(gateway.uow.runs, "load_shared", lambda rid: loads.append(real_load_shared(rid)) or loads[-1])
+    probes = []
+    real_stored_as_first_loaded = gateway.uow.runs.stored_as_first_loaded
+    monkeypatch.setattr(gateway.uow.runs, "stored_as_first_loaded",
+                        lambda rid: probes.append(real_stored_as_first_loaded(rid)) or probes[-1])
     for pause_meanwhile in (False, True):
         run_id = gateway.runtime.start(workflow=spec, vars={"pause_meanwhile": pause_meanwhile})
         decodes.clear()
-        loads.clear()
+        probes.clear()
         with gateway.uow.collect() as writes:
             writes.mark()
             state = gateway.runtime.tick(workflow=spec, run_id=run_id, max_steps=1)
-        assert loads[0] is not loads[1]  # the checks never see the object the step changes
         mine = [ident for ident in decodes if ident == threading.get_ident()]  # not the pausing thread's
         if not pause_meanwhile:
-            assert len(loads) == 3 and loads[1] is loads[2]  # ...and share one decode while the text is unchanged
-            assert len(mine) == 2 and state.current_node == "done" and run_id in writes.runs
+            assert probes == [True, True] and len(mine) == 1  # both probes answered from the first load
+            assert state.current_node == "done" and run_id in writes.runs
         else:
-            assert paused_meanwhile == [run_id]
-            assert len(mine) == 3  # the first look decoded its own; the second found new text: afresh
+            assert paused_meanwhile == [run_id] and probes[:2] == [True, False]
+            assert len(mine) == 2  # the work load, then the probe that found new text
             assert state.vars["_runtime"]["control"]["paused"] is True and state.current_node == "start"
             assert run_id not in writes.runs  # the runtime saw the pause and stopped without saving
 
