@@ -4646,7 +4646,7 @@ def _runtime_type() -> type:
 
     - A step loads its run three times: once to work on, then twice more (`tick`'s pause probe) to see
       whether a pause or cancel was stored while its node ran. A probe of a run still stored as the
-      step first loaded it is answered without decoding it again (a quarter of a timer step's CPU):
+      step first loaded it is answered without decoding it again (about 8% of a timer step's CPU):
       `tick` went on from that load, so it was neither paused nor cancelled, and the probe reads
       nothing else. A run stored anew is decoded, and the probe sees the pause.
     """
