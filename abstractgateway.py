@@ -846,6 +846,7 @@ class Database:
         elif migrate:
             _create_database(self.path, synchronous.upper())
         self.inspect_only = not migrate
+        self._identity = self._file_identity()  # the file this gateway opened (see `file_problem`)
         self.synchronous = synchronous.upper()
         self.busy_timeout_ms = int(busy_timeout_ms)
         self.signals = Signals()
@@ -901,7 +902,20 @@ class Database:
             conn = apsw.Connection(str(self.path), flags=apsw.SQLITE_OPEN_READONLY)
             conn.set_busy_timeout(self.busy_timeout_ms)
             return conn
-        conn = apsw.Connection(str(self.path))
+        # Never created here (a file deleted under a running gateway is not replaced by an empty one),
+        # and never kept read-only: SQLite opens a write-protected file read-only without a word, and
+        # the thread would keep that connection, failing every write, after the file is writable again.
+        try:
+            conn = apsw.Connection(str(self.path), flags=apsw.SQLITE_OPEN_READWRITE)
+        except apsw.CantOpenError:
+            problem = self.file_problem()
+            if problem is not None:
+                raise StorageError(problem) from None
+            raise
+        if conn.readonly("main"):
+            conn.close()
+            raise StorageError(f"The database file {self.path} (or its directory) is read-only; nothing was "
+                               "written. Make it writable: the gateway uses it again at once.")
         conn.set_busy_timeout(self.busy_timeout_ms)
         mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
         if str(mode).lower() != "wal":
@@ -922,6 +936,30 @@ class Database:
             except apsw.Error:
                 pass
         self._local = threading.local()
+
+    def _file_identity(self) -> Optional[Tuple[int, int]]:
+        try:
+            st = os.stat(self.path)
+        except OSError:
+            return None
+        return st.st_dev, st.st_ino
+
+    def file_problem(self) -> Optional[str]:
+        """Why the file at `path` is no longer the one this gateway opened (deleted or replaced), else
+        None: its connections would go on writing to the old file, which no restart sees again."""
+        if self._identity is None or self._file_identity() == self._identity:
+            return None
+        return ("The database file was deleted or replaced while the gateway ran; nothing was written. Restart "
+                "the gateway (after restoring the file from a backup, if it was deleted).")
+
+    def _refuse_a_replaced_file(self) -> None:
+        """Before a write transaction: refuse it when the file is not the one opened (see `file_problem`)."""
+        problem = self.file_problem()
+        if problem is not None:
+            err = StorageError(problem)
+            self._last_failure = {"code": err.code, "detail": err.detail, "at": utc_now_iso()}
+            self._failed_at = time.monotonic()
+            raise err
 
     def checkpoint(self) -> Optional[str]:
         """Fold the WAL back into the database file and truncate it; the reason when it could not (a
@@ -991,7 +1029,7 @@ class Database:
         file-size limit as a plain I/O error, but for the operator it is a full disk."""
         if isinstance(exc, apsw.IOError) and conn is not None:
             exc.system_errno = conn.system_errno  # type: ignore[attr-defined]
-        if isinstance(exc, _STORAGE_FAILURES):
+        if isinstance(exc, (StorageError, *_STORAGE_FAILURES)):
             err = storage_error(exc)
             self._last_failure = {"code": err.code, "detail": err.detail, "at": utc_now_iso()}
             self._failed_at = time.monotonic()
@@ -1042,6 +1080,7 @@ class Database:
                 item.error, item.done = busy, True
             return
         try:
+            self._refuse_a_replaced_file()
             conn = self.connection()
             _begin_immediate(conn, self.busy_timeout_ms / 1000)
             # Store writes that a batched function makes (on this, the leader's, thread) join the batch.
@@ -1129,6 +1168,7 @@ class Database:
         self._acquire_write_mutex()
         try:
             try:
+                self._refuse_a_replaced_file()
                 _begin_immediate(conn, self.busy_timeout_ms / 1000)
             except _STORAGE_FAILURES as exc:
                 self._note_failure(exc, conn)
@@ -6755,6 +6795,9 @@ class GatewayApp:
         store: Dict[str, Any] = {"backend": self.gateway.stores.backend, "ok": True}
         try:
             db.query_one("SELECT 1 FROM runs LIMIT 1")
+            problem = db.file_problem()
+            if problem is not None:
+                raise StorageError(problem)
         except (apsw.Error, StorageError) as exc:
             err = storage_error(exc)
             store.update(ok=False, error=err.detail, code=err.code)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import collections
 import hashlib
 import json
+import os
 import random
 import resource
 import signal
@@ -18,8 +19,8 @@ from pathlib import Path
 import pytest
 
 import abstractgateway as gw
-from conftest import (TEST_BUNDLES, call_json, free_port, gateway_env, make_config, pack_bundle, stop_outside_a_write,
-                      wait_for)
+from conftest import (TEST_BUNDLES, LiveServer, call_json, free_port, gateway_env, make_config, pack_bundle,
+                      stop_outside_a_write, wait_for)
 
 TOKEN = "fault-test-token-0123456789"
 
@@ -388,3 +389,75 @@ def test_a_damaged_database_is_refused_and_never_written(data_dir, damage):
             assert "problem" in said.lower()
         assert hashlib.sha256(db_path.read_bytes()).hexdigest() == before, f"{args[0]} wrote to the file"
         assert not Path(f"{db_path}-wal").exists() or Path(f"{db_path}-wal").stat().st_size == 0
+
+
+def _write_protect(paths, protect: bool) -> None:
+    """Make files (and directories) unwritable, or writable again: `chattr +i` as root (whom modes do
+    not stop), modes otherwise."""
+    for path in paths:
+        if os.geteuid() == 0:
+            subprocess.run(["chattr", "+i" if protect else "-i", str(path)], check=True)
+        else:
+            os.chmod(path, (0o555 if path.is_dir() else 0o444) if protect else (0o755 if path.is_dir() else 0o600))
+
+
+def test_writes_resume_at_once_after_the_database_was_read_only_for_a_while(data_dir):
+    """SQLite opens a write-protected file read-only without a word. A thread that opened its connection
+    then must not keep it: once the file is writable again, every thread writes again."""
+    server = LiveServer(data_dir, max_threads="8")
+    db_path = server.gateway.stores.db.path
+    protected = [data_dir, *(p for p in data_dir.iterdir() if p.name.startswith(db_path.name))]
+    try:
+        _write_protect(protected, True)
+        try:
+            def start_from_new_threads():
+                results = []
+                threads = [threading.Thread(target=lambda: results.append(server.post(
+                    f"{gw.API}/runs/start", {"bundle_id": "echo", "input_data": {}}))) for _ in range(8)]
+                for thread in threads:
+                    thread.start()
+                for thread in threads:
+                    thread.join()
+                return results
+
+            refused = start_from_new_threads()  # the workers' first connections open now, read-only
+            assert refused and all(status == 503 and body["code"] == "storage_error" for status, _, body in refused)
+            assert any("read-only" in body["detail"] for _, _, body in refused), refused
+            # A read that opens a connection on a new thread meanwhile is refused too, and says why.
+            outcome = []
+            reader = threading.Thread(target=lambda: outcome.append(server.get(f"{gw.API}/runs")))
+            reader.start()
+            reader.join()
+        finally:
+            _write_protect(protected, False)
+        after = start_from_new_threads()
+        assert [status for status, _, _ in after] == [200] * 8, after
+    finally:
+        server.close()
+
+
+@pytest.mark.parametrize("how", ["deleted", "replaced"])
+def test_a_database_file_deleted_or_replaced_under_a_running_gateway_takes_no_write(data_dir, tmp_path, how):
+    """The gateway's connections would go on writing into the old file, which no restart sees: every
+    write is refused (503, saying why) and health degrades, instead of acknowledging writes that are lost."""
+    server = LiveServer(data_dir)
+    db_path = server.gateway.stores.db.path
+    try:
+        assert server.post(f"{gw.API}/runs/start", {"bundle_id": "echo", "input_data": {}})[0] == 200
+        server.gateway.stores.db.checkpoint()
+        if how == "deleted":
+            for end in ("", "-wal", "-shm"):
+                Path(f"{db_path}{end}").unlink(missing_ok=True)
+        else:
+            copy = tmp_path / "copy.sqlite3"
+            copy.write_bytes(db_path.read_bytes())
+            os.replace(copy, db_path)
+        status, _, body = server.post(f"{gw.API}/runs/start", {"bundle_id": "echo", "input_data": {}})
+        assert status == 503 and body["code"] == "storage_error" and "deleted or replaced" in body["detail"], body
+        status, _, body = server.post(f"{gw.API}/commands", {"command_id": "c-1", "run_id": "r", "type": "pause"})
+        assert status == 503 and "deleted or replaced" in body["detail"], body
+        health = server.get("/api/health")[2]
+        assert health["status"] == "degraded" and "deleted or replaced" in health["store"]["error"], health
+        assert db_path.exists() == (how == "replaced")  # no new, empty file was made in its place
+    finally:
+        server.close()
