@@ -8803,8 +8803,10 @@ class HttpServer:
         except OSError:
             data = b""
         fd = conn.sock.fileno()
-        if not data:
-            self._forget(conn)
+        if not data:  # the client is done sending: a request whose head is in but not its body is told so
+            waiting = self._partial.get(fd) is conn and conn.head_end()
+            self._forget(conn, _error_head(400, "Bad Request", BadRequestBody.code, "Request body ended early")
+                         if waiting else b"")
             return
         conn.buf += data
         if fd in self._idle:

@@ -184,6 +184,18 @@ def test_an_http10_stream_is_close_delimited_without_chunk_framing(live_server, 
     assert events[-1].startswith("event: done") and any(e.startswith("id:") for e in events)
 
 
+@pytest.mark.parametrize("path", [f"{API}/commands", f"{API}/runs/ledger/batch"])
+def test_a_body_cut_short_by_the_client_closing_its_side_is_answered_400(live_server, client, path):
+    """Whether the body is awaited on the selector thread (a command waiting for its shared commit)
+    or by a worker, a client that stops sending mid-body is told why before the connection closes."""
+    c = client()
+    c.send(f"POST {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {live_server.TOKEN}\r\n"
+           "Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{".encode())
+    c.sock.shutdown(socket.SHUT_WR)
+    status, _, body = c.response()
+    assert status == 400 and json.loads(body) == {"detail": "Request body ended early", "code": "bad_request_body"}
+
+
 def test_expect_continue_head_requests_and_refused_heads(live_server, client):
     c = client()
     body = _command("expect-1")
