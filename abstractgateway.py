@@ -8479,7 +8479,9 @@ def _body_framing(environ: Dict[str, Any], lengths: List[str], http10: bool) -> 
     rather than guessed, and other transfer codings with a 501."""
     chunked, length = False, 0
     if "HTTP_TRANSFER_ENCODING" in environ:
-        codings = [c.strip().lower() for c in environ["HTTP_TRANSFER_ENCODING"].split(",") if c.strip()]
+        # Only SP and HTAB are whitespace here (RFC 9110 5.6.3): "\x0bchunked" is no coding this server
+        # knows, so a front proxy that reads it as something else can't frame the body differently.
+        codings = [c.strip(" \t").lower() for c in environ["HTTP_TRANSFER_ENCODING"].split(",") if c.strip(" \t")]
         if lengths or http10:
             raise _BadRequest(400, "Bad Request", "bad_request",
                               "Transfer-Encoding with Content-Length (or on HTTP/1.0) is refused")
@@ -8488,7 +8490,7 @@ def _body_framing(environ: Dict[str, Any], lengths: List[str], http10: bool) -> 
                               "Only the chunked transfer coding is supported")
         chunked = True
     elif lengths:
-        if len(set(lengths)) != 1 or not lengths[0].isdigit() or len(lengths[0]) > 18:
+        if len(set(lengths)) != 1 or not (lengths[0].isascii() and lengths[0].isdigit()) or len(lengths[0]) > 18:
             raise _BadRequest(400, "Bad Request", "bad_request", "Bad Content-Length header")
         length = int(lengths[0])
         environ["CONTENT_LENGTH"] = str(length)
@@ -8501,10 +8503,14 @@ def _wsgi_environ(conn: _Connection, head: bytes, server_address: Tuple[Any, ...
     lines = head.decode("latin-1").split("\n")
     method, target, version = _request_line(lines[0])
     headers = _header_fields(lines[1:])
-    if target.startswith(("http://", "https://")):  # absolute form: the authority is the Host
+    if target.startswith(("http://", "https://")):  # absolute form: the authority is the Host (RFC 9112 3.2.2)
         authority, slash, rest = target.split("://", 1)[1].partition("/")
         target = slash + rest
-        headers.append(("Host", authority))
+        headers = [(name, value) for name, value in headers if name.lower() != "host"] + [("Host", authority)]
+    else:
+        hosts = sum(name.lower() == "host" for name, _ in headers)
+        if hosts > 1 or (not hosts and version == "HTTP/1.1"):  # RFC 9112 3.2: a 400, as proxies expect
+            raise _BadRequest(400, "Bad Request", "bad_request", "An HTTP/1.1 request needs exactly one Host header")
     path, _, query = target.partition("?")
     environ: Dict[str, Any] = {
         "wsgi.version": (1, 0), "wsgi.url_scheme": "http", "wsgi.errors": sys.stderr,
@@ -8522,7 +8528,7 @@ def _wsgi_environ(conn: _Connection, head: bytes, server_address: Tuple[Any, ...
             continue  # would collide with a dash-spelled header in the environ
         key = name.upper().replace("-", "_")
         if key == "CONTENT_LENGTH":
-            lengths.extend(v.strip() for v in value.split(","))
+            lengths.extend(v.strip(" \t") for v in value.split(","))
             continue
         if key != "CONTENT_TYPE":
             key = "HTTP_" + key

@@ -196,6 +196,17 @@ def test_a_body_cut_short_by_the_client_closing_its_side_is_answered_400(live_se
     assert status == 400 and json.loads(body) == {"detail": "Request body ended early", "code": "bad_request_body"}
 
 
+def test_an_absolute_form_target_names_the_host(live_server, client):
+    """`GET http://host/path`: the authority is the Host, whatever Host header came with it (not two)."""
+    c = client()
+    c.send(f"GET http://gateway.example/api/gateway/runs HTTP/1.1\r\nHost: other\r\n"
+           f"Authorization: Bearer {live_server.TOKEN}\r\n\r\n".encode())
+    status, _, body = c.response()
+    assert status == 200 and "items" in json.loads(body)
+    c.send(b"GET http://gateway.example/api/health HTTP/1.1\r\n\r\n")  # no Host header needed
+    assert c.response()[0] == 200
+
+
 def test_expect_continue_head_requests_and_refused_heads(live_server, client):
     c = client()
     body = _command("expect-1")
@@ -218,8 +229,16 @@ def test_expect_continue_head_requests_and_refused_heads(live_server, client):
     for raw, status, code in ((b"GET / HTTP/2.0\r\n\r\n", 505, "http_version"),
                               (b"GET /\r\n\r\n", 400, "bad_request"),
                               (b"GET / HTTP/1.1\r\nX-Big: " + b"a" * 20_000 + b"\r\n\r\n", 431, "headers_too_large"),
-                              (b"POST / HTTP/1.1\r\nTransfer-Encoding: gzip\r\n\r\n", 501,
-                               "unsupported_transfer_encoding")):
+                              (b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: gzip\r\n\r\n", 501,
+                               "unsupported_transfer_encoding"),
+                              # only SP and HTAB are whitespace: a front proxy must not read a body differently
+                              (b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: \x0bchunked\r\n\r\n", 501,
+                               "unsupported_transfer_encoding"),
+                              (b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: \xa05\r\n\r\n", 400, "bad_request"),
+                              (b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: \xb2\r\n\r\n", 400, "bad_request"),
+                              # an HTTP/1.1 request has exactly one Host (RFC 9112 3.2)
+                              (b"GET /api/health HTTP/1.1\r\n\r\n", 400, "bad_request"),
+                              (b"GET /api/health HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n", 400, "bad_request")):
         c = client()
         c.send(raw)
         got, _, data = c.response()
