@@ -7887,7 +7887,7 @@ class _BodyReader:
             self._recv()
 
     def _next_chunk(self) -> None:
-        size_text = self._line().split(b";", 1)[0].strip()
+        size_text = self._line().split(b";", 1)[0].strip(b" \t")
         if not size_text or len(size_text) > 15 or not set(size_text.decode("latin-1")) <= _HEX_DIGITS:
             self.failed = True
             raise BadRequestBody("Bad chunk size line in a chunked request body")
