@@ -1354,6 +1354,7 @@ class LedgerStorage(Protocol):
     def page(self, run_id: str, after: int, limit: int) -> List[Dict[str, Any]]: ...
     def page_json(self, run_id: str, after: int, limit: int) -> List[str]: ...
     def completed_record(self, run_id: str, idempotency_key: str) -> Optional[Dict[str, Any]]: ...
+    def waiting_records(self, run_id: str, wait_key: str) -> List[Dict[str, Any]]: ...
     def count(self, run_id: str) -> int: ...
     def count_many(self, run_ids: Sequence[str]) -> Dict[str, int]: ...
     def metrics_many(self, run_ids: Sequence[str]) -> Dict[str, Dict[str, int]]: ...
@@ -1406,6 +1407,13 @@ _JSON_ENCODER = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))
 
 def _json_dumps(value: Any) -> str:
     return _JSON_ENCODER.encode(value)
+
+
+def _is_waiting_on(record: Any, wait_key: str) -> bool:
+    """Whether a ledger record is a waiting one whose wait has `wait_key` (as `waiting_records` selects)."""
+    result = record.get("result") if isinstance(record, dict) else None
+    wait = result.get("wait") if isinstance(result, dict) else None
+    return record.get("status") == "waiting" and isinstance(wait, dict) and wait.get("wait_key") == wait_key
 
 
 _FIELD_NAMES: Dict[type, Tuple[str, ...]] = {}
@@ -1710,6 +1718,10 @@ class SqliteLedgerStore(LedgerStore):
                        " AND json_extract(record_json, '$.status') = 'completed'"
                        " AND json_extract(record_json, '$.idempotency_key') = ?1 ORDER BY seq LIMIT 1")
     _COMPLETED = _COMPLETED_SCAN.replace("FROM ledger", "FROM ledger INDEXED BY ledger_completed_by_key")
+    _WAITING_SCAN = ("SELECT record_json FROM ledger WHERE run_id = ?2 AND json_valid(record_json, 2)"
+                     " AND json_extract(record_json, '$.status') = 'waiting'"
+                     " AND json_extract(record_json, '$.result.wait.wait_key') = ?1 ORDER BY seq")
+    _WAITING = _WAITING_SCAN.replace("FROM ledger", "FROM ledger INDEXED BY ledger_waiting_by_key")
     _COUNT = ("INSERT INTO run_metrics (run_id, steps, llm_calls, tool_calls, tokens_total) VALUES (?, 1, ?, ?, ?)"
               " ON CONFLICT(run_id) DO UPDATE SET steps = steps + 1, llm_calls = llm_calls + excluded.llm_calls,"
               " tool_calls = tool_calls + excluded.tool_calls, tokens_total = tokens_total + excluded.tokens_total")
@@ -1754,6 +1766,16 @@ class SqliteLedgerStore(LedgerStore):
         """Like `page` but the records' stored JSON text, unparsed (for streaming to clients)."""
         rows = self.db.query(self._PAGE, (str(run_id), max(0, int(after)), max(1, int(limit))))
         return [r[0] for r in rows]
+
+    def waiting_records(self, run_id: str, wait_key: str) -> List[Dict[str, Any]]:
+        """The run's waiting records whose wait has `wait_key`, in order, by the index schema.sql keeps
+        for them (without it, a scan of the run's records)."""
+        params = (str(wait_key), str(run_id))
+        try:
+            rows = self.db.query(self._WAITING, params)
+        except apsw.SQLError:  # no such index (`check` says so)
+            rows = self.db.query(self._WAITING_SCAN, params)
+        return [json.loads(r[0]) for r in rows]
 
     def completed_record(self, run_id: str, idempotency_key: str) -> Optional[Dict[str, Any]]:
         """The run's first completed record with `idempotency_key`, by the index schema.sql keeps for
@@ -2395,6 +2417,9 @@ class FileLedgerStore(JsonlLedgerStore):
     def completed_record(self, run_id: str, idempotency_key: str) -> Optional[Dict[str, Any]]:
         return _first_completed(self.list(run_id), idempotency_key)
 
+    def waiting_records(self, run_id: str, wait_key: str) -> List[Dict[str, Any]]:
+        return [r for r in self.list(run_id) if _is_waiting_on(r, wait_key)]
+
     def count_many(self, run_ids: Sequence[str]) -> Dict[str, int]:
         """Record counts of the runs that have any (like the SQLite store)."""
         counts = {rid: self.count(rid) for rid in run_ids if rid}
@@ -2677,10 +2702,35 @@ class _BufferedLedgerStore:
         writes.ledger.append((run_id, dataclass_json(record)))
 
     def list(self, run_id: str) -> List[Dict[str, Any]]:
+        """The run's records, stored then buffered; for `Runtime.resume`, only those it can use.
+
+        Each resume of a run that waits with a key (an answer, an approval, an event, a subflow's end)
+        reads the run's whole ledger to look for a tool-call wait with that key: a cost that grows with
+        every step of a long-lived run (a schedule's parent is resumed once per execution). That
+        search only picks records that name the key, and then the completed records of that record's
+        idempotency key, so it is given those (`_records_of_wait`) and makes the same choice."""
+        caller = sys._getframe(1)
+        if caller.f_code is _runtime_type().resume.__code__:  # its one `list`: that search
+            wait_key = caller.f_locals.get("wait_key_str")
+            if isinstance(wait_key, str) and wait_key:
+                return self._records_of_wait(run_id, wait_key)
         records = self._inner.list(run_id)
         writes: Optional[StepWrites] = getattr(self._local, "writes", None)
         if writes is not None:
             records.extend(json.loads(text) for rid, text in writes.ledger if rid == run_id)
+        return records
+
+    def _records_of_wait(self, run_id: str, wait_key: str) -> List[Dict[str, Any]]:
+        records = self._inner.waiting_records(run_id, wait_key)
+        writes: Optional[StepWrites] = getattr(self._local, "writes", None)
+        if writes is not None:
+            quoted = _json_dumps(wait_key)  # as the record's text holds it (one encoder): decode only those
+            records.extend(r for r in (json.loads(text) for rid, text in writes.ledger
+                                       if rid == run_id and quoted in text) if _is_waiting_on(r, wait_key))
+        for key in {str(r.get("idempotency_key") or "") for r in records if isinstance(r, dict)} - {""}:
+            completed = self.completed_record(run_id, key)
+            if completed is not None and completed not in records:
+                records.append(completed)
         return records
 
     def completed_record(self, run_id: str, idempotency_key: str) -> Optional[Dict[str, Any]]:
@@ -3502,6 +3552,21 @@ def fire_schedule_now(runs: Any, run_id: str) -> None:
         runs.save(run)
 
 
+SCHEDULE_TRACES_KEPT = 5  # trace entries kept per node of a schedule's wrapper: its latest executions
+
+
+def _keep_recent_traces(run: RunState, keep: int) -> None:
+    """Drop all but the latest `keep` entries of each node trace of `run`. The runtime keeps 100, each
+    with its effect's payload: for a schedule that fires forever, 100 copies of the target's input
+    in the parent run, decoded and encoded again on each of its steps (a 100 kB input made a 10 MB
+    run, and a 100 ms schedule could fire only once a second)."""
+    traces = (run.vars.get("_runtime") or {}).get("node_traces") or {}
+    for trace in traces.values():
+        steps = trace.get("steps") if isinstance(trace, dict) else None
+        if isinstance(steps, list) and len(steps) > keep:
+            del steps[:-keep]
+
+
 def schedule_spec(workflow_id: str) -> Any:
     """The wrapper workflow of a schedule, built on the runtime's WAIT_UNTIL and subworkflow effects.
 
@@ -3536,6 +3601,7 @@ def schedule_spec(workflow_id: str) -> Any:
 
     def after_run(run: RunState, ctx: Any) -> Any:
         sched, state = definition(run), run.vars["_schedule_state"]
+        _keep_recent_traces(run, SCHEDULE_TRACES_KEPT)
         state["executions"] += 1
         state["last"] = run.vars.pop("_schedule_last", None)
         count = sched.get("repeat_count")

@@ -210,3 +210,11 @@ CREATE INDEX reports_by_created ON reports(report_type, created_at DESC);
 -- for months) slower with every step. Records that are not JSON are left out, so they can't fail.
 CREATE INDEX ledger_completed_by_key ON ledger (run_id, json_extract(record_json, '$.idempotency_key'))
   WHERE json_valid(record_json, 2) AND json_extract(record_json, '$.status') = 'completed';
+
+-- migrate: 7
+-- A resume of a run that waits with a key (an answer, an approval, an event, a subflow's end) looks
+-- for the tool-call wait it answers among the run's waiting records with that key (`Runtime.resume`,
+-- through `SqliteLedgerStore.waiting_records`). This index finds them without reading the run's whole
+-- ledger, which made each execution of a long-lived schedule slower than the last.
+CREATE INDEX ledger_waiting_by_key ON ledger (run_id, json_extract(record_json, '$.result.wait.wait_key'))
+  WHERE json_valid(record_json, 2) AND json_extract(record_json, '$.status') = 'waiting';

@@ -155,6 +155,16 @@ def test_tool_calls_wait_for_approval_and_the_agent_goes_on_with_the_results(llm
             break
     assert _wait_status(llm_server, run_id, "completed", "failed")["status"] == "completed"
     assert approved == {"coder": 2, "test": 1}[bundle]
+    # each answered tool-call wait got the runtime's completion record under the wait's own key, once
+    answered = 0
+    for rid in _tree(llm_server, run_id):
+        records = llm_server.gateway.stores.ledger.list(rid)
+        waits = {r["idempotency_key"] for r in records
+                 if r["status"] == "waiting" and (r.get("effect") or {}).get("type") == "tool_calls"}
+        done = [r["idempotency_key"] for r in records if r["status"] == "completed" and r["idempotency_key"] in waits]
+        assert sorted(done) == sorted(waits), rid
+        answered += len(waits)
+    assert answered == approved
     tool_messages = [m for r in fake_llm.requests for m in r["messages"] if m.get("role") == "tool"]
     assert any("hello" in str(m.get("content")) for m in tool_messages)  # the model saw the tool's output
 

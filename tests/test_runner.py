@@ -391,6 +391,41 @@ def test_schedule_fires_n_times(fast_gateway):
     assert gw.schedule_of(state)["target_workflow_id"] == "echo@1.0.0:echo"
 
 
+def test_a_schedule_that_keeps_firing_keeps_its_run_small(fast_gateway):
+    """Each execution's trace holds the target's input; the wrapper keeps only its latest few, so a
+    schedule that fires for months doesn't carry 100 copies of its input in every step."""
+    gateway = fast_gateway
+    run_id = gateway.schedule_run(bundle_id="echo", flow_id="echo", input_data={"message": "m" * 20_000},
+                                  interval="20ms", repeat_count=gw.SCHEDULE_TRACES_KEPT + 10)
+    wait_for(lambda: _status(gateway, run_id) == "completed", timeout=30)
+    state = gateway.stores.runs.load(run_id)
+    assert state.output["executions"] == gw.SCHEDULE_TRACES_KEPT + 10
+    traces = state.vars["_runtime"]["node_traces"]
+    assert 0 < len(traces["run_target"]["steps"]) <= gw.SCHEDULE_TRACES_KEPT
+    assert traces["run_target"]["steps"][-1]["effect"]["payload"]["vars"]["_schedule"]["index"] >= 10  # the latest
+    # each kept entry holds the input and the child's output (both carry the message), plus the run's own two
+    assert len(gateway.stores.runs.load_json(run_id)) < (2 * gw.SCHEDULE_TRACES_KEPT + 3) * 20_000
+
+
+def test_a_resume_reads_only_its_waits_records_not_the_whole_ledger(fast_gateway, monkeypatch):
+    """Each execution of a schedule resumes its parent, and each resume looks for the tool-call wait it
+    answers: by the waiting records with its key (an index), not by decoding the parent's whole
+    ledger, which grows with every execution."""
+    gateway = fast_gateway
+    whole, by_key = [], []
+    real_list, real_waiting = gateway.stores.ledger.list, gateway.stores.ledger.waiting_records
+    monkeypatch.setattr(gateway.stores.ledger, "list", lambda rid: whole.append(rid) or real_list(rid))
+    monkeypatch.setattr(gateway.stores.ledger, "waiting_records",
+                        lambda rid, key: by_key.append((rid, key)) or real_waiting(rid, key))
+    run_id = gateway.schedule_run(bundle_id="echo", flow_id="echo", interval="20ms", repeat_count=5)
+    wait_for(lambda: _status(gateway, run_id) == "completed", timeout=30)
+    assert gateway.stores.runs.load(run_id).output["executions"] == 5
+    assert whole == [] and len([rid for rid, _ in by_key if rid == run_id]) == 5
+    conn = gateway.stores.db.connection()
+    plan = " ".join(str(row) for row in conn.execute("EXPLAIN QUERY PLAN " + gw.SqliteLedgerStore._WAITING, ("k", "r")))
+    assert "USING INDEX ledger_waiting_by_key" in plan and "SCAN" not in plan
+
+
 def test_schedule_isolated_sessions_and_validation(fast_gateway):
     gateway = fast_gateway
     run_id = gateway.schedule_run(bundle_id="echo", flow_id="echo", interval="50ms", repeat_count=2,

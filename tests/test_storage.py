@@ -873,6 +873,22 @@ def test_a_completed_record_is_found_by_its_idempotency_key_on_both_backends(any
     assert ledger.completed_record("nope", "k1") is None
 
 
+def test_waiting_records_are_found_by_their_wait_key_on_both_backends(any_stores):
+    """A run's waiting records with a wait key, in order; other statuses, keys and runs are left out."""
+    ledger = any_stores.ledger
+
+    def record(run_id, status, wait_key, n):
+        wait = {"wait_key": wait_key, "reason": "event"} if wait_key is not None else None
+        return json.dumps({"run_id": run_id, "status": status, "result": {"wait": wait, "n": n}}, ensure_ascii=n % 2)
+
+    key = 'tool_calls:r1:act "é"'
+    for args in (("r1", "waiting", key, 1), ("r1", "completed", key, 2), ("r1", "waiting", "other", 3),
+                 ("r1", "waiting", None, 4), ("r2", "waiting", key, 5), ("r1", "waiting", key, 6)):
+        ledger.append_json(args[0], record(*args))
+    assert [r["result"]["n"] for r in ledger.waiting_records("r1", key)] == [1, 6]  # whichever encoder wrote them
+    assert ledger.waiting_records("r1", "nope") == [] and ledger.waiting_records("nope", key) == []
+
+
 def test_a_step_s_own_completed_records_are_found_after_the_stored_ones(stores):
     """Inside a step, appends are buffered: the lookup sees them too, after the stored ones, whatever the
     key holds (quotes, backslashes, non-ASCII)."""
@@ -909,6 +925,12 @@ def test_a_completed_record_lookup_reads_one_record_and_survives_one_that_is_not
     assert stores.ledger.completed_record("r1", "other") is None
     _facts, problems = gw.check_database(stores.db)
     assert any("index ledger_completed_by_key is missing" in p for p in problems), problems
+    # the same for the waiting records' index
+    stores.ledger.append_json("r1", json.dumps({"status": "waiting", "result": {"wait": {"wait_key": "w"}}}))
+    stores.db.write(lambda c: c.execute("DROP INDEX ledger_waiting_by_key"))
+    assert [r["status"] for r in stores.ledger.waiting_records("r1", "w")] == ["waiting"]
+    _facts, problems = gw.check_database(stores.db)
+    assert any("index ledger_waiting_by_key is missing" in p for p in problems), problems
 
 
 def test_commands_and_cursor_on_both_backends(any_stores):
