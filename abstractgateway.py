@@ -4730,17 +4730,22 @@ class CommandInbox:
 MAX_SUBFLOW_DEPTH = 64  # runs nested in runs: far past any real flow, reached at once by one that calls itself
 
 
+_PAUSE_PROBE_NAMES = ("get_state", "Exception", "status", "RunStatus", "CANCELLED", "_is_paused_run_vars", "vars")
+
+
 def _pause_probe_code(runtime_type: type) -> Optional[Any]:
-    """The code of `Runtime.tick`'s pause probe (a closure that only calls `get_state`); None if this
-    runtime has none by that name (then every probe loads the run)."""
+    """The code of `Runtime.tick`'s pause probe: a closure that loads the run, reads only its `status`
+    and `vars`, and returns it only if it is cancelled or paused. None if this runtime has no such
+    closure, or one that uses other names than that (then every probe loads the run)."""
     return next((const for const in runtime_type.tick.__code__.co_consts
-                 if getattr(const, "co_name", None) == "_abort_if_externally_controlled"), None)
+                 if getattr(const, "co_name", None) == "_abort_if_externally_controlled"
+                 and const.co_names == _PAUSE_PROBE_NAMES), None)
 
 
 @functools.lru_cache(maxsize=None)
 def _runtime_type() -> type:
-    """abstractruntime's `Runtime`, with two guards a long-lived gateway needs. Built once, as the
-    runtime is imported lazily.
+    """abstractruntime's `Runtime`, with what a long-lived gateway needs. Built once, as the runtime is
+    imported lazily.
 
     - Before each effect the runtime looks for a completed record with the effect's idempotency key,
       by reading and decoding the run's whole ledger: a cost that grows with every step of a
@@ -4749,12 +4754,14 @@ def _runtime_type() -> type:
     - A flow that starts itself as a subflow (or A -> B -> A) would start child runs without end (200
       a second, until the disk is full); a subflow nested `MAX_SUBFLOW_DEPTH` runs deep fails instead,
       and with it each run above it.
-
     - A step loads its run three times: once to work on, then twice more (`tick`'s pause probe) to see
       whether a pause or cancel was stored while its node ran. A probe of a run still stored as the
       step first loaded it is answered without decoding it again (about 8% of a timer step's CPU):
-      `tick` went on from that load, so it was neither paused nor cancelled, and the probe reads
-      nothing else. A run stored anew is decoded, and the probe sees the pause.
+      `tick` (or `resume`, which calls it) went on from that load, so it was neither paused nor
+      cancelled, and the probe reads nothing else. A run stored anew is decoded, and the probe sees
+      the pause.
+
+    (And `resume`'s search of the ledger is answered by an index: see `_BufferedLedgerStore.list`.)
     """
     from abstractruntime import Runtime
     from abstractruntime.core.runtime import EffectOutcome
@@ -5354,7 +5361,7 @@ class Runner:
         loop = [t for t in self._threads if t.name == "runner"]
 
         def busy() -> int:
-            return len(self._in_flight) + len([t for t in loop if not self._loop_ended.is_set()])
+            return len(self._in_flight) + (1 if loop and not self._loop_ended.is_set() else 0)
 
         while True:
             with self._idle:
@@ -7160,11 +7167,13 @@ class GatewayApp:
         if ":" in workflow_id:
             ref, _, flow_id = workflow_id.partition(":")
             bundle_id, _, bundle_version = ref.partition("@")
-        if flow is not None:
-            pins = [p["id"] for p in _start_pins(flow)]
+        pins = [p["id"] for p in _start_pins(flow)] if flow is not None else []
+        if pins:
             data = {k: run_vars[k] for k in pins if k in run_vars}
-        else:  # the flow is gone (its bundle removed): its pins are unknown, its public vars are all there is
-            pins, data = [], {k: v for k, v in run_vars.items() if not k.startswith("_")}
+        elif sched is not None:  # the target's flow is gone, or takes no pins: the payload it was given
+            data = dict(run_vars)
+        else:  # the flow is gone (its bundle removed) or takes no pins: its public vars are all there is
+            data = {k: v for k, v in run_vars.items() if not k.startswith("_")}
         return json_response({"run_id": state.run_id, "workflow_id": state.workflow_id, "bundle_id": bundle_id,
                               "bundle_version": bundle_version or None, "flow_id": flow_id, "pin_ids": pins,
                               "input_data": data})
@@ -9370,7 +9379,8 @@ class HttpServer:
             conn.sock.settimeout(self.request_timeout_s)  # reading the body may have shortened it
         stream = environ.get("abstractgateway.sse")
         if stream is not None and response.status_code == 200 and environ["REQUEST_METHOD"] == "GET":
-            self.streams.add(conn.sock, stream, result, response.head(stream=True), response.chunked)
+            head = response.head(stream=True)  # decides the body's framing: `chunked` is read after it
+            self.streams.add(conn.sock, stream, result, head, response.chunked)
             return "stream"
         self._write_out(response, result)
         if not conn.keep_alive or not body.drain():

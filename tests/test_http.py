@@ -150,6 +150,10 @@ def test_start_get_list_input(live_server):
     assert set(data) >= {"waiting", "limits", "is_scheduled", "schedule", "error", "current_node"}
     status, _, data = live_server.get(f"{API}/runs/{run_id}/input_data")
     assert status == 200 and data["input_data"] == {"message": "yo"} and data["pin_ids"] == ["message"]
+    other = _start(live_server, bundle_id="event", input_data={"topic": "x", "n": 1})  # a flow with no start pins
+    status, _, data = live_server.get(f"{API}/runs/{other}/input_data")
+    assert status == 200 and data["pin_ids"] == [] and {"topic": "x", "n": 1}.items() <= data["input_data"].items()
+    assert not [k for k in data["input_data"] if k.startswith("_")]  # its public vars, as on the original
     status, _, data = live_server.get(f"{API}/runs?session_id=sess")
     assert [i["run_id"] for i in data["items"]] == [run_id] and data["items"][0]["ledger_len"] >= 1
     assert live_server.get(f"{API}/runs/nope")[0] == 404
