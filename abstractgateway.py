@@ -2710,7 +2710,7 @@ class _BufferedLedgerStore:
         search only picks records that name the key, and then the completed records of that record's
         idempotency key, so it is given those (`_records_of_wait`) and makes the same choice."""
         caller = sys._getframe(1)
-        if caller.f_code is _runtime_type().resume.__code__:  # its one `list`: that search
+        if caller.f_code is _resume_search_code():  # its one `list`: that search
             wait_key = caller.f_locals.get("wait_key_str")
             if isinstance(wait_key, str) and wait_key:
                 return self._records_of_wait(run_id, wait_key)
@@ -4728,6 +4728,15 @@ class CommandInbox:
 
 
 MAX_SUBFLOW_DEPTH = 64  # runs nested in runs: far past any real flow, reached at once by one that calls itself
+
+
+@functools.lru_cache(maxsize=None)
+def _resume_search_code() -> Optional[Any]:
+    """The code of `Runtime.resume`, whose one ledger `list` is its search for the tool-call wait a
+    resume answers (see `_BufferedLedgerStore.list`); None if it no longer has that search's variables
+    (then the search reads the whole ledger, as the runtime does)."""
+    code = _runtime_type().resume.__code__
+    return code if {"wait_key_str", "records", "waiting_rec", "already_completed"} <= set(code.co_varnames) else None
 
 
 _PAUSE_PROBE_NAMES = ("get_state", "Exception", "status", "RunStatus", "CANCELLED", "_is_paused_run_vars", "vars")

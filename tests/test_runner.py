@@ -412,6 +412,7 @@ def test_a_resume_reads_only_its_waits_records_not_the_whole_ledger(fast_gateway
     answers: by the waiting records with its key (an index), not by decoding the parent's whole
     ledger, which grows with every execution."""
     gateway = fast_gateway
+    assert gw._resume_search_code() is not None  # this runtime's search is known: else it reads the whole ledger
     whole, by_key = [], []
     real_list, real_waiting = gateway.stores.ledger.list, gateway.stores.ledger.waiting_records
     monkeypatch.setattr(gateway.stores.ledger, "list", lambda rid: whole.append(rid) or real_list(rid))
