@@ -846,7 +846,7 @@ class Database:
         elif migrate:
             _create_database(self.path, synchronous.upper())
         self.inspect_only = not migrate
-        self._identity = self._file_identity()  # the file this gateway opened (see `file_problem`)
+        self._identity: Optional[Tuple[int, int]] = None  # the file this gateway opened (see `file_problem`)
         self.synchronous = synchronous.upper()
         self.busy_timeout_ms = int(busy_timeout_ms)
         self.signals = Signals()
@@ -886,6 +886,9 @@ class Database:
                                   f"missing. Run `abstractgateway check`, then restore from a backup.")
         else:  # inspection only (check, backup, doctor): never write to the file
             self.schema_version = self.connection().execute("PRAGMA user_version").fetchone()[0]
+        # Taken once the file is open: an overlay filesystem gives a file a new inode when it is first
+        # opened for writing (copied up from an image's layer), which is not a replaced file.
+        self._identity = self._file_identity()
 
     # -- connections -------------------------------------------------------------------
 
