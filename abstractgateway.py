@@ -906,8 +906,13 @@ class Database:
             conn.set_busy_timeout(self.busy_timeout_ms)
             return conn
         # Never created here (a file deleted under a running gateway is not replaced by an empty one),
-        # and never kept read-only: SQLite opens a write-protected file read-only without a word, and
-        # the thread would keep that connection, failing every write, after the file is writable again.
+        # never to a file put in the place of the one this gateway opened (it would read that file
+        # through the old file's WAL, and fold the WAL into it on close), and never kept read-only:
+        # SQLite opens a write-protected file read-only without a word, and the thread would keep
+        # that connection, failing every write, after the file is writable again.
+        problem = self.file_problem()
+        if problem is not None:
+            raise StorageError(problem)
         try:
             conn = apsw.Connection(str(self.path), flags=apsw.SQLITE_OPEN_READWRITE)
         except apsw.CantOpenError:
@@ -952,8 +957,9 @@ class Database:
         None: its connections would go on writing to the old file, which no restart sees again."""
         if self._identity is None or self._file_identity() == self._identity:
             return None
-        return ("The database file was deleted or replaced while the gateway ran; nothing was written. Restart "
-                "the gateway (after restoring the file from a backup, if it was deleted).")
+        return (f"The database file was deleted or replaced while the gateway ran; nothing was written. Stop the "
+                f"gateway, delete {self.path}-wal and {self.path}-shm (they belong to the old file), put the file "
+                "to use in place (a backup, if it was deleted) and start the gateway again.")
 
     def _refuse_a_replaced_file(self) -> None:
         """Before a write transaction: refuse it when the file is not the one opened (see `file_problem`)."""
@@ -7967,7 +7973,10 @@ class _BodyReader:
             if end >= 0:
                 line = bytes(buf[:end + 1])
                 del buf[:end + 1]
-                return line.rstrip(b"\r\n")
+                if not line.endswith(b"\r\n") or b"\r" in line[:-2]:  # a bare LF or CR: a proxy may frame it otherwise
+                    self.failed = True
+                    raise BadRequestBody("A line of the chunked request body does not end in CRLF")
+                return line[:-2]
             if len(buf) >= limit:
                 self.failed = True
                 raise BadRequestBody("Chunk size line too long")
@@ -8543,11 +8552,13 @@ def _header_fields(lines: List[str]) -> List[Tuple[str, str]]:
     headers: List[Tuple[str, str]] = []
     size = 0
     for line in lines:
-        line = line.rstrip("\r")
+        line = line[:-1] if line.endswith("\r") else line
         if not line:
             continue
         if line[0] in " \t":
             raise _BadRequest(400, "Bad Request", "bad_request", "Folded header lines are not accepted")
+        if "\r" in line:  # a bare CR (RFC 9112 2.2): a proxy may take it for a line break and read another header
+            raise _BadRequest(400, "Bad Request", "bad_request", "Malformed header line")
         name, sep, value = line.partition(":")
         if not sep or not name or not set(name) <= _TOKEN_CHARS:
             raise _BadRequest(400, "Bad Request", "bad_request", "Malformed header line")
@@ -8584,20 +8595,23 @@ def _body_framing(environ: Dict[str, Any], lengths: List[str], http10: bool) -> 
     return chunked, length
 
 
+_HOST_VALUE = re.compile(r"[A-Za-z0-9._~%!$&'()*+,;=-]*(:[0-9]*)?|\[[0-9A-Fa-f:.]+\](:[0-9]*)?")  # uri-host [":" port]
+
+
 def _wsgi_environ(conn: _Connection, head: bytes, server_address: Tuple[Any, ...], timeout_s: float
                   ) -> Tuple[Dict[str, Any], _BodyReader, bool]:
     """The WSGI environ of a request head (400/431/501/505 for what cannot be served)."""
     lines = head.decode("latin-1").split("\n")
     method, target, version = _request_line(lines[0])
     headers = _header_fields(lines[1:])
-    if target.startswith(("http://", "https://")):  # absolute form: the authority is the Host (RFC 9112 3.2.2)
+    hosts = [value for name, value in headers if name.lower() == "host"]
+    if len(hosts) > 1 or (not hosts and version == "HTTP/1.1") or not _HOST_VALUE.fullmatch(hosts[0] if hosts else ""):
+        raise _BadRequest(400, "Bad Request", "bad_request",  # RFC 9112 3.2, as proxies expect
+                          "A request needs exactly one valid Host header (HTTP/1.0: at most one)")
+    if target.startswith(("http://", "https://")):  # absolute form: its authority is the Host (RFC 9112 3.2.2)
         authority, slash, rest = target.split("://", 1)[1].partition("/")
         target = slash + rest
         headers = [(name, value) for name, value in headers if name.lower() != "host"] + [("Host", authority)]
-    else:
-        hosts = sum(name.lower() == "host" for name, _ in headers)
-        if hosts > 1 or (not hosts and version == "HTTP/1.1"):  # RFC 9112 3.2: a 400, as proxies expect
-            raise _BadRequest(400, "Bad Request", "bad_request", "An HTTP/1.1 request needs exactly one Host header")
     path, _, query = target.partition("?")
     environ: Dict[str, Any] = {
         "wsgi.version": (1, 0), "wsgi.url_scheme": "http", "wsgi.errors": sys.stderr,

@@ -458,6 +458,19 @@ def test_a_database_file_deleted_or_replaced_under_a_running_gateway_takes_no_wr
         assert status == 503 and "deleted or replaced" in body["detail"], body
         health = server.get("/api/health")[2]
         assert health["status"] == "degraded" and "deleted or replaced" in health["store"]["error"], health
+        assert f"delete {db_path}-wal" in health["store"]["error"]  # the old file's WAL must not meet the new file
+        opened = []  # nor may a new connection read (and on close checkpoint) the new file through that WAL
+
+        def open_one():
+            try:
+                opened.append(server.gateway.stores.db.query_one("SELECT COUNT(*) FROM runs"))
+            except gw.StorageError as exc:
+                opened.append(exc.detail)
+
+        thread = threading.Thread(target=open_one)
+        thread.start()
+        thread.join()
+        assert "deleted or replaced" in str(opened[0]), opened
         assert db_path.exists() == (how == "replaced")  # no new, empty file was made in its place
     finally:
         server.close()
