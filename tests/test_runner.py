@@ -474,6 +474,39 @@ def _wait_next_slot(gateway, run_id, executions):
     wait_for(ready)
 
 
+@pytest.mark.parametrize("backend", ["sqlite", "file"])
+def test_a_tree_command_reaches_every_live_descendant_without_walking_the_finished_ones(data_dir, backend, monkeypatch):
+    """A cancel of a run with thousands of finished children (a schedule's history) changes, locks and
+    loads only the runs still going, a live grandchild under a finished child included."""
+    from abstractruntime.core.models import RunState, RunStatus
+
+    gateway = make_gateway(data_dir, store_backend=backend)
+    try:
+        runs = gateway.stores.runs
+
+        def run(run_id, status, parent=None):
+            runs.save(RunState(run_id=run_id, workflow_id="echo@1.0.0:echo", status=status, current_node="start",
+                               parent_run_id=parent))
+
+        run("root", RunStatus.WAITING)
+        for i in range(300 if backend == "sqlite" else 30):
+            run(f"done-{i:04d}", RunStatus.COMPLETED, "root")
+        run("finished-child", RunStatus.COMPLETED, "root")
+        run("live-grandchild", RunStatus.WAITING, "finished-child")
+        run("live-child", RunStatus.RUNNING, "root")
+        run("elsewhere", RunStatus.RUNNING, "other-root")
+        monkeypatch.setattr(runs, "child_ids", lambda parent: pytest.fail("walked down the finished children"))
+        assert gateway.live_tree_ids("root") == ["root", "live-child", "live-grandchild"]
+        assert gateway.live_tree_ids("nope") == []
+        before = runs.load_json("done-0007")
+        gateway.submit_command(command_id="stop-all", run_id="root", type="cancel")
+        assert gateway.apply_pending_commands(None) and gateway.stores.outcomes.get("stop-all")["status"] == "applied"
+        assert [runs.status_of(r) for r in ("root", "live-child", "live-grandchild")] == ["cancelled"] * 3
+        assert runs.status_of("elsewhere") == "running" and runs.load_json("done-0007") == before
+    finally:
+        gateway.close()
+
+
 def test_update_schedule_then_cancel_stops_it(fast_gateway):
     gateway = fast_gateway
     run_id = gateway.schedule_run(bundle_id="echo", flow_id="echo", interval="1h")  # forever, hourly
