@@ -1336,7 +1336,7 @@ class RunStorage(Protocol):
     def runnable_ids(self, *, now_iso: str, limit: int) -> List[str]: ...
     def ids_waiting_on(self, wait_key: str, *, limit: int = 10_000) -> List[str]: ...
     def child_ids(self, parent_run_id: str) -> List[str]: ...
-    def live_ids_with_parents(self) -> List[Tuple[str, Optional[str]]]: ...
+    def live_children(self) -> List[Tuple[str, str]]: ...
     def parent_id(self, run_id: str) -> Optional[str]: ...
 
     def list_runs(self, *, status: Optional[RunStatus] = None, wait_reason: Optional[WaitReason] = None,
@@ -1599,11 +1599,13 @@ class SqliteRunStore(RunStore):
                              (str(parent_run_id),))
         return [r[0] for r in rows]
 
-    def live_ids_with_parents(self) -> List[Tuple[str, Optional[str]]]:
-        """(id, parent id) of every run not finished (by the status index: finished runs are not read)."""
+    def live_children(self) -> List[Tuple[str, str]]:
+        """(id, parent id) of every run that has a parent and has not finished (by the status index:
+        finished runs are not read)."""
         marks = ", ".join("?" * len(LIVE_STATUSES))
         return [(r[0], r[1]) for r in self.db.query(
-            f"SELECT run_id, parent_run_id FROM runs WHERE status IN ({marks})", tuple(LIVE_STATUSES))]
+            f"SELECT run_id, parent_run_id FROM runs WHERE status IN ({marks}) AND parent_run_id IS NOT NULL",
+            tuple(LIVE_STATUSES))]
 
     def parent_id(self, run_id: str) -> Optional[str]:
         row = self.db.query_one("SELECT parent_run_id FROM runs WHERE run_id = ?", (str(run_id),))
@@ -2369,9 +2371,9 @@ class FileRunStore(JsonFileRunStore):
     def child_ids(self, parent_run_id: str) -> List[str]:
         return [r.run_id for r in self.list_children(parent_run_id=parent_run_id)]
 
-    def live_ids_with_parents(self) -> List[Tuple[str, Optional[str]]]:
+    def live_children(self) -> List[Tuple[str, str]]:
         return [(r.run_id, r.parent_run_id) for status in LIVE_STATUSES
-                for r in self.list_runs(status=RunStatus(status), limit=self._ALL)]
+                for r in self.list_runs(status=RunStatus(status), limit=self._ALL) if r.parent_run_id]
 
     def parent_id(self, run_id: str) -> Optional[str]:
         run = self.load(run_id)
@@ -4942,11 +4944,11 @@ class Gateway:
         A pause, resume or cancel leaves finished runs as they are, and a schedule's finished children
         grow by the thousand a day: walking, locking and loading each of them made such a command
         slower with every execution (20 s at 150,000), holding the runs' locks meanwhile. So the walk
-        goes up from each live run instead, to see whether `run_id` is above it."""
+        goes up from each live run that has a parent instead, to see whether `run_id` is above it."""
         if not self.stores.runs.exists(run_id):
             return []
         runs = self.stores.runs
-        parents: Dict[str, Optional[str]] = dict(runs.live_ids_with_parents())
+        parents: Dict[str, Optional[str]] = dict(runs.live_children())
         depth: Dict[str, Optional[int]] = {run_id: 0}  # distance below run_id; None: not below it
         for live in parents:
             path, current = [], live
