@@ -7299,7 +7299,10 @@ class GatewayApp:
             for offset in range(start, end, _ARTIFACT_CHUNK):
                 yield store.read_range(artifact_id, offset, min(_ARTIFACT_CHUNK, end - offset))
 
-        headers = {"Accept-Ranges": "bytes", "Content-Length": str(end - start)}
+        # An artifact is whatever a run or a client stored (an uploaded or agent-read `.html`, an SVG):
+        # opened in a browser, it must not run script on the gateway's origin, where the console's
+        # token lives. A sandboxed document has an origin of its own and runs no script.
+        headers = {"Accept-Ranges": "bytes", "Content-Length": str(end - start), "Content-Security-Policy": "sandbox"}
         if status == 206:
             headers["Content-Range"] = f"bytes {start}-{end - 1}/{size}"
         content_type = meta.content_type or "application/octet-stream"

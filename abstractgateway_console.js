@@ -907,10 +907,11 @@ function flushLedger(run) {
       ledger.append(chunk);
     }
     const r = run.records[cursor - 1] || {};
-    const effect = r.effect && r.effect.type ? r.effect.type : '';
-    const when = r.ended_at || r.started_at || '';
+    // A record is whatever was stored: text it, whatever its fields hold (one odd record must not stop the rest).
+    const effect = String(r.effect && r.effect.type ? r.effect.type : '');
+    const when = String(r.ended_at || r.started_at || '');
     const li = document.createElement('li');
-    li.className = 'st-' + (r.status || '');
+    li.className = 'st-' + String(r.status || '').replace(/[^a-z_]/g, '');
     li.dataset.cursor = cursor;
     li.tabIndex = 0;
     li.setAttribute('role', 'button');

@@ -236,6 +236,7 @@ def test_artifacts_routes_with_range(live_server):
     assert status == 200 and data["size_bytes"] == 2560
     status, headers, body = live_server.get(f"{API}/runs/{run_id}/artifacts/{meta.artifact_id}/content")
     assert status == 200 and body == bytes(range(256)) * 10 and headers["Content-Type"] == "application/x-test"
+    assert headers["Content-Security-Policy"] == "sandbox"  # an HTML or SVG artifact runs no script on our origin
     status, headers, body = live_server.get(f"{API}/runs/{run_id}/artifacts/{meta.artifact_id}/content",
                                             headers={"Range": "bytes=10-19"})
     assert status == 206 and body == bytes(range(10, 20)) and headers["Content-Range"] == "bytes 10-19/2560"
