@@ -4961,13 +4961,16 @@ class Gateway:
         below = sorted((d, rid) for rid, d in depth.items() if d and rid in parents)
         return [run_id, *(rid for _, rid in below)]
 
-    def run_tree_ids(self, run_id: str) -> List[str]:
-        """`run_id` and all its descendants' ids, breadth first (no state is loaded)."""
+    def run_tree_ids(self, run_id: str, limit: Optional[int] = None) -> List[str]:
+        """`run_id` and its descendants' ids, breadth first (no state is loaded); with `limit`, the first
+        `limit` of them, each run's newest children first (a schedule's latest executions)."""
         if not self.stores.runs.exists(run_id):
             return []
         out, queue = [run_id], [run_id]
-        while queue:
+        while queue and (limit is None or len(out) < limit):
             children = self.stores.runs.child_ids(queue.pop(0))
+            if limit is not None:
+                children = children[::-1][:limit - len(out)]
             out.extend(children)
             queue.extend(children)
         return out
@@ -4986,11 +4989,14 @@ class Gateway:
                                 code="llm_not_configured")
         return chosen
 
+    OBSERVER_RUNS_MAX = 50  # runs a digest describes: the run and its nearest, newest descendants
+
     def run_digest(self, run_id: str, include_subruns: bool = True) -> Dict[str, Any]:
         """What a model needs to know about a run (and its subruns): status, prompt, and slimmed ledger records."""
         run = self.load_run(run_id)
         runs: Dict[str, Any] = {}
-        for rid in self.run_tree_ids(run_id) if include_subruns else [run_id]:
+        # A bounded prompt from a bounded read: a schedule that fired for months has a million subruns.
+        for rid in self.run_tree_ids(run_id, self.OBSERVER_RUNS_MAX) if include_subruns else [run_id]:
             records = self.stores.ledger.list(rid)
             state = self.stores.runs.load(rid)
             runs[rid] = {"workflow_id": state.workflow_id if state else None,

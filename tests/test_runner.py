@@ -507,6 +507,23 @@ def test_a_tree_command_reaches_every_live_descendant_without_walking_the_finish
         gateway.close()
 
 
+def test_an_observer_digest_reads_a_bounded_tree_newest_first(gateway):
+    """A digest for a model describes the run and its nearest, newest descendants, at most
+    OBSERVER_RUNS_MAX of them, however many executions a schedule has had."""
+    from abstractruntime.core.models import RunState, RunStatus
+
+    runs = gateway.stores.runs
+    runs.save(RunState(run_id="root", workflow_id="echo@1.0.0:echo", status=RunStatus.WAITING, current_node="start"))
+    for i in range(200):
+        runs.save(RunState(run_id=f"child-{i:03d}", workflow_id="echo@1.0.0:echo", status=RunStatus.COMPLETED,
+                           current_node="start", parent_run_id="root", created_at=f"2026-01-01T00:00:{i // 10:02d}."
+                           f"{i % 10:06d}+00:00"))
+    limit = gateway.OBSERVER_RUNS_MAX
+    assert gateway.run_tree_ids("root", limit) == ["root", *(f"child-{i:03d}" for i in range(199, 200 - limit, -1))]
+    assert len(gateway.run_tree_ids("root")) == 201  # unbounded, when asked for the whole tree
+    assert list(gateway.run_digest("root")["runs"]) == gateway.run_tree_ids("root", limit)
+
+
 def test_update_schedule_then_cancel_stops_it(fast_gateway):
     gateway = fast_gateway
     run_id = gateway.schedule_run(bundle_id="echo", flow_id="echo", interval="1h")  # forever, hourly
