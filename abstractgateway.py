@@ -1791,25 +1791,25 @@ class SqliteLedgerStore(LedgerStore):
         rows = self.db.query(self._PAGE, (str(run_id), max(0, int(after)), max(1, int(limit))))
         return [r[0] for r in rows]
 
+    def _by_index(self, indexed: str, scan: str, key: str, run_id: str) -> List[Dict[str, Any]]:
+        """The records `indexed` selects through its index; without it, `scan` (`check` reports it missing)."""
+        params = (str(key), str(run_id))
+        try:
+            rows = self.db.query(indexed, params)
+        except apsw.SQLError:  # no such index, or one of that name that cannot serve it
+            rows = self.db.query(scan, params)
+        return [json.loads(r[0]) for r in rows]
+
     def waiting_records(self, run_id: str, wait_key: str) -> List[Dict[str, Any]]:
         """The run's waiting records whose wait has `wait_key`, in order, by the index schema.sql keeps
-        for them (without it, a scan of the run's records)."""
-        params = (str(wait_key), str(run_id))
-        try:
-            rows = self.db.query(self._WAITING, params)
-        except apsw.SQLError:  # no such index (`check` says so)
-            rows = self.db.query(self._WAITING_SCAN, params)
-        return [json.loads(r[0]) for r in rows]
+        for them."""
+        return self._by_index(self._WAITING, self._WAITING_SCAN, wait_key, run_id)
 
     def completed_record(self, run_id: str, idempotency_key: str) -> Optional[Dict[str, Any]]:
         """The run's first completed record with `idempotency_key`, by the index schema.sql keeps for
-        it: one record read, however long the ledger (without the index, a scan of the run's records)."""
-        params = (str(idempotency_key), str(run_id))
-        try:
-            row = self.db.query_one(self._COMPLETED, params)
-        except apsw.SQLError:  # no such index, or one of that name that cannot serve it (`check` says so)
-            row = self.db.query_one(self._COMPLETED_SCAN, params)
-        return _first_completed([json.loads(row[0])], idempotency_key) if row else None
+        it: one record read, however long the ledger."""
+        return _first_completed(self._by_index(self._COMPLETED, self._COMPLETED_SCAN, idempotency_key, run_id),
+                                idempotency_key)
 
     def count(self, run_id: str) -> int:
         return self.db.query_one("SELECT COALESCE(MAX(seq), 0) FROM ledger WHERE run_id = ?", (str(run_id),))[0]
@@ -2752,13 +2752,17 @@ class _BufferedLedgerStore:
             records.extend(json.loads(text) for rid, text in writes.ledger if rid == run_id)
         return records
 
+    def _buffered_holding(self, run_id: str, key: str) -> Iterator[Dict[str, Any]]:
+        """This thread's buffered records of `run_id` whose text holds `key` (as JSON, by the one encoder
+        that wrote them: an exact test), decoded; the others are not."""
+        writes: Optional[StepWrites] = getattr(self._local, "writes", None)
+        quoted = _json_dumps(key)
+        return (json.loads(text) for rid, text in (writes.ledger if writes is not None else ())
+                if rid == run_id and quoted in text)
+
     def _records_of_wait(self, run_id: str, wait_key: str) -> List[Dict[str, Any]]:
         records = self._inner.waiting_records(run_id, wait_key)
-        writes: Optional[StepWrites] = getattr(self._local, "writes", None)
-        if writes is not None:
-            quoted = _json_dumps(wait_key)  # as the record's text holds it (one encoder): decode only those
-            records.extend(r for r in (json.loads(text) for rid, text in writes.ledger
-                                       if rid == run_id and quoted in text) if _is_waiting_on(r, wait_key))
+        records.extend(r for r in self._buffered_holding(run_id, wait_key) if _is_waiting_on(r, wait_key))
         for key in {str(r.get("idempotency_key") or "") for r in records if isinstance(r, dict)} - {""}:
             completed = self.completed_record(run_id, key)
             if completed is not None and completed not in records:
@@ -2768,12 +2772,9 @@ class _BufferedLedgerStore:
     def completed_record(self, run_id: str, idempotency_key: str) -> Optional[Dict[str, Any]]:
         """As stored, else among this thread's buffered appends (which come after the stored ones)."""
         record = self._inner.completed_record(run_id, idempotency_key)
-        writes: Optional[StepWrites] = getattr(self._local, "writes", None)
-        if record is not None or writes is None:
+        if record is not None:
             return record
-        quoted = _json_dumps(idempotency_key)  # as the record's text holds it (one encoder): decode only those
-        return _first_completed((json.loads(text) for rid, text in writes.ledger if rid == run_id and quoted in text),
-                                idempotency_key)
+        return _first_completed(self._buffered_holding(run_id, idempotency_key), idempotency_key)
 
 
 # -- 2.7 Migrator and check ------------------------------------------------------------------------
@@ -5718,11 +5719,11 @@ class Workspace:
             raise GatewayError("invalid path", code="invalid_path") from None
         if self._private(real):
             raise GatewayError("path is inside the gateway's own data directory", code="path_outside_workspace")
-        rel_parts = real.relative_to(place).parts
-        if not name and rel_parts and rel_parts[0] in self.mounts:  # its name would read the mount instead
+        relative = real.relative_to(place)
+        if not name and relative.parts and relative.parts[0] in self.mounts:  # its name would read the mount
             raise GatewayError("path is under the workspace root where a mount of the same name is read instead",
                                code="path_outside_workspace")
-        rel = real.relative_to(place).as_posix()
+        rel = relative.as_posix()
         return real, "/".join(part for part in (name, "" if rel == "." else rel) if part) or "."
 
     def _absolute(self, text: str) -> Tuple[str, Path, Path]:

@@ -355,6 +355,52 @@ def test_v1_database_is_upgraded_in_place(tmp_path):
         db.close()
 
 
+UPGRADING_CHILD = """
+import sys, abstractgateway as gw
+print("opening", flush=True)
+gw.Database(sys.argv[1])
+print("upgraded", flush=True)
+"""
+
+
+@pytest.mark.slow
+def test_sigkill_during_a_schema_upgrade_leaves_the_old_version_or_the_new_one_whole(tmp_path):
+    """The upgrade is one transaction with its version bump: killed at any point while it builds an
+    index over a long ledger, the file is the old version intact, or the new one complete."""
+    path = tmp_path / "v6.sqlite3"
+    conn = apsw.Connection(str(path))
+    gw.apply_schema(conn, target=gw.SCHEMA_VERSION - 1)
+    record = json.dumps({"status": "waiting", "result": {"wait": {"wait_key": "k"}}, "pad": "x" * 300})
+    with conn:
+        conn.executemany("INSERT INTO ledger VALUES (?, ?, ?)", ((f"r{i % 50}", i // 50 + 1, record)
+                                                                 for i in range(60_000)))
+    conn.close()
+    outcomes = []
+    for delay in (0.0, 0.03, 0.08, None):  # after the open began: early, during the index build; after it
+        child = subprocess.Popen([sys.executable, "-c", UPGRADING_CHILD, str(path)], stdout=subprocess.PIPE, text=True)
+        assert child.stdout.readline() == "opening\n"
+        if delay is None:
+            assert child.stdout.readline() == "upgraded\n"
+        else:
+            time.sleep(delay)
+        child.send_signal(signal.SIGKILL)
+        child.wait()
+        probe = apsw.Connection(str(path))
+        version = probe.execute("PRAGMA user_version").fetchone()[0]
+        assert probe.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+        indexes = {r[0] for r in probe.execute("SELECT name FROM sqlite_master WHERE type = 'index'")}
+        assert ("ledger_waiting_by_key" in indexes) == (version == gw.SCHEMA_VERSION), version
+        assert probe.execute("SELECT COUNT(*) FROM ledger").fetchone()[0] == 60_000
+        probe.close()
+        outcomes.append(version)
+    db = gw.Database(path)  # the next start finishes what a killed one began
+    try:
+        assert db.schema_version == gw.SCHEMA_VERSION and len(gw.SqliteLedgerStore(db).waiting_records("r7", "k")) > 0
+    finally:
+        db.close()
+    assert gw.SCHEMA_VERSION - 1 in outcomes and gw.SCHEMA_VERSION in outcomes  # kills before and after the commit
+
+
 def test_database_from_a_newer_gateway_is_refused(tmp_path):
     path = tmp_path / "new.sqlite3"
     conn = apsw.Connection(str(path))
