@@ -667,6 +667,14 @@ _SQLITE_HEADER = b"SQLite format 3\x00"
 _RESTORE_HINT = "Run `abstractgateway check` for details, then restore from a backup (docs/operations.md)."
 
 
+def _stray_wal_hint(path: Path) -> str:
+    """A file restored from a copy beside the old file's WAL reads as damaged: say so first."""
+    if not Path(f"{path}-wal").exists():
+        return ""
+    return (f"If it was just restored from a copy, the WAL beside it may be the old file's: move {path.name}-wal "
+            f"and {path.name}-shm aside and start again (nothing was changed). Otherwise: ")
+
+
 def _refuse_foreign_file(path: Path) -> None:
     """Refuse an existing file that is not an SQLite database: never initialise over it.
 
@@ -718,7 +726,6 @@ def _create_database(path: Path, synchronous: str) -> None:
 
 
 _WAL_MAGIC = (0x377F0682, 0x377F0683)  # the low bit: checksums over big-endian words
-_WAL_CHECK_MAX_BYTES = 16 << 20  # a WAL this large is not walked (about 0.5 s: it would delay the start)
 
 
 def _wal_checksum(data: bytes, big_endian: bool, s0: int, s1: int) -> Tuple[int, int]:
@@ -751,36 +758,48 @@ def _wal_damage_now(path: Path) -> Optional[str]:
     wal = Path(f"{path}-wal")
     try:
         info = wal.stat()
-        size = info.st_size
-        if size <= 32 or size > _WAL_CHECK_MAX_BYTES or not stat.S_ISREG(info.st_mode):
+        if info.st_size <= 32 or not stat.S_ISREG(info.st_mode):
             return None
-        data = wal.read_bytes()
+        with open(wal, "rb") as f:  # read frame by frame: a WAL can be as large as the largest transaction
+            return _wal_walk(f, info.st_size)
     except OSError:
         return None
-    magic, version, page_size, _seq, salt1, salt2, c0, c1 = struct.unpack(">8I", data[:32])
+
+
+def _wal_walk(f: Any, size: int) -> Optional[str]:
+    header = f.read(32)
+    magic, version, page_size, _seq, salt1, salt2, c0, c1 = struct.unpack(">8I", header)
     big_endian = magic & 1 == 1
     if (magic not in _WAL_MAGIC or version != 3007000 or not 512 <= page_size <= 65536
-            or page_size & (page_size - 1) or _wal_checksum(data[:24], big_endian, 0, 0) != (c0, c1)):
+            or page_size & (page_size - 1) or _wal_checksum(header[:24], big_endian, 0, 0) != (c0, c1)):
         return f"its header is damaged: SQLite will ignore all of it ({size} bytes)"  # one write: never torn
     frame_size = 24 + page_size
-    frames = (len(data) - 32) // frame_size
+    frames = (size - 32) // frame_size
     s0, s1 = c0, c1
-    read = 0  # frames SQLite reads (up to the first that does not check out)
+    read = 0  # frames SQLite reads (up to the first that does not check out); only these are checksummed
     for index in range(frames):
-        at = 32 + index * frame_size
-        _page, _commit, f_salt1, f_salt2, f_c0, f_c1 = struct.unpack_from(">6I", data, at)
+        frame = f.read(frame_size)
+        if len(frame) < frame_size:  # the file shrank under us (restarted by a writer)
+            frames = index
+            break
+        _page, _commit, f_salt1, f_salt2, f_c0, f_c1 = struct.unpack_from(">6I", frame)
         if (f_salt1, f_salt2) != (salt1, salt2):
             break
-        s0, s1 = _wal_checksum(data[at:at + 8], big_endian, s0, s1)
-        s0, s1 = _wal_checksum(data[at + 24:at + frame_size], big_endian, s0, s1)
+        s0, s1 = _wal_checksum(frame[:8], big_endian, s0, s1)
+        s0, s1 = _wal_checksum(frame[24:], big_endian, s0, s1)
         if (s0, s1) != (f_c0, f_c1):
             break
         read = index + 1
     # Commit frames of this WAL (its salts) past the one that does not check out: that one may be a
     # crash's (its header written, not yet its page), but nothing after it was written after a crash.
+    # Only their headers are read.
     commits_after = 0
     for index in range(read + 1, frames):
-        _page, commit, f_salt1, f_salt2 = struct.unpack_from(">4I", data, 32 + index * frame_size)
+        f.seek(32 + index * frame_size)
+        head = f.read(16)
+        if len(head) < 16:
+            break
+        _page, commit, f_salt1, f_salt2 = struct.unpack(">4I", head)
         commits_after += bool(commit) and (f_salt1, f_salt2) == (salt1, salt2)
     if commits_after:
         return f"frame {read + 1} of {frames} does not check out, and {commits_after} commit(s) after it cannot be read"
@@ -804,7 +823,7 @@ def _refuse_damaged(path: Path, conn: apsw.Connection) -> None:
     except apsw.Error as exc:
         rows = [f"{type(exc).__name__}: {exc}"]
     if rows != ["ok"]:
-        raise SchemaError(f"{path} is damaged ({'; '.join(rows[:3])}). {_RESTORE_HINT}")
+        raise SchemaError(f"{path} is damaged ({'; '.join(rows[:3])}). {_stray_wal_hint(path)}{_RESTORE_HINT}")
 
 
 def _missing_from_schema(conn: apsw.Connection, kind: str = "table") -> List[str]:
@@ -876,13 +895,14 @@ class Database:
                 self.schema_version = apply_schema(conn)
                 missing = _missing_from_schema(conn)
             except (apsw.CorruptError, apsw.NotADBError, apsw.IOError) as exc:
-                self.close()
-                raise SchemaError(f"{self.path} is damaged ({exc}). {_RESTORE_HINT}") from None
+                self.close(checkpoint=False)
+                raise SchemaError(f"{self.path} is damaged ({exc}). "
+                                  f"{_stray_wal_hint(self.path)}{_RESTORE_HINT}") from None
             except SchemaError:
-                self.close()
+                self.close(checkpoint=False)
                 raise
             if missing:
-                self.close()
+                self.close(checkpoint=False)
                 raise SchemaError(f"{self.path} is not a usable gateway database: tables {', '.join(missing)} are "
                                   f"missing. Run `abstractgateway check`, then restore from a backup.")
         else:  # inspection only (check, backup, doctor): never write to the file
@@ -935,12 +955,17 @@ class Database:
             self._all_connections.add(conn)
         return conn
 
-    def close(self) -> None:
-        """Checkpoint the WAL into the main file and close every connection."""
+    def close(self, *, checkpoint: bool = True) -> None:
+        """Checkpoint the WAL into the main file and close every connection.
+
+        A file refused on open is closed without the checkpoint: it stays exactly as it was, its WAL
+        beside it (a WAL left from another copy of the file would be folded in, and then deleted)."""
         with self._connections_lock:
             conns, self._all_connections = list(self._all_connections), weakref.WeakSet()
         for conn in conns:
             try:
+                if not checkpoint:
+                    conn.config(apsw.SQLITE_DBCONFIG_NO_CKPT_ON_CLOSE, 1)
                 conn.close()
             except apsw.Error:
                 pass
@@ -1268,7 +1293,14 @@ class LeaseStore:
         """
         def _acquire(conn: apsw.Connection) -> Optional[LeaseToken]:
             now = time.time()
-            row = conn.execute("SELECT owner, expires_at, epoch FROM leases WHERE name = ?", (name,)).fetchone()
+            row = conn.execute("SELECT owner, expires_at, epoch, heartbeat_at FROM leases WHERE name = ?",
+                               (name,)).fetchone()
+            if row is not None and row[0] != owner and row[3] > now + 1.0:
+                # A heartbeat in the future: the wall clock stepped back since (or the holder died with it
+                # ahead). Its time left is counted from now, or a dead holder would keep it for the step.
+                conn.execute("UPDATE leases SET heartbeat_at = ?, expires_at = ? WHERE name = ?",
+                             (now, now + (row[1] - row[3]), name))
+                return None
             if row is not None and row[0] != owner and row[1] > now:
                 return None
             if row is not None and row[0] == owner and row[1] > now:
@@ -1451,6 +1483,21 @@ def dataclass_json(value: Any) -> str:
 
 def _enum_value(value: Any) -> Optional[str]:
     return None if value is None else str(getattr(value, "value", value))
+
+
+def _as_utc(text: Any) -> Optional[datetime]:
+    """The instant an ISO-8601 time names (read as UTC when it gives no offset), or None."""
+    try:
+        value = datetime.fromisoformat(str(text).strip().replace("Z", "+00:00"))
+        return (value if value.tzinfo else value.replace(tzinfo=timezone.utc)).astimezone(timezone.utc)
+    except (ValueError, OverflowError):  # not a time, or one whose UTC falls outside years 1-9999
+        return None
+
+
+def _utc_text(text: Any) -> str:
+    """A time as the runtime writes its own (UTC, `isoformat`), so that times compare as text; else as given."""
+    instant = _as_utc(text)
+    return instant.isoformat() if instant is not None else str(text)
 
 
 def _run_index_columns(run: RunState) -> Tuple[Any, ...]:
@@ -3475,12 +3522,10 @@ def _iso_after(seconds: float) -> str:
 
 
 def _parse_time(text: Optional[str], name: str) -> datetime:
-    try:
-        value = datetime.fromisoformat(str(text).strip().replace("Z", "+00:00"))
-        return (value if value.tzinfo else value.replace(tzinfo=timezone.utc)).astimezone(timezone.utc)
-    except (ValueError, OverflowError):  # not a time, or one whose UTC falls outside years 1-9999
-        raise GatewayError(f"{name} must be an ISO-8601 time, got {str(text)[:80]!r}",
-                           code="invalid_schedule") from None
+    value = _as_utc(text)
+    if value is None:
+        raise GatewayError(f"{name} must be an ISO-8601 time, got {str(text)[:80]!r}", code="invalid_schedule")
+    return value
 
 
 def schedule_definition(target: str, *, start_at: Optional[str], interval: Optional[str],
@@ -4803,6 +4848,11 @@ def _runtime_type() -> type:
       cancelled, and the probe reads nothing else. A run stored anew is decoded, and the probe sees
       the pause.
 
+    - The runtime, the run index and the runner compare wait times as text, which orders only UTC
+      times written alike: `…T10:00-05:00` would fire five hours early, `…T10:00+05:00` would be due
+      by the clock but not by the text (the runner re-polled it without pause). A wait's time is
+      stored as the UTC instant it names, in the runtime's own format.
+
     (And `resume`'s search of the ledger is answered by an index: see `_BufferedLedgerStore.list`.)
     """
     from abstractruntime import Runtime
@@ -4822,6 +4872,12 @@ def _runtime_type() -> type:
         def _find_prior_completed_result(self, run_id: str, idempotency_key: str) -> Optional[Dict[str, Any]]:
             record = self._ledger_store.completed_record(run_id, idempotency_key)
             return record.get("result") if record is not None else None
+
+        def _handle_wait_until(self, run: RunState, effect: Any, default_next_node: Optional[str]) -> Any:
+            until = effect.payload.get("until")
+            if until and _utc_text(until) != until:
+                effect = dataclasses.replace(effect, payload={**effect.payload, "until": _utc_text(until)})
+            return super()._handle_wait_until(run, effect, default_next_node)
 
         def _handle_start_subworkflow(self, run: RunState, effect: Any, default_next_node: Optional[str]) -> Any:
             depth, parent_id = 1, run.parent_run_id
@@ -4880,10 +4936,8 @@ class Gateway:
         workflow_id = self.host.resolve(bundle_id=bundle_id, bundle_version=bundle_version, flow_id=flow_id)
         spec = self.host.startable_spec(workflow_id)
         run_vars = dict(input_data or {})
-        if not run_vars.get("workspace_root"):
-            workspace = Path(self.config.data_dir) / "workspaces" / uuid.uuid4().hex
-            workspace.mkdir(parents=True, exist_ok=True)
-            run_vars["workspace_root"] = str(workspace)
+        if not run_vars.get("workspace_root"):  # the run's own; the runtime's tools make it when they first need it
+            run_vars["workspace_root"] = str(Path(self.config.data_dir) / "workspaces" / uuid.uuid4().hex)
         return self._start(spec, run_vars, session_id)
 
     def _start(self, spec: Any, run_vars: Dict[str, Any], session_id: Optional[str]) -> str:
@@ -5049,18 +5103,19 @@ class Gateway:
         `persist`, the question and answer are appended as an `abstract.chat` record."""
         run = self.load_run(run_id)
         provider, model = self.observer_model(run, provider, model)
-        turns = [{"role": m["role"], "content": _clip(m["content"].strip(), 12_000)} for m in messages
-                 if isinstance(m, dict) and m.get("role") in ("user", "assistant")
+        # As the original reads a chat: roles in any case, other roles and empty or non-text contents
+        # dropped; no messages at all asks about the run itself.
+        turns = [{"role": role, "content": _clip(m["content"].strip(), 12_000)} for m in messages
+                 if isinstance(m, dict) and (role := str(m.get("role") or "").strip().lower()) in ("user", "assistant")
                  and isinstance(m.get("content"), str) and m["content"].strip()]
-        if not turns or turns[-1]["role"] != "user":
-            raise GatewayError("messages must end with a non-empty user message", code="invalid_messages")
         context = _clip(_json_dumps(self.run_digest(run_id, include_subruns)), 180_000)
         answer = self._observer_answer(provider, model, OBSERVER_CHAT_PROMPT,
                                        [{"role": "user", "content": f"RUN_CONTEXT:\n{context}"}, *turns])
         generated_at = utc_now_iso()
         if persist:
             self._observer_record(run, "abstract.chat", {
-                "generated_at": generated_at, "provider": provider, "model": model, "question": turns[-1]["content"],
+                "generated_at": generated_at, "provider": provider, "model": model,
+                "question": next((t["content"] for t in reversed(turns) if t["role"] == "user"), ""),
                 "answer": answer, "source": {"run_id": run_id, "include_subruns": include_subruns}})
         return {"ok": True, "run_id": run_id, "provider": provider, "model": model, "generated_at": generated_at,
                 "answer": answer}
@@ -5547,10 +5602,10 @@ class Runner:
         waiting = state.waiting if state is not None else None
         if waiting is None or _enum_value(waiting.reason) != "until" or not waiting.until:
             return
-        try:
-            due = _parse_time(str(waiting.until), "until").timestamp()
-        except GatewayError:
+        instant = _as_utc(waiting.until)
+        if instant is None:
             return
+        due = instant.timestamp()
         with self._lock:
             heapq.heappush(self._timers, (due, state.run_id))
             earliest = self._timers[0][1] == state.run_id
@@ -5586,7 +5641,7 @@ class Runner:
             if self.lease == lease and not self._stop.is_set():
                 state = self.gateway.tick(run_id, lease)
                 goes_on = state is not None and _continues(state) and not _is_paused(state)
-                if not goes_on:
+                if not goes_on and not (state is not None and _is_paused(state)):  # a resume submits it again
                     self._note_timer(state)
         except LeaseLost as exc:
             self._stand_down(lease, exc)
@@ -6389,8 +6444,7 @@ ROUTES: Tuple[Route, ...] = (
                         summary=_S), errors=(404, 422, 502)),
     Route("POST", f"{API}/runs/<run_id>/chat", "chat_about_run",
           "Read-only chat about the run, grounded on its ledger (persist: append an `abstract.chat` record).",
-          "runs", body=_obj((), messages={"type": "array", "items": _obj(("role", "content"), role=_S,
-                                                                                    content=_S)},
+          "runs", body=_obj((), messages={"type": "array", "items": _O},
                             provider=_NS, model=_NS, include_subruns=_B, persist=_B),
           response=_obj(("ok", "run_id", "answer"), ok=_B, run_id=_S, provider=_S, model=_S, generated_at=_S,
                         answer=_S), errors=(400, 404, 422, 502)),
@@ -6668,6 +6722,22 @@ def _lax_scalar(value: Any, json_type: str) -> Any:
     raise ValueError(f"not a {json_type}")
 
 
+def _typed_field(name: str, prop: Dict[str, Any], value: Any) -> Any:
+    """`value` if it has (one of) the field's JSON types, else as `_lax_scalar` reads it; 422 if neither."""
+    types = prop.get("type")
+    types = types if isinstance(types, list) else [types]
+    if any(isinstance(value, _JSON_TYPES[t]) and not (t in ("integer", "number") and isinstance(value, bool))
+           for t in types):
+        return value
+    for json_type in types:
+        if json_type in ("boolean", "integer", "number"):
+            try:
+                return _lax_scalar(value, json_type)
+            except (ValueError, OverflowError):
+                continue
+    raise Unprocessable(f"Field '{name}' must be {' or '.join(types)}", code="validation_error")
+
+
 def _check_body(schema: Dict[str, Any], body: Any) -> Dict[str, Any]:
     """Validate a JSON body against a route's (flat) schema, reading numbers and flags as the original
     does (`_lax_scalar`, written back); 422 naming the field on mismatch."""
@@ -6679,21 +6749,10 @@ def _check_body(schema: Dict[str, Any], body: Any) -> Dict[str, Any]:
     for name, prop in schema.get("properties", {}).items():
         if body.get(name) is None:
             continue
-        types = prop.get("type")
-        types = types if isinstance(types, list) else [types]
-        value = body[name]
-        ok = any(isinstance(value, _JSON_TYPES[t]) and not (t in ("integer", "number") and isinstance(value, bool))
-                 for t in types)
-        for json_type in types if not ok else ():
-            if json_type in ("boolean", "integer", "number"):
-                try:
-                    value = body[name] = _lax_scalar(value, json_type)
-                    ok = True
-                    break
-                except (ValueError, OverflowError):
-                    continue
-        if not ok:
-            raise Unprocessable(f"Field '{name}' must be {' or '.join(types)}", code="validation_error")
+        value = body[name] = _typed_field(name, prop, body[name])
+        if isinstance(value, list) and prop.get("items", {}).get("type") == "object" and not all(
+                isinstance(item, dict) for item in value):
+            raise Unprocessable(f"Field '{name}' must be a list of objects", code="validation_error")
         if "enum" in prop and isinstance(value, str):
             value = body[name] = value.strip()  # `" pause "` is `pause`, as the original reads it
         if "enum" in prop and value not in prop["enum"]:
@@ -6920,6 +6979,9 @@ class GatewayApp:
         raw = b"".join(iter(functools.partial(request.stream.read, 1 << 16), b""))
         if not raw.strip():  # as the original (a required body model): even a route whose fields are all optional
             raise Unprocessable("Request body is required (a JSON object)", code="validation_error")
+        if not request.is_json:  # as the original: a body that does not say it is JSON is not read as JSON
+            raise Unprocessable("Request body must be sent as JSON (Content-Type: application/json)",
+                                code="validation_error")
         try:
             body = _BODY_DECODER.decode(raw.decode(json.detect_encoding(raw), "surrogatepass"))  # as json.loads
         except (ValueError, RecursionError) as exc:
@@ -7017,8 +7079,7 @@ class GatewayApp:
         if detail:
             flow = bundle.flows.get(entry.flow_id) or {}
             out["inputs"] = _start_pins(flow)
-            out["node_index"] = {n.get("id"): {"type": n.get("type"), "label": (n.get("data") or {}).get("label")}
-                                 for n in flow.get("nodes") or [] if isinstance(n, dict)}
+            out["node_index"] = _node_index(flow)
         return out
 
     def _bundle_view(self, bundle: LoadedBundle, detail: bool = False,
@@ -7546,11 +7607,12 @@ class GatewayApp:
                                   "error": f"the LLM integration is not installed ({LLM_EXTRA})"})
         from abstractcore.providers.registry import list_available_providers
 
-        if provider_name not in list_available_providers():  # an answer, as the original gives (no models)
+        name = provider_name.strip().lower()  # `OpenAI` is `openai`, as on the original
+        if name not in list_available_providers():  # an answer, as the original gives (no models)
             return json_response({"provider": provider_name, "models": [], "error": (
                 f"Provider '{provider_name}' is not known (GET {API}/discovery/providers lists them)")})
         try:
-            return json_response({"provider": provider_name, "models": provider_models(provider_name)})
+            return json_response({"provider": provider_name, "models": provider_models(name)})
         except Exception as exc:  # noqa: BLE001 - unknown provider, no answer, timeout: say which
             return json_response({"provider": provider_name, "models": [], "error": f"{type(exc).__name__}: {exc}"})
 
@@ -7563,6 +7625,24 @@ class GatewayApp:
 
     def discovery_capabilities(self, request: Request) -> Response:
         return json_response({"capabilities": capabilities()})
+
+
+def _node_index(flow: Dict[str, Any]) -> Dict[str, Dict[str, Any]]:
+    """{node id: {type, label[, headerColor]}} of a flow, for clients that name and colour ledger
+    records by node; a node without a label is called by its id, as on the original."""
+    index: Dict[str, Dict[str, Any]] = {}
+    for node in flow.get("nodes") or []:
+        node_id = str(node.get("id") or "").strip() if isinstance(node, dict) else ""
+        if not node_id:
+            continue
+        data = node.get("data") if isinstance(node.get("data"), dict) else {}
+        entry = {"type": str(data.get("nodeType") or _enum_value(node.get("type")) or "").strip() or "unknown",
+                 "label": str(data.get("label") or node.get("label") or node_id).strip() or node_id}
+        color = data.get("headerColor") or node.get("headerColor")
+        if isinstance(color, str) and color.strip():
+            entry["headerColor"] = color.strip()
+        index[node_id] = entry
+    return index
 
 
 def _start_pins(flow: Dict[str, Any]) -> List[Dict[str, Any]]:
@@ -7944,7 +8024,7 @@ def read_console_file(name: str) -> bytes:
 
 MAX_HEADER_BYTES = 16 * 1024
 _MIN_BODY_RATE = 64 * 1024  # bytes/s a request body must average once `request_timeout_s` has passed
-_DRAIN_LIMIT = 64 * 1024  # unread body bytes the server drains to keep a connection; more: it closes
+_DRAIN_LIMIT = 64 * 1024  # an unread body known to be longer: the connection is closed, not drained
 _PREREAD_LIMIT = 64 * 1024  # when workers run short, Content-Length bodies up to this arrive whole first
 _HOP_BY_HOP = frozenset({"connection", "keep-alive", "transfer-encoding", "te", "trailer", "upgrade",
                          "proxy-connection"})
@@ -7986,6 +8066,10 @@ class _Connection:
         return lf + 2 if lf >= 0 else crlf + 3 if crlf >= 0 else 0
 
 
+class _NotArrived(Exception):
+    """Draining reached the end of what the client has sent so far."""
+
+
 class _BodyReader:
     """`wsgi.input` of one request, read off the socket under a deadline.
 
@@ -8003,8 +8087,11 @@ class _BodyReader:
         self._received = 0
         self.done = not chunked and length == 0
         self.failed = False
+        self._arrived_only = False  # draining: read only what is buffered already
 
     def _recv(self) -> None:
+        if self._arrived_only:
+            raise _NotArrived
         left = min(self._deadline + self._received / _MIN_BODY_RATE - time.monotonic(), self._timeout_s)
         try:
             if left <= 0:
@@ -8039,15 +8126,20 @@ class _BodyReader:
             self._recv()
 
     def _next_chunk(self) -> None:
-        size_text = self._line().split(b";", 1)[0].strip(b" \t")
+        size_text = self._line().split(b";", 1)[0].rstrip(b" \t")  # (whitespace only before an extension)
         if not size_text or len(size_text) > 15 or not set(size_text.decode("latin-1")) <= _HEX_DIGITS:
             self.failed = True
             raise BadRequestBody("Bad chunk size line in a chunked request body")
         self._left = int(size_text, 16)
         if self._left == 0:
             trailer = 0
-            while self._line():  # trailer fields are ignored; a blank line ends the body
+            while line := self._line():  # trailer fields are ignored; a blank line ends the body
                 trailer += 1
+                # Each must be a field line: one that is not (a request line, say) ends the message
+                # here for a strict front proxy, which would pass what follows on as a request.
+                if line[:1] in (b" ", b"\t") or _field_line(line.decode("latin-1")) is None:
+                    self.failed = True
+                    raise BadRequestBody("A malformed trailer line in a chunked request body")
                 if trailer > 64:
                     self.failed = True
                     raise BadRequestBody("Too many trailer fields in a chunked request body")
@@ -8115,16 +8207,18 @@ class _BodyReader:
         return not self.done and not self._chunked and self._left > _DRAIN_LIMIT
 
     def drain(self) -> bool:
-        """Read and drop what the app left unread; False when the connection cannot be reused."""
+        """Drop what the app left unread, if it has arrived; False when the connection cannot be reused.
+
+        It never waits for the client: a body trickled to a route that did not read it (a 401, a 404,
+        no token needed) held a worker until its deadline, and a few such clients held them all. The
+        selector closes such a connection instead, gently (see `HttpServer._close_gently`)."""
         if self.failed:
             return False
+        self._arrived_only = True
         try:
-            drained = 0
             while not self.done:
-                drained += len(self.read(65536))
-                if drained > _DRAIN_LIMIT:
-                    return False
-        except GatewayError:
+                self.read(65536)
+        except (GatewayError, _NotArrived):
             return False
         return True
 
@@ -8589,8 +8683,9 @@ class _StreamWriter:
 
 def _request_line(line: str) -> Tuple[str, str, str]:
     """Method, target and version of a request line (400/505 when malformed or not HTTP/1.x)."""
-    parts = line.rstrip("\r").split(" ")
-    if len(parts) != 3:
+    line = line[:-1] if line.endswith("\r") else line
+    parts = line.split(" ")
+    if len(parts) != 3 or "\r" in line:
         raise _BadRequest(400, "Bad Request", "bad_request", "Malformed request line")
     method, target, version = parts
     if version not in ("HTTP/1.1", "HTTP/1.0"):
@@ -8603,6 +8698,21 @@ def _request_line(line: str) -> Tuple[str, str, str]:
     return method, target, version
 
 
+_FIELD_VALUE_CTL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")  # control characters but HTAB (RFC 9110 5.5)
+
+
+def _field_line(line: str) -> Optional[Tuple[str, str]]:
+    """(name, value) of a header or trailer line (`token ":" OWS value OWS`, no CR or LF left), or None.
+
+    A control character in a value is refused, not passed on: a bare CR a proxy may read as a line
+    break, a NUL that ends a C string early (`Connection: close\x00` is not `close`), or bytes a
+    response header would echo (an `Origin`)."""
+    name, sep, value = line.partition(":")
+    if not sep or not name or not set(name) <= _TOKEN_CHARS or _FIELD_VALUE_CTL.search(value):
+        return None
+    return name, value.strip(" \t")
+
+
 def _header_fields(lines: List[str]) -> List[Tuple[str, str]]:
     """(name, value) of each header line (400 for folded or malformed lines, 431 past MAX_HEADER_BYTES)."""
     headers: List[Tuple[str, str]] = []
@@ -8613,12 +8723,11 @@ def _header_fields(lines: List[str]) -> List[Tuple[str, str]]:
             continue
         if line[0] in " \t":
             raise _BadRequest(400, "Bad Request", "bad_request", "Folded header lines are not accepted")
-        if "\r" in line:  # a bare CR (RFC 9112 2.2): a proxy may take it for a line break and read another header
+        field = _field_line(line)
+        if field is None:
             raise _BadRequest(400, "Bad Request", "bad_request", "Malformed header line")
-        name, sep, value = line.partition(":")
-        if not sep or not name or not set(name) <= _TOKEN_CHARS:
-            raise _BadRequest(400, "Bad Request", "bad_request", "Malformed header line")
-        headers.append((name, value.strip(" \t")))
+        name, value = field
+        headers.append((name, value))
         size += len(name) + len(value) + 4
     if size > MAX_HEADER_BYTES:
         raise _BadRequest(431, "Request Header Fields Too Large", "headers_too_large",

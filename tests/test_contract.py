@@ -384,3 +384,34 @@ def test_a_text_artifact_is_served_as_utf8_text(live_server):
     assert status == 200 and headers["Content-Type"] == "text/plain; charset=utf-8" and body == "héllo".encode()
     status, headers, _ = live_server.get(f"{API}/runs/{run_id}/artifacts/{data}/content")
     assert status == 200 and headers["Content-Type"] == "application/octet-stream"
+
+
+def test_node_index_names_and_colours_each_node_as_authored(data_dir):
+    from conftest import FIXTURE_BUNDLES
+
+    server = LiveServer(data_dir, flows_dir=str(FIXTURE_BUNDLES))
+    try:
+        status, _, data = server.get(f"{API}/bundles/basic")
+        assert status == 200
+        index = data["entrypoints"][0]["node_index"]
+        flow = server.get(f"{API}/bundles/basic/flows/{data['entrypoints'][0]['flow_id']}")[2]["flow"]
+        assert set(index) == {n["id"] for n in flow["nodes"]}
+        for node in flow["nodes"]:  # observers colour ledger rows by node, from this index
+            assert index[node["id"]] == {"type": node["data"].get("nodeType") or node["type"],
+                                         "label": node["data"].get("label") or node["id"],
+                                         "headerColor": node["data"]["headerColor"]}
+    finally:
+        server.close()
+
+
+def test_a_body_not_sent_as_json_is_refused_as_on_the_original(live_server):
+    before = live_server.get(f"{API}/runs")[2]["items"]
+    for content_type in ("text/plain", None, "application/x-www-form-urlencoded"):
+        headers = {"Content-Type": content_type} if content_type else {}
+        status, _, data = live_server.request("POST", f"{API}/runs/start", raw=b'{"bundle_id": "echo"}',
+                                              headers=headers)
+        assert status == 422 and data["code"] == "validation_error", (content_type, data)
+    assert live_server.get(f"{API}/runs")[2]["items"] == before  # nothing started (a form or a beacon can't)
+    status, _, _ = live_server.request("POST", f"{API}/runs/start", raw=json.dumps({"bundle_id": "echo"}).encode(),
+                                       headers={"Content-Type": "application/vnd.api+json; charset=utf-8"})
+    assert status == 200

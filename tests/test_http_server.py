@@ -235,8 +235,17 @@ def test_expect_continue_head_requests_and_refused_heads(live_server, client):
                               (b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: gzip\r\n\r\n", 501,
                                "unsupported_transfer_encoding"),
                               # only SP and HTAB are whitespace: a front proxy must not read a body differently
-                              (b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: \x0bchunked\r\n\r\n", 501,
+                              (b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: \x0bchunked\r\n\r\n", 400,
+                               "bad_request"),
+                              (b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked, \xa0\r\n\r\n", 501,
                                "unsupported_transfer_encoding"),
+                              # no control character in a value: `close\x00` is not `close` to this server,
+                              # and a C proxy reads only `close`; an Origin with one would be echoed back
+                              (b"GET /api/health HTTP/1.1\r\nHost: x\r\nConnection: close\x00\r\n\r\n", 400,
+                               "bad_request"),
+                              (b"GET /api/health HTTP/1.1\r\nHost: x\r\nOrigin: http://a\x01b\r\n\r\n", 400,
+                               "bad_request"),
+                              (b"GET /api/health HTTP/1.1\r\r\nHost: x\r\n\r\n", 400, "bad_request"),
                               (b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: \xa05\r\n\r\n", 400, "bad_request"),
                               (b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: \xb2\r\n\r\n", 400, "bad_request"),
                               # an HTTP/1.1 request has exactly one Host (RFC 9112 3.2)
@@ -268,16 +277,54 @@ def test_bad_chunk_size_line_is_a_400_in_the_error_shape(live_server, client):
            "Content-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n2\r\n{}XX0\r\n\r\n".encode())
     status, _, body = c.response()
     assert status == 400 and json.loads(body)["code"] == "bad_request_body"
-    for lines in (b"2\n{}\r\n0\r\n\r\n", b"2;ext\n{}\r\n0\r\n\r\n", b"2\r\r\n{}\r\n0\r\n\r\n"):  # bare LF or CR
+    for lines in (b"2\n{}\r\n0\r\n\r\n", b"2;ext\n{}\r\n0\r\n\r\n", b"2\r\r\n{}\r\n0\r\n\r\n",  # bare LF or CR
+                  b" 2\r\n{}\r\n0\r\n\r\n",  # whitespace only before an extension
+                  # trailer lines must be field lines: a request head there is the smuggled request
+                  # of a front proxy that ends the body at the last chunk
+                  b"2\r\n{}\r\n0\r\nPOST /hidden HTTP/1.1\r\nHost: x\r\n\r\n",
+                  b"2\r\n{}\r\n0\r\n folded\r\n\r\n", b"2\r\n{}\r\n0\r\nX y: z\r\n\r\n",
+                  b"2\r\n{}\r\n0\r\nX: a\x00\r\n\r\n"):
         c = client()
         c.send(f"POST {API}/commands HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {live_server.TOKEN}\r\n"
                "Content-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n".encode() + lines)
         status, _, body = c.response()
         assert status == 400 and json.loads(body)["code"] == "bad_request_body", lines
+    c = client()  # a well-formed trailer is read and ignored
+    c.send(f"POST {API}/commands HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {live_server.TOKEN}\r\n"
+           "Content-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n2;a=b\r\n{}\r\n0\r\n"
+           "X-Check: 1\r\n\r\n".encode())
+    status, _, body = c.response()
+    assert status == 422 and json.loads(body)["code"] == "validation_error"
     c = client()  # smuggling-shaped framing is refused before the app
     c.send(b"POST /api/health HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n")
     status, _, body = c.response()
     assert status == 400 and json.loads(body)["code"] == "bad_request"
+
+
+def test_bodies_trickled_to_refused_requests_hold_no_worker(tmp_path):
+    """A 401 or 404 does not read the body; waiting for the rest of it to drop it held a worker until
+    its deadline, and as many clients as workers (no token needed) held them all."""
+    server = LiveServer(tmp_path / "d", http_workers="2")
+    attackers = []
+    try:
+        for i in range(6):
+            c = RawClient(server)
+            head = ("POST /nope HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n1000\r\na" if i % 2 else
+                    f"POST {API}/commands HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\nContent-Length: 60000\r\n\r\n")
+            c.send(head.encode())
+            attackers.append(c)
+        for i, c in enumerate(attackers):  # each is answered, and its connection closed rather than drained
+            if not i % 2:
+                assert c.file.readline() == b"HTTP/1.1 100 Continue\r\n" and c.file.readline() == b"\r\n"
+            assert c.response()[0] == (404 if i % 2 else 401)
+            assert c.closed_by_server()
+        started = time.monotonic()
+        assert server.get(f"{API}/runs?limit=1")[0] == 200  # a worker's route
+        assert time.monotonic() - started < 2
+    finally:
+        for c in attackers:
+            c.sock.close()
+        server.close()
 
 
 @pytest.mark.parametrize("trickle", [False, True], ids=["stalled", "endless"])

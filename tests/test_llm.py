@@ -443,6 +443,7 @@ def test_discovery_routes(llm_server, monkeypatch):
     status, _, data = llm_server.get(f"{API}/discovery/providers/lmstudio/models")
     assert status == 200 and set(MODELS) <= set(data["models"]), data  # what the fake server lists
     assert "gpt-5-mini" in llm_server.get(f"{API}/discovery/providers/openai/models")[2]["models"]
+    assert "gpt-5-mini" in llm_server.get(f"{API}/discovery/providers/OpenAI/models")[2]["models"]  # any case
     status, _, data = llm_server.get(f"{API}/discovery/providers/no-such-provider/models")
     assert status == 200 and data["models"] == [] and "not known" in data["error"]  # as the original: no models
     monkeypatch.setenv("LMSTUDIO_BASE_URL", "http://127.0.0.1:9/v1")  # a provider that does not answer
@@ -479,8 +480,22 @@ def test_observer_summary_and_chat(llm_server, fake_llm):
     assert status == 200 and records[-1]["effect"]["payload"]["name"] == "abstract.chat"
     assert records[-1]["effect"]["payload"]["payload"]["question"] == "What did the run answer?"
     assert _run(llm_server, run_id)["status"] == "completed"
-    status, _, error = llm_server.post(f"{API}/runs/{run_id}/chat", {"messages": []})
-    assert status == 400 and error["code"] == "invalid_messages"
+    # read as the original reads a chat: roles in any case, a history that ends with the answer, other
+    # roles and non-text contents dropped, no messages at all: a question about the run itself
+    for messages in ([{"role": " User ", "content": "q"}], [{"role": "user", "content": "a"},
+                                                            {"role": "assistant", "content": "b"}],
+                     [], [{"role": "bogus", "content": "a"}, {"role": "user", "content": 5}]):
+        status, _, data = llm_server.post(f"{API}/runs/{run_id}/chat", {"messages": messages})
+        assert status == 200 and data["answer"], messages
+        sent = [m for m in fake_llm.requests[-1]["messages"] if m["role"] != "system"]
+        kept = [m for m in messages
+                if m["role"].strip().lower() in ("user", "assistant") and isinstance(m["content"], str)]
+        assert "RUN_CONTEXT:" in sent[0]["content"] and len(sent) == 1 + len(kept)
+        assert all(s["role"] == m["role"].strip().lower() and s["content"].endswith(m["content"])  # (+ metadata)
+                   for s, m in zip(sent[1:], kept, strict=True))
+    status, _, error = llm_server.post(f"{API}/runs/{run_id}/chat", {"messages": [{"role": "user", "content": "q"},
+                                                                                  "junk"]})
+    assert status == 422 and error["code"] == "validation_error"
     status, _, error = llm_server.post(f"{API}/runs/nope/summary", {})
     assert status == 404 and error["code"] == "run_not_found"
     fake_llm.fail_status = 500  # the model server fails: a clear 502, not a 500

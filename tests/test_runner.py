@@ -36,7 +36,7 @@ def test_echo_bundle_runs_to_completion(gateway, runner):
     state = gateway.stores.runs.load(run_id)
     assert state.output["result"] == "hi"
     assert state.session_id == run_id and state.actor_id == "gateway"
-    assert Path(state.vars["workspace_root"]).is_dir()
+    assert Path(state.vars["workspace_root"]).parent == Path(gateway.config.data_dir) / "workspaces"
     ledger = gateway.stores.ledger.list(run_id)
     assert any((r.get("result") or {}).get("completed") is True for r in ledger)
     assert ledger[-1]["effect"]["payload"]["name"] == "abstract.status"
@@ -97,6 +97,16 @@ def test_bad_commands_are_recorded_not_swallowed(gateway, runner):
     with pytest.raises(gw.GatewayError, match="type must be one of"):
         gateway.submit_command(command_id="x", run_id=run_id, type="explode")
     assert [o["command_id"] for o in gateway.stores.outcomes.for_run(run_id)] == ["noname", "badpayload"]
+
+
+def test_a_run_gets_its_own_workspace_path_but_no_directory_until_its_tools_need_one(gateway, runner):
+    """Made eagerly, an empty directory per run piled up forever (an inode each), and a start failed
+    with a 500 where it could not be made (a full disk, a directory owned by another user)."""
+    (Path(gateway.config.data_dir) / "workspaces").write_text("in the way")  # not even makeable
+    run_id = gateway.start_run(bundle_id="echo")
+    wait_for(lambda: _status(gateway, run_id) == "completed")
+    root = Path(gateway.stores.runs.load(run_id).vars["workspace_root"])
+    assert root.parent == Path(gateway.config.data_dir) / "workspaces" and not root.exists()
 
 
 def test_duplicate_command_id_is_applied_once(gateway, runner):
@@ -264,6 +274,53 @@ def test_timer_loop_and_restart_mid_run(data_dir):
     finally:
         r.stop()
         g.close()
+
+
+def test_a_wait_until_a_time_fires_at_the_instant_it_names_whatever_its_offset(data_dir):
+    """The runtime and the run index compare wait times as text: a wait is stored as its UTC instant."""
+    from datetime import datetime, timedelta, timezone
+
+    pack_bundle(data_dir / "flows", "wait_until_time")
+    g = make_gateway(data_dir)
+    r = gw.Runner(g).start()
+    try:
+        now = datetime.now(timezone.utc)
+        past_east = (now - timedelta(hours=1)).astimezone(timezone(timedelta(hours=5))).isoformat()
+        future_west = (now + timedelta(hours=1)).astimezone(timezone(timedelta(hours=-5))).isoformat()
+        soon = now + timedelta(seconds=0.6)
+        past = g.start_run(bundle_id="wait-until-time", input_data={"at": past_east})
+        future = g.start_run(bundle_id="wait-until-time", input_data={"at": future_west})
+        zulu = g.start_run(bundle_id="wait-until-time", input_data={"at": soon.isoformat().replace("+00:00", "Z")})
+        wait_for(lambda: _status(g, past) == "completed")  # it was due an hour ago (its text sorts later)
+        state = wait_for(lambda: (s := g.stores.runs.load(future)).waiting is not None and s)
+        assert state.waiting.until == (now + timedelta(hours=1)).isoformat()  # not fired 5 h early
+        wait_for(lambda: _status(g, zulu) == "completed")
+        assert datetime.now(timezone.utc) >= soon
+        assert _status(g, future) == "waiting"
+    finally:
+        r.stop()
+        g.close()
+
+
+def test_a_paused_run_whose_wait_falls_due_is_left_alone_until_resumed(gateway, runner, monkeypatch):
+    """Its due timer used to resubmit it at once after each tick found it paused: thousands a second."""
+    from datetime import datetime, timedelta, timezone
+
+    pack_bundle(gateway.config.flows_dir, "wait_until_time")
+    gateway.host.reload()
+    at = datetime.now(timezone.utc) + timedelta(seconds=0.3)
+    run_id = gateway.start_run(bundle_id="wait-until-time", input_data={"at": at.isoformat()})
+    wait_for(lambda: gateway.stores.runs.load(run_id).waiting is not None)
+    gateway.submit_command(command_id="pause", run_id=run_id, type="pause")
+    assert _outcome(gateway, "pause")["status"] == "applied"
+    ticks = []
+    tick = gateway.tick
+    monkeypatch.setattr(gateway, "tick", lambda *a, **kw: ticks.append(1) or tick(*a, **kw))
+    wait_for(lambda: datetime.now(timezone.utc) > at)
+    time.sleep(0.5)  # a window past its time: a run the runner spins on is ticked thousands of times
+    assert len(ticks) <= 2 and _status(gateway, run_id) == "waiting", len(ticks)
+    gateway.submit_command(command_id="resume", run_id=run_id, type="resume")
+    wait_for(lambda: _status(gateway, run_id) == "completed")
 
 
 def _status_in(data_dir, run_id):

@@ -334,6 +334,20 @@ def test_bundles_and_leases(stores):
     assert stores.leases.holder("runner")["owner"] == "b"
 
 
+def test_a_lease_left_by_a_clock_that_was_ahead_lapses_after_its_ttl_of_real_time(stores):
+    """A holder that died with the wall clock an hour ahead (stepped back since, by NTP or a reboot)
+    left a heartbeat in the future: its lease lapses `ttl` after another owner first sees it."""
+    ahead = time.time() + 3600
+    stores.db.write(lambda conn: conn.execute(
+        "INSERT INTO leases (name, owner, acquired_at, heartbeat_at, expires_at, epoch) VALUES (?,?,?,?,?,?)",
+        ("runner", "dead", ahead, ahead, ahead + 0.3, 1)))
+    seen = time.monotonic()
+    assert not stores.leases.acquire("runner", "b", ttl_s=5)
+    token = wait_for(lambda: stores.leases.acquire("runner", "b", ttl_s=5), timeout=5)
+    assert token.epoch == 2 and 0.25 <= time.monotonic() - seen < 3
+    assert stores.leases.holder("runner")["owner"] == "b"
+
+
 # -- schema versions --------------------------------------------------------------------------
 
 
@@ -756,6 +770,50 @@ def test_a_damaged_wal_is_reported_a_copy_kept_and_a_torn_tail_is_not(tmp_path, 
         finally:
             db.close()
         assert _ledger_count(db_path) < 40  # what SQLite could not read is gone: hence the copy
+
+
+def test_a_damaged_wal_is_found_however_large_the_file(tmp_path, data_dir):
+    """A WAL keeps the size of its largest transaction (an attachment of 20 MB): the frames SQLite
+    would read are checked whatever the file's size, and only the headers of the stale rest are read."""
+    intact = _crashed_copy(data_dir, tmp_path / "intact")
+    data = Path(f"{intact}-wal").read_bytes()
+    frame = 24 + int.from_bytes(data[8:12], "big")
+    stale = bytes(frame) * ((20 << 20) // frame)  # frames of an older run through the file (other salts)
+    damaged = tmp_path / "large"
+    damaged.mkdir()
+    (damaged / "gateway.sqlite3").write_bytes(intact.read_bytes())
+    wal = Path(f"{damaged / 'gateway.sqlite3'}-wal")
+    wal.write_bytes(data + stale)
+    assert wal.stat().st_size > 20 << 20 and gw.wal_damage(damaged / "gateway.sqlite3") is None
+    wal.write_bytes(data[:32 + frame + 40] + b"\xff" * 64 + data[32 + frame + 104:] + stale)
+    assert "frame 2 of" in (gw.wal_damage(damaged / "gateway.sqlite3") or "")
+
+
+def test_a_file_restored_beside_the_old_files_wal_is_refused_untouched(tmp_path, data_dir):
+    """The restore's mistake the guide warns of (the old `-wal` left beside the copy): `serve` refuses
+    the file, says why, and leaves it and the WAL as they were, so deleting the WAL is the whole fix."""
+    import shutil
+
+    live = gw.open_stores(make_config(data_dir))
+    for i in range(40):
+        live.ledger.append(_step("r", i + 1))
+    backup = tmp_path / "backup.sqlite3"
+    assert gw.main(["backup", str(backup), "--db-path", str(live.db.path)]) == 0
+    for i in range(40, 400):
+        live.ledger.append(_step("r", i + 1))
+    restored = tmp_path / "restored"
+    restored.mkdir()
+    shutil.copy(f"{live.db.path}-wal", restored / "gateway.sqlite3-wal")  # as a kill -9 left it
+    live.close()
+    shutil.copy(backup, restored / "gateway.sqlite3")
+    db_path = restored / "gateway.sqlite3"
+    files = {name: (restored / name).read_bytes() for name in ("gateway.sqlite3", "gateway.sqlite3-wal")}
+    with pytest.raises(gw.SchemaError, match="may be the old file's"):
+        gw.Database(db_path)
+    assert {name: (restored / name).read_bytes() for name in files} == files
+    for leftover in ("gateway.sqlite3-wal", "gateway.sqlite3-shm"):
+        (restored / leftover).unlink(missing_ok=True)
+    assert gw.main(["check", "--db-path", str(db_path)]) == 0 and _ledger_count(db_path) == 40
 
 
 # -- one store interface: the same checks on both backends -------------------------------------------
