@@ -4574,6 +4574,7 @@ class CommandInbox:
         """
         effect = effect or self._apply_effect
         applied = 0
+        cancelled: List[str] = []
         with self._targets_locked(batch) as targets, self.stores.db.transaction() as tx:
             self.gateway.check_lease(lease)
             started, cursor = time.monotonic(), self.stores.cursor.load()
@@ -4588,6 +4589,8 @@ class CommandInbox:
                     with tx.conn:  # nested in the transaction, apsw makes this a savepoint
                         effect(record, targets[record.seq])
                         self.stores.outcomes.record(record, "applied")
+                    if record.type.lower() == "cancel":
+                        cancelled.append(record.run_id)
                 except (LeaseLost, StorageError):
                     raise
                 except _STORAGE_FAILURES as exc:
@@ -4599,6 +4602,10 @@ class CommandInbox:
                     del tx.topics[topics:]
                     self.stores.outcomes.record(record, "failed", _command_failure(record, exc))
             self.stores.cursor.save(max(cursor, batch[applied - 1].seq))
+        for run_id in cancelled:  # a parent waiting on a run cancelled alone goes on now, not at the next repair
+            child = self.stores.runs.load(run_id)
+            if child is not None and child.parent_run_id and _enum_value(child.status) in TERMINAL_STATUSES:
+                self.gateway.resume_parent_of(child, lease)
         return applied
 
     def _prepare_compaction(self, record: CommandRecord) -> Callable[[CommandRecord, List[str]], None]:
@@ -4892,6 +4899,45 @@ def _runtime_type() -> type:
     return GatewayRuntime
 
 
+def _media_items(raw: Any) -> List[Any]:
+    """The usable media references in `raw`: paths, and objects naming an artifact."""
+    items = []
+    for item in raw if isinstance(raw, (list, tuple)) else ():
+        if isinstance(item, str) and item.strip():
+            items.append(item.strip())
+        elif isinstance(item, dict) and any(isinstance(item.get(k), str) and item[k].strip()
+                                            for k in ("$artifact", "artifact_id")):
+            items.append(dict(item))
+    return items
+
+
+def _media_in_context(input_data: Dict[str, Any]) -> Dict[str, Any]:
+    """Gather media a client attached beside the inputs (`attachments`, `media`) or on the context's
+    messages into `context.attachments`, where the runtime's agents and LLM nodes read them (else the
+    model never sees them), once each, as the original does; a valid `context.attachments` is kept."""
+    context = dict(input_data["context"]) if isinstance(input_data.get("context"), dict) else None
+    found: List[Any] = []
+    if context is not None:
+        found += _media_items(context.get("attachments")) + _media_items(context.get("media"))
+        for message in context.get("messages") if isinstance(context.get("messages"), list) else ():
+            if isinstance(message, dict):
+                found += _media_items(message.get("attachments")) + _media_items(message.get("media"))
+    found += _media_items(input_data.get("attachments")) + _media_items(input_data.get("media"))
+    if not found:
+        return input_data
+    unique, seen = [], set()
+    for item in found:
+        key = ("path", item) if isinstance(item, str) else (
+            "artifact", str(item.get("$artifact") or item.get("artifact_id")).strip())
+        if key not in seen:
+            seen.add(key)
+            unique.append(item)
+    context = context if context is not None else {}
+    if not _media_items(context.get("attachments")):
+        context["attachments"] = unique
+    return {**input_data, "context": context}
+
+
 class Gateway:
     """The service every front end drives: start runs, accept and apply commands, tick runs.
 
@@ -4935,7 +4981,7 @@ class Gateway:
         """Create a RUNNING run (durable before this returns); the runner executes it."""
         workflow_id = self.host.resolve(bundle_id=bundle_id, bundle_version=bundle_version, flow_id=flow_id)
         spec = self.host.startable_spec(workflow_id)
-        run_vars = dict(input_data or {})
+        run_vars = _media_in_context(dict(input_data or {}))
         if not run_vars.get("workspace_root"):  # the run's own; the runtime's tools make it when they first need it
             run_vars["workspace_root"] = str(Path(self.config.data_dir) / "workspaces" / uuid.uuid4().hex)
         return self._start(spec, run_vars, session_id)
@@ -5224,17 +5270,16 @@ class Gateway:
         """Commit one step's writes atomically, fenced by `lease`; False if the run changed meanwhile.
 
         A command (pause, cancel) may land while the step's node runs. Then the step's checkpoint
-        is dropped so the command wins, and only its completed effect records are kept: the
-        runtime reuses them by idempotency key when the run goes on, so an answer that was paid
-        for (a model call) is not asked for again and no record is duplicated.
+        is dropped so the command wins, and only its completed model and tool calls are kept (with
+        their `started` records): the runtime reuses them by idempotency key when the run goes on,
+        so an answer that was paid for is not asked for again and no record is duplicated.
         """
         def _write(_conn: apsw.Connection) -> bool:
             self.check_lease(lease)
             # A run the step read (or found missing) and then saved must still be as it read it.
             changed = any(self.stores.runs.load_json(rid) != text
                           for rid, text in writes.base.items() if rid == run_id or rid in writes.runs)
-            records = writes.ledger if not changed else [
-                (rid, t) for rid, t in writes.ledger if rid == run_id and _reusable_record(t)]
+            records = writes.ledger if not changed else _paid_calls(run_id, writes.ledger)
             for rid, text in records:
                 self.stores.ledger.append_json(rid, text)
             if not changed:
@@ -5394,11 +5439,15 @@ def _continues(run: RunState) -> bool:
 _REUSABLE_EFFECTS = frozenset({"llm_call", "tool_calls"})
 
 
-def _reusable_record(record_json: str) -> bool:
-    """A completed model or tool call: kept when the rest of its step is dropped (see `_commit_step`)."""
-    record = json.loads(record_json)
-    return (record.get("status") == "completed" and (record.get("effect") or {}).get("type") in _REUSABLE_EFFECTS
-            and not str(record.get("idempotency_key") or "").startswith("system:"))
+def _paid_calls(run_id: str, ledger: List[Tuple[str, str]]) -> List[Tuple[str, str]]:
+    """The records of `run_id`'s completed model and tool calls, each with its `started` record (a
+    client pairs them), in order: what is kept of a step whose checkpoint is dropped (`_commit_step`)."""
+    records = [(rid, text, json.loads(text)) for rid, text in ledger if rid == run_id]
+    paid = {r.get("idempotency_key") for _, _, r in records
+            if r.get("status") == "completed" and (r.get("effect") or {}).get("type") in _REUSABLE_EFFECTS
+            and not str(r.get("idempotency_key") or "").startswith("system:")}
+    return [(rid, text) for rid, text, r in records
+            if r.get("idempotency_key") in paid and r.get("status") in ("started", "completed")]
 
 
 def _check_tool_answer(run_id: str, details: Dict[str, Any], body: Dict[str, Any]) -> None:

@@ -292,6 +292,8 @@ def test_cancel_during_a_slow_call_records_the_answer_and_does_not_advance(llm_s
     wait_for(lambda: _llm_calls(_ledger(llm_server, run_id)), 10)  # the answer is recorded
     wait_for(lambda: not llm_server.runner._in_flight, 10)  # and that step is over: nothing more comes
     assert _run(llm_server, run_id)["status"] == "cancelled"
+    calls = [r["status"] for r in _ledger(llm_server, run_id) if (r.get("effect") or {}).get("type") == "llm_call"]
+    assert calls == ["started", "completed"]
     assert not [r for r in _ledger(llm_server, run_id) if r["node_id"] == "end"]
 
 
@@ -363,6 +365,8 @@ def test_pause_during_a_slow_call_then_resume_reuses_the_recorded_answer(llm_ser
     assert _outcome(llm_server, _command(llm_server, run_id, "resume"))["status"] == "applied"
     assert _wait_status(llm_server, run_id, "completed", "failed")["status"] == "completed"
     assert fake_llm.calls == 1  # the runtime's idempotency reused the answer recorded during the pause
+    calls = [r["status"] for r in _ledger(llm_server, run_id) if (r.get("effect") or {}).get("type") == "llm_call"]
+    assert calls == ["started", "completed"]  # the call's started record too (clients pair them), once
 
 
 def _free_port():
@@ -553,3 +557,24 @@ def test_a_slow_compaction_blocks_no_writer(llm_server, fake_llm):
         assert _outcome(llm_server, cid)["status"] == "applied" and fake_llm.calls > calls
     finally:
         fake_llm.delay_s = 0.0
+
+
+def test_attachments_sent_beside_the_inputs_reach_the_model(llm_server):
+    """Clients put a session's attachments in `input_data.attachments`; agents read `context.attachments`."""
+    from conftest import multipart
+
+    body, content_type = multipart({"session_id": "s1"}, {"file": ("note.txt", b"hello")})
+    status, _, uploaded = llm_server.request("POST", f"{API}/attachments/upload", raw=body,
+                                             headers={"Content-Type": content_type})
+    assert status == 200, uploaded
+    attachment = uploaded["attachment"]
+    status, _, data = llm_server.post(f"{API}/runs/start", {
+        "bundle_id": "basic-agent", "session_id": "s1",
+        "input_data": {"prompt": "describe the file", "attachments": [attachment, attachment]}})
+    assert status == 200, data
+    run_id = data["run_id"]
+    assert _wait_status(llm_server, run_id, "completed", "failed")["status"] == "completed"
+    inputs = llm_server.get(f"{API}/runs/{run_id}/input_data")[2]["input_data"]
+    assert inputs["context"]["attachments"] == [attachment]  # once, where the runtime reads it
+    calls = [r for r in _tree_ledger(llm_server, run_id) if (r["effect"] or {}).get("type") == "llm_call"]
+    assert calls and all(c["effect"]["payload"].get("media") == [attachment] for c in calls)

@@ -302,6 +302,20 @@ def test_a_wait_until_a_time_fires_at_the_instant_it_names_whatever_its_offset(d
         g.close()
 
 
+def test_a_parent_goes_on_as_soon_as_its_child_alone_is_cancelled(gateway, runner, monkeypatch):
+    """It used to wait for the runner's periodic repair of such parents (every 5 s)."""
+    monkeypatch.setattr(gateway, "repair_subworkflow_parents", lambda *a, **kw: 0)  # only the command may do it
+    pack_bundle(gateway.config.flows_dir, "parent_of_ask")
+    gateway.host.reload()
+    run_id = gateway.start_run(bundle_id="parent-of-ask")
+    child = wait_for(lambda: next((c for c in gateway.stores.runs.list_children(parent_run_id=run_id)
+                                   if c.status.value == "waiting"), None))
+    gateway.submit_command(command_id="cancel-child", run_id=child.run_id, type="cancel")
+    assert _outcome(gateway, "cancel-child")["status"] == "applied"
+    wait_for(lambda: _status(gateway, run_id) == "completed", timeout=3)
+    assert _status(gateway, child.run_id) == "cancelled"
+
+
 def test_a_paused_run_whose_wait_falls_due_is_left_alone_until_resumed(gateway, runner, monkeypatch):
     """Its due timer used to resubmit it at once after each tick found it paused: thousands a second."""
     from datetime import datetime, timedelta, timezone
@@ -971,7 +985,8 @@ def test_a_command_that_lands_mid_step_wins_and_the_paid_for_answer_is_kept(gate
     assert (state.status.value, gw._is_paused(state)) == (("cancelled", False) if command == "cancel" else
                                                           ("waiting", True))
     ledger = gateway.stores.ledger.list(run_id)
-    assert [r["status"] for r in ledger if (r.get("effect") or {}).get("type") == "llm_call"] == ["completed"]
+    statuses = [r["status"] for r in ledger if (r.get("effect") or {}).get("type") == "llm_call"]
+    assert statuses == ["started", "completed"]
     if command == "pause":
         gateway.submit_command(command_id="r", run_id=run_id, type="resume")
         gateway.apply_pending_commands()
@@ -1063,16 +1078,20 @@ def test_a_run_asked_for_during_its_tick_is_ticked_again(data_dir, monkeypatch):
 
 
 def test_only_model_and_tool_results_outlive_a_dropped_step():
-    """A step dropped because a command changed its run keeps only results that have no other effect:
-    an emitted event, a started child or a memory note live in the dropped writes, so they must redo."""
-    def record(kind, status="completed", key="k"):
-        return json.dumps({"status": status, "effect": {"type": kind} if kind else None, "idempotency_key": key})
+    """A step dropped because a command changed its run keeps only results that have no other effect
+    (with their started records, which clients pair them with): an emitted event, a started child or
+    a memory note live in the dropped writes, so they must redo."""
+    def record(kind, status="completed", key="k", run="r"):
+        return run, json.dumps({"status": status, "effect": {"type": kind} if kind else None, "idempotency_key": key})
 
-    assert gw._reusable_record(record("llm_call")) and gw._reusable_record(record("tool_calls"))
+    for kind in ("llm_call", "tool_calls"):
+        ledger = [record(kind, "started"), record(kind), record("emit_event", key="e")]
+        assert gw._paid_calls("r", ledger) == ledger[:2]
     for kind in ("emit_event", "start_subworkflow", "memory_note", "ask_user", None):
-        assert not gw._reusable_record(record(kind))
-    assert not gw._reusable_record(record("llm_call", status="started"))
-    assert not gw._reusable_record(record("llm_call", key="system:terminal_status:completed"))
+        assert gw._paid_calls("r", [record(kind, "started"), record(kind)]) == []
+    assert gw._paid_calls("r", [record("llm_call", "started")]) == []  # no answer yet: nothing was paid for
+    assert gw._paid_calls("r", [record("llm_call", key="system:terminal_status:completed")]) == []
+    assert gw._paid_calls("r", [record("llm_call", run="other")]) == []  # only the stepped run's
 
 
 def test_buffered_run_store_passes_the_runtimes_protocol_check_statically(gateway):
