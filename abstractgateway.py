@@ -4899,6 +4899,55 @@ def _runtime_type() -> type:
     return GatewayRuntime
 
 
+def _path_list(raw: Any) -> List[str]:
+    """Paths given as a list, a JSON list or one per line."""
+    if isinstance(raw, str):
+        try:
+            raw = json.loads(raw) if raw.strip().startswith("[") else raw.splitlines()
+        except ValueError:
+            raw = raw.splitlines()
+    return [str(item).strip() for item in raw if isinstance(item, str) and item.strip()] if isinstance(
+        raw, list) else []
+
+
+def _workspace_scope_within(input_data: Dict[str, Any], roots: List[Path]) -> Dict[str, Any]:
+    """A run's workspace settings (the directory its tool calls are scoped to, and what else they may
+    reach) kept within the operator's `roots` (the workspace dir and mounts), as the original clamps
+    them: a client could otherwise scope a run's proposed tool calls to `/etc`. A root outside is
+    dropped (the run gets its own), `all_except_ignored` becomes `workspace_only`, allowed paths
+    outside are dropped; camelCase spellings are read too."""
+    data = dict(input_data)
+
+    def take(name: str, camel: str) -> Any:
+        value, camel_value = data.pop(name, None), data.pop(camel, None)
+        return camel_value if value is None else value
+
+    def resolved(text: str, base: Path) -> Path:
+        path = Path(text).expanduser()
+        return Path(os.path.realpath(path if path.is_absolute() else base / path))
+
+    def within(path: Path) -> bool:
+        return any(path == root or root in path.parents for root in roots)
+
+    base = roots[0] if roots else Path(os.path.sep)
+    root = data.pop("workspace_root", None)
+    if isinstance(root, str) and root.strip() and within(resolved(root.strip(), base)):
+        base = resolved(root.strip(), base)
+        data["workspace_root"] = str(base)
+    mode = take("workspace_access_mode", "workspaceAccessMode")
+    if mode is not None:
+        mode = str(mode).strip().lower()
+        data["workspace_access_mode"] = mode if mode in ("workspace_only", "workspace_or_allowed") else "workspace_only"
+    allowed = take("workspace_allowed_paths", "workspaceAllowedPaths")
+    kept = [str(path) for path in (resolved(p, base) for p in _path_list(allowed)) if within(path)]
+    if kept:
+        data["workspace_allowed_paths"] = kept if isinstance(allowed, list) else "\n".join(kept)
+    ignored = _path_list(take("workspace_ignored_paths", "workspaceIgnoredPaths"))
+    if ignored:
+        data["workspace_ignored_paths"] = "\n".join(ignored)
+    return data
+
+
 def _media_items(raw: Any) -> List[Any]:
     """The usable media references in `raw`: paths, and objects naming an artifact."""
     items = []
@@ -4982,6 +5031,9 @@ class Gateway:
         workflow_id = self.host.resolve(bundle_id=bundle_id, bundle_version=bundle_version, flow_id=flow_id)
         spec = self.host.startable_spec(workflow_id)
         run_vars = _media_in_context(dict(input_data or {}))
+        if self.config.tool_mode != "local":  # tools the gateway does not run: the client gets no say
+            roots = [Path(self.config.workspace_dir)] if self.config.workspace_dir else []
+            run_vars = _workspace_scope_within(run_vars, roots + list(self.config.workspace_mounts.values()))
         if not run_vars.get("workspace_root"):  # the run's own; the runtime's tools make it when they first need it
             run_vars["workspace_root"] = str(Path(self.config.data_dir) / "workspaces" / uuid.uuid4().hex)
         return self._start(spec, run_vars, session_id)
@@ -7530,11 +7582,12 @@ class GatewayApp:
     # -- workspace files and attachments ---------------------------------------------------------
 
     def workspace_policy(self, request: Request) -> Response:
+        trusted = self.gateway.config.tool_mode == "local"  # see `_workspace_scope_within`
         return json_response({"ok": True, "policy": {
             "target": "server", "mounts": [{"name": name} for name in sorted(self.workspace.mounts)],
             "max_attachment_bytes": self.gateway.config.max_attachment_bytes,
-            "client_workspace_scope_overrides": False,
-            "allowed_access_modes": ["workspace_only", "workspace_or_allowed"]}})
+            "client_workspace_scope_overrides": trusted,
+            "allowed_access_modes": ["workspace_only", "workspace_or_allowed"] + ["all_except_ignored"] * trusted}})
 
     def files_search(self, request: Request, query: str, limit: int) -> Response:
         return json_response({"items": self.workspace.search(query, limit)})

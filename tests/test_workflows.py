@@ -427,3 +427,45 @@ def test_configured_providers_name_their_variables_never_their_values():
     assert found == {"openai": ["OPENAI_API_KEY"], "openai-compatible": ["OPENAI_API_KEY"],
                      "ollama": ["OLLAMA_HOST"]}
     assert "sk-secret" not in repr(found)
+
+
+def test_a_client_s_workspace_settings_stay_within_the_operator_s_roots(tmp_path):
+    """As the original clamps them when the gateway does not run the tools itself."""
+    root, mount, outside = (tmp_path / name for name in ("root", "mount", "elsewhere"))
+    for d in (root, mount, outside, root / "sub"):
+        d.mkdir()
+    roots = [root, mount]
+    clamp = gw._workspace_scope_within
+    assert "workspace_root" not in clamp({"workspace_root": "/etc"}, roots)  # the run gets its own
+    assert "workspace_root" not in clamp({"workspace_root": str(root / ".." / "elsewhere")}, roots)
+    assert clamp({"workspace_root": "sub"}, roots)["workspace_root"] == str(root / "sub")
+    assert clamp({"workspace_root": str(mount)}, roots)["workspace_root"] == str(mount)
+    assert "workspace_root" not in clamp({"workspace_root": str(root)}, [])  # no roots: none is the client's
+    assert clamp({"workspaceAccessMode": "ALL_EXCEPT_IGNORED"}, roots) == {"workspace_access_mode": "workspace_only"}
+    assert clamp({"workspace_access_mode": "workspace_or_allowed"}, roots)["workspace_access_mode"] == \
+        "workspace_or_allowed"
+    data = clamp({"workspace_allowed_paths": [str(outside), str(mount), "sub"]}, roots)
+    assert data["workspace_allowed_paths"] == [str(mount), str(root / "sub")]
+    assert clamp({"workspaceAllowedPaths": f"{outside}\n{mount}"}, roots)["workspace_allowed_paths"] == str(mount)
+    assert "workspace_allowed_paths" not in clamp({"workspace_allowed_paths": ["/etc"]}, roots)
+    assert clamp({"workspaceIgnoredPaths": '["a", " b "]'}, roots) == {"workspace_ignored_paths": "a\nb"}
+    assert clamp({"prompt": "p"}, roots) == {"prompt": "p"}
+
+
+def test_a_run_s_workspace_root_from_a_client_is_kept_only_inside_the_roots(data_dir, tmp_path):
+    inside = tmp_path / "ws"
+    inside.mkdir()
+    g = make_gateway(data_dir, workspace_dir=str(inside))
+    try:
+        kept = g.stores.runs.load(g.start_run(bundle_id="echo", input_data={"workspace_root": str(inside)}))
+        dropped = g.stores.runs.load(g.start_run(bundle_id="echo", input_data={"workspace_root": "/etc"}))
+        assert kept.vars["workspace_root"] == str(inside)
+        assert Path(dropped.vars["workspace_root"]).parent == Path(g.config.data_dir) / "workspaces"
+    finally:
+        g.close()
+    g = make_gateway(data_dir, tool_mode="local")  # the gateway runs the tools as its own user: trusted
+    try:
+        assert g.stores.runs.load(g.start_run(bundle_id="echo", input_data={"workspace_root": "/etc"})
+                                  ).vars["workspace_root"] == "/etc"
+    finally:
+        g.close()
