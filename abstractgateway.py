@@ -667,9 +667,22 @@ _SQLITE_HEADER = b"SQLite format 3\x00"
 _RESTORE_HINT = "Run `abstractgateway check` for details, then restore from a backup (docs/operations.md)."
 
 
+def _refuse_on_a_full_disk(path: Path, exc: Exception) -> None:
+    """An I/O error opening a sound file on a full disk (SQLite needs room for its `-wal` and `-shm`)
+    is said to be that, not damage: told to restore a backup, an operator may overwrite a good file."""
+    try:
+        free = shutil.disk_usage(path.parent).free
+    except OSError:
+        return
+    if free < 1 << 20:
+        raise SchemaError(f"The disk holding {path} is full ({free} bytes free): SQLite needs room beside the "
+                          f"file to open it ({exc}). Free some space and start again; nothing was changed.") from None
+
+
 def _stray_wal_hint(path: Path) -> str:
     """A file restored from a copy beside the old file's WAL reads as damaged: say so first."""
-    if not Path(f"{path}-wal").exists():
+    wal = Path(f"{path}-wal")
+    if not wal.exists() or wal.stat().st_size == 0:  # (an empty one is the failed open's own)
         return ""
     return (f"If it was just restored from a copy, the WAL beside it may be the old file's: move {path.name}-wal "
             f"and {path.name}-shm aside and start again (nothing was changed). Otherwise: ")
@@ -896,6 +909,7 @@ class Database:
                 missing = _missing_from_schema(conn)
             except (apsw.CorruptError, apsw.NotADBError, apsw.IOError) as exc:
                 self.close(checkpoint=False)
+                _refuse_on_a_full_disk(self.path, exc)
                 raise SchemaError(f"{self.path} is damaged ({exc}). "
                                   f"{_stray_wal_hint(self.path)}{_RESTORE_HINT}") from None
             except SchemaError:
@@ -906,7 +920,12 @@ class Database:
                 raise SchemaError(f"{self.path} is not a usable gateway database: tables {', '.join(missing)} are "
                                   f"missing. Run `abstractgateway check`, then restore from a backup.")
         else:  # inspection only (check, backup, doctor): never write to the file
-            self.schema_version = self.connection().execute("PRAGMA user_version").fetchone()[0]
+            try:
+                self.schema_version = self.connection().execute("PRAGMA user_version").fetchone()[0]
+            except apsw.IOError as exc:
+                self.close()
+                _refuse_on_a_full_disk(self.path, exc)
+                raise
         # Taken once the file is open: an overlay filesystem gives a file a new inode when it is first
         # opened for writing (copied up from an image's layer), which is not a replaced file.
         self._identity = self._file_identity()
@@ -1244,17 +1263,27 @@ class Database:
         tmp.unlink(missing_ok=True)
         source = self._open_connection()
         target = apsw.Connection(str(tmp))
+        done = False
         try:
             with target.backup("main", source, "main") as job:
                 job.step(-1)  # one read transaction: a consistent snapshot while WAL lets writers go on
             problems = integrity_problems(target)
             if problems:
                 raise SchemaError(f"backup failed integrity_check: {problems[:3]}")
+            done = True
+        except (apsw.FullError, apsw.IOError) as exc:  # (SQLite's message here is often "not an error")
+            why = ("its disk is full" if isinstance(exc, apsw.FullError)
+                   else "a write failed: a full disk or a file size limit?")
+            raise StorageError(f"The backup could not be written to {dest_path.parent} ({why}); nothing was kept "
+                               "there. Free space or choose another destination.") from None
         finally:
             target.close()
             with self._connections_lock:
                 self._all_connections.discard(source)
             source.close()
+            if not done:  # no partial copy left behind to be mistaken for a backup
+                for leftover in (tmp, Path(f"{tmp}-journal")):
+                    leftover.unlink(missing_ok=True)
         os.replace(tmp, dest_path)
         return dest_path
 
@@ -5616,8 +5645,8 @@ class Runner:
     def _renew_lease(self) -> None:
         try:
             token = self.gateway.stores.leases.acquire(self.LEASE, self.owner, self.config.lease_ttl_s)
-        except (apsw.Error, StorageError) as exc:
-            _log(f"lease renewal failed: {exc}")
+        except Exception as exc:  # noqa: BLE001 - out of memory too: the heartbeat thread must live on
+            _log(f"lease renewal failed: {type(exc).__name__}: {exc}")
             token = None
         if token is not None and token != self.lease:
             self.gateway.wake_runner()  # just took over: look for work now
@@ -10247,8 +10276,9 @@ def _cmd_backup(args: argparse.Namespace) -> int:
     try:
         db = Database(config.db_path, synchronous=config.synchronous, migrate=False)
         dest = db.backup_to(args.dest)
-    except (ValueError, SchemaError, apsw.Error) as exc:
-        print(f"backup: {exc}", file=sys.stderr)
+    except (ValueError, SchemaError, StorageError, apsw.Error) as exc:
+        print(f"backup: {type(exc).__name__}: {exc}" if isinstance(exc, apsw.Error) else f"backup: {exc}",
+              file=sys.stderr)
         return 1
     finally:
         if db is not None:
@@ -10274,8 +10304,13 @@ def _cmd_check(args: argparse.Namespace) -> int:
     return 1 if problems else 0
 
 
-def _wait_for_signal(stop: threading.Event) -> None:
+def _stop_on_signals() -> threading.Event:
+    """An event set by SIGTERM, SIGINT or SIGHUP (a closed terminal): a clean stop, which releases the
+    runner lease at once. Installed first thing, so a signal during start-up (a schema upgrade, say)
+    ends in the same clean stop once start-up is done, not in a traceback."""
     import signal
+
+    stop = threading.Event()
 
     def _handle(signum: int, _frame: Any) -> None:
         if stop.is_set():  # a second signal while stopping: no more waiting (nothing acknowledged is lost)
@@ -10283,8 +10318,9 @@ def _wait_for_signal(stop: threading.Event) -> None:
             os._exit(1)
         stop.set()
 
-    for sig in (signal.SIGTERM, signal.SIGINT):
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(sig, _handle)
+    return stop
 
 
 def _open_gateway(config: Config, command: str) -> Optional[Gateway]:
@@ -10319,17 +10355,22 @@ def _return_big_blocks_to_the_os() -> None:
     3 MB answer, every later one is allocated on the heap, whose freed middle is never returned (RSS
     grew by 270 MB per such run, to 1 GB). A fixed threshold (glibc's initial 128 KiB) keeps big
     blocks mmapped, unmapped on free. Skipped when MALLOC_MMAP_THRESHOLD_ is set; a no-op off glibc.
+
+    And at most 4 malloc arenas: glibc gives threads up to 8 per core, each reserving 64 MiB of
+    address space, which under an address-space limit (`ulimit -v`) ran out with RSS under 100 MB.
+    The GIL serialises Python's allocations anyway. Skipped when MALLOC_ARENA_MAX is set.
     """
-    if "MALLOC_MMAP_THRESHOLD_" in os.environ:
-        return
     try:
         import ctypes
 
         mallopt = ctypes.CDLL(None).mallopt
     except (OSError, AttributeError):  # not glibc (macOS has no mallopt)
         return
-    m_mmap_threshold = -3  # <malloc.h>
-    mallopt(ctypes.c_int(m_mmap_threshold), ctypes.c_int(128 * 1024))
+    m_mmap_threshold, m_arena_max = -3, -8  # <malloc.h>
+    if "MALLOC_MMAP_THRESHOLD_" not in os.environ:
+        mallopt(ctypes.c_int(m_mmap_threshold), ctypes.c_int(128 * 1024))
+    if "MALLOC_ARENA_MAX" not in os.environ:
+        mallopt(ctypes.c_int(m_arena_max), ctypes.c_int(4))
 
 
 def _exit_leaving_model_calls() -> None:
@@ -10350,6 +10391,7 @@ def _close_gateway(gateway: Gateway) -> None:
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
+    stop = _stop_on_signals()
     config = _config_from_args(args)
     _ignore_file_size_signal()
     _return_big_blocks_to_the_os()
@@ -10390,8 +10432,6 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     for bundle in failed:
         print(f"    ! {bundle.ref}: {bundle.load_error}")
     print(f"  runner   : {'in this process' if runner else 'external (--no-runner)'}", flush=True)
-    stop = threading.Event()
-    _wait_for_signal(stop)
     thread = threading.Thread(target=server.serve_forever, name="http", daemon=True)
     thread.start()
     stop.wait()
@@ -10527,6 +10567,7 @@ def _doctor_providers(config: Config, llm_present: bool) -> None:
 
 
 def _cmd_runner(args: argparse.Namespace) -> int:
+    stop = _stop_on_signals()
     config = _config_from_args(args)
     _ignore_file_size_signal()
     _return_big_blocks_to_the_os()
@@ -10535,8 +10576,6 @@ def _cmd_runner(args: argparse.Namespace) -> int:
         return 2
     runner = Runner(gateway).start()
     print(f"abstractgateway runner {runner.owner} on {config.db_path}", flush=True)
-    stop = threading.Event()
-    _wait_for_signal(stop)
     stop.wait()
     left = runner.stop()
     _close_gateway(gateway)

@@ -11,6 +11,7 @@ import sys
 import urllib.request
 from pathlib import Path
 
+import pytest
 
 import abstractgateway as gw
 from conftest import TEST_BUNDLES, make_config, pack_bundle, wait_for
@@ -75,6 +76,26 @@ def test_serve_from_an_empty_home_then_sigterm_exits_cleanly(tmp_path):
     assert proc.returncode == 0, err
     assert f"http://127.0.0.1:{port}" in out and str(db) in out
     assert not Path(str(db) + "-wal").exists() or Path(str(db) + "-wal").stat().st_size == 0  # checkpointed
+
+
+@pytest.mark.parametrize("sig", [signal.SIGHUP, signal.SIGINT], ids=["sighup", "sigint"])
+def test_a_hangup_or_an_interrupt_is_a_clean_stop(data_dir, sig):
+    """SIGHUP (a closed terminal) killed the process without releasing the runner lease: the next start
+    waited out its TTL before running anything."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ABSTRACTGATEWAY_")}
+    env.update(ABSTRACTGATEWAY_DATA_DIR=str(data_dir), ABSTRACTGATEWAY_AUTH_TOKEN=TOKEN)
+    port = _free_port()
+    proc = _spawn(["serve", "--port", str(port)], env)
+    wait_for(lambda: _try_get(f"http://127.0.0.1:{port}/api/health"), timeout=20)
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=20)
+    assert proc.returncode == 0 and "Traceback" not in err, (proc.returncode, err)
+    stores = gw.open_stores(make_config(data_dir))
+    try:
+        holder = stores.leases.holder("runner")
+        assert holder is not None and not holder["live"], holder  # released: the next start works at once
+    finally:
+        stores.close()
 
 
 def _try_get(url):

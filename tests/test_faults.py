@@ -268,6 +268,21 @@ def _limit_file_size(limit: int):
     return _apply
 
 
+def test_a_backup_to_a_full_disk_says_so_and_leaves_no_partial_copy(data_dir, tmp_path):
+    stores = gw.open_stores(make_config(data_dir))
+    try:
+        stores.db.write(lambda conn: conn.execute(
+            "INSERT INTO settings (key, value, updated_at) VALUES ('padding', ?, '')", ("x" * 1_000_000,)))
+    finally:
+        stores.close()
+    dest = tmp_path / "backup" / "copy.sqlite3"
+    out = subprocess.run([sys.executable, "-m", "abstractgateway", "backup", str(dest)], env=_env(data_dir),
+                         capture_output=True, text=True, preexec_fn=_limit_file_size(200_000), timeout=60)
+    assert out.returncode == 1 and "could not be written" in out.stderr and "not an error" not in out.stderr, out.stderr
+    assert list(dest.parent.iterdir()) == []  # no `.partial` or journal left to be taken for a backup
+    assert gw.main(["check", "--data-dir", str(data_dir)]) == 0  # the source is untouched
+
+
 @pytest.mark.slow
 def test_a_full_disk_is_a_507_and_health_degrades_then_recovers(data_dir):
     _pack_test_bundles(data_dir)

@@ -1115,3 +1115,25 @@ def test_signals_wake_subscribers_and_watchers_by_topic():
     signals.unwatch("work", called.append)
     signals.bump(["work"])
     assert called == ["work"] and signals._topics == {}
+
+
+def test_an_io_error_opening_a_file_on_a_full_disk_is_called_that_not_damage(data_dir, monkeypatch):
+    """Told "damaged, restore from a backup", an operator may copy a backup over a good file."""
+    import collections
+    import shutil
+
+    path = data_dir / "gateway.sqlite3"
+    gw.Database(path).close()
+
+    def io_error(path, conn):
+        raise apsw.IOError("disk I/O error")
+
+    monkeypatch.setattr(gw, "_refuse_damaged", io_error)  # as SQLite answers when it cannot make its -shm
+    usage = collections.namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda _path: usage(8 << 20, 8 << 20, 0))
+    with pytest.raises(gw.SchemaError, match="disk holding .* is full"):
+        gw.Database(path)
+    monkeypatch.setattr(shutil, "disk_usage", lambda _path: usage(8 << 30, 1 << 30, 7 << 30))
+    with pytest.raises(gw.SchemaError, match="is damaged") as refused:
+        gw.Database(path)
+    assert "may be the old file's" not in str(refused.value)  # no stray WAL: an empty one is the open's own
