@@ -8156,6 +8156,7 @@ def read_console_file(name: str) -> bytes:
 MAX_HEADER_BYTES = 16 * 1024
 _MIN_BODY_RATE = 64 * 1024  # bytes/s a request body must average once `request_timeout_s` has passed
 _DRAIN_LIMIT = 64 * 1024  # an unread body known to be longer: the connection is closed, not drained
+_DRAIN_WAIT_S = 0.1  # how long a worker waits for the rest of an unread body before closing instead
 _PREREAD_LIMIT = 64 * 1024  # when workers run short, Content-Length bodies up to this arrive whole first
 _HOP_BY_HOP = frozenset({"connection", "keep-alive", "transfer-encoding", "te", "trailer", "upgrade",
                          "proxy-connection"})
@@ -8218,11 +8219,12 @@ class _BodyReader:
         self._received = 0
         self.done = not chunked and length == 0
         self.failed = False
-        self._arrived_only = False  # draining: read only what is buffered already
+        self._drain_until: Optional[float] = None  # draining: wait for the rest until then, no longer
 
     def _recv(self) -> None:
-        if self._arrived_only:
-            raise _NotArrived
+        if self._drain_until is not None:
+            self._recv_while_draining()
+            return
         left = min(self._deadline + self._received / _MIN_BODY_RATE - time.monotonic(), self._timeout_s)
         try:
             if left <= 0:
@@ -8238,6 +8240,23 @@ class _BodyReader:
             self.failed = True
             raise BadRequestBody("Request body ended early")
         self._received += len(data)
+        self._conn.buf += data
+
+    def _recv_while_draining(self) -> None:
+        left = self._drain_until - time.monotonic()
+        if left <= 0:
+            raise _NotArrived
+        sock = self._conn.sock
+        timeout = sock.gettimeout()  # the answer is sent under it next
+        try:
+            sock.settimeout(left)
+            data = sock.recv(65536)
+        except OSError:  # (a timeout too)
+            raise _NotArrived from None
+        finally:
+            sock.settimeout(timeout)
+        if not data:
+            raise _NotArrived
         self._conn.buf += data
 
     def _line(self, limit: int = 4096) -> bytes:
@@ -8338,18 +8357,23 @@ class _BodyReader:
         return not self.done and not self._chunked and self._left > _DRAIN_LIMIT
 
     def drain(self) -> bool:
-        """Drop what the app left unread, if it has arrived; False when the connection cannot be reused.
+        """Drop what the app left unread; False when the connection cannot be reused.
 
-        It never waits for the client: a body trickled to a route that did not read it (a 401, a 404,
-        no token needed) held a worker until its deadline, and a few such clients held them all. The
-        selector closes such a connection instead, gently (see `HttpServer._close_gently`)."""
+        A worker waits `_DRAIN_WAIT_S` at most for the rest (a client's body often follows its head by
+        a moment; the selector's thread never waits): waiting out the request's deadline, a body
+        trickled to a route that did not read it (a 401, a 404, no token needed) held a worker, and a
+        few such clients held them all. Such a connection is closed instead, gently
+        (`HttpServer._close_gently`), and the answer's head says so (`_ResponseWriter.head`)."""
         if self.failed:
             return False
-        self._arrived_only = True
+        if self.done:
+            return True
+        self._drain_until = time.monotonic() + (_DRAIN_WAIT_S if self._conn.sock.gettimeout() != 0.0 else 0.0)
         try:
             while not self.done:
                 self.read(65536)
         except (GatewayError, _NotArrived):
+            self.failed = True
             return False
         return True
 
@@ -8443,8 +8467,8 @@ class _ResponseWriter:
         code = self.status_code
         no_body = self.head_only or code in (204, 304) or 100 <= code < 200
         lines = [b"HTTP/1.1 " + self.status.encode("latin-1")] + self._app_header_lines(stream)
-        if self.body.failed or self.body.too_big_to_drain():
-            self.conn.keep_alive = False  # the request's framing is lost or too costly to drain
+        if self.body.failed or self.body.too_big_to_drain() or not (stream or self.body.drain()):
+            self.conn.keep_alive = False  # the request's framing is lost, or its unread body too costly or slow
         if not no_body and self.length is None:
             if empty and not stream:
                 self.length = 0
@@ -10305,8 +10329,8 @@ def _cmd_check(args: argparse.Namespace) -> int:
 
 
 def _stop_on_signals() -> threading.Event:
-    """An event set by SIGTERM, SIGINT or SIGHUP (a closed terminal): a clean stop, which releases the
-    runner lease at once. Installed first thing, so a signal during start-up (a schema upgrade, say)
+    """An event set by SIGTERM, SIGINT or SIGHUP (a closed terminal; not under `nohup`): a clean stop,
+    which releases the runner lease at once. Installed first thing, so a signal during start-up (a schema upgrade, say)
     ends in the same clean stop once start-up is done, not in a traceback."""
     import signal
 
@@ -10319,7 +10343,8 @@ def _stop_on_signals() -> threading.Event:
         stop.set()
 
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-        signal.signal(sig, _handle)
+        if sig != signal.SIGHUP or signal.getsignal(sig) is not signal.SIG_IGN:  # `nohup` says: keep running
+            signal.signal(sig, _handle)
     return stop
 
 

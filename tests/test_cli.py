@@ -96,6 +96,18 @@ def test_a_hangup_or_an_interrupt_is_a_clean_stop(data_dir, sig):
         assert holder is not None and not holder["live"], holder  # released: the next start works at once
     finally:
         stores.close()
+    if sig == signal.SIGHUP:  # under `nohup` (SIGHUP ignored from the start), a hangup changes nothing
+        proc = subprocess.Popen(["nohup", sys.executable, "-m", "abstractgateway", "serve", "--port", str(port)],
+                                env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            wait_for(lambda: _try_get(f"http://127.0.0.1:{port}/api/health"), timeout=20)
+            proc.send_signal(signal.SIGHUP)
+            with pytest.raises(subprocess.TimeoutExpired):  # a stop would begin at once: give it half a second
+                proc.wait(timeout=0.5)
+            assert _get(f"http://127.0.0.1:{port}/api/health")[0] == 200
+        finally:
+            proc.terminate()
+            proc.wait(timeout=20)
 
 
 def _try_get(url):

@@ -301,6 +301,34 @@ def test_bad_chunk_size_line_is_a_400_in_the_error_shape(live_server, client):
     assert status == 400 and json.loads(body)["code"] == "bad_request"
 
 
+def test_a_body_that_follows_its_head_a_moment_later_keeps_the_connection(live_server):
+    """http.client (so requests and urllib3 too) sends a POST's head and body in two writes: a route
+    that answers without reading the body (a 401, a 404) must still drop it and keep the connection."""
+    import http.client
+
+    auth = {"Authorization": f"Bearer {live_server.TOKEN}"}
+    for path, headers, times in ((f"{API}/runs/start", {}, 3), (f"{API}/nope", auth, 10)):  # (401s lock out)
+        for _ in range(times):
+            conn = http.client.HTTPConnection("127.0.0.1", live_server.port, timeout=5)
+            conn.request("POST", path, body=b'{"flow_id": "x"}', headers={"Content-Type": "application/json",
+                                                                         **headers})
+            first = conn.getresponse()
+            first.read()
+            assert first.status in (401, 404) and first.getheader("Connection") is None
+            conn.request("GET", "/api/health")
+            assert conn.getresponse().status == 200
+            conn.close()
+    c = RawClient(live_server)  # the body a tenth of a worker's patience later, as a slow client sends it
+    c.send(f"POST {API}/nope HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {live_server.TOKEN}\r\n"
+           "Content-Type: application/json\r\nContent-Length: 2\r\n\r\n".encode())
+    time.sleep(gw._DRAIN_WAIT_S / 10)
+    c.send(b"{}")
+    status, headers, _ = c.response()
+    assert status == 404 and "connection" not in headers
+    c.send(c.request_bytes("GET", "/api/health"))
+    assert c.response()[0] == 200
+
+
 def test_bodies_trickled_to_refused_requests_hold_no_worker(tmp_path):
     """A 401 or 404 does not read the body; waiting for the rest of it to drop it held a worker until
     its deadline, and as many clients as workers (no token needed) held them all."""
