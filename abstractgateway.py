@@ -8854,6 +8854,7 @@ def _request_line(line: str) -> Tuple[str, str, str]:
 
 
 _FIELD_VALUE_CTL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")  # control characters but HTAB (RFC 9110 5.5)
+_HEAD_CTL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]|\r(?!\n)")  # ...in a head: but its line ends
 
 
 def _field_line(line: str) -> Optional[Tuple[str, str]]:
@@ -8878,11 +8879,10 @@ def _header_fields(lines: List[str]) -> List[Tuple[str, str]]:
             continue
         if line[0] in " \t":
             raise _BadRequest(400, "Bad Request", "bad_request", "Folded header lines are not accepted")
-        field = _field_line(line)
-        if field is None:
+        name, sep, value = line.partition(":")  # (control characters: refused for the whole head at once)
+        if not sep or not name or not set(name) <= _TOKEN_CHARS:
             raise _BadRequest(400, "Bad Request", "bad_request", "Malformed header line")
-        name, value = field
-        headers.append((name, value))
+        headers.append((name, value.strip(" \t")))
         size += len(name) + len(value) + 4
     if size > MAX_HEADER_BYTES:
         raise _BadRequest(431, "Request Header Fields Too Large", "headers_too_large",
@@ -8921,7 +8921,10 @@ _HOST_VALUE = re.compile(r"[A-Za-z0-9._~%!$&'()*+,;=-]*(:[0-9]*)?|\[[0-9A-Fa-f:.
 def _wsgi_environ(conn: _Connection, head: bytes, server_address: Tuple[Any, ...], timeout_s: float
                   ) -> Tuple[Dict[str, Any], _BodyReader, bool]:
     """The WSGI environ of a request head (400/431/501/505 for what cannot be served)."""
-    lines = head.decode("latin-1").split("\n")
+    text = head.decode("latin-1")
+    if _HEAD_CTL.search(text):  # see `_field_line`
+        raise _BadRequest(400, "Bad Request", "bad_request", "A control character in the request head")
+    lines = text.split("\n")
     method, target, version = _request_line(lines[0])
     headers = _header_fields(lines[1:])
     hosts = [value for name, value in headers if name.lower() == "host"]
