@@ -4933,7 +4933,7 @@ def _path_list(raw: Any) -> List[str]:
     if isinstance(raw, str):
         try:
             raw = json.loads(raw) if raw.strip().startswith("[") else raw.splitlines()
-        except ValueError:
+        except (ValueError, RecursionError):  # (a hostile `[[[[...` nests past the decoder's limit)
             raw = raw.splitlines()
     return [str(item).strip() for item in raw if isinstance(item, str) and item.strip()] if isinstance(
         raw, list) else []
