@@ -8998,6 +8998,8 @@ class HttpServer:
     """
 
     SLOW_HEAD_S = 1.0
+    FLUSH_MAX_BYTES = 1 << 20  # the unsent rest of one answer the selector takes over (more: the worker sends it)
+    FLUSH_TOTAL_BYTES = 64 << 20  # ...and of all answers it holds
     CLOSE_LINGER_S = 2.0
     CLOSE_LINGER_BYTES = 1 << 20
     CLOSE_LINGER_MAX = 128
@@ -9041,6 +9043,9 @@ class HttpServer:
         # thread per request); the selector thread takes up their bookkeeping before its next events.
         self._returned: "deque[_Connection]" = deque()
         self._to_close: "deque[Any]" = deque()  # sockets a worker is done with, to close gently
+        self._to_flush: "deque[_Connection]" = deque()  # answered connections whose client is slow to read
+        self._flushing: "OrderedDict[int, _Connection]" = OrderedDict()  # fd: connection, least recent progress first
+        self._flush_bytes = 0  # unsent bytes the selector holds (`FLUSH_TOTAL_BYTES`)
         self._closing: "OrderedDict[int, Tuple[Any, float, int]]" = OrderedDict()  # fd: socket, deadline, bytes left
         self._selector_closed = False
         self._ready: "queue.SimpleQueue[Any]" = queue.SimpleQueue()  # a connection, _GROUP_TURN or None (stop)
@@ -9075,6 +9080,8 @@ class HttpServer:
                             self._drain_wake()
                         elif key.data == "closing":
                             self._drain_closing(key.fileobj)
+                        elif key.fileobj.fileno() in self._flushing:
+                            self._flush_more(key.data)
                         else:
                             self._on_readable(key.data)
                     self._sweep(time.monotonic())
@@ -9182,6 +9189,95 @@ class HttpServer:
         self._selector.register(conn.sock, self._selectors.EVENT_READ, conn)
         self._idle[conn.sock.fileno()] = conn
 
+    # -- answers to clients slow to read them ---------------------------------------------------
+
+    def _send_or_keep(self, conn: _Connection) -> Callable[[bytes], None]:
+        """A worker's send: what the socket takes at once goes out; the rest of an answer its client
+        is slow to read is kept in `conn.unsent` for the selector to send (`_start_flush`), so clients
+        that pipeline requests and never read the answers cannot hold the workers. An answer too big
+        to keep (`FLUSH_MAX_BYTES`, `FLUSH_TOTAL_BYTES`) is sent by the worker, under the request timeout."""
+        def send(data: bytes) -> None:
+            if not conn.unsent:
+                sent = self._send_now(conn.sock, data)
+                data = data[sent:]
+                if not data:
+                    return
+            if (len(conn.unsent) + len(data) > self.FLUSH_MAX_BYTES
+                    or self._flush_bytes + len(conn.unsent) + len(data) > self.FLUSH_TOTAL_BYTES):
+                conn.sock.sendall(conn.unsent + data)
+                conn.unsent = b""
+                return
+            conn.unsent += data
+
+        return send
+
+    @staticmethod
+    def _send_now(sock: Any, data: bytes) -> int:
+        timeout = sock.gettimeout()
+        sock.setblocking(False)
+        try:
+            return sock.send(data)
+        except BlockingIOError:
+            return 0
+        finally:
+            sock.settimeout(timeout)
+
+    def _hand_over_to_flush(self, conn: _Connection) -> None:
+        """From a worker: the selector sends the rest of the connection's answer."""
+        with self._lock:
+            if not self._selector_closed:
+                self._to_flush.append(conn)
+                self._wake()
+                return
+        conn.sock.close()
+        with self._lock:
+            self._open -= 1
+
+    def _start_flush(self, conn: _Connection) -> None:
+        conn.sock.setblocking(False)
+        conn.since = time.monotonic()  # (progress)
+        self._flushing[conn.sock.fileno()] = conn
+        self._flush_bytes += len(conn.unsent)
+        try:
+            self._selector.register(conn.sock, self._selectors.EVENT_WRITE, conn)
+        except (OSError, ValueError, KeyError):
+            self._end_flush(conn)
+            self._forget(conn)
+
+    def _end_flush(self, conn: _Connection) -> None:
+        self._flush_bytes -= len(conn.unsent)
+        conn.unsent = b""
+        self._flushing.pop(conn.sock.fileno(), None)
+
+    def _flush_more(self, conn: _Connection) -> None:
+        try:
+            sent = conn.sock.send(conn.unsent)
+        except BlockingIOError:
+            return
+        except OSError:
+            self._end_flush(conn)
+            self._forget(conn)
+            return
+        conn.unsent = conn.unsent[sent:]
+        self._flush_bytes -= sent
+        fd = conn.sock.fileno()
+        self._flushing.move_to_end(fd)
+        conn.since = time.monotonic()
+        if conn.unsent:
+            return
+        self._end_flush(conn)
+        self._selector.unregister(conn.sock)
+        if not conn.keep_alive or self._stop.is_set():
+            self._close_gently(conn.sock)
+            return
+        self._selector.register(conn.sock, self._selectors.EVENT_READ, conn)  # as a worker gives one back
+        conn.started = 0.0
+        if conn.buf:
+            if self._begin(conn, capped=False):
+                self._check_head(conn)
+        else:
+            self._idle[fd] = conn
+
     def _drain_wake(self) -> None:
         try:
             while self._wake_r.recv(4096):
@@ -9214,6 +9310,8 @@ class HttpServer:
     def _adopt_returned(self) -> None:
         while self._to_close:
             self._close_gently(self._to_close.popleft())
+        while self._to_flush:
+            self._start_flush(self._to_flush.popleft())
         while self._returned:
             conn = self._returned.popleft()
             if conn.buf:
@@ -9393,7 +9491,10 @@ class HttpServer:
             return
         if sent < len(data):
             conn.unsent = data[sent:]
-            self._to_worker(conn)
+            self._partial.pop(conn.sock.fileno(), None)
+            self._end_request()
+            self._selector.unregister(conn.sock)
+            self._start_flush(conn)
             return
         if not conn.keep_alive:
             self._forget(conn)
@@ -9482,6 +9583,12 @@ class HttpServer:
             if now < deadline:
                 break
             self._end_closing(sock)
+        while self._flushing:
+            conn = next(iter(self._flushing.values()))
+            if now - conn.since < self.request_timeout_s:
+                break
+            self._end_flush(conn)
+            self._forget(conn)  # it took nothing for that long
         if self._accept_paused_until and now >= self._accept_paused_until:
             self._accept_paused_until = 0.0
             self._selector.register(self.socket, self._selectors.EVENT_READ, "accept")
@@ -9490,6 +9597,9 @@ class HttpServer:
         with self._lock:
             self._selector_closed = True
         self._adopt_returned()
+        for conn in list(self._flushing.values()):  # (`_adopt_returned` has taken up `_to_flush`)
+            self._end_flush(conn)
+            self._forget(conn)
         for conn in list(self._idle.values()) + list(self._partial.values()):
             self._forget(conn)
         for sock in list(self._to_close) + [entry[0] for entry in self._closing.values()]:
@@ -9556,6 +9666,9 @@ class HttpServer:
             if outcome == "keep" and not self._stop.is_set():
                 self._give_back(conn)
                 continue
+            if outcome == "flush":
+                self._hand_over_to_flush(conn)
+                continue
             if outcome == "close" and self._hand_over_to_close(conn.sock):
                 continue
             if outcome != "stream":
@@ -9574,19 +9687,15 @@ class HttpServer:
         return True
 
     def _serve_connection(self, conn: _Connection, poller: Any) -> str:
-        """Serve the request handed over (or finish its unsent response), then those that follow at
-        once: "keep", "close" or "stream". A request counts in `_in_progress` only while it is served:
-        a worker lingering for the next one holds none, so lingering workers never fill `max_requests`."""
+        """Serve the request handed over, then those that follow at once: "keep", "close", "stream" or
+        "flush" (its client is slow to read the answer: the selector sends the rest, see
+        `_send_or_keep`). A request counts in `_in_progress` only while it is served: a worker
+        lingering for the next one holds none, so lingering workers never fill `max_requests`."""
         counted = True  # the selector counted the request it handed over
         try:
             conn.sock.settimeout(self.request_timeout_s)
-            if conn.unsent:  # the end of a response the selector thread began
-                conn.sock.sendall(conn.unsent)
-                conn.unsent = b""
-                outcome = "keep" if conn.keep_alive else "close"
-            else:
-                outcome = self._serve_one(conn)
-            while outcome == "keep" and not self._stop.is_set():
+            outcome = self._serve_one(conn)
+            while outcome == "keep" and not conn.unsent and not self._stop.is_set():
                 self._end_request()
                 counted = False
                 if not (conn.head_end() or (self._ready.empty() and self._linger(poller, conn))):
@@ -9598,9 +9707,12 @@ class HttpServer:
         except Exception as exc:  # noqa: BLE001 - a broken connection never kills a worker
             if not isinstance(exc, OSError):
                 _log(f"http worker: {type(exc).__name__}: {exc}")
-            outcome = "close"
+            outcome, conn.unsent = "close", b""  # (an answer cut short is not sent on)
         if counted:
             self._end_request()
+        if conn.unsent and outcome in ("keep", "close"):
+            conn.keep_alive = conn.keep_alive and outcome == "keep"
+            return "flush"
         return outcome
 
     def _serve_groups(self) -> None:
@@ -9673,11 +9785,11 @@ class HttpServer:
             sent = 0
         except OSError:
             sent, conn.keep_alive = len(data), False
+        self._end_request()
         if sent < len(data):
             conn.unsent = data[sent:]
-            self._ready.put(conn)
+            self._hand_over_to_flush(conn)
             return
-        self._end_request()
         if conn.keep_alive and not self._stop.is_set():
             self._give_back(conn)
             return
@@ -9717,7 +9829,7 @@ class HttpServer:
                 return "close"
         if environ.get("HTTP_EXPECT", "").lower() == "100-continue" and not body.done and not http10:
             conn.sock.sendall(b"HTTP/1.1 100 Continue\r\n\r\n")
-        response = _ResponseWriter(conn, body, environ["REQUEST_METHOD"] == "HEAD", http10)
+        response = _ResponseWriter(conn, body, environ["REQUEST_METHOD"] == "HEAD", http10, self._send_or_keep(conn))
         try:
             result = self.app(environ, response.start_response)
         except Exception as exc:  # noqa: BLE001 - the app's own errors are JSON already; this is a last resort

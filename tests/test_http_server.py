@@ -329,6 +329,32 @@ def test_a_body_that_follows_its_head_a_moment_later_keeps_the_connection(live_s
     assert c.response()[0] == 200
 
 
+def test_clients_that_never_read_their_answers_hold_no_worker(tmp_path):
+    """Each pipelines requests for a large answer and reads nothing: the socket buffers fill, and a
+    worker blocked sending the rest was held up to the request timeout. The selector sends it now."""
+    server = LiveServer(tmp_path / "d", http_workers="2")
+    readers = []
+    try:
+        path = "/openapi.json"  # 70 kB
+        for _ in range(6):
+            c = RawClient(server)
+            c.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            c.send(c.request_bytes("GET", path) * 200)
+            readers.append(c)
+        wait_for(lambda: server.server._flushing, timeout=10)  # the selector holds their answers' rests
+        for _ in range(3):
+            started = time.monotonic()
+            assert server.get(f"{API}/runs?limit=1")[0] == 200  # a worker's route
+            assert time.monotonic() - started < 2
+        c = readers[0]  # a reader that reads at last gets whole answers, in order
+        status, _, first = c.response()
+        assert status == 200 and c.response()[2] == first
+    finally:
+        for c in readers:
+            c.sock.close()
+        server.close()
+
+
 def test_bodies_trickled_to_refused_requests_hold_no_worker(tmp_path):
     """A 401 or 404 does not read the body; waiting for the rest of it to drop it held a worker until
     its deadline, and as many clients as workers (no token needed) held them all."""
@@ -813,9 +839,10 @@ def test_a_quick_read_is_answered_on_the_selector_thread_and_a_stalled_reader_ne
                 other.sendall(b"GET /small HTTP/1.1\r\nHost: x\r\n\r\n")
                 assert _read_response(other)[1] == b"small"
         assert served_by == ["selector"] * 4  # every app call ran on the selector thread, none on a worker
-        wait_for(lambda: server._in_progress == 1)  # the big answer's rest is at a worker, waiting for its reader
+        wait_for(lambda: server._flushing)  # the big answer's rest waits for its reader, held by no worker
+        wait_for(lambda: server._in_progress == 0 and server._idle_workers == 2)
         stalled.settimeout(30)
-        head, body = _read_response(stalled)  # a worker sends the rest once the client reads
+        head, body = _read_response(stalled)  # the selector sends the rest once the client reads
         assert head.startswith(b"HTTP/1.1 200") and body == big
     finally:
         stalled.close()
