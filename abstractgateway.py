@@ -2693,6 +2693,9 @@ class StepWrites:
     ledger: List[Tuple[str, str]] = field(default_factory=list)
     base: Dict[str, Optional[str]] = field(default_factory=dict)
     loaded: Dict[str, Optional[str]] = field(default_factory=dict)  # see _BufferedRunStore.stored_as_first_loaded
+    mid_step_commits: bool = False  # a tick's: its writes may be committed before a slow call
+    lease: Any = None  # the lease the step runs under (a `LeaseToken`), for such a commit
+    published: int = 0  # appends committed mid-step (see `Gateway._publish_before_call`): gone from `ledger`
     _saved: List[Dict[str, Tuple[Any, ...]]] = field(default_factory=list)
 
     def mark(self) -> Tuple[int, int]:
@@ -2700,10 +2703,10 @@ class StepWrites:
         (see `_BufferedRunStore.stored_as_first_loaded`)."""
         self._saved.append(dict(self.runs))
         self.loaded.clear()
-        return len(self.ledger), len(self._saved) - 1
+        return self.published + len(self.ledger), len(self._saved) - 1
 
     def rollback(self, mark: Tuple[int, int]) -> None:
-        del self.ledger[mark[0]:]
+        del self.ledger[max(0, mark[0] - self.published):]  # (what was committed mid-step stays)
         self.runs = self._saved[mark[1]]
         del self._saved[mark[1]:]
         self.loaded.clear()
@@ -2723,6 +2726,10 @@ class UnitOfWork:
         self._local = threading.local()
         self.runs = _BufferedRunStore(runs, self._local)
         self.ledger = _BufferedLedgerStore(ledger, self._local)
+
+    def current(self) -> Optional[StepWrites]:
+        """The writes this thread is collecting, if it is."""
+        return getattr(self._local, "writes", None)
 
     @contextmanager
     def collect(self, writes: Optional[StepWrites] = None) -> Iterator[StepWrites]:
@@ -4295,6 +4302,7 @@ class LLMEffects:
         self.client = _LazyLLMClient(self._build_client, self._guarded)
         self.handlers = {EffectType.LLM_CALL: self._llm_call, EffectType.MODEL_RESIDENCY: self._model_residency,
                          EffectType.TOOL_CALLS: self._tool_calls}
+        self.before_call: Callable[[RunState], None] = lambda run: None  # see `Gateway._publish_before_call`
         self.resume_tools = self if self.tool_mode == "local" else None
 
     def _integration(self) -> Dict[Any, Any]:
@@ -4372,6 +4380,7 @@ class LLMEffects:
                 payload["provider"], payload["model"] = default[0], payload.get("model") or default[1]
                 effect = dataclasses.replace(effect, payload=payload)
         handler = self._integration()[EffectType.LLM_CALL]
+        self.before_call(run)
         with self._waiting_for_a_model():  # from before the slot: one queued behind a stalled call waits on it too
             with self.slots:
                 return handler(run, effect, default_next_node)
@@ -4380,6 +4389,8 @@ class LLMEffects:
         return self._integration()[EffectType.MODEL_RESIDENCY](run, effect, default_next_node)
 
     def _tool_calls(self, run: RunState, effect: Any, default_next_node: Optional[str]) -> Any:
+        if self.tool_mode == "local":  # the tools run here (else the call is an approval wait: no time)
+            self.before_call(run)
         return self._integration()[EffectType.TOOL_CALLS](run, effect, default_next_node)
 
     def execute(self, *, tool_calls: List[Dict[str, Any]]) -> Dict[str, Any]:
@@ -5039,6 +5050,7 @@ class Gateway:
                                                         **(self.llm.handlers if self.llm else {})})
         if self.llm is not None:
             self.runtime.set_tool_executor_for_resume(self.llm.resume_tools)
+            self.llm.before_call = self._publish_before_call
         self.host.reload()
         self._last_lazy_reload = 0.0
         self._stripes = [threading.Lock() for _ in range(64)]
@@ -5311,7 +5323,7 @@ class Gateway:
         batch_started = 0.0
         state: Optional[RunState] = None
         for _ in range(self.config.tick_max_steps):
-            writes = writes if writes is not None else StepWrites()
+            writes = writes if writes is not None else StepWrites(mid_step_commits=True, lease=lease)
             if not writes.ledger and not writes.runs:
                 batch_started = time.monotonic()
             try:
@@ -5372,6 +5384,46 @@ class Gateway:
             return True
         with self.runs_locked([run_id]):
             return self.stores.db.write(_write)
+
+    def _publish_before_call(self, run: RunState) -> None:
+        """Commit what a step has written so far, ending with its call's `started` record, before a
+        model or tool call (a local model may take minutes): clients see which call is running and
+        where the run stands, as on the original, instead of nothing until it returns.
+
+        Only whole steps come before that record (quick steps batched before this one), so a crash
+        during the call leaves the run as after those steps, with the `started` record of a call
+        that was cut short: run again, the step writes the same record, which is then not appended
+        twice. If a command changed the run meanwhile, nothing is committed here (`_commit_step`
+        settles it when the call returns)."""
+        writes = self.uow.current()
+        if (writes is None or not writes.mid_step_commits  # (a compaction's writes commit with its command)
+                or not writes.ledger or writes.ledger[-1][0] != run.run_id):
+            return
+
+        def _write(_conn: apsw.Connection) -> bool:
+            self.check_lease(writes.lease)
+            if any(self.stores.runs.load_json(rid) != text
+                   for rid, text in writes.base.items() if rid == run.run_id or rid in writes.runs):
+                return False
+            records = writes.ledger
+            count = self.stores.ledger.count(run.run_id)
+            last = self.stores.ledger.page_json(run.run_id, count - 1, 1) if count else []
+            if last and _same_attempt(json.loads(last[0]), json.loads(records[-1][1])):
+                records = records[:-1]  # published before a crash, and run again
+            for rid, text in records:
+                self.stores.ledger.append_json(rid, text)
+            for row in writes.runs.values():
+                self.stores.runs.save_row(row)
+            return True
+
+        with self.runs_locked([run.run_id]):
+            if not self.stores.db.write(_write):
+                return
+        for rid in writes.runs:
+            writes.base[rid] = self.stores.runs.load_json(rid)
+        writes.published += len(writes.ledger)
+        writes.ledger.clear()
+        writes.runs.clear()
 
     def _reload_for(self, workflow_id: str) -> Any:
         """Reload bundles once (at most every 2 s) for a workflow another process may have added."""
@@ -5518,6 +5570,12 @@ def _continues(run: RunState) -> bool:
 # Effects whose whole outcome is their result (nothing else written to the stores): a completed
 # record of one can stand alone, and the runtime reuses its result instead of paying again.
 _REUSABLE_EFFECTS = frozenset({"llm_call", "tool_calls"})
+
+
+def _same_attempt(stored: Dict[str, Any], started: Dict[str, Any]) -> bool:
+    """Whether `stored` is the `started` record of the same call attempt as `started`."""
+    return (started.get("status") == "started" == stored.get("status") and bool(started.get("idempotency_key"))
+            and all(stored.get(k) == started.get(k) for k in ("idempotency_key", "attempt", "node_id")))
 
 
 def _paid_calls(run_id: str, ledger: List[Tuple[str, str]]) -> List[Tuple[str, str]]:

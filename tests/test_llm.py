@@ -354,6 +354,20 @@ def test_a_model_that_does_not_answer_in_time_fails_the_run_saying_why(data_dir,
         server.close()
 
 
+def test_a_model_call_in_flight_shows_its_started_record_and_node(llm_server, fake_llm):
+    """As on the original, a client sees which call a run is waiting on (a local model may take minutes)."""
+    fake_llm.delay_s = 2.0
+    run_id = _start(llm_server, "basic-llm-test")
+    fake_llm.wait_for_call(1)
+    calls = [r for r in _ledger(llm_server, run_id) if (r.get("effect") or {}).get("type") == "llm_call"]
+    assert [r["status"] for r in calls] == ["started"]
+    run = _run(llm_server, run_id)
+    assert run["status"] == "running" and run["current_node"] == calls[0]["node_id"]
+    assert _wait_status(llm_server, run_id, "completed", "failed")["status"] == "completed"
+    calls = [r["status"] for r in _ledger(llm_server, run_id) if (r.get("effect") or {}).get("type") == "llm_call"]
+    assert calls == ["started", "completed"]  # once each
+
+
 def test_pause_during_a_slow_call_then_resume_reuses_the_recorded_answer(llm_server, fake_llm):
     fake_llm.delay_s = 2.0
     run_id = _start(llm_server, "basic-llm-test")
@@ -403,6 +417,8 @@ def test_a_stop_during_a_slow_call_then_restart_asks_again_without_duplicate_rec
     stores = gw.open_stores(config)
     try:
         assert stores.runs.load(run_id).status.value == "running"
+        calls = [r for r in stores.ledger.list(run_id) if (r.get("effect") or {}).get("type") == "llm_call"]
+        assert [r["status"] for r in calls] == ["started"]  # shown while it ran: run again, it is not repeated
     finally:
         stores.close()
     server = _openai_gateway(data_dir)

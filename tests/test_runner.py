@@ -1094,6 +1094,24 @@ def test_only_model_and_tool_results_outlive_a_dropped_step():
     assert gw._paid_calls("r", [record("llm_call", run="other")]) == []  # only the stepped run's
 
 
+def test_a_rollback_after_a_mid_step_commit_drops_only_what_came_after_it():
+    """A step's writes up to a slow call's `started` record may be committed before the call
+    (`Gateway._publish_before_call`); a step that then fails rolls back only what followed."""
+    writes = gw.StepWrites()
+    writes.ledger += [("r", "step 1"), ("r", "step 1 done")]
+    mark = writes.mark()
+    writes.ledger.append(("r", "call started"))
+    writes.published, writes.ledger = writes.published + len(writes.ledger), []  # committed mid-step
+    writes.ledger.append(("r", "call completed"))
+    writes.rollback(mark)
+    assert writes.ledger == [] and writes.published == 3
+    mark = writes.mark()
+    assert mark[0] == 3
+    writes.ledger.append(("r", "next step"))
+    writes.rollback(mark)
+    assert writes.ledger == []
+
+
 def test_buffered_run_store_passes_the_runtimes_protocol_check_statically(gateway):
     """Python 3.12+ checks runtime protocols with getattr_static, which ignores __getattr__."""
     import inspect
