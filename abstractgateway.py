@@ -8233,7 +8233,7 @@ class RequestTimeout(GatewayError):
 class _Connection:
     """One client socket and the bytes read from it but not yet consumed."""
 
-    __slots__ = ("sock", "addr", "buf", "since", "started", "keep_alive", "parsed", "unsent", "request")
+    __slots__ = ("sock", "addr", "buf", "since", "started", "keep_alive", "parsed", "unsent", "request", "flushed")
 
     def __init__(self, sock: Any, addr: Any) -> None:
         self.sock = sock
@@ -8243,7 +8243,8 @@ class _Connection:
         self.started = 0.0  # first byte of the request being read (0: none yet)
         self.keep_alive = True
         self.parsed: Optional[Tuple[Dict[str, Any], "_BodyReader", bool]] = None  # head parsed by the selector
-        self.unsent = b""  # the rest of a response the selector thread could not send without waiting
+        self.unsent = b""  # the rest of an answer its client is slow to read (see `HttpServer._send_or_keep`)
+        self.flushed = 0  # bytes of such rests sent since the selector took the first one (for its rate)
         self.request: Optional[Tuple[bytes, bytes]] = None  # head and body of a request in a shared transaction
 
     def head_end(self) -> int:
@@ -9253,15 +9254,14 @@ class HttpServer:
         """A worker's send: what the socket takes at once goes out; the rest of an answer its client
         is slow to read is kept in `conn.unsent` for the selector to send (`_start_flush`), so clients
         that pipeline requests and never read the answers cannot hold the workers. An answer too big
-        to keep (`FLUSH_MAX_BYTES`, `FLUSH_TOTAL_BYTES`) is sent by the worker, under the request timeout."""
+        to keep (`FLUSH_MAX_BYTES`) is sent by the worker, under the request timeout."""
         def send(data: bytes) -> None:
             if not conn.unsent:
                 sent = self._send_now(conn.sock, data)
                 data = data[sent:]
                 if not data:
                     return
-            if (len(conn.unsent) + len(data) > self.FLUSH_MAX_BYTES
-                    or self._flush_bytes + len(conn.unsent) + len(data) > self.FLUSH_TOTAL_BYTES):
+            if len(conn.unsent) + len(data) > self.FLUSH_MAX_BYTES:
                 conn.sock.sendall(conn.unsent + data)
                 conn.unsent = b""
                 return
@@ -9292,8 +9292,16 @@ class HttpServer:
             self._open -= 1
 
     def _start_flush(self, conn: _Connection) -> None:
+        """Send the rest of `conn`'s answer as its client reads. Over `FLUSH_TOTAL_BYTES` in all, the
+        connections that went longest without taking anything are dropped to make room."""
         conn.sock.setblocking(False)
-        conn.since = time.monotonic()  # (progress)
+        conn.since = conn.started = time.monotonic()  # (last progress; `started`: when the flush began)
+        conn.flushed = 0
+        conn.unsent = bytearray(conn.unsent)  # (sent from the front: `del` there moves no bytes)
+        while self._flushing and self._flush_bytes + len(conn.unsent) > self.FLUSH_TOTAL_BYTES:
+            stalest = next(iter(self._flushing.values()))
+            self._end_flush(stalest)
+            self._forget(stalest)
         self._flushing[conn.sock.fileno()] = conn
         self._flush_bytes += len(conn.unsent)
         try:
@@ -9316,12 +9324,16 @@ class HttpServer:
             self._end_flush(conn)
             self._forget(conn)
             return
-        conn.unsent = conn.unsent[sent:]
+        del conn.unsent[:sent]
         self._flush_bytes -= sent
+        conn.flushed += sent
         fd = conn.sock.fileno()
         self._flushing.move_to_end(fd)
-        conn.since = time.monotonic()
+        conn.since = now = time.monotonic()
         if conn.unsent:
+            if conn.flushed < (now - conn.started - self.request_timeout_s) * _MIN_BODY_RATE:
+                self._end_flush(conn)  # reading, but too slowly to ever free its share: as a stalled body
+                self._forget(conn)
             return
         self._end_flush(conn)
         self._selector.unregister(conn.sock)
@@ -9549,6 +9561,9 @@ class HttpServer:
             return
         if sent < len(data):
             conn.unsent = data[sent:]
+            if len(conn.unsent) > self.FLUSH_MAX_BYTES:  # too big to keep: a worker sends it, as it would
+                self._to_worker(conn)
+                return
             self._partial.pop(conn.sock.fileno(), None)
             self._end_request()
             self._selector.unregister(conn.sock)
@@ -9752,7 +9767,12 @@ class HttpServer:
         counted = True  # the selector counted the request it handed over
         try:
             conn.sock.settimeout(self.request_timeout_s)
-            outcome = self._serve_one(conn)
+            if conn.unsent:  # an answer the selector began, too big for it to keep (see `_send_here`)
+                conn.sock.sendall(conn.unsent)
+                conn.unsent = b""
+                outcome = "keep" if conn.keep_alive else "close"
+            else:
+                outcome = self._serve_one(conn)
             while outcome == "keep" and not conn.unsent and not self._stop.is_set():
                 self._end_request()
                 counted = False

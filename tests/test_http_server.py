@@ -355,6 +355,66 @@ def test_clients_that_never_read_their_answers_hold_no_worker(tmp_path):
         server.close()
 
 
+def test_answers_kept_for_slow_readers_are_bounded_in_all(tmp_path):
+    """Past the budget, the readers that went longest without taking anything are dropped: neither
+    memory nor, by falling back to blocking sends, the workers are theirs to take."""
+    server = LiveServer(tmp_path / "d", http_workers="2")
+    flush = server.server
+    readers = []
+
+    def never_reading() -> None:
+        c = RawClient(server)
+        c.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        c.send(c.request_bytes("GET", "/openapi.json") * 200)
+        readers.append(c)
+
+    try:
+        for _ in range(2):
+            never_reading()
+        wait_for(lambda: len(flush._flushing) == 2)
+        rest = max(len(c.unsent) for c in flush._flushing.values())  # what the sockets did not take
+        flush.FLUSH_TOTAL_BYTES = 2 * rest + rest // 2  # room for two such rests
+        for _ in range(4):
+            never_reading()
+        wait_for(lambda: flush._open <= 3 and not flush._ready.qsize())  # the stalest dropped to make room
+        assert flush._flush_bytes <= flush.FLUSH_TOTAL_BYTES + rest
+        started = time.monotonic()
+        assert server.get(f"{API}/runs?limit=1")[0] == 200 and time.monotonic() - started < 2
+    finally:
+        for c in readers:
+            c.sock.close()
+        server.close()
+
+
+def test_a_reader_too_slow_to_ever_free_its_answer_is_dropped(tmp_path):
+    """Taking a few bytes now and then is not enough to keep a share of the budget: after the request
+    timeout a client must average 64 KiB/s (or, while the kernel still holds what it was sent, take
+    enough for the socket to accept more at all)."""
+    server = LiveServer(tmp_path / "d", http_workers="2", request_timeout_s="0.5")
+    c = RawClient(server)
+    stop = threading.Event()
+
+    def read_slowly() -> None:
+        try:
+            while not stop.is_set() and c.sock.recv(64):
+                time.sleep(0.01)  # about 6 kB/s
+        except OSError:
+            pass
+
+    reader = threading.Thread(target=read_slowly, daemon=True)
+    try:
+        c.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        c.send(c.request_bytes("GET", "/openapi.json") * 200)
+        wait_for(lambda: server.server._flushing)
+        reader.start()
+        wait_for(lambda: not server.server._flushing and server.server._flush_bytes == 0, timeout=5)
+    finally:
+        stop.set()
+        c.sock.close()
+        reader.join(5)
+        server.close()
+
+
 def test_bodies_trickled_to_refused_requests_hold_no_worker(tmp_path):
     """A 401 or 404 does not read the body; waiting for the rest of it to drop it held a worker until
     its deadline, and as many clients as workers (no token needed) held them all."""
@@ -839,10 +899,9 @@ def test_a_quick_read_is_answered_on_the_selector_thread_and_a_stalled_reader_ne
                 other.sendall(b"GET /small HTTP/1.1\r\nHost: x\r\n\r\n")
                 assert _read_response(other)[1] == b"small"
         assert served_by == ["selector"] * 4  # every app call ran on the selector thread, none on a worker
-        wait_for(lambda: server._flushing)  # the big answer's rest waits for its reader, held by no worker
-        wait_for(lambda: server._in_progress == 0 and server._idle_workers == 2)
+        wait_for(lambda: server._in_progress == 1)  # the big answer's rest (too big to keep) is at a worker
         stalled.settimeout(30)
-        head, body = _read_response(stalled)  # the selector sends the rest once the client reads
+        head, body = _read_response(stalled)  # a worker sends the rest once the client reads
         assert head.startswith(b"HTTP/1.1 200") and body == big
     finally:
         stalled.close()
