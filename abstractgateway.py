@@ -118,6 +118,13 @@ class Setting:
     choices: Tuple[str, ...] = ()
     minimum: float = 1  # numeric settings below this are refused
     default_doc: str = ""  # how to describe a computed default
+    legacy: Tuple[str, ...] = ()  # older names read when `env` is unset (AbstractFlow's gateway), besides
+    # `ABSTRACTFLOW_GATEWAY_<X>`, which every setting but the audit log's takes, as on the original
+
+    def env_names(self) -> Tuple[str, ...]:
+        """`env`, then the older names it replaces."""
+        generic = self.env.replace("ABSTRACTGATEWAY_", "ABSTRACTFLOW_GATEWAY_", 1)
+        return (self.env, *self.legacy, *(() if self.name.startswith("audit_") else (generic,)))
 
     def describe_default(self) -> str:
         if self.default_doc:
@@ -136,7 +143,8 @@ def _default_data_dir(_values: Dict[str, Any]) -> Path:
 SETTINGS: Tuple[Setting, ...] = (
     Setting(name="data_dir", env="ABSTRACTGATEWAY_DATA_DIR", flag="--data-dir", kind="path", default=_default_data_dir,
             help="Directory for the database, uploaded flows and run workspaces.",
-            default_doc="the platform's user data dir (e.g. ~/.local/share/abstractgateway)"),
+            default_doc="the platform's user data dir (e.g. ~/.local/share/abstractgateway)",
+            legacy=("ABSTRACTFLOW_RUNTIME_DIR",)),
     Setting(name="db_path", env="ABSTRACTGATEWAY_DB_PATH", flag="--db-path", kind="path",
             default=lambda v: v["data_dir"] / "gateway.sqlite3", help="The SQLite file that holds all durable state.",
             default_doc="<data dir>/gateway.sqlite3"),
@@ -155,7 +163,8 @@ SETTINGS: Tuple[Setting, ...] = (
             default=lambda v: v["data_dir"] / "flows",
             help="A directory of `.flow` bundles (or one `.flow` file) loaded next to the uploaded ones. A `.flow` "
                  "there that is not a regular file of at most 200 MiB (a FIFO, a device) is a load error, never read.",
-            default_doc="<data dir>/flows"),
+            default_doc="<data dir>/flows",
+            legacy=("ABSTRACTFRAMEWORK_WORKFLOWS_DIR", "ABSTRACTFLOW_FLOWS_DIR")),
     Setting(name="workflow_source", env="ABSTRACTGATEWAY_WORKFLOW_SOURCE", flag="--workflow-source", kind="choice",
             default="bundle", choices=("bundle", "visualflow"),
             help="`bundle` (.flow bundles) or `visualflow` (a flows dir of VisualFlow `*.json`)."),
@@ -179,9 +188,11 @@ SETTINGS: Tuple[Setting, ...] = (
     Setting(name="provider", env="ABSTRACTGATEWAY_PROVIDER", flag="--provider", kind="str", default="",
             help="Default LLM provider (e.g. `openai`, `lmstudio`, `ollama`) for LLM and agent nodes that pin none. "
                  "Unset: inferred from the loaded flows' pinned nodes. Base URLs and keys come from each provider's "
-                 "own env vars (OPENAI_BASE_URL, OPENAI_API_KEY, LMSTUDIO_BASE_URL, OLLAMA_BASE_URL, ...)."),
+                 "own env vars (OPENAI_BASE_URL, OPENAI_API_KEY, LMSTUDIO_BASE_URL, OLLAMA_BASE_URL, ...).",
+            legacy=("ABSTRACTFLOW_PROVIDER",)),
     Setting(name="model", env="ABSTRACTGATEWAY_MODEL", flag="--model", kind="str", default="",
-            help="Default model for LLM and agent nodes that pin none (with ABSTRACTGATEWAY_PROVIDER)."),
+            help="Default model for LLM and agent nodes that pin none (with ABSTRACTGATEWAY_PROVIDER).",
+            legacy=("ABSTRACTFLOW_MODEL",)),
     Setting(name="llm_concurrency", env="ABSTRACTGATEWAY_LLM_CONCURRENCY", flag="--llm-concurrency", kind="int",
             default=128,
             help="Model calls in flight at once across all runs (1 for a single local model on a small machine)."),
@@ -387,8 +398,9 @@ class Config:
         for setting in SETTINGS:
             if setting.name in flags:
                 raw, source = flags[setting.name], "flag"
-            elif env.get(setting.env, "") != "":
-                raw, source = env[setting.env], "env"
+            elif any(env.get(name, "") != "" for name in setting.env_names()):
+                name = next(name for name in setting.env_names() if env.get(name, "") != "")
+                raw, source = env[name], "env" if name == setting.env else f"env ({name})"
             else:
                 default = setting.default
                 raw, source = (default(values) if callable(default) else default), "default"

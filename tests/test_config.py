@@ -202,3 +202,17 @@ def test_docs_settings_table_matches_the_code():
     help_text = subprocess.run([sys.executable, "-m", "abstractgateway", "--help"], capture_output=True,
                                text=True, timeout=60).stdout
     assert gw.settings_table(markdown=False) in help_text
+
+
+def test_abstractflow_gateway_names_are_read_when_the_current_ones_are_unset():
+    """Deployments carried over from AbstractFlow's gateway keep their environment, as on the original."""
+    config = gw.Config.load(environ={
+        "ABSTRACTFLOW_GATEWAY_AUTH_TOKEN": "legacy-token-0123456789abcdef", "ABSTRACTFLOW_RUNTIME_DIR": "/srv/old",
+        "ABSTRACTFLOW_FLOWS_DIR": "/srv/flows", "ABSTRACTFLOW_PROVIDER": "ollama", "ABSTRACTFLOW_MODEL": "old-model",
+        "ABSTRACTGATEWAY_MODEL": "new-model", "ABSTRACTFLOW_GATEWAY_RUNNER": "0",
+        "ABSTRACTFLOW_GATEWAY_AUDIT_LOG": "0"})
+    assert (config.auth_token, str(config.data_dir), str(config.flows_dir)) == (
+        "legacy-token-0123456789abcdef", "/srv/old", "/srv/flows")
+    assert (config.provider, config.model, config.runner) == ("ollama", "new-model", False)  # the current name wins
+    assert config.audit_log is True  # as on the original, the audit settings have no older names
+    assert config.sources["auth_token"] == "env (ABSTRACTFLOW_GATEWAY_AUTH_TOKEN)" and config.sources["model"] == "env"
