@@ -5406,7 +5406,8 @@ class Gateway:
         during the call leaves the run as after those steps, with the `started` record of a call
         that was cut short: run again, the step writes the same record, which is then not appended
         twice. If a command changed the run meanwhile, nothing is committed here (`_commit_step`
-        settles it when the call returns)."""
+        settles it when the call returns), nor when the commit fails (the step's own commit, after
+        the call, then writes it all, or fails and is retried, as always)."""
         writes = self.uow.current()
         if (writes is None or not writes.mid_step_commits  # (a compaction's writes commit with its command)
                 or not writes.ledger or writes.ledger[-1][0] != run.run_id):
@@ -5428,9 +5429,15 @@ class Gateway:
                 self.stores.runs.save_row(row)
             return True
 
-        with self.runs_locked([run.run_id]):
-            if not self.stores.db.write(_write):
-                return
+        try:
+            with self.runs_locked([run.run_id]):
+                if not self.stores.db.write(_write):
+                    return
+        except (StorageError, LeaseLost, *_STORAGE_FAILURES) as exc:  # nothing was written
+            # Raised here, inside the runtime's effect handler, it would fail the run's call; left in
+            # `writes`, everything commits (or the same failure is retried, or fenced) with the step.
+            _log(f"showing the call of {run.run_id} failed: {type(exc).__name__}: {exc}")
+            return
         for rid in writes.runs:
             writes.base[rid] = self.stores.runs.load_json(rid)
         writes.published += len(writes.ledger)

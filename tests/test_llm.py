@@ -368,6 +368,25 @@ def test_a_model_call_in_flight_shows_its_started_record_and_node(llm_server, fa
     assert calls == ["started", "completed"]  # once each
 
 
+def test_a_storage_error_while_showing_a_call_is_not_the_call_s_failure(llm_server, fake_llm, monkeypatch):
+    """Showing the call is a commit inside the runtime's effect handler: raised from there, a busy
+    database (another writer past the busy timeout) failed the call and with it the run."""
+    db = llm_server.gateway.stores.db
+    write, refused = db.write, []
+
+    def busy_once(fn, *args, **kwargs):
+        if not refused and fn.__qualname__.startswith("Gateway._publish_before_call"):
+            refused.append(fn)
+            raise gw.DatabaseBusy("The database is busy (another writer holds it); retry shortly.")
+        return write(fn, *args, **kwargs)
+
+    monkeypatch.setattr(db, "write", busy_once)
+    run_id = _start(llm_server, "basic-llm-test")
+    assert _wait_status(llm_server, run_id, "completed", "failed")["status"] == "completed" and refused
+    calls = [r["status"] for r in _ledger(llm_server, run_id) if (r.get("effect") or {}).get("type") == "llm_call"]
+    assert calls == ["started", "completed"]  # committed with the step instead
+
+
 def test_pause_during_a_slow_call_then_resume_reuses_the_recorded_answer(llm_server, fake_llm):
     fake_llm.delay_s = 2.0
     run_id = _start(llm_server, "basic-llm-test")
