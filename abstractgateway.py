@@ -5433,9 +5433,10 @@ class Gateway:
             with self.runs_locked([run.run_id]):
                 if not self.stores.db.write(_write):
                     return
-        except (StorageError, LeaseLost, *_STORAGE_FAILURES) as exc:  # nothing was written
+        except (StorageError, *_STORAGE_FAILURES) as exc:  # nothing was written
             # Raised here, inside the runtime's effect handler, it would fail the run's call; left in
-            # `writes`, everything commits (or the same failure is retried, or fenced) with the step.
+            # `writes`, everything commits (or the same failure is retried) with the step. (A lost
+            # lease is raised: the call is not made, and the step's commit is fenced all the same.)
             _log(f"showing the call of {run.run_id} failed: {type(exc).__name__}: {exc}")
             return
         for rid in writes.runs:

@@ -8,6 +8,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 import uuid
 
 import pytest
@@ -385,6 +386,28 @@ def test_a_storage_error_while_showing_a_call_is_not_the_call_s_failure(llm_serv
     assert _wait_status(llm_server, run_id, "completed", "failed")["status"] == "completed" and refused
     calls = [r["status"] for r in _ledger(llm_server, run_id) if (r.get("effect") or {}).get("type") == "llm_call"]
     assert calls == ["started", "completed"]  # committed with the step instead
+
+
+def test_a_runner_that_finds_its_lease_lost_before_a_call_does_not_make_it(llm_server, fake_llm, monkeypatch):
+    """Another runner holds the run now: the call (a model's cost, or a local tool's side effect) is its."""
+    db = llm_server.gateway.stores.db
+    write, lost = db.write, []
+
+    def lease_lost_once(fn, *args, **kwargs):
+        if not lost and fn.__qualname__.startswith("Gateway._publish_before_call"):
+            lost.append(fn)  # another runner took the lease over (for half a second; then this one again)
+            write(lambda conn: conn.execute("UPDATE leases SET owner = 'other', epoch = epoch + 1, expires_at = ?",
+                                            (time.time() + 0.5,)))
+        return write(fn, *args, **kwargs)
+
+    monkeypatch.setattr(db, "write", lease_lost_once)
+    run_id = _start(llm_server, "basic-llm-test")
+    final = _wait_status(llm_server, run_id, "completed", "failed")
+    assert final["status"] == "completed" and lost, (final.get("error"), [
+        (r["node_id"], r["status"], r.get("error")) for r in _ledger(llm_server, run_id)])
+    assert fake_llm.calls == 1  # only by the runner that held the lease (here, this one again)
+    calls = [r["status"] for r in _ledger(llm_server, run_id) if (r.get("effect") or {}).get("type") == "llm_call"]
+    assert calls == ["started", "completed"]
 
 
 def test_pause_during_a_slow_call_then_resume_reuses_the_recorded_answer(llm_server, fake_llm):
