@@ -398,8 +398,7 @@ class Config:
         for setting in SETTINGS:
             if setting.name in flags:
                 raw, source = flags[setting.name], "flag"
-            elif any(env.get(name, "") != "" for name in setting.env_names()):
-                name = next(name for name in setting.env_names() if env.get(name, "") != "")
+            elif (name := next((n for n in setting.env_names() if env.get(n, "") != ""), None)) is not None:
                 raw, source = env[name], "env" if name == setting.env else f"env ({name})"
             else:
                 default = setting.default
@@ -4934,8 +4933,9 @@ def _runtime_type() -> type:
 
         def _handle_wait_until(self, run: RunState, effect: Any, default_next_node: Optional[str]) -> Any:
             until = effect.payload.get("until")
-            if until and _utc_text(until) != until:
-                effect = dataclasses.replace(effect, payload={**effect.payload, "until": _utc_text(until)})
+            utc = _utc_text(until) if until else until
+            if utc != until:
+                effect = dataclasses.replace(effect, payload={**effect.payload, "until": utc})
             return super()._handle_wait_until(run, effect, default_next_node)
 
         def _handle_start_subworkflow(self, run: RunState, effect: Any, default_next_node: Optional[str]) -> Any:
@@ -4958,8 +4958,7 @@ def _path_list(raw: Any) -> List[str]:
             raw = json.loads(raw) if raw.strip().startswith("[") else raw.splitlines()
         except (ValueError, RecursionError):  # (a hostile `[[[[...` nests past the decoder's limit)
             raw = raw.splitlines()
-    return [str(item).strip() for item in raw if isinstance(item, str) and item.strip()] if isinstance(
-        raw, list) else []
+    return [item.strip() for item in raw if isinstance(item, str) and item.strip()] if isinstance(raw, list) else []
 
 
 def _workspace_scope_within(input_data: Dict[str, Any], roots: List[Path]) -> Dict[str, Any]:
@@ -4974,18 +4973,22 @@ def _workspace_scope_within(input_data: Dict[str, Any], roots: List[Path]) -> Di
         value, camel_value = data.pop(name, None), data.pop(camel, None)
         return camel_value if value is None else value
 
-    def resolved(text: str, base: Path) -> Path:
-        path = Path(text).expanduser()
-        return Path(os.path.realpath(path if path.is_absolute() else base / path))
+    def resolved(text: str, base: Path) -> Optional[Path]:
+        try:
+            path = Path(text.strip()).expanduser()
+            return Path(os.path.realpath(path if path.is_absolute() else base / path))
+        except (ValueError, RuntimeError, OSError):  # a NUL byte, `~nosuchuser`: no path at all
+            return None
 
-    def within(path: Path) -> bool:
-        return any(path == root or root in path.parents for root in roots)
+    def within(path: Optional[Path]) -> bool:
+        return path is not None and any(path == root or root in path.parents for root in roots)
 
     base = roots[0] if roots else Path(os.path.sep)
     root = data.pop("workspace_root", None)
-    if isinstance(root, str) and root.strip() and within(resolved(root.strip(), base)):
-        base = resolved(root.strip(), base)
-        data["workspace_root"] = str(base)
+    root = resolved(root, base) if isinstance(root, str) and root.strip() else None
+    if within(root):
+        base = root
+        data["workspace_root"] = str(root)
     mode = take("workspace_access_mode", "workspaceAccessMode")
     if mode is not None:
         mode = str(mode).strip().lower()
@@ -5381,9 +5384,7 @@ class Gateway:
         """
         def _write(_conn: apsw.Connection) -> bool:
             self.check_lease(lease)
-            # A run the step read (or found missing) and then saved must still be as it read it.
-            changed = any(self.stores.runs.load_json(rid) != text
-                          for rid, text in writes.base.items() if rid == run_id or rid in writes.runs)
+            changed = self._changed_since_read(run_id, writes)
             records = writes.ledger if not changed else _paid_calls(run_id, writes.ledger)
             for rid, text in records:
                 self.stores.ledger.append_json(rid, text)
@@ -5396,6 +5397,12 @@ class Gateway:
             return True
         with self.runs_locked([run_id]):
             return self.stores.db.write(_write)
+
+    def _changed_since_read(self, run_id: str, writes: StepWrites) -> bool:
+        """Inside the step's transaction: whether a run the step read (or found missing) and then saved,
+        or the stepped run itself, is no longer stored as the step read it (a command landed)."""
+        return any(self.stores.runs.load_json(rid) != text
+                   for rid, text in writes.base.items() if rid == run_id or rid in writes.runs)
 
     def _publish_before_call(self, run: RunState) -> None:
         """Commit what a step has written so far, ending with its call's `started` record, before a
@@ -5415,8 +5422,7 @@ class Gateway:
 
         def _write(_conn: apsw.Connection) -> bool:
             self.check_lease(writes.lease)
-            if any(self.stores.runs.load_json(rid) != text
-                   for rid, text in writes.base.items() if rid == run.run_id or rid in writes.runs):
+            if self._changed_since_read(run.run_id, writes):
                 return False
             records = writes.ledger
             count = self.stores.ledger.count(run.run_id)
@@ -5439,7 +5445,7 @@ class Gateway:
             # lease is raised: the call is not made, and the step's commit is fenced all the same.)
             _log(f"showing the call of {run.run_id} failed: {type(exc).__name__}: {exc}")
             return
-        for rid in writes.runs:
+        for rid in writes.runs:  # as now stored (the file backend writes its own text, not the row's)
             writes.base[rid] = self.stores.runs.load_json(rid)
         writes.published += len(writes.ledger)
         writes.ledger.clear()

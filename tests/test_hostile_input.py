@@ -279,3 +279,12 @@ def test_a_failure_outside_the_handlers_is_still_a_json_500(live_server, monkeyp
     status, headers, data = live_server.get(f"{API}/runs/{run_id}/artifacts/{artifact_id}/content")
     assert status == 500 and headers["Content-Type"].startswith("application/json") and data["code"] == "internal_error"
     assert live_server.get(f"{API}/runs/{run_id}")[0] == 200  # the server goes on
+
+
+def test_hostile_workspace_paths_in_a_run_s_inputs_start_it_in_its_own_workspace(live_server):
+    for path in ("/tmp/x\u0000y", "~no-such-user-here", "../" * 2000 + "etc", "a" * 5000):
+        status, _, data = live_server.post(f"{API}/runs/start", {"bundle_id": "echo", "input_data": {
+            "workspace_root": path, "workspace_allowed_paths": [path], "workspace_ignored_paths": path}})
+        assert status == 200, data
+        root = live_server.gateway.stores.runs.load(data["run_id"]).vars["workspace_root"]
+        assert root.startswith(str(live_server.gateway.config.data_dir / "workspaces")), root

@@ -450,6 +450,8 @@ def test_a_client_s_workspace_settings_stay_within_the_operator_s_roots(tmp_path
     assert "workspace_allowed_paths" not in clamp({"workspace_allowed_paths": ["/etc"]}, roots)
     assert clamp({"workspaceIgnoredPaths": '["a", " b "]'}, roots) == {"workspace_ignored_paths": "a\nb"}
     assert clamp({"prompt": "p"}, roots) == {"prompt": "p"}
+    for hostile in ("/tmp/x\x00y", "~no-such-user-here", "~" * 5):  # no path at all: nothing the client's
+        assert clamp({"workspace_root": hostile, "workspace_allowed_paths": [hostile]}, roots) == {}
     nested = clamp({"workspace_allowed_paths": "[" * 100_000}, roots)  # no JSON list: one (odd) relative path
     assert nested["workspace_allowed_paths"].startswith(str(root))
 
