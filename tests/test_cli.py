@@ -15,6 +15,7 @@ import pytest
 
 import abstractgateway as gw
 from conftest import TEST_BUNDLES, make_config, pack_bundle, wait_for
+from processes import run_gateway, spawn_gateway
 
 
 def _free_port() -> int:
@@ -40,8 +41,7 @@ def _post(url: str, body: dict):
 
 
 def _spawn(args, env):
-    return subprocess.Popen([sys.executable, "-m", "abstractgateway", *args], env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    return spawn_gateway(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
 def _clean_env(home: Path) -> dict:
@@ -51,9 +51,10 @@ def _clean_env(home: Path) -> dict:
 
 
 def test_version_and_help():
+    # `python -m abstractgateway` itself, once: every other test forks its processes warm (tests/processes.py)
     out = subprocess.run([sys.executable, "-m", "abstractgateway", "--version"], capture_output=True, text=True)
     assert out.returncode == 0 and out.stdout.strip() == f"abstractgateway {gw.__version__}"
-    out = subprocess.run([sys.executable, "-m", "abstractgateway", "serve", "--help"], capture_output=True, text=True)
+    out = run_gateway(["serve", "--help"], capture_output=True, text=True)
     assert out.returncode == 0 and "--db-path" in out.stdout
     subcommands = gw.build_parser()._subparsers._group_actions[0].choices  # the same parser, without 5 more processes
     for cmd in ("serve", "runner", "migrate", "backup", "check"):
@@ -165,21 +166,20 @@ def test_split_api_and_two_runner_processes_share_one_database(data_dir):
 def test_doctor_reports_config_sources_and_problems(tmp_path):
     env = _clean_env(tmp_path / "home")
     env["ABSTRACTGATEWAY_DATA_DIR"] = str(tmp_path / "data")
-    out = subprocess.run([sys.executable, "-m", "abstractgateway", "doctor", "--port", "9999"], env=env,
-                         capture_output=True, text=True)
+    out = run_gateway(["doctor", "--port", "9999"], env=env, capture_output=True, text=True)
     assert out.returncode == 0, out.stdout + out.stderr
     assert "ABSTRACTGATEWAY_DATA_DIR" in out.stdout and "[env]" in out.stdout and "9999  [flag]" in out.stdout
     assert "no database yet" in out.stdout and "llm" in out.stdout
     stores = gw.open_stores(make_config(tmp_path / "data"))
     stores.close()
-    out = subprocess.run([sys.executable, "-m", "abstractgateway", "doctor"], env=env, capture_output=True, text=True)
+    out = run_gateway(["doctor"], env=env, capture_output=True, text=True)
     assert out.returncode == 0 and f"schema version {gw.SCHEMA_VERSION}" in out.stdout
     import apsw
 
     conn = apsw.Connection(str(tmp_path / "data" / "gateway.sqlite3"))
     conn.execute("INSERT INTO ledger VALUES ('r', 2, '{}')")  # a gap: seq 1 is missing
     conn.close()
-    out = subprocess.run([sys.executable, "-m", "abstractgateway", "doctor"], env=env, capture_output=True, text=True)
+    out = run_gateway(["doctor"], env=env, capture_output=True, text=True)
     assert out.returncode == 1 and "PROBLEM" in out.stdout and "gaps" in out.stdout
 
 

@@ -3,13 +3,12 @@ unusable values, and the two views the table drives (`--help` and docs/configura
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 import abstractgateway as gw
+from processes import run_gateway
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -152,8 +151,8 @@ def test_mounts_resolve_symlinks_and_default_to_none(tmp_path):
 
 
 def test_a_config_error_is_a_one_line_message_and_exit_2_on_the_command_line(tmp_path):
-    out = subprocess.run([sys.executable, "-m", "abstractgateway", "check", "--data-dir", str(tmp_path)],
-                         env={"ABSTRACTGATEWAY_SQLITE_SYNCHRONOUS": "sometimes", "PATH": ""}, capture_output=True,
+    out = run_gateway(["check", "--data-dir", str(tmp_path)],
+                      env={"ABSTRACTGATEWAY_SQLITE_SYNCHRONOUS": "sometimes", "PATH": ""}, capture_output=True,
                          text=True, timeout=60)
     assert out.returncode == 2 and "Traceback" not in out.stderr
     assert out.stderr.strip() == ("abstractgateway: ABSTRACTGATEWAY_SQLITE_SYNCHRONOUS: expected one of FULL, NORMAL, "
@@ -199,8 +198,7 @@ def test_docs_settings_table_matches_the_code():
     start, end = "<!-- settings-table:start -->\n", "\n<!-- settings-table:end -->"
     assert text[text.index(start) + len(start):text.index(end)] == gw.settings_table()
     # the installed entry point prints the same table
-    help_text = subprocess.run([sys.executable, "-m", "abstractgateway", "--help"], capture_output=True,
-                               text=True, timeout=60).stdout
+    help_text = run_gateway(["--help"], capture_output=True, text=True, timeout=60).stdout
     assert gw.settings_table(markdown=False) in help_text
 
 

@@ -16,6 +16,7 @@ import pytest
 import abstractgateway as gw
 from conftest import FIXTURE_BUNDLES, LiveServer, make_config, wait_for
 from fake_llm import MODELS, FakeLLM
+from processes import run_gateway, spawn_gateway
 
 API = "/api/gateway"
 
@@ -444,8 +445,7 @@ def test_a_stop_during_a_slow_call_then_restart_asks_again_without_duplicate_rec
                ABSTRACTGATEWAY_AUTH_TOKEN=LiveServer.TOKEN, ABSTRACTGATEWAY_PORT=str(port),
                ABSTRACTGATEWAY_PROVIDER="openai", ABSTRACTGATEWAY_MODEL="gpt-5-mini",
                ABSTRACTGATEWAY_RUNNER_LEASE_TTL_S="2")  # the restarted runner waits this long for the dead one's lease
-    proc = subprocess.Popen([sys.executable, "-m", "abstractgateway", "serve"], env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+    proc = spawn_gateway(["serve"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         config = make_config(data_dir)
         wait_for(lambda: _port_open(port), 60)
@@ -569,8 +569,7 @@ def test_doctor_lists_configured_providers_and_never_prints_a_key(tmp_path, fake
     env = {k: v for k, v in os.environ.items() if not k.startswith("ABSTRACTGATEWAY_")}
     env.update(ABSTRACTGATEWAY_DATA_DIR=str(tmp_path / "data"), OPENAI_API_KEY="sk-very-secret-value-123",
                HOME=str(tmp_path))
-    out = subprocess.run([sys.executable, "-m", "abstractgateway", "doctor"], env=env, capture_output=True, text=True,
-                         timeout=120)
+    out = run_gateway(["doctor"], env=env, capture_output=True, text=True, timeout=120)
     text = out.stdout + out.stderr
     assert "sk-very-secret-value-123" not in text
     lines = {line.split()[0]: line for line in out.stdout.splitlines() if line.startswith("  ") and " via " in line}

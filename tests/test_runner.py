@@ -5,8 +5,6 @@ from __future__ import annotations
 import json
 import shutil
 import signal
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -15,6 +13,7 @@ import pytest
 
 import abstractgateway as gw
 from conftest import FIXTURE_BUNDLES, FLOWS, make_config, make_gateway, pack_bundle, wait_for
+from processes import run_python
 
 
 def _status(gateway, run_id):
@@ -412,7 +411,7 @@ def test_sigkill_between_append_and_application_applies_exactly_once(data_dir):
     g.submit_command(command_id="once", run_id=run_id, type="resume",
                      payload={"wait_key": state.waiting.wait_key, "payload": {"response": "Ada"}})
     g.close()
-    proc = subprocess.run([sys.executable, "-c", CRASHING_RUNNER, str(data_dir)], timeout=60)
+    proc = run_python(CRASHING_RUNNER, str(data_dir), timeout=60)
     assert proc.returncode == -signal.SIGKILL
     g = make_gateway(data_dir)
     try:

@@ -12,7 +12,6 @@ import signal
 import socket
 import stat
 import subprocess
-import sys
 import time
 import zipfile
 
@@ -20,6 +19,7 @@ import pytest
 
 import abstractgateway as gw
 from conftest import LiveServer, multipart, wait_for
+from processes import run_gateway, spawn_gateway
 
 API = "/api/gateway"
 ALLOWED, DENIED = "http://localhost:5173", "https://evil.example"
@@ -467,8 +467,8 @@ def _clean_env(tmp_path, **extra):
 
 def _serve_once(env, *args):
     port = _free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "abstractgateway", "serve", "--port", str(port), *args], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = spawn_gateway(["serve", "--port", str(port), *args], env=env,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     import urllib.request
 
     def healthy():
@@ -497,8 +497,7 @@ def test_first_serve_generates_a_token_once(tmp_path):
     line = next(ln for ln in out.splitlines() if "curl -H 'Authorization: Bearer " in ln)
     token = line.split("Bearer ", 1)[1].split("'", 1)[0]
     assert len(token) >= 40
-    shown = subprocess.run([sys.executable, "-m", "abstractgateway", "token", "show"], env=env, capture_output=True,
-                           text=True)
+    shown = run_gateway(["token", "show"], env=env, capture_output=True, text=True)
     assert shown.stdout.strip() == token
     proc, port = _serve_once(env)  # second start: no new token, the stored one works
     try:
@@ -508,19 +507,17 @@ def test_first_serve_generates_a_token_once(tmp_path):
     finally:
         out = _stop(proc)
     assert token not in out and "from database" in out
-    rotated = subprocess.run([sys.executable, "-m", "abstractgateway", "token", "rotate"], env=env, capture_output=True,
-                             text=True)
+    rotated = run_gateway(["token", "rotate"], env=env, capture_output=True, text=True)
     assert rotated.returncode == 0 and rotated.stdout.strip() != token
     env_token = _clean_env(tmp_path, ABSTRACTGATEWAY_AUTH_TOKEN="an-explicit-environment-token")
-    shown = subprocess.run([sys.executable, "-m", "abstractgateway", "token", "show"], env=env_token,
-                           capture_output=True, text=True)
+    shown = run_gateway(["token", "show"], env=env_token, capture_output=True, text=True)
     assert "environment" in shown.stdout and gw.token_fingerprint("an-explicit-environment-token") in shown.stdout
 
 
 def test_public_bind_with_a_weak_token_is_refused(tmp_path):
     env = _clean_env(tmp_path, ABSTRACTGATEWAY_AUTH_TOKEN="changeme")
-    out = subprocess.run([sys.executable, "-m", "abstractgateway", "serve", "--host", "0.0.0.0", "--port", "0"],
-                         env=env, capture_output=True, text=True, timeout=30)
+    out = run_gateway(["serve", "--host", "0.0.0.0", "--port", "0"],
+                      env=env, capture_output=True, text=True, timeout=30)
     assert out.returncode == 2 and "weak auth token" in out.stderr and "token_urlsafe" in out.stderr
 
 
@@ -529,8 +526,7 @@ def test_a_token_no_client_can_send_is_refused_at_start(tmp_path):
     request would get 401: `serve` says so instead of starting. Other punctuation is fine."""
     for token in ("a-long-enough-token=with-an-equals-sign", "a=long-enough-token-starting-with-a-key"):
         env = _clean_env(tmp_path, ABSTRACTGATEWAY_AUTH_TOKEN=token)
-        out = subprocess.run([sys.executable, "-m", "abstractgateway", "serve", "--port", "0"],
-                             env=env, capture_output=True, text=True, timeout=30)
+        out = run_gateway(["serve", "--port", "0"], env=env, capture_output=True, text=True, timeout=30)
         assert out.returncode == 2 and "cannot be sent in an `Authorization: Bearer` header" in out.stderr, \
             out.stderr
     for token in ("ends-with-padding==", "S3cure!Token#With@Symbols"):

@@ -7,7 +7,6 @@ import json
 import math
 import signal
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -21,6 +20,7 @@ from abstractruntime import Runtime, RunStatus
 from abstractruntime.core.models import StepRecord, StepStatus
 from abstractruntime.storage.commands import CommandRecord
 from conftest import LiveServer, ask_then_echo_workflow, make_config, wait_for
+from processes import spawn_python
 
 
 def _normalise(records, run_id):
@@ -252,7 +252,7 @@ def test_concurrent_writers_in_two_processes(data_dir):
         "for n in range(200):"
         " l.append(StepRecord(run_id=sys.argv[2], step_id=str(n), node_id='n', status=StepStatus.COMPLETED))\n"
     )
-    procs = [subprocess.Popen([sys.executable, "-c", code, str(db_path), f"p{i}"]) for i in range(3)]
+    procs = [spawn_python(code, str(db_path), f"p{i}") for i in range(3)]
     assert [p.wait(timeout=120) for p in procs] == [0, 0, 0]
     db = gw.Database(db_path)
     try:
@@ -277,7 +277,7 @@ while True:
 
 
 def test_sigkill_loses_no_acknowledged_record(data_dir):
-    proc = subprocess.Popen([sys.executable, "-c", CRASH_CHILD, str(data_dir)], stdout=subprocess.PIPE, text=True)
+    proc = spawn_python(CRASH_CHILD, str(data_dir), stdout=subprocess.PIPE, text=True)
     acked = 0
     deadline = time.monotonic() + 60
     while acked < 300 and time.monotonic() < deadline:
@@ -391,7 +391,7 @@ def test_sigkill_during_a_schema_upgrade_leaves_the_old_version_or_the_new_one_w
     conn.close()
     outcomes = []
     for delay in (0.0, 0.03, 0.08, None):  # after the open began: early, during the index build; after it
-        child = subprocess.Popen([sys.executable, "-c", UPGRADING_CHILD, str(path)], stdout=subprocess.PIPE, text=True)
+        child = spawn_python(UPGRADING_CHILD, str(path), stdout=subprocess.PIPE, text=True)
         assert child.stdout.readline() == "opening\n"
         if delay is None:
             assert child.stdout.readline() == "upgraded\n"
