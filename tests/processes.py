@@ -2,7 +2,7 @@
 
 A test that needs `python -m abstractgateway ARGS` (or `python -c CODE`) in a process of its own gets
 one forked from a helper interpreter that has already imported the gateway and the modules `serve`
-loads: the same code, arguments, environment, working directory and standard streams, and a real
+loads: the same code, arguments, environment, working directory and output streams, and a real
 process to SIGKILL, SIGSTOP or wait on, without paying the ~0.3 s of CPU each fresh interpreter
 spends importing (about a hundred of them per suite run, on two cores).
 
@@ -19,6 +19,7 @@ import ctypes
 import io
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -46,8 +47,6 @@ def _become(request: dict, fds: List[int]) -> None:
     os.environ.clear()
     os.environ.update(request["env"])
     os.chdir(request["cwd"])
-    if request["new_session"]:
-        os.setsid()
     import abstractgateway
 
     if request["code"] is None:
@@ -99,8 +98,8 @@ def _serve_forks(channel_fd: int) -> None:
 class WarmProcess:
     """The part of `subprocess.Popen` the tests use, for a process forked by the helper."""
 
-    def __init__(self, args: List[str], pid: int, stdin: Any, stdout: Any, stderr: Any) -> None:
-        self.args, self.pid, self.stdin, self.stdout, self.stderr = args, pid, stdin, stdout, stderr
+    def __init__(self, args: List[str], pid: int, stdout: Any, stderr: Any) -> None:
+        self.args, self.pid, self.stdout, self.stderr = args, pid, stdout, stderr
         self.returncode: Optional[int] = None
         self._wait_lock = threading.Lock()
         self._output: Optional[dict] = None
@@ -134,21 +133,14 @@ class WarmProcess:
         if self.poll() is None:
             os.kill(self.pid, sig)
 
-    def terminate(self) -> None:
-        self.send_signal(15)
-
     def kill(self) -> None:
-        self.send_signal(9)
+        self.send_signal(signal.SIGKILL)
 
-    def communicate(self, input: Any = None, timeout: Optional[float] = None):
-        """Popen.communicate: writes `input`, reads both pipes to their end, then waits; on a timeout
-        the readers go on, and a later call collects what they read."""
+    def communicate(self, timeout: Optional[float] = None):
+        """Popen.communicate: reads both pipes to their end, then waits; on a timeout the readers go on,
+        and a later call collects what they read."""
         if self._output is None:
             self._output = {}
-            if self.stdin is not None:
-                if input:
-                    self.stdin.write(input)
-                self.stdin.close()
             for name in ("stdout", "stderr"):
                 stream = getattr(self, name)
                 if stream is not None:
@@ -165,15 +157,6 @@ class WarmProcess:
                     raise subprocess.TimeoutExpired(self.args, timeout)
         self.wait(None if deadline is None else max(0.0, deadline - time.monotonic()))
         return self._output.get("stdout"), self._output.get("stderr")
-
-    def __enter__(self) -> "WarmProcess":
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        for stream in (self.stdin, self.stdout, self.stderr):
-            if stream is not None:
-                stream.close()
-        self.wait()
 
 
 class _Helper:
@@ -213,20 +196,14 @@ def _get_helper() -> Optional[_Helper]:
         return _helper
 
 
-def _stream_ends(spec: Any, fd: int, mode: str, text: bool, opened: List[int]) -> tuple:
-    """(the child's end, our file object or None) for one of Popen's stdin/stdout/stderr values."""
+def _stream_ends(spec: Any, fd: int, text: bool, opened: List[int]) -> tuple:
+    """(the child's end, our file object or None) for Popen's stdout or stderr value."""
     if spec == subprocess.PIPE:
-        read_end, write_end = os.pipe()
-        ours, theirs = (write_end, read_end) if mode == "w" else (read_end, write_end)
+        ours, theirs = os.pipe()
         opened.append(theirs)
-        stream = io.open(ours, mode + "b", buffering=0 if mode == "w" else -1)
-        if text:
-            stream = io.TextIOWrapper(stream, encoding="utf-8", errors="strict",
-                                      write_through=True) if mode == "w" else io.TextIOWrapper(stream,
-                                                                                                encoding="utf-8")
-        return theirs, stream
+        return theirs, io.open(ours, "r" if text else "rb", encoding="utf-8" if text else None)
     if spec == subprocess.DEVNULL:
-        theirs = os.open(os.devnull, os.O_RDWR)
+        theirs = os.open(os.devnull, os.O_WRONLY)
         opened.append(theirs)
         return theirs, None
     if spec is None:
@@ -234,29 +211,26 @@ def _stream_ends(spec: Any, fd: int, mode: str, text: bool, opened: List[int]) -
     return (spec if isinstance(spec, int) else spec.fileno()), None
 
 
-def _popen(args: List[str], code: Optional[str], *, env: Optional[dict] = None, cwd: Any = None,
-           stdin: Any = None, stdout: Any = None, stderr: Any = None, text: bool = False,
-           start_new_session: bool = False, **unsupported: Any):
+def _popen(args: List[str], code: Optional[str], *, env: Optional[dict] = None, stdout: Any = None,
+           stderr: Any = None, text: bool = False, **unsupported: Any):
     command = [sys.executable, *(["-m", "abstractgateway"] if code is None else ["-c", code]), *args]
     helper = None if unsupported else _get_helper()
     if helper is None:
-        return subprocess.Popen(command, env=env, cwd=cwd, stdin=stdin, stdout=stdout, stderr=stderr, text=text,
-                                start_new_session=start_new_session, **unsupported)
+        return subprocess.Popen(command, env=env, stdin=subprocess.DEVNULL, stdout=stdout, stderr=stderr, text=text,
+                                **unsupported)
     opened: List[int] = []
     try:
-        in_fd, in_stream = _stream_ends(stdin, 0, "w", text, opened)
-        out_fd, out_stream = _stream_ends(stdout, 1, "r", text, opened)
-        if stderr == subprocess.STDOUT:
-            err_fd, err_stream = out_fd, None
-        else:
-            err_fd, err_stream = _stream_ends(stderr, 2, "r", text, opened)
+        in_fd = os.open(os.devnull, os.O_RDONLY)
+        opened.append(in_fd)
+        out_fd, out_stream = _stream_ends(stdout, 1, text, opened)
+        err_fd, err_stream = _stream_ends(stderr, 2, text, opened)
         request = {"args": [str(a) for a in args], "code": code, "env": dict(os.environ if env is None else env),
-                   "cwd": os.fspath(cwd) if cwd is not None else os.getcwd(), "new_session": start_new_session}
+                   "cwd": os.getcwd()}
         pid = helper.fork(request, [in_fd, out_fd, err_fd])
     finally:
         for fd in opened:
             os.close(fd)
-    return WarmProcess(command, pid, in_stream, out_stream, err_stream)
+    return WarmProcess(command, pid, out_stream, err_stream)
 
 
 def spawn_gateway(args: Sequence[Any], **popen_kwargs: Any):
@@ -269,9 +243,9 @@ def spawn_python(code: str, *args: Any, **popen_kwargs: Any):
     return _popen([str(a) for a in args], code, **popen_kwargs)
 
 
-def _run(proc, input: Any, timeout: Optional[float]) -> subprocess.CompletedProcess:
+def _run(proc, timeout: Optional[float]) -> subprocess.CompletedProcess:
     try:
-        out, err = proc.communicate(input, timeout=timeout)
+        out, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.communicate()
@@ -279,24 +253,18 @@ def _run(proc, input: Any, timeout: Optional[float]) -> subprocess.CompletedProc
     return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
 
 
-def _run_kwargs(input: Any, capture_output: bool, popen_kwargs: dict) -> dict:
+def run_gateway(args: Sequence[Any], *, capture_output: bool = False, timeout: Optional[float] = None,
+                **popen_kwargs: Any) -> subprocess.CompletedProcess:
+    """`subprocess.run([python, "-m", "abstractgateway", *args], ...)`, forked warm; killed on a timeout."""
     if capture_output:
         popen_kwargs.update(stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    if input is not None:
-        popen_kwargs["stdin"] = subprocess.PIPE
-    return popen_kwargs
+    return _run(spawn_gateway(args, **popen_kwargs), timeout)
 
 
-def run_gateway(args: Sequence[Any], *, input: Any = None, capture_output: bool = False,
-                timeout: Optional[float] = None, **popen_kwargs: Any) -> subprocess.CompletedProcess:
-    """`subprocess.run([python, "-m", "abstractgateway", *args], ...)`, forked warm; killed on a timeout."""
-    return _run(spawn_gateway(args, **_run_kwargs(input, capture_output, popen_kwargs)), input, timeout)
-
-
-def run_python(code: str, *args: Any, input: Any = None, capture_output: bool = False,
-               timeout: Optional[float] = None, **popen_kwargs: Any) -> subprocess.CompletedProcess:
+def run_python(code: str, *args: Any, timeout: Optional[float] = None, **popen_kwargs: Any
+               ) -> subprocess.CompletedProcess:
     """`subprocess.run([python, "-c", code, *args], ...)`, forked warm; killed on a timeout."""
-    return _run(spawn_python(code, *args, **_run_kwargs(input, capture_output, popen_kwargs)), input, timeout)
+    return _run(spawn_python(code, *args, **popen_kwargs), timeout)
 
 
 if __name__ == "__main__":
