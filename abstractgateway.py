@@ -4536,6 +4536,16 @@ def _is_compaction(record: CommandRecord) -> bool:
     return record.type.lower() == "compact_memory"
 
 
+# A compact_memory without a target looks for the conversation in at most this many runs of its tree.
+COMPACTION_SEARCH_RUNS = 1000
+
+
+def _has_messages(run: RunState) -> bool:
+    context = run.vars.get("context") if isinstance(run.vars, dict) else None
+    messages = context.get("messages") if isinstance(context, dict) else None
+    return isinstance(messages, list) and bool(messages)
+
+
 def _command_failure(record: CommandRecord, exc: Exception) -> str:
     """The reason a command failed, as recorded in its outcome (an unexpected failure is also logged)."""
     reason = exc.detail if isinstance(exc, GatewayError) else f"{type(exc).__name__}: {exc}"
@@ -4674,10 +4684,10 @@ class CommandInbox:
             except Exception as exc:  # noqa: BLE001 - recorded as the command's failure
                 failure = exc
 
-        def commit(command: CommandRecord, _targets: List[str]) -> None:
+        def commit(command: CommandRecord, targets: List[str]) -> None:
             if failure is not None:
                 raise failure
-            self._commit_compaction(command, compaction)
+            self._commit_compaction(command, compaction, targets)
 
         return commit
 
@@ -4712,6 +4722,12 @@ class CommandInbox:
                 return [schedule_root(self.stores.runs, record.run_id).run_id]
             except GatewayError:
                 return []
+        if kind == "compact_memory":
+            try:
+                root, target = self._compaction_runs(record)
+            except GatewayError:
+                return []
+            return list(dict.fromkeys([root.run_id, target]))
         return self.gateway.live_tree_ids(record.run_id)
 
     def _apply_effect(self, record: CommandRecord, targets: List[str]) -> None:
@@ -4745,64 +4761,109 @@ class CommandInbox:
             self.runtime.resume_run(run_id)
         fire_schedule_now(self.stores.runs, tree[0])
 
-    def _run_compaction(self, record: CommandRecord) -> Tuple[StepWrites, str, RunState, str]:
-        """Run the runtime's MEMORY_COMPACT effect for a `compact_memory` command, out of band, on the
-        command's run (or `payload.target_run_id`); return its collected writes, job id, job and target.
+    def _compaction_runs(self, record: CommandRecord) -> Tuple[RunState, str]:
+        """(the scheduled root, the run to compact) of a `compact_memory` command.
 
-        It needs no LLM when there is nothing to compact; otherwise the runtime asks for an LLM call
-        (the workflow default model): without the LLM extra or a model the command fails with that
-        reason. Nothing is written here: `_commit_compaction` commits it with the command's outcome.
-        """
-        from abstractruntime import Effect, EffectType, StepPlan, WorkflowSpec
+        As on the original gateway, memory is compacted in scheduled run trees only (a schedule's
+        runs are the ones whose conversation grows without end), and on `payload.target_run_id`
+        if given, else on the run of the tree that holds the conversation (`_conversation_in`)."""
+        try:
+            root = schedule_root(self.stores.runs, record.run_id)
+        except GatewayError as exc:
+            if exc.code != "not_scheduled":
+                raise
+            raise GatewayError("compact_memory is only supported for scheduled runs (or runs inside a scheduled "
+                               "run tree)", code="not_scheduled") from None
+        payload = record.payload or {}
+        target = payload.get("target_run_id") or payload.get("targetRunId")
+        if isinstance(target, str) and target.strip():
+            if not self.stores.runs.exists(target.strip()):
+                raise run_not_found(target.strip())
+            return root, target.strip()
+        found = self._conversation_in(root)
+        if found is None:
+            raise Unprocessable("No compactable run found (no context.messages in the scheduled run tree)",
+                                code="nothing_to_compact")
+        return root, found
 
+    def _conversation_in(self, root: RunState) -> Optional[str]:
+        """The run of `root`'s tree whose `context.messages` a compaction shortens: `root` itself if it has
+        messages, else down the chain of subflows it waits on, else its newest descendant that has some
+        (loading at most `COMPACTION_SEARCH_RUNS` runs: a schedule may have thousands of finished ones)."""
+        runs, budget = self.stores.runs, [COMPACTION_SEARCH_RUNS]
+
+        def search(run: RunState) -> Optional[str]:
+            if _has_messages(run):
+                return run.run_id
+            seen, current = set(), run
+            while current is not None and current.run_id not in seen:
+                seen.add(current.run_id)
+                details = current.waiting.details if current.waiting is not None else None
+                sub_run_id = details.get("sub_run_id") if isinstance(details, dict) else None
+                current = runs.load(sub_run_id) if isinstance(sub_run_id, str) and sub_run_id else None
+                if current is not None and _has_messages(current):
+                    return current.run_id
+            for child_id in reversed(runs.child_ids(run.run_id)):
+                budget[0] -= 1
+                child = runs.load(child_id) if budget[0] >= 0 else None
+                found = search(child) if child is not None else None
+                if found or budget[0] < 0:
+                    return found
+            return None
+
+        return search(root)
+
+    def _run_compaction(self, record: CommandRecord) -> Tuple[StepWrites, str, str]:
+        """Run the runtime's MEMORY_COMPACT effect of a `compact_memory` command on its target run, out of
+        band, as the original does: its `started` and `completed` records go to the target's ledger (node
+        `compact_memory`), its summary model call to a child run of the target. Return the collected
+        writes, the scheduled root's id and the target's id; nothing is written here: `_commit_compaction`
+        commits it with the command's outcome.
+
+        It needs no LLM when there is nothing to compact; otherwise the runtime asks the workflow's
+        default model: without the LLM extra or a model the command fails with that reason."""
+        from abstractruntime import Effect, EffectType
+
+        root, target = self._compaction_runs(record)
         p = record.payload or {}
-        target = str(p.get("target_run_id") or p.get("targetRunId") or record.run_id)
-        for run_id in {record.run_id, target}:
-            if not self.stores.runs.exists(run_id):
-                raise run_not_found(run_id)
-        mode = str(p.get("compression_mode") or "standard")
-        if mode not in ("light", "standard", "heavy"):
-            raise GatewayError("compression_mode must be light, standard or heavy", code="invalid_payload")
-        effect_payload = {"target_run_id": target, "preserve_recent": int(p.get("preserve_recent", 6)),
-                          "compression_mode": mode, **({"focus": p["focus"]} if p.get("focus") else {})}
-
-        def compact(job: RunState, ctx: Any) -> Any:
-            return StepPlan(node_id="compact", effect=Effect(type=EffectType.MEMORY_COMPACT, payload=effect_payload,
-                                                             result_key="result"), next_node="done")
-
-        def done(job: RunState, ctx: Any) -> Any:
-            return StepPlan(node_id="done", complete_output={"result": job.vars.get("result")})
-
-        spec = WorkflowSpec(workflow_id="__compact_memory__", entry_node="compact",
-                            nodes={"compact": compact, "done": done})
+        given = {"preserve_recent": p.get("preserve_recent", p.get("preserveRecent")),
+                 "compression_mode": p.get("compression_mode") or p.get("compressionMode"), "focus": p.get("focus")}
+        effect = Effect(type=EffectType.MEMORY_COMPACT, payload={k: v for k, v in given.items() if v is not None},
+                        result_key="_temp.command.compact_memory")  # the runtime reads (and coerces) the payload
         with self.uow.collect() as writes:
-            job_id = self.runtime.start(workflow=spec, vars={}, actor_id=ACTOR_ID, parent_run_id=None,
-                                        session_id=target)
-            job = self.runtime.tick(workflow=spec, run_id=job_id, max_steps=5)
-        if _enum_value(job.status) != "completed":
-            needs_llm = self.llm is None and "llm_call" in str(job.error or "")
+            state = self.runtime.run_store.load(target)
+            outcome = self.runtime._execute_effect_with_retry(
+                run=state, node_id="compact_memory", effect=effect, default_next_node=None,
+                idempotency_key=f"command:compact_memory:{record.command_id}")
+            state.updated_at = utc_now_iso()
+            self.runtime.run_store.save(state)
+        if outcome.status == "failed":
+            needs_llm = self.llm is None and "llm_call" in str(outcome.error or "")
             raise Unprocessable(
                 f"compact_memory needs an LLM to summarise; install the '{LLM_EXTRA}' extra" if needs_llm
-                else f"compact_memory failed: {job.error}",
+                else f"compact_memory failed: {outcome.error}",
                 code="llm_extra_required" if needs_llm else "compact_failed")
-        return writes, job_id, job, target
+        return writes, root.run_id, target
 
-    def _commit_compaction(self, record: CommandRecord, compaction: Tuple[StepWrites, str, RunState, str]) -> None:
-        """Inside the command's transaction: commit a compaction unless a run it rewrote changed meanwhile."""
-        writes, job_id, job, target = compaction
+    def _commit_compaction(self, record: CommandRecord, compaction: Tuple[StepWrites, str, str],
+                           locked: List[str]) -> None:
+        """Inside the command's transaction: commit a compaction unless a run it rewrote changed meanwhile,
+        and note it on the scheduled root (`vars._runtime.last_compact_memory`)."""
+        writes, root_id, target = compaction
         changed = [rid for rid, text in writes.base.items()
                    if rid in writes.runs and self.stores.runs.load_json(rid) != text]
-        if changed:
-            raise Conflict(f"Run '{changed[0]}' changed while its memory was being compacted; send the command again",
-                           code="compact_conflict")
+        if changed or not {root_id, target} <= set(locked):
+            raise Conflict(f"Run '{(changed or [target])[0]}' changed while its memory was being compacted; send "
+                           "the command again", code="compact_conflict")
         for run_id, text in writes.ledger:
             self.stores.ledger.append_json(run_id, text)
         for row in writes.runs.values():
             self.stores.runs.save_row(row)
-        state = self.stores.runs.load(target)
-        state.vars.setdefault("_runtime", {})["last_compact_memory"] = {
-            "command_id": record.command_id, "job_run_id": job_id, "at": utc_now_iso(), "result": job.output}
-        self.stores.runs.save(state)
+        root = self.stores.runs.load(root_id)
+        root.vars.setdefault("_runtime", {})["last_compact_memory"] = {
+            "command_id": record.command_id, "updated_at": utc_now_iso(), "requested_run_id": record.run_id,
+            "scheduled_root_run_id": root_id, "target_run_id": target}
+        self.stores.runs.save(root)
 
     def _resume_waiting(self, run: RunState, payload: Dict[str, Any]) -> None:
         body = payload.get("payload")

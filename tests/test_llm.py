@@ -577,37 +577,48 @@ def test_doctor_lists_configured_providers_and_never_prints_a_key(tmp_path, fake
     assert "answers" in lines["lmstudio"], out.stdout
 
 
-def _waiting_run_with_a_long_context(server):
-    """A basic-followup run waiting for the user, its context grown to 20 messages (worth compacting)."""
-    run_id = _start(server, "basic-followup")
-    wait_for(lambda: (d := _run(server, run_id))["waiting"] and d["waiting"]["reason"] == "user", 60)
-    with server.gateway.runs_locked([run_id]):
-        state = server.gateway.stores.runs.load(run_id)
+def _scheduled_run_with_a_long_context(server):
+    """A schedule of basic-followup whose first execution waits for the user, its context grown to 20
+    messages (worth compacting); (the scheduled run, that execution)."""
+    status, _, data = server.post(f"{API}/runs/schedule", {"bundle_id": "basic-followup", "flow_id": "a8f5b5f8",
+                                                           "input_data": {"prompt": "Say hi"}, "interval": "1h"})
+    assert status == 200, data
+    root = data["run_id"]
+    runs = server.gateway.stores.runs
+    child = wait_for(lambda: (c := runs.list_children(parent_run_id=root)) and c[0].run_id, 60)
+    wait_for(lambda: (d := _run(server, child))["waiting"] and d["waiting"]["reason"] == "user", 60)
+    with server.gateway.runs_locked([child]):
+        state = runs.load(child)
         state.vars["context"] = {"messages": [{"role": "user", "content": f"m{i}"} for i in range(20)]}
-        server.gateway.stores.runs.save(state)
-    return run_id
+        runs.save(state)
+    return root, child
 
 
 def test_compact_memory_summarises_with_the_default_model(llm_server, fake_llm):
-    run_id = _waiting_run_with_a_long_context(llm_server)
+    root, child = _scheduled_run_with_a_long_context(llm_server)
     gateway = llm_server.gateway
     calls = fake_llm.calls
-    cid = _command(llm_server, run_id, "compact_memory", {"preserve_recent": 2})
+    cid = _command(llm_server, root, "compact_memory", {"preserve_recent": 2})
     assert _outcome(llm_server, cid)["status"] == "applied"
     assert fake_llm.calls > calls  # the summary came from the model
-    compacted = gateway.stores.runs.load(run_id).vars
-    assert compacted["_runtime"]["last_compact_memory"]["command_id"] == cid
+    compacted = gateway.stores.runs.load(child).vars
     assert len(compacted["context"]["messages"]) < 20
+    assert "SUMMARY" in compacted["context"]["messages"][0]["content"]
+    assert gateway.stores.runs.load(root).vars["_runtime"]["last_compact_memory"]["target_run_id"] == child
+    # what an observer of that run sees: the compaction in its ledger, as on the original
+    records = [r for r in _ledger(llm_server, child) if r["node_id"] == "compact_memory"]
+    assert [(r["status"], r["effect"]["type"]) for r in records] == [("started", "memory_compact"),
+                                                                      ("completed", "memory_compact")]
 
 
 def test_a_slow_compaction_blocks_no_writer(llm_server, fake_llm):
     """The model call of compact_memory runs outside any transaction: other writes go through meanwhile."""
-    run_id = _waiting_run_with_a_long_context(llm_server)
+    root, _ = _scheduled_run_with_a_long_context(llm_server)
     gateway = llm_server.gateway
     fake_llm.delay_s = 3.0
     try:
         calls = fake_llm.calls
-        cid = _command(llm_server, run_id, "compact_memory", {"preserve_recent": 2})
+        cid = _command(llm_server, root, "compact_memory", {"preserve_recent": 2})
         wait_for(lambda: fake_llm.in_flight > 0, 30)  # the model is being asked
         other = _start(llm_server, "basic-followup")  # a write while the model call is in flight
         assert gateway.stores.runs.status_of(other) and gateway.command_status(cid)["status"] == "pending"

@@ -721,23 +721,53 @@ def test_compact_memory_applies_when_no_llm_is_needed_and_fails_cleanly_otherwis
         gateway.close()
 
 
-def _compact_memory_without_llm(gateway):
-    run_id = gateway.start_run(bundle_id="ask")
-    wait_for(lambda: _status(gateway, run_id) == "waiting")
-    gateway.submit_command(command_id="cm1", run_id=run_id, type="compact_memory")
-    assert _outcome(gateway, "cm1")["status"] == "applied"  # nothing to compact: no LLM needed
-    assert gateway.stores.runs.load(run_id).vars["_runtime"]["last_compact_memory"]["command_id"] == "cm1"
-    # give the run a long conversation: summarising it needs an LLM this gateway does not have
+def _set_messages(gateway, run_id, n):
     with gateway.runs_locked([run_id]):
         state = gateway.stores.runs.load(run_id)
-        state.vars["context"] = {"messages": [{"role": "user", "content": f"m{i}"} for i in range(20)]}
+        state.vars["context"] = {"messages": [{"role": "user", "content": f"m{i}"} for i in range(n)]}
         gateway.stores.runs.save(state)
-    runs_before = len(gateway.stores.runs.list_run_index(limit=1000))
-    gateway.submit_command(command_id="cm2", run_id=run_id, type="compact_memory", payload={"preserve_recent": 2})
-    outcome = _outcome(gateway, "cm2")
+
+
+def _compact_memory_without_llm(gateway):
+    # as on the original: a run outside any schedule has no memory compacted, and nothing is written
+    plain = gateway.start_run(bundle_id="ask")
+    wait_for(lambda: _status(gateway, plain) == "waiting")
+    _set_messages(gateway, plain, 20)
+    records = gateway.stores.ledger.count(plain)
+    gateway.submit_command(command_id="cm0", run_id=plain, type="compact_memory")
+    outcome = _outcome(gateway, "cm0")
+    assert outcome["status"] == "failed" and "scheduled" in outcome["error"]
+    assert gateway.stores.ledger.count(plain) == records
+
+    root = gateway.schedule_run(bundle_id="ask", flow_id="ask", interval="1h")
+    wait_for(lambda: [c.status.value for c in _children(gateway, root)] == ["waiting"])
+    child = _children(gateway, root)[0].run_id
+    gateway.submit_command(command_id="cm1", run_id=root, type="compact_memory")
+    outcome = _outcome(gateway, "cm1")
+    assert outcome["status"] == "failed" and "No compactable run" in outcome["error"]  # no conversation yet
+
+    _set_messages(gateway, child, 3)  # a short conversation: nothing to summarise, no LLM needed
+    gateway.submit_command(command_id="cm2", run_id=root, type="compact_memory")
+    assert _outcome(gateway, "cm2")["status"] == "applied"
+    # found down the subflow the schedule waits on; the records are in that run's ledger
+    started, completed = gateway.stores.ledger.list(child)[-2:]
+    assert [(r["node_id"], r["status"], r["effect"]["type"]) for r in (started, completed)] == [
+        ("compact_memory", "started", "memory_compact"), ("compact_memory", "completed", "memory_compact")]
+    assert completed["idempotency_key"] == "command:compact_memory:cm2"
+    assert completed["result"]["results"][0]["output"].startswith("Nothing to compact")
+    marker = gateway.stores.runs.load(root).vars["_runtime"]["last_compact_memory"]
+    assert marker["command_id"] == "cm2" and marker["target_run_id"] == child
+    assert marker["scheduled_root_run_id"] == root == marker["requested_run_id"]
+
+    # a long conversation: summarising it needs an LLM this gateway does not have
+    _set_messages(gateway, child, 20)
+    runs_before, records = len(gateway.stores.runs.list_run_index(limit=1000)), gateway.stores.ledger.count(child)
+    gateway.submit_command(command_id="cm3", run_id=child, type="compact_memory", payload={"preserve_recent": 2})
+    outcome = _outcome(gateway, "cm3")
     assert outcome["status"] == "failed" and gw.LLM_EXTRA in outcome["error"]
-    assert len(gateway.stores.runs.list_run_index(limit=1000)) == runs_before  # the failed job left nothing
-    assert len(gateway.stores.runs.load(run_id).vars["context"]["messages"]) == 20
+    assert len(gateway.stores.runs.list_run_index(limit=1000)) == runs_before  # the summary's run is not kept
+    assert gateway.stores.ledger.count(child) == records
+    assert len(gateway.stores.runs.load(child).vars["context"]["messages"]) == 20
 
 
 def test_commands_lock_children_that_appear_while_waiting_for_locks(gateway, monkeypatch):
@@ -860,9 +890,10 @@ def test_on_the_file_backend_a_storage_error_leaves_no_earlier_command_half_appl
 
 
 def test_a_compaction_ends_the_batch_and_is_applied_on_its_own(gateway, monkeypatch):
-    a, b = _waiting_runs(gateway, 2)
+    a = _waiting_runs(gateway, 1)[0]
+    b = gateway.schedule_run(bundle_id="wait-key", flow_id="wait_key", interval="1h")
     gateway.submit_command(command_id="p-a", run_id=a, type="pause")
-    gateway.submit_command(command_id="cm", run_id=b, type="compact_memory")
+    gateway.submit_command(command_id="cm", run_id=b, type="compact_memory", payload={"target_run_id": b})
     gateway.submit_command(command_id="p-b", run_id=b, type="pause")
     opened = _count_transactions(gateway, monkeypatch)
     assert gateway.apply_pending_commands() == 3
