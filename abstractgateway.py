@@ -4127,6 +4127,8 @@ def split_bundle_ref(bundle_id: str, bundle_version: Optional[str]) -> Tuple[str
     if "@" in text:
         text, embedded = text.split("@", 1)
         embedded = embedded.strip() or None
+        if not text.strip():
+            raise GatewayError("bundle_id is required", code="bundle_id_required")
     if embedded and bundle_version and embedded != bundle_version:
         raise GatewayError(f"bundle_version '{bundle_version}' conflicts with bundle_id '{bundle_id}'",
                            code="version_conflict")
@@ -10179,6 +10181,9 @@ class CORSMiddleware(_Middleware):
                 ("Access-Control-Expose-Headers", "X-Request-Id, Retry-After, Content-Range"), ("Vary", "Origin")]
         if environ.get("REQUEST_METHOD") == "OPTIONS" and environ.get("HTTP_ACCESS_CONTROL_REQUEST_METHOD"):
             requested = environ.get("HTTP_ACCESS_CONTROL_REQUEST_HEADERS", "Authorization, Content-Type")
+            # the answer echoes the requested headers: a cache must key it on them too
+            cors[-1] = ("Vary", "Origin, Access-Control-Request-Method, Access-Control-Request-Headers, "
+                                "Access-Control-Request-Private-Network")
             start_response("200 OK", cors + [  # as the original (Starlette): 200, "OK"
                 ("Access-Control-Allow-Methods", "GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS"),
                 ("Access-Control-Allow-Headers", requested), ("Access-Control-Max-Age", "600"),

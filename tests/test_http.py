@@ -88,6 +88,8 @@ def test_bundle_routes(live_server, bundle_builder):
     assert live_server.get(f"{API}/bundles/echo?bundle_version=9")[0] == 404
     status, _, data = live_server.get(f"{API}/bundles/echo@1.0.0?bundle_version=2.0.0")
     assert status == 400 and _is_error(data, "version_conflict")
+    status, _, data = live_server.get(f"{API}/bundles/@1.0.0")  # a version without its bundle, as on the original
+    assert status == 400 and _is_error(data, "bundle_id_required")
     status, _, data = live_server.get(f"{API}/bundles/echo/flows/echo")
     assert status == 200 and data["flow"]["id"] == "echo"  # as authored, not the namespaced execution copy
     assert live_server.get(f"{API}/bundles/echo/flows/missing")[0] == 404

@@ -86,6 +86,7 @@ def test_health_and_docs_need_no_token_and_preflight_is_answered(live_server):
     status, headers, body = live_server.request("OPTIONS", f"{API}/runs", token=None, headers={
         "Origin": ALLOWED, "Access-Control-Request-Method": "POST"})
     assert (status, body) == (200, b"OK") and headers["Access-Control-Allow-Origin"] == ALLOWED  # as Starlette
+    assert "Access-Control-Request-Headers" in headers["Vary"]  # the answer echoes them: caches key on them
     status, headers, _ = live_server.get(f"{API}/runs")
     assert headers["X-Content-Type-Options"] == "nosniff" and headers["Cache-Control"] == "no-store"
 
