@@ -770,6 +770,30 @@ def _compact_memory_without_llm(gateway):
     assert len(gateway.stores.runs.load(child).vars["context"]["messages"]) == 20
 
 
+def test_compact_memory_finds_the_conversation_in_the_newest_execution(gateway):
+    """Without a target, as on the original: not an older execution's conversation, but the newest one's,
+    where it sits below a run without messages (a flow's agent)."""
+    from abstractruntime.core.models import RunState, RunStatus
+
+    root = gateway.schedule_run(bundle_id="echo", flow_id="echo", interval="1h")
+
+    def run(run_id, parent, created_at, messages=0):
+        runs_vars = {"context": {"messages": [{"role": "user", "content": f"m{i}"} for i in range(messages)]}}
+        gateway.stores.runs.save(RunState(run_id=run_id, workflow_id="echo@1.0.0:echo", status=RunStatus.COMPLETED,
+                                          current_node="end", parent_run_id=parent, created_at=created_at,
+                                          vars=runs_vars if messages else {}))
+
+    run("older", root, "2026-01-01T00:00:00+00:00", messages=3)
+    run("newer", root, "2026-01-02T00:00:00+00:00")
+    run("newer-agent", "newer", "2026-01-02T00:00:01+00:00", messages=3)
+    gateway.submit_command(command_id="cm", run_id="older", type="compact_memory")  # any run of the tree
+    gateway.apply_pending_commands()
+    assert gateway.command_status("cm")["status"] == "applied"
+    marker = gateway.stores.runs.load(root).vars["_runtime"]["last_compact_memory"]
+    assert (marker["target_run_id"], marker["scheduled_root_run_id"]) == ("newer-agent", root)
+    assert [r["node_id"] for r in gateway.stores.ledger.list("newer-agent")] == ["compact_memory"] * 2
+
+
 def test_commands_lock_children_that_appear_while_waiting_for_locks(gateway, monkeypatch):
     locked = []
     real_lock = gateway.runs_locked
