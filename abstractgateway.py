@@ -43,6 +43,7 @@ import base64
 import contextvars
 import errno
 import functools
+import glob
 import hashlib
 import itertools
 import json
@@ -739,14 +740,38 @@ def _create_database(path: Path, synchronous: str) -> None:
         except OSError:  # a filesystem without hard links
             if not path.exists():
                 os.replace(tmp, path)
-        fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        _fsync_dir(path.parent)
     finally:
         for leftover in (tmp, Path(f"{tmp}-wal"), Path(f"{tmp}-shm")):
             leftover.unlink(missing_ok=True)
+
+
+def _remove_dead_leftovers(directory: Path, prefix: str, suffix: str) -> None:
+    """Remove what a process killed while writing a file whole left behind: `{prefix}{pid}.{hex}{suffix}`
+    (and its SQLite side files) of a pid that is gone (`_create_database`, `Database.backup_to`)."""
+    for leftover in directory.glob(f"{glob.escape(prefix)}[0-9]*{suffix}*"):
+        pid = leftover.name[len(prefix):].split(".", 1)[0]
+        if pid.isdigit() and not _process_exists(int(pid)):
+            leftover.unlink(missing_ok=True)
+
+
+def _process_exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # someone else's process
+        return True
+    return True
+
+
+def _fsync_dir(path: Path) -> None:
+    """Make a rename or link in `path` durable."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 _WAL_MAGIC = (0x377F0682, 0x377F0683)  # the low bit: checksums over big-endian words
@@ -889,6 +914,8 @@ class Database:
             _refuse_foreign_file(self.path)
         elif migrate:
             _create_database(self.path, synchronous.upper())
+        if migrate:
+            _remove_dead_leftovers(self.path.parent, f".{self.path.name}.", ".new")
         self.inspect_only = not migrate
         self._identity: Optional[Tuple[int, int]] = None  # the file this gateway opened (see `file_problem`)
         self.synchronous = synchronous.upper()
@@ -1270,8 +1297,11 @@ class Database:
         if dest_path == self.path:
             raise ValueError("backup destination is the live database")
         dest_path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = dest_path.with_name(dest_path.name + ".partial")
-        tmp.unlink(missing_ok=True)
+        # A name of its own: two backups to one destination never write (or delete) each other's copy, and
+        # the last to finish replaces `dest` whole. Owner-only, as the live file: it holds the token.
+        _remove_dead_leftovers(dest_path.parent, f".{dest_path.name}.", ".partial")
+        tmp = dest_path.with_name(f".{dest_path.name}.{os.getpid()}.{uuid.uuid4().hex[:6]}.partial")
+        os.close(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
         source = self._open_connection()
         target = apsw.Connection(str(tmp))
         done = False
@@ -1293,9 +1323,10 @@ class Database:
                 self._all_connections.discard(source)
             source.close()
             if not done:  # no partial copy left behind to be mistaken for a backup
-                for leftover in (tmp, Path(f"{tmp}-journal")):
+                for leftover in (tmp, *(Path(f"{tmp}-{side}") for side in ("journal", "wal", "shm"))):
                     leftover.unlink(missing_ok=True)
         os.replace(tmp, dest_path)
+        _fsync_dir(dest_path.parent)
         return dest_path
 
 
@@ -2275,6 +2306,15 @@ class SettingsStore:
     def set(self, key: str, value: str) -> None:
         self.db.write(lambda conn: conn.execute(
             "INSERT OR REPLACE INTO settings (key, value, updated_at) VALUES (?,?,?)", (key, value, utc_now_iso())))
+
+    def set_if_absent(self, key: str, value: str) -> bool:
+        """Store `value` unless `key` has one; whether it was stored (two first starts: one wins)."""
+        def _insert(conn: apsw.Connection) -> bool:
+            conn.execute("INSERT OR IGNORE INTO settings (key, value, updated_at) VALUES (?,?,?)",
+                         (key, value, utc_now_iso()))
+            return conn.changes() == 1
+
+        return self.db.write(_insert)
 
 
 class AuditStore:
@@ -4102,9 +4142,9 @@ class WorkflowHost:
         unlinked without touching what it points to.
         """
         self.require_bundle_source()
-        removed = self.stores.bundles.delete(bundle_id, version)
+        removed = 0
         paths = sorted(self.flows_dir.glob("*.flow")) if self.flows_dir.is_dir() else []
-        for path in paths:
+        for path in paths:  # first what may fail (a read-only flows dir): then a failure deletes no upload
             try:
                 found = read_bundle(read_flow_file(path), str(path))
             except (GatewayError, OSError):
@@ -4117,7 +4157,7 @@ class WorkflowHost:
                 raise GatewayError(f"Failed removing {path.name} from the flows dir: {exc.strerror}",
                                    code="bundle_remove_failed") from None
             removed += 1
-        return removed
+        return removed + self.stores.bundles.delete(bundle_id, version)
 
 
 def split_bundle_ref(bundle_id: str, bundle_version: Optional[str]) -> Tuple[str, Optional[str]]:
@@ -7439,7 +7479,11 @@ class GatewayApp:
     def delete_bundle(self, request: Request, bundle_id: str, bundle_version: Optional[str], reload: bool) -> Response:
         self.gateway.host.require_bundle_source()
         bid, version = split_bundle_ref(bundle_id, bundle_version)
-        removed = self.gateway.host.remove(bid, version)
+        try:
+            removed = self.gateway.host.remove(bid, version)
+        except GatewayError:
+            self.gateway.host.reload()  # files removed before the failure are gone: list what is left
+            raise
         ref = f"{bid}@{version}" if version else bid
         if not removed:
             raise NotFound(f"Bundle '{ref}' not found", code="bundle_not_found")
@@ -10519,7 +10563,8 @@ def ensure_token(config: Config, settings: SettingsStore) -> Tuple[Optional[str]
     if settings.get(TOKEN_SETTING):
         return None, False
     token = secrets.token_urlsafe(32)
-    settings.set(TOKEN_SETTING, token)
+    if not settings.set_if_absent(TOKEN_SETTING, token):  # another process's first start stored its own
+        return None, False
     return token, True
 
 

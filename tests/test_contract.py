@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import zipfile
+from pathlib import Path
 
 import abstractgateway as gw
 from conftest import LiveServer, wait_for
@@ -91,6 +92,35 @@ def test_delete_removes_a_flows_dir_bundle_under_the_originals_rules(data_dir, b
         assert status == 200 and data["removed"] == 1
         assert (flows / "junk.flow").exists() and nested.exists() and outside.exists()
         assert not os.path.lexists(flows / "linked.flow")
+    finally:
+        server.close()
+
+
+def test_a_delete_that_cannot_remove_a_flows_dir_copy_deletes_no_upload(data_dir, bundle_builder, tmp_path,
+                                                                        monkeypatch):
+    """A read-only flows dir: the 400 says so, and the uploaded versions are still there and still start."""
+    from conftest import multipart
+
+    server = LiveServer(data_dir)
+    try:
+        upload = bundle_builder("echo", version="2.0.0", out_dir=tmp_path / "v2").read_bytes()
+        body, ctype = multipart({}, {"file": ("e.flow", upload)})
+        assert server.request("POST", f"{API}/bundles/upload", raw=body, headers={"Content-Type": ctype})[0] == 200
+        real_unlink = Path.unlink
+
+        def read_only(path, *args, **kwargs):
+            if path.suffix == ".flow":
+                raise OSError(30, "Read-only file system")
+            return real_unlink(path, *args, **kwargs)
+
+        monkeypatch.setattr(Path, "unlink", read_only)
+        status, _, data = server.request("DELETE", f"{API}/bundles/echo")
+        assert status == 400 and data["code"] == "bundle_remove_failed"
+        monkeypatch.undo()
+        assert server.post(f"{API}/runs/start", {"bundle_id": "echo@2.0.0"})[0] == 200
+        server.close()
+        server = LiveServer(data_dir)  # and after a restart
+        assert server.get(f"{API}/bundles/echo@2.0.0")[0] == 200
     finally:
         server.close()
 

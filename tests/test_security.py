@@ -18,7 +18,7 @@ import zipfile
 import pytest
 
 import abstractgateway as gw
-from conftest import LiveServer, multipart, wait_for
+from conftest import LiveServer, make_config, multipart, wait_for
 from processes import run_gateway, spawn_gateway
 
 API = "/api/gateway"
@@ -487,6 +487,22 @@ def _stop(proc):
     out, err = proc.communicate(timeout=20)
     assert proc.returncode == 0, err
     return out
+
+
+def test_of_two_first_starts_only_the_one_that_stored_its_token_announces_it(tmp_path, monkeypatch):
+    """Both read "no token yet", then each generates one: the second must not print a token that is not
+    the stored one (its clients would be refused)."""
+    config = make_config(tmp_path)
+    stores = gw.open_stores(config)
+    try:
+        first, announced = gw.ensure_token(config, stores.settings)
+        assert announced and stores.settings.get(gw.TOKEN_SETTING) == first
+        monkeypatch.setattr(stores.settings, "get", lambda key: None)  # it read before the first one stored
+        assert gw.ensure_token(config, stores.settings) == (None, False)
+        monkeypatch.undo()
+        assert stores.settings.get(gw.TOKEN_SETTING) == first
+    finally:
+        stores.close()
 
 
 def test_first_serve_generates_a_token_once(tmp_path):

@@ -5,7 +5,9 @@ from __future__ import annotations
 import inspect
 import json
 import math
+import os
 import signal
+import stat
 import subprocess
 import threading
 import time
@@ -573,6 +575,37 @@ def test_backup_while_writing_restores_cleanly(stores, tmp_path):
         restored.close()
 
 
+def test_two_backups_to_one_destination_each_leave_a_whole_owner_only_copy(stores, tmp_path):
+    """Each copy is written under a name of its own and renamed over the destination whole: what a backup
+    reports written is a sound database, readable by its owner only (it holds the token), and no
+    partial file is left beside it."""
+    for n in range(300):
+        stores.ledger.append(StepRecord(run_id="big", step_id=f"s{n}", node_id="n", status=StepStatus.COMPLETED,
+                                        result={"text": "x" * 2000}))
+    dest = tmp_path / "backups" / "gateway.sqlite3"
+    seen: list = []
+
+    def backup():
+        written = stores.db.backup_to(dest)
+        with open(written, "rb") as f:
+            seen.append(f.read(16))  # right after it returned: another backup may be writing meanwhile
+
+    for _ in range(3):
+        threads = [threading.Thread(target=backup) for _ in range(3)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    assert seen == [b"SQLite format 3\x00"] * 9
+    assert stat.S_IMODE(dest.stat().st_mode) == 0o600
+    assert [p.name for p in dest.parent.iterdir()] == ["gateway.sqlite3"]
+    restored = gw.Database(dest)
+    try:
+        assert gw.check_database(restored)[1] == [] and gw.SqliteLedgerStore(restored).count("big") == 300
+    finally:
+        restored.close()
+
+
 def test_check_and_backup_commands(data_dir, tmp_path, capsys):
     db_path = data_dir / "gateway.sqlite3"
     assert gw.main(["check", "--db-path", str(db_path)]) == 1  # no database yet
@@ -625,6 +658,25 @@ def test_a_failing_leader_never_strands_waiting_writers(stores):
     assert not any(t.is_alive() for t in threads)
     assert len(outcomes) == 6 and "CantOpenError" in outcomes.values()
     assert db.write_failure["code"] == "storage_error"  # health reports it for a while, then forgets
+
+
+def test_what_a_killed_creation_or_backup_left_is_removed_once_its_process_is_gone(tmp_path):
+    """A kill -9 while a fresh database or a backup is written whole leaves its temp file (and side files);
+    the next open, or backup to the same place, removes those of dead processes, never a live one's."""
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    names = [f".gateway.sqlite3.{dead.pid}.abc123.new", f".gateway.sqlite3.{dead.pid}.abc123.new-wal",
+             f".gateway.sqlite3.{os.getpid()}.def456.new", f".copy.sqlite3.{dead.pid}.abc123.partial",
+             f".copy.sqlite3.{dead.pid}.abc123.partial-journal", "unrelated.new"]
+    for name in names:
+        (tmp_path / name).write_bytes(b"x")
+    db = gw.Database(tmp_path / "gateway.sqlite3")
+    try:
+        db.backup_to(tmp_path / "copy.sqlite3")
+    finally:
+        db.close()
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name not in ("gateway.sqlite3", "copy.sqlite3")) == [
+        f".gateway.sqlite3.{os.getpid()}.def456.new", "unrelated.new"]
 
 
 def test_backup_and_check_never_create_or_migrate(tmp_path, capsys):
