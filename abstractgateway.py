@@ -748,10 +748,15 @@ def _create_database(path: Path, synchronous: str) -> None:
 
 def _remove_dead_leftovers(directory: Path, prefix: str, suffix: str) -> None:
     """Remove what a process killed while writing a file whole left behind: `{prefix}{pid}.{hex}{suffix}`
-    (and its SQLite side files) of a pid that is gone (`_create_database`, `Database.backup_to`)."""
+    (and its SQLite side files) of a pid that is gone (`_create_database`, `Database.backup_to`), and
+    untouched for a minute (a process in another pid namespace, sharing the directory, may be writing it)."""
     for leftover in directory.glob(f"{glob.escape(prefix)}[0-9]*{suffix}*"):
         pid = leftover.name[len(prefix):].split(".", 1)[0]
-        if pid.isdigit() and not _process_exists(int(pid)):
+        try:
+            idle_s = time.time() - leftover.stat().st_mtime
+        except OSError:
+            continue
+        if pid.isdigit() and idle_s > 60 and not _process_exists(int(pid)):
             leftover.unlink(missing_ok=True)
 
 

@@ -662,7 +662,8 @@ def test_a_failing_leader_never_strands_waiting_writers(stores):
 
 def test_what_a_killed_creation_or_backup_left_is_removed_once_its_process_is_gone(tmp_path):
     """A kill -9 while a fresh database or a backup is written whole leaves its temp file (and side files);
-    the next open, or backup to the same place, removes those of dead processes, never a live one's."""
+    the next open, or backup to the same place, removes those of dead processes, never a live one's nor
+    one written to within the last minute."""
     dead = subprocess.Popen(["true"])
     dead.wait()
     names = [f".gateway.sqlite3.{dead.pid}.abc123.new", f".gateway.sqlite3.{dead.pid}.abc123.new-wal",
@@ -670,13 +671,17 @@ def test_what_a_killed_creation_or_backup_left_is_removed_once_its_process_is_go
              f".copy.sqlite3.{dead.pid}.abc123.partial-journal", "unrelated.new"]
     for name in names:
         (tmp_path / name).write_bytes(b"x")
+        os.utime(tmp_path / name, (time.time() - 120,) * 2)  # untouched for two minutes
+    fresh = tmp_path / f".gateway.sqlite3.{dead.pid}.aaaaaa.new"  # maybe another pid namespace's, being written
+    fresh.write_bytes(b"x")
+    names.append(fresh.name)
     db = gw.Database(tmp_path / "gateway.sqlite3")
     try:
         db.backup_to(tmp_path / "copy.sqlite3")
     finally:
         db.close()
-    assert sorted(p.name for p in tmp_path.iterdir() if p.name not in ("gateway.sqlite3", "copy.sqlite3")) == [
-        f".gateway.sqlite3.{os.getpid()}.def456.new", "unrelated.new"]
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name not in ("gateway.sqlite3", "copy.sqlite3")) == sorted(
+        [f".gateway.sqlite3.{os.getpid()}.def456.new", fresh.name, "unrelated.new"])
 
 
 def test_backup_and_check_never_create_or_migrate(tmp_path, capsys):
