@@ -201,6 +201,10 @@ SETTINGS: Tuple[Setting, ...] = (
             help="A model call not answered after this long fails its step (the run fails, saying why) and frees "
                  "its slot (the model server is taken for stalled); it is also the provider's request timeout and "
                  "retry budget."),
+    Setting(name="llm_attempts", env="ABSTRACTGATEWAY_LLM_ATTEMPTS", kind="int", default=3,
+            help="Attempts per model call, as on the original: a call that fails (the model server errs, or does "
+                 "not answer within ABSTRACTGATEWAY_LLM_TIMEOUT_S) is made again after 1 s, then 2 s, each attempt "
+                 "recorded in the ledger; 1 makes no second attempt."),
     Setting(name="tool_mode", env="ABSTRACTGATEWAY_TOOL_MODE", flag="--tool-mode", kind="choice", default="passthrough",
             choices=("passthrough", "local"),
             help="`passthrough`: a tool call becomes a durable approval wait a client answers; `local`: the gateway "
@@ -5167,8 +5171,14 @@ class Gateway:
         self.knowledge_graph = TripleStoreHandle(Path(config.data_dir) / "abstractmemory" / "kg.sqlite3")
         self.llm = (LLMEffects(config, self.host, artifact_store=self.stores.artifacts, run_store=self.uow.runs)
                     if self.host.llm_available else None)
+        from abstractruntime.core.policy import RetryPolicy
+
+        # Model calls are tried `llm_attempts` times (the runtime records each attempt); a tool call the
+        # gateway runs itself is not repeated: its first attempt's side effects may have happened.
         self.runtime = _runtime_type()(run_store=self.uow.runs, ledger_store=self.uow.ledger,
                                        artifact_store=self.stores.artifacts, workflow_registry=self.host,
+                                       effect_policy=RetryPolicy(llm_max_attempts=config.llm_attempts,
+                                                                 tool_max_attempts=1),
                                        effect_handlers={**self.knowledge_graph.effect_handlers(self.uow.runs),
                                                         **(self.llm.handlers if self.llm else {})})
         if self.llm is not None:
@@ -5532,11 +5542,14 @@ class Gateway:
             self.check_lease(writes.lease)
             if self._changed_since_read(run.run_id, writes):
                 return False
-            records = writes.ledger
+            # Published before a crash, and run again: this step's records of the attempts made then (a
+            # model call is tried up to `llm_attempts` times, two records each) are already stored.
             count = self.stores.ledger.count(run.run_id)
-            last = self.stores.ledger.page_json(run.run_id, count - 1, 1) if count else []
-            if last and _same_attempt(json.loads(last[0]), json.loads(records[-1][1])):
-                records = records[:-1]  # published before a crash, and run again
+            window = 2 * self.config.llm_attempts + 2
+            stored = {_attempt_of(json.loads(text)) for text in
+                      self.stores.ledger.page_json(run.run_id, max(0, count - window), window)} if count else set()
+            records = [(rid, text) for rid, text in writes.ledger
+                       if rid != run.run_id or _attempt_of(json.loads(text)) not in stored - {None}]
             for rid, text in records:
                 self.stores.ledger.append_json(rid, text)
             for row in writes.runs.values():
@@ -5706,21 +5719,22 @@ def _continues(run: RunState) -> bool:
 _REUSABLE_EFFECTS = frozenset({"llm_call", "tool_calls"})
 
 
-def _same_attempt(stored: Dict[str, Any], started: Dict[str, Any]) -> bool:
-    """Whether `stored` is the `started` record of the same call attempt as `started`."""
-    return (started.get("status") == "started" == stored.get("status") and bool(started.get("idempotency_key"))
-            and all(stored.get(k) == started.get(k) for k in ("idempotency_key", "attempt", "node_id")))
+def _attempt_of(record: Dict[str, Any]) -> Optional[Tuple[Any, ...]]:
+    """What names one record of one attempt of an effect (None for a record of no effect attempt)."""
+    key = record.get("idempotency_key")
+    return (key, record.get("status"), record.get("attempt"), record.get("node_id")) if key else None
 
 
 def _paid_calls(run_id: str, ledger: List[Tuple[str, str]]) -> List[Tuple[str, str]]:
     """The records of `run_id`'s completed model and tool calls, each with its `started` record (a
-    client pairs them), in order: what is kept of a step whose checkpoint is dropped (`_commit_step`)."""
+    client pairs them) and those of its failed attempts, in order: what is kept of a step whose
+    checkpoint is dropped (`_commit_step`)."""
     records = [(rid, text, json.loads(text)) for rid, text in ledger if rid == run_id]
     paid = {r.get("idempotency_key") for _, _, r in records
             if r.get("status") == "completed" and (r.get("effect") or {}).get("type") in _REUSABLE_EFFECTS
             and not str(r.get("idempotency_key") or "").startswith("system:")}
     return [(rid, text) for rid, text, r in records
-            if r.get("idempotency_key") in paid and r.get("status") in ("started", "completed")]
+            if r.get("idempotency_key") in paid and r.get("status") in ("started", "completed", "failed")]
 
 
 def _check_tool_answer(run_id: str, details: Dict[str, Any], body: Dict[str, Any]) -> None:

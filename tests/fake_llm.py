@@ -5,7 +5,8 @@
 - when tools are offered, the user's message names one of them and no tool result is in the
   conversation yet, it answers with a call of that tool (so a test chooses which agents call tools);
 - `delay_s` makes every completion take that long (settable at run time: `POST /_control {"delay_s": 1}`);
-- `fail_status` makes every completion answer that HTTP error status;
+- `fail_status` makes every completion answer that HTTP error status; `fail_next` makes the next that
+  many fail at once (with `fail_status`, else 400, which the provider client does not retry itself);
 - `answer_bytes` pads every plain answer to that many characters (`POST /_control {"answer_bytes": N}`);
 - `GET /_stats` says how many completions were asked for, how many ran at once at most, how much
   time they spent inside the server (`served_s`) and when each began (`began`, epoch seconds);
@@ -102,6 +103,14 @@ class _FakeLLMHandler(BaseHTTPRequestHandler):
             fake.max_in_flight = max(fake.max_in_flight, fake.in_flight)
             fake.requests.append(body)
             fake.started.notify_all()
+            failing = fake.fail_next > 0
+            fake.fail_next -= failing
+        if failing:  # at once, whatever the delay
+            with fake._lock:
+                fake.in_flight -= 1
+            self._json({"error": {"message": "the fake model is failing on purpose", "type": "server_error"}},
+                       fake.fail_status or 400)
+            return
         delay = fake.delay_s
         try:
             if delay:
@@ -147,6 +156,7 @@ class FakeLLM:
     def __init__(self, port: int = 0, delay_s: float = 0.0) -> None:
         self.delay_s = delay_s
         self.fail_status = 0  # when set, completions answer this HTTP error status
+        self.fail_next = 0  # the next this many completions fail (with `fail_status`, else 400)
         self.answer_bytes = 0  # when set, plain answers are padded to this many characters
         self.calls = 0
         self.in_flight = 0

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 import uuid
+from datetime import datetime
 
 import pytest
 
@@ -347,7 +348,7 @@ def test_a_stop_leaves_steps_waiting_on_a_model_for_its_answer_or_its_slot(data_
 
 def test_a_model_that_does_not_answer_in_time_fails_the_run_saying_why(data_dir, fake_llm):
     fake_llm.delay_s = 30.0
-    server = _openai_gateway(data_dir, llm_timeout_s="1")
+    server = _openai_gateway(data_dir, llm_timeout_s="1", llm_attempts="1")  # (retries: tested below)
     try:
         data = _wait_status(server, _start(server, "basic-llm-test"), "failed", "completed")
         assert data["status"] == "failed" and "did not answer within 1s" in data["error"], data
@@ -440,12 +441,8 @@ def test_a_stop_during_a_slow_call_then_restart_asks_again_without_duplicate_rec
     its stop bound passes, leaving the step uncommitted): either way the step runs again after restart."""
     fake_llm.delay_s = 60.0
     port = _free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("ABSTRACTGATEWAY_")}
-    env.update(ABSTRACTGATEWAY_DATA_DIR=str(data_dir), ABSTRACTGATEWAY_FLOWS_DIR=str(FIXTURE_BUNDLES),
-               ABSTRACTGATEWAY_AUTH_TOKEN=LiveServer.TOKEN, ABSTRACTGATEWAY_PORT=str(port),
-               ABSTRACTGATEWAY_PROVIDER="openai", ABSTRACTGATEWAY_MODEL="gpt-5-mini",
-               ABSTRACTGATEWAY_RUNNER_LEASE_TTL_S="2")  # the restarted runner waits this long for the dead one's lease
-    proc = spawn_gateway(["serve"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = spawn_gateway(["serve"], env=_serve_env(data_dir, port), stdout=subprocess.DEVNULL,
+                         stderr=subprocess.DEVNULL)
     try:
         config = make_config(data_dir)
         wait_for(lambda: _port_open(port), 60)
@@ -471,6 +468,85 @@ def test_a_stop_during_a_slow_call_then_restart_asks_again_without_duplicate_rec
         keys = [(r["idempotency_key"], r["status"]) for r in records]
         assert len(keys) == len(set(keys)), keys  # no record written twice
         assert len(_llm_calls(records)) == 1
+    finally:
+        server.close()
+
+
+def _serve_env(data_dir, port):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ABSTRACTGATEWAY_")}
+    env.update(ABSTRACTGATEWAY_DATA_DIR=str(data_dir), ABSTRACTGATEWAY_FLOWS_DIR=str(FIXTURE_BUNDLES),
+               ABSTRACTGATEWAY_AUTH_TOKEN=LiveServer.TOKEN, ABSTRACTGATEWAY_PORT=str(port),
+               ABSTRACTGATEWAY_PROVIDER="openai", ABSTRACTGATEWAY_MODEL="gpt-5-mini",
+               ABSTRACTGATEWAY_RUNNER_LEASE_TTL_S="2")  # the restarted runner waits this long for the dead one's lease
+    return env
+
+
+def _llm_attempts(records):
+    return [(r["status"], r["attempt"]) for r in records if (r.get("effect") or {}).get("type") == "llm_call"]
+
+
+# The provider client (abstractcore) sends a request the model server refuses once more itself: each
+# attempt the gateway records is two refused requests.
+REFUSALS_PER_ATTEMPT = 2
+
+
+def test_a_failing_model_call_is_made_again_after_1_then_2_s_each_attempt_recorded(data_dir, fake_llm):
+    """As on the original (a model server restarting, a local model loading): three attempts."""
+    fake_llm.fail_next = 2 * REFUSALS_PER_ATTEMPT
+    server = _openai_gateway(data_dir)
+    try:
+        run_id = _start(server, "basic-llm-test")
+        assert _wait_status(server, run_id, "completed", "failed")["status"] == "completed"
+        records = [r for r in _ledger(server, run_id) if (r.get("effect") or {}).get("type") == "llm_call"]
+        assert _llm_attempts(records) == [("started", 1), ("failed", 1), ("started", 2), ("failed", 2),
+                                          ("started", 3), ("completed", 3)]
+        at = [datetime.fromisoformat(r["ended_at" if r["status"] == "failed" else "started_at"]) for r in records]
+        assert (at[2] - at[1]).total_seconds() >= 1.0 and (at[4] - at[3]).total_seconds() >= 2.0
+    finally:
+        server.close()
+
+
+def test_one_attempt_per_model_call_fails_the_run_at_the_first_error(data_dir, fake_llm):
+    fake_llm.fail_next = REFUSALS_PER_ATTEMPT
+    server = _openai_gateway(data_dir, llm_attempts="1")
+    try:
+        run_id = _start(server, "basic-llm-test")
+        data = _wait_status(server, run_id, "failed", "completed")
+        assert data["status"] == "failed" and "after 1 attempts" in data["error"], data
+        assert _llm_attempts(_ledger(server, run_id)) == [("started", 1), ("failed", 1)]
+    finally:
+        server.close()
+
+
+@pytest.mark.slow
+def test_a_kill_during_a_second_attempt_then_restart_writes_no_attempt_twice(data_dir, fake_llm):
+    """The first attempt's records and the second's `started` were shown before the kill; the step runs
+    again from its first attempt, and none of those records is written again."""
+    fake_llm.fail_next, fake_llm.delay_s = REFUSALS_PER_ATTEMPT, 60.0  # the first attempt fails, the second hangs
+    port = _free_port()
+    proc = spawn_gateway(["serve"], env=_serve_env(data_dir, port), stdout=subprocess.DEVNULL,
+                         stderr=subprocess.DEVNULL)
+    try:
+        wait_for(lambda: _port_open(port), 60)
+        run_id = _post_start(port)
+        fake_llm.wait_for_call(REFUSALS_PER_ATTEMPT + 1, timeout=60)
+        stores = gw.open_stores(make_config(data_dir))
+        try:
+            shown = wait_for(lambda: len(a := _llm_attempts(stores.ledger.list(run_id))) == 3 and a, 10)
+        finally:
+            stores.close()
+        assert shown == [("started", 1), ("failed", 1), ("started", 2)]
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(30)
+    fake_llm.delay_s = 0
+    server = _openai_gateway(data_dir)
+    try:
+        assert _wait_status(server, run_id, "completed", "failed")["status"] == "completed"
+        records = _ledger(server, run_id)
+        attempts = [(r["idempotency_key"], r["status"], r.get("attempt")) for r in records]
+        assert len(attempts) == len(set(attempts)), attempts  # no record written twice
+        assert _llm_attempts(records) == [("started", 1), ("failed", 1), ("started", 2), ("completed", 1)]
     finally:
         server.close()
 
