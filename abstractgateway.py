@@ -754,13 +754,14 @@ def _remove_dead_leftovers(directory: Path, prefix: str, suffix: str) -> None:
     """Remove what a process killed while writing a file whole left behind: `{prefix}{pid}.{hex}{suffix}`
     (and its SQLite side files) of a pid that is gone (`_create_database`, `Database.backup_to`), and
     untouched for a minute (a process in another pid namespace, sharing the directory, may be writing it)."""
+    name = re.compile(re.escape(prefix) + r"([0-9]{1,9})\.[0-9a-f]{6}" + re.escape(suffix) + r"(-wal|-shm|-journal)?")
     for leftover in directory.glob(f"{glob.escape(prefix)}[0-9]*{suffix}*"):
-        pid = leftover.name[len(prefix):].split(".", 1)[0]
+        match = name.fullmatch(leftover.name)
         try:
             idle_s = time.time() - leftover.stat().st_mtime
         except OSError:
             continue
-        if pid.isdigit() and idle_s > 60 and not _process_exists(int(pid)):
+        if match and idle_s > 60 and not _process_exists(int(match.group(1))):
             leftover.unlink(missing_ok=True)
 
 
@@ -1335,7 +1336,10 @@ class Database:
                 for leftover in (tmp, *(Path(f"{tmp}-{side}") for side in ("journal", "wal", "shm"))):
                     leftover.unlink(missing_ok=True)
         os.replace(tmp, dest_path)
-        _fsync_dir(dest_path.parent)
+        try:
+            _fsync_dir(dest_path.parent)
+        except OSError:  # a file system that cannot sync a directory (some network mounts): the copy is whole
+            pass
         return dest_path
 
 
@@ -3682,8 +3686,12 @@ def schedule_root(runs: Any, run_id: str) -> RunState:
     run = runs.load(run_id)
     if run is None:
         raise run_not_found(run_id)
-    while run is not None and schedule_of(run) is None:
+    seen = set()
+    while run is not None and schedule_of(run) is None and run.run_id not in seen:  # (a damaged parent loop)
+        seen.add(run.run_id)
         run = runs.load(run.parent_run_id) if run.parent_run_id else None
+    if run is not None and schedule_of(run) is None:
+        run = None
     if run is None:
         raise GatewayError(f"Run '{run_id}' is not part of a scheduled run", code="not_scheduled")
     return run
@@ -4877,10 +4885,16 @@ class CommandInbox:
 
         root, target = self._compaction_runs(record)
         p = record.payload or {}
-        given = {"preserve_recent": p.get("preserve_recent", p.get("preserveRecent")),
-                 "compression_mode": p.get("compression_mode") or p.get("compressionMode"), "focus": p.get("focus")}
-        effect = Effect(type=EffectType.MEMORY_COMPACT, payload={k: v for k, v in given.items() if v is not None},
-                        result_key="_temp.command.compact_memory")  # the runtime reads (and coerces) the payload
+        preserve = p.get("preserve_recent")
+        try:  # read as the original reads them: anything unreadable is the default
+            preserve = max(0, int(p.get("preserveRecent") if preserve is None else preserve))
+        except (TypeError, ValueError, OverflowError):
+            preserve = 6
+        mode = str(p.get("compression_mode") or p.get("compressionMode") or "standard").strip().lower()
+        focus = p.get("focus").strip() if isinstance(p.get("focus"), str) else ""
+        effect = Effect(type=EffectType.MEMORY_COMPACT, result_key="_temp.command.compact_memory", payload={
+            "preserve_recent": preserve, "compression_mode": mode if mode in ("light", "standard", "heavy") else
+            "standard", **({"focus": focus} if focus else {})})
         with self.uow.collect() as writes:
             state = self.runtime.run_store.load(target)
             outcome = self.runtime._execute_effect_with_retry(
@@ -4911,6 +4925,7 @@ class CommandInbox:
         for row in writes.runs.values():
             self.stores.runs.save_row(row)
         root = self.stores.runs.load(root_id)
+        root.updated_at = utc_now_iso()
         root.vars.setdefault("_runtime", {})["last_compact_memory"] = {
             "command_id": record.command_id, "updated_at": utc_now_iso(), "requested_run_id": record.run_id,
             "scheduled_root_run_id": root_id, "target_run_id": target}

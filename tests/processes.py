@@ -8,7 +8,9 @@ spends importing (about a hundred of them per suite run, on two cores).
 
 The helper forks twice, so the new process is re-parented to the test process (a child subreaper),
 which therefore waits on it like on any child: exit codes and deaths by signal read the same as
-`subprocess.Popen`'s. Where that cannot be had (not Linux), or for what the helper cannot carry
+`subprocess.Popen`'s. (So any process orphaned below a test process stays a zombie until it exits,
+and what Python reads from the environment only at start-up, such as PYTHONHASHSEED or PYTHONPATH,
+is the helper's.) Where that cannot be had (not Linux), or for what the helper cannot carry
 (`preexec_fn`), `spawn_gateway` falls back to `subprocess.Popen`. Tests about how a process is
 started (nohup, the console script, the .pyz) keep starting real interpreters themselves.
 """
@@ -55,7 +57,8 @@ def _become(request: dict, fds: List[int]) -> None:
         sys.exit(abstractgateway.main(request["args"]))
     sys.argv = ["-c", *request["args"]]
     sys.path[0] = ""
-    exec(compile(request["code"], "<string>", "exec"), {"__name__": "__main__", "__builtins__": __builtins__})
+    exec(compile(request["code"], "<string>", "exec", dont_inherit=True),  # (not this file's __future__)
+         {"__name__": "__main__", "__builtins__": __builtins__})
     sys.exit(0)
 
 
@@ -63,6 +66,7 @@ def _serve_forks(channel_fd: int) -> None:
     """The helper's loop: one request, one process, until the test process closes the channel."""
     import importlib
 
+    sys.path[0] = os.getcwd()  # the checkout the tests run from, as `python -m` would import it (not ours)
     for name in _WARM_MODULES:
         importlib.import_module(name)
     assert threading.active_count() == 1, "the helper must hold no thread when it forks"
@@ -119,9 +123,8 @@ class WarmProcess:
         return self._reap(os.WNOHANG)
 
     def wait(self, timeout: Optional[float] = None) -> int:
-        if timeout is None:
-            return self._reap(0)
-        deadline, pause = time.monotonic() + timeout, 0.0005
+        """Polls (a blocking waitpid under the lock would block `poll` and `send_signal` in other threads)."""
+        deadline, pause = time.monotonic() + (threading.TIMEOUT_MAX if timeout is None else timeout), 0.0005
         while self._reap(os.WNOHANG) is None:
             if time.monotonic() >= deadline:
                 raise subprocess.TimeoutExpired(self.args, timeout)
@@ -165,14 +168,18 @@ class _Helper:
     def __init__(self) -> None:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         self.channel, self.lock = ours, threading.Lock()
+        ours.settimeout(60)
         self.proc = subprocess.Popen([sys.executable, __file__, str(theirs.fileno())], pass_fds=[theirs.fileno()],
                                      stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
         theirs.close()
 
     def fork(self, request: dict, fds: List[int]) -> int:
-        with self.lock:
-            socket.send_fds(self.channel, [json.dumps(request).encode()], fds)
-            reply = self.channel.recv(1 << 16)
+        try:
+            with self.lock:
+                socket.send_fds(self.channel, [json.dumps(request).encode()], fds)
+                reply = self.channel.recv(1 << 16)
+        except OSError as exc:  # (the channel has a timeout: a stopped helper does not hang the test)
+            raise RuntimeError(f"the helper interpreter does not answer ({exc}); its error is on stderr") from None
         if not reply:
             raise RuntimeError("the helper interpreter exited; its error is on stderr")
         return json.loads(reply)["pid"]

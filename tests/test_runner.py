@@ -758,6 +758,13 @@ def _compact_memory_without_llm(gateway):
     marker = gateway.stores.runs.load(root).vars["_runtime"]["last_compact_memory"]
     assert marker["command_id"] == "cm2" and marker["target_run_id"] == child
     assert marker["scheduled_root_run_id"] == root == marker["requested_run_id"]
+    # a negative or unreadable preserve_recent is read as the original reads it: the runtime's default, 6
+    _set_messages(gateway, child, 5)
+    for n, preserve in enumerate((-1, "x", None)):
+        gateway.submit_command(command_id=f"cm2-{n}", run_id=root, type="compact_memory",
+                               payload={"preserve_recent": preserve})
+        assert _outcome(gateway, f"cm2-{n}")["status"] == "applied", preserve
+        assert "preserve_recent=6" in gateway.stores.ledger.list(child)[-1]["result"]["results"][0]["output"]
 
     # a long conversation: summarising it needs an LLM this gateway does not have
     _set_messages(gateway, child, 20)

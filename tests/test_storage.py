@@ -668,7 +668,8 @@ def test_what_a_killed_creation_or_backup_left_is_removed_once_its_process_is_go
     dead.wait()
     names = [f".gateway.sqlite3.{dead.pid}.abc123.new", f".gateway.sqlite3.{dead.pid}.abc123.new-wal",
              f".gateway.sqlite3.{os.getpid()}.def456.new", f".copy.sqlite3.{dead.pid}.abc123.partial",
-             f".copy.sqlite3.{dead.pid}.abc123.partial-journal", "unrelated.new"]
+             f".copy.sqlite3.{dead.pid}.abc123.partial-journal", "unrelated.new",
+             ".gateway.sqlite3.1\u00b2.abc123.new", f".gateway.sqlite3.{10**20}.abc123.new"]  # not ours: left
     for name in names:
         (tmp_path / name).write_bytes(b"x")
         os.utime(tmp_path / name, (time.time() - 120,) * 2)  # untouched for two minutes
@@ -681,7 +682,8 @@ def test_what_a_killed_creation_or_backup_left_is_removed_once_its_process_is_go
     finally:
         db.close()
     assert sorted(p.name for p in tmp_path.iterdir() if p.name not in ("gateway.sqlite3", "copy.sqlite3")) == sorted(
-        [f".gateway.sqlite3.{os.getpid()}.def456.new", fresh.name, "unrelated.new"])
+        [f".gateway.sqlite3.{os.getpid()}.def456.new", fresh.name, "unrelated.new",
+         ".gateway.sqlite3.1\u00b2.abc123.new", f".gateway.sqlite3.{10**20}.abc123.new"])
 
 
 def test_backup_and_check_never_create_or_migrate(tmp_path, capsys):
