@@ -3587,6 +3587,47 @@ def _namespace_flow(flow: Dict[str, Any], bundle: LoadedBundle, flow_id: str,
     return flow
 
 
+# An LLM node that names no provider and no model runs on the gateway's default (`LLMEffects._llm_call`
+# adds it to the call). For such a node the runtime's compiler leaves out what else its pins ask for,
+# a structured-output schema (`resp_schema`) above all, which the original's runtime keeps. Given this
+# placeholder pair it keeps them, and `_without_placeholder` takes the pair out of the node's effect
+# again before the runtime records or runs it.
+_NO_LLM_PINNED = "__gateway_default__"
+
+
+def _compile_flow(compile_visualflow: Callable[[Dict[str, Any]], Any], flow: Dict[str, Any]) -> Any:
+    """The runtime's compilation of `flow` (a copy of its own), its LLM nodes that pin no model given the
+    placeholder pair (see `_NO_LLM_PINNED`)."""
+    placeheld = []
+    for node in flow.get("nodes") or []:
+        data = node.get("data") if isinstance(node, dict) else None
+        if node.get("type") == "llm_call" and isinstance(data, dict):
+            config = data.get("effectConfig") if isinstance(data.get("effectConfig"), dict) else {}
+            if not config.get("provider") and not config.get("model"):
+                data["effectConfig"] = {**config, "provider": _NO_LLM_PINNED, "model": _NO_LLM_PINNED}
+                placeheld.append(node.get("id"))
+    spec = compile_visualflow(flow)
+    for node_id in placeheld:
+        if node_id in spec.nodes:
+            spec.nodes[node_id] = _without_placeholder(spec.nodes[node_id])
+    return spec
+
+
+def _without_placeholder(node: Callable[[RunState, Any], Any]) -> Callable[[RunState, Any], Any]:
+    """`node`, its LLM call stripped of the placeholder pair: of the model and provider, and of what only a
+    node that names its model gets (`max_input_tokens`), as the runtime makes such a call itself."""
+    def step(run: RunState, ctx: Any) -> Any:
+        plan = node(run, ctx)
+        effect = getattr(plan, "effect", None)
+        payload = getattr(effect, "payload", None)
+        if isinstance(payload, dict) and _NO_LLM_PINNED in (payload.get("provider"), payload.get("model")):
+            payload = {k: v for k, v in payload.items() if k not in ("provider", "model", "max_input_tokens")}
+            plan = dataclasses.replace(plan, effect=dataclasses.replace(effect, payload=payload))
+        return plan
+
+    return step
+
+
 # -- schedules: a parent run that starts the target flow as child runs on a timetable --------------
 
 SCHEDULE_PREFIX = "scheduled:"
@@ -3952,8 +3993,8 @@ class WorkflowHost:
         specs = {}
         try:
             for flow_id, flow in bundle.flows.items():  # compiled from the namespaced copy; served as authored
-                specs[workflow_id_for(bundle.bundle_id, bundle.bundle_version, flow_id)] = compile_visualflow(
-                    _namespace_flow(flow, bundle, flow_id, bundle.flows))
+                specs[workflow_id_for(bundle.bundle_id, bundle.bundle_version, flow_id)] = _compile_flow(
+                    compile_visualflow, _namespace_flow(flow, bundle, flow_id, bundle.flows))
         except Exception as exc:  # noqa: BLE001 - the compiler raises many types; one bad bundle must not stop others
             bundle.load_error = f"compile failed: {type(exc).__name__}: {exc}"
             catalog.errors.append(f"{origin}: {bundle.load_error}")
@@ -3986,7 +4027,7 @@ class WorkflowHost:
         for path in sorted(self.flows_dir.glob("*.json")) if self.flows_dir.is_dir() else []:
             try:
                 flow = json.loads(read_flow_file(path).decode("utf-8"))
-                spec = compile_visualflow(flow)
+                spec = _compile_flow(compile_visualflow, json.loads(json.dumps(flow)))  # (served as authored)
             except Exception as exc:  # noqa: BLE001 - report and keep loading the others
                 catalog.errors.append(f"{path}: {type(exc).__name__}: {exc}")
                 continue

@@ -3,6 +3,7 @@ OpenAI-compatible model server on loopback (tests/fake_llm.py): no network, no r
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -344,6 +345,25 @@ def test_a_stop_leaves_steps_waiting_on_a_model_for_its_answer_or_its_slot(data_
     finally:
         server.runner = None  # stopped already
         server.close()
+
+
+def test_a_schema_pin_reaches_the_model_call_of_a_node_that_pins_no_model(llm_server, fake_llm):
+    """basic-llm-test's LLM node names no provider or model (it runs on the gateway's default) and takes
+    its structured-output schema from a start pin: the call carries it, as on the original."""
+    schema = {"type": "object", "properties": {"answer_field_xyz": {"type": "string"}}}
+    status, _, data = llm_server.post(f"{API}/runs/start", {"bundle_id": "basic-llm-test",
+                                                           "input_data": {"prompt": "hi", "resp_schema": schema}})
+    assert status == 200, data
+    run = _wait_status(llm_server, data["run_id"], "completed", "failed")
+    assert run["status"] == "completed"
+    records = _ledger(llm_server, data["run_id"])
+    started = next(r for r in records if r["effect"] and r["effect"]["type"] == "llm_call")
+    payload = started["effect"]["payload"]
+    assert payload["response_schema"] == schema and payload["response_schema_name"] == "LLM_StructuredOutput"
+    assert "provider" not in payload and "model" not in payload  # the default is the gateway's, at call time
+    assert "answer_field_xyz" in json.dumps(fake_llm.requests[-1])
+    state = llm_server.gateway.stores.runs.load(data["run_id"])
+    assert gw._NO_LLM_PINNED not in json.dumps([run, records, state.vars])
 
 
 def test_a_model_that_does_not_answer_in_time_fails_the_run_saying_why(data_dir, fake_llm):
