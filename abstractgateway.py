@@ -9267,8 +9267,10 @@ class HttpServer:
     SLOW_HEAD_S = 1.0
     FLUSH_MAX_BYTES = 1 << 20  # the unsent rest of one answer the selector takes over (more: the worker sends it)
     FLUSH_TOTAL_BYTES = 64 << 20  # ...and of all answers it holds
-    CLOSE_LINGER_S = 2.0
-    CLOSE_LINGER_BYTES = 1 << 20
+    # A client that sends its whole body before reading (http.client, requests) must get to read the 413
+    # sent before it: the rest of the largest body a route takes is drained (the bundle cap, 75 MiB).
+    CLOSE_LINGER_S = 10.0
+    CLOSE_LINGER_BYTES = 128 << 20
     CLOSE_LINGER_MAX = 128
 
     def __init__(self, app: Callable, host: str, port: int, *, workers: int = 8, request_timeout_s: float = 15.0,
@@ -9310,6 +9312,7 @@ class HttpServer:
         # thread per request); the selector thread takes up their bookkeeping before its next events.
         self._returned: "deque[_Connection]" = deque()
         self._to_close: "deque[Any]" = deque()  # sockets a worker is done with, to close gently
+        self._sink = bytearray(1 << 18)  # where what a closing client still sends is read and dropped
         self._to_flush: "deque[_Connection]" = deque()  # answered connections whose client is slow to read
         self._flushing: "OrderedDict[int, _Connection]" = OrderedDict()  # fd: connection, least recent progress first
         self._flush_bytes = 0  # unsent bytes the selector holds (`FLUSH_TOTAL_BYTES`)
@@ -9429,13 +9432,13 @@ class HttpServer:
         if entry is None:
             return
         try:
-            data = sock.recv(65536)
+            got = sock.recv_into(self._sink)
         except BlockingIOError:
             return
         except OSError:
-            data = b""
-        left = entry[2] - len(data)
-        if not data or left <= 0:
+            got = 0
+        left = entry[2] - got
+        if not got or left <= 0:
             self._end_closing(sock)
         else:
             self._closing[sock.fileno()] = (sock, entry[1], left)

@@ -664,6 +664,24 @@ def test_a_refused_request_s_answer_is_not_lost_to_a_reset(live_server, oversize
         assert reply.startswith(expected) and b'"code":' in reply, reply[:200]
 
 
+def test_a_client_that_sends_a_whole_oversized_upload_before_reading_gets_the_413(tmp_path):
+    """http.client (and requests) send the whole body, then read: the 413 answered after the head must
+    still be there, so what follows it is drained, not reset (20 MiB here, as an 80 MiB bundle would be)."""
+    import http.client
+
+    server = LiveServer(tmp_path / "d", max_attachment_bytes="1000")
+    try:
+        body = b"--b\r\nContent-Disposition: form-data; name=\"file\"; filename=\"f\"\r\n\r\n" + b"x" * (20 << 20)
+        conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
+        conn.request("POST", f"{API}/attachments/upload", body=body, headers={
+            "Authorization": f"Bearer {server.TOKEN}", "Content-Type": "multipart/form-data; boundary=b"})
+        response = conn.getresponse()
+        assert response.status == 413 and json.loads(response.read())["code"] == "too_large"
+        conn.close()
+    finally:
+        server.close()
+
+
 def test_workers_waiting_for_a_client_s_next_request_hold_no_request_slot(tmp_path):
     server = LiveServer(tmp_path / "d", max_threads="2")
     server.server.LINGER_S = 5.0  # each worker waits long for its client's next request
