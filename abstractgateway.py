@@ -4502,6 +4502,12 @@ class LLMEffects:
     def _tool_calls(self, run: RunState, effect: Any, default_next_node: Optional[str]) -> Any:
         if self.tool_mode == "local":  # the tools run here (else the call is an approval wait: no time)
             self.before_call(run)
+        elif not (effect.payload or {}).get("wait_key"):
+            # One key per approval, as on the original: the runtime's own (`tool_calls:<run>:<node>`) is the
+            # same for every tool step of an agent, so an answer sent again for the step before (a retry, a
+            # second click) would approve the next step's calls unseen.
+            key = f"tool_approval:{run.run_id}:{run.current_node}:{uuid.uuid4().hex}"
+            effect = dataclasses.replace(effect, payload={**(effect.payload or {}), "wait_key": key})
         return self._integration()[EffectType.TOOL_CALLS](run, effect, default_next_node)
 
     def execute(self, *, tool_calls: List[Dict[str, Any]]) -> Dict[str, Any]:
@@ -5796,9 +5802,10 @@ def _paid_calls(run_id: str, ledger: List[Tuple[str, str]]) -> List[Tuple[str, s
 def _check_tool_answer(run_id: str, details: Dict[str, Any], body: Dict[str, Any]) -> None:
     """Refuse tool results for calls the current approval wait does not have.
 
-    A tool step's wait key is reused by the agent's next tool step, so a late duplicate answer would
-    otherwise be applied to a wait it was never meant for; `runtime_call_id` names one step's call.
-    A bare `{"approved": ...}` answer names the calls it decides in `runtime_call_ids`, for the same reason.
+    Each tool step waits on a key of its own (`LLMEffects._tool_calls`), but an answer that names no
+    key, or a wait made by an older version (whose key the agent's next tool step reused), would
+    otherwise take a late duplicate answer meant for the step before; `runtime_call_id` names one
+    step's call. A bare `{"approved": ...}` answer names the calls it decides in `runtime_call_ids`.
     """
     pending = {str(tc.get("runtime_call_id")) for tc in details.get("tool_calls") or [] if isinstance(tc, dict)}
     results = body.get("results") if isinstance(body.get("results"), list) else []

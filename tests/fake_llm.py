@@ -200,18 +200,19 @@ class FakeLLM:
 
 def reply_to(body: Dict[str, Any]) -> Dict[str, Any]:
     """The assistant message: a call of an offered tool the user's message names (e.g. "use
-    execute_command") while no tool result is in the conversation yet; otherwise a plain answer."""
+    execute_command") while no tool result is in the conversation yet (or only one, when it says
+    "TWICE": two tool steps); otherwise a plain answer."""
     messages = body.get("messages") or []
     last = next((m for m in reversed(messages) if isinstance(m, dict) and m.get("role") == "user"), {})
     content = last.get("content")
     text = content if isinstance(content, str) else json.dumps(content)
     tools = [str(t.get("function", t).get("name")) for t in body.get("tools") or [] if isinstance(t, dict)]
-    answered = any(isinstance(m, dict) and m.get("role") == "tool" for m in messages)
+    answered = sum(1 for m in messages if isinstance(m, dict) and m.get("role") == "tool")
     wanted = [name for name in tools if name in text]
-    if wanted and not answered:
-        arguments = {"command": "echo hello"} if wanted[0] == "execute_command" else {}
+    if wanted and answered < (2 if "TWICE" in text else 1):
+        arguments = {"command": f"echo hello{answered or ''}"} if wanted[0] == "execute_command" else {}
         return {"role": "assistant", "content": "",
-                "tool_calls": [{"id": "call_1", "type": "function",
+                "tool_calls": [{"id": f"call_{answered + 1}", "type": "function",
                                 "function": {"name": wanted[0], "arguments": json.dumps(arguments)}}]}
     return {"role": "assistant", "content": f"{ANSWER} You said: {text[-200:]}"}
 

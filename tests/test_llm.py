@@ -139,7 +139,7 @@ def test_tool_calls_wait_for_approval_and_the_agent_goes_on_with_the_results(llm
     run_id = _start(llm_server, bundle, prompt="Please use execute_command to run echo hello")
     child = _waiting_child(llm_server, run_id)
     waiting = _run(llm_server, child.run_id)["waiting"]
-    assert waiting["reason"] == "event" and waiting["wait_key"] == f"tool_calls:{child.run_id}:act"
+    assert waiting["reason"] == "event" and waiting["wait_key"].startswith(f"tool_approval:{child.run_id}:act:")
     details = child.waiting.details
     assert details["mode"] == "approval_required"
     [call] = details["tool_calls"]
@@ -171,6 +171,25 @@ def test_tool_calls_wait_for_approval_and_the_agent_goes_on_with_the_results(llm
     assert answered == approved
     tool_messages = [m for r in fake_llm.requests for m in r["messages"] if m.get("role") == "tool"]
     assert any("hello" in str(m.get("content")) for m in tool_messages)  # the model saw the tool's output
+
+
+def test_an_answer_sent_again_for_the_step_before_never_approves_the_next_tool_step(llm_server, fake_llm):
+    """Each approval waits on a key of its own, as on the original: a retried or double-clicked answer to
+    the first tool step does not answer the second."""
+    run_id = _start(llm_server, "test", prompt="TWICE use execute_command")
+    first = _waiting_child(llm_server, run_id)
+    answer = {"wait_key": first.waiting.wait_key, "payload": _executed(first)}
+    assert _outcome(llm_server, _command(llm_server, first.run_id, "resume", answer))["status"] == "applied"
+    second = wait_for(lambda: (c := llm_server.gateway.stores.runs.load(first.run_id)).waiting
+                      and c.waiting.wait_key != first.waiting.wait_key and c, 60)
+    assert second.waiting.details["tool_calls"][0]["arguments"]["command"] == "echo hello1"
+    outcome = _outcome(llm_server, _command(llm_server, first.run_id, "resume", answer))  # sent again
+    assert outcome["status"] == "failed" and "wait_key" in outcome["error"]
+    assert _run(llm_server, first.run_id)["waiting"]["wait_key"] == second.waiting.wait_key  # still asked
+    cid = _command(llm_server, first.run_id, "resume", {"wait_key": second.waiting.wait_key,
+                                                        "payload": _executed(second)})
+    assert _outcome(llm_server, cid)["status"] == "applied"
+    assert _wait_status(llm_server, run_id, "completed", "failed")["status"] == "completed"
 
 
 def test_a_second_approval_of_the_same_wait_is_recorded_as_failed_never_applied(llm_server, fake_llm):
