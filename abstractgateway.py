@@ -283,7 +283,9 @@ SETTINGS: Tuple[Setting, ...] = (
     Setting(name="idle_timeout_s", env="ABSTRACTGATEWAY_IDLE_TIMEOUT_S", kind="float", default=5.0, minimum=0.1,
             help="A connection with no request in progress (new, or kept alive after one) is closed after this long."),
     Setting(name="http_workers", env="ABSTRACTGATEWAY_HTTP_WORKERS", kind="int", default=8,
-            help="Worker threads that serve requests (long-lived, each with a warm database connection)."),
+            help="Worker threads that serve requests (long-lived, each with a warm database connection). While "
+                 "requests wait behind slow ones on all of them, more are started, up to this plus "
+                 "ABSTRACTGATEWAY_MAX_CONCURRENCY; each extra one ends after 30 s without work."),
     Setting(name="max_connections", env="ABSTRACTGATEWAY_MAX_CONNECTIONS", kind="int", default=4096,
             help="Open connections (SSE streams aside); when full, the longest-idle one is closed to admit a new "
                  "client (503 only when none is idle)."),
@@ -9280,8 +9282,9 @@ class HttpServer:
     CLOSE_LINGER_BYTES = 128 << 20
     CLOSE_LINGER_MAX = 128
 
-    def __init__(self, app: Callable, host: str, port: int, *, workers: int = 8, request_timeout_s: float = 15.0,
-                 idle_timeout_s: float = 5.0, max_requests: int = 256, max_connections: int = 4096,
+    def __init__(self, app: Callable, host: str, port: int, *, workers: int = 8, max_workers: int = 72,
+                 request_timeout_s: float = 15.0, idle_timeout_s: float = 5.0, max_requests: int = 256,
+                 max_connections: int = 4096,
                  sse_max_buffer_bytes: int = 1 << 20,
                  quick: Optional[Callable[[Dict[str, Any]], bool]] = None,
                  group: Optional[CommitGroup] = None) -> None:
@@ -9294,6 +9297,7 @@ class HttpServer:
         self.quick = quick
         self.group = group
         self.workers = workers
+        self.max_workers = max(workers, max_workers)
         self.request_timeout_s = request_timeout_s
         self.idle_timeout_s = idle_timeout_s
         self.max_requests = max_requests
@@ -9336,6 +9340,8 @@ class HttpServer:
         self._stop = threading.Event()
         self._stopped = threading.Event()
         self._threads: List[threading.Thread] = []
+        self._taken = 0  # how many times workers took work from `_ready`
+        self._stall = (time.monotonic(), 0)  # since when work waits while `_taken` stays at this count
 
     # -- selector thread -----------------------------------------------------------------------
 
@@ -9348,7 +9354,7 @@ class HttpServer:
         try:
             while not self._stop.is_set():
                 try:
-                    events = self._selector.select(0.25)
+                    events = self._selector.select(0.1 if self._ready.qsize() else 0.25)
                     self._adopt_returned()  # before their events: a returned connection is idle
                     for key, _mask in events:
                         if key.data == "accept":
@@ -9361,7 +9367,9 @@ class HttpServer:
                             self._flush_more(key.data)
                         else:
                             self._on_readable(key.data)
-                    self._sweep(time.monotonic())
+                    now = time.monotonic()
+                    self._sweep(now)
+                    self._add_workers(now)
                 except Exception as exc:  # noqa: BLE001 - one bad connection must not stop the server
                     _log(f"http selector: {type(exc).__name__}: {exc}")
                     time.sleep(0.01)
@@ -9912,10 +9920,12 @@ class HttpServer:
         self._wake()
         if self._threads:
             self._stopped.wait(5.0)
-        for _ in self._threads:
+        with self._lock:
+            threads = list(self._threads)
+        for _ in threads:
             self._ready.put(None)
         deadline = time.monotonic() + 5.0
-        for thread in self._threads:
+        for thread in threads:
             thread.join(max(0.0, deadline - time.monotonic()))
         with self._lock:
             left: List[Any] = self._grouped
@@ -9937,17 +9947,47 @@ class HttpServer:
 
     LINGER_S = 0.002  # a free worker waits this long for a client's next request before handing it back
     QUICK_BUDGET_S = 0.02  # a quick read that took more CPU on the selector thread: its path goes to workers
+    # Work waiting this long while no worker takes any (every one is held that long): more workers are
+    # started. Well above what a burst of quick requests (a thousand streams opened at once) holds them.
+    ELASTIC_AFTER_S = 0.5
+    ELASTIC_IDLE_S = 30.0  # ...each of which ends after this long without work
 
-    def _work(self) -> None:
+    def _add_workers(self, now: float) -> None:
+        """Requests wait while every worker is held by a slow one (a model answering an observer request,
+        a large upload): start a worker per waiting request, up to `max_workers`, rather than keep every
+        other client waiting behind them. The extra workers end once idle for `ELASTIC_IDLE_S`."""
+        waiting, taken = self._ready.qsize(), self._taken
+        if not waiting or taken != self._stall[1]:
+            self._stall = (now, taken)
+            return
+        if now - self._stall[0] < self.ELASTIC_AFTER_S or self._stop.is_set():
+            return
+        with self._lock:
+            added = [threading.Thread(target=self._work, args=(True,), name="http-worker-extra", daemon=True)
+                     for _ in range(min(waiting, self.max_workers - len(self._threads)))]
+            self._threads.extend(added)
+        for thread in added:
+            thread.start()
+        self._stall = (now, taken)
+
+    def _work(self, extra: bool = False) -> None:
+        import queue
         import select
 
         poller = select.poll()
         while True:
             with self._lock:
                 self._idle_workers += 1
-            conn = self._ready.get()
+            try:
+                conn = self._ready.get(timeout=self.ELASTIC_IDLE_S if extra else None)
+            except queue.Empty:
+                with self._lock:
+                    self._idle_workers -= 1
+                    self._threads.remove(threading.current_thread())
+                return
             with self._lock:
                 self._idle_workers -= 1
+                self._taken += 1
             if conn is None:
                 return
             if conn is _GROUP_TURN:
@@ -10168,7 +10208,8 @@ def server_options(gateway: Gateway) -> Dict[str, Any]:
     config, stores = gateway.config, gateway.stores
     group = (commit_group(config, functools.partial(stores.db.transaction, isolate_writes=True))
              if stores.atomic else None)
-    return {"workers": config.http_workers, "request_timeout_s": config.request_timeout_s,
+    return {"workers": config.http_workers, "max_workers": config.http_workers + config.max_concurrency,
+            "request_timeout_s": config.request_timeout_s,
             "idle_timeout_s": config.idle_timeout_s, "max_requests": config.max_threads,
             "max_connections": config.max_connections, "sse_max_buffer_bytes": config.sse_max_buffer_bytes,
             "quick": is_quick_request if stores.keyed_reads else None, "group": group}

@@ -682,6 +682,63 @@ def test_a_client_that_sends_a_whole_oversized_upload_before_reading_gets_the_41
         server.close()
 
 
+def _held_list_bundles(server):
+    """Make `GET /bundles` wait until released (a slow model or upload); (entered list, release event)."""
+    entered, release = [], threading.Event()
+    real = server.app.list_bundles
+
+    def held(request, *args, **kwargs):
+        entered.append(1)
+        release.wait(20)
+        return real(request, *args, **kwargs)
+
+    server.app.list_bundles = held
+    return entered, release
+
+
+def test_requests_held_long_on_every_worker_stall_no_other_client(tmp_path, monkeypatch):
+    """Slow requests (a model answering an observer, a large upload) on every worker: more workers are
+    started, so another client is answered at once; they end once idle. (The original serves others
+    meanwhile too.)"""
+    monkeypatch.setattr(gw.HttpServer, "ELASTIC_IDLE_S", 0.5)
+    server = LiveServer(tmp_path / "d", runner=False, http_workers="2")
+    http = server.server
+    entered, release = _held_list_bundles(server)
+    held = [threading.Thread(target=server.get, args=(f"{API}/bundles",), kwargs={"timeout": 30}) for _ in range(5)]
+    try:
+        for t in held:
+            t.start()
+        wait_for(lambda: len(entered) == 5)  # all five in the app at once, on 2 workers and 3 more
+        began = time.monotonic()
+        assert server.get(f"{API}/runs")[0] == 200
+        assert time.monotonic() - began < 2.0
+    finally:
+        release.set()
+        for t in held:
+            t.join(30)
+    wait_for(lambda: len(http._threads) == 2, timeout=10)  # the extra ones ended, idle
+    server.close()
+
+
+def test_past_max_concurrency_api_requests_are_refused_with_429(tmp_path):
+    server = LiveServer(tmp_path / "d", runner=False, http_workers="2", max_concurrency="3")
+    entered, release = _held_list_bundles(server)
+    held = [threading.Thread(target=server.get, args=(f"{API}/bundles",), kwargs={"timeout": 30}) for _ in range(3)]
+    try:
+        for t in held:
+            t.start()
+        wait_for(lambda: len(entered) == 3)
+        status, headers, body = server.get(f"{API}/runs")
+        assert (status, body["code"], headers["Retry-After"]) == (429, "concurrency_limit", "1")
+        assert server.get("/api/health")[0] == 200  # not an API request: never counted
+    finally:
+        release.set()
+        for t in held:
+            t.join(30)
+    assert server.get(f"{API}/runs")[0] == 200
+    server.close()
+
+
 def test_workers_waiting_for_a_client_s_next_request_hold_no_request_slot(tmp_path):
     server = LiveServer(tmp_path / "d", max_threads="2")
     server.server.LINGER_S = 5.0  # each worker waits long for its client's next request
