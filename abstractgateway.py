@@ -9962,13 +9962,18 @@ class HttpServer:
             return
         if now - self._stall[0] < self.ELASTIC_AFTER_S or self._stop.is_set():
             return
+        self._stall = (now, taken)
         with self._lock:
             added = [threading.Thread(target=self._work, args=(True,), name="http-worker-extra", daemon=True)
                      for _ in range(min(waiting, self.max_workers - len(self._threads)))]
             self._threads.extend(added)
         for thread in added:
-            thread.start()
-        self._stall = (now, taken)
+            try:
+                thread.start()
+            except RuntimeError:  # no thread to be had (a process or memory limit): the others go on
+                with self._lock:
+                    self._threads = [t for t in self._threads if t.is_alive() or t not in added]
+                return
 
     def _work(self, extra: bool = False) -> None:
         import queue
