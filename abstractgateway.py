@@ -284,8 +284,8 @@ SETTINGS: Tuple[Setting, ...] = (
             help="A connection with no request in progress (new, or kept alive after one) is closed after this long."),
     Setting(name="http_workers", env="ABSTRACTGATEWAY_HTTP_WORKERS", kind="int", default=8,
             help="Worker threads that serve requests (long-lived, each with a warm database connection). While "
-                 "requests wait behind slow ones on all of them, more are started, up to this plus "
-                 "ABSTRACTGATEWAY_MAX_CONCURRENCY; each extra one ends after 30 s without work."),
+                 "requests wait behind slow ones on all of them, more are started, up to four times this many; "
+                 "each extra one ends after 10 s without work."),
     Setting(name="max_connections", env="ABSTRACTGATEWAY_MAX_CONNECTIONS", kind="int", default=4096,
             help="Open connections (SSE streams aside); when full, the longest-idle one is closed to admit a new "
                  "client (503 only when none is idle)."),
@@ -4327,6 +4327,7 @@ def _answer_within(call: Callable[..., Any], kwargs: Dict[str, Any], timeout_s: 
 
     box: Dict[str, Any] = {}
     events: "queue.SimpleQueue[Optional[Tuple[tuple, dict]]]" = queue.SimpleQueue()
+    as_given = kwargs
     params = kwargs.get("params")
     on_progress = params.get("on_progress") if isinstance(params, dict) else None
     if callable(on_progress):
@@ -4342,7 +4343,10 @@ def _answer_within(call: Callable[..., Any], kwargs: Dict[str, Any], timeout_s: 
         finally:
             events.put(None)
 
-    threading.Thread(target=work, name="llm-call", daemon=True).start()
+    try:
+        threading.Thread(target=work, name="llm-call", daemon=True).start()
+    except RuntimeError:  # no thread to be had (a process or memory limit): made here, without the deadline
+        return call(**as_given)
     deadline = time.monotonic() + timeout_s
     while True:
         try:
@@ -9282,7 +9286,7 @@ class HttpServer:
     CLOSE_LINGER_BYTES = 128 << 20
     CLOSE_LINGER_MAX = 128
 
-    def __init__(self, app: Callable, host: str, port: int, *, workers: int = 8, max_workers: int = 72,
+    def __init__(self, app: Callable, host: str, port: int, *, workers: int = 8, max_workers: int = 32,
                  request_timeout_s: float = 15.0, idle_timeout_s: float = 5.0, max_requests: int = 256,
                  max_connections: int = 4096,
                  sse_max_buffer_bytes: int = 1 << 20,
@@ -9950,12 +9954,15 @@ class HttpServer:
     # Work waiting this long while no worker takes any (every one is held that long): more workers are
     # started. Well above what a burst of quick requests (a thousand streams opened at once) holds them.
     ELASTIC_AFTER_S = 0.5
-    ELASTIC_IDLE_S = 30.0  # ...each of which ends after this long without work
+    ELASTIC_IDLE_S = 10.0  # ...each of which ends after this long without work
 
     def _add_workers(self, now: float) -> None:
         """Requests wait while every worker is held by a slow one (a model answering an observer request,
-        a large upload): start a worker per waiting request, up to `max_workers`, rather than keep every
-        other client waiting behind them. The extra workers end once idle for `ELASTIC_IDLE_S`."""
+        a large upload): start a worker per waiting request, at most `workers` at a time and up to
+        `max_workers`, rather than keep every other client waiting behind them. The extra workers end
+        once idle for `ELASTIC_IDLE_S`. (Bounded well below the thread budget: each model call takes a
+        thread of its own too, and under a process or address-space limit extra workers would take
+        the threads those calls need.)"""
         waiting, taken = self._ready.qsize(), self._taken
         if not waiting or taken != self._stall[1]:
             self._stall = (now, taken)
@@ -9965,7 +9972,7 @@ class HttpServer:
         self._stall = (now, taken)
         with self._lock:
             added = [threading.Thread(target=self._work, args=(True,), name="http-worker-extra", daemon=True)
-                     for _ in range(min(waiting, self.max_workers - len(self._threads)))]
+                     for _ in range(min(waiting, self.workers, self.max_workers - len(self._threads)))]
             self._threads.extend(added)
         for thread in added:
             try:
@@ -10213,7 +10220,7 @@ def server_options(gateway: Gateway) -> Dict[str, Any]:
     config, stores = gateway.config, gateway.stores
     group = (commit_group(config, functools.partial(stores.db.transaction, isolate_writes=True))
              if stores.atomic else None)
-    return {"workers": config.http_workers, "max_workers": config.http_workers + config.max_concurrency,
+    return {"workers": config.http_workers, "max_workers": config.http_workers * 4,
             "request_timeout_s": config.request_timeout_s,
             "idle_timeout_s": config.idle_timeout_s, "max_requests": config.max_threads,
             "max_connections": config.max_connections, "sse_max_buffer_bytes": config.sse_max_buffer_bytes,

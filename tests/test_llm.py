@@ -349,6 +349,31 @@ def test_a_model_call_s_progress_events_run_on_the_step_s_thread_and_none_once_i
     assert late_sent.wait(10) and seen == []
 
 
+def test_a_model_call_without_a_thread_to_be_had_is_made_on_the_step_s_own(monkeypatch):
+    """Under a process or address-space limit a thread may not start: the call is made anyway, on the
+    waiting step's thread (without the deadline), not failed."""
+    import threading
+
+    real_start = threading.Thread.start
+
+    def refused(self):
+        if self.name == "llm-call":
+            raise RuntimeError("can't start new thread")
+        return real_start(self)
+
+    monkeypatch.setattr(threading.Thread, "start", refused)
+    seen = []
+    on_progress = lambda *args, **kwargs: seen.append((threading.get_ident(), args))  # noqa: E731
+
+    def answers(**kwargs):
+        kwargs["params"]["on_progress"]("started")
+        return {"content": "ok", "thread": threading.get_ident()}
+
+    answer = gw._answer_within(answers, {"params": {"on_progress": on_progress}}, 5)
+    assert answer == {"content": "ok", "thread": threading.get_ident()}
+    assert seen == [(threading.get_ident(), ("started",))]
+
+
 def test_a_stop_leaves_steps_waiting_on_a_model_for_its_answer_or_its_slot(data_dir, fake_llm):
     """With one model slot and a model that takes long, one step waits for the answer and another for the
     slot: a stop leaves both behind after its bound, instead of waiting for the model."""
