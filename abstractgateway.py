@@ -252,7 +252,8 @@ SETTINGS: Tuple[Setting, ...] = (
     Setting(name="max_bundle_bytes", env="ABSTRACTGATEWAY_MAX_BUNDLE_BYTES", kind="int", default=78_643_200,
             help="Cap on an uploaded `.flow` bundle."),
     Setting(name="max_concurrency", env="ABSTRACTGATEWAY_MAX_CONCURRENCY", kind="int", default=64,
-            help="Concurrent non-SSE API requests (429 above it)."),
+            help="Concurrent non-SSE API requests (429 above it). The HTTP workers bound them too: past 4 x "
+                 "ABSTRACTGATEWAY_HTTP_WORKERS, requests wait for a worker instead."),
     Setting(name="max_sse", env="ABSTRACTGATEWAY_MAX_SSE", kind="int", default=32,
             help="Concurrent SSE streams (429 above it)."),
     Setting(name="lockout_after", env="ABSTRACTGATEWAY_LOCKOUT_AFTER", kind="int", default=5,
