@@ -9287,7 +9287,7 @@ class HttpServer:
     CLOSE_LINGER_BYTES = 128 << 20
     CLOSE_LINGER_MAX = 128
 
-    def __init__(self, app: Callable, host: str, port: int, *, workers: int = 8, max_workers: int = 32,
+    def __init__(self, app: Callable, host: str, port: int, *, workers: int = 8, max_workers: Optional[int] = None,
                  request_timeout_s: float = 15.0, idle_timeout_s: float = 5.0, max_requests: int = 256,
                  max_connections: int = 4096,
                  sse_max_buffer_bytes: int = 1 << 20,
@@ -9302,7 +9302,7 @@ class HttpServer:
         self.quick = quick
         self.group = group
         self.workers = workers
-        self.max_workers = max(workers, max_workers)
+        self.max_workers = 4 * workers if max_workers is None else max(workers, max_workers)  # see `_add_workers`
         self.request_timeout_s = request_timeout_s
         self.idle_timeout_s = idle_timeout_s
         self.max_requests = max_requests
@@ -10221,8 +10221,7 @@ def server_options(gateway: Gateway) -> Dict[str, Any]:
     config, stores = gateway.config, gateway.stores
     group = (commit_group(config, functools.partial(stores.db.transaction, isolate_writes=True))
              if stores.atomic else None)
-    return {"workers": config.http_workers, "max_workers": config.http_workers * 4,
-            "request_timeout_s": config.request_timeout_s,
+    return {"workers": config.http_workers, "request_timeout_s": config.request_timeout_s,
             "idle_timeout_s": config.idle_timeout_s, "max_requests": config.max_threads,
             "max_connections": config.max_connections, "sse_max_buffer_bytes": config.sse_max_buffer_bytes,
             "quick": is_quick_request if stores.keyed_reads else None, "group": group}
